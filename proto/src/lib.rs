@@ -1,0 +1,11 @@
+//! kiln's protocol types.
+//!
+//! The REAPI v2 types (plus `google.bytestream`, `google.longrunning` and `google.rpc`)
+//! come from the `bazel-remote-apis` crate and are re-exported here so that every other
+//! crate names them through one path. kiln's own services live under [`kiln`].
+
+pub use bazel_remote_apis::build::bazel::remote::execution::v2 as reapi;
+pub use bazel_remote_apis::build::bazel::semver;
+pub use bazel_remote_apis::google::{bytestream, longrunning, protobuf, rpc};
+
+pub use prost;

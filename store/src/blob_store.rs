@@ -1,0 +1,159 @@
+//! The blob store interface shared by the CAS, the registry and the workers.
+
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use futures::stream::BoxStream;
+use futures::TryStreamExt;
+
+use crate::{ContentHash, Digest, DigestFunction, Result, StoreError};
+
+/// A blob's content as a stream of chunks.
+pub type ChunkStream = BoxStream<'static, Result<Bytes>>;
+
+/// What a finished write must hash to before it may become visible.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpectedDigest {
+    /// REAPI: the hash and the size are both known up front.
+    Exact(Digest),
+    /// OCI: the digest carries no size (a `Content-Length` may still be checked by the caller).
+    Hash(ContentHash),
+}
+
+impl ExpectedDigest {
+    pub fn function(&self) -> DigestFunction {
+        match self {
+            ExpectedDigest::Exact(d) => d.function,
+            ExpectedDigest::Hash(h) => h.function,
+        }
+    }
+
+    pub fn content_hash(&self) -> ContentHash {
+        match self {
+            ExpectedDigest::Exact(d) => d.content_hash(),
+            ExpectedDigest::Hash(h) => *h,
+        }
+    }
+
+    /// Checks a computed digest against this expectation.
+    pub fn check(&self, actual: Digest) -> Result<()> {
+        let matches = match self {
+            ExpectedDigest::Exact(expected) => *expected == actual,
+            ExpectedDigest::Hash(expected) => *expected == actual.content_hash(),
+        };
+        if matches {
+            Ok(())
+        } else {
+            let expected = match self {
+                ExpectedDigest::Exact(d) => *d,
+                ExpectedDigest::Hash(h) => h.with_size(actual.size),
+            };
+            Err(StoreError::DigestMismatch { expected, actual })
+        }
+    }
+}
+
+/// One stored blob, as listed for garbage collection and eviction.
+#[derive(Clone, Debug)]
+pub struct BlobInfo {
+    pub hash: ContentHash,
+    pub size: u64,
+    /// When the blob was last written or read through [`BlobStore::touch`].
+    pub accessed: SystemTime,
+}
+
+/// A write in progress. Bytes are hashed as they arrive; nothing is visible under the
+/// blob's name until [`BlobWriter::commit`] has checked the digest and made the data durable.
+#[async_trait]
+pub trait BlobWriter: Send {
+    /// Appends a chunk.
+    async fn write(&mut self, chunk: Bytes) -> Result<()>;
+
+    /// How many bytes have been accepted so far, including any resumed prefix.
+    fn bytes_written(&self) -> u64;
+
+    /// Checks the content against `expected`, makes it durable and visible, and returns
+    /// its digest. On a mismatch nothing is stored and the partial data is discarded.
+    async fn commit(self: Box<Self>, expected: ExpectedDigest) -> Result<Digest>;
+
+    /// Discards the partial data, including a resumable upload's file.
+    async fn abort(self: Box<Self>) -> Result<()>;
+}
+
+/// A content-addressed blob store.
+///
+/// Blobs are named by [`ContentHash`]; the empty blob of each function is always present.
+#[async_trait]
+pub trait BlobStore: Send + Sync + 'static {
+    /// The size of a stored blob, or `None` when it is absent.
+    async fn size_of(&self, hash: &ContentHash) -> Result<Option<u64>>;
+
+    /// For each digest, whether a blob with that hash and size is present.
+    async fn has_many(&self, digests: &[Digest]) -> Result<Vec<bool>>;
+
+    /// Streams `limit` bytes (or the rest) of a blob from `offset`.
+    async fn read(
+        &self,
+        hash: &ContentHash,
+        offset: u64,
+        limit: Option<u64>,
+    ) -> Result<ChunkStream>;
+
+    /// Starts a write for a blob hashed with `function`.
+    ///
+    /// With an `upload_id`, the partial data is kept under that id when the writer is
+    /// dropped, and a later call with the same id resumes after what was already written
+    /// (across restarts too). Without one, a dropped writer leaves nothing behind.
+    async fn begin_write(
+        &self,
+        function: DigestFunction,
+        upload_id: Option<&str>,
+    ) -> Result<Box<dyn BlobWriter>>;
+
+    /// Removes a blob. Returns whether it was there.
+    async fn delete(&self, hash: &ContentHash) -> Result<bool>;
+
+    /// Lists every stored blob (for garbage collection and eviction).
+    fn list(&self) -> BoxStream<'static, Result<BlobInfo>>;
+
+    /// Marks blobs as used now, so that eviction keeps them.
+    async fn touch(&self, hashes: &[ContentHash]) -> Result<()>;
+
+    /// Total bytes stored.
+    fn stored_bytes(&self) -> u64;
+
+    /// Reads a whole blob into memory, checking its size.
+    async fn read_all(&self, digest: &Digest) -> Result<Bytes> {
+        let stream = self.read(&digest.content_hash(), 0, None).await?;
+        let data: BytesMut = stream
+            .try_fold(
+                BytesMut::with_capacity(digest.size as usize),
+                |mut acc, chunk| async move {
+                    acc.extend_from_slice(&chunk);
+                    Ok(acc)
+                },
+            )
+            .await?;
+        if data.len() as u64 != digest.size {
+            return Err(StoreError::NotFound(digest.content_hash()));
+        }
+        Ok(data.freeze())
+    }
+
+    /// Stores an in-memory blob, checking it against `expected`.
+    async fn put(&self, expected: ExpectedDigest, data: Bytes) -> Result<Digest> {
+        if let ExpectedDigest::Exact(digest) = expected {
+            if self.size_of(&digest.content_hash()).await? == Some(digest.size) {
+                // Content-addressed: a blob already present needs no second copy, but the
+                // claim that `data` matches must still hold or the caller is confused.
+                let actual = Digest::of_bytes(digest.function, &data);
+                expected.check(actual)?;
+                return Ok(digest);
+            }
+        }
+        let mut writer = self.begin_write(expected.function(), None).await?;
+        writer.write(data).await?;
+        writer.commit(expected).await
+    }
+}

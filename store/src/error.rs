@@ -1,0 +1,23 @@
+use crate::{ContentHash, Digest};
+
+/// Everything that can go wrong in kiln-store. The protocol crates map these to
+/// `tonic::Status` and OCI error bodies at their edges.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("invalid digest: {0}")]
+    InvalidDigest(String),
+    #[error("unsupported digest function: {0}")]
+    UnsupportedDigestFunction(String),
+    #[error("content does not match its digest: expected {expected}, got {actual}")]
+    DigestMismatch { expected: Digest, actual: Digest },
+    #[error("blob not found: {0}")]
+    NotFound(ContentHash),
+    #[error("offset {offset} is past the end of a {size}-byte blob")]
+    OffsetOutOfRange { offset: u64, size: u64 },
+    #[error("metadata store: {0}")]
+    Metadata(#[from] sled::Error),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;

@@ -1,0 +1,516 @@
+//! The filesystem blob store: one file per blob under `blobs/<function>/<2 hex>/<hex>`.
+//!
+//! Writes go to a temp file (or a named upload file) under the same root, are hashed as
+//! they stream, then fsynced and renamed into place, so a crash never leaves a partial
+//! blob visible. An in-memory index of present blobs answers existence checks without a
+//! syscall per digest (FindMissingBlobs asks about thousands at a time).
+
+use std::fs::{self, File, FileTimes, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use dashmap::DashMap;
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::blob_store::{BlobInfo, BlobStore, BlobWriter, ChunkStream, ExpectedDigest};
+use crate::{ContentHash, Digest, DigestFunction, Hasher, Result, StoreError};
+
+/// Reads and writes move through memory in pieces of this size: large enough that the
+/// per-piece cost of a blocking-pool hop vanishes, small enough to keep memory flat.
+const IO_CHUNK: usize = 1 << 20;
+
+#[derive(Clone)]
+pub struct FsBlobStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    root: PathBuf,
+    index: DashMap<ContentHash, u64>,
+    stored_bytes: AtomicU64,
+    /// One writer at a time per resumable upload, including a dropped writer's last append.
+    upload_locks: DashMap<String, Arc<tokio::sync::Mutex<()>>>,
+}
+
+impl FsBlobStore {
+    /// Opens (creating if needed) a store rooted at `root` and indexes what it holds.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
+        let root = root.into();
+        for dir in ["blobs", "tmp", "uploads"] {
+            fs::create_dir_all(root.join(dir))?;
+        }
+        // Temp files belong to writes that died with the previous process.
+        for entry in fs::read_dir(root.join("tmp"))? {
+            let _ = fs::remove_file(entry?.path());
+        }
+        let inner = Inner {
+            root,
+            index: DashMap::new(),
+            stored_bytes: AtomicU64::new(0),
+            upload_locks: DashMap::new(),
+        };
+        for info in scan_blobs(&inner.root)? {
+            inner.add_to_index(info.hash, info.size);
+        }
+        tracing::debug!(blobs = inner.index.len(), bytes = inner.stored_bytes.load(Ordering::Relaxed), root = %inner.root.display(), "blob store opened");
+        Ok(FsBlobStore {
+            inner: Arc::new(inner),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    /// Where a blob lives on disk (for hardlinking into action directories).
+    pub fn blob_path(&self, hash: &ContentHash) -> PathBuf {
+        self.inner.blob_path(hash)
+    }
+}
+
+impl Inner {
+    fn blob_path(&self, hash: &ContentHash) -> PathBuf {
+        let hex = hash.hex();
+        self.root
+            .join("blobs")
+            .join(hash.function.name())
+            .join(&hex[..2])
+            .join(hex)
+    }
+
+    fn upload_path(&self, upload_id: &str) -> PathBuf {
+        self.root.join("uploads").join(upload_id)
+    }
+
+    fn add_to_index(&self, hash: ContentHash, size: u64) {
+        if self.index.insert(hash, size).is_none() {
+            self.stored_bytes.fetch_add(size, Ordering::Relaxed);
+        }
+    }
+
+    fn size_of(&self, hash: &ContentHash) -> Option<u64> {
+        if hash.is_empty_blob() {
+            return Some(0);
+        }
+        self.index.get(hash).map(|size| *size)
+    }
+}
+
+fn scan_blobs(root: &Path) -> io::Result<Vec<BlobInfo>> {
+    let mut found = Vec::new();
+    for function in DigestFunction::ALL {
+        let function_dir = root.join("blobs").join(function.name());
+        let Ok(prefixes) = fs::read_dir(&function_dir) else {
+            continue;
+        };
+        for prefix in prefixes {
+            for entry in fs::read_dir(prefix?.path())? {
+                let entry = entry?;
+                let name = entry.file_name();
+                let Some(hash) = name
+                    .to_str()
+                    .and_then(|n| ContentHash::parse_hex(function, n).ok())
+                else {
+                    continue;
+                };
+                let meta = entry.metadata()?;
+                let accessed = meta
+                    .accessed()
+                    .or_else(|_| meta.modified())
+                    .unwrap_or(SystemTime::UNIX_EPOCH);
+                found.push(BlobInfo {
+                    hash,
+                    size: meta.len(),
+                    accessed,
+                });
+            }
+        }
+    }
+    Ok(found)
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn not_found_as(hash: ContentHash) -> impl FnOnce(io::Error) -> StoreError {
+    move |e| {
+        if e.kind() == io::ErrorKind::NotFound {
+            StoreError::NotFound(hash)
+        } else {
+            StoreError::Io(e)
+        }
+    }
+}
+
+#[async_trait]
+impl BlobStore for FsBlobStore {
+    async fn size_of(&self, hash: &ContentHash) -> Result<Option<u64>> {
+        Ok(self.inner.size_of(hash))
+    }
+
+    async fn has_many(&self, digests: &[Digest]) -> Result<Vec<bool>> {
+        Ok(digests
+            .iter()
+            .map(|d| self.inner.size_of(&d.content_hash()) == Some(d.size))
+            .collect())
+    }
+
+    async fn read(
+        &self,
+        hash: &ContentHash,
+        offset: u64,
+        limit: Option<u64>,
+    ) -> Result<ChunkStream> {
+        let size = self
+            .inner
+            .size_of(hash)
+            .ok_or(StoreError::NotFound(*hash))?;
+        if offset > size {
+            return Err(StoreError::OffsetOutOfRange { offset, size });
+        }
+        let mut remaining = limit.map_or(size - offset, |l| l.min(size - offset));
+        if remaining == 0 {
+            return Ok(futures::stream::empty().boxed());
+        }
+        let path = self.inner.blob_path(hash);
+        let hash = *hash;
+        let mut file = tokio::task::spawn_blocking(move || -> Result<File> {
+            let mut file = File::open(&path).map_err(not_found_as(hash))?;
+            file.seek(SeekFrom::Start(offset))?;
+            Ok(file)
+        })
+        .await
+        .map_err(io::Error::other)??;
+        // One blocking reader per stream, a few chunks ahead of the consumer.
+        let (tx, rx) = mpsc::channel::<Result<Bytes>>(4);
+        tokio::task::spawn_blocking(move || {
+            while remaining > 0 {
+                let want = remaining.min(IO_CHUNK as u64) as usize;
+                let mut buf = BytesMut::zeroed(want);
+                let result = file
+                    .read_exact(&mut buf)
+                    .map(|()| buf.freeze())
+                    .map_err(StoreError::Io);
+                let failed = result.is_err();
+                if tx.blocking_send(result).is_err() || failed {
+                    return;
+                }
+                remaining -= want as u64;
+            }
+        });
+        Ok(tokio_stream::wrappers::ReceiverStream::new(rx).boxed())
+    }
+
+    async fn begin_write(
+        &self,
+        function: DigestFunction,
+        upload_id: Option<&str>,
+    ) -> Result<Box<dyn BlobWriter>> {
+        let (path, upload) = match upload_id {
+            Some(id) => {
+                if id.is_empty()
+                    || !id
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                {
+                    return Err(StoreError::InvalidDigest(format!(
+                        "upload id {id:?} is not [A-Za-z0-9_-]+"
+                    )));
+                }
+                let lock = self
+                    .inner
+                    .upload_locks
+                    .entry(id.to_string())
+                    .or_default()
+                    .clone();
+                let guard = lock.lock_owned().await;
+                (self.inner.upload_path(id), Some((id.to_string(), guard)))
+            }
+            None => (
+                self.inner
+                    .root
+                    .join("tmp")
+                    .join(uuid::Uuid::new_v4().to_string()),
+                None,
+            ),
+        };
+        let open_path = path.clone();
+        let state = tokio::task::spawn_blocking(move || -> Result<WriteState> {
+            let mut file = OpenOptions::new()
+                .read(true)
+                .append(true)
+                .create(true)
+                .open(&open_path)?;
+            let mut hasher = function.hasher();
+            // Resuming: the hash state is not persisted, so hash what is already on disk.
+            let mut written = 0u64;
+            let mut buf = vec![0u8; IO_CHUNK];
+            file.seek(SeekFrom::Start(0))?;
+            loop {
+                let n = file.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                written += n as u64;
+            }
+            Ok(WriteState {
+                file,
+                hasher,
+                flushed: written,
+            })
+        })
+        .await
+        .map_err(io::Error::other)??;
+        let written = state.flushed;
+        Ok(Box::new(FsBlobWriter {
+            store: self.inner.clone(),
+            path,
+            upload,
+            state: Some(WriterSlot::Idle(Box::new(state))),
+            pending: BytesMut::new(),
+            written,
+            finished: false,
+        }))
+    }
+
+    async fn delete(&self, hash: &ContentHash) -> Result<bool> {
+        if hash.is_empty_blob() {
+            return Ok(false);
+        }
+        let Some((_, size)) = self.inner.index.remove(hash) else {
+            return Ok(false);
+        };
+        self.inner.stored_bytes.fetch_sub(size, Ordering::Relaxed);
+        let path = self.inner.blob_path(hash);
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn list(&self) -> BoxStream<'static, Result<BlobInfo>> {
+        let root = self.inner.root.clone();
+        futures::stream::once(async move {
+            let listed = tokio::task::spawn_blocking(move || scan_blobs(&root))
+                .await
+                .map_err(io::Error::other)?;
+            Ok::<_, StoreError>(futures::stream::iter(listed?.into_iter().map(Ok)))
+        })
+        .map(|r| match r {
+            Ok(s) => s.boxed(),
+            Err(e) => futures::stream::once(async { Err(e) }).boxed(),
+        })
+        .flatten()
+        .boxed()
+    }
+
+    async fn touch(&self, hashes: &[ContentHash]) -> Result<()> {
+        let paths: Vec<PathBuf> = hashes
+            .iter()
+            .filter(|h| !h.is_empty_blob())
+            .map(|h| self.inner.blob_path(h))
+            .collect();
+        if paths.is_empty() {
+            return Ok(());
+        }
+        tokio::task::spawn_blocking(move || {
+            let now = FileTimes::new().set_accessed(SystemTime::now());
+            for path in paths {
+                // A blob deleted meanwhile is not an error for a touch.
+                if let Ok(file) = File::options().write(true).open(&path) {
+                    let _ = file.set_times(now);
+                }
+            }
+        })
+        .await
+        .map_err(io::Error::other)?;
+        Ok(())
+    }
+
+    fn stored_bytes(&self) -> u64 {
+        self.inner.stored_bytes.load(Ordering::Relaxed)
+    }
+}
+
+struct WriteState {
+    file: File,
+    hasher: Hasher,
+    /// Bytes hashed and handed to the file.
+    flushed: u64,
+}
+
+impl WriteState {
+    fn append(&mut self, data: &[u8]) -> io::Result<()> {
+        self.hasher.update(data);
+        self.file.write_all(data)?;
+        self.flushed += data.len() as u64;
+        Ok(())
+    }
+}
+
+enum WriterSlot {
+    Idle(Box<WriteState>),
+    /// Hashing and writing the previous buffer on the blocking pool while the caller
+    /// receives the next one.
+    Busy(JoinHandle<io::Result<Box<WriteState>>>),
+}
+
+struct FsBlobWriter {
+    store: Arc<Inner>,
+    path: PathBuf,
+    /// For a resumable upload: its id and the lock that keeps other writers out.
+    upload: Option<(String, tokio::sync::OwnedMutexGuard<()>)>,
+    state: Option<WriterSlot>,
+    pending: BytesMut,
+    written: u64,
+    finished: bool,
+}
+
+impl FsBlobWriter {
+    async fn settle(&mut self) -> Result<Box<WriteState>> {
+        match self.state.take() {
+            Some(WriterSlot::Idle(state)) => Ok(state),
+            Some(WriterSlot::Busy(handle)) => Ok(handle.await.map_err(io::Error::other)??),
+            None => Err(StoreError::Io(io::Error::other("writer failed earlier"))),
+        }
+    }
+
+    /// Hands the pending buffer to the blocking pool without waiting for it.
+    async fn flush_pending_in_background(&mut self) -> Result<()> {
+        let mut state = self.settle().await?;
+        let data = std::mem::take(&mut self.pending).freeze();
+        self.state = Some(WriterSlot::Busy(tokio::task::spawn_blocking(move || {
+            state.append(&data)?;
+            Ok(state)
+        })));
+        Ok(())
+    }
+
+    fn release_upload(&mut self) {
+        if let Some((id, _guard)) = self.upload.take() {
+            self.store.upload_locks.remove(&id);
+        }
+    }
+
+    async fn finish_writes(&mut self) -> Result<Box<WriteState>> {
+        if !self.pending.is_empty() {
+            self.flush_pending_in_background().await?;
+        }
+        self.settle().await
+    }
+}
+
+#[async_trait]
+impl BlobWriter for FsBlobWriter {
+    async fn write(&mut self, chunk: Bytes) -> Result<()> {
+        self.written += chunk.len() as u64;
+        if self.pending.is_empty() && chunk.len() >= IO_CHUNK {
+            self.pending = BytesMut::from(chunk);
+        } else {
+            self.pending.extend_from_slice(&chunk);
+        }
+        if self.pending.len() >= IO_CHUNK {
+            self.flush_pending_in_background().await?;
+        }
+        Ok(())
+    }
+
+    fn bytes_written(&self) -> u64 {
+        self.written
+    }
+
+    async fn commit(mut self: Box<Self>, expected: ExpectedDigest) -> Result<Digest> {
+        let state = self.finish_writes().await?;
+        self.finished = true;
+        self.release_upload();
+        let WriteState {
+            file,
+            hasher,
+            flushed,
+        } = *state;
+        let function = hasher.function();
+        let actual = Digest::new(function, hasher.finalize(), flushed);
+        let temp_path = self.path.clone();
+        if let Err(e) = expected.check(actual) {
+            drop(file);
+            let _ = tokio::fs::remove_file(&temp_path).await;
+            return Err(e);
+        }
+        let final_path = self.store.blob_path(&actual.content_hash());
+        tokio::task::spawn_blocking(move || -> io::Result<()> {
+            file.sync_all()?;
+            drop(file);
+            let dir = final_path.parent().expect("blob paths have a parent");
+            if !dir.exists() {
+                fs::create_dir_all(dir)?;
+                sync_dir(dir.parent().expect("prefix dirs have a parent"))?;
+            }
+            fs::rename(&temp_path, &final_path)?;
+            // The rename is durable only once its directory is.
+            sync_dir(dir)
+        })
+        .await
+        .map_err(io::Error::other)??;
+        self.store.add_to_index(actual.content_hash(), actual.size);
+        Ok(actual)
+    }
+
+    async fn abort(mut self: Box<Self>) -> Result<()> {
+        let _ = self.settle().await;
+        self.finished = true;
+        self.release_upload();
+        match tokio::fs::remove_file(&self.path).await {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Drop for FsBlobWriter {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let Some((_, guard)) = self.upload.take() else {
+            // A background append may still hold the file open; unlinking is safe anyway.
+            let _ = fs::remove_file(&self.path);
+            return;
+        };
+        // Keep what the caller handed us so that a resumed upload continues after it. The
+        // upload's lock is held until the last byte is appended, so a resuming writer
+        // never hashes a file that is still growing.
+        let pending = std::mem::take(&mut self.pending);
+        let path = self.path.clone();
+        let write_rest = move || {
+            if !pending.is_empty() {
+                if let Ok(mut file) = OpenOptions::new().append(true).open(&path) {
+                    let _ = file.write_all(&pending);
+                }
+            }
+            drop(guard);
+        };
+        match (self.state.take(), tokio::runtime::Handle::try_current()) {
+            (Some(WriterSlot::Busy(handle)), Ok(rt)) => {
+                rt.spawn(async move {
+                    let _ = handle.await;
+                    let _ = tokio::task::spawn_blocking(write_rest).await;
+                });
+            }
+            _ => write_rest(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
