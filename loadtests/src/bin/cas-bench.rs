@@ -1,0 +1,354 @@
+//! CAS and action-cache benchmark (issue 2): ByteStream write/read of a large blob with
+//! SHA-256 and BLAKE3, FindMissingBlobs of 10,000 digests, and GetActionResult against
+//! the empty GetCapabilities RPC, next to this machine's raw hash and loopback TCP speeds.
+//!
+//! `cargo run --release -p kiln-loadtests --bin cas-bench`
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use futures::StreamExt;
+use kiln_loadtests::{load, mb_per_s, reference};
+use kiln_proto::bytestream::{byte_stream_client::ByteStreamClient, ReadRequest, WriteRequest};
+use kiln_proto::reapi::{
+    action_cache_client::ActionCacheClient, batch_update_blobs_request,
+    capabilities_client::CapabilitiesClient,
+    content_addressable_storage_client::ContentAddressableStorageClient, ActionResult,
+    BatchUpdateBlobsRequest, FindMissingBlobsRequest, GetActionResultRequest,
+    GetCapabilitiesRequest, OutputFile, UpdateActionResultRequest,
+};
+use kiln_store::{Digest, DigestFunction, FsBlobStore, SledMetadataStore};
+use rand::RngCore;
+use tonic::transport::{Channel, Endpoint};
+
+#[derive(Parser)]
+struct Args {
+    /// Size of the ByteStream blob, in MiB.
+    #[arg(long, default_value_t = 256)]
+    blob_mib: usize,
+    /// ByteStream chunk size, in KiB.
+    #[arg(long, default_value_t = 1024)]
+    chunk_kib: usize,
+    /// Seconds per throughput run.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Concurrent GetActionResult callers.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Benchmark a running kiln at this address instead of one started in process.
+    #[arg(long)]
+    addr: Option<SocketAddr>,
+}
+
+fn reapi_digest(d: &Digest) -> kiln_proto::reapi::Digest {
+    kiln_proto::reapi::Digest {
+        hash: d.hex(),
+        size_bytes: d.size as i64,
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut data = vec![0u8; args.blob_mib << 20];
+    rand::rng().fill_bytes(&mut data);
+    let data = bytes::Bytes::from(data);
+
+    println!("## Reference figures (same run)");
+    let raw_sha = reference::raw_hash_speed(DigestFunction::Sha256, &data);
+    let raw_b3 = reference::raw_hash_speed(DigestFunction::Blake3, &data);
+    let tcp = reference::loopback_tcp_iperf3(5)?;
+    println!("| raw SHA-256 (sha2, 1 thread) | {raw_sha:.0} MB/s |");
+    println!("| raw BLAKE3 (blake3, 1 thread) | {raw_b3:.0} MB/s |");
+    println!("| loopback TCP (iperf3, 1 stream) | {tcp:.0} MB/s |");
+
+    let _server_dir = tempfile::tempdir()?;
+    let addr = match args.addr {
+        Some(addr) => addr,
+        None => start_in_process(_server_dir.path()).await?,
+    };
+    let channel = Endpoint::from_shared(format!("http://{addr}"))?
+        .initial_stream_window_size(Some(16 << 20))
+        .initial_connection_window_size(Some(32 << 20))
+        .connect()
+        .await?;
+    let bytestream = ByteStreamClient::new(channel.clone()).max_decoding_message_size(64 << 20);
+
+    println!(
+        "\n## ByteStream, {} MiB blob, {} KiB chunks",
+        args.blob_mib, args.chunk_kib
+    );
+    println!("| function | write MB/s | vs raw hash | vs loopback | read MB/s | vs loopback |");
+    println!("|---|---|---|---|---|---|");
+    for (function, raw) in [
+        (DigestFunction::Sha256, raw_sha),
+        (DigestFunction::Blake3, raw_b3),
+    ] {
+        let digest = Digest::of_bytes(function, &data);
+        let (write, read) =
+            bytestream_round_trip(&bytestream, &data, digest, args.chunk_kib << 10).await?;
+        println!(
+            "| {function} | {write:.0} | {:.0}% | {:.0}% | {read:.0} | {:.0}% |",
+            100.0 * write / raw,
+            100.0 * write / tcp,
+            100.0 * read / tcp
+        );
+    }
+
+    let cas = ContentAddressableStorageClient::new(channel.clone());
+    let digests = seed_find_missing(&cas).await?;
+    let request = FindMissingBlobsRequest {
+        blob_digests: digests,
+        ..Default::default()
+    };
+    let summary = load::closed_loop(1, Duration::from_secs(args.seconds.max(10)), 500, {
+        let cas = cas.clone();
+        move || {
+            let (mut cas, request) = (cas.clone(), request.clone());
+            async move {
+                let missing = cas
+                    .find_missing_blobs(request)
+                    .await?
+                    .into_inner()
+                    .missing_blob_digests
+                    .len();
+                if missing == 5_000 {
+                    Ok(())
+                } else {
+                    Err(tonic::Status::internal(format!(
+                        "{missing} missing, wanted 5000"
+                    )))
+                }
+            }
+        }
+    })
+    .await;
+    println!("\n## FindMissingBlobs, 10,000 digests (half present), sequential");
+    println!("| calls | errors | p50 | p99 |");
+    println!("|---|---|---|---|");
+    println!(
+        "| {} | {} | {:.2} ms | {:.2} ms |",
+        summary.requests,
+        summary.errors,
+        ms(summary.p50),
+        ms(summary.p99)
+    );
+
+    let action = seed_action_result(&cas, &channel).await?;
+    let seconds = Duration::from_secs(args.seconds);
+    let ac = ActionCacheClient::new(channel.clone());
+    let get = load::closed_loop(args.concurrency, seconds, 10_000_000, move || {
+        let mut ac = ac.clone();
+        let request = GetActionResultRequest {
+            action_digest: Some(action.clone()),
+            ..Default::default()
+        };
+        async move { ac.get_action_result(request).await.map(|_| ()) }
+    })
+    .await;
+    let caps = CapabilitiesClient::new(channel.clone());
+    let empty = load::closed_loop(args.concurrency, seconds, 10_000_000, move || {
+        let mut caps = caps.clone();
+        async move {
+            caps.get_capabilities(GetCapabilitiesRequest::default())
+                .await
+                .map(|_| ())
+        }
+    })
+    .await;
+    println!(
+        "\n## Unary RPCs, {} concurrent callers on one connection, {} s each",
+        args.concurrency, args.seconds
+    );
+    println!("| RPC | req/s | errors | p50 | p99 |");
+    println!("|---|---|---|---|---|");
+    for (name, s) in [
+        ("GetActionResult (hit)", &get),
+        ("GetCapabilities (empty RPC)", &empty),
+    ] {
+        println!(
+            "| {name} | {:.0} | {} | {:.2} ms | {:.2} ms |",
+            s.per_second(),
+            s.errors,
+            ms(s.p50),
+            ms(s.p99)
+        );
+    }
+    println!(
+        "\nGetActionResult / empty RPC: {:.0}%",
+        100.0 * get.per_second() / empty.per_second()
+    );
+    Ok(())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+async fn start_in_process(dir: &std::path::Path) -> anyhow::Result<SocketAddr> {
+    let blobs = Arc::new(FsBlobStore::open(dir.join("cas"))?);
+    let metadata = Arc::new(SledMetadataStore::open(dir.join("metadata"))?);
+    let coordinator = kiln_coordinator::Coordinator::new(Default::default(), blobs, metadata);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(coordinator.serve(listener, futures::future::pending()));
+    Ok(addr)
+}
+
+/// Writes `data` through ByteStream, reads it back, and returns (write, read) MB/s.
+async fn bytestream_round_trip(
+    client: &ByteStreamClient<Channel>,
+    data: &bytes::Bytes,
+    digest: Digest,
+    chunk: usize,
+) -> anyhow::Result<(f64, f64)> {
+    let segment = match digest.function {
+        DigestFunction::Sha256 => String::new(),
+        DigestFunction::Blake3 => "blake3/".to_string(),
+    };
+    let upload = format!(
+        "uploads/{}/blobs/{segment}{}",
+        uuid::Uuid::new_v4(),
+        digest.reapi()
+    );
+    let chunks: Vec<WriteRequest> = data
+        .chunks(chunk)
+        .enumerate()
+        .map(|(i, piece)| WriteRequest {
+            resource_name: if i == 0 {
+                upload.clone()
+            } else {
+                String::new()
+            },
+            write_offset: (i * chunk) as i64,
+            finish_write: (i + 1) * chunk >= data.len(),
+            data: piece.to_vec(),
+        })
+        .collect();
+    let start = Instant::now();
+    let committed = client
+        .clone()
+        .write(futures::stream::iter(chunks))
+        .await?
+        .into_inner()
+        .committed_size;
+    let write = mb_per_s(data.len() as u64, start.elapsed());
+    anyhow::ensure!(
+        committed == data.len() as i64,
+        "committed {committed} of {}",
+        data.len()
+    );
+
+    let start = Instant::now();
+    let mut stream = client
+        .clone()
+        .read(ReadRequest {
+            resource_name: format!("blobs/{segment}{}", digest.reapi()),
+            read_offset: 0,
+            read_limit: 0,
+        })
+        .await?
+        .into_inner();
+    let mut hasher = digest.function.hasher();
+    let mut received = 0u64;
+    let mut pieces = Vec::new();
+    while let Some(response) = stream.next().await {
+        let piece = response?.data;
+        received += piece.len() as u64;
+        pieces.push(piece);
+    }
+    let read = mb_per_s(received, start.elapsed());
+    // Checked after the clock stops: the benchmark measures the server, not our hashing.
+    for piece in &pieces {
+        hasher.update(piece);
+    }
+    anyhow::ensure!(
+        hasher.finalize() == digest.hash && received == digest.size,
+        "read back different bytes"
+    );
+    Ok((write, read))
+}
+
+/// Stores 5,000 small blobs and returns 10,000 digests of which those 5,000 are present.
+async fn seed_find_missing(
+    cas: &ContentAddressableStorageClient<Channel>,
+) -> anyhow::Result<Vec<kiln_proto::reapi::Digest>> {
+    let mut all = Vec::with_capacity(10_000);
+    for batch in 0..10 {
+        let requests: Vec<batch_update_blobs_request::Request> = (0..500)
+            .map(|i| {
+                let data = format!("find-missing blob {batch}-{i}").into_bytes();
+                let digest = Digest::of_bytes(DigestFunction::Sha256, &data);
+                all.push(reapi_digest(&digest));
+                batch_update_blobs_request::Request {
+                    digest: Some(reapi_digest(&digest)),
+                    data,
+                    ..Default::default()
+                }
+            })
+            .collect();
+        let response = cas
+            .clone()
+            .batch_update_blobs(BatchUpdateBlobsRequest {
+                requests,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        anyhow::ensure!(response
+            .responses
+            .iter()
+            .all(|r| r.status.as_ref().is_none_or(|s| s.code == 0)));
+    }
+    for i in 0..5_000 {
+        all.push(reapi_digest(&Digest::of_bytes(
+            DigestFunction::Sha256,
+            format!("absent {i}").as_bytes(),
+        )));
+    }
+    Ok(all)
+}
+
+/// Stores an action result whose output is present, and returns the action digest.
+async fn seed_action_result(
+    cas: &ContentAddressableStorageClient<Channel>,
+    channel: &Channel,
+) -> anyhow::Result<kiln_proto::reapi::Digest> {
+    let output = b"an output file".to_vec();
+    let output_digest = reapi_digest(&Digest::of_bytes(DigestFunction::Sha256, &output));
+    cas.clone()
+        .batch_update_blobs(BatchUpdateBlobsRequest {
+            requests: vec![batch_update_blobs_request::Request {
+                digest: Some(output_digest.clone()),
+                data: output,
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .await?;
+    let action = reapi_digest(&Digest::of_bytes(
+        DigestFunction::Sha256,
+        b"benchmark action",
+    ));
+    let result = ActionResult {
+        output_files: vec![OutputFile {
+            path: "out".into(),
+            digest: Some(output_digest),
+            ..Default::default()
+        }],
+        exit_code: 0,
+        ..Default::default()
+    };
+    ActionCacheClient::new(channel.clone())
+        .update_action_result(UpdateActionResultRequest {
+            action_digest: Some(action.clone()),
+            action_result: Some(result),
+            ..Default::default()
+        })
+        .await
+        .context("UpdateActionResult")?;
+    Ok(action)
+}

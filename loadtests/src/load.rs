@@ -1,0 +1,79 @@
+//! A closed-loop load generator: N concurrent callers repeat one request for a fixed
+//! time, and the latencies go into a histogram.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+/// What one load run measured.
+#[derive(Debug, Clone)]
+pub struct LoadSummary {
+    pub requests: u64,
+    pub errors: u64,
+    pub elapsed: Duration,
+    pub p50: Duration,
+    pub p99: Duration,
+}
+
+impl LoadSummary {
+    pub fn per_second(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// Runs `call` from `concurrency` tasks for `duration` (and at most `max_requests` in
+/// all), after a short warm-up. Every request is bounded by the run's deadline.
+pub async fn closed_loop<F, Fut, E>(
+    concurrency: usize,
+    duration: Duration,
+    max_requests: u64,
+    call: F,
+) -> LoadSummary
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Result<(), E>> + Send,
+    E: std::fmt::Debug,
+{
+    // Warm-up: connections, HTTP/2 windows, allocator.
+    for _ in 0..concurrency {
+        let _ = call().await;
+    }
+    let start = Instant::now();
+    let deadline = start + duration;
+    let per_task = max_requests / concurrency as u64;
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let call = call.clone();
+            tokio::spawn(async move {
+                let mut histogram = Histogram::<u64>::new(3).expect("valid histogram precision");
+                let mut errors = 0u64;
+                for _ in 0..per_task {
+                    if Instant::now() >= deadline {
+                        break;
+                    }
+                    let sent = Instant::now();
+                    if call().await.is_err() {
+                        errors += 1;
+                    }
+                    histogram.saturating_record(sent.elapsed().as_micros() as u64);
+                }
+                (histogram, errors)
+            })
+        })
+        .collect();
+    let mut histogram = Histogram::<u64>::new(3).expect("valid histogram precision");
+    let mut errors = 0;
+    for task in tasks {
+        let (h, e) = task.await.expect("load task panicked");
+        histogram.add(h).expect("histograms of the same precision");
+        errors += e;
+    }
+    LoadSummary {
+        requests: histogram.len(),
+        errors,
+        elapsed: start.elapsed(),
+        p50: Duration::from_micros(histogram.value_at_quantile(0.5)),
+        p99: Duration::from_micros(histogram.value_at_quantile(0.99)),
+    }
+}

@@ -1,0 +1,73 @@
+//! Reference figures measured in the same run as a benchmark: how fast this machine
+//! hashes in memory, and how fast it moves bytes over loopback TCP.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use kiln_store::{DigestFunction, Hasher};
+
+/// Single-threaded in-memory hash speed of `function`, in MB/s, over `data`.
+pub fn raw_hash_speed(function: DigestFunction, data: &[u8]) -> f64 {
+    // Best of three: the figure is a ceiling, and a noisy neighbour only ever lowers it.
+    (0..3)
+        .map(|_| {
+            let start = Instant::now();
+            let mut hasher: Hasher = function.hasher();
+            hasher.update(data);
+            std::hint::black_box(hasher.finalize());
+            crate::mb_per_s(data.len() as u64, start.elapsed())
+        })
+        .fold(0.0, f64::max)
+}
+
+/// Loopback TCP throughput in MB/s, measured with `iperf3` (Debian package `iperf3`),
+/// single stream for `seconds`.
+pub fn loopback_tcp_iperf3(seconds: u32) -> anyhow::Result<f64> {
+    let port = free_port()?;
+    let mut server = KillOnDrop(
+        Command::new("iperf3")
+            .args(["-s", "-1", "-B", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("running iperf3 (apt-get install iperf3)")?,
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let output = Command::new("iperf3")
+        .args([
+            "-c",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-t",
+            &seconds.to_string(),
+            "-J",
+        ])
+        .output()
+        .context("running the iperf3 client")?;
+    let _ = server.0.wait();
+    if !output.status.success() {
+        bail!("iperf3 failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    let bits = report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("iperf3 report has no end.sum_received.bits_per_second")?;
+    Ok(bits / 8.0 / 1e6)
+}
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}

@@ -1,0 +1,71 @@
+# Shared helpers for the interop scripts: installing clients, building kiln, and
+# starting kiln servers on free loopback ports. Source it; do not run it.
+#
+# Every server started here is recorded and killed by PID on exit. A client that cannot
+# be installed is a failure, never a skip.
+
+set -euo pipefail
+
+INTEROP_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO_ROOT="$(cd "$INTEROP_DIR/../.." && pwd)"
+# Clients are cached here between runs; installs are idempotent.
+CLIENT_CACHE="${KILN_INTEROP_CACHE:-$HOME/.cache/kiln-interop}"
+WORK="$(mktemp -d /tmp/kiln-interop.XXXXXX)"
+STARTED_PIDS=()
+
+cleanup() {
+    local pid
+    for pid in "${STARTED_PIDS[@]:-}"; do
+        [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
+    done
+    if [ "${KEEP_WORK:-0}" != 1 ]; then rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+
+log() { printf '\n== %s\n' "$*" >&2; }
+fail() { printf 'FAIL: %s\n' "$*" >&2; exit 1; }
+
+# Builds the release binary once and sets KILN to it.
+build_kiln() {
+    if [ -z "${KILN:-}" ]; then
+        log "building kiln (release)"
+        (cd "$REPO_ROOT" && cargo build --release --quiet -p kiln)
+        KILN="$REPO_ROOT/target/release/kiln"
+    fi
+    [ -x "$KILN" ] || fail "kiln binary $KILN is missing"
+}
+
+# start_kiln NAME ARGS... : runs `kiln ARGS...` with logs in $WORK/NAME.log and waits
+# for every "listening on" line it is expected to print (KILN_EXPECT_LISTENERS, default 1).
+start_kiln() {
+    local name="$1"; shift
+    local logfile="$WORK/$name.log"
+    KILN_LOG=info "$KILN" "$@" >"$logfile" 2>&1 &
+    STARTED_PIDS+=("$!")
+    local want="${KILN_EXPECT_LISTENERS:-1}" i
+    for i in $(seq 1 200); do
+        if [ "$(grep -c 'listening on' "$logfile" || true)" -ge "$want" ]; then return 0; fi
+        kill -0 "$!" 2>/dev/null || { cat "$logfile" >&2; fail "kiln $name exited during start-up"; }
+        sleep 0.1
+    done
+    cat "$logfile" >&2
+    fail "kiln $name did not start within 20 s"
+}
+
+# listen_addr NAME SCHEME : the host:port kiln NAME logged for SCHEME (grpc or http).
+listen_addr() {
+    grep -o "listening on $2://[0-9.:]*" "$WORK/$1.log" | head -n 1 | sed "s|.*$2://||"
+}
+
+# Installs Bazel 2.1.0 from npm (see shared/CLIENTS.md) and sets BAZEL.
+install_bazel() {
+    local dir="$CLIENT_CACHE/bazel"
+    BAZEL="$dir/node_modules/@bazel/bazel-linux_x64/bazel-2.1.0-linux-x86_64"
+    if [ ! -x "$BAZEL" ]; then
+        log "installing Bazel 2.1.0 from npm"
+        command -v npm >/dev/null || fail "npm is required to install Bazel"
+        mkdir -p "$dir"
+        (cd "$dir" && npm init -y >/dev/null && npm install --no-audit --no-fund @bazel/bazel-linux_x64@2.1.0 >/dev/null)
+    fi
+    [ -x "$BAZEL" ] || fail "Bazel did not install"
+}
