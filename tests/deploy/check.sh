@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Checks kiln's deployment files (deploy/): every YAML file parses, the Helm chart lints
+# and renders (with Helm itself), and everything it and the other files describe keeps
+# kiln's invariants: non-root, probes on long-running containers, pinned images (no
+# `latest`, no untagged), resources set. Then proves the checker catches violations by
+# running it on tests/deploy/fixtures/bad, which must fail with every expected message.
+#
+# Installs what it needs idempotently (a Python venv, docker-compose from apt); a tool
+# that cannot be installed is a failure, never a skip. Exits non-zero on any violation.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO_ROOT="$(cd "$HERE/../.." && pwd)"
+CACHE="${KILN_DEPLOY_CACHE:-$HOME/.cache/kiln-deploy}"
+VENV="$CACHE/venv"
+
+fail() { printf 'FAIL: %s\n' "$*" >&2; exit 1; }
+log() { printf '\n== %s\n' "$*"; }
+
+install_system_packages() {
+    local missing=()
+    python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+    command -v docker-compose >/dev/null || missing+=(docker-compose)
+    if [ ${#missing[@]} -gt 0 ]; then
+        log "installing ${missing[*]} (apt)"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq || fail "apt-get update failed"
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+            || fail "could not install ${missing[*]}"
+    fi
+    command -v docker-compose >/dev/null || fail "docker-compose is missing after install"
+}
+
+install_python_packages() {
+    # The stamp holds the requirements the venv was built from; reinstall on change.
+    if [ -x "$VENV/bin/python" ] && cmp -s "$HERE/requirements.txt" "$VENV/.requirements"; then
+        return
+    fi
+    log "installing the checker's Python packages into $VENV"
+    rm -rf "$VENV"
+    mkdir -p "$CACHE"
+    python3 -m venv "$VENV" || fail "could not create a venv in $VENV"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$HERE/requirements.txt" \
+        || fail "pip could not install tests/deploy/requirements.txt"
+    cp "$HERE/requirements.txt" "$VENV/.requirements"
+}
+
+install_system_packages
+install_python_packages
+"$VENV/bin/python" -c 'import helm_python, kubernetes_validate, dockerfile, yaml' \
+    || fail "the checker's Python packages do not import"
+"$VENV/bin/python" -c 'import helm_python as h; print("Helm", h.helm_sdk_version(), "via helm-python-sdk", h.__version__)'
+
+cd "$REPO_ROOT"
+
+main_out="$(mktemp)"
+out="$(mktemp)"
+trap 'rm -f "$main_out" "$out"' EXIT
+
+log "checking deploy/"
+"$VENV/bin/python" "$HERE/check_deploy.py" --root deploy --must-fail "$HERE/render-must-fail.yaml" \
+    | tee "$main_out" || fail "deploy/ breaks the invariants above"
+passed="$(sed -n 's/^check_deploy: \([0-9]*\) passed, 0 failed$/\1/p' "$main_out")"
+[ -n "$passed" ] || fail "the checker printed no summary"
+
+log "self-test: the checker must reject tests/deploy/fixtures/bad"
+status=0
+"$VENV/bin/python" "$HERE/check_deploy.py" --root "$HERE/fixtures/bad" >"$out" 2>&1 || status=$?
+[ "$status" = 1 ] || { cat "$out"; fail "the checker exited $status on the broken fixtures (want 1)"; }
+expected=0
+missing=0
+while IFS= read -r line; do
+    [ -n "$line" ] || continue
+    expected=$((expected + 1))
+    if ! grep -qF -- "$line" "$out"; then
+        echo "  not reported: $line"
+        missing=$((missing + 1))
+    fi
+done <"$HERE/fixtures/bad/expected-violations.txt"
+if [ "$missing" -gt 0 ]; then
+    grep -E '^(ok|FAIL|  VIOLATION)' "$out" || true
+    fail "$missing of $expected expected violations were not reported"
+fi
+echo "ok   all $expected expected violations reported for the broken fixtures"
+echo "deploy: $((passed + 1)) passed, 0 failed"
