@@ -11,7 +11,7 @@ set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(cd "$HERE/../.." && pwd)"
-CACHE="${KILN_DEPLOY_CACHE:-$HOME/.cache/kiln-deploy}"
+CACHE="${KILN_DEPLOY_CACHE:-${HOME:-/tmp}/.cache/kiln-deploy}"
 VENV="$CACHE/venv"
 
 fail() { printf 'FAIL: %s\n' "$*" >&2; exit 1; }

@@ -91,11 +91,17 @@ class Checker:
             name = path.name
             if name.endswith((".yaml", ".yml")):
                 self.check_yaml_file(path, charts)
-            elif name == "Dockerfile" or name.endswith(".Dockerfile") or (
-                name.startswith("Dockerfile.") and not name.endswith(".dockerignore")
+            elif (
+                name == "Dockerfile"
+                or name.endswith(".Dockerfile")
+                or (name.startswith("Dockerfile.") and not name.endswith(".dockerignore"))
             ):
                 self.check_dockerfile(path)
-            elif name in NOT_DEPLOYMENT_FILES or name.endswith(".dockerignore") or name.endswith(".tpl"):
+            elif (
+                name in NOT_DEPLOYMENT_FILES
+                or name.endswith(".dockerignore")
+                or name.endswith(".tpl")
+            ):
                 continue
             else:
                 self.report.case(self.relative(path), ["no rule for this kind of file"])
@@ -129,7 +135,9 @@ class Checker:
             problems += self.compose_problems(path)
             self.report.case(name, problems)
             return
-        objects = [d for d in documents if isinstance(d, dict) and "apiVersion" in d and "kind" in d]
+        objects = [
+            d for d in documents if isinstance(d, dict) and "apiVersion" in d and "kind" in d
+        ]
         if not documents or len(objects) != len(documents):
             problems.append("neither Kubernetes objects, a compose file, nor a chart's values")
         self.report.case(name, problems + self.object_problems(objects, name))
@@ -155,9 +163,13 @@ class Checker:
 
     def object_problems(self, objects: list[dict], origin: str) -> list[str]:
         problems: list[str] = []
-        deployments = {rules.dig(o, "metadata", "name") for o in objects if o["kind"] == "Deployment"}
+        deployments = {
+            rules.dig(o, "metadata", "name") for o in objects if o["kind"] == "Deployment"
+        }
         services = [o for o in objects if o["kind"] == "Service"]
-        repositories = {rules.dig(o, "metadata", "name") for o in objects if o["kind"] == "ImageRepository"}
+        repositories = {
+            rules.dig(o, "metadata", "name") for o in objects if o["kind"] == "ImageRepository"
+        }
         policies = {
             f"{rules.dig(o, 'metadata', 'namespace', default='default')}:{rules.dig(o, 'metadata', 'name')}"
             for o in objects
@@ -168,7 +180,9 @@ class Checker:
             group = str(obj["apiVersion"]).rpartition("/")[0]
             kind = obj["kind"]
             if (group, kind) in CUSTOM_KINDS:
-                problems += self.custom_problems(obj, deployments, services, repositories, policies, origin)
+                problems += self.custom_problems(
+                    obj, deployments, services, repositories, policies, origin
+                )
             else:
                 problems += [f"{name}: {p}" for p in schema_violations(obj)]
                 problems += rules.workload_violations(obj)
@@ -187,7 +201,9 @@ class Checker:
     ) -> list[str]:
         kind = obj["kind"]
         name = rules.object_name(obj)
-        problems = [] if rules.dig(obj, "metadata", "name") else [f"{kind}: metadata.name is missing"]
+        problems = (
+            [] if rules.dig(obj, "metadata", "name") else [f"{kind}: metadata.name is missing"]
+        )
         if not isinstance(obj.get("spec"), dict):
             return problems + [f"{name}: spec is missing"]
         if kind == "ScaledObject":
@@ -212,7 +228,9 @@ class Checker:
         source = rules.dig(app, "spec", "source", default={})
         chart = REPO_ROOT / str(source.get("path", ""))
         if not source.get("path") or not (chart / "Chart.yaml").is_file():
-            return [f"{rules.object_name(app)}: source.path {source.get('path')!r} is not a chart in this repository"]
+            return [
+                f"{rules.object_name(app)}: source.path {source.get('path')!r} is not a chart in this repository"
+            ]
         release = rules.dig(source, "helm", "releaseName") or rules.dig(app, "metadata", "name")
         namespace = rules.dig(app, "spec", "destination", "namespace", default="default")
         values = rules.dig(source, "helm", "valuesObject", default={})
@@ -222,7 +240,10 @@ class Checker:
         rendered_names = {(o["kind"], rules.dig(o, "metadata", "name")) for o in objects}
         for ignored in rules.dig(app, "spec", "ignoreDifferences", default=[]) or []:
             if (ignored.get("kind"), ignored.get("name")) not in rendered_names:
-                problems.append(f"ignoreDifferences names {ignored.get('kind')}/{ignored.get('name')}, which the chart does not render")
+                problems.append(
+                    f"ignoreDifferences names {ignored.get('kind')}/{ignored.get('name')}, "
+                    "which the chart does not render"
+                )
         self.report.case(case, problems)
         return []
 
@@ -231,12 +252,17 @@ class Checker:
         name = rules.object_name(obj)
         path = REPO_ROOT / str(rules.dig(obj, "spec", "update", "path", default=""))
         if not path.is_dir():
-            return [f"{name}: update.path {rules.dig(obj, 'spec', 'update', 'path')!r} is not a directory in this repository"]
+            wanted = rules.dig(obj, "spec", "update", "path")
+            return [f"{name}: update.path {wanted!r} is not a directory in this repository"]
         markers = set()
         for file in path.rglob("*.y*ml"):
-            markers |= set(re.findall(r'"\$imagepolicy":\s*"([\w.-]+:[\w.-]+)(?::\w+)?"', file.read_text()))
+            markers |= set(
+                re.findall(r'"\$imagepolicy":\s*"([\w.-]+:[\w.-]+)(?::\w+)?"', file.read_text())
+            )
         if not markers & policies:
-            return [f"{name}: no file under {self.relative(path)} has a $imagepolicy marker for {sorted(policies)}"]
+            return [
+                f"{name}: no file under {self.relative(path)} has a $imagepolicy marker for {sorted(policies)}"
+            ]
         return []
 
     # ------------------------------------------------------------ Helm charts
@@ -253,16 +279,26 @@ class Checker:
             problems += self.object_problems(objects, case)
             self.report.case(case, problems)
 
-    def render(self, chart: Path, values: dict, release: str, namespace: str) -> tuple[list[dict], list[str]]:
+    def render(
+        self, chart: Path, values: dict, release: str, namespace: str
+    ) -> tuple[list[dict], list[str]]:
         problems = []
-        report = helm_python.lint(str(chart), values, strict=True, namespace=namespace, kube_version=f"v{KUBERNETES_VERSIONS[0]}")
+        report = helm_python.lint(
+            str(chart),
+            values,
+            strict=True,
+            namespace=namespace,
+            kube_version=f"v{KUBERNETES_VERSIONS[0]}",
+        )
         for message in report.get("messages", []):
             if message.get("severity", 0) >= 2:
                 problems.append(f"helm lint: {message.get('path')}: {message.get('error')}")
         problems += [f"helm lint: {e}" for e in report.get("errors", [])]
         try:
             with helm_python.Chart.load(str(chart)) as loaded:
-                manifests = loaded.render(values=values, name=release, namespace=namespace, is_install=True)
+                manifests = loaded.render(
+                    values=values, name=release, namespace=namespace, is_install=True
+                )
         except helm_python.HelmError as e:
             return [], problems + [f"helm render failed: {e}"]
         objects = []
@@ -275,7 +311,9 @@ class Checker:
                 problems.append(f"{template} renders invalid YAML: {e}")
                 continue
             for document in documents:
-                if not (isinstance(document, dict) and "apiVersion" in document and "kind" in document):
+                if not (
+                    isinstance(document, dict) and "apiVersion" in document and "kind" in document
+                ):
                     problems.append(f"{template} renders something that is not a Kubernetes object")
                 else:
                     objects.append(document)
@@ -288,10 +326,14 @@ class Checker:
             name = f"{case['chart']} refuses {case['why']}"
             try:
                 with helm_python.Chart.load(str(chart)) as loaded:
-                    loaded.render(values=case["values"], name="kiln", namespace="kiln-check", is_install=True)
+                    loaded.render(
+                        values=case["values"], name="kiln", namespace="kiln-check", is_install=True
+                    )
             except helm_python.HelmError as e:
                 wanted = case["error"]
-                self.report.case(name, [] if wanted in str(e) else [f"failed, but without {wanted!r}: {e}"])
+                self.report.case(
+                    name, [] if wanted in str(e) else [f"failed, but without {wanted!r}: {e}"]
+                )
                 continue
             self.report.case(name, ["rendered, but must be refused"])
 
@@ -312,7 +354,9 @@ def schema_violations(obj: dict) -> list[str]:
         try:
             kubernetes_validate.validate(obj, version, strict=True)
         except kubernetes_validate.SchemaNotFoundError:
-            return [f"no Kubernetes {version} schema for {obj['apiVersion']} {obj['kind']} and no rule for it"]
+            return [
+                f"no Kubernetes {version} schema for {obj['apiVersion']} {obj['kind']} and no rule for it"
+            ]
         except kubernetes_validate.ValidationError as e:
             where = ".".join(str(p) for p in e.absolute_path) or "(top)"
             problems.append(f"Kubernetes {version} schema: {where}: {e.message}")
@@ -325,13 +369,17 @@ def chart_metadata_violations(meta: Any) -> list[str]:
         return ["Chart.yaml must be apiVersion v2"]
     app_version = str(meta.get("appVersion", ""))
     if not re.fullmatch(r"v?\d+\.\d+\.\d+(-[\w.]+)?", app_version):
-        problems.append(f"appVersion {app_version!r} is not a semver (the image tag defaults to it)")
+        problems.append(
+            f"appVersion {app_version!r} is not a semver (the image tag defaults to it)"
+        )
     return problems
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--root", type=Path, default=REPO_ROOT / "deploy", help="directory to check")
+    parser.add_argument(
+        "--root", type=Path, default=REPO_ROOT / "deploy", help="directory to check"
+    )
     parser.add_argument("--must-fail", type=Path, help="YAML list of renders that must be refused")
     args = parser.parse_args()
     if not args.root.is_dir():

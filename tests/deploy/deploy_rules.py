@@ -9,7 +9,8 @@ the Kubernetes schemas) and reports. Nothing here reads files or runs processes.
 from __future__ import annotations
 
 import re
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 SHA256_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 KILN_ROLES_WITH_STORE = {"up", "coordinator", "registry"}
@@ -144,7 +145,10 @@ def workload_violations(obj: dict) -> list[str]:
             for probe in ("livenessProbe", "readinessProbe"):
                 if not container.get(probe):
                     problems.append(f"{where}: no {probe}")
-    if any(is_kiln_container(c) for _, c in containers) and spec.get("enableServiceLinks") is not False:
+    if (
+        any(is_kiln_container(c) for _, c in containers)
+        and spec.get("enableServiceLinks") is not False
+    ):
         problems.append(
             f"{name}: enableServiceLinks must be false (service links inject KILN_* "
             "variables that kiln rejects as unknown)"
@@ -195,14 +199,20 @@ def kiln_role_violations(obj: dict, spec: dict) -> list[str]:
                     f"{where}: terminationGracePeriodSeconds must give running actions time "
                     f"to finish (>= 60), got {grace!r}"
                 )
-        elif role in KILN_ROLES_WITH_STORE and obj["kind"] != "Pod":
-            if not data_dir_is_persistent(obj, spec, container):
-                problems.append(f"{where}: {KILN_DATA_DIR} is not on a persistent volume")
+        elif (
+            role in KILN_ROLES_WITH_STORE
+            and obj["kind"] != "Pod"
+            and not data_dir_is_persistent(obj, spec, container)
+        ):
+            problems.append(f"{where}: {KILN_DATA_DIR} is not on a persistent volume")
     return problems
 
 
 def data_dir_is_persistent(obj: dict, spec: dict, container: dict) -> bool:
-    claims = {dig(t, "metadata", "name") for t in dig(obj, "spec", "volumeClaimTemplates", default=[]) or []}
+    claims = {
+        dig(t, "metadata", "name")
+        for t in dig(obj, "spec", "volumeClaimTemplates", default=[]) or []
+    }
     claims |= {v["name"] for v in spec.get("volumes") or [] if "persistentVolumeClaim" in v}
     return any(
         m.get("mountPath") == KILN_DATA_DIR and m.get("name") in claims
@@ -217,7 +227,9 @@ def scale_target_violations(obj: dict, deployments: set[str]) -> list[str]:
     """An autoscaler must scale a Deployment defined alongside it."""
     target = dig(obj, "spec", "scaleTargetRef", "name")
     if target not in deployments:
-        return [f"{object_name(obj)}: scaleTargetRef {target!r} is not a Deployment defined alongside it"]
+        return [
+            f"{object_name(obj)}: scaleTargetRef {target!r} is not a Deployment defined alongside it"
+        ]
     return []
 
 
@@ -226,7 +238,8 @@ def scaled_object_violations(obj: dict, deployments: set[str]) -> list[str]:
     problems = scale_target_violations(obj, deployments)
     triggers = dig(obj, "spec", "triggers", default=[]) or []
     if not any(
-        t.get("type") == "prometheus" and "kiln_queue_depth" in str(dig(t, "metadata", "query", default=""))
+        t.get("type") == "prometheus"
+        and "kiln_queue_depth" in str(dig(t, "metadata", "query", default=""))
         for t in triggers
     ):
         problems.append(f"{name}: no prometheus trigger on kiln_queue_depth")
@@ -260,14 +273,18 @@ def service_monitor_violations(obj: dict, services: list[dict]) -> list[str]:
             service_ports = {p.get("name") for p in dig(service, "spec", "ports", default=[]) or []}
             if ports <= service_ports:
                 return []
-    return [f"{name}: no Service matches selector {selector} with port(s) {sorted(map(str, ports))}"]
+    return [
+        f"{name}: no Service matches selector {selector} with port(s) {sorted(map(str, ports))}"
+    ]
 
 
 def image_repository_violations(obj: dict) -> list[str]:
     image = str(dig(obj, "spec", "image", default=""))
     _, tag, digest = split_image(image)
     if not image or tag or digest:
-        return [f"{object_name(obj)}: spec.image must be a repository without tag or digest, got {image!r}"]
+        return [
+            f"{object_name(obj)}: spec.image must be a repository without tag or digest, got {image!r}"
+        ]
     return []
 
 
@@ -291,8 +308,16 @@ def image_policy_violations(obj: dict, repositories: set[str]) -> list[str]:
             compiled = re.compile(pattern)
         except re.error as e:
             return problems + [f"{name}: filterTags.pattern does not compile: {e}"]
-        problems += [f"{name}: filterTags.pattern rejects release tag {t!r}" for t in KILN_RELEASE_TAGS if not compiled.search(t)]
-        problems += [f"{name}: filterTags.pattern accepts non-release tag {t!r}" for t in KILN_NON_RELEASE_TAGS if compiled.search(t)]
+        problems += [
+            f"{name}: filterTags.pattern rejects release tag {tag!r}"
+            for tag in KILN_RELEASE_TAGS
+            if not compiled.search(tag)
+        ]
+        problems += [
+            f"{name}: filterTags.pattern accepts non-release tag {tag!r}"
+            for tag in KILN_NON_RELEASE_TAGS
+            if compiled.search(tag)
+        ]
     return problems
 
 
@@ -305,12 +330,16 @@ def application_values_violations(obj: dict) -> list[str]:
     digest = dig(values, "image", "digest")
     problems = []
     if not isinstance(digest, str) or not SHA256_DIGEST.match(digest):
-        problems.append(f"{name}: image.digest must pin the image (sha256:<64 hex>), got {digest!r}")
+        problems.append(
+            f"{name}: image.digest must pin the image (sha256:<64 hex>), got {digest!r}"
+        )
     if dig(values, "image", "tag") == "latest":
         problems.append(f"{name}: image.tag is latest")
     revision = dig(obj, "spec", "source", "targetRevision")
     if revision in (None, "", "HEAD"):
-        problems.append(f"{name}: targetRevision {revision!r} follows a moving branch; pin a tag or commit")
+        problems.append(
+            f"{name}: targetRevision {revision!r} follows a moving branch; pin a tag or commit"
+        )
     return problems
 
 
@@ -336,7 +365,11 @@ def compose_violations(config: dict) -> list[str]:
         if service.get("privileged") is True:
             problems.append(f"{where}: runs privileged")
         health = service.get("healthcheck") or {}
-        if not health or health.get("disable") is True or (health.get("test") or ["NONE"])[0] == "NONE":
+        if (
+            not health
+            or health.get("disable") is True
+            or (health.get("test") or ["NONE"])[0] == "NONE"
+        ):
             problems.append(f"{where}: no healthcheck")
         limits = dig(service, "deploy", "resources", "limits", default={}) or {}
         if not (limits.get("cpus") or service.get("cpus")):
@@ -348,7 +381,9 @@ def compose_violations(config: dict) -> list[str]:
         if role in KILN_ROLES_WITH_STORE and not any(
             is_named_volume_at(v, KILN_DATA_DIR) for v in service.get("volumes") or []
         ):
-            problems.append(f"{where}: kiln {role} keeps its store in {KILN_DATA_DIR}; mount a named volume there")
+            problems.append(
+                f"{where}: kiln {role} keeps its store in {KILN_DATA_DIR}; mount a named volume there"
+            )
     return problems
 
 
@@ -379,7 +414,9 @@ def dockerfile_violations(commands: list) -> list[str]:
             seen_from = True
             image = substitute(command.value[0], args)
             if image.lower() not in stages and image != "scratch":
-                problems += [f"line {command.start_line}: FROM {p}" for p in image_violations(image)]
+                problems += [
+                    f"line {command.start_line}: FROM {p}" for p in image_violations(image)
+                ]
             if len(command.value) >= 3 and command.value[1].upper() == "AS":
                 stages.append(command.value[2].lower())
             final = []
@@ -395,7 +432,9 @@ def dockerfile_violations(commands: list) -> list[str]:
     else:
         uid = users[-1].value[0].split(":", 1)[0]
         if not uid.isdigit() or int(uid) == 0:
-            problems.append(f"the final stage's USER must be a numeric non-root uid, got {users[-1].value[0]!r}")
+            problems.append(
+                f"the final stage's USER must be a numeric non-root uid, got {users[-1].value[0]!r}"
+            )
     health = by_cmd.get("HEALTHCHECK", [])
     if not health or health[-1].value[0].upper() == "NONE":
         problems.append("the final stage has no HEALTHCHECK")
@@ -411,7 +450,9 @@ def dockerfile_violations(commands: list) -> list[str]:
 
 
 def substitute(text: str, args: dict[str, str]) -> str:
-    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: args.get(m.group(1) or m.group(2), m.group(0)), text)
+    return re.sub(
+        r"\$\{(\w+)\}|\$(\w+)", lambda m: args.get(m.group(1) or m.group(2), m.group(0)), text
+    )
 
 
 # ---------------------------------------------------------------- values.yaml docs
