@@ -5,7 +5,8 @@
 # `latest`, no untagged), resources set. Then proves the checker catches violations by
 # running it on tests/deploy/fixtures/bad, which must fail with every expected message.
 #
-# Installs what it needs idempotently (a Python venv, docker-compose from apt); a tool
+# Installs what it needs idempotently (a Python venv, CRD schema packages from npm,
+# docker-compose from apt); a tool
 # that cannot be installed is a failure, never a skip. Exits non-zero on any violation.
 set -euo pipefail
 
@@ -13,6 +14,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(cd "$HERE/../.." && pwd)"
 CACHE="${KILN_DEPLOY_CACHE:-${HOME:-/tmp}/.cache/kiln-deploy}"
 VENV="$CACHE/venv"
+NODE_DIR="$CACHE/node"
 
 fail() { printf 'FAIL: %s\n' "$*" >&2; exit 1; }
 log() { printf '\n== %s\n' "$*"; }
@@ -21,6 +23,8 @@ install_system_packages() {
     local missing=()
     python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
     command -v docker-compose >/dev/null || missing+=(docker-compose)
+    command -v node >/dev/null || missing+=(nodejs)
+    command -v npm >/dev/null || missing+=(npm)
     if [ ${#missing[@]} -gt 0 ]; then
         log "installing ${missing[*]} (apt)"
         export DEBIAN_FRONTEND=noninteractive
@@ -45,8 +49,23 @@ install_python_packages() {
     cp "$HERE/requirements.txt" "$VENV/.requirements"
 }
 
+install_node_packages() {
+    # Same stamp scheme: the package.json the node_modules were installed from.
+    if [ -d "$NODE_DIR/node_modules/@kubernetes-models" ] \
+        && cmp -s "$HERE/package.json" "$NODE_DIR/package.json"; then
+        return
+    fi
+    log "installing the CRD schema packages into $NODE_DIR"
+    rm -rf "$NODE_DIR"
+    mkdir -p "$NODE_DIR"
+    cp "$HERE/package.json" "$NODE_DIR/package.json"
+    (cd "$NODE_DIR" && npm install --silent --no-audit --no-fund --no-package-lock) \
+        || { rm -f "$NODE_DIR/package.json"; fail "npm could not install tests/deploy/package.json"; }
+}
+
 install_system_packages
 install_python_packages
+install_node_packages
 "$VENV/bin/python" -c 'import helm_python, kubernetes_validate, dockerfile, yaml' \
     || fail "the checker's Python packages do not import"
 "$VENV/bin/python" -c 'import helm_python as h; print("Helm", h.helm_sdk_version(), "via helm-python-sdk", h.__version__)'
@@ -59,13 +78,15 @@ trap 'rm -f "$main_out" "$out"' EXIT
 
 log "checking deploy/"
 "$VENV/bin/python" "$HERE/check_deploy.py" --root deploy --must-fail "$HERE/render-must-fail.yaml" \
+    --crd-node-modules "$NODE_DIR/node_modules" \
     | tee "$main_out" || fail "deploy/ breaks the invariants above"
 passed="$(sed -n 's/^check_deploy: \([0-9]*\) passed, 0 failed$/\1/p' "$main_out")"
 [ -n "$passed" ] || fail "the checker printed no summary"
 
 log "self-test: the checker must reject tests/deploy/fixtures/bad"
 status=0
-"$VENV/bin/python" "$HERE/check_deploy.py" --root "$HERE/fixtures/bad" >"$out" 2>&1 || status=$?
+"$VENV/bin/python" "$HERE/check_deploy.py" --root "$HERE/fixtures/bad" \
+    --crd-node-modules "$NODE_DIR/node_modules" >"$out" 2>&1 || status=$?
 [ "$status" = 1 ] || { cat "$out"; fail "the checker exited $status on the broken fixtures (want 1)"; }
 expected=0
 missing=0

@@ -2,9 +2,10 @@
 """Checks every deployment file under a directory (kiln's deploy/ by default).
 
 - Every *.yaml / *.yml file must parse. Kubernetes objects are validated against the
-  Kubernetes OpenAPI schemas (kubernetes-validate, strict: unknown fields are errors)
-  and against kiln's invariants (deploy_rules.py): non-root, probes on long-running
-  containers, pinned images (no `latest`, no untagged), resources set.
+  Kubernetes OpenAPI schemas (kubernetes-validate, strict: unknown fields are errors),
+  custom resources against their CRDs' schemas (crd_validate.mjs), and all against
+  kiln's invariants (deploy_rules.py): non-root, probes on long-running containers,
+  pinned images (no `latest`, no untagged), resources set.
 - Every Helm chart is linted and rendered by Helm itself (helm-python-sdk, which embeds
   Helm v4's Go code) with each `ci/*-values.yaml` of the chart, and what it renders is
   checked like any other manifest. Argo CD Applications are rendered with their own
@@ -20,6 +21,7 @@ checker has no rule for is a violation too: nothing is skipped silently.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -36,17 +38,8 @@ import deploy_rules as rules
 
 # The chart's kubeVersion floor and the newest schema set kubernetes-validate ships.
 KUBERNETES_VERSIONS = ("1.27.0", "1.37.0")
-REPO_ROOT = Path(__file__).resolve().parents[2]
-# Custom resources: no bundled schema, so each has its own rules below.
-CUSTOM_KINDS = {
-    ("keda.sh", "ScaledObject"),
-    ("monitoring.coreos.com", "ServiceMonitor"),
-    ("argoproj.io", "Application"),
-    ("image.toolkit.fluxcd.io", "ImageRepository"),
-    ("image.toolkit.fluxcd.io", "ImagePolicy"),
-    ("image.toolkit.fluxcd.io", "ImageUpdateAutomation"),
-    ("source.toolkit.fluxcd.io", "GitRepository"),
-}
+HERE = Path(__file__).resolve().parent
+REPO_ROOT = HERE.parents[1]
 NOT_DEPLOYMENT_FILES = {".helmignore", "README.md", "NOTES.txt", "expected-violations.txt"}
 
 
@@ -70,9 +63,10 @@ class Report:
 
 
 class Checker:
-    def __init__(self, root: Path, report: Report) -> None:
+    def __init__(self, root: Path, report: Report, crd_node_modules: Path) -> None:
         self.root = root
         self.report = report
+        self.crd_node_modules = crd_node_modules
 
     def relative(self, path: Path) -> str:
         try:
@@ -175,20 +169,36 @@ class Checker:
             for o in objects
             if o["kind"] == "ImagePolicy"
         }
+        custom = [obj for obj in objects if not has_kubernetes_schema(obj)]
+        crd_results = dict(zip(map(id, custom), self.crd_schema_violations(custom)))
         for obj in objects:
             name = rules.object_name(obj)
-            group = str(obj["apiVersion"]).rpartition("/")[0]
-            kind = obj["kind"]
-            if (group, kind) in CUSTOM_KINDS:
+            if id(obj) in crd_results:
+                if crd_results[id(obj)]:
+                    problems.append(f"{name}: {crd_results[id(obj)]}")
                 problems += self.custom_problems(
                     obj, deployments, services, repositories, policies, origin
                 )
             else:
                 problems += [f"{name}: {p}" for p in schema_violations(obj)]
                 problems += rules.workload_violations(obj)
-                if kind == "HorizontalPodAutoscaler":
+                if obj["kind"] == "HorizontalPodAutoscaler":
                     problems += rules.hpa_violations(obj, deployments)
         return problems
+
+    def crd_schema_violations(self, objects: list[dict]) -> list[str | None]:
+        """Validate custom resources against their CRD schemas (crd_validate.mjs, node)."""
+        if not objects:
+            return []
+        result = subprocess.run(
+            ["node", str(HERE / "crd_validate.mjs"), str(self.crd_node_modules)],
+            input=json.dumps(objects),
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            raise SystemExit(f"error: crd_validate.mjs failed: {result.stderr.strip()}")
+        return json.loads(result.stdout)
 
     def custom_problems(
         self,
@@ -219,8 +229,6 @@ class Checker:
             problems += rules.image_policy_violations(obj, repositories)
         elif kind == "ImageUpdateAutomation":
             problems += self.automation_problems(obj, policies)
-        elif kind == "GitRepository" and not rules.dig(obj, "spec", "url"):
-            problems.append(f"{name}: spec.url is missing")
         return problems
 
     def render_application(self, app: dict, origin: str) -> list[str]:
@@ -348,15 +356,24 @@ class Checker:
         self.report.case(self.relative(path), rules.dockerfile_violations(list(commands)))
 
 
+def has_kubernetes_schema(obj: dict) -> bool:
+    try:
+        kubernetes_validate.validate(obj, KUBERNETES_VERSIONS[-1], strict=True)
+    except kubernetes_validate.SchemaNotFoundError:
+        return False
+    except kubernetes_validate.ValidationError:
+        pass
+    return True
+
+
 def schema_violations(obj: dict) -> list[str]:
+    """Strict validation against each Kubernetes version's schema (unknown fields fail)."""
     problems = []
     for version in KUBERNETES_VERSIONS:
         try:
             kubernetes_validate.validate(obj, version, strict=True)
         except kubernetes_validate.SchemaNotFoundError:
-            return [
-                f"no Kubernetes {version} schema for {obj['apiVersion']} {obj['kind']} and no rule for it"
-            ]
+            problems.append(f"Kubernetes {version} has no {obj['apiVersion']} {obj['kind']}")
         except kubernetes_validate.ValidationError as e:
             where = ".".join(str(p) for p in e.absolute_path) or "(top)"
             problems.append(f"Kubernetes {version} schema: {where}: {e.message}")
@@ -381,13 +398,22 @@ def main() -> int:
         "--root", type=Path, default=REPO_ROOT / "deploy", help="directory to check"
     )
     parser.add_argument("--must-fail", type=Path, help="YAML list of renders that must be refused")
+    parser.add_argument(
+        "--crd-node-modules",
+        type=Path,
+        required=True,
+        help="node_modules holding tests/deploy/package.json's CRD schema packages",
+    )
     args = parser.parse_args()
+    if not (args.crd_node_modules / "@kubernetes-models").is_dir():
+        print(f"error: no @kubernetes-models packages in {args.crd_node_modules}", file=sys.stderr)
+        return 2
     if not args.root.is_dir():
         print(f"error: {args.root} is not a directory", file=sys.stderr)
         return 2
     helm_python.disable_logging()
     report = Report()
-    checker = Checker(args.root, report)
+    checker = Checker(args.root, report, args.crd_node_modules)
     checker.run()
     if args.must_fail:
         checker.check_must_fail(args.must_fail)
