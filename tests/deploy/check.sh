@@ -6,8 +6,8 @@
 # running it on tests/deploy/fixtures/bad, which must fail with every expected message.
 #
 # Installs what it needs idempotently (a Python venv, CRD schema packages from npm,
-# docker-compose from apt); a tool
-# that cannot be installed is a failure, never a skip. Exits non-zero on any violation.
+# docker-compose from apt); a tool that cannot be installed is a failure, never a skip.
+# Exits non-zero on any violation.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -88,6 +88,9 @@ status=0
 "$VENV/bin/python" "$HERE/check_deploy.py" --root "$HERE/fixtures/bad" \
     --crd-node-modules "$NODE_DIR/node_modules" >"$out" 2>&1 || status=$?
 [ "$status" = 1 ] || { cat "$out"; fail "the checker exited $status on the broken fixtures (want 1)"; }
+# A summary line proves the checker ran to the end rather than crashing (also exit 1).
+grep -qE '^check_deploy: [0-9]+ passed, [1-9][0-9]* failed$' "$out" \
+    || { cat "$out"; fail "the checker did not finish its run on the broken fixtures"; }
 expected=0
 missing=0
 while IFS= read -r line; do

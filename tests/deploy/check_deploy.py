@@ -139,10 +139,12 @@ class Checker:
     def compose_problems(self, path: Path) -> list[str]:
         """Resolve the file with docker-compose (schema, anchors, interpolation), then check it."""
         text = path.read_text()
-        env = dict(os.environ)
-        # Required variables (${NAME:?message}) get a placeholder so the file resolves.
+        # Check the file's own defaults: variables it references are unset from the
+        # environment, and required ones (${NAME:?message}) get a placeholder.
+        referenced = set(re.findall(r"\$\{(\w+)", text))
+        env = {k: v for k, v in os.environ.items() if k not in referenced}
         for variable in re.findall(r"\$\{(\w+):?\?", text):
-            env.setdefault(variable, "placeholder-for-check")
+            env[variable] = "placeholder-for-check"
         result = subprocess.run(
             ["docker-compose", "--project-directory", str(path.parent), "-f", str(path), "config"],
             capture_output=True,
