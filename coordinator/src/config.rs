@@ -1,0 +1,60 @@
+//! The coordinator's configuration: the `[coordinator]` table of kiln's TOML file.
+
+use serde::Deserialize;
+
+/// Tunables for the REAPI services. Every field has a default, and unknown keys are an
+/// error so that a typo never silently falls back to a default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoordinatorConfig {
+    /// The most bytes (sum of the blobs' uncompressed sizes) one BatchUpdateBlobs or
+    /// BatchReadBlobs request may carry. Advertised in the capabilities; larger requests
+    /// are refused with INVALID_ARGUMENT and clients use ByteStream instead.
+    pub max_batch_total_size_bytes: u64,
+    /// The most bytes of stdout, stderr and output files GetActionResult inlines into
+    /// one response when the client asks for inlining. Anything past this stays a digest.
+    pub max_inline_bytes: u64,
+    /// The zstd level for compressed ByteStream reads and compressed BatchReadBlobs
+    /// entries. Low levels keep reads close to disk speed.
+    pub zstd_level: i32,
+    /// The most directories one GetTree response carries, whatever page size the client
+    /// asks for.
+    pub max_tree_page_size: u32,
+    /// How long an action cache hit counts as fresh use of the blobs it references.
+    /// A hit refreshes their access time (for eviction) at most once per this interval,
+    /// which keeps repeated hits as cheap as a metadata lookup.
+    pub access_refresh_interval_secs: u64,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        CoordinatorConfig {
+            max_batch_total_size_bytes: 4 << 20,
+            max_inline_bytes: 1 << 20,
+            zstd_level: 1,
+            max_tree_page_size: 1000,
+            access_refresh_interval_secs: 300,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_apply_to_missing_keys() {
+        let config: CoordinatorConfig = toml::from_str("zstd_level = 3").unwrap();
+        assert_eq!(config.zstd_level, 3);
+        assert_eq!(
+            config.max_batch_total_size_bytes,
+            CoordinatorConfig::default().max_batch_total_size_bytes
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_an_error() {
+        let err = toml::from_str::<CoordinatorConfig>("max_batch_bytes = 1").unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+}

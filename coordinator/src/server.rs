@@ -1,0 +1,109 @@
+//! The coordinator's gRPC server: every service on one port.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use kiln_proto::bytestream::byte_stream_server::ByteStreamServer;
+use kiln_proto::reapi::{
+    action_cache_server::ActionCacheServer, capabilities_server::CapabilitiesServer,
+    content_addressable_storage_server::ContentAddressableStorageServer,
+};
+use kiln_store::{BlobStore, MetadataStore};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+
+use crate::action_cache::ActionCacheService;
+use crate::byte_stream::ByteStreamService;
+use crate::capabilities::CapabilitiesService;
+use crate::cas::CasService;
+use crate::{CoordinatorConfig, CoordinatorError};
+
+/// HTTP/2 flow-control windows. The defaults (64 KiB) cap a single stream at a few
+/// hundred MB/s even on loopback; large windows let one ByteStream call run at disk and
+/// hash speed. Memory stays bounded because tonic reads a stream only as fast as the
+/// handler consumes it.
+const STREAM_WINDOW: u32 = 16 << 20;
+const CONNECTION_WINDOW: u32 = 64 << 20;
+/// Larger HTTP/2 frames mean fewer frame headers and wake-ups per megabyte received.
+const MAX_FRAME_SIZE: u32 = 1 << 20;
+/// Room in a gRPC message beyond the blobs it carries (digests, statuses, framing).
+const MESSAGE_HEADROOM: usize = 4 << 20;
+/// The smallest message limit, whatever the batch limit: FindMissingBlobs requests for
+/// tens of thousands of digests are larger than a small batch.
+const MIN_MESSAGE_LIMIT: usize = 16 << 20;
+
+/// The coordinator: REAPI's Capabilities, ContentAddressableStorage, ActionCache and
+/// ByteStream services over one blob store and one metadata store.
+pub struct Coordinator {
+    config: Arc<CoordinatorConfig>,
+    blobs: Arc<dyn BlobStore>,
+    metadata: Arc<dyn MetadataStore>,
+}
+
+impl Coordinator {
+    pub fn new(
+        config: CoordinatorConfig,
+        blobs: Arc<dyn BlobStore>,
+        metadata: Arc<dyn MetadataStore>,
+    ) -> Self {
+        Coordinator {
+            config: Arc::new(config),
+            blobs,
+            metadata,
+        }
+    }
+
+    /// Serves every service on `listener` until `shutdown` resolves.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), CoordinatorError> {
+        let limit = self.message_limit();
+        let config = self.config;
+        let capabilities = CapabilitiesServer::new(CapabilitiesService::new(&config));
+        let cas = ContentAddressableStorageServer::new(CasService::new(
+            self.blobs.clone(),
+            config.clone(),
+        ))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+        let action_cache = ActionCacheServer::new(ActionCacheService::new(
+            self.blobs.clone(),
+            kiln_store::ActionCache::new(self.metadata.clone()),
+            config.clone(),
+        ))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+        let byte_stream = ByteStreamServer::new(ByteStreamService::new(self.blobs, config))
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit);
+
+        Server::builder()
+            .tcp_nodelay(true)
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME_SIZE)
+            .add_service(capabilities)
+            .add_service(cas)
+            .add_service(action_cache)
+            .add_service(byte_stream)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .await?;
+        Ok(())
+    }
+
+    /// The largest gRPC message accepted or sent: a full batch or a fully inlined
+    /// action result, plus headroom.
+    fn message_limit(&self) -> usize {
+        let largest_payload = self
+            .config
+            .max_batch_total_size_bytes
+            .max(self.config.max_inline_bytes);
+        usize::try_from(largest_payload)
+            .unwrap_or(usize::MAX)
+            .max(MIN_MESSAGE_LIMIT)
+            .saturating_add(MESSAGE_HEADROOM)
+    }
+}
