@@ -1,1 +1,207 @@
-//! kiln-registry
+//! kiln-registry: kiln's OCI registry.
+//!
+//! - The OCI Distribution Spec v1.1 HTTP API with Docker Registry v2 compatibility
+//!   ([`Registry::router`], [`Registry::serve`]); requests are parsed into an
+//!   [`endpoint::Endpoint`] and errors mapped once to OCI bodies by [`RegistryError`].
+//! - Per-repository tag policy (`tag_policy`), auth with the Docker token flow (`auth`),
+//!   retention rules and online mark-and-sweep GC ([`Registry::run_retention`],
+//!   [`Registry::run_gc`]).
+//!
+//! Blobs, manifest bytes included, live in the [`BlobStore`] the build farm's CAS shares;
+//! everything else is a small record in the [`MetadataStore`].
+
+mod auth;
+mod blob_api;
+mod config;
+pub mod endpoint;
+mod error;
+mod gc;
+mod http;
+mod listing_api;
+mod manifest;
+mod manifest_api;
+mod repository_index;
+mod retention;
+mod tag_policy;
+mod upload_session;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use kiln_store::{BlobStore, MetadataStore};
+
+pub use config::{
+    Action, AuthConfig, GcConfig, GrantConfig, LimitsConfig, RegistryConfig, RetentionConfig,
+    TagPolicyConfig, UserConfig,
+};
+pub use error::RegistryError;
+pub use gc::{GcReport, GcRoots};
+pub use retention::{RemovedManifest, RemovedTag, RetentionReport};
+pub use tag_policy::{classify as classify_tag, TagKind};
+
+use crate::auth::Authenticator;
+use crate::repository_index::RepositoryIndex;
+use crate::tag_policy::TagPolicy;
+use crate::upload_session::UploadSessions;
+
+/// Everything the request handlers share.
+pub(crate) struct RegistryState {
+    pub config: RegistryConfig,
+    pub blobs: Arc<dyn BlobStore>,
+    pub index: RepositoryIndex,
+    pub uploads: UploadSessions,
+    pub policy: TagPolicy,
+    pub auth: Authenticator,
+    /// Bounds concurrently streaming uploads; beyond it requests get 429.
+    pub upload_slots: Arc<tokio::sync::Semaphore>,
+    /// Manifest pushes and mounts hold it shared while they check and record references;
+    /// GC and retention hold it exclusively while they decide and delete, so a manifest
+    /// never lands referring to a blob being collected.
+    pub gc_fence: tokio::sync::RwLock<()>,
+    pub gc_roots: std::sync::RwLock<Option<Arc<dyn GcRoots>>>,
+}
+
+/// The OCI registry. Cheap to clone; clones share state.
+#[derive(Clone)]
+pub struct Registry {
+    state: Arc<RegistryState>,
+}
+
+impl Registry {
+    /// Opens the registry over the shared blob store and the metadata store, checking
+    /// the configuration (tag patterns, password hashes, token key).
+    pub fn open(
+        config: RegistryConfig,
+        blobs: Arc<dyn BlobStore>,
+        metadata: Arc<dyn MetadataStore>,
+    ) -> Result<Self, RegistryError> {
+        let policy = TagPolicy::new(&config.tag_policies)?;
+        let auth = Authenticator::new(&config.auth)?;
+        if config.limits.max_page_size == 0 {
+            return Err(RegistryError::Config(
+                "limits.max_page_size must be at least 1".into(),
+            ));
+        }
+        let state = RegistryState {
+            upload_slots: Arc::new(tokio::sync::Semaphore::new(
+                config.limits.max_concurrent_uploads,
+            )),
+            index: RepositoryIndex::new(metadata.clone()),
+            uploads: UploadSessions::new(metadata, blobs.clone()),
+            blobs,
+            policy,
+            auth,
+            gc_fence: tokio::sync::RwLock::new(()),
+            gc_roots: std::sync::RwLock::new(None),
+            config,
+        };
+        Ok(Registry {
+            state: Arc::new(state),
+        })
+    }
+
+    /// Tells the garbage collector about blobs something outside the registry (the build
+    /// farm's CAS) still needs. Without it, GC only ever deletes blobs the registry wrote.
+    pub fn set_gc_roots(&self, roots: Arc<dyn GcRoots>) {
+        *self
+            .state
+            .gc_roots
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(roots);
+    }
+
+    /// The HTTP API as an axum router (for embedding next to other services).
+    pub fn router(&self) -> axum::Router {
+        http::router(self.state.clone())
+    }
+
+    /// Serves the API on `listener` until `shutdown` resolves, running retention and GC
+    /// on their configured intervals meanwhile.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), RegistryError> {
+        let addr = listener.local_addr()?;
+        tracing::info!("registry listening on http://{addr}");
+        let maintenance = self.spawn_maintenance();
+        let result = axum::serve(listener, self.router())
+            .with_graceful_shutdown(shutdown)
+            .await;
+        for task in maintenance {
+            task.abort();
+        }
+        result?;
+        Ok(())
+    }
+
+    /// Applies the retention rules; with `dry_run`, only reports what they would delete.
+    pub async fn run_retention(&self, dry_run: bool) -> Result<RetentionReport, RegistryError> {
+        retention::run(&self.state, dry_run).await
+    }
+
+    /// Collects unreferenced blobs the registry wrote and cancels expired upload
+    /// sessions; with `dry_run`, only reports.
+    pub async fn run_gc(&self, dry_run: bool) -> Result<GcReport, RegistryError> {
+        gc::run(&self.state, dry_run).await
+    }
+
+    /// Starts the periodic retention and GC tasks that are configured.
+    fn spawn_maintenance(&self) -> Vec<tokio::task::JoinHandle<()>> {
+        let retention = &self.state.config.retention;
+        let retention_rules =
+            retention.keep_branch_tags.is_some() || retention.untagged_grace_secs.is_some();
+        let mut tasks = Vec::new();
+        if retention_rules && retention.interval_secs > 0 {
+            let registry = self.clone();
+            tasks.push(tokio::spawn(every(retention.interval_secs, move || {
+                let registry = registry.clone();
+                async move {
+                    match registry.run_retention(false).await {
+                        Ok(report) => tracing::info!(
+                            tags = report.deleted_tags.len(),
+                            manifests = report.deleted_manifests.len(),
+                            "retention applied"
+                        ),
+                        Err(e) => tracing::warn!(error = %e, "retention failed"),
+                    }
+                }
+            })));
+        }
+        if self.state.config.gc.interval_secs > 0 {
+            let registry = self.clone();
+            tasks.push(tokio::spawn(every(
+                self.state.config.gc.interval_secs,
+                move || {
+                    let registry = registry.clone();
+                    async move {
+                        match registry.run_gc(false).await {
+                            Ok(report) => tracing::info!(
+                                blobs = report.deleted_blobs.len(),
+                                bytes = report.freed_bytes,
+                                "garbage collected"
+                            ),
+                            Err(e) => tracing::warn!(error = %e, "garbage collection failed"),
+                        }
+                    }
+                },
+            )));
+        }
+        tasks
+    }
+}
+
+/// Runs `job` every `secs` seconds, the first time one period after start.
+async fn every<F, Fut>(secs: u64, job: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let period = std::time::Duration::from_secs(secs);
+    let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        job().await;
+    }
+}

@@ -1,0 +1,118 @@
+//! Online mark-and-sweep garbage collection.
+//!
+//! Only blobs the registry wrote (its `OWNED_BLOBS` keyspace) are candidates, so blobs
+//! the build farm's CAS wrote are never touched. A candidate survives when any stored
+//! manifest refers to it (as config, layer, or as the manifest itself), when it was
+//! written or referenced within the grace period (a layer uploaded moments before its
+//! manifest), or when the [`GcRoots`] hook says something outside the registry needs it.
+//! Upload sessions are files apart from blobs and are never swept; idle ones expire.
+
+use std::collections::HashSet;
+
+use kiln_store::ContentHash;
+
+use crate::error::Result;
+use crate::repository_index::now_millis;
+use crate::RegistryState;
+
+/// Blobs something outside the registry still needs (e.g. the CAS's live outputs).
+pub trait GcRoots: Send + Sync {
+    /// Whether `hash` must be kept.
+    fn is_referenced(&self, hash: &ContentHash) -> bool;
+}
+
+/// What a GC run deleted, or would delete in a dry run.
+#[derive(Debug, Clone, Default)]
+pub struct GcReport {
+    pub dry_run: bool,
+    /// Digests of the blobs deleted (or that would be).
+    pub deleted_blobs: Vec<String>,
+    pub freed_bytes: u64,
+    /// Unreferenced blobs kept because they are younger than the grace period.
+    pub kept_in_grace: usize,
+    /// Unreferenced blobs kept because the [`GcRoots`] hook needs them.
+    pub kept_as_roots: usize,
+    /// Upload sessions cancelled for being idle past `gc.upload_ttl_secs`.
+    pub expired_uploads: Vec<String>,
+}
+
+pub async fn run(state: &RegistryState, dry_run: bool) -> Result<GcReport> {
+    let mut report = GcReport {
+        dry_run,
+        ..GcReport::default()
+    };
+    let now = now_millis();
+    let upload_cutoff = now.saturating_sub(state.config.gc.upload_ttl_secs.saturating_mul(1000));
+    for (id, session) in state.uploads.all()? {
+        if session.updated_at_ms < upload_cutoff {
+            if !dry_run {
+                let guard = state.uploads.lock(&session.repository, &id).await?;
+                state.uploads.cancel(guard).await?;
+            }
+            report.expired_uploads.push(id);
+        }
+    }
+
+    let roots = state
+        .gc_roots
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .clone();
+    let grace_cutoff = now.saturating_sub(state.config.gc.grace_secs.saturating_mul(1000));
+    // Exclusive: no manifest push or mount can add a reference while this decides.
+    let _fence = state.gc_fence.write().await;
+    let mut live: HashSet<String> = HashSet::new();
+    for (_, digest, record) in state.index.all_manifests()? {
+        live.insert(digest);
+        live.extend(record.blobs);
+    }
+    let mut doomed = Vec::new();
+    for (digest, owned_since) in state.index.owned_blobs()? {
+        if live.contains(&digest) {
+            continue;
+        }
+        let Ok(hash) = ContentHash::parse_oci(&digest) else {
+            continue;
+        };
+        if owned_since > grace_cutoff {
+            report.kept_in_grace += 1;
+            continue;
+        }
+        if roots.as_ref().is_some_and(|r| r.is_referenced(&hash)) {
+            report.kept_as_roots += 1;
+            continue;
+        }
+        doomed.push((digest, hash));
+    }
+    if doomed.is_empty() {
+        return Ok(report);
+    }
+    let doomed_set: HashSet<&str> = doomed.iter().map(|(d, _)| d.as_str()).collect();
+    let links: Vec<(String, String)> = state
+        .index
+        .blob_links()?
+        .into_iter()
+        .filter(|(_, digest, _)| doomed_set.contains(digest.as_str()))
+        .map(|(repository, digest, _)| (repository, digest))
+        .collect();
+    for (digest, hash) in &doomed {
+        let size = state.blobs.size_of(hash).await?.unwrap_or(0);
+        report.freed_bytes += size;
+        report.deleted_blobs.push(digest.clone());
+        if dry_run {
+            continue;
+        }
+        state.blobs.delete(hash).await?;
+        state.index.forget_owned(digest)?;
+    }
+    if !dry_run {
+        for (repository, digest) in links {
+            if let Ok(hash) = ContentHash::parse_oci(&digest) {
+                state.index.unlink_blob(&repository, &hash)?;
+            }
+        }
+        state.index.flush().await?;
+    }
+    tracing::debug!(?report, "gc finished");
+    Ok(report)
+}

@@ -1,0 +1,228 @@
+//! Blob upload sessions.
+//!
+//! A session's record (repository, start time) lives in the metadata store and its bytes
+//! in the blob store's resumable upload file named by the session id, so a session
+//! survives a restart: the next request re-opens the file, which re-hashes what is there.
+//! While the process runs, the open writer is kept between requests so a chunked upload
+//! hashes each byte once.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use futures::StreamExt;
+use kiln_store::{
+    BlobStore, BlobWriter, ContentHash, Digest, DigestFunction, ExpectedDigest, Keyspace,
+    MetadataStore,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Mutex, OwnedMutexGuard};
+
+use crate::error::{RegistryError, Result};
+use crate::repository_index::now_millis;
+
+/// Upload id → [`SessionRecord`].
+pub const UPLOADS: Keyspace = Keyspace("registry.uploads");
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionRecord {
+    pub repository: String,
+    /// When the session was created (milliseconds since the epoch).
+    pub started_at_ms: u64,
+    /// When a request last touched it; idle sessions expire.
+    pub updated_at_ms: u64,
+    /// Bytes received as of the last request (informational: after a crash the upload
+    /// file is the truth, and may hold less).
+    pub offset: u64,
+}
+
+struct OpenWriter {
+    function: DigestFunction,
+    writer: Box<dyn BlobWriter>,
+}
+
+/// The writer slot of one session; holding its guard serialises requests to the session.
+pub struct SessionGuard {
+    id: String,
+    slot: OwnedMutexGuard<Option<OpenWriter>>,
+}
+
+pub struct UploadSessions {
+    metadata: Arc<dyn MetadataStore>,
+    blobs: Arc<dyn BlobStore>,
+    slots: dashmap::DashMap<String, Arc<Mutex<Option<OpenWriter>>>>,
+}
+
+impl UploadSessions {
+    pub fn new(metadata: Arc<dyn MetadataStore>, blobs: Arc<dyn BlobStore>) -> Self {
+        UploadSessions {
+            metadata,
+            blobs,
+            slots: dashmap::DashMap::new(),
+        }
+    }
+
+    /// Starts a session and makes it durable, so its id stays valid across a restart.
+    pub async fn create(&self, repository: &str) -> Result<String> {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let now = now_millis();
+        let record = SessionRecord {
+            repository: repository.to_string(),
+            started_at_ms: now,
+            updated_at_ms: now,
+            offset: 0,
+        };
+        self.save(&id, &record)?;
+        self.metadata.flush().await?;
+        Ok(id)
+    }
+
+    fn save(&self, id: &str, record: &SessionRecord) -> Result<()> {
+        let bytes = serde_json::to_vec(record).expect("session records serialise");
+        self.metadata.insert(UPLOADS, id.as_bytes(), &bytes)?;
+        Ok(())
+    }
+
+    fn record(&self, id: &str) -> Result<Option<SessionRecord>> {
+        self.metadata
+            .get(UPLOADS, id.as_bytes())?
+            .map(|bytes| {
+                serde_json::from_slice(&bytes)
+                    .map_err(|e| RegistryError::Internal(format!("corrupt upload session: {e}")))
+            })
+            .transpose()
+    }
+
+    /// Every session, for expiry.
+    pub fn all(&self) -> Result<Vec<(String, SessionRecord)>> {
+        self.metadata
+            .scan(UPLOADS, b"", None, usize::MAX)?
+            .into_iter()
+            .map(|(k, v)| {
+                let record = serde_json::from_slice(&v)
+                    .map_err(|e| RegistryError::Internal(format!("corrupt upload session: {e}")))?;
+                Ok((String::from_utf8_lossy(&k).into_owned(), record))
+            })
+            .collect()
+    }
+
+    /// Locks the session `id` of `repository` for one request.
+    pub async fn lock(&self, repository: &str, id: &str) -> Result<SessionGuard> {
+        let unknown =
+            || RegistryError::BlobUploadUnknown(format!("no upload {id:?} in {repository}"));
+        match self.record(id)? {
+            Some(record) if record.repository == repository => {}
+            _ => return Err(unknown()),
+        }
+        let slot = self.slots.entry(id.to_string()).or_default().clone();
+        let guard = slot.lock_owned().await;
+        // The session may have completed or been cancelled while this request waited.
+        if self.record(id)?.is_none() {
+            return Err(unknown());
+        }
+        Ok(SessionGuard {
+            id: id.to_string(),
+            slot: guard,
+        })
+    }
+
+    /// The session's writer for `function`, re-opening (and so re-hashing) the upload
+    /// file when the process restarted or the final digest uses another function.
+    async fn writer<'a>(
+        &self,
+        session: &'a mut SessionGuard,
+        function: DigestFunction,
+    ) -> Result<&'a mut Box<dyn BlobWriter>> {
+        if session
+            .slot
+            .as_ref()
+            .is_some_and(|w| w.function != function)
+        {
+            // Dropping keeps the bytes; the new writer waits for the file lock.
+            *session.slot = None;
+        }
+        if session.slot.is_none() {
+            let writer = self.blobs.begin_write(function, Some(&session.id)).await?;
+            *session.slot = Some(OpenWriter { function, writer });
+        }
+        Ok(&mut session.slot.as_mut().expect("just filled").writer)
+    }
+
+    /// How many bytes the session holds.
+    pub async fn offset(&self, session: &mut SessionGuard) -> Result<u64> {
+        let function = session
+            .slot
+            .as_ref()
+            .map_or(DigestFunction::Sha256, |w| w.function);
+        Ok(self.writer(session, function).await?.bytes_written())
+    }
+
+    /// Appends a request body. `expected_start` is the Content-Range start, when given;
+    /// a chunk that does not start at the current offset appends nothing.
+    pub async fn append(
+        &self,
+        session: &mut SessionGuard,
+        expected_start: Option<u64>,
+        body: Body,
+        location: &str,
+    ) -> Result<u64> {
+        let offset = self.offset(session).await?;
+        if let Some(start) = expected_start {
+            if start != offset {
+                return Err(RegistryError::RangeNotSatisfiable {
+                    offset,
+                    got: start,
+                    location: location.to_string(),
+                    upload_id: session.id.clone(),
+                });
+            }
+        }
+        let function = session
+            .slot
+            .as_ref()
+            .map_or(DigestFunction::Sha256, |w| w.function);
+        let writer = self.writer(session, function).await?;
+        let mut stream = body.into_data_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| {
+                RegistryError::BlobUploadInvalid(format!("request body failed: {e}"))
+            })?;
+            writer.write(chunk).await?;
+        }
+        let offset = writer.bytes_written();
+        if let Some(mut record) = self.record(&session.id)? {
+            record.offset = offset;
+            record.updated_at_ms = now_millis();
+            self.save(&session.id, &record)?;
+        }
+        Ok(offset)
+    }
+
+    /// Finishes the session: checks the content against `digest` and makes it a blob.
+    /// The session ends either way; on a mismatch nothing is stored.
+    pub async fn complete(&self, mut session: SessionGuard, digest: ContentHash) -> Result<Digest> {
+        self.writer(&mut session, digest.function).await?;
+        let open = session.slot.take().expect("writer was just opened");
+        let result = open.writer.commit(ExpectedDigest::Hash(digest)).await;
+        self.forget(&session)?;
+        result.map_err(RegistryError::from_commit)
+    }
+
+    /// Cancels the session and discards its bytes.
+    pub async fn cancel(&self, mut session: SessionGuard) -> Result<()> {
+        let function = session
+            .slot
+            .as_ref()
+            .map_or(DigestFunction::Sha256, |w| w.function);
+        self.writer(&mut session, function).await?;
+        let open = session.slot.take().expect("writer was just opened");
+        let result = open.writer.abort().await;
+        self.forget(&session)?;
+        Ok(result?)
+    }
+
+    fn forget(&self, session: &SessionGuard) -> Result<()> {
+        self.metadata.remove(UPLOADS, session.id.as_bytes())?;
+        self.slots.remove(&session.id);
+        Ok(())
+    }
+}
