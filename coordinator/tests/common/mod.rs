@@ -1,0 +1,268 @@
+//! Shared setup for the coordinator's integration tests: a real server on 127.0.0.1:0
+//! over a filesystem blob store and a sled metadata store in a temp dir, and the
+//! generated tonic clients pointed at it.
+#![allow(dead_code)] // Each test binary uses a different part of this module.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use kiln_coordinator::{Coordinator, CoordinatorConfig, CoordinatorError};
+use kiln_proto::bytestream::byte_stream_client::ByteStreamClient;
+use kiln_proto::bytestream::{ReadRequest, WriteRequest};
+use kiln_proto::reapi::{
+    self, action_cache_client::ActionCacheClient, batch_update_blobs_request,
+    capabilities_client::CapabilitiesClient,
+    content_addressable_storage_client::ContentAddressableStorageClient, BatchUpdateBlobsRequest,
+};
+use kiln_store::{Digest, DigestFunction, FsBlobStore, SledMetadataStore};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use tonic::Code;
+use tonic_types::StatusExt;
+
+/// Clients accept messages this large (a full batch plus framing).
+const CLIENT_MESSAGE_LIMIT: usize = 64 << 20;
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub channel: Channel,
+    /// The server's blob store, for tests that must lose a blob behind its back.
+    pub blobs: FsBlobStore,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), CoordinatorError>>,
+}
+
+impl TestServer {
+    pub async fn start(data_dir: &Path) -> anyhow::Result<Self> {
+        Self::start_with(data_dir, CoordinatorConfig::default()).await
+    }
+
+    /// Opens (or reopens) the stores under `data_dir` and serves them.
+    pub async fn start_with(data_dir: &Path, config: CoordinatorConfig) -> anyhow::Result<Self> {
+        let blobs = FsBlobStore::open(data_dir.join("blobs"))?;
+        let metadata = SledMetadataStore::open(data_dir.join("metadata"))?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (shutdown, stopped) = oneshot::channel::<()>();
+        let coordinator = Coordinator::new(config, Arc::new(blobs.clone()), Arc::new(metadata));
+        let task = tokio::spawn(coordinator.serve(listener, async {
+            let _ = stopped.await;
+        }));
+        let channel = Channel::from_shared(format!("http://{addr}"))?
+            .connect()
+            .await
+            .context("connecting to the test server")?;
+        Ok(TestServer {
+            addr,
+            channel,
+            blobs,
+            shutdown: Some(shutdown),
+            task,
+        })
+    }
+
+    /// Stops the server and waits until it has released the stores.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        drop(self.channel);
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(10), &mut self.task)
+            .await
+            .context("server did not stop")???;
+        Ok(())
+    }
+
+    pub fn capabilities(&self) -> CapabilitiesClient<Channel> {
+        CapabilitiesClient::new(self.channel.clone())
+    }
+
+    pub fn cas(&self) -> ContentAddressableStorageClient<Channel> {
+        ContentAddressableStorageClient::new(self.channel.clone())
+            .max_decoding_message_size(CLIENT_MESSAGE_LIMIT)
+            .max_encoding_message_size(CLIENT_MESSAGE_LIMIT)
+    }
+
+    pub fn action_cache(&self) -> ActionCacheClient<Channel> {
+        ActionCacheClient::new(self.channel.clone())
+            .max_decoding_message_size(CLIENT_MESSAGE_LIMIT)
+            .max_encoding_message_size(CLIENT_MESSAGE_LIMIT)
+    }
+
+    pub fn byte_stream(&self) -> ByteStreamClient<Channel> {
+        ByteStreamClient::new(self.channel.clone())
+            .max_decoding_message_size(CLIENT_MESSAGE_LIMIT)
+            .max_encoding_message_size(CLIENT_MESSAGE_LIMIT)
+    }
+
+    /// A second connection, for tests that break one on purpose.
+    pub async fn new_channel(&self) -> anyhow::Result<Channel> {
+        Ok(Channel::from_shared(format!("http://{}", self.addr))?
+            .connect()
+            .await?)
+    }
+
+    /// Stores blobs through BatchUpdateBlobs and checks that each one succeeded.
+    pub async fn upload(
+        &self,
+        instance_name: &str,
+        function: DigestFunction,
+        blobs: &[&[u8]],
+    ) -> anyhow::Result<Vec<Digest>> {
+        let digests: Vec<Digest> = blobs
+            .iter()
+            .map(|b| Digest::of_bytes(function, b))
+            .collect();
+        let response = self
+            .cas()
+            .batch_update_blobs(BatchUpdateBlobsRequest {
+                instance_name: instance_name.into(),
+                requests: blobs
+                    .iter()
+                    .zip(&digests)
+                    .map(|(data, digest)| batch_update_blobs_request::Request {
+                        digest: Some(wire(digest)),
+                        data: data.to_vec(),
+                        compressor: 0,
+                    })
+                    .collect(),
+                digest_function: function.reapi_value(),
+            })
+            .await?
+            .into_inner();
+        for entry in &response.responses {
+            let code = entry.status.as_ref().map_or(0, |s| s.code);
+            anyhow::ensure!(code == 0, "upload failed: {:?}", entry.status);
+        }
+        Ok(digests)
+    }
+
+    /// Reads a whole blob through ByteStream.
+    pub async fn read_blob(&self, resource_name: String) -> Result<Vec<u8>, tonic::Status> {
+        let mut stream = self
+            .byte_stream()
+            .read(ReadRequest {
+                resource_name,
+                read_offset: 0,
+                read_limit: 0,
+            })
+            .await?
+            .into_inner();
+        let mut data = Vec::new();
+        while let Some(message) = stream.message().await? {
+            data.extend_from_slice(&message.data);
+        }
+        Ok(data)
+    }
+}
+
+pub fn wire(digest: &Digest) -> reapi::Digest {
+    reapi::Digest {
+        hash: digest.hex(),
+        size_bytes: digest.size as i64,
+    }
+}
+
+/// The resource-name segment for a digest function (omitted for SHA-256, as REAPI says).
+pub fn function_segment(function: DigestFunction) -> &'static str {
+    match function {
+        DigestFunction::Sha256 => "",
+        DigestFunction::Blake3 => "blake3/",
+    }
+}
+
+pub fn blob_name(instance: &str, digest: &Digest) -> String {
+    let prefix = if instance.is_empty() {
+        String::new()
+    } else {
+        format!("{instance}/")
+    };
+    format!(
+        "{prefix}blobs/{}{}",
+        function_segment(digest.function),
+        digest.reapi()
+    )
+}
+
+pub fn upload_name(instance: &str, uuid: &str, digest: &Digest, compressed: bool) -> String {
+    let prefix = if instance.is_empty() {
+        String::new()
+    } else {
+        format!("{instance}/")
+    };
+    let kind = if compressed {
+        "compressed-blobs/zstd"
+    } else {
+        "blobs"
+    };
+    format!(
+        "{prefix}uploads/{uuid}/{kind}/{}{}",
+        function_segment(digest.function),
+        digest.reapi()
+    )
+}
+
+/// The messages of a Write stream carrying `data` from `offset`, `chunk` bytes each.
+pub fn write_requests(
+    resource_name: &str,
+    data: &[u8],
+    offset: u64,
+    chunk: usize,
+    finish: bool,
+) -> Vec<WriteRequest> {
+    let mut requests: Vec<WriteRequest> = data
+        .chunks(chunk.max(1))
+        .scan(offset, |position, piece| {
+            let request = WriteRequest {
+                resource_name: String::new(),
+                write_offset: *position as i64,
+                finish_write: false,
+                data: piece.to_vec(),
+            };
+            *position += piece.len() as u64;
+            Some(request)
+        })
+        .collect();
+    if requests.is_empty() {
+        requests.push(WriteRequest {
+            write_offset: offset as i64,
+            ..Default::default()
+        });
+    }
+    requests[0].resource_name = resource_name.to_string();
+    requests.last_mut().expect("at least one").finish_write = finish;
+    requests
+}
+
+/// Deterministic pseudo-random bytes (incompressible, unlike a repeated pattern).
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    use rand::{RngCore, SeedableRng};
+    let mut data = vec![0u8; len];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut data);
+    data
+}
+
+/// Asserts an INVALID_ARGUMENT whose BadRequest detail names `field`.
+pub fn assert_bad_request(status: &tonic::Status, field: &str) {
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let details = status.get_error_details();
+    let violations = &details
+        .bad_request()
+        .unwrap_or_else(|| panic!("no BadRequest detail in {status:?}"))
+        .field_violations;
+    assert!(
+        violations.iter().any(|v| v.field == field),
+        "expected a violation of {field:?} in {violations:?}"
+    );
+}
+
+/// Fails a test that hangs instead of letting it run forever.
+pub async fn within<T>(seconds: u64, future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(seconds), future)
+        .await
+        .expect("test step timed out")
+}
