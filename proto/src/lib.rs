@@ -2,10 +2,18 @@
 //!
 //! The REAPI v2 types (plus `google.bytestream`, `google.longrunning` and `google.rpc`)
 //! come from the `bazel-remote-apis` crate and are re-exported here so that every other
-//! crate names them through one path. kiln's own services live under [`kiln`].
+//! crate names them through one path. kiln's own services live under [`worker`] (the
+//! `kiln.worker.v1` protocol between workers and the coordinator).
 
 pub use bazel_remote_apis::build::bazel::remote::execution::v2 as reapi;
 pub use bazel_remote_apis::build::bazel::semver;
 pub use bazel_remote_apis::google::{bytestream, longrunning, protobuf, rpc};
 
 pub use prost;
+
+/// `kiln.worker.v1`: the stream on which workers join the pool and receive actions.
+pub mod worker {
+    pub mod v1 {
+        tonic::include_proto!("kiln.worker.v1");
+    }
+}

@@ -1,1 +1,29 @@
-//! kiln-worker
+//! kiln-worker: joins a coordinator's pool and runs REAPI actions.
+//!
+//! - [`run`] is the worker: one `kiln.worker.v1.Workers/Connect` stream, up to `slots`
+//!   actions at once, heartbeats, reconnects, and draining on shutdown.
+//! - [`ActionRunner`] runs one action: inputs from the [`LocalCache`] (fetching only what it
+//!   lacks from the CAS), the command through a [`CommandRunner`] in its own process group
+//!   with a timeout and rlimits (under bubblewrap when available), outputs uploaded back.
+//!
+//! The worker talks to the coordinator only over gRPC; it never links the coordinator.
+
+mod action_runner;
+mod cas_client;
+mod command_runner;
+mod config;
+mod error;
+mod input_tree;
+mod local_cache;
+mod output_collector;
+mod worker;
+
+pub use action_runner::{ActionOutcome, ActionRequest, ActionRunner};
+pub use cas_client::{BlobSource, CasClient};
+pub use command_runner::{CommandExit, CommandRunner, CommandSpec, ProcessRunner, ResourceLimits};
+pub use config::{BubblewrapMode, WorkerConfig};
+pub use error::WorkerError;
+pub use input_tree::materialise;
+pub use local_cache::{CacheKey, CachePin, CacheSummary, FetchStats, LocalCache};
+pub use output_collector::{collect as collect_outputs, CollectedOutputs};
+pub use worker::{lease_result, run};

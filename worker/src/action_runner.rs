@@ -1,0 +1,283 @@
+//! Running one REAPI action end to end: fetch Action and Command, materialise the input
+//! root, run the command, collect and upload the outputs, and report an ActionResult with
+//! every ExecutedActionMetadata timestamp.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use kiln_proto::{protobuf, reapi};
+use kiln_store::{Digest, DigestFunction};
+use tokio_util::sync::CancellationToken;
+
+use crate::cas_client::{from_reapi, to_reapi, BlobSource, CasClient};
+use crate::command_runner::{CommandExit, CommandRunner, CommandSpec};
+use crate::input_tree::{fetch_messages, materialise};
+use crate::local_cache::{FetchStats, LocalCache};
+use crate::output_collector;
+use crate::WorkerError;
+
+/// What to run: the fields of an Assign.
+#[derive(Clone, Debug)]
+pub struct ActionRequest {
+    pub instance_name: String,
+    pub action_digest: Digest,
+    /// Overrides the Action's own timeout when set (the coordinator's effective timeout).
+    pub timeout: Option<Duration>,
+    /// When the action was queued, copied into the metadata.
+    pub queued_timestamp: Option<protobuf::Timestamp>,
+}
+
+impl ActionRequest {
+    pub fn digest_function(&self) -> DigestFunction {
+        self.action_digest.function
+    }
+}
+
+/// How one action went.
+#[derive(Debug)]
+pub struct ActionOutcome {
+    /// Set whenever the command ran, including on timeout (with the output so far).
+    pub action_result: Option<reapi::ActionResult>,
+    /// Why the action did not complete; `None` when it ran to completion, whatever its
+    /// exit code. [`WorkerError::Timeout`] and [`WorkerError::MissingInputs`] are the ones
+    /// REAPI gives their own codes (see [`WorkerError::to_rpc_status`]).
+    pub error: Option<WorkerError>,
+    /// The timestamps reached, also when there is no ActionResult.
+    pub execution_metadata: reapi::ExecutedActionMetadata,
+    /// Blobs downloaded to materialise the action (0 when the local cache had them all).
+    pub inputs_fetched: FetchStats,
+}
+
+/// Runs actions on this worker. Cheap to share between concurrent actions.
+pub struct ActionRunner {
+    cas: CasClient,
+    cache: Arc<LocalCache>,
+    command_runner: Arc<dyn CommandRunner>,
+    /// Each action gets a fresh directory under here.
+    actions_dir: PathBuf,
+    worker_id: String,
+    default_timeout: Duration,
+}
+
+pub(crate) fn timestamp(time: SystemTime) -> protobuf::Timestamp {
+    let since_epoch = time
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    protobuf::Timestamp {
+        seconds: since_epoch.as_secs() as i64,
+        nanos: since_epoch.subsec_nanos() as i32,
+    }
+}
+
+fn now() -> Option<protobuf::Timestamp> {
+    Some(timestamp(SystemTime::now()))
+}
+
+/// The pieces of a run that succeeded before an error, so the outcome keeps them.
+struct Progress {
+    metadata: reapi::ExecutedActionMetadata,
+    fetched: FetchStats,
+    result: Option<reapi::ActionResult>,
+}
+
+impl ActionRunner {
+    pub fn new(
+        cas: CasClient,
+        cache: Arc<LocalCache>,
+        command_runner: Arc<dyn CommandRunner>,
+        actions_dir: PathBuf,
+        worker_id: String,
+        default_timeout: Duration,
+    ) -> Result<Self, WorkerError> {
+        std::fs::create_dir_all(&actions_dir)
+            .map_err(WorkerError::io("creating the actions directory"))?;
+        Ok(ActionRunner {
+            cas,
+            cache,
+            command_runner,
+            actions_dir,
+            worker_id,
+            default_timeout,
+        })
+    }
+
+    pub fn cache(&self) -> &LocalCache {
+        &self.cache
+    }
+
+    /// Runs one action. Its directory is removed afterwards, whatever happened.
+    pub async fn run(&self, request: &ActionRequest, cancel: &CancellationToken) -> ActionOutcome {
+        let mut progress = Progress {
+            metadata: reapi::ExecutedActionMetadata {
+                worker: self.worker_id.clone(),
+                queued_timestamp: request.queued_timestamp,
+                worker_start_timestamp: now(),
+                ..Default::default()
+            },
+            fetched: FetchStats::default(),
+            result: None,
+        };
+        let action_dir = self.actions_dir.join(uuid::Uuid::new_v4().to_string());
+        let error = self
+            .run_in(request, &action_dir, cancel, &mut progress)
+            .await
+            .err();
+        remove_action_dir(&action_dir);
+        progress.metadata.worker_completed_timestamp = now();
+        if let Some(result) = &mut progress.result {
+            result.execution_metadata = Some(progress.metadata.clone());
+        }
+        ActionOutcome {
+            action_result: progress.result,
+            error,
+            execution_metadata: progress.metadata,
+            inputs_fetched: progress.fetched,
+        }
+    }
+
+    async fn run_in(
+        &self,
+        request: &ActionRequest,
+        action_dir: &std::path::Path,
+        cancel: &CancellationToken,
+        progress: &mut Progress,
+    ) -> Result<(), WorkerError> {
+        let instance = request.instance_name.as_str();
+        let function = request.digest_function();
+        progress.metadata.input_fetch_start_timestamp = now();
+        let (mut actions, fetched) = fetch_messages::<reapi::Action>(
+            &self.cache,
+            &self.cas,
+            instance,
+            &[request.action_digest],
+            "Action",
+        )
+        .await?;
+        add(&mut progress.fetched, fetched);
+        let action = actions.pop().expect("one digest, one message");
+        let command_digest = from_reapi(
+            function,
+            action.command_digest.as_ref(),
+            "Action.command_digest",
+        )?;
+        let input_root = from_reapi(
+            function,
+            action.input_root_digest.as_ref(),
+            "Action.input_root_digest",
+        )?;
+        let (mut commands, fetched) = fetch_messages::<reapi::Command>(
+            &self.cache,
+            &self.cas,
+            instance,
+            &[command_digest],
+            "Command",
+        )
+        .await?;
+        add(&mut progress.fetched, fetched);
+        let command = commands.pop().expect("one digest, one message");
+        if command.arguments.is_empty() {
+            return Err(WorkerError::InvalidAction(
+                "Command.arguments is empty".into(),
+            ));
+        }
+
+        let exec_root = action_dir.join("root");
+        std::fs::create_dir_all(&exec_root)
+            .map_err(WorkerError::io("creating the action directory"))?;
+        output_collector::check_paths(&exec_root, &command)?;
+        let fetched = materialise(&self.cache, &self.cas, instance, input_root, &exec_root).await?;
+        add(&mut progress.fetched, fetched);
+        output_collector::create_output_parents(&exec_root, &command)?;
+        progress.metadata.input_fetch_completed_timestamp = now();
+
+        let timeout = request
+            .timeout
+            .or_else(|| action.timeout.and_then(|t| duration(&t)))
+            .unwrap_or(self.default_timeout);
+        let spec = CommandSpec {
+            arguments: command.arguments.clone(),
+            environment: command
+                .environment_variables
+                .iter()
+                .map(|v| (v.name.clone(), v.value.clone()))
+                .collect(),
+            working_dir: output_collector::check_paths(&exec_root, &command)?,
+            exec_root: exec_root.clone(),
+            timeout,
+            stdout_path: action_dir.join("stdout"),
+            stderr_path: action_dir.join("stderr"),
+        };
+        progress.metadata.execution_start_timestamp = now();
+        let exit = self.command_runner.run(&spec, cancel).await?;
+        progress.metadata.execution_completed_timestamp = now();
+        if exit == CommandExit::Cancelled {
+            return Err(WorkerError::Cancelled);
+        }
+
+        progress.metadata.output_upload_start_timestamp = now();
+        let stdout = output_collector::hash_file(function, &spec.stdout_path)?;
+        let stderr = output_collector::hash_file(function, &spec.stderr_path)?;
+        let mut blobs = vec![
+            (stdout, BlobSource::File(spec.stdout_path.clone())),
+            (stderr, BlobSource::File(spec.stderr_path.clone())),
+        ];
+        let mut result = reapi::ActionResult {
+            exit_code: exit.exit_code(),
+            stdout_digest: Some(to_reapi(&stdout)),
+            stderr_digest: Some(to_reapi(&stderr)),
+            ..Default::default()
+        };
+        // A timed-out action's outputs may be half-written: report only its logs.
+        if exit != CommandExit::TimedOut {
+            let outputs = output_collector::collect(function, &exec_root, &command)?;
+            result.output_files = outputs.output_files;
+            result.output_directories = outputs.output_directories;
+            result.output_symlinks = outputs.output_symlinks;
+            blobs.extend(outputs.blobs);
+        }
+        self.cas.upload_missing(instance, blobs).await?;
+        progress.metadata.output_upload_completed_timestamp = now();
+        progress.result = Some(result);
+        if exit == CommandExit::TimedOut {
+            return Err(WorkerError::Timeout(timeout));
+        }
+        Ok(())
+    }
+}
+
+fn add(total: &mut FetchStats, more: FetchStats) {
+    total.blobs += more.blobs;
+    total.bytes += more.bytes;
+}
+
+fn duration(d: &protobuf::Duration) -> Option<Duration> {
+    if d.seconds < 0 || d.nanos < 0 || (d.seconds == 0 && d.nanos == 0) {
+        return None;
+    }
+    Some(Duration::new(d.seconds as u64, d.nanos as u32))
+}
+
+/// Removes an action's directory. Inputs are read-only and an action may have made its
+/// directories read-only too, so permissions are restored first when a plain removal fails.
+fn remove_action_dir(dir: &std::path::Path) {
+    if std::fs::remove_dir_all(dir).is_ok() || !dir.exists() {
+        return;
+    }
+    make_writable(dir);
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        tracing::warn!(dir = %dir.display(), error = %e, "could not remove an action directory");
+    }
+}
+
+fn make_writable(dir: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                make_writable(&entry.path());
+            }
+        }
+    }
+}

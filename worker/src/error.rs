@@ -1,0 +1,129 @@
+//! The worker's one error type, and its mapping to the `google.rpc.Status` a LeaseResult
+//! carries (the coordinator copies it into `ExecuteResponse.status`).
+
+use std::time::Duration;
+
+use kiln_proto::prost::Message;
+use kiln_proto::{protobuf, rpc};
+use kiln_store::{Digest, StoreError};
+use tonic::Code;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("cannot reach the coordinator: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("{call} failed: {status}")]
+    Rpc {
+        call: &'static str,
+        status: tonic::Status,
+    },
+    #[error("the coordinator refused this worker: {0}")]
+    Rejected(String),
+    #[error("the coordinator broke the worker protocol: {0}")]
+    Protocol(String),
+    /// Inputs the action names are absent from the CAS.
+    #[error("{} input blob(s) are missing from the CAS", .0.len())]
+    MissingInputs(Vec<Digest>),
+    /// The CAS served bytes that do not hash to the digest asked for.
+    #[error("the CAS returned corrupt data: expected {expected}, got {actual}")]
+    CorruptBlob { expected: Digest, actual: Digest },
+    #[error("invalid action: {0}")]
+    InvalidAction(String),
+    #[error("output path {path:?} escapes the action directory: {reason}")]
+    OutputPathEscapes { path: String, reason: String },
+    /// REAPI: an output_files entry that is a directory, or the reverse.
+    #[error("output {path:?} is not {expected}")]
+    OutputWrongType {
+        path: String,
+        expected: &'static str,
+    },
+    #[error("the action timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("the action was cancelled")]
+    Cancelled,
+    #[error("no free slot for another action")]
+    NoFreeSlot,
+    #[error("sandbox: {0}")]
+    Sandbox(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl WorkerError {
+    /// Wraps an I/O error with what the worker was doing.
+    pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> WorkerError {
+        let context = context.into();
+        move |source| WorkerError::Io { context, source }
+    }
+
+    pub fn rpc(call: &'static str) -> impl FnOnce(tonic::Status) -> WorkerError {
+        move |status| WorkerError::Rpc { call, status }
+    }
+
+    /// The gRPC code REAPI prescribes for this failure.
+    pub fn code(&self) -> Code {
+        match self {
+            WorkerError::MissingInputs(_) | WorkerError::OutputWrongType { .. } => {
+                Code::FailedPrecondition
+            }
+            WorkerError::InvalidAction(_) | WorkerError::OutputPathEscapes { .. } => {
+                Code::InvalidArgument
+            }
+            WorkerError::Store(
+                StoreError::InvalidDigest(_) | StoreError::UnsupportedDigestFunction(_),
+            ) => Code::InvalidArgument,
+            WorkerError::Timeout(_) => Code::DeadlineExceeded,
+            WorkerError::Cancelled => Code::Cancelled,
+            WorkerError::NoFreeSlot => Code::ResourceExhausted,
+            WorkerError::Transport(_) | WorkerError::CorruptBlob { .. } => Code::Unavailable,
+            WorkerError::Rpc { status, .. } => match status.code() {
+                // A CAS call the coordinator could not serve right now: worth a retry.
+                Code::Unavailable | Code::ResourceExhausted | Code::DeadlineExceeded => {
+                    Code::Unavailable
+                }
+                _ => Code::Internal,
+            },
+            WorkerError::Config(_)
+            | WorkerError::Rejected(_)
+            | WorkerError::Protocol(_)
+            | WorkerError::Sandbox(_)
+            | WorkerError::Io { .. }
+            | WorkerError::Store(_) => Code::Internal,
+        }
+    }
+
+    /// The status for a LeaseResult. Missing inputs carry a `PreconditionFailure` with one
+    /// `MISSING` violation per blob, subject `blobs/{hash}/{size}`, as REAPI requires.
+    pub fn to_rpc_status(&self) -> rpc::Status {
+        let mut details = Vec::new();
+        if let WorkerError::MissingInputs(digests) = self {
+            let failure = tonic_types::PreconditionFailure {
+                violations: digests
+                    .iter()
+                    .map(|digest| tonic_types::PreconditionViolation {
+                        r#type: "MISSING".to_string(),
+                        subject: format!("blobs/{}", digest.reapi()),
+                        description: format!("{digest} is not in the CAS"),
+                    })
+                    .collect(),
+            };
+            details.push(protobuf::Any {
+                type_url: "type.googleapis.com/google.rpc.PreconditionFailure".to_string(),
+                value: tonic_types::pb::PreconditionFailure::from(failure).encode_to_vec(),
+            });
+        }
+        rpc::Status {
+            code: self.code() as i32,
+            message: self.to_string(),
+            details,
+        }
+    }
+}

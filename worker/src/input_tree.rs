@@ -1,0 +1,138 @@
+//! Materialising an action's input root: walk its Directory tree from the CAS (through the
+//! local cache), then build it in a fresh directory with files hardlinked from the cache.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use kiln_proto::prost::Message;
+use kiln_proto::reapi;
+use kiln_store::Digest;
+
+use crate::cas_client::{from_reapi, CasClient};
+use crate::local_cache::{CacheKey, FetchStats, LocalCache};
+use crate::WorkerError;
+
+/// Fetches (if not cached) and decodes the messages with these digests, in order.
+pub(crate) async fn fetch_messages<M: Message + Default>(
+    cache: &LocalCache,
+    cas: &CasClient,
+    instance_name: &str,
+    digests: &[Digest],
+    what: &str,
+) -> Result<(Vec<M>, FetchStats), WorkerError> {
+    let keys: Vec<CacheKey> = digests.iter().copied().map(CacheKey::file).collect();
+    let (pins, stats) = cache.fetch_missing(cas, instance_name, &keys).await?;
+    let mut messages = Vec::with_capacity(pins.len());
+    for pin in &pins {
+        let bytes = cache.read(pin)?;
+        let message = M::decode(bytes.as_slice()).map_err(|e| {
+            WorkerError::InvalidAction(format!(
+                "{what} {} is not a valid message: {e}",
+                pin.key().digest
+            ))
+        })?;
+        messages.push(message);
+    }
+    Ok((messages, stats))
+}
+
+/// Checks a file, directory or symlink name from a Directory message: one path component.
+fn check_node_name(name: &str) -> Result<(), WorkerError> {
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0') {
+        return Err(WorkerError::InvalidAction(format!(
+            "{name:?} is not a valid file name in an input Directory"
+        )));
+    }
+    Ok(())
+}
+
+/// Builds the input tree rooted at `root_digest` in `exec_root` (which must exist and be
+/// empty). Returns what had to be downloaded.
+pub async fn materialise(
+    cache: &LocalCache,
+    cas: &CasClient,
+    instance_name: &str,
+    root_digest: Digest,
+    exec_root: &Path,
+) -> Result<FetchStats, WorkerError> {
+    let function = root_digest.function;
+    let mut stats = FetchStats::default();
+    let mut files: Vec<(PathBuf, CacheKey)> = Vec::new();
+    let mut symlinks: Vec<(PathBuf, String)> = Vec::new();
+    let mut directories: Vec<PathBuf> = Vec::new();
+
+    // Breadth-first, one batch of Directory fetches per level.
+    let mut level: Vec<(PathBuf, Digest)> = vec![(PathBuf::new(), root_digest)];
+    while !level.is_empty() {
+        let digests: Vec<Digest> = level.iter().map(|(_, d)| *d).collect();
+        let (messages, fetched) =
+            fetch_messages::<reapi::Directory>(cache, cas, instance_name, &digests, "Directory")
+                .await?;
+        stats.blobs += fetched.blobs;
+        stats.bytes += fetched.bytes;
+        let mut next = Vec::new();
+        for ((path, _), directory) in level.into_iter().zip(messages) {
+            let mut names = HashSet::new();
+            let mut claim = |name: &str| {
+                check_node_name(name)?;
+                if names.insert(name.to_string()) {
+                    Ok(path.join(name))
+                } else {
+                    Err(WorkerError::InvalidAction(format!(
+                        "{name:?} appears twice in input directory {}",
+                        path.display()
+                    )))
+                }
+            };
+            for file in &directory.files {
+                let digest = from_reapi(function, file.digest.as_ref(), "an input file")?;
+                let key = CacheKey {
+                    digest,
+                    executable: file.is_executable,
+                };
+                files.push((claim(&file.name)?, key));
+            }
+            for symlink in &directory.symlinks {
+                if symlink.target.is_empty() {
+                    return Err(WorkerError::InvalidAction(format!(
+                        "input symlink {:?} has no target",
+                        symlink.name
+                    )));
+                }
+                symlinks.push((claim(&symlink.name)?, symlink.target.clone()));
+            }
+            for child in &directory.directories {
+                let digest = from_reapi(function, child.digest.as_ref(), "an input directory")?;
+                let child_path = claim(&child.name)?;
+                directories.push(child_path.clone());
+                next.push((child_path, digest));
+            }
+        }
+        level = next;
+    }
+
+    let keys: Vec<CacheKey> = files.iter().map(|(_, key)| *key).collect();
+    let (pins, fetched) = cache.fetch_missing(cas, instance_name, &keys).await?;
+    stats.blobs += fetched.blobs;
+    stats.bytes += fetched.bytes;
+
+    // Parents come before children: the walk above is breadth-first.
+    for directory in &directories {
+        let path = exec_root.join(directory);
+        std::fs::create_dir(&path).map_err(WorkerError::io(format!(
+            "creating input directory {}",
+            path.display()
+        )))?;
+    }
+    for ((path, _), pin) in files.iter().zip(&pins) {
+        cache.link_into(pin, &exec_root.join(path))?;
+    }
+    for (path, target) in &symlinks {
+        let link = exec_root.join(path);
+        std::os::unix::fs::symlink(target, &link).map_err(WorkerError::io(format!(
+            "creating input symlink {}",
+            link.display()
+        )))?;
+    }
+    Ok(stats)
+}

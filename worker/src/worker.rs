@@ -1,0 +1,415 @@
+//! The worker loop: join the coordinator over `kiln.worker.v1.Workers/Connect`, run what
+//! it assigns, report results and heartbeats, reconnect when it goes away, and drain on
+//! shutdown.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_proto::reapi;
+use kiln_proto::worker::v1 as proto;
+use kiln_proto::worker::v1::coordinator_message::Message as Inbound;
+use kiln_proto::worker::v1::worker_message::Message as Outbound;
+use kiln_proto::worker::v1::workers_client::WorkersClient;
+use kiln_store::{Digest, DigestFunction};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+use tracing::Instrument;
+
+use crate::action_runner::{ActionOutcome, ActionRequest, ActionRunner};
+use crate::cas_client::CasClient;
+use crate::command_runner::{ProcessRunner, ResourceLimits};
+use crate::local_cache::LocalCache;
+use crate::{WorkerConfig, WorkerError};
+
+/// The first wait before reconnecting; it doubles up to [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// Runs a worker until `shutdown` resolves (then drains: no new work, running actions
+/// finish and report) or the coordinator sends Drain. Returns an error only for faults
+/// reconnecting cannot fix: bad configuration, or the coordinator refusing the worker.
+pub async fn run(
+    config: WorkerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), WorkerError> {
+    let mut worker = Worker::new(&config)?;
+    tracing::info!(
+        worker_id = %worker.worker_id,
+        slots = worker.slots,
+        bubblewrap = worker.sandboxed,
+        coordinator = %config.coordinator,
+        "worker starting"
+    );
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        match worker.session(&mut shutdown).await {
+            Ok(()) => return Ok(()),
+            Err(error @ (WorkerError::Rejected(_) | WorkerError::Config(_))) => return Err(error),
+            Err(error) => {
+                if worker.registered_once {
+                    backoff = MIN_BACKOFF;
+                    worker.registered_once = false;
+                }
+                tracing::warn!(%error, retry_in = ?backoff, "lost the coordinator");
+                if worker.wait_to_reconnect(backoff, &mut shutdown).await {
+                    return Ok(());
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+struct Worker {
+    worker_id: String,
+    slots: usize,
+    sandboxed: bool,
+    join_token: String,
+    platform: reapi::Platform,
+    heartbeat_interval: Duration,
+    channel: Channel,
+    runner: Arc<ActionRunner>,
+    /// Leases in progress, by lease id.
+    running: HashMap<String, CancellationToken>,
+    /// Results of finished leases; they outlive a broken stream and go out on the next.
+    results_tx: mpsc::UnboundedSender<proto::LeaseResult>,
+    results_rx: mpsc::UnboundedReceiver<proto::LeaseResult>,
+    draining: bool,
+    shutdown_seen: bool,
+    /// Set on each successful Register, so a worker that was connected retries quickly.
+    registered_once: bool,
+}
+
+impl Worker {
+    fn new(config: &WorkerConfig) -> Result<Self, WorkerError> {
+        let worker_id = if config.worker_id.is_empty() {
+            default_worker_id()
+        } else {
+            config.worker_id.clone()
+        };
+        let endpoint = |url: String| {
+            Endpoint::from_shared(url.clone())
+                .map(|e| e.tcp_nodelay(true).connect_lazy())
+                .map_err(|e| WorkerError::Config(format!("bad coordinator URL {url:?}: {e}")))
+        };
+        let channel = endpoint(config.coordinator_url())?;
+        let cas_channel = match config.cas_url() {
+            Some(url) => endpoint(url)?,
+            None => channel.clone(),
+        };
+        let cache = LocalCache::open(config.work_dir.join("cache"), config.cache_bytes)?;
+        let limits = ResourceLimits {
+            open_files: config.max_open_files,
+            memory_bytes: (config.max_memory_bytes > 0).then_some(config.max_memory_bytes),
+            file_bytes: (config.max_file_bytes > 0).then_some(config.max_file_bytes),
+        };
+        let process_runner = ProcessRunner::new(limits, config.use_bubblewrap)?;
+        let sandboxed = process_runner.uses_bubblewrap();
+        let runner = ActionRunner::new(
+            CasClient::new(cas_channel),
+            Arc::new(cache),
+            Arc::new(process_runner),
+            config.work_dir.join("actions"),
+            worker_id.clone(),
+            config.default_timeout(),
+        )?;
+        let (results_tx, results_rx) = mpsc::unbounded_channel();
+        Ok(Worker {
+            worker_id,
+            slots: config.effective_slots(),
+            sandboxed,
+            join_token: config.join_token.clone(),
+            platform: reapi::Platform {
+                properties: config
+                    .platform
+                    .iter()
+                    .map(|(name, value)| reapi::platform::Property {
+                        name: name.clone(),
+                        value: value.clone(),
+                    })
+                    .collect(),
+            },
+            heartbeat_interval: config.heartbeat_interval(),
+            channel,
+            runner: Arc::new(runner),
+            running: HashMap::new(),
+            results_tx,
+            results_rx,
+            draining: false,
+            shutdown_seen: false,
+            registered_once: false,
+        })
+    }
+
+    fn done(&self) -> bool {
+        self.draining && self.running.is_empty() && self.results_rx.is_empty()
+    }
+
+    fn cache_summary(&self) -> proto::LocalCacheSummary {
+        let summary = self.runner.cache().summary();
+        proto::LocalCacheSummary {
+            bytes: summary.bytes,
+            blobs: summary.blobs,
+            capacity_bytes: summary.capacity_bytes,
+        }
+    }
+
+    fn heartbeat(&self) -> Outbound {
+        Outbound::Heartbeat(proto::Heartbeat {
+            running_lease_ids: self.running.keys().cloned().collect(),
+            free_slots: if self.draining {
+                0
+            } else {
+                self.slots.saturating_sub(self.running.len()) as u32
+            },
+            draining: self.draining,
+            cache: Some(self.cache_summary()),
+        })
+    }
+
+    fn start_draining(&mut self) {
+        if !self.draining {
+            tracing::info!(running = self.running.len(), "draining");
+            self.draining = true;
+        }
+    }
+
+    /// One stream's life. `Ok` means the worker drained and is done.
+    async fn session<S: Future<Output = ()>>(
+        &mut self,
+        shutdown: &mut Pin<&mut S>,
+    ) -> Result<(), WorkerError> {
+        let (outbox, receiver) = mpsc::channel::<proto::WorkerMessage>(64);
+        let send = |message: Outbound| {
+            let outbox = outbox.clone();
+            async move {
+                outbox
+                    .send(proto::WorkerMessage {
+                        message: Some(message),
+                    })
+                    .await
+                    .map_err(|_| {
+                        WorkerError::Protocol("the stream to the coordinator closed".into())
+                    })
+            }
+        };
+        send(Outbound::Register(proto::Register {
+            worker_id: self.worker_id.clone(),
+            platform: Some(self.platform.clone()),
+            slots: self.slots as u32,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            join_token: self.join_token.clone(),
+            cache: Some(self.cache_summary()),
+            running_lease_ids: self.running.keys().cloned().collect(),
+        }))
+        .await?;
+        let mut inbound = WorkersClient::new(self.channel.clone())
+            .connect(tokio_stream::wrappers::ReceiverStream::new(receiver))
+            .await
+            .map_err(WorkerError::rpc("Workers.Connect"))?
+            .into_inner();
+
+        let mut heartbeat_interval = self.heartbeat_interval;
+        match inbound
+            .message()
+            .await
+            .map_err(WorkerError::rpc("Workers.Connect"))?
+        {
+            Some(proto::CoordinatorMessage {
+                message: Some(Inbound::RegisterAck(ack)),
+            }) => {
+                if let Some(interval) = ack.heartbeat_interval.and_then(|d| {
+                    (d.seconds >= 0 && d.nanos >= 0)
+                        .then(|| Duration::new(d.seconds as u64, d.nanos as u32))
+                }) {
+                    heartbeat_interval = interval.max(Duration::from_millis(10));
+                }
+            }
+            Some(proto::CoordinatorMessage {
+                message: Some(Inbound::Rejected(rejected)),
+            }) => return Err(WorkerError::Rejected(rejected.reason)),
+            other => {
+                return Err(WorkerError::Protocol(format!(
+                    "expected RegisterAck or Rejected, got {other:?}"
+                )))
+            }
+        }
+        self.registered_once = true;
+        tracing::info!(worker_id = %self.worker_id, "registered with the coordinator");
+
+        let mut heartbeats = tokio::time::interval(heartbeat_interval);
+        heartbeats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if self.done() {
+                send(self.heartbeat()).await?;
+                return Ok(());
+            }
+            tokio::select! {
+                _ = shutdown.as_mut(), if !self.shutdown_seen => {
+                    self.shutdown_seen = true;
+                    self.start_draining();
+                    send(self.heartbeat()).await?;
+                }
+                message = inbound.message() => {
+                    let message = message
+                        .map_err(WorkerError::rpc("Workers.Connect"))?
+                        .ok_or_else(|| WorkerError::Protocol("the coordinator ended the stream".into()))?;
+                    match message.message {
+                        Some(Inbound::Assign(assign)) => {
+                            if let Some(refusal) = self.assign(assign) {
+                                send(Outbound::Result(refusal)).await?;
+                            }
+                        }
+                        Some(Inbound::Cancel(cancel)) => {
+                            if let Some(token) = self.running.get(&cancel.lease_id) {
+                                tracing::info!(lease_id = %cancel.lease_id, "cancelling");
+                                token.cancel();
+                            }
+                        }
+                        Some(Inbound::Drain(_)) => {
+                            self.start_draining();
+                            send(self.heartbeat()).await?;
+                        }
+                        Some(Inbound::RegisterAck(_) | Inbound::Rejected(_)) | None => {
+                            tracing::warn!("ignoring an unexpected message from the coordinator");
+                        }
+                    }
+                }
+                Some(result) = self.results_rx.recv() => {
+                    self.running.remove(&result.lease_id);
+                    send(Outbound::Result(result)).await?;
+                }
+                _ = heartbeats.tick() => {
+                    send(self.heartbeat()).await?;
+                }
+            }
+        }
+    }
+
+    /// Starts an assigned action, or returns the result refusing it.
+    fn assign(&mut self, assign: proto::Assign) -> Option<proto::LeaseResult> {
+        let lease_id = assign.lease_id.clone();
+        if self.running.contains_key(&lease_id) {
+            tracing::warn!(%lease_id, "ignoring a repeated Assign");
+            return None;
+        }
+        if self.draining || self.running.len() >= self.slots {
+            return Some(refusal(lease_id, WorkerError::NoFreeSlot));
+        }
+        let request = match action_request(&assign) {
+            Ok(request) => request,
+            Err(error) => return Some(refusal(lease_id, error)),
+        };
+        let cancel = CancellationToken::new();
+        self.running.insert(lease_id.clone(), cancel.clone());
+        let runner = self.runner.clone();
+        let results = self.results_tx.clone();
+        let span = tracing::info_span!(
+            "action",
+            %lease_id,
+            action = %request.action_digest,
+            traceparent = %assign.traceparent,
+            tracestate = %assign.tracestate,
+        );
+        tokio::spawn(
+            async move {
+                let outcome = runner.run(&request, &cancel).await;
+                if let Some(error) = &outcome.error {
+                    tracing::info!(%error, "action did not complete");
+                }
+                // The receiver lives as long as the worker; nothing to do if it is gone.
+                let _ = results.send(lease_result(lease_id, outcome));
+            }
+            .instrument(span),
+        );
+        None
+    }
+
+    /// Waits out a reconnect backoff while still collecting results. Returns true when
+    /// the worker should stop (shutdown arrived and nothing is left to report).
+    async fn wait_to_reconnect<S: Future<Output = ()>>(
+        &mut self,
+        backoff: Duration,
+        shutdown: &mut Pin<&mut S>,
+    ) -> bool {
+        let sleep = tokio::time::sleep(backoff);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = &mut sleep => return false,
+                _ = shutdown.as_mut(), if !self.shutdown_seen => {
+                    self.shutdown_seen = true;
+                    self.start_draining();
+                    if self.running.is_empty() {
+                        // Nothing runs; results of earlier leases cannot be delivered.
+                        return true;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn action_request(assign: &proto::Assign) -> Result<ActionRequest, WorkerError> {
+    if assign.lease_id.is_empty() {
+        return Err(WorkerError::Protocol("an Assign has no lease id".into()));
+    }
+    let function = DigestFunction::from_reapi_value(assign.digest_function)?;
+    let digest = assign
+        .action_digest
+        .as_ref()
+        .ok_or_else(|| WorkerError::InvalidAction("the Assign has no action digest".into()))?;
+    let action_digest = Digest::parse_reapi(function, &digest.hash, digest.size_bytes)?;
+    let timeout = assign.timeout.and_then(|d| {
+        (d.seconds > 0 || d.nanos > 0)
+            .then(|| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
+    });
+    Ok(ActionRequest {
+        instance_name: assign.instance_name.clone(),
+        action_digest,
+        timeout,
+        queued_timestamp: assign.queued_timestamp,
+    })
+}
+
+/// The LeaseResult for an outcome: the ActionResult, and OK or the error's status.
+pub fn lease_result(lease_id: String, outcome: ActionOutcome) -> proto::LeaseResult {
+    let status = match &outcome.error {
+        None => kiln_proto::rpc::Status {
+            code: tonic::Code::Ok as i32,
+            ..Default::default()
+        },
+        Some(error) => error.to_rpc_status(),
+    };
+    proto::LeaseResult {
+        lease_id,
+        action_result: outcome.action_result,
+        status: Some(status),
+        execution_metadata: Some(outcome.execution_metadata),
+    }
+}
+
+fn refusal(lease_id: String, error: WorkerError) -> proto::LeaseResult {
+    proto::LeaseResult {
+        lease_id,
+        action_result: None,
+        status: Some(error.to_rpc_status()),
+        execution_metadata: None,
+    }
+}
+
+/// `<hostname>-<8 hex digits>`: readable in status pages, unique across restarts.
+fn default_worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "worker".to_string());
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}-{}", &suffix[..8])
+}
