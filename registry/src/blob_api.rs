@@ -261,7 +261,9 @@ async fn mount_blob(
         return Ok(None);
     }
     state.index.refresh_owned(digest)?;
-    blob_created(state, name, digest, true).await.map(Some)
+    let response = blob_created(state, name, digest, true).await?;
+    tracing::info!(repository = name, from = from.unwrap_or("the store"), %digest, "blob mounted");
+    Ok(Some(response))
 }
 
 async fn monolithic_upload(

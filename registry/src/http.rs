@@ -37,11 +37,11 @@ async fn add_api_version(mut response: Response) -> Response {
 
 async fn handle(State(state): State<Arc<RegistryState>>, request: Request) -> Response {
     let method = request.method().clone();
-    let path = request.uri().path().to_string();
+    let uri = request.uri().clone();
     let response = dispatch(&state, request)
         .await
         .unwrap_or_else(IntoResponse::into_response);
-    tracing::debug!(%method, %path, status = response.status().as_u16(), "request");
+    tracing::debug!(%method, %uri, status = response.status().as_u16(), "request");
     response
 }
 
