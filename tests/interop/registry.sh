@@ -48,13 +48,15 @@ choose_registry_binary() {
     [ -x "$REGISTRY_BIN" ] || fail "registry binary $REGISTRY_BIN is missing"
 }
 
-# start_registry NAME VAR: serves a registry with its data in $WORK/NAME on a free port
-# and sets VAR to its host:port. (Not in a subshell, so its PID reaches the exit trap.)
+# start_registry NAME VAR [DATA]: serves a registry with its data in DATA (default
+# $WORK/NAME) on a free port and sets VAR to its host:port. Not run in a subshell, so its
+# PID reaches the exit trap.
 start_registry() {
-    mkdir -p "$WORK/$1"
+    local data="${3:-$WORK/$1}"
+    mkdir -p "$data"
     local saved_kiln="$KILN"
     KILN="$REGISTRY_BIN"
-    start_kiln "$1" "${REGISTRY_ARGS[@]}" --registry-addr 127.0.0.1:0 --data-dir "$WORK/$1"
+    start_kiln "$1" "${REGISTRY_ARGS[@]}" --registry-addr 127.0.0.1:0 --data-dir "$data"
     KILN="$saved_kiln"
     printf -v "$2" '%s' "$(listen_addr "$1" http)"
 }
@@ -197,5 +199,15 @@ other = requests.get(url, params={"artifactType": "application/x-other"}).json()
 assert other == [], other
 print("oras-py: artifact, chunked upload and referrer OK")
 PY
+
+log "crash safety: kill -9, restart on the same data, pull what was acknowledged"
+REG1_PID="${STARTED_PIDS[0]}"
+kill -9 "$REG1_PID"
+wait "$REG1_PID" 2>/dev/null || true
+start_registry reg1-restarted R1 "$WORK/reg1"
+[ "$(skopeo inspect "${TLS[@]}" --raw "docker://$R1/interop/app:v1.0.0")" = "$RAW_LOCAL" ] \
+    || fail "an acknowledged push did not survive kill -9"
+skopeo copy --src-tls-verify=false "docker://$R1/oras/chunked:v0.2.0" "oci:$WORK/after-crash:v0.2.0" >/dev/null \
+    || fail "the chunked artifact did not survive kill -9"
 
 log "registry interop passed"
