@@ -10,7 +10,7 @@ use kiln_proto::reapi::{
 };
 use kiln_store::{BlobStore, MetadataStore};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
 use crate::action_cache::ActionCacheService;
@@ -80,8 +80,11 @@ impl Coordinator {
             .max_decoding_message_size(limit)
             .max_encoding_message_size(limit);
 
+        // tonic applies `tcp_nodelay` only to listeners it binds itself; on a listener
+        // handed in, TcpIncoming sets it. Without it, Nagle's algorithm can hold a small
+        // unary response back until the client's delayed ACK.
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         Server::builder()
-            .tcp_nodelay(true)
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME_SIZE)
@@ -89,7 +92,7 @@ impl Coordinator {
             .add_service(cas)
             .add_service(action_cache)
             .add_service(byte_stream)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .serve_with_incoming_shutdown(incoming, shutdown)
             .await?;
         Ok(())
     }
