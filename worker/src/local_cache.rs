@@ -338,8 +338,7 @@ impl LocalCache {
             .into_iter()
             .map(FetchJob::Batch)
             .chain(large.into_iter().map(FetchJob::Stream));
-        // Each job yields (digest, temp path) per blob found, and the digests not found.
-        let outcomes: Vec<(Vec<(Digest, PathBuf)>, Vec<Digest>)> = futures::stream::iter(fetches)
+        let outcomes: Vec<FetchOutcome> = futures::stream::iter(fetches)
             .map(|job| self.run_fetch(cas, instance_name, job))
             .buffer_unordered(FETCH_CONCURRENCY)
             .try_collect()
@@ -395,7 +394,7 @@ impl LocalCache {
         cas: &CasClient,
         instance_name: &str,
         job: FetchJob,
-    ) -> Result<(Vec<(Digest, PathBuf)>, Vec<Digest>), WorkerError> {
+    ) -> Result<FetchOutcome, WorkerError> {
         let mut found = Vec::new();
         let mut absent = Vec::new();
         match job {
@@ -461,6 +460,10 @@ impl LocalCache {
         }
     }
 }
+
+/// What one fetch job got: a verified temp file per blob found, and the digests the CAS
+/// does not have.
+type FetchOutcome = (Vec<(Digest, PathBuf)>, Vec<Digest>);
 
 enum FetchJob {
     Batch(Vec<Digest>),

@@ -1,0 +1,276 @@
+//! Shared setup for the worker's integration tests: the real coordinator CAS on
+//! 127.0.0.1:0 over a filesystem blob store, helpers that put input trees and actions into
+//! it, and an ActionRunner wired to it exactly as the worker wires its own.
+#![allow(dead_code)] // Each test binary uses a different part of this module.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use kiln_coordinator::{Coordinator, CoordinatorConfig, CoordinatorError};
+use kiln_proto::prost::Message;
+use kiln_proto::reapi;
+use kiln_store::{
+    BlobStore, Digest, DigestFunction, ExpectedDigest, FsBlobStore, SledMetadataStore,
+};
+use kiln_worker::{
+    ActionRequest, ActionRunner, BubblewrapMode, CasClient, LocalCache, ProcessRunner,
+    ResourceLimits,
+};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+/// The real coordinator's CAS, served over a real socket.
+pub struct TestCas {
+    pub url: String,
+    pub blobs: FsBlobStore,
+    pub channel: Channel,
+    pub function: DigestFunction,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), CoordinatorError>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestCas {
+    pub async fn start(function: DigestFunction) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let blobs = FsBlobStore::open(dir.path().join("blobs"))?;
+        let metadata = SledMetadataStore::open(dir.path().join("metadata"))?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let (shutdown, stopped) = oneshot::channel::<()>();
+        let coordinator = Coordinator::new(
+            CoordinatorConfig::default(),
+            Arc::new(blobs.clone()),
+            Arc::new(metadata),
+        );
+        let task = tokio::spawn(coordinator.serve(listener, async {
+            let _ = stopped.await;
+        }));
+        let channel = Channel::from_shared(url.clone())?
+            .connect()
+            .await
+            .context("connecting to the test CAS")?;
+        Ok(TestCas {
+            url,
+            blobs,
+            channel,
+            function,
+            shutdown: Some(shutdown),
+            task: Some(task),
+            _dir: dir,
+        })
+    }
+
+    pub async fn put(&self, data: &[u8]) -> Digest {
+        let digest = Digest::of_bytes(self.function, data);
+        self.blobs
+            .put(ExpectedDigest::Exact(digest), data.to_vec().into())
+            .await
+            .expect("storing a test blob");
+        digest
+    }
+
+    pub async fn put_message(&self, message: &impl Message) -> Digest {
+        self.put(&message.encode_to_vec()).await
+    }
+
+    pub async fn get(&self, digest: &reapi::Digest) -> Vec<u8> {
+        let digest = Digest::parse_reapi(self.function, &digest.hash, digest.size_bytes).unwrap();
+        self.blobs
+            .read_all(&digest)
+            .await
+            .unwrap_or_else(|e| panic!("{digest} is not in the CAS: {e}"))
+            .to_vec()
+    }
+
+    pub async fn get_message<M: Message + Default>(&self, digest: &reapi::Digest) -> M {
+        M::decode(self.get(digest).await.as_slice()).expect("a valid message")
+    }
+
+    pub async fn delete(&self, digest: &Digest) {
+        self.blobs.delete(&digest.content_hash()).await.unwrap();
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for TestCas {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+    }
+}
+
+/// One entry of an input tree.
+#[derive(Clone, Debug)]
+pub enum Node {
+    File(&'static str, Vec<u8>),
+    Executable(&'static str, Vec<u8>),
+    Symlink(&'static str, &'static str),
+    Dir(&'static str, Vec<Node>),
+}
+
+/// Puts a Directory tree (and its files) into the CAS; returns the root's digest.
+pub async fn put_tree(cas: &TestCas, nodes: &[Node]) -> Digest {
+    Box::pin(put_directory(cas, nodes)).await.0
+}
+
+async fn put_directory(cas: &TestCas, nodes: &[Node]) -> (Digest, reapi::Directory) {
+    let mut directory = reapi::Directory::default();
+    let mut sorted = nodes.to_vec();
+    sorted.sort_by_key(|n| match n {
+        Node::File(name, _) | Node::Executable(name, _) | Node::Symlink(name, _) => *name,
+        Node::Dir(name, _) => name,
+    });
+    for node in sorted {
+        let is_executable = matches!(node, Node::Executable(..));
+        match node {
+            Node::File(name, data) | Node::Executable(name, data) => {
+                let digest = cas.put(&data).await;
+                directory.files.push(reapi::FileNode {
+                    name: name.to_string(),
+                    digest: Some(wire(&digest)),
+                    is_executable,
+                    node_properties: None,
+                });
+            }
+            Node::Symlink(name, target) => directory.symlinks.push(reapi::SymlinkNode {
+                name: name.to_string(),
+                target: target.to_string(),
+                node_properties: None,
+            }),
+            Node::Dir(name, children) => {
+                let (digest, _) = Box::pin(put_directory(cas, &children)).await;
+                directory.directories.push(reapi::DirectoryNode {
+                    name: name.to_string(),
+                    digest: Some(wire(&digest)),
+                });
+            }
+        }
+    }
+    (cas.put_message(&directory).await, directory)
+}
+
+pub fn wire(digest: &Digest) -> reapi::Digest {
+    reapi::Digest {
+        hash: digest.hex(),
+        size_bytes: digest.size as i64,
+    }
+}
+
+/// What an action to put into the CAS looks like.
+#[derive(Clone, Debug, Default)]
+pub struct ActionSpec {
+    pub arguments: Vec<String>,
+    pub environment: Vec<(String, String)>,
+    pub working_directory: String,
+    pub output_files: Vec<String>,
+    pub output_directories: Vec<String>,
+    pub output_paths: Vec<String>,
+    pub inputs: Vec<Node>,
+    pub timeout: Option<Duration>,
+}
+
+impl ActionSpec {
+    /// An action running `script` with `sh -c`.
+    pub fn shell(script: &str) -> Self {
+        ActionSpec {
+            arguments: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            environment: vec![("PATH".into(), "/usr/bin:/bin".into())],
+            ..Default::default()
+        }
+    }
+}
+
+/// Puts the Command, input tree and Action into the CAS; returns the Action's digest.
+#[allow(deprecated)] // output_files and output_directories are what REAPI 2.0 clients send.
+pub async fn put_action(cas: &TestCas, spec: &ActionSpec) -> Digest {
+    let command = reapi::Command {
+        arguments: spec.arguments.clone(),
+        environment_variables: spec
+            .environment
+            .iter()
+            .map(|(name, value)| reapi::command::EnvironmentVariable {
+                name: name.clone(),
+                value: value.clone(),
+            })
+            .collect(),
+        working_directory: spec.working_directory.clone(),
+        output_files: spec.output_files.clone(),
+        output_directories: spec.output_directories.clone(),
+        output_paths: spec.output_paths.clone(),
+        ..Default::default()
+    };
+    let command_digest = cas.put_message(&command).await;
+    let input_root = put_tree(cas, &spec.inputs).await;
+    let action = reapi::Action {
+        command_digest: Some(wire(&command_digest)),
+        input_root_digest: Some(wire(&input_root)),
+        timeout: spec.timeout.map(|t| kiln_proto::protobuf::Duration {
+            seconds: t.as_secs() as i64,
+            nanos: t.subsec_nanos() as i32,
+        }),
+        ..Default::default()
+    };
+    cas.put_message(&action).await
+}
+
+pub fn request(action_digest: Digest) -> ActionRequest {
+    ActionRequest {
+        instance_name: String::new(),
+        action_digest,
+        timeout: None,
+        queued_timestamp: Some(kiln_proto::protobuf::Timestamp {
+            seconds: 1,
+            nanos: 0,
+        }),
+    }
+}
+
+pub const TEST_LIMITS: ResourceLimits = ResourceLimits {
+    open_files: 1000,
+    memory_bytes: None,
+    file_bytes: None,
+};
+
+/// An ActionRunner on a temp work dir, talking to `cas` over its socket.
+pub struct TestRunner {
+    pub runner: ActionRunner,
+    pub work_dir: tempfile::TempDir,
+}
+
+impl TestRunner {
+    pub fn new(cas: &TestCas) -> Self {
+        Self::with(cas, TEST_LIMITS, BubblewrapMode::Never, 1 << 30)
+    }
+
+    pub fn with(
+        cas: &TestCas,
+        limits: ResourceLimits,
+        mode: BubblewrapMode,
+        cache_bytes: u64,
+    ) -> Self {
+        let work_dir = tempfile::tempdir().unwrap();
+        let cache = LocalCache::open(work_dir.path().join("cache"), cache_bytes).unwrap();
+        let runner = ActionRunner::new(
+            CasClient::new(cas.channel.clone()),
+            Arc::new(cache),
+            Arc::new(ProcessRunner::new(limits, mode).unwrap()),
+            work_dir.path().join("actions"),
+            "test-worker".to_string(),
+            Duration::from_secs(60),
+        )
+        .unwrap();
+        TestRunner { runner, work_dir }
+    }
+}
