@@ -28,6 +28,8 @@ use crate::{WorkerConfig, WorkerError};
 /// The first wait before reconnecting; it doubles up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// How long a drained worker waits for the coordinator to close the stream.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Runs a worker until `shutdown` resolves (then drains: no new work, running actions
 /// finish and report) or the coordinator sends Drain. Returns an error only for faults
@@ -185,19 +187,7 @@ impl Worker {
         shutdown: &mut Pin<&mut S>,
     ) -> Result<(), WorkerError> {
         let (outbox, receiver) = mpsc::channel::<proto::WorkerMessage>(64);
-        let send = |message: Outbound| {
-            let outbox = outbox.clone();
-            async move {
-                outbox
-                    .send(proto::WorkerMessage {
-                        message: Some(message),
-                    })
-                    .await
-                    .map_err(|_| {
-                        WorkerError::Protocol("the stream to the coordinator closed".into())
-                    })
-            }
-        };
+        let send = |message: Outbound| send_on(&outbox, message);
         send(Outbound::Register(proto::Register {
             worker_id: self.worker_id.clone(),
             platform: Some(self.platform.clone()),
@@ -247,6 +237,15 @@ impl Worker {
         loop {
             if self.done() {
                 send(self.heartbeat()).await?;
+                // Closing our side and waiting for the coordinator to close its side makes
+                // sure the last results were read; dropping the call would reset the stream.
+                drop(outbox);
+                let closed = tokio::time::timeout(CLOSE_TIMEOUT, async {
+                    while let Ok(Some(_)) = inbound.message().await {}
+                });
+                if closed.await.is_err() {
+                    tracing::warn!("the coordinator did not close the stream after the drain");
+                }
                 return Ok(());
             }
             tokio::select! {
@@ -353,6 +352,18 @@ impl Worker {
             }
         }
     }
+}
+
+async fn send_on(
+    outbox: &mpsc::Sender<proto::WorkerMessage>,
+    message: Outbound,
+) -> Result<(), WorkerError> {
+    outbox
+        .send(proto::WorkerMessage {
+            message: Some(message),
+        })
+        .await
+        .map_err(|_| WorkerError::Protocol("the stream to the coordinator closed".into()))
 }
 
 fn action_request(assign: &proto::Assign) -> Result<ActionRequest, WorkerError> {

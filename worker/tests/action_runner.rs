@@ -52,10 +52,7 @@ async fn outputs_files_directories_and_logs_are_uploaded() -> anyhow::Result<()>
         Node::Dir("work", vec![]),
     ];
     let digest = put_action(&cas, &spec).await;
-    let outcome = worker
-        .runner
-        .run(&request(digest), &CancellationToken::new())
-        .await;
+    let outcome = worker.run(digest).await;
     assert!(outcome.error.is_none(), "{:?}", outcome.error);
     let result = outcome.action_result.expect("an ActionResult");
     assert_eq!(result.exit_code, 3);
@@ -147,10 +144,7 @@ async fn output_paths_report_files_directories_and_symlinks() -> anyhow::Result<
     spec.output_paths = vec!["a.txt".into(), "d".into(), "link".into(), "absent".into()];
     spec.output_files = vec!["ignored".into()];
     let digest = put_action(&cas, &spec).await;
-    let outcome = worker
-        .runner
-        .run(&request(digest), &CancellationToken::new())
-        .await;
+    let outcome = worker.run(digest).await;
     assert!(outcome.error.is_none(), "{:?}", outcome.error);
     let result = outcome.action_result.unwrap();
     assert_eq!(result.exit_code, 0);
@@ -193,10 +187,7 @@ async fn a_timeout_kills_the_whole_process_group() -> anyhow::Result<()> {
     spec.timeout = Some(Duration::from_secs(1));
     let digest = put_action(&cas, &spec).await;
     let started = Instant::now();
-    let outcome = worker
-        .runner
-        .run(&request(digest), &CancellationToken::new())
-        .await;
+    let outcome = worker.run(digest).await;
     assert!(
         started.elapsed() < Duration::from_secs(10),
         "{:?}",
@@ -273,10 +264,7 @@ async fn rlimits_apply_to_the_action() -> anyhow::Result<()> {
         "ulimit -n; ulimit -c; head -c 10000 /dev/zero > big 2>/dev/null; wc -c < big",
     );
     let digest = put_action(&cas, &spec).await;
-    let outcome = worker
-        .runner
-        .run(&request(digest), &CancellationToken::new())
-        .await;
+    let outcome = worker.run(digest).await;
     assert!(outcome.error.is_none(), "{:?}", outcome.error);
     let result = outcome.action_result.unwrap();
     let stdout = String::from_utf8(cas.get(result.stdout_digest.as_ref().unwrap()).await)?;
@@ -290,10 +278,7 @@ async fn run_expecting_escape(spec: ActionSpec) -> String {
     let cas = TestCas::start(DigestFunction::Sha256).await.unwrap();
     let worker = TestRunner::new(&cas);
     let digest = put_action(&cas, &spec).await;
-    let outcome = worker
-        .runner
-        .run(&request(digest), &CancellationToken::new())
-        .await;
+    let outcome = worker.run(digest).await;
     let Some(error) = outcome.error else {
         panic!("no escape error for {spec:?}: {:?}", outcome.action_result);
     };
@@ -364,10 +349,7 @@ async fn missing_inputs_are_listed() -> anyhow::Result<()> {
     cas.delete(&gone_a).await;
     cas.delete(&gone_b).await;
 
-    let outcome = worker
-        .runner
-        .run(&request(digest), &CancellationToken::new())
-        .await;
+    let outcome = worker.run(digest).await;
     let error = outcome.error.expect("missing inputs");
     let WorkerError::MissingInputs(missing) = &error else {
         panic!("unexpected error {error}");
@@ -401,10 +383,7 @@ async fn missing_inputs_are_listed() -> anyhow::Result<()> {
 
     // The action itself missing is reported the same way.
     let absent_action = Digest::of_bytes(DigestFunction::Sha256, b"no such action");
-    let outcome = worker
-        .runner
-        .run(&request(absent_action), &CancellationToken::new())
-        .await;
+    let outcome = worker.run(absent_action).await;
     assert!(
         matches!(&outcome.error, Some(WorkerError::MissingInputs(m)) if m == &[absent_action]),
         "{:?}",
@@ -431,10 +410,7 @@ async fn a_second_run_of_the_same_inputs_fetches_nothing() -> anyhow::Result<()>
     ];
     let digest = put_action(&cas, &spec).await;
 
-    let first = worker
-        .runner
-        .run(&request(digest), &CancellationToken::new())
-        .await;
+    let first = worker.run(digest).await;
     assert!(first.error.is_none(), "{:?}", first.error);
     // Action, Command, two Directories, three distinct file contents.
     assert_eq!(first.inputs_fetched.blobs, 7, "{:?}", first.inputs_fetched);
@@ -450,10 +426,7 @@ async fn a_second_run_of_the_same_inputs_fetches_nothing() -> anyhow::Result<()>
             .await;
     }
     cas.delete(&tool).await;
-    let second = worker
-        .runner
-        .run(&request(digest), &CancellationToken::new())
-        .await;
+    let second = worker.run(digest).await;
     assert!(second.error.is_none(), "{:?}", second.error);
     assert_eq!(second.inputs_fetched.blobs, 0);
     assert_eq!(second.inputs_fetched.bytes, 0);
@@ -475,10 +448,7 @@ async fn inputs_are_read_only_hardlinks_and_the_action_directory_is_removed() ->
     );
     spec.inputs = vec![Node::File("input", b"shared".to_vec())];
     let digest = put_action(&cas, &spec).await;
-    let outcome = worker
-        .runner
-        .run(&request(digest), &CancellationToken::new())
-        .await;
+    let outcome = worker.run(digest).await;
     let result = outcome.action_result.unwrap();
     let stdout = String::from_utf8(cas.get(result.stdout_digest.as_ref().unwrap()).await)?;
     // Two links: the cache's and the action's; mode 0444 (root may still write, so the
@@ -505,10 +475,7 @@ async fn bubblewrap_confines_writes_to_the_action_directory() -> anyhow::Result<
     ));
     spec.output_files = vec!["out.txt".into()];
     let digest = put_action(&cas, &spec).await;
-    let outcome = worker
-        .runner
-        .run(&request(digest), &CancellationToken::new())
-        .await;
+    let outcome = worker.run(digest).await;
     assert!(outcome.error.is_none(), "{:?}", outcome.error);
     let result = outcome.action_result.unwrap();
     let stdout = String::from_utf8(cas.get(result.stdout_digest.as_ref().unwrap()).await)?;

@@ -274,3 +274,17 @@ impl TestRunner {
         TestRunner { runner, work_dir }
     }
 }
+
+impl TestRunner {
+    /// Runs an action to its outcome with no cancellation.
+    pub async fn run(&self, action_digest: Digest) -> kiln_worker::ActionOutcome {
+        self.runner
+            .run(
+                &request(action_digest),
+                &tokio_util::sync::CancellationToken::new(),
+            )
+            .await
+    }
+}
+
+pub mod test_coordinator;

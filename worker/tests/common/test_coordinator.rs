@@ -1,0 +1,233 @@
+//! The coordinator's side of `kiln.worker.v1`, played by the test: it accepts or refuses
+//! a worker by join token, lets the test send Assign, Cancel and Drain, and reports every
+//! message the worker sends. The real scheduler lives in kiln-coordinator; this double
+//! only speaks the protocol, so the worker loop can be tested on its own.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::Stream;
+use kiln_proto::worker::v1 as proto;
+use kiln_proto::worker::v1::coordinator_message::Message as ToWorker;
+use kiln_proto::worker::v1::worker_message::Message as FromWorker;
+use kiln_proto::worker::v1::workers_server::{Workers, WorkersServer};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status, Streaming};
+
+/// What the test coordinator saw.
+#[derive(Debug)]
+pub enum Event {
+    Registered(proto::Register),
+    Heartbeat(proto::Heartbeat),
+    Result(Box<proto::LeaseResult>),
+    Disconnected,
+}
+
+type Outbox = mpsc::Sender<Result<proto::CoordinatorMessage, Status>>;
+
+struct Service {
+    join_token: String,
+    events: mpsc::UnboundedSender<Event>,
+    outbox: Arc<Mutex<Option<Outbox>>>,
+}
+
+#[tonic::async_trait]
+impl Workers for Service {
+    type ConnectStream =
+        Pin<Box<dyn Stream<Item = Result<proto::CoordinatorMessage, Status>> + Send>>;
+
+    async fn connect(
+        &self,
+        request: Request<Streaming<proto::WorkerMessage>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .and_then(|m| m.message)
+            .ok_or_else(|| Status::invalid_argument("no Register"))?;
+        let FromWorker::Register(register) = first else {
+            return Err(Status::invalid_argument(
+                "the first message must be Register",
+            ));
+        };
+        let (outbox, receiver) = mpsc::channel(16);
+        let accepted = register.join_token == self.join_token;
+        let reply = if accepted {
+            ToWorker::RegisterAck(proto::RegisterAck {
+                heartbeat_interval: Some(kiln_proto::protobuf::Duration {
+                    seconds: 0,
+                    nanos: 200_000_000,
+                }),
+            })
+        } else {
+            ToWorker::Rejected(proto::Rejected {
+                reason: "wrong join token".into(),
+            })
+        };
+        outbox
+            .send(Ok(proto::CoordinatorMessage {
+                message: Some(reply),
+            }))
+            .await
+            .map_err(|_| Status::internal("outbox closed"))?;
+        let _ = self.events.send(Event::Registered(register));
+        if accepted {
+            *self.outbox.lock().unwrap() = Some(outbox);
+            let events = self.events.clone();
+            let outboxes = self.outbox.clone();
+            tokio::spawn(async move {
+                while let Ok(Some(message)) = inbound.message().await {
+                    let event = match message.message {
+                        Some(FromWorker::Heartbeat(h)) => Event::Heartbeat(h),
+                        Some(FromWorker::Result(r)) => Event::Result(Box::new(r)),
+                        Some(FromWorker::Register(r)) => Event::Registered(r),
+                        None => continue,
+                    };
+                    let _ = events.send(event);
+                }
+                // The worker closed its side: close ours, as the protocol asks.
+                outboxes.lock().unwrap().take();
+                let _ = events.send(Event::Disconnected);
+            });
+        }
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+}
+
+pub struct TestCoordinator {
+    pub addr: SocketAddr,
+    events: mpsc::UnboundedReceiver<Event>,
+    outbox: Arc<Mutex<Option<Outbox>>>,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TestCoordinator {
+    pub async fn start(join_token: &str) -> Self {
+        Self::start_on("127.0.0.1:0".parse().unwrap(), join_token).await
+    }
+
+    /// Serves on `addr` (a port an earlier instance used, to play a restarted coordinator).
+    ///
+    /// The server runs on its own runtime and thread, so that [`TestCoordinator::crash`]
+    /// can drop it together with every connection, as the death of its process would.
+    pub async fn start_on(addr: SocketAddr, join_token: &str) -> Self {
+        let listener = std::net::TcpListener::bind(addr).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let outbox = Arc::new(Mutex::new(None));
+        let service = Service {
+            join_token: join_token.to_string(),
+            events: events_tx,
+            outbox: outbox.clone(),
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                let serve = tonic::transport::Server::builder()
+                    .add_service(WorkersServer::new(service))
+                    .serve_with_incoming(TcpListenerStream::new(listener));
+                tokio::select! {
+                    _ = serve => {}
+                    _ = stopped => {}
+                }
+            });
+            // Dropping the runtime drops the per-connection tasks and closes their sockets.
+            drop(runtime);
+        });
+        TestCoordinator {
+            addr,
+            events,
+            outbox,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Drops the server and every connection, as a crashed coordinator would.
+    pub async fn crash(mut self) {
+        self.stop_server().await;
+    }
+
+    async fn stop_server(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            tokio::task::spawn_blocking(move || thread.join())
+                .await
+                .unwrap()
+                .unwrap();
+        }
+    }
+
+    pub async fn send(&self, message: ToWorker) {
+        let outbox = self
+            .outbox
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("a registered worker");
+        outbox
+            .send(Ok(proto::CoordinatorMessage {
+                message: Some(message),
+            }))
+            .await
+            .expect("the worker's stream is open");
+    }
+
+    /// The next event, failing the test after 20 s.
+    pub async fn next_event(&mut self) -> Event {
+        tokio::time::timeout(Duration::from_secs(20), self.events.recv())
+            .await
+            .expect("an event within 20 s")
+            .expect("the test coordinator is running")
+    }
+
+    /// Skips events until `pick` accepts one.
+    pub async fn wait_for<T>(&mut self, mut pick: impl FnMut(Event) -> Option<T>) -> T {
+        loop {
+            if let Some(found) = pick(self.next_event().await) {
+                return found;
+            }
+        }
+    }
+
+    pub async fn result(&mut self) -> proto::LeaseResult {
+        self.wait_for(|e| match e {
+            Event::Result(r) => Some(*r),
+            _ => None,
+        })
+        .await
+    }
+
+    pub async fn registered(&mut self) -> proto::Register {
+        self.wait_for(|e| match e {
+            Event::Registered(r) => Some(r),
+            _ => None,
+        })
+        .await
+    }
+}
+
+impl Drop for TestCoordinator {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! The worker loop over real sockets: `kiln_worker::run` against a test coordinator that
+//! speaks `kiln.worker.v1`, with actions fetched from and uploaded to the real CAS.
+
+mod common;
+
+use std::time::Duration;
+
+use common::test_coordinator::{Event, TestCoordinator};
+use common::{put_action, wire, ActionSpec, TestCas};
+use kiln_proto::worker::v1 as proto;
+use kiln_proto::worker::v1::coordinator_message::Message as ToWorker;
+use kiln_store::{Digest, DigestFunction};
+use kiln_worker::{BubblewrapMode, WorkerConfig, WorkerError};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::Code;
+
+const TOKEN: &str = "s3cret";
+
+struct RunningWorker {
+    task: JoinHandle<Result<(), WorkerError>>,
+    shutdown: Option<oneshot::Sender<()>>,
+    _work_dir: tempfile::TempDir,
+}
+
+impl RunningWorker {
+    fn start(coordinator: &TestCoordinator, cas: &TestCas, join_token: &str) -> Self {
+        let work_dir = tempfile::tempdir().unwrap();
+        let config = WorkerConfig {
+            coordinator: coordinator.url().replace("http://", "grpc://"),
+            cas: cas.url.clone(),
+            slots: 2,
+            platform: vec![("OSFamily".into(), "linux".into())],
+            join_token: join_token.into(),
+            work_dir: work_dir.path().to_path_buf(),
+            use_bubblewrap: BubblewrapMode::Never,
+            worker_id: "loop-worker".into(),
+            ..WorkerConfig::default()
+        };
+        let (shutdown, signal) = oneshot::channel::<()>();
+        let task = tokio::spawn(kiln_worker::run(config, async {
+            let _ = signal.await;
+        }));
+        RunningWorker {
+            task,
+            shutdown: Some(shutdown),
+            _work_dir: work_dir,
+        }
+    }
+
+    fn shut_down(&mut self) {
+        let _ = self.shutdown.take().unwrap().send(());
+    }
+
+    async fn exit(self) -> Result<(), WorkerError> {
+        tokio::time::timeout(Duration::from_secs(20), self.task)
+            .await
+            .expect("the worker exits within 20 s")
+            .expect("the worker task does not panic")
+    }
+}
+
+fn assign(lease_id: &str, action: Digest, timeout: Option<Duration>) -> ToWorker {
+    ToWorker::Assign(proto::Assign {
+        lease_id: lease_id.into(),
+        instance_name: String::new(),
+        action_digest: Some(wire(&action)),
+        digest_function: action.function.reapi_value(),
+        timeout: timeout.map(|t| kiln_proto::protobuf::Duration {
+            seconds: t.as_secs() as i64,
+            nanos: t.subsec_nanos() as i32,
+        }),
+        traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
+        tracestate: String::new(),
+        queued_timestamp: Some(kiln_proto::protobuf::Timestamp {
+            seconds: 42,
+            nanos: 0,
+        }),
+    })
+}
+
+fn code(result: &proto::LeaseResult) -> Code {
+    Code::from(result.status.as_ref().expect("a status").code)
+}
+
+#[tokio::test]
+async fn a_worker_registers_runs_assignments_and_drains_on_shutdown() -> anyhow::Result<()> {
+    let cas = TestCas::start(DigestFunction::Sha256).await?;
+    let mut coordinator = TestCoordinator::start(TOKEN).await;
+    let mut worker = RunningWorker::start(&coordinator, &cas, TOKEN);
+
+    let register = coordinator.registered().await;
+    assert_eq!(register.worker_id, "loop-worker");
+    assert_eq!(register.slots, 2);
+    assert_eq!(register.version, env!("CARGO_PKG_VERSION"));
+    let platform = register.platform.unwrap().properties;
+    assert_eq!(
+        (platform[0].name.as_str(), platform[0].value.as_str()),
+        ("OSFamily", "linux")
+    );
+    assert_eq!(register.cache.unwrap().blobs, 0);
+
+    // A heartbeat arrives at the interval the RegisterAck set (200 ms).
+    let heartbeat = coordinator
+        .wait_for(|e| match e {
+            Event::Heartbeat(h) => Some(h),
+            _ => None,
+        })
+        .await;
+    assert_eq!(heartbeat.free_slots, 2);
+    assert!(!heartbeat.draining);
+
+    let hello = put_action(&cas, &ActionSpec::shell("echo hello")).await;
+    coordinator.send(assign("lease-1", hello, None)).await;
+    let result = coordinator.result().await;
+    assert_eq!(result.lease_id, "lease-1");
+    assert_eq!(code(&result), Code::Ok);
+    let action_result = result.action_result.unwrap();
+    assert_eq!(action_result.exit_code, 0);
+    assert_eq!(
+        cas.get(action_result.stdout_digest.as_ref().unwrap()).await,
+        b"hello\n"
+    );
+    let metadata = action_result.execution_metadata.unwrap();
+    assert_eq!(metadata.worker, "loop-worker");
+    assert_eq!(metadata.queued_timestamp.unwrap().seconds, 42);
+
+    // A timeout from the Assign wins over the action's own (none here).
+    let slow = put_action(&cas, &ActionSpec::shell("sleep 30")).await;
+    coordinator
+        .send(assign("lease-2", slow, Some(Duration::from_millis(300))))
+        .await;
+    let result = coordinator.result().await;
+    assert_eq!(result.lease_id, "lease-2");
+    assert_eq!(code(&result), Code::DeadlineExceeded);
+
+    // Cancel stops a running lease.
+    coordinator.send(assign("lease-3", slow, None)).await;
+    coordinator
+        .wait_for(|e| match e {
+            Event::Heartbeat(h) if h.running_lease_ids == ["lease-3"] => Some(()),
+            _ => None,
+        })
+        .await;
+    coordinator
+        .send(ToWorker::Cancel(proto::Cancel {
+            lease_id: "lease-3".into(),
+        }))
+        .await;
+    let result = coordinator.result().await;
+    assert_eq!(result.lease_id, "lease-3");
+    assert_eq!(code(&result), Code::Cancelled);
+
+    // Shutdown drains: the running action finishes and reports, new work is refused.
+    let finishing = put_action(&cas, &ActionSpec::shell("sleep 1; echo finished")).await;
+    coordinator.send(assign("lease-4", finishing, None)).await;
+    coordinator
+        .wait_for(|e| match e {
+            Event::Heartbeat(h) if h.running_lease_ids == ["lease-4"] => Some(()),
+            _ => None,
+        })
+        .await;
+    worker.shut_down();
+    coordinator
+        .wait_for(|e| match e {
+            Event::Heartbeat(h) if h.draining => Some(()),
+            _ => None,
+        })
+        .await;
+    coordinator.send(assign("lease-5", hello, None)).await;
+    let refused = coordinator.result().await;
+    assert_eq!(refused.lease_id, "lease-5");
+    assert_eq!(code(&refused), Code::ResourceExhausted);
+    let finished = coordinator.result().await;
+    assert_eq!(finished.lease_id, "lease-4");
+    assert_eq!(code(&finished), Code::Ok);
+    let stdout = finished.action_result.unwrap().stdout_digest.unwrap();
+    assert_eq!(cas.get(&stdout).await, b"finished\n");
+    worker.exit().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_wrong_join_token_is_refused() -> anyhow::Result<()> {
+    let cas = TestCas::start(DigestFunction::Sha256).await?;
+    let coordinator = TestCoordinator::start(TOKEN).await;
+    let worker = RunningWorker::start(&coordinator, &cas, "guessed");
+    let error = worker.exit().await.expect_err("refused");
+    assert!(
+        matches!(&error, WorkerError::Rejected(reason) if reason == "wrong join token"),
+        "{error}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_restarted_coordinator_gets_its_worker_back_and_drain_ends_it() -> anyhow::Result<()> {
+    let cas = TestCas::start(DigestFunction::Blake3).await?;
+    let mut coordinator = TestCoordinator::start(TOKEN).await;
+    let worker = RunningWorker::start(&coordinator, &cas, TOKEN);
+    coordinator.registered().await;
+
+    // A lease still running when the coordinator dies is announced on re-registration,
+    // and its result is delivered on the new stream.
+    let action = put_action(&cas, &ActionSpec::shell("sleep 1; echo survived")).await;
+    coordinator.send(assign("lease-a", action, None)).await;
+    coordinator
+        .wait_for(|e| match e {
+            Event::Heartbeat(h) if h.running_lease_ids == ["lease-a"] => Some(()),
+            _ => None,
+        })
+        .await;
+    let addr = coordinator.addr;
+    coordinator.crash().await;
+    let mut coordinator = TestCoordinator::start_on(addr, TOKEN).await;
+    let register = coordinator.registered().await;
+    let result = coordinator.result().await;
+    assert_eq!(result.lease_id, "lease-a");
+    assert_eq!(code(&result), Code::Ok);
+    let stdout = result.action_result.unwrap().stdout_digest.unwrap();
+    assert_eq!(cas.get(&stdout).await, b"survived\n");
+    assert!(
+        register.running_lease_ids.is_empty() || register.running_lease_ids == ["lease-a"],
+        "{:?}",
+        register.running_lease_ids
+    );
+
+    // Drain from the coordinator ends the worker cleanly once it is idle.
+    coordinator.send(ToWorker::Drain(proto::Drain {})).await;
+    worker.exit().await?;
+    Ok(())
+}
