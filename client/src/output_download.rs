@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use futures::future::BoxFuture;
 use futures::{StreamExt, TryStreamExt};
 use kiln_proto::reapi;
 use kiln_store::Digest;
@@ -186,17 +187,17 @@ async fn write_tree_atomically(cas: &RemoteCas, path: &Path, tree: &reapi::Tree)
         .tempdir_in(parent)
         .map_err(|e| ClientError::io(parent, e))?;
     let files = lay_out_tree(cas, staging.path(), tree)?;
-    futures::stream::iter(
-        files
-            .into_iter()
-            .map(|(digest, file_path, executable)| async move {
-                cas.read_blob_to_file(&digest, &file_path).await?;
-                set_executable(&file_path, executable)
-            }),
-    )
-    .buffer_unordered(DOWNLOAD_CONCURRENCY)
-    .try_collect::<Vec<()>>()
-    .await?;
+    let mut downloads: Vec<BoxFuture<'_, Result<()>>> = Vec::with_capacity(files.len());
+    for (digest, file_path, executable) in files {
+        downloads.push(Box::pin(async move {
+            cas.read_blob_to_file(&digest, &file_path).await?;
+            set_executable(&file_path, executable)
+        }));
+    }
+    futures::stream::iter(downloads)
+        .buffer_unordered(DOWNLOAD_CONCURRENCY)
+        .try_collect::<Vec<()>>()
+        .await?;
 
     let staged = staging.keep();
     let old = match std::fs::symlink_metadata(path) {

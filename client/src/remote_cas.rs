@@ -4,7 +4,8 @@
 use std::path::Path;
 
 use bytes::{Bytes, BytesMut};
-use futures::{FutureExt, StreamExt, TryStreamExt};
+use futures::future::BoxFuture;
+use futures::{StreamExt, TryStreamExt};
 use kiln_proto::bytestream::{byte_stream_client::ByteStreamClient, ReadRequest, WriteRequest};
 use kiln_proto::reapi::{
     self, action_cache_client::ActionCacheClient, capabilities_client::CapabilitiesClient,
@@ -252,15 +253,21 @@ impl RemoteCas {
         stats.batched_blobs = small.len() as u64;
         progress.upload_started(stats.uploaded_blobs, stats.uploaded_bytes);
 
-        let batches = self.batches(small);
-        let batch_uploads = batches
-            .into_iter()
-            .map(|batch| async move { self.upload_batch(batch, progress).await }.boxed());
-        let stream_uploads = large.into_iter().map(|(digest, source)| {
-            let source = source.clone();
-            async move { self.upload_by_stream(digest, source, progress).await }.boxed()
-        });
-        futures::stream::iter(batch_uploads.chain(stream_uploads))
+        // Plain loops and boxed futures rather than iterator closures: closures over
+        // borrowed blobs make the future's Send-ness higher-ranked, which rustc cannot
+        // prove where callers need it (tonic handlers, spawned tasks).
+        let mut jobs: Vec<BoxFuture<'_, Result<()>>> = Vec::new();
+        for batch in self.batches(small) {
+            jobs.push(Box::pin(self.upload_batch(batch, progress)));
+        }
+        for (digest, source) in large {
+            jobs.push(Box::pin(self.upload_by_stream(
+                digest,
+                source.clone(),
+                progress,
+            )));
+        }
+        futures::stream::iter(jobs)
             .buffer_unordered(TRANSFER_CONCURRENCY)
             .try_collect::<Vec<()>>()
             .await?;

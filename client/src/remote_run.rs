@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use futures::StreamExt;
 use kiln_proto::reapi;
 use kiln_store::Digest;
@@ -286,8 +287,9 @@ pub async fn run(
     progress.execution_started(total);
     let blobs = &blobs;
     let progress_ref = progress.as_ref();
-    let mut shards: Vec<ShardOutcome> =
-        futures::stream::iter(plans.iter().map(|plan| async move {
+    let mut jobs: Vec<BoxFuture<'_, ShardOutcome>> = Vec::with_capacity(plans.len());
+    for plan in &plans {
+        jobs.push(Box::pin(async move {
             let outcome = ShardOutcome {
                 index: plan.index,
                 total,
@@ -296,7 +298,9 @@ pub async fn run(
             };
             progress_ref.shard_finished(&outcome);
             outcome
-        }))
+        }));
+    }
+    let mut shards: Vec<ShardOutcome> = futures::stream::iter(jobs)
         .buffer_unordered(MAX_CONCURRENT_SHARDS)
         .collect()
         .await;
