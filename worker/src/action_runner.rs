@@ -90,6 +90,10 @@ impl ActionRunner {
         worker_id: String,
         default_timeout: Duration,
     ) -> Result<Self, WorkerError> {
+        // Directories left by a worker that died mid-action hold nothing anyone will read.
+        if actions_dir.exists() {
+            remove_action_dir(&actions_dir);
+        }
         std::fs::create_dir_all(&actions_dir)
             .map_err(WorkerError::io("creating the actions directory"))?;
         Ok(ActionRunner {
@@ -230,7 +234,13 @@ impl ActionRunner {
         };
         // A timed-out action's outputs may be half-written: report only its logs.
         if exit != CommandExit::TimedOut {
-            let outputs = output_collector::collect(function, &exec_root, &command)?;
+            // Hashing outputs is blocking file I/O; keep it off the async workers.
+            let (root, wanted) = (exec_root.clone(), command.clone());
+            let outputs = tokio::task::spawn_blocking(move || {
+                output_collector::collect(function, &root, &wanted)
+            })
+            .await
+            .map_err(|e| WorkerError::Protocol(format!("output collection failed: {e}")))??;
             result.output_files = outputs.output_files;
             result.output_directories = outputs.output_directories;
             result.output_symlinks = outputs.output_symlinks;

@@ -12,8 +12,6 @@ use tonic::Code;
 pub enum WorkerError {
     #[error("invalid configuration: {0}")]
     Config(String),
-    #[error("cannot reach the coordinator: {0}")]
-    Transport(#[from] tonic::transport::Error),
     #[error("{call} failed: {status}")]
     Rpc {
         call: &'static str,
@@ -83,7 +81,7 @@ impl WorkerError {
             WorkerError::Timeout(_) => Code::DeadlineExceeded,
             WorkerError::Cancelled => Code::Cancelled,
             WorkerError::NoFreeSlot => Code::ResourceExhausted,
-            WorkerError::Transport(_) | WorkerError::CorruptBlob { .. } => Code::Unavailable,
+            WorkerError::CorruptBlob { .. } => Code::Unavailable,
             WorkerError::Rpc { status, .. } => match status.code() {
                 // A CAS call the coordinator could not serve right now: worth a retry.
                 Code::Unavailable | Code::ResourceExhausted | Code::DeadlineExceeded => {

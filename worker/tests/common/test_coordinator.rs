@@ -215,6 +215,15 @@ impl TestCoordinator {
         .await
     }
 
+    /// Waits for a heartbeat listing exactly these running leases.
+    pub async fn running(&mut self, lease_ids: &[&str]) {
+        self.wait_for(|e| match e {
+            Event::Heartbeat(h) if h.running_lease_ids == lease_ids => Some(()),
+            _ => None,
+        })
+        .await
+    }
+
     pub async fn registered(&mut self) -> proto::Register {
         self.wait_for(|e| match e {
             Event::Registered(r) => Some(r),
