@@ -138,7 +138,8 @@ async fn output_paths_report_files_directories_and_symlinks() -> anyhow::Result<
     let cas = TestCas::start(DigestFunction::Sha256).await?;
     let worker = TestRunner::new(&cas);
     let mut spec = ActionSpec::shell(
-        "echo data > a.txt && mkdir -p d/e && echo x > d/e/x && ln -s a.txt link && chmod +x a.txt",
+        "echo data > a.txt && mkdir -p d/e && echo x > d/e/x && ln -s a.txt link && chmod +x a.txt
+         head -c 3000000 /dev/zero | tr '\\0' 'z' > d/big.bin",
     );
     // output_paths supersedes the REAPI 2.0 fields, which must then be ignored.
     spec.output_paths = vec!["a.txt".into(), "d".into(), "link".into(), "absent".into()];
@@ -160,7 +161,14 @@ async fn output_paths_report_files_directories_and_symlinks() -> anyhow::Result<
     let tree: reapi::Tree = cas
         .get_message(result.output_directories[0].tree_digest.as_ref().unwrap())
         .await;
-    assert_eq!(tree.root.unwrap().directories[0].name, "e");
+    let root = tree.root.unwrap();
+    assert_eq!(root.directories[0].name, "e");
+    // Above the batch limit, so it went up through ByteStream Write.
+    assert_eq!(root.files[0].name, "big.bin");
+    assert_eq!(
+        cas.get(root.files[0].digest.as_ref().unwrap()).await,
+        vec![b'z'; 3_000_000]
+    );
     assert_eq!(tree.children[0].files[0].name, "x");
     assert_eq!(result.output_symlinks.len(), 1);
     assert_eq!(result.output_symlinks[0].path, "link");
