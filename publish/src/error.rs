@@ -1,0 +1,85 @@
+//! The one error type of kiln-publish.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {reason}")]
+    Source { path: PathBuf, reason: String },
+    #[error("git: {0}")]
+    Git(String),
+    #[error("invalid image reference {reference:?}: {reason}")]
+    Reference { reference: String, reason: String },
+    #[error("invalid tag {tag:?}: tags must match [a-zA-Z0-9_][a-zA-Z0-9._-]{{0,127}}")]
+    InvalidTag { tag: String },
+    #[error("invalid option: {0}")]
+    Option(String),
+    #[error("credentials: {0}")]
+    Credentials(String),
+    #[error("HTTP request to {url} failed: {source}")]
+    Http {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The registry answered with an error status; `code`/`message` come from its OCI
+    /// error body when it sent one.
+    #[error("registry refused {what}: HTTP {status}{}", describe_registry_error(.code, .message))]
+    Registry {
+        what: String,
+        status: u16,
+        code: Option<String>,
+        message: Option<String>,
+    },
+    #[error("authentication with {registry} failed: {reason}")]
+    Auth { registry: String, reason: String },
+    #[error("base image: {0}")]
+    BaseImage(String),
+    #[error("{what}: digest mismatch, expected {expected}, got {actual}")]
+    DigestMismatch {
+        what: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("OCI document: {0}")]
+    Oci(#[from] oci_spec::OciSpecError),
+    #[error("JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("coordinator at {address}: {reason}")]
+    Coordinator { address: String, reason: String },
+    #[error("action {action}: {reason}")]
+    Action { action: String, reason: String },
+}
+
+impl PublishError {
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        PublishError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn http(url: &reqwest::Url, source: reqwest::Error) -> Self {
+        PublishError::Http {
+            url: url.to_string(),
+            source,
+        }
+    }
+}
+
+fn describe_registry_error(code: &Option<String>, message: &Option<String>) -> String {
+    match (code, message) {
+        (Some(code), Some(message)) => format!(" {code}: {message}"),
+        (Some(code), None) => format!(" {code}"),
+        (None, Some(message)) => format!(": {message}"),
+        (None, None) => String::new(),
+    }
+}
+
+pub type Result<T, E = PublishError> = std::result::Result<T, E>;

@@ -1,0 +1,134 @@
+//! Image references as users write them: `[host[:port]/]repository[:tag][@digest]`.
+
+use crate::error::{PublishError, Result};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageReference {
+    /// `host[:port]`.
+    pub registry: String,
+    pub repository: String,
+    /// A tag or a `sha256:` digest.
+    pub reference: String,
+}
+
+impl ImageReference {
+    /// Parses `text`; without a host part, the image is in `default_registry`. The first
+    /// path component is a host when it has a `.` or `:` or is `localhost`, as docker
+    /// decides it.
+    pub fn parse(text: &str, default_registry: &str) -> Result<Self> {
+        let invalid = |reason: &str| PublishError::Reference {
+            reference: text.to_string(),
+            reason: reason.to_string(),
+        };
+        let (name, digest) = match text.split_once('@') {
+            Some((name, digest)) => (name, Some(digest)),
+            None => (text, None),
+        };
+        let (registry, path) = match name.split_once('/') {
+            Some((first, rest))
+                if first.contains('.') || first.contains(':') || first == "localhost" =>
+            {
+                (first.to_string(), rest)
+            }
+            _ => (default_registry.to_string(), name),
+        };
+        // A ':' after the last '/' starts the tag.
+        let (repository, tag) = match path.rsplit_once(':') {
+            Some((repo, tag)) if !tag.contains('/') => (repo, Some(tag)),
+            _ => (path, None),
+        };
+        validate_repository(repository).map_err(|_| invalid("bad repository name"))?;
+        let reference = match (digest, tag) {
+            (Some(digest), _) => {
+                oci_spec::image::Digest::try_from(digest)
+                    .map_err(|_| invalid("bad digest after '@'"))?;
+                digest.to_string()
+            }
+            (None, Some(tag)) => {
+                crate::git_metadata::validate_tag(tag)?;
+                tag.to_string()
+            }
+            (None, None) => return Err(invalid("needs a tag or a digest")),
+        };
+        Ok(ImageReference {
+            registry,
+            repository: repository.to_string(),
+            reference,
+        })
+    }
+}
+
+impl std::fmt::Display for ImageReference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let separator = if self.reference.contains(':') {
+            '@'
+        } else {
+            ':'
+        };
+        write!(
+            f,
+            "{}/{}{separator}{}",
+            self.registry, self.repository, self.reference
+        )
+    }
+}
+
+/// The distribution spec's repository grammar: lower-case components separated by `/`,
+/// each alphanumeric runs joined by `.`, `_`, `__` or dashes.
+pub fn validate_repository(name: &str) -> Result<()> {
+    let component_ok = |component: &str| {
+        let bytes = component.as_bytes();
+        let edges_ok =
+            bytes.first().is_some_and(is_lower_alnum) && bytes.last().is_some_and(is_lower_alnum);
+        let chars_ok = bytes
+            .iter()
+            .all(|b| is_lower_alnum(b) || matches!(b, b'.' | b'_' | b'-'));
+        edges_ok && chars_ok && !component.contains("..") && !component.contains("___")
+    };
+    if !name.is_empty() && name.len() <= 255 && name.split('/').all(component_ok) {
+        Ok(())
+    } else {
+        Err(PublishError::Reference {
+            reference: name.to_string(),
+            reason: "repository names are lower-case alphanumeric components separated by '/', '.', '_' or '-'".into(),
+        })
+    }
+}
+
+fn is_lower_alnum(b: &u8) -> bool {
+    b.is_ascii_lowercase() || b.is_ascii_digit()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_parse() {
+        let r = ImageReference::parse("base:v1", "127.0.0.1:5000").unwrap();
+        assert_eq!(
+            (
+                r.registry.as_str(),
+                r.repository.as_str(),
+                r.reference.as_str()
+            ),
+            ("127.0.0.1:5000", "base", "v1")
+        );
+        let r = ImageReference::parse("registry.example:443/org/base:1.0", "x").unwrap();
+        assert_eq!(r.registry, "registry.example:443");
+        assert_eq!(r.repository, "org/base");
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let r = ImageReference::parse(&format!("localhost/base@{digest}"), "x").unwrap();
+        assert_eq!(r.registry, "localhost");
+        assert_eq!(r.reference, digest);
+        assert_eq!(r.to_string(), format!("localhost/base@{digest}"));
+    }
+
+    #[test]
+    fn bad_references_are_refused() {
+        assert!(ImageReference::parse("base", "x").is_err());
+        assert!(ImageReference::parse("Base:v1", "x").is_err());
+        assert!(ImageReference::parse("base@sha256:zz", "x").is_err());
+        assert!(ImageReference::parse("base:.bad", "x").is_err());
+    }
+}

@@ -1,0 +1,33 @@
+//! kiln-publish: build outputs become OCI images in a registry.
+//!
+//! - [`build_layer`] turns a directory into a reproducible tar+gzip or tar+zstd layer,
+//!   computing its digest and diff_id while it streams to a temporary file.
+//! - [`image_config`] builds the image config and manifest (runtime settings, a non-root
+//!   user, `org.opencontainers.image.*` labels and annotations dated by the commit).
+//! - [`RegistryClient`] speaks the OCI Distribution API, with the Docker token flow.
+//! - [`GitMetadata`] reads HEAD and derives `vX.Y.Z`, short-SHA and `<branch>-<sha>` tags.
+//! - [`ActionFetcher`] writes out an ActionResult's outputs from the coordinator's cache.
+//! - [`publish`] ties them together.
+
+mod action_outputs;
+mod credentials;
+mod error;
+mod git_metadata;
+pub mod image_config;
+mod image_reference;
+mod layer;
+mod progress;
+mod publisher;
+mod registry_client;
+
+pub use action_outputs::{
+    fetch_outputs, parse_action_digest, ActionFetcher, CoordinatorSource, RunAction, RunManifest,
+};
+pub use credentials::{docker_config_credentials, CredentialStore, Credentials};
+pub use error::{PublishError, Result};
+pub use git_metadata::{branch_tag, validate_tag, GitMetadata, SHORT_SHA_LEN};
+pub use image_config::{Provenance, RuntimeSettings, TargetPlatform, DEFAULT_USER};
+pub use image_reference::ImageReference;
+pub use layer::{build_layer, Compression, LayerBlob};
+pub use publisher::{publish, BlobTransfer, PublishOutcome, PublishRequest};
+pub use registry_client::{MountOutcome, RegistryClient, OCI_MANIFEST};

@@ -1,0 +1,90 @@
+//! CNCF distribution (Debian's `docker-registry`) as a peer registry for tests: started
+//! on a free loopback port with a private config and storage, killed by PID on drop.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Distribution {
+    pub address: String,
+    child: Child,
+    _storage: tempfile::TempDir,
+}
+
+const BINARY: &str = "docker-registry";
+
+impl Distribution {
+    /// Starts the registry. Fails loudly when the binary is missing: install it with
+    /// `apt-get install -y --no-install-recommends docker-registry`.
+    pub async fn start() -> Distribution {
+        let binary = find_binary().unwrap_or_else(|| {
+            panic!(
+                "`{BINARY}` is not installed; these tests need it: \
+                 apt-get install -y --no-install-recommends docker-registry"
+            )
+        });
+        let storage = tempfile::tempdir().unwrap();
+        // Bind, read the port and release it: distribution cannot be handed a socket.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let address = format!("127.0.0.1:{port}");
+        let config = storage.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {address}\n",
+                storage.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new(binary)
+            .arg("serve")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("docker-registry starts");
+        let registry = Distribution {
+            address,
+            child,
+            _storage: storage,
+        };
+        registry.wait_until_ready().await;
+        registry
+    }
+
+    async fn wait_until_ready(&self) {
+        let url = format!("http://{}/v2/", self.address);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok(response) = reqwest::get(&url).await {
+                if response.status().is_success() {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "docker-registry did not come up at {url}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Distribution {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn find_binary() -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| PathBuf::from(dir).join(BINARY))
+        .find(|path| path.is_file())
+}
