@@ -8,7 +8,7 @@ pub enum ClientError {
     #[error("invalid coordinator address {url:?}: {reason}")]
     InvalidEndpoint { url: String, reason: String },
 
-    #[error("cannot connect to the coordinator at {url}: {source}")]
+    #[error("cannot connect to the coordinator at {url}")]
     Connect {
         url: String,
         #[source]
@@ -22,11 +22,12 @@ pub enum ClientError {
         status: Box<tonic::Status>,
     },
 
-    #[error("{}: {source}", path.display())]
+    /// The io error is part of the message (not a `source`): the run manifest records
+    /// errors as one line.
+    #[error("{}: {error}", path.display())]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
 
     /// An input the REAPI data model cannot express (a non-UTF-8 name, say).
@@ -58,10 +59,10 @@ impl ClientError {
         }
     }
 
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub(crate) fn io(path: impl Into<PathBuf>, error: std::io::Error) -> Self {
         ClientError::Io {
             path: path.into(),
-            source,
+            error,
         }
     }
 
