@@ -72,6 +72,9 @@ const KNOWN_VARIABLES: &[&str] = &[
     "KILN_REGISTRY_ADDR",
     "KILN_WORKERS",
     "KILN_LOG",
+    // `kiln publish`: registry credentials (never logged).
+    "KILN_REGISTRY_USER",
+    "KILN_REGISTRY_PASSWORD",
 ];
 
 impl KilnConfig {
