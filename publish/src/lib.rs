@@ -30,4 +30,4 @@ pub use image_config::{Provenance, RuntimeSettings, TargetPlatform, DEFAULT_USER
 pub use image_reference::ImageReference;
 pub use layer::{build_layer, Compression, LayerBlob};
 pub use publisher::{publish, BlobTransfer, PublishOutcome, PublishRequest};
-pub use registry_client::{MountOutcome, RegistryClient, OCI_MANIFEST};
+pub use registry_client::{BlobSource, MountOutcome, RegistryClient, OCI_MANIFEST};

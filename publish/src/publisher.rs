@@ -16,7 +16,7 @@ use crate::image_reference::{validate_repository, ImageReference};
 use crate::layer::{build_layer, sha256_digest, Compression, LayerBlob};
 use crate::progress::Progress;
 use crate::registry_client::{
-    MountOutcome, RegistryClient, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST,
+    BlobSource, MountOutcome, RegistryClient, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST,
 };
 
 /// Everything one `kiln publish` needs.
@@ -168,11 +168,13 @@ pub async fn publish(request: PublishRequest) -> Result<PublishOutcome> {
                 match session {
                     None => BlobTransfer::Mounted,
                     Some(session) => {
-                        let source = source_client.as_ref().unwrap_or(&target);
+                        let source = BlobSource {
+                            client: source_client.as_ref().unwrap_or(&target),
+                            repository: &reference.repository,
+                        };
                         target
                             .copy_blob_from(
                                 source,
-                                &reference.repository,
                                 repository,
                                 session,
                                 &digest,
@@ -303,7 +305,7 @@ async fn resolve_base(
             ))
         })?;
         fetched = client
-            .get_manifest(&reference.repository, &chosen.digest().to_string())
+            .get_manifest(&reference.repository, chosen.digest().as_ref())
             .await?;
     }
     let manifest = ImageManifest::from_reader(fetched.bytes.as_slice())?;

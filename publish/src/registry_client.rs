@@ -54,6 +54,13 @@ struct AuthState {
     tokens: HashMap<String, String>,
 }
 
+/// Where a blob is copied from: a repository in some registry.
+#[derive(Clone, Copy)]
+pub struct BlobSource<'a> {
+    pub client: &'a RegistryClient,
+    pub repository: &'a str,
+}
+
 /// A client for one registry host.
 pub struct RegistryClient {
     http: reqwest::Client,
@@ -226,15 +233,14 @@ impl RegistryClient {
     /// reach) into the upload session `session` of this one.
     pub async fn copy_blob_from(
         &self,
-        source: &RegistryClient,
-        source_repository: &str,
+        source: BlobSource<'_>,
         repository: &str,
         session: Url,
         digest: &str,
         size: u64,
         progress: &indicatif::ProgressBar,
     ) -> Result<()> {
-        let download = source.get_blob(source_repository, digest).await?;
+        let download = source.client.get_blob(source.repository, digest).await?;
         let progress = progress.clone();
         let body = reqwest::Body::wrap_stream(
             download

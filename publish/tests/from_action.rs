@@ -169,9 +169,12 @@ async fn an_action_result_becomes_the_same_layer_as_its_tree() {
     let coordinator = kiln_servers::coordinator().await;
     let stored = store_action(&coordinator.address).await;
 
-    let staged = fetch_outputs(source(&coordinator.address), &[stored.action.clone()])
-        .await
-        .unwrap();
+    let staged = fetch_outputs(
+        source(&coordinator.address),
+        std::slice::from_ref(&stored.action),
+    )
+    .await
+    .unwrap();
     let mode = |p: &str| {
         std::fs::metadata(staged.path().join(p))
             .unwrap()
