@@ -251,6 +251,35 @@ async fn the_worst_shard_exit_code_wins() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_shard_fails_with_its_status() -> anyhow::Result<()> {
+    let farm = Farm::start(DigestFunction::Sha256).await?;
+    let work = workspace();
+    let mut request = request(
+        work.path(),
+        2,
+        &["fake", "err=partial output", "deadline={shard}"],
+    );
+    request.timeout = Some(std::time::Duration::from_secs(1));
+    let report = farm.run(&request).await?;
+    assert_eq!(report.shards[0].exit_code(), 0);
+    let timed_out = report.shards[1].result.as_ref().unwrap();
+    let status = timed_out.error_status.as_ref().expect("the status is kept");
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+    assert_eq!(
+        &timed_out.stderr[..],
+        b"partial output\n",
+        "partial logs are still shown"
+    );
+    assert_eq!(
+        report.shards[1].exit_code(),
+        1,
+        "exit code 0 with an error status is a failure"
+    );
+    assert_eq!(report.exit_code(), 1);
+    farm.coordinator.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_stream_is_resumed_with_wait_execution() -> anyhow::Result<()> {
     let farm = Farm::start(DigestFunction::Sha256).await?;
     let work = workspace();

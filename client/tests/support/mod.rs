@@ -12,8 +12,9 @@
 //! `echo=TEXT` (a stdout line), `err=TEXT` (a stderr line), `read=PATH` (the input file's
 //! content to stdout), `out=PATH:TEXT` (an output file), `exe=PATH:TEXT` (an executable
 //! output file), `dir=PATH:TAG` (an output directory with `a.txt`, `sub/b.txt` and a
-//! symlink `link -> a.txt`), `link=PATH:TARGET` (an output symlink), `exit=N`, and
-//! `unrunnable=1` (the operation fails without a result).
+//! symlink `link -> a.txt`), `link=PATH:TARGET` (an output symlink), `exit=N`,
+//! `unrunnable=1` (the operation fails without a result) and `deadline=1` (the result
+//! comes back with DEADLINE_EXCEEDED, as a timed-out action's does).
 #![allow(dead_code)] // Each test binary uses a different part of this module.
 
 use std::collections::HashMap;
@@ -311,6 +312,17 @@ impl FakeExecutionService {
             }));
         }
         let result = self.run(&inputs).await?;
+        if inputs.command.arguments.iter().any(|a| a == "deadline=1") {
+            return Ok(execute_response(reapi::ExecuteResponse {
+                result: Some(result),
+                status: Some(kiln_proto::rpc::Status {
+                    code: tonic::Code::DeadlineExceeded as i32,
+                    message: "the action ran past its timeout".into(),
+                    details: vec![],
+                }),
+                ..Default::default()
+            }));
+        }
         *self
             .log
             .executions
