@@ -2,10 +2,15 @@
 //! and the client commands.
 
 mod config;
+mod publish;
+mod run;
 mod servers;
 mod storage;
 
-use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser, Subcommand};
+use metrics_exporter_prometheus::PrometheusBuilder;
 
 use config::{CommonArgs, KilnConfig};
 use servers::Servers;
@@ -30,11 +35,43 @@ enum Command {
     Up,
     /// The coordinator alone: REAPI cache and execution services over gRPC.
     Coordinator,
+    /// The OCI registry alone.
+    Registry,
+    /// A worker that joins a coordinator's pool and runs actions.
+    Worker(WorkerArgs),
+    /// Run a command on the farm (kiln's own REAPI client).
+    Run(run::RunArgs),
+    /// Turn build outputs into an OCI image and push it.
+    Publish(Box<publish::PublishArgs>),
 }
 
-fn main() -> anyhow::Result<()> {
+/// `kiln worker` flags; the `[worker]` table of the configuration file sets the rest.
+#[derive(Debug, clap::Args)]
+struct WorkerArgs {
+    /// The coordinator's gRPC endpoint.
+    #[arg(long, env = "KILN_COORDINATOR", value_name = "URL")]
+    coordinator: Option<String>,
+    /// Actions run at once [default: one per core].
+    #[arg(long, env = "KILN_SLOTS")]
+    slots: Option<usize>,
+    /// A platform property this worker offers (repeatable).
+    #[arg(long = "platform", value_name = "KEY=VALUE", value_parser = parse_property)]
+    platform: Vec<(String, String)>,
+    /// Where the worker keeps its blob cache and action directories [default: DATA_DIR/worker].
+    #[arg(long, env = "KILN_WORK_DIR")]
+    work_dir: Option<std::path::PathBuf>,
+}
+
+fn parse_property(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))?;
+    Ok((key.to_string(), value.to_string()))
+}
+
+fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
-    let config = KilnConfig::resolve(&cli.common)?;
+    let config = KilnConfig::resolve(&cli.common, &config::known_variables(&Cli::command()))?;
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&config.log)?)
         .with_writer(std::io::stderr)
@@ -46,20 +83,92 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(run(cli.command, config))
 }
 
-async fn run(command: Command, config: KilnConfig) -> anyhow::Result<()> {
+async fn run(command: Command, config: KilnConfig) -> anyhow::Result<ExitCode> {
     match command {
         Command::Up => {
             let storage = Storage::open(&config.data_dir)?;
             let mut servers = Servers::new();
-            servers.start_coordinator(&config, &storage).await?;
+            let metrics = PrometheusBuilder::new().install_recorder()?;
+            let join_token = config
+                .join_token
+                .clone()
+                .unwrap_or_else(generate_join_token);
+            let config = KilnConfig {
+                join_token: Some(join_token.clone()),
+                ..config
+            };
+            let grpc = servers.start_coordinator(&config, &storage).await?;
+            servers.start_registry(&config, &storage).await?;
+            servers.start_metrics(&config, metrics).await?;
+            let workers = config
+                .workers
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            servers.start_local_workers(&config, grpc, &join_token, workers);
             tracing::info!(data_dir = %config.data_dir.display(), "kiln is up");
-            servers.run_until_signalled().await
+            servers.run_until_signalled().await?;
         }
         Command::Coordinator => {
             let storage = Storage::open(&config.data_dir)?;
             let mut servers = Servers::new();
+            let metrics = PrometheusBuilder::new().install_recorder()?;
             servers.start_coordinator(&config, &storage).await?;
-            servers.run_until_signalled().await
+            servers.start_metrics(&config, metrics).await?;
+            servers.run_until_signalled().await?;
+        }
+        Command::Registry => {
+            let storage = Storage::open(&config.data_dir)?;
+            let mut servers = Servers::new();
+            servers.start_registry(&config, &storage).await?;
+            servers.run_until_signalled().await?;
+        }
+        Command::Worker(args) => {
+            let mut worker = config.worker.clone();
+            if let Some(coordinator) = args.coordinator {
+                worker.coordinator = coordinator;
+            }
+            if let Some(slots) = args.slots {
+                worker.slots = slots;
+            }
+            worker.platform.extend(args.platform);
+            worker.work_dir = args
+                .work_dir
+                .unwrap_or_else(|| config.data_dir.join("worker"));
+            if let Some(token) = &config.join_token {
+                worker.join_token = token.clone();
+            }
+            kiln_worker::run(worker, servers::shutdown_signal()).await?;
+        }
+        Command::Run(args) => return run::run(args).await,
+        Command::Publish(args) => publish::run(*args).await?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A fresh secret for `kiln up`'s own workers.
+fn generate_join_token() -> String {
+    let mut bytes = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
+    hex::encode(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_flag_variable_is_known() {
+        let known = config::known_variables(&Cli::command());
+        for name in [
+            "KILN_DATA_DIR",
+            "KILN_JOIN_TOKEN",
+            "KILN_COORDINATOR",
+            "KILN_METRICS_ADDR",
+            "KILN_REGISTRY_USER",
+        ] {
+            assert!(
+                known.iter().any(|k| k == name),
+                "{name} missing from {known:?}"
+            );
         }
     }
 }

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 
 use anyhow::Context;
+use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -31,8 +32,15 @@ impl Servers {
     ) -> anyhow::Result<SocketAddr> {
         let listener = bind(config.grpc_addr, "coordinator").await?;
         let addr = listener.local_addr()?;
+        let mut coordinator_config = config.coordinator.clone();
+        coordinator_config.join_token = config.join_token.clone();
+        if coordinator_config.join_token.is_none() {
+            tracing::warn!(
+                "no join token is configured (--join-token / KILN_JOIN_TOKEN): no worker can join"
+            );
+        }
         let coordinator = kiln_coordinator::Coordinator::new(
-            config.coordinator.clone(),
+            coordinator_config,
             storage.blobs.clone(),
             storage.metadata.clone(),
         );
@@ -45,6 +53,90 @@ impl Servers {
         });
         tracing::info!("coordinator (REAPI over gRPC) listening on grpc://{addr}");
         Ok(addr)
+    }
+
+    pub async fn start_registry(
+        &mut self,
+        config: &KilnConfig,
+        storage: &Storage,
+    ) -> anyhow::Result<SocketAddr> {
+        let listener = bind(config.registry_addr, "registry").await?;
+        let addr = listener.local_addr()?;
+        let registry = kiln_registry::Registry::open(
+            config.registry.clone(),
+            storage.blobs.clone(),
+            storage.metadata.clone(),
+        )
+        .context("opening the registry")?;
+        let shutdown = self.shutdown.clone().cancelled_owned();
+        self.tasks
+            .spawn(async move { registry.serve(listener, shutdown).await.context("registry") });
+        Ok(addr)
+    }
+
+    /// Serves `/metrics`, `/healthz` and `/readyz`.
+    pub async fn start_metrics(
+        &mut self,
+        config: &KilnConfig,
+        metrics: PrometheusHandle,
+    ) -> anyhow::Result<SocketAddr> {
+        let listener = bind(config.metrics_addr, "metrics").await?;
+        let addr = listener.local_addr()?;
+        let app = axum::Router::new()
+            .route(
+                "/metrics",
+                axum::routing::get(move || std::future::ready(metrics.render())),
+            )
+            // Storage is opened before any server starts, so a serving process is ready.
+            .route(
+                "/healthz",
+                axum::routing::get(|| std::future::ready("ok\n")),
+            )
+            .route(
+                "/readyz",
+                axum::routing::get(|| std::future::ready("ready\n")),
+            );
+        let shutdown = self.shutdown.clone().cancelled_owned();
+        self.tasks.spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+                .context("metrics server")
+        });
+        tracing::info!("metrics and health listening on http://{addr}");
+        Ok(addr)
+    }
+
+    /// Starts `count` workers in this process, each with its own work directory.
+    pub fn start_local_workers(
+        &mut self,
+        config: &KilnConfig,
+        coordinator: SocketAddr,
+        join_token: &str,
+        count: usize,
+    ) {
+        for index in 0..count {
+            let mut worker = config.worker.clone();
+            worker.coordinator = format!("http://{coordinator}");
+            worker.join_token = join_token.to_string();
+            worker.work_dir = config.data_dir.join("workers").join(index.to_string());
+            if worker.slots == 0 {
+                worker.slots = 1;
+            }
+            if worker.worker_id.is_empty() {
+                worker.worker_id = format!("local-{index}");
+            }
+            // Workers drain (finish what they hold) when the process is told to stop.
+            let shutdown = self.shutdown.clone().cancelled_owned();
+            self.tasks.spawn(async move {
+                kiln_worker::run(worker, shutdown)
+                    .await
+                    .context("local worker")
+            });
+        }
+        if count > 0 {
+            tracing::info!(count, "local workers started");
+        }
     }
 
     /// Waits for Ctrl-C or SIGTERM, or for a server to stop on its own, then stops all.
@@ -82,7 +174,7 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("{what}: cannot listen on {addr}"))
 }
 
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {

@@ -89,7 +89,10 @@ impl ActionCacheService {
         }
     }
 
-    async fn get(&self, request: GetActionResultRequest) -> Result<ActionResult, CoordinatorError> {
+    pub(crate) async fn get(
+        &self,
+        request: GetActionResultRequest,
+    ) -> Result<ActionResult, CoordinatorError> {
         let function = reapi_digest::digest_function(request.digest_function)?;
         let action = reapi_digest::parse(function, request.action_digest.as_ref(), || {
             "action_digest".into()
@@ -255,7 +258,7 @@ impl ActionCacheService {
         Ok(files)
     }
 
-    async fn update(
+    pub(crate) async fn update(
         &self,
         request: UpdateActionResultRequest,
     ) -> Result<ActionResult, CoordinatorError> {

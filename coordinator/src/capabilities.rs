@@ -49,7 +49,7 @@ impl CapabilitiesService {
             }),
             execution_capabilities: Some(ExecutionCapabilities {
                 digest_function: digest_function::Value::Sha256 as i32,
-                exec_enabled: false,
+                exec_enabled: true,
                 digest_functions,
                 ..Default::default()
             }),

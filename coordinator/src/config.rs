@@ -24,6 +24,18 @@ pub struct CoordinatorConfig {
     /// A hit refreshes their access time (for eviction) at most once per this interval,
     /// which keeps repeated hits as cheap as a metadata lookup.
     pub access_refresh_interval_secs: u64,
+    /// The secret workers must present to join. Without one, no worker is accepted.
+    /// (The CLI fills this from `--join-token` / `KILN_JOIN_TOKEN`; it is not a file key
+    /// one should commit.)
+    #[serde(skip)]
+    pub join_token: Option<String>,
+    /// How often workers send heartbeats.
+    pub heartbeat_interval_ms: u64,
+    /// A worker silent for this long loses its leases, which are requeued.
+    pub heartbeat_timeout_secs: u64,
+    /// How many times an action may be handed to a worker (lost workers count) before
+    /// it fails with UNAVAILABLE instead of running forever.
+    pub max_attempts: u32,
 }
 
 impl Default for CoordinatorConfig {
@@ -34,6 +46,10 @@ impl Default for CoordinatorConfig {
             zstd_level: 1,
             max_tree_page_size: 1000,
             access_refresh_interval_secs: 300,
+            join_token: None,
+            heartbeat_interval_ms: 1000,
+            heartbeat_timeout_secs: 10,
+            max_attempts: 3,
         }
     }
 }

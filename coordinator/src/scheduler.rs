@@ -38,7 +38,11 @@ pub struct SchedulerConfig {
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
-        SchedulerConfig { max_attempts: 3, heartbeat_timeout: Duration::from_secs(10), scan_depth: 32 }
+        SchedulerConfig {
+            max_attempts: 3,
+            heartbeat_timeout: Duration::from_secs(10),
+            scan_depth: 32,
+        }
     }
 }
 
@@ -82,12 +86,16 @@ pub enum Cancelled {
     /// It was still queued and is gone now.
     Queued,
     /// It was running: the worker must be told to stop this lease.
-    Running { worker: WorkerId, lease: LeaseId },
+    Running {
+        worker: WorkerId,
+        lease: LeaseId,
+    },
     NotFound,
 }
 
 /// A worker as the status API shows it.
 #[derive(Clone, Debug)]
+#[allow(dead_code)] // Fields beyond `slots` are read by the status API (issue 6), not yet.
 pub struct WorkerSnapshot {
     pub id: WorkerId,
     pub platform: Platform,
@@ -129,10 +137,13 @@ struct PriorityLevel {
 
 impl PriorityLevel {
     fn push(&mut self, action: QueuedAction, front: bool) {
-        let queue = self.queues.entry(action.invocation.clone()).or_insert_with(|| {
-            self.rotation.push_back(action.invocation.clone());
-            VecDeque::new()
-        });
+        let queue = self
+            .queues
+            .entry(action.invocation.clone())
+            .or_insert_with(|| {
+                self.rotation.push_back(action.invocation.clone());
+                VecDeque::new()
+            });
         if front {
             queue.push_front(action);
         } else {
@@ -163,27 +174,51 @@ impl Scheduler {
         let epoch = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
-        Scheduler { config, next_lease: epoch, ..Default::default() }
+        Scheduler {
+            config,
+            next_lease: epoch,
+            ..Default::default()
+        }
     }
 
     /// Adds (or replaces) a worker. A replaced worker's leases are lost.
-    pub fn add_worker(&mut self, id: WorkerId, platform: Platform, slots: usize, now: Instant) -> Vec<LostLease> {
+    pub fn add_worker(
+        &mut self,
+        id: WorkerId,
+        platform: Platform,
+        slots: usize,
+        now: Instant,
+    ) -> Vec<LostLease> {
         let lost = self.remove_worker(&id);
         self.workers.insert(
             id,
-            Worker { platform, slots, leases: HashSet::new(), last_heartbeat: now, draining: false },
+            Worker {
+                platform,
+                slots,
+                leases: HashSet::new(),
+                last_heartbeat: now,
+                draining: false,
+            },
         );
         lost
     }
 
     /// Removes a worker; its leases are requeued or given up.
     pub fn remove_worker(&mut self, id: &str) -> Vec<LostLease> {
-        let Some(worker) = self.workers.remove(id) else { return Vec::new() };
+        let Some(worker) = self.workers.remove(id) else {
+            return Vec::new();
+        };
         let mut leases: Vec<LeaseId> = worker.leases.into_iter().collect();
         leases.sort();
-        let actions: Vec<QueuedAction> =
-            leases.iter().filter_map(|lease| self.leases.remove(lease)).map(|lease| lease.action).collect();
-        actions.into_iter().map(|action| self.requeue(action)).collect()
+        let actions: Vec<QueuedAction> = leases
+            .iter()
+            .filter_map(|lease| self.leases.remove(lease))
+            .map(|lease| lease.action)
+            .collect();
+        actions
+            .into_iter()
+            .map(|action| self.requeue(action))
+            .collect()
     }
 
     pub fn heartbeat(&mut self, id: &str, now: Instant) -> bool {
@@ -228,18 +263,27 @@ impl Scheduler {
 
     fn push(&mut self, action: QueuedAction, front: bool) {
         self.queued += 1;
-        self.levels.entry(action.priority).or_default().push(action, front);
+        self.levels
+            .entry(action.priority)
+            .or_default()
+            .push(action, front);
     }
 
     fn requeue(&mut self, action: QueuedAction) -> LostLease {
         let operation = action.operation.clone();
         let attempts = action.attempts;
         if attempts >= self.config.max_attempts {
-            return LostLease::GaveUp { operation, attempts };
+            return LostLease::GaveUp {
+                operation,
+                attempts,
+            };
         }
         // It already waited its turn once.
         self.push(action, true);
-        LostLease::Requeued { operation, attempts }
+        LostLease::Requeued {
+            operation,
+            attempts,
+        }
     }
 
     /// Hands queued actions to workers with free slots, as far as they go.
@@ -254,19 +298,29 @@ impl Scheduler {
             while free > 0 {
                 let mut placed_in_round = false;
                 for _ in 0..level.rotation.len() {
-                    let Some(invocation) = level.rotation.pop_front() else { break };
-                    let queue = level.queues.get_mut(&invocation).expect("rotation and queues agree");
+                    let Some(invocation) = level.rotation.pop_front() else {
+                        break;
+                    };
+                    let queue = level
+                        .queues
+                        .get_mut(&invocation)
+                        .expect("rotation and queues agree");
                     let found = queue
                         .iter()
                         .take(depth)
                         .enumerate()
-                        .find_map(|(i, action)| choose_worker(&self.workers, action).map(|w| (i, w)));
+                        .find_map(|(i, action)| {
+                            choose_worker(&self.workers, action).map(|w| (i, w))
+                        });
                     if let Some((index, worker_id)) = found {
                         let mut action = queue.remove(index).expect("index from iteration");
                         action.attempts += 1;
                         self.next_lease += 1;
                         let lease = format!("lease-{:x}", self.next_lease);
-                        let worker = self.workers.get_mut(&worker_id).expect("chosen worker exists");
+                        let worker = self
+                            .workers
+                            .get_mut(&worker_id)
+                            .expect("chosen worker exists");
                         worker.leases.insert(lease.clone());
                         assignments.push(Assignment {
                             lease: lease.clone(),
@@ -274,7 +328,13 @@ impl Scheduler {
                             operation: action.operation.clone(),
                             attempt: action.attempts,
                         });
-                        self.leases.insert(lease, Lease { action, worker: worker_id });
+                        self.leases.insert(
+                            lease,
+                            Lease {
+                                action,
+                                worker: worker_id,
+                            },
+                        );
                         self.queued -= 1;
                         free -= 1;
                         placed_in_round = true;
@@ -327,7 +387,11 @@ impl Scheduler {
                 }
             }
         }
-        let running = self.leases.iter().find(|(_, l)| l.action.operation == operation).map(|(id, l)| (id.clone(), l.worker.clone()));
+        let running = self
+            .leases
+            .iter()
+            .find(|(_, l)| l.action.operation == operation)
+            .map(|(id, l)| (id.clone(), l.worker.clone()));
         match running {
             Some((lease, worker)) => {
                 self.leases.remove(&lease);
@@ -395,8 +459,13 @@ fn rendezvous_score(worker: &str, affinity: &[u8; 32]) -> u64 {
 }
 
 fn choose_worker(workers: &HashMap<WorkerId, Worker>, action: &QueuedAction) -> Option<WorkerId> {
-    let eligible = || workers.iter().filter(|(_, w)| !w.draining && w.platform.satisfies(&action.platform));
-    let (preferred_id, preferred) = eligible().max_by_key(|(id, _)| rendezvous_score(id, &action.affinity))?;
+    let eligible = || {
+        workers
+            .iter()
+            .filter(|(_, w)| !w.draining && w.platform.satisfies(&action.platform))
+    };
+    let (preferred_id, preferred) =
+        eligible().max_by_key(|(id, _)| rendezvous_score(id, &action.affinity))?;
     if preferred.free_slots() > 0 {
         return Some(preferred_id.clone());
     }

@@ -4,10 +4,13 @@ use std::future::Future;
 use std::sync::Arc;
 
 use kiln_proto::bytestream::byte_stream_server::ByteStreamServer;
+use kiln_proto::longrunning::operations_server::OperationsServer;
 use kiln_proto::reapi::{
     action_cache_server::ActionCacheServer, capabilities_server::CapabilitiesServer,
     content_addressable_storage_server::ContentAddressableStorageServer,
+    execution_server::ExecutionServer,
 };
+use kiln_proto::worker::v1::workers_server::WorkersServer;
 use kiln_store::{BlobStore, MetadataStore};
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
@@ -17,6 +20,7 @@ use crate::action_cache::ActionCacheService;
 use crate::byte_stream::ByteStreamService;
 use crate::capabilities::CapabilitiesService;
 use crate::cas::CasService;
+use crate::execution::{ExecutionEngine, ExecutionService, OperationsService, WorkerService};
 use crate::{CoordinatorConfig, CoordinatorError};
 
 /// HTTP/2 flow-control windows. The defaults (64 KiB) cap a single stream at a few
@@ -69,13 +73,26 @@ impl Coordinator {
         ))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
-        let action_cache = ActionCacheServer::new(ActionCacheService::new(
+        let action_cache_service = Arc::new(ActionCacheService::new(
             self.blobs.clone(),
             kiln_store::ActionCache::new(self.metadata.clone()),
             config.clone(),
-        ))
-        .max_decoding_message_size(limit)
-        .max_encoding_message_size(limit);
+        ));
+        let engine = ExecutionEngine::open(
+            &config,
+            self.blobs.clone(),
+            self.metadata.clone(),
+            action_cache_service.clone(),
+        )?;
+        engine.spawn_dispatcher();
+        let action_cache = ActionCacheServer::from_arc(action_cache_service)
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit);
+        let execution = ExecutionServer::new(ExecutionService::new(engine.clone()));
+        let operations = OperationsServer::new(OperationsService::new(engine.clone()));
+        let workers = WorkersServer::new(WorkerService::new(engine))
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit);
         let byte_stream = ByteStreamServer::new(ByteStreamService::new(self.blobs, config))
             .max_decoding_message_size(limit)
             .max_encoding_message_size(limit);
@@ -92,6 +109,9 @@ impl Coordinator {
             .add_service(cas)
             .add_service(action_cache)
             .add_service(byte_stream)
+            .add_service(execution)
+            .add_service(operations)
+            .add_service(workers)
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await?;
         Ok(())

@@ -50,7 +50,7 @@ async fn capabilities_advertise_what_the_server_supports() -> anyhow::Result<()>
     );
 
     let execution = capabilities.execution_capabilities.expect("execution");
-    assert!(!execution.exec_enabled);
+    assert!(execution.exec_enabled);
     assert_eq!(
         execution.digest_function,
         digest_function::Value::Sha256 as i32

@@ -45,7 +45,9 @@ impl Platform {
             let Some(offered) = self.properties.get(name) else {
                 return false;
             };
-            wanted.iter().all(|want| offered.iter().any(|offer| value_satisfies(offer, want)))
+            wanted
+                .iter()
+                .all(|want| offered.iter().any(|offer| value_satisfies(offer, want)))
         })
     }
 }

@@ -59,9 +59,19 @@ fn platform_requirements_are_matched() {
     s.enqueue(needs_gpu);
     s.enqueue(needs_8);
     let assigned = s.schedule();
-    assert_eq!(assigned.len(), 1, "the gpu action fits nowhere but must not block the other");
-    assert_eq!((assigned[0].operation.as_str(), assigned[0].worker.as_str()), ("needs-8", "large"));
-    assert_eq!(s.queue_depth_by_platform().into_iter().collect::<Vec<_>>(), [("gpu=1".to_string(), 1)]);
+    assert_eq!(
+        assigned.len(),
+        1,
+        "the gpu action fits nowhere but must not block the other"
+    );
+    assert_eq!(
+        (assigned[0].operation.as_str(), assigned[0].worker.as_str()),
+        ("needs-8", "large")
+    );
+    assert_eq!(
+        s.queue_depth_by_platform().into_iter().collect::<Vec<_>>(),
+        [("gpu=1".to_string(), 1)]
+    );
 }
 
 #[test]
@@ -76,13 +86,18 @@ fn the_same_input_root_returns_to_the_same_worker() {
         }
         for assignment in s.schedule() {
             let target = assignment.operation.split('-').next().unwrap().to_string();
-            let worker = first_choice.entry(target).or_insert_with(|| assignment.worker.clone());
+            let worker = first_choice
+                .entry(target)
+                .or_insert_with(|| assignment.worker.clone());
             assert_eq!(*worker, assignment.worker, "{} moved", assignment.operation);
             s.complete(&assignment.lease, &assignment.worker).unwrap();
         }
     }
     let distinct: HashSet<&String> = first_choice.values().collect();
-    assert!(distinct.len() > 1, "six targets should not all hash to one worker");
+    assert!(
+        distinct.len() > 1,
+        "six targets should not all hash to one worker"
+    );
 }
 
 #[test]
@@ -97,7 +112,10 @@ fn a_full_warm_worker_falls_back_to_the_least_loaded() {
     let assigned = s.schedule();
     assert_eq!(assigned.len(), 7);
     let per_worker = |id: &str| assigned.iter().filter(|a| a.worker == id).count();
-    assert_eq!((per_worker("a"), per_worker("b"), per_worker("c")), (1, 2, 4));
+    assert_eq!(
+        (per_worker("a"), per_worker("b"), per_worker("c")),
+        (1, 2, 4)
+    );
     assert!(s.schedule().is_empty());
 }
 
@@ -106,11 +124,25 @@ fn a_silent_worker_loses_its_leases_and_they_run_elsewhere() {
     let (mut s, start) = scheduler_with(&[("doomed", 1)]);
     s.enqueue(action("op", "i", 0));
     assert_eq!(s.schedule()[0].worker, "doomed");
-    s.add_worker("healthy".into(), Platform::default(), 1, start + Duration::from_secs(9));
+    s.add_worker(
+        "healthy".into(),
+        Platform::default(),
+        1,
+        start + Duration::from_secs(9),
+    );
     let later = start + Duration::from_secs(11);
     s.heartbeat("healthy", later);
     let expired = s.expire_silent_workers(later);
-    assert_eq!(expired, [("doomed".to_string(), vec![LostLease::Requeued { operation: "op".into(), attempts: 1 }])]);
+    assert_eq!(
+        expired,
+        [(
+            "doomed".to_string(),
+            vec![LostLease::Requeued {
+                operation: "op".into(),
+                attempts: 1
+            }]
+        )]
+    );
     let retry = s.schedule();
     assert_eq!((retry[0].worker.as_str(), retry[0].attempt), ("healthy", 2));
 }
@@ -129,9 +161,18 @@ fn retries_are_bounded() {
     assert_eq!(
         outcomes,
         [
-            LostLease::Requeued { operation: "cursed".into(), attempts: 1 },
-            LostLease::Requeued { operation: "cursed".into(), attempts: 2 },
-            LostLease::GaveUp { operation: "cursed".into(), attempts: 3 },
+            LostLease::Requeued {
+                operation: "cursed".into(),
+                attempts: 1
+            },
+            LostLease::Requeued {
+                operation: "cursed".into(),
+                attempts: 2
+            },
+            LostLease::GaveUp {
+                operation: "cursed".into(),
+                attempts: 3
+            },
         ]
     );
     assert_eq!(s.queue_depth(), 0);
@@ -145,7 +186,10 @@ fn draining_workers_get_nothing_new() {
     s.drain_worker("w");
     s.enqueue(action("after", "i", 0));
     assert!(s.schedule().is_empty());
-    assert_eq!(s.complete(&lease.lease, "w").map(|a| a.operation), Some("before".to_string()));
+    assert_eq!(
+        s.complete(&lease.lease, "w").map(|a| a.operation),
+        Some("before".to_string())
+    );
     assert_eq!(s.queue_depth(), 1);
 }
 
@@ -156,7 +200,13 @@ fn cancel_finds_queued_and_running_actions() {
     s.enqueue(action("queued", "j", 0));
     let lease = s.schedule().remove(0);
     assert_eq!(s.cancel("queued"), Cancelled::Queued);
-    assert_eq!(s.cancel("running"), Cancelled::Running { worker: "w".into(), lease: lease.lease.clone() });
+    assert_eq!(
+        s.cancel("running"),
+        Cancelled::Running {
+            worker: "w".into(),
+            lease: lease.lease.clone()
+        }
+    );
     assert_eq!(s.cancel("running"), Cancelled::NotFound);
     // A result for the cancelled lease is no longer current.
     assert_eq!(s.complete(&lease.lease, "w"), None);

@@ -1,0 +1,774 @@
+//! Remote execution: the Execution service clients call, the Workers service workers
+//! connect to, and the dispatcher between them.
+//!
+//! - `Execute` answers from the action cache when it can. Otherwise the action becomes
+//!   an operation, persisted in the metadata store before it is queued, so that a
+//!   restarted coordinator picks its queue back up; identical actions in flight share
+//!   one operation.
+//! - The [`Scheduler`] decides placement; the dispatcher sends its assignments down each
+//!   worker's stream and requeues the leases of workers that go silent.
+//! - A worker's result completes the operation, and a successful one is written to the
+//!   action cache (unless the action says `do_not_cache`).
+//!
+//! All mutable state sits behind one mutex that is never held across an `.await`.
+
+mod operation;
+mod worker_service;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::Stream;
+use kiln_proto::longrunning::{
+    operations_server::Operations, CancelOperationRequest, DeleteOperationRequest,
+    GetOperationRequest, ListOperationsRequest, ListOperationsResponse, Operation,
+    WaitOperationRequest,
+};
+use kiln_proto::prost::Message;
+use kiln_proto::protobuf::Empty;
+use kiln_proto::reapi::{
+    execution_server::Execution, execution_stage, Action, ActionResult, Command, ExecuteRequest,
+    ExecuteResponse, GetActionResultRequest, RequestMetadata, UpdateActionResultRequest,
+    WaitExecutionRequest,
+};
+use kiln_proto::rpc;
+use kiln_proto::worker::v1::{coordinator_message, Assign, Cancel, CoordinatorMessage};
+use kiln_store::{BlobStore, Digest, MetadataStore};
+use tokio::sync::{mpsc, watch, Notify};
+use tonic::{Code, Request, Response, Status};
+
+use crate::action_cache::ActionCacheService;
+use crate::scheduler::{
+    Cancelled, LostLease, Platform, Scheduler, SchedulerConfig, WorkerSnapshot,
+};
+use crate::{reapi_digest, CoordinatorConfig, CoordinatorError};
+use operation::{
+    completed_operation, timestamp_from_nanos, unix_nanos, OperationRecord, OPERATIONS,
+};
+pub(crate) use worker_service::WorkerService;
+
+/// The gRPC metadata key REAPI clients put their RequestMetadata under.
+const REQUEST_METADATA_HEADER: &str = "build.bazel.remote.execution.v2.requestmetadata-bin";
+/// How often the dispatcher looks for silent workers even when nothing else happens.
+const DISPATCH_TICK: Duration = Duration::from_millis(250);
+/// How long a finished operation stays answerable to WaitExecution and GetOperation.
+const COMPLETED_RETENTION: Duration = Duration::from_secs(15 * 60);
+
+type OperationStream = std::pin::Pin<Box<dyn Stream<Item = Result<Operation, Status>> + Send>>;
+
+/// The state shared by the Execution, Operations and Workers services.
+#[derive(Clone)]
+pub(crate) struct ExecutionEngine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    state: Mutex<State>,
+    dispatch: Notify,
+    blobs: Arc<dyn BlobStore>,
+    metadata: Arc<dyn MetadataStore>,
+    action_cache: Arc<ActionCacheService>,
+    join_token: Option<String>,
+    heartbeat_interval: Duration,
+}
+
+#[derive(Default)]
+struct State {
+    scheduler: Scheduler,
+    operations: HashMap<String, LiveOperation>,
+    /// (instance, function, action hash) → the operation running it.
+    in_flight: HashMap<(String, Digest), String>,
+    /// Each connected worker's outbound stream.
+    workers: HashMap<String, WorkerConnection>,
+    next_connection: u64,
+    /// Platforms with a published queue-depth gauge, so that an emptied queue reads 0.
+    gauged_platforms: std::collections::BTreeSet<String>,
+}
+
+/// A worker's current stream. A worker that reconnects gets a new one; the old stream's
+/// clean-up must then leave the new one alone, hence the id.
+struct WorkerConnection {
+    id: u64,
+    outbound: mpsc::UnboundedSender<Result<CoordinatorMessage, Status>>,
+}
+
+struct LiveOperation {
+    record: OperationRecord,
+    updates: watch::Sender<Operation>,
+    completed: Option<Instant>,
+}
+
+impl ExecutionEngine {
+    /// Opens the engine and reloads the operations a previous run left unfinished.
+    pub(crate) fn open(
+        config: &CoordinatorConfig,
+        blobs: Arc<dyn BlobStore>,
+        metadata: Arc<dyn MetadataStore>,
+        action_cache: Arc<ActionCacheService>,
+    ) -> Result<Self, CoordinatorError> {
+        let scheduler = Scheduler::new(SchedulerConfig {
+            max_attempts: config.max_attempts,
+            heartbeat_timeout: Duration::from_secs(config.heartbeat_timeout_secs),
+            ..Default::default()
+        });
+        let engine = ExecutionEngine {
+            inner: Arc::new(Inner {
+                state: Mutex::new(State {
+                    scheduler,
+                    ..Default::default()
+                }),
+                dispatch: Notify::new(),
+                blobs,
+                metadata,
+                action_cache,
+                join_token: config.join_token.clone(),
+                heartbeat_interval: Duration::from_millis(config.heartbeat_interval_ms),
+            }),
+        };
+        engine.reload()?;
+        Ok(engine)
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn reload(&self) -> Result<(), CoordinatorError> {
+        let mut after: Option<Vec<u8>> = None;
+        let mut requeued = 0;
+        loop {
+            let page = self
+                .inner
+                .metadata
+                .scan(OPERATIONS, b"", after.as_deref(), 1000)?;
+            let Some((last, _)) = page.last() else { break };
+            after = Some(last.clone());
+            let mut state = self.state();
+            for (_, value) in page {
+                let Some(record) = OperationRecord::decode(&value) else {
+                    continue;
+                };
+                let stage = if record.response.is_some() {
+                    execution_stage::Value::Completed
+                } else {
+                    // Whatever ran before the restart runs again: actions are hermetic,
+                    // and the lost worker streams cannot deliver their results anymore.
+                    state.scheduler.enqueue(record.queued_action());
+                    state.in_flight.insert(
+                        (record.instance_name.clone(), record.action_digest()),
+                        record.name.clone(),
+                    );
+                    requeued += 1;
+                    execution_stage::Value::Queued
+                };
+                let (updates, _) = watch::channel(record.to_operation(stage));
+                let completed = record.response.is_some().then(Instant::now);
+                state.operations.insert(
+                    record.name.clone(),
+                    LiveOperation {
+                        record,
+                        updates,
+                        completed,
+                    },
+                );
+            }
+        }
+        if requeued > 0 {
+            tracing::info!(requeued, "reloaded unfinished operations");
+        }
+        Ok(())
+    }
+
+    /// Runs the dispatcher until every service has dropped the engine (the server stopped).
+    pub(crate) fn spawn_dispatcher(&self) {
+        let engine = self.clone();
+        tokio::spawn(async move {
+            while Arc::strong_count(&engine.inner) > 1 {
+                engine.dispatch_once();
+                let _ = tokio::time::timeout(DISPATCH_TICK, engine.inner.dispatch.notified()).await;
+            }
+        });
+    }
+
+    fn wake_dispatcher(&self) {
+        self.inner.dispatch.notify_one();
+    }
+
+    /// Expires silent workers, hands queued actions to free slots, forgets old results.
+    fn dispatch_once(&self) {
+        let now = Instant::now();
+        let mut state = self.state();
+        for (worker, lost) in state.scheduler.expire_silent_workers(now) {
+            tracing::warn!(%worker, leases = lost.len(), "worker missed its heartbeats");
+            state.workers.remove(&worker);
+            self.handle_lost_leases(&mut state, lost);
+        }
+        for assignment in state.scheduler.schedule() {
+            let Some(live) = state.operations.get(&assignment.operation) else {
+                continue;
+            };
+            let record = &live.record;
+            let assign = Assign {
+                lease_id: assignment.lease.clone(),
+                instance_name: record.instance_name.clone(),
+                action_digest: Some(reapi_digest::to_reapi(&record.action_digest())),
+                digest_function: record.action_digest().function.reapi_value(),
+                timeout: record.timeout().map(|t| kiln_proto::protobuf::Duration {
+                    seconds: t.as_secs() as i64,
+                    nanos: t.subsec_nanos() as i32,
+                }),
+                traceparent: String::new(),
+                tracestate: String::new(),
+                queued_timestamp: Some(timestamp_from_nanos(record.queued_at_unix_nanos)),
+            };
+            let _ = live
+                .updates
+                .send(record.to_operation(execution_stage::Value::Executing));
+            tracing::debug!(operation = %assignment.operation, worker = %assignment.worker, attempt = assignment.attempt, "assigned");
+            let message = CoordinatorMessage {
+                message: Some(coordinator_message::Message::Assign(assign)),
+            };
+            let delivered = state
+                .workers
+                .get(&assignment.worker)
+                .is_some_and(|c| c.outbound.send(Ok(message)).is_ok());
+            if !delivered {
+                let lost = state.scheduler.remove_worker(&assignment.worker);
+                state.workers.remove(&assignment.worker);
+                self.handle_lost_leases(&mut state, lost);
+            }
+        }
+        publish_gauges(&mut state, now);
+        state.operations.retain(|name, live| {
+            let expired = live
+                .completed
+                .is_some_and(|at| now.duration_since(at) > COMPLETED_RETENTION);
+            if expired {
+                let _ = self.inner.metadata.remove(OPERATIONS, name.as_bytes());
+            }
+            !expired
+        });
+    }
+
+    fn handle_lost_leases(&self, state: &mut State, lost: Vec<LostLease>) {
+        for lease in lost {
+            match lease {
+                LostLease::Requeued {
+                    operation,
+                    attempts,
+                } => {
+                    tracing::info!(%operation, attempts, "requeued after losing its worker");
+                    if let Some(live) = state.operations.get(&operation) {
+                        let _ = live
+                            .updates
+                            .send(live.record.to_operation(execution_stage::Value::Queued));
+                    }
+                }
+                LostLease::GaveUp {
+                    operation,
+                    attempts,
+                } => {
+                    let status = rpc::Status {
+                        code: Code::Unavailable as i32,
+                        message: format!("the action lost its worker {attempts} times; giving up"),
+                        details: Vec::new(),
+                    };
+                    self.finish(
+                        state,
+                        &operation,
+                        ExecuteResponse {
+                            status: Some(status),
+                            ..Default::default()
+                        },
+                    );
+                }
+            }
+        }
+        self.wake_dispatcher();
+    }
+
+    /// Completes an operation: persists its response and tells every watcher.
+    fn finish(&self, state: &mut State, operation: &str, response: ExecuteResponse) {
+        let Some(live) = state.operations.get_mut(operation) else {
+            return;
+        };
+        live.record.response = Some(response.encode_to_vec());
+        live.record.completed_at_unix_nanos = Some(unix_nanos(SystemTime::now()));
+        live.completed = Some(Instant::now());
+        let _ = live
+            .updates
+            .send(live.record.to_operation(execution_stage::Value::Completed));
+        let key = (
+            live.record.instance_name.clone(),
+            live.record.action_digest(),
+        );
+        if let Err(e) =
+            self.inner
+                .metadata
+                .insert(OPERATIONS, operation.as_bytes(), &live.record.encode())
+        {
+            tracing::error!(%operation, error = %e, "could not persist a finished operation");
+        }
+        state.in_flight.remove(&key);
+    }
+
+    async fn execute(
+        &self,
+        request: Request<ExecuteRequest>,
+    ) -> Result<OperationStream, CoordinatorError> {
+        let invocation = request_metadata(&request)
+            .map(|m| m.tool_invocation_id)
+            .unwrap_or_default();
+        let request = request.into_inner();
+        let function = reapi_digest::digest_function(request.digest_function)?;
+        let action_digest = reapi_digest::parse(function, request.action_digest.as_ref(), || {
+            "action_digest".into()
+        })?;
+
+        if !request.skip_cache_lookup {
+            let lookup = GetActionResultRequest {
+                instance_name: request.instance_name.clone(),
+                action_digest: request.action_digest.clone(),
+                digest_function: request.digest_function,
+                ..Default::default()
+            };
+            match self.inner.action_cache.get(lookup).await {
+                Ok(result) => {
+                    let response = ExecuteResponse {
+                        result: Some(result),
+                        cached_result: true,
+                        ..Default::default()
+                    };
+                    let name = format!("operations/cached-{}", uuid::Uuid::new_v4());
+                    let operation = completed_operation(name, &action_digest, &response);
+                    return Ok(Box::pin(futures::stream::iter([Ok(operation)])));
+                }
+                Err(CoordinatorError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+
+        let action_bytes = match self.inner.blobs.read_all(&action_digest).await {
+            Ok(bytes) => bytes,
+            Err(kiln_store::StoreError::NotFound(_)) => {
+                return Err(CoordinatorError::MissingBlobs(vec![action_digest]))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let action = Action::decode(action_bytes).map_err(|e| {
+            CoordinatorError::bad_request(
+                "action_digest",
+                format!("the Action does not decode: {e}"),
+            )
+        })?;
+        let command_digest = reapi_digest::parse(function, action.command_digest.as_ref(), || {
+            "action.command_digest".into()
+        })?;
+        let input_root = reapi_digest::parse(function, action.input_root_digest.as_ref(), || {
+            "action.input_root_digest".into()
+        })?;
+        let wanted = [command_digest, input_root];
+        let present = self.inner.blobs.has_many(&wanted).await?;
+        let missing: Vec<Digest> = wanted
+            .into_iter()
+            .zip(present)
+            .filter(|(_, p)| !p)
+            .map(|(d, _)| d)
+            .collect();
+        if !missing.is_empty() {
+            return Err(CoordinatorError::MissingBlobs(missing));
+        }
+        let platform = match &action.platform {
+            Some(platform) => platform.clone(),
+            // REAPI < 2.2 put the platform on the Command; Bazel 2.1 still does.
+            #[allow(deprecated)]
+            None => {
+                let command = Command::decode(self.inner.blobs.read_all(&command_digest).await?)
+                    .map_err(|e| {
+                        CoordinatorError::bad_request(
+                            "action.command_digest",
+                            format!("the Command does not decode: {e}"),
+                        )
+                    })?;
+                command.platform.unwrap_or_default()
+            }
+        };
+
+        let priority = request.execution_policy.as_ref().map_or(0, |p| p.priority);
+        let key = (request.instance_name.clone(), action_digest);
+        let record = OperationRecord {
+            name: format!("operations/{}", uuid::Uuid::new_v4()),
+            instance_name: request.instance_name.clone(),
+            function: function.name().to_string(),
+            action_hash: action_digest.hex(),
+            action_size: action_digest.size,
+            priority,
+            invocation,
+            platform: platform
+                .properties
+                .iter()
+                .map(|p| (p.name.clone(), p.value.clone()))
+                .collect(),
+            input_root_hash: input_root.hex(),
+            timeout_nanos: action.timeout.as_ref().map_or(0, |t| {
+                t.seconds.max(0) as u64 * 1_000_000_000 + t.nanos.max(0) as u64
+            }),
+            do_not_cache: action.do_not_cache,
+            queued_at_unix_nanos: unix_nanos(SystemTime::now()),
+            attempts: 0,
+            response: None,
+            completed_at_unix_nanos: None,
+        };
+
+        // Persist first, so that an acknowledged operation survives a crash.
+        if let Some(existing) = self.subscribe_in_flight(&key) {
+            return Ok(existing);
+        }
+        self.inner
+            .metadata
+            .insert(OPERATIONS, record.name.as_bytes(), &record.encode())?;
+        self.inner.metadata.flush().await?;
+        let receiver = {
+            let mut state = self.state();
+            if let Some(existing) = state
+                .in_flight
+                .get(&key)
+                .and_then(|name| state.operations.get(name))
+            {
+                // Another identical Execute won the race while we flushed.
+                let receiver = existing.updates.subscribe();
+                drop(state);
+                let _ = self
+                    .inner
+                    .metadata
+                    .remove(OPERATIONS, record.name.as_bytes());
+                return Ok(follow(receiver));
+            }
+            let (updates, receiver) =
+                watch::channel(record.to_operation(execution_stage::Value::Queued));
+            state.scheduler.enqueue(record.queued_action());
+            state.in_flight.insert(key, record.name.clone());
+            state.operations.insert(
+                record.name.clone(),
+                LiveOperation {
+                    record,
+                    updates,
+                    completed: None,
+                },
+            );
+            receiver
+        };
+        self.wake_dispatcher();
+        Ok(follow(receiver))
+    }
+
+    fn subscribe_in_flight(&self, key: &(String, Digest)) -> Option<OperationStream> {
+        let state = self.state();
+        let name = state.in_flight.get(key)?;
+        Some(follow(state.operations.get(name)?.updates.subscribe()))
+    }
+
+    fn subscribe(&self, name: &str) -> Result<OperationStream, CoordinatorError> {
+        let state = self.state();
+        match state.operations.get(name) {
+            Some(live) => Ok(follow(live.updates.subscribe())),
+            None => Err(CoordinatorError::NotFound(format!(
+                "no operation named {name:?}"
+            ))),
+        }
+    }
+
+    /// A worker's result for one of its leases.
+    pub(crate) async fn complete_lease(
+        &self,
+        worker: &str,
+        lease: &str,
+        result: Option<ActionResult>,
+        status: Option<rpc::Status>,
+    ) {
+        let status = status.unwrap_or_default();
+        let record = {
+            let mut state = self.state();
+            let Some(action) = state.scheduler.complete(lease, worker) else {
+                tracing::debug!(%worker, %lease, "result for a lease that is no longer current");
+                return;
+            };
+            if status.code == Code::ResourceExhausted as i32 {
+                // The worker had no room after all: back in line, without counting a try.
+                let mut action = action;
+                action.attempts = action.attempts.saturating_sub(1);
+                state.scheduler.enqueue(action);
+                drop(state);
+                self.wake_dispatcher();
+                return;
+            }
+            let Some(live) = state.operations.get(&action.operation) else {
+                return;
+            };
+            live.record.clone()
+        };
+
+        let mut response = ExecuteResponse {
+            result,
+            status: Some(status.clone()),
+            ..Default::default()
+        };
+        let succeeded = status.code == Code::Ok as i32
+            && response.result.as_ref().is_some_and(|r| r.exit_code == 0);
+        if succeeded && !record.do_not_cache {
+            let update = UpdateActionResultRequest {
+                instance_name: record.instance_name.clone(),
+                action_digest: Some(reapi_digest::to_reapi(&record.action_digest())),
+                action_result: response.result.clone(),
+                digest_function: record.action_digest().function.reapi_value(),
+                ..Default::default()
+            };
+            if let Err(e) = self.inner.action_cache.update(update).await {
+                // The client still gets its result; only the cache entry is missing.
+                tracing::warn!(operation = %record.name, error = %e, "could not cache a result");
+                response.message = format!("the result was not cached: {e}");
+            }
+        }
+        let mut state = self.state();
+        self.finish(&mut state, &record.name, response);
+        drop(state);
+        // Make the finished record durable in the background of the next flush.
+        let metadata = self.inner.metadata.clone();
+        tokio::spawn(async move {
+            let _ = metadata.flush().await;
+        });
+        self.wake_dispatcher();
+    }
+
+    fn cancel(&self, name: &str) -> Result<(), CoordinatorError> {
+        let mut state = self.state();
+        if !state.operations.contains_key(name) {
+            return Err(CoordinatorError::NotFound(format!(
+                "no operation named {name:?}"
+            )));
+        }
+        match state.scheduler.cancel(name) {
+            Cancelled::Running { worker, lease } => {
+                let message = CoordinatorMessage {
+                    message: Some(coordinator_message::Message::Cancel(Cancel {
+                        lease_id: lease,
+                    })),
+                };
+                if let Some(connection) = state.workers.get(&worker) {
+                    let _ = connection.outbound.send(Ok(message));
+                }
+            }
+            Cancelled::Queued => {}
+            Cancelled::NotFound => return Ok(()), // already finished
+        }
+        let status = rpc::Status {
+            code: Code::Cancelled as i32,
+            message: "cancelled by request".into(),
+            details: Vec::new(),
+        };
+        self.finish(
+            &mut state,
+            name,
+            ExecuteResponse {
+                status: Some(status),
+                ..Default::default()
+            },
+        );
+        Ok(())
+    }
+
+    /// Adds a worker and its stream; returns the connection id its clean-up must name.
+    fn connect_worker(
+        &self,
+        worker: &str,
+        platform: Platform,
+        slots: usize,
+        outbound: mpsc::UnboundedSender<Result<CoordinatorMessage, Status>>,
+    ) -> u64 {
+        let mut state = self.state();
+        state.next_connection += 1;
+        let id = state.next_connection;
+        let lost = state
+            .scheduler
+            .add_worker(worker.to_string(), platform, slots, Instant::now());
+        state
+            .workers
+            .insert(worker.to_string(), WorkerConnection { id, outbound });
+        self.handle_lost_leases(&mut state, lost);
+        id
+    }
+
+    /// Removes a worker whose stream `connection` ended, unless it has reconnected since.
+    fn disconnect_worker(&self, worker: &str, connection: u64) {
+        let mut state = self.state();
+        if state.workers.get(worker).map(|c| c.id) != Some(connection) {
+            return;
+        }
+        // Dropping the sender ends our side of the stream.
+        state.workers.remove(worker);
+        let lost = state.scheduler.remove_worker(worker);
+        self.handle_lost_leases(&mut state, lost);
+    }
+
+    fn heartbeat(&self, worker: &str, draining: bool) {
+        let mut state = self.state();
+        state.scheduler.heartbeat(worker, Instant::now());
+        if draining {
+            // Stop offering it work now rather than have it refuse each Assign.
+            state.scheduler.drain_worker(worker);
+        }
+    }
+}
+
+/// The scheduler's gauges for `/metrics`; `kiln_queue_depth` drives worker autoscaling.
+fn publish_gauges(state: &mut State, now: Instant) {
+    let scheduler = &state.scheduler;
+    metrics::gauge!("kiln_actions_queued").set(scheduler.queue_depth() as f64);
+    let depths = scheduler.queue_depth_by_platform();
+    for platform in state
+        .gauged_platforms
+        .iter()
+        .filter(|p| !depths.contains_key(*p))
+    {
+        metrics::gauge!("kiln_queue_depth", "platform" => platform.clone()).set(0.0);
+    }
+    for (platform, depth) in &depths {
+        metrics::gauge!("kiln_queue_depth", "platform" => platform.clone()).set(*depth as f64);
+    }
+    state.gauged_platforms.extend(depths.into_keys());
+    let workers: Vec<WorkerSnapshot> = scheduler.workers(now);
+    let slots: usize = workers.iter().map(|w| w.slots).sum();
+    metrics::gauge!("kiln_workers_connected").set(workers.len() as f64);
+    metrics::gauge!("kiln_worker_slots", "state" => "busy").set(scheduler.running() as f64);
+    metrics::gauge!("kiln_worker_slots", "state" => "idle")
+        .set(slots.saturating_sub(scheduler.running()) as f64);
+}
+
+/// Streams an operation's state now, then each change, until it is done.
+fn follow(receiver: watch::Receiver<Operation>) -> OperationStream {
+    Box::pin(futures::stream::unfold(
+        Some((receiver, true)),
+        |state| async move {
+            let (mut receiver, first) = state?;
+            // Intermediate stages may coalesce; clients only need the latest one.
+            if !first && receiver.changed().await.is_err() {
+                return None;
+            }
+            let operation = receiver.borrow_and_update().clone();
+            let next = (!operation.done).then_some((receiver, false));
+            Some((Ok(operation), next))
+        },
+    ))
+}
+
+fn request_metadata<T>(request: &Request<T>) -> Option<RequestMetadata> {
+    let value = request.metadata().get_bin(REQUEST_METADATA_HEADER)?;
+    RequestMetadata::decode(value.to_bytes().ok()?).ok()
+}
+
+/// The REAPI Execution service.
+pub(crate) struct ExecutionService {
+    engine: ExecutionEngine,
+}
+
+impl ExecutionService {
+    pub(crate) fn new(engine: ExecutionEngine) -> Self {
+        ExecutionService { engine }
+    }
+}
+
+#[tonic::async_trait]
+impl Execution for ExecutionService {
+    type ExecuteStream = OperationStream;
+    type WaitExecutionStream = OperationStream;
+
+    #[tracing::instrument(skip_all, name = "Execute")]
+    async fn execute(
+        &self,
+        request: Request<ExecuteRequest>,
+    ) -> Result<Response<Self::ExecuteStream>, Status> {
+        Ok(Response::new(self.engine.execute(request).await?))
+    }
+
+    #[tracing::instrument(skip_all, name = "WaitExecution", fields(operation = %request.get_ref().name))]
+    async fn wait_execution(
+        &self,
+        request: Request<WaitExecutionRequest>,
+    ) -> Result<Response<Self::WaitExecutionStream>, Status> {
+        Ok(Response::new(
+            self.engine.subscribe(&request.into_inner().name)?,
+        ))
+    }
+}
+
+/// `google.longrunning.Operations`: look-up and cancellation of execution operations.
+pub(crate) struct OperationsService {
+    engine: ExecutionEngine,
+}
+
+impl OperationsService {
+    pub(crate) fn new(engine: ExecutionEngine) -> Self {
+        OperationsService { engine }
+    }
+}
+
+#[tonic::async_trait]
+impl Operations for OperationsService {
+    async fn list_operations(
+        &self,
+        _: Request<ListOperationsRequest>,
+    ) -> Result<Response<ListOperationsResponse>, Status> {
+        let state = self.engine.state();
+        let mut operations: Vec<Operation> = state
+            .operations
+            .values()
+            .map(|live| live.updates.borrow().clone())
+            .collect();
+        operations.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(Response::new(ListOperationsResponse {
+            operations,
+            ..Default::default()
+        }))
+    }
+
+    async fn get_operation(
+        &self,
+        request: Request<GetOperationRequest>,
+    ) -> Result<Response<Operation>, Status> {
+        let name = request.into_inner().name;
+        let state = self.engine.state();
+        match state.operations.get(&name) {
+            Some(live) => Ok(Response::new(live.updates.borrow().clone())),
+            None => Err(CoordinatorError::NotFound(format!("no operation named {name:?}")).into()),
+        }
+    }
+
+    async fn delete_operation(
+        &self,
+        _: Request<DeleteOperationRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        Err(CoordinatorError::Unimplemented(
+            "DeleteOperation (finished operations expire on their own)",
+        )
+        .into())
+    }
+
+    async fn cancel_operation(
+        &self,
+        request: Request<CancelOperationRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        self.engine.cancel(&request.into_inner().name)?;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn wait_operation(
+        &self,
+        _: Request<WaitOperationRequest>,
+    ) -> Result<Response<Operation>, Status> {
+        Err(CoordinatorError::Unimplemented("WaitOperation (use WaitExecution)").into())
+    }
+}

@@ -1,0 +1,140 @@
+//! `kiln.worker.v1.Workers/Connect`: one bidirectional stream per worker.
+//!
+//! The first message must be a Register carrying the join token; anything else, or a
+//! wrong token, is answered with Rejected and the stream ends. While the stream lives,
+//! heartbeats keep the worker's leases and results complete them. When the worker's side
+//! ends, the coordinator ends its side too and requeues whatever the worker held.
+
+use futures::StreamExt;
+use kiln_proto::worker::v1::{
+    coordinator_message, worker_message, workers_server::Workers, CoordinatorMessage, Register,
+    RegisterAck, Rejected, WorkerMessage,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::ExecutionEngine;
+use crate::scheduler::Platform;
+
+pub(crate) struct WorkerService {
+    engine: ExecutionEngine,
+}
+
+impl WorkerService {
+    pub(crate) fn new(engine: ExecutionEngine) -> Self {
+        WorkerService { engine }
+    }
+}
+
+type CoordinatorStream = UnboundedReceiverStream<Result<CoordinatorMessage, Status>>;
+
+fn message(message: coordinator_message::Message) -> Result<CoordinatorMessage, Status> {
+    Ok(CoordinatorMessage {
+        message: Some(message),
+    })
+}
+
+/// Compares secrets in time independent of where they differ.
+fn same_secret(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[tonic::async_trait]
+impl Workers for WorkerService {
+    type ConnectStream = CoordinatorStream;
+
+    #[tracing::instrument(skip_all, name = "Workers/Connect")]
+    async fn connect(
+        &self,
+        request: Request<Streaming<WorkerMessage>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let register = match inbound.message().await? {
+            Some(WorkerMessage {
+                message: Some(worker_message::Message::Register(register)),
+            }) => register,
+            _ => {
+                let _ = tx.send(message(coordinator_message::Message::Rejected(Rejected {
+                    reason: "the first message on a worker stream must be Register".into(),
+                })));
+                return Ok(Response::new(UnboundedReceiverStream::new(rx)));
+            }
+        };
+        if let Some(reason) = self.refusal(&register) {
+            tracing::warn!(worker = %register.worker_id, %reason, "refused a worker");
+            let _ = tx.send(message(coordinator_message::Message::Rejected(Rejected {
+                reason,
+            })));
+            return Ok(Response::new(UnboundedReceiverStream::new(rx)));
+        }
+
+        let worker = register.worker_id.clone();
+        let platform = Platform::new(register.platform.iter().flat_map(|p| {
+            p.properties
+                .iter()
+                .map(|p| (p.name.clone(), p.value.clone()))
+        }));
+        let interval = self.engine.inner.heartbeat_interval;
+        let _ = tx.send(message(coordinator_message::Message::RegisterAck(
+            RegisterAck {
+                heartbeat_interval: Some(kiln_proto::protobuf::Duration {
+                    seconds: interval.as_secs() as i64,
+                    nanos: interval.subsec_nanos() as i32,
+                }),
+            },
+        )));
+        tracing::info!(%worker, %platform, slots = register.slots, version = %register.version, "worker joined");
+        let connection = self
+            .engine
+            .connect_worker(&worker, platform, register.slots as usize, tx);
+
+        let engine = self.engine.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(incoming)) = inbound.next().await {
+                match incoming.message {
+                    Some(worker_message::Message::Heartbeat(beat)) => {
+                        engine.heartbeat(&worker, beat.draining)
+                    }
+                    Some(worker_message::Message::Result(result)) => {
+                        engine.heartbeat(&worker, false);
+                        engine
+                            .complete_lease(
+                                &worker,
+                                &result.lease_id,
+                                result.action_result,
+                                result.status,
+                            )
+                            .await;
+                    }
+                    Some(worker_message::Message::Register(_)) | None => {}
+                }
+            }
+            tracing::info!(%worker, "worker left");
+            engine.disconnect_worker(&worker, connection);
+        });
+        Ok(Response::new(UnboundedReceiverStream::new(rx)))
+    }
+}
+
+impl WorkerService {
+    fn refusal(&self, register: &Register) -> Option<String> {
+        if register.worker_id.is_empty() {
+            return Some("worker_id is empty".into());
+        }
+        if register.slots == 0 {
+            return Some("slots must be at least 1".into());
+        }
+        match &self.engine.inner.join_token {
+            Some(expected) if !same_secret(expected, &register.join_token) => {
+                Some("wrong join token".into())
+            }
+            None => {
+                Some("this coordinator accepts no workers (no join token is configured)".into())
+            }
+            _ => None,
+        }
+    }
+}
