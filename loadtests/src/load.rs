@@ -6,6 +6,11 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
+/// Latencies in microseconds, from 1 µs to 10 minutes, to 3 significant figures.
+fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds")
+}
+
 /// What one load run measured.
 #[derive(Debug, Clone)]
 pub struct LoadSummary {
@@ -46,7 +51,7 @@ where
         .map(|_| {
             let call = call.clone();
             tokio::spawn(async move {
-                let mut histogram = Histogram::<u64>::new(3).expect("valid histogram precision");
+                let mut histogram = latency_histogram();
                 let mut errors = 0u64;
                 for _ in 0..per_task {
                     if Instant::now() >= deadline {
@@ -62,7 +67,7 @@ where
             })
         })
         .collect();
-    let mut histogram = Histogram::<u64>::new(3).expect("valid histogram precision");
+    let mut histogram = latency_histogram();
     let mut errors = 0;
     for task in tasks {
         let (h, e) = task.await.expect("load task panicked");

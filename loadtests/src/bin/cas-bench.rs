@@ -41,6 +41,10 @@ struct Args {
     /// Benchmark a running kiln at this address instead of one started in process.
     #[arg(long)]
     addr: Option<SocketAddr>,
+    /// Where the in-process server keeps its data (e.g. /dev/shm to take the disk out of
+    /// the measurement) [default: a temporary directory under $TMPDIR].
+    #[arg(long)]
+    data_dir: Option<std::path::PathBuf>,
 }
 
 fn reapi_digest(d: &Digest) -> kiln_proto::reapi::Digest {
@@ -65,7 +69,10 @@ async fn main() -> anyhow::Result<()> {
     println!("| raw BLAKE3 (blake3, 1 thread) | {raw_b3:.0} MB/s |");
     println!("| loopback TCP (iperf3, 1 stream) | {tcp:.0} MB/s |");
 
-    let _server_dir = tempfile::tempdir()?;
+    let _server_dir = match &args.data_dir {
+        Some(parent) => tempfile::tempdir_in(parent)?,
+        None => tempfile::tempdir()?,
+    };
     let addr = match args.addr {
         Some(addr) => addr,
         None => start_in_process(_server_dir.path()).await?,

@@ -166,7 +166,14 @@ async fn a_named_upload_resumes_after_a_dropped_writer() {
         writer.write(data.slice(..split)).await.unwrap();
         // Dropped without commit: the client disconnected.
     }
-    // A restart in between must not matter either.
+    // A resuming writer waits for the dropped one's last append (the upload's lock)...
+    drop(
+        store
+            .begin_write(DigestFunction::Sha256, Some("upload-1"))
+            .await
+            .unwrap(),
+    );
+    // ...and a restart in between must not matter either.
     let store = FsBlobStore::open(dir.path()).unwrap();
     let mut writer = store
         .begin_write(DigestFunction::Sha256, Some("upload-1"))
