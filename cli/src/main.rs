@@ -136,7 +136,11 @@ async fn run(command: Command, config: KilnConfig) -> anyhow::Result<ExitCode> {
             if let Some(token) = &config.join_token {
                 worker.join_token = token.clone();
             }
-            kiln_worker::run(worker, servers::shutdown_signal()).await?;
+            let mut servers = Servers::new();
+            let metrics = PrometheusBuilder::new().install_recorder()?;
+            servers.start_metrics(&config, metrics).await?;
+            servers.start_worker(worker);
+            servers.run_until_signalled().await?;
         }
         Command::Run(args) => return run::run(args).await,
         Command::Publish(args) => publish::run(*args).await?,

@@ -126,17 +126,19 @@ impl Servers {
             if worker.worker_id.is_empty() {
                 worker.worker_id = format!("local-{index}");
             }
-            // Workers drain (finish what they hold) when the process is told to stop.
-            let shutdown = self.shutdown.clone().cancelled_owned();
-            self.tasks.spawn(async move {
-                kiln_worker::run(worker, shutdown)
-                    .await
-                    .context("local worker")
-            });
+            self.start_worker(worker);
         }
         if count > 0 {
             tracing::info!(count, "local workers started");
         }
+    }
+
+    /// Runs a worker until shutdown, when it drains: it takes no new work and finishes
+    /// what it holds before the process exits.
+    pub fn start_worker(&mut self, worker: kiln_worker::WorkerConfig) {
+        let shutdown = self.shutdown.clone().cancelled_owned();
+        self.tasks
+            .spawn(async move { kiln_worker::run(worker, shutdown).await.context("worker") });
     }
 
     /// Waits for Ctrl-C or SIGTERM, or for a server to stop on its own, then stops all.
