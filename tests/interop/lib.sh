@@ -13,9 +13,12 @@ CLIENT_CACHE="${KILN_INTEROP_CACHE:-$HOME/.cache/kiln-interop}"
 WORK="$(mktemp -d /tmp/kiln-interop.XXXXXX)"
 STARTED_PIDS=()
 
+# Newest first: a daemon started on top of another (dockerd on containerd, a client on a
+# server) stops while what it depends on still answers.
 cleanup() {
-    local pid
-    for pid in "${STARTED_PIDS[@]:-}"; do
+    local i pid
+    for ((i = ${#STARTED_PIDS[@]} - 1; i >= 0; i--)); do
+        pid="${STARTED_PIDS[$i]}"
         [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
     done
     if [ "${KEEP_WORK:-0}" != 1 ]; then rm -rf "$WORK"; fi
@@ -30,7 +33,7 @@ build_kiln() {
     if [ -z "${KILN:-}" ]; then
         log "building kiln (release)"
         (cd "$REPO_ROOT" && cargo build --release --quiet -p kiln)
-        KILN="$REPO_ROOT/target/release/kiln"
+        KILN="${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release/kiln"
     fi
     [ -x "$KILN" ] || fail "kiln binary $KILN is missing"
 }
@@ -40,7 +43,8 @@ build_kiln() {
 start_kiln() {
     local name="$1"; shift
     local logfile="$WORK/$name.log"
-    KILN_LOG=info "$KILN" "$@" >"$logfile" 2>&1 &
+    # kiln refuses unknown KILN_* variables, so this script's own setting stays out.
+    env -u KILN_EXPECT_LISTENERS KILN_LOG=info "$KILN" "$@" >"$logfile" 2>&1 &
     STARTED_PIDS+=("$!")
     local want="${KILN_EXPECT_LISTENERS:-1}" i
     for i in $(seq 1 200); do
@@ -52,9 +56,11 @@ start_kiln() {
     fail "kiln $name did not start within 20 s"
 }
 
-# listen_addr NAME SCHEME : the host:port kiln NAME logged for SCHEME (grpc or http).
+# listen_addr NAME SCHEME [SERVER] : the host:port kiln NAME logged for SCHEME (grpc or
+# http); SERVER picks one of several, e.g. `registry` in `kiln up` (which also serves
+# metrics over http).
 listen_addr() {
-    grep -o "listening on $2://[0-9.:]*" "$WORK/$1.log" | head -n 1 | sed "s|.*$2://||"
+    grep -o "${3:+$3 }listening on $2://[0-9.:]*" "$WORK/$1.log" | head -n 1 | sed "s|.*$2://||"
 }
 
 # Installs Bazel 2.1.0 from npm (see shared/CLIENTS.md) and sets BAZEL.
@@ -68,4 +74,58 @@ install_bazel() {
         (cd "$dir" && npm init -y >/dev/null && npm install --no-audit --no-fund @bazel/bazel-linux_x64@2.1.0 >/dev/null)
     fi
     [ -x "$BAZEL" ] || fail "Bazel did not install"
+}
+
+# install_debian_packages PACKAGE... : installs the missing ones (`apt-get update` only
+# then); a package that does not install is a failure.
+install_debian_packages() {
+    local missing=() p
+    for p in "$@"; do
+        dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        log "installing ${missing[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+    for p in "$@"; do
+        dpkg -s "$p" >/dev/null 2>&1 || fail "Debian package $p did not install"
+    done
+}
+
+# start_daemon NAME READY-COMMAND -- COMMAND... : runs COMMAND with its log in
+# $WORK/NAME.log until READY-COMMAND succeeds (20 s at most). Its PID is killed on exit.
+start_daemon() {
+    local name="$1" ready="$2"
+    shift 3
+    "$@" >"$WORK/$name.log" 2>&1 &
+    STARTED_PIDS+=("$!")
+    local pid="$!" i
+    for i in $(seq 1 200); do
+        if eval "$ready" >/dev/null 2>&1; then return 0; fi
+        kill -0 "$pid" 2>/dev/null || { tail -n 30 "$WORK/$name.log" >&2; fail "$name exited during start-up"; }
+        sleep 0.1
+    done
+    tail -n 30 "$WORK/$name.log" >&2
+    fail "$name did not become ready within 20 s"
+}
+
+# start_containerd DIR : a containerd (no CRI plugin) with its root, state and socket
+# under DIR; sets CTR to a ctr command line bound to it. DIR must be short: unix socket
+# paths end at 108 bytes.
+start_containerd() {
+    local dir="$1"
+    mkdir -p "$dir"
+    cat >"$dir/containerd.toml" <<TOML
+version = 2
+root = "$dir/root"
+state = "$dir/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "$dir/ctd.sock"
+[ttrpc]
+  address = "$dir/ctd.sock.ttrpc"
+TOML
+    start_daemon containerd "ctr --address $dir/ctd.sock version" -- containerd --config "$dir/containerd.toml"
+    CTR=(ctr --address "$dir/ctd.sock" --namespace kiln-interop)
 }

@@ -1,0 +1,181 @@
+#!/usr/bin/env bash
+# End to end, from build to deploy (issue 5), on loopback:
+# 1. `kiln up` with two local workers;
+# 2. `kiln run` compiles a static C program on the farm and downloads it;
+# 3. `kiln publish --tags-from-git` pushes it from a temporary git checkout whose HEAD is
+#    on `main` and carries `v0.1.0`;
+# 4. skopeo lists the tags v0.1.0, <sha> and main-<sha> and shows the OCI labels;
+# 5. containerd (started by hand under $WORK) pulls the image by digest and runs it;
+# 6. a fresh build of the same source, published again, gives the same digest;
+# 7. re-pushing v0.1.0 with other content is refused (DENIED, immutable) while <sha> and
+#    main-<sha> move to the new image.
+# Every client is installed idempotently; anything missing is a failure, never a skip.
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+# Bounds each client call: nothing here should take more than a minute.
+bounded() { timeout --kill-after=5 60 "$@"; }
+
+install_debian_packages skopeo containerd runc gcc libc6-dev git
+for tool in skopeo containerd ctr runc gcc git; do
+    command -v "$tool" >/dev/null || fail "$tool is not installed"
+done
+build_kiln
+
+log "1. kiln up: coordinator, registry and two workers on free loopback ports"
+KILN_EXPECT_LISTENERS=3 start_kiln up up --data-dir "$WORK/kiln-data" --workers 2 \
+    --grpc-addr 127.0.0.1:0 --registry-addr 127.0.0.1:0 --metrics-addr 127.0.0.1:0
+GRPC="$(listen_addr up grpc)"
+R="$(listen_addr up http registry)"
+[ -n "$GRPC" ] && [ -n "$R" ] || fail "kiln up did not log its addresses: $(cat "$WORK/up.log")"
+log "coordinator grpc://$GRPC, registry http://$R"
+
+log "2. kiln run: a static program compiled on the farm"
+SRC="$WORK/src"
+mkdir -p "$SRC"
+cat >"$SRC/hello.c" <<'EOF'
+#include <stdio.h>
+#include <unistd.h>
+
+int main(void) {
+    printf("hello from kiln v0.1.0, uid %d\n", (int)getuid());
+    return 0;
+}
+EOF
+# remote_build OUT [RUN-FLAG...] : compiles $SRC/hello.c on a worker into OUT/hello.
+remote_build() {
+    local out="$1"
+    shift
+    mkdir -p "$out"
+    bounded "$KILN" run --coordinator "grpc://$GRPC" --input "$SRC" --output-dir "$out" \
+        --env PATH=/usr/bin:/bin --output hello "$@" -- gcc -static -O2 -o hello hello.c \
+        || fail "kiln run could not build hello.c on the farm"
+    [ -x "$out/hello" ] || fail "kiln run did not download an executable hello into $out"
+}
+IMAGE="$WORK/image"
+remote_build "$IMAGE"
+file_type="$(head -c 4 "$IMAGE/hello" | od -An -c | tr -d ' ')"
+[ "$file_type" = '177ELF' ] || fail "the farm's output is not an ELF binary ($file_type)"
+# The host runs it too: proves the bytes came back intact before any registry is involved.
+[ "$("$IMAGE/hello")" = "hello from kiln v0.1.0, uid $(id -u)" ] || fail "the farm's binary prints $("$IMAGE/hello")"
+
+log "3. kiln publish --tags-from-git from a checkout on main tagged v0.1.0"
+CHECKOUT="$WORK/checkout"
+mkdir -p "$CHECKOUT"
+cp "$SRC/hello.c" "$CHECKOUT/"
+git -C "$CHECKOUT" init -q -b main
+git -C "$CHECKOUT" config user.name "kiln interop"
+git -C "$CHECKOUT" config user.email "interop@kiln.invalid"
+git -C "$CHECKOUT" remote add origin https://git.kiln.invalid/demo/hello.git
+git -C "$CHECKOUT" add hello.c
+GIT_COMMITTER_DATE="2024-05-01T12:00:00Z" GIT_AUTHOR_DATE="2024-05-01T12:00:00Z" \
+    git -C "$CHECKOUT" commit -q -m "hello"
+git -C "$CHECKOUT" tag v0.1.0
+SHA="$(git -C "$CHECKOUT" rev-parse HEAD)"
+SHORT="${SHA:0:7}"
+CREATED="$(date -u -d "@$(git -C "$CHECKOUT" show -s --format=%ct HEAD)" +%Y-%m-%dT%H:%M:%SZ)"
+[ "$CREATED" = 2024-05-01T12:00:00Z ] || fail "git recorded commit time $CREATED"
+
+# publish OUTFILE DIR [FLAG...] : `kiln publish` of DIR as demo/hello from the checkout;
+# stdout to OUTFILE, stderr to OUTFILE.err. Returns kiln's exit status.
+publish() {
+    local outfile="$1" dir="$2"
+    shift 2
+    (cd "$CHECKOUT" && bounded "$KILN" publish --repo demo/hello --from "$dir" --registry "$R" \
+        --tags-from-git --entrypoint /hello --label org.example.stage=interop --no-progress "$@") \
+        >"$outfile" 2>"$outfile.err"
+}
+publish "$WORK/publish1.out" "$IMAGE" || fail "kiln publish failed: $(cat "$WORK/publish1.out.err")"
+PINNED="$(cat "$WORK/publish1.out")"
+DIGEST="${PINNED##*@}"
+[ "$PINNED" = "$R/demo/hello@$DIGEST" ] || fail "kiln publish printed '$PINNED', not $R/demo/hello@sha256:…"
+[[ "$DIGEST" =~ ^sha256:[0-9a-f]{64}$ ]] || fail "kiln publish printed a malformed digest: $DIGEST"
+for tag in v0.1.0 "$SHORT" "main-$SHORT"; do
+    grep -qx "tagged $R/demo/hello:$tag" "$WORK/publish1.out.err" || fail "kiln publish did not report tag $tag: $(cat "$WORK/publish1.out.err")"
+done
+log "published $PINNED"
+
+log "4. skopeo: the three tags, the digest and the labels"
+TAGS="$(bounded skopeo list-tags --tls-verify=false "docker://$R/demo/hello" \
+    | python3 -c 'import json,sys; print(" ".join(sorted(json.load(sys.stdin)["Tags"])))')"
+EXPECTED_TAGS="$(printf '%s\n' v0.1.0 "$SHORT" "main-$SHORT" | sort | tr '\n' ' ' | sed 's/ $//')"
+[ "$TAGS" = "$EXPECTED_TAGS" ] || fail "skopeo list-tags shows '$TAGS', not '$EXPECTED_TAGS'"
+for tag in v0.1.0 "$SHORT" "main-$SHORT"; do
+    bounded skopeo inspect --tls-verify=false "docker://$R/demo/hello:$tag" >"$WORK/inspect-$tag.json" \
+        || fail "skopeo cannot inspect demo/hello:$tag"
+    python3 - "$WORK/inspect-$tag.json" "$DIGEST" "$SHA" "$CREATED" <<'EOF' || fail "skopeo inspect of demo/hello:$tag: wrong digest or labels"
+import json, sys
+path, digest, sha, created = sys.argv[1:]
+image = json.load(open(path))
+labels = image.get("Labels") or {}
+want = {
+    "org.opencontainers.image.revision": sha,
+    "org.opencontainers.image.version": "v0.1.0",
+    "org.opencontainers.image.source": "https://git.kiln.invalid/demo/hello.git",
+    "org.opencontainers.image.created": created,
+    "org.example.stage": "interop",
+}
+problems = [f"{k}={labels.get(k)!r}, want {v!r}" for k, v in want.items() if labels.get(k) != v]
+if image["Digest"] != digest:
+    problems.append(f"Digest {image['Digest']}, want {digest}")
+if image.get("Created") not in (created, created.replace("Z", "+00:00")):
+    problems.append(f"Created {image.get('Created')}, want {created}")
+if (image.get("Os"), image.get("Architecture")) != ("linux", "amd64"):
+    problems.append(f"platform {image.get('Os')}/{image.get('Architecture')}")
+if len(image.get("Layers") or []) != 1:
+    problems.append(f"layers {image.get('Layers')}")
+for p in problems:
+    print("  " + p, file=sys.stderr)
+sys.exit(1 if problems else 0)
+EOF
+done
+bounded skopeo inspect --tls-verify=false --config "docker://$R/demo/hello@$DIGEST" >"$WORK/config.json" \
+    || fail "skopeo cannot read the image config"
+python3 - "$WORK/config.json" <<'EOF' || fail "the image config is not what kiln publish was asked for"
+import json, sys
+config = json.load(open(sys.argv[1]))["config"]
+assert config.get("Entrypoint") == ["/hello"], config
+assert config.get("User") == "65532:65532", config
+EOF
+
+log "5. containerd pulls demo/hello by digest and runs it"
+start_containerd "$WORK/ctd"
+bounded "${CTR[@]}" images pull --plain-http "$PINNED" >"$WORK/ctr-pull.log" 2>&1 \
+    || fail "ctr could not pull $PINNED: $(tail -n 5 "$WORK/ctr-pull.log")"
+"${CTR[@]}" images ls | grep -q "$DIGEST" || fail "ctr did not record $DIGEST"
+OUTPUT="$(bounded "${CTR[@]}" run --rm "$PINNED" kiln-publish-e2e 2>"$WORK/ctr-run.err")" \
+    || fail "ctr run $PINNED failed: $(cat "$WORK/ctr-run.err")"
+# uid 65532: the image's non-root default user, not the caller's root.
+[ "$OUTPUT" = "hello from kiln v0.1.0, uid 65532" ] || fail "the container printed '$OUTPUT'"
+log "the container printed: $OUTPUT"
+
+log "6. a fresh build of the same source publishes to the same digest"
+REBUILT="$WORK/image-rebuilt"
+remote_build "$REBUILT" --no-cache
+cmp -s "$IMAGE/hello" "$REBUILT/hello" || fail "two builds of hello.c on the farm differ: gcc is not deterministic here"
+touch -d '2001-01-01' "$REBUILT/hello"
+chmod 0700 "$REBUILT/hello"
+publish "$WORK/publish2.out" "$REBUILT" || fail "re-publishing the same content failed: $(cat "$WORK/publish2.out.err")"
+[ "$(cat "$WORK/publish2.out")" = "$PINNED" ] || fail "the same content published as $(cat "$WORK/publish2.out"), not $PINNED"
+
+log "7. v0.1.0 with other content is refused; the other tags still land"
+OTHER="$WORK/image-other"
+cp -r "$IMAGE" "$OTHER"
+echo "a file that changes the layer" >"$OTHER/NOTICE"
+if publish "$WORK/publish3.out" "$OTHER"; then
+    fail "re-pushing v0.1.0 with other content succeeded: $(cat "$WORK/publish3.out" "$WORK/publish3.out.err")"
+fi
+grep "refused $R/demo/hello:v0.1.0" "$WORK/publish3.out.err" | grep -q DENIED \
+    || fail "the refusal does not say DENIED: $(cat "$WORK/publish3.out.err")"
+grep "refused $R/demo/hello:v0.1.0" "$WORK/publish3.out.err" | grep -q immutable \
+    || fail "the refusal does not say the tag is immutable: $(cat "$WORK/publish3.out.err")"
+OTHER_DIGEST="$(cat "$WORK/publish3.out")"
+OTHER_DIGEST="${OTHER_DIGEST##*@}"
+[[ "$OTHER_DIGEST" =~ ^sha256:[0-9a-f]{64}$ ]] && [ "$OTHER_DIGEST" != "$DIGEST" ] \
+    || fail "the refused publish did not print the new image's digest: $(cat "$WORK/publish3.out")"
+tag_digest() { bounded skopeo inspect --tls-verify=false --format '{{.Digest}}' "docker://$R/demo/hello:$1"; }
+[ "$(tag_digest v0.1.0)" = "$DIGEST" ] || fail "v0.1.0 moved to $(tag_digest v0.1.0)"
+for tag in "$SHORT" "main-$SHORT"; do
+    [ "$(tag_digest "$tag")" = "$OTHER_DIGEST" ] || fail "$tag did not move to the new image $OTHER_DIGEST"
+done
+
+log "publish end to end passed: $PINNED"
