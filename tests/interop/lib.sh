@@ -111,8 +111,8 @@ start_daemon() {
 }
 
 # start_containerd DIR : a containerd (no CRI plugin) with its root, state and socket
-# under DIR; sets CTR to a ctr command line bound to it. DIR must be short: unix socket
-# paths end at 108 bytes.
+# under DIR; sets CONTAINERD_SOCK and CTR, a ctr command line bound to it. DIR must be
+# short: unix socket paths end at 108 bytes.
 start_containerd() {
     local dir="$1"
     mkdir -p "$dir"
@@ -127,5 +127,20 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
   address = "$dir/ctd.sock.ttrpc"
 TOML
     start_daemon containerd "ctr --address $dir/ctd.sock version" -- containerd --config "$dir/containerd.toml"
-    CTR=(ctr --address "$dir/ctd.sock" --namespace kiln-interop)
+    CONTAINERD_SOCK="$dir/ctd.sock"
+    CTR=(ctr --address "$CONTAINERD_SOCK" --namespace kiln-interop)
+}
+
+# start_dockerd DIR : a dockerd on start_containerd's containerd, with its data, socket
+# and client config under DIR: vfs storage, no iptables, no bridge (run containers with
+# --network none). Exports DOCKER_HOST and DOCKER_CONFIG for the docker client.
+start_dockerd() {
+    local dir="$1"
+    [ -n "${CONTAINERD_SOCK:-}" ] || fail "start_dockerd needs start_containerd first"
+    export DOCKER_HOST="unix://$dir/docker.sock" DOCKER_CONFIG="$dir/docker-config"
+    mkdir -p "$DOCKER_CONFIG" && echo '{}' >"$DOCKER_CONFIG/config.json"
+    start_daemon dockerd "docker info" -- dockerd \
+        --data-root "$dir/data" --exec-root "$dir/exec" --pidfile "$dir/docker.pid" \
+        -H "$DOCKER_HOST" --containerd "$CONTAINERD_SOCK" \
+        --iptables=false --ip6tables=false --bridge=none --storage-driver=vfs
 }

@@ -5,7 +5,8 @@
 # 3. `kiln publish --tags-from-git` pushes it from a temporary git checkout whose HEAD is
 #    on `main` and carries `v0.1.0`;
 # 4. skopeo lists the tags v0.1.0, <sha> and main-<sha> and shows the OCI labels;
-# 5. containerd (started by hand under $WORK) pulls the image by digest and runs it;
+# 5. containerd (ctr) and docker, started by hand under $WORK, pull the image by digest
+#    and run it;
 # 6. a fresh build of the same source, published again, gives the same digest;
 # 7. re-pushing v0.1.0 with other content is refused (DENIED, immutable) while <sha> and
 #    main-<sha> move to the new image.
@@ -15,8 +16,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 # Bounds each client call: nothing here should take more than a minute.
 bounded() { timeout --kill-after=5 60 "$@"; }
 
-install_debian_packages skopeo containerd runc gcc libc6-dev git
-for tool in skopeo containerd ctr runc gcc git; do
+install_debian_packages skopeo containerd runc docker.io gcc libc6-dev git
+for tool in skopeo containerd ctr runc dockerd docker gcc git; do
     command -v "$tool" >/dev/null || fail "$tool is not installed"
 done
 build_kiln
@@ -65,6 +66,8 @@ cp "$SRC/hello.c" "$CHECKOUT/"
 git -C "$CHECKOUT" init -q -b main
 git -C "$CHECKOUT" config user.name "kiln interop"
 git -C "$CHECKOUT" config user.email "interop@kiln.invalid"
+git -C "$CHECKOUT" config commit.gpgSign false
+git -C "$CHECKOUT" config tag.gpgSign false
 git -C "$CHECKOUT" remote add origin https://git.kiln.invalid/demo/hello.git
 git -C "$CHECKOUT" add hello.c
 GIT_COMMITTER_DATE="2024-05-01T12:00:00Z" GIT_AUTHOR_DATE="2024-05-01T12:00:00Z" \
@@ -137,16 +140,23 @@ assert config.get("Entrypoint") == ["/hello"], config
 assert config.get("User") == "65532:65532", config
 EOF
 
-log "5. containerd pulls demo/hello by digest and runs it"
+log "5. containerd (ctr) and docker pull demo/hello by digest and run it without arguments"
+# uid 65532: the image's non-root default user, not the caller's root.
+EXPECTED_OUTPUT="hello from kiln v0.1.0, uid 65532"
 start_containerd "$WORK/ctd"
 bounded "${CTR[@]}" images pull --plain-http "$PINNED" >"$WORK/ctr-pull.log" 2>&1 \
     || fail "ctr could not pull $PINNED: $(tail -n 5 "$WORK/ctr-pull.log")"
 "${CTR[@]}" images ls | grep -q "$DIGEST" || fail "ctr did not record $DIGEST"
 OUTPUT="$(bounded "${CTR[@]}" run --rm "$PINNED" kiln-publish-e2e 2>"$WORK/ctr-run.err")" \
     || fail "ctr run $PINNED failed: $(cat "$WORK/ctr-run.err")"
-# uid 65532: the image's non-root default user, not the caller's root.
-[ "$OUTPUT" = "hello from kiln v0.1.0, uid 65532" ] || fail "the container printed '$OUTPUT'"
-log "the container printed: $OUTPUT"
+[ "$OUTPUT" = "$EXPECTED_OUTPUT" ] || fail "ctr run printed '$OUTPUT', not '$EXPECTED_OUTPUT'"
+start_dockerd "$WORK/dkr"
+bounded docker pull "$PINNED" >"$WORK/docker-pull.log" 2>&1 \
+    || fail "docker could not pull $PINNED: $(tail -n 5 "$WORK/docker-pull.log")"
+OUTPUT="$(bounded docker run --rm --network none "$PINNED" 2>"$WORK/docker-run.err")" \
+    || fail "docker run $PINNED failed: $(cat "$WORK/docker-run.err")"
+[ "$OUTPUT" = "$EXPECTED_OUTPUT" ] || fail "docker run printed '$OUTPUT', not '$EXPECTED_OUTPUT'"
+log "ctr run and docker run printed: $OUTPUT"
 
 log "6. a fresh build of the same source publishes to the same digest"
 REBUILT="$WORK/image-rebuilt"
