@@ -71,6 +71,9 @@ struct Inner {
     action_cache: Arc<ActionCacheService>,
     join_token: Option<String>,
     heartbeat_interval: Duration,
+    /// Set once the server is shutting down: worker and operation streams end, so that
+    /// graceful shutdown does not wait for clients and workers that never hang up.
+    closing: watch::Sender<bool>,
 }
 
 #[derive(Default)]
@@ -124,6 +127,7 @@ impl ExecutionEngine {
                 action_cache,
                 join_token: config.join_token.clone(),
                 heartbeat_interval: Duration::from_millis(config.heartbeat_interval_ms),
+                closing: watch::channel(false).0,
             }),
         };
         engine.reload()?;
@@ -183,15 +187,37 @@ impl ExecutionEngine {
         Ok(())
     }
 
-    /// Runs the dispatcher until every service has dropped the engine (the server stopped).
-    pub(crate) fn spawn_dispatcher(&self) {
+    /// Runs the dispatcher until the engine closes or every service has dropped it.
+    /// The server awaits the handle, so that the stores are released when it returns.
+    pub(crate) fn spawn_dispatcher(&self) -> tokio::task::JoinHandle<()> {
         let engine = self.clone();
         tokio::spawn(async move {
-            while Arc::strong_count(&engine.inner) > 1 {
+            while Arc::strong_count(&engine.inner) > 1 && !engine.is_closing() {
                 engine.dispatch_once();
                 let _ = tokio::time::timeout(DISPATCH_TICK, engine.inner.dispatch.notified()).await;
             }
-        });
+        })
+    }
+
+    /// Starts shutting down: ends every worker stream and every Execute/WaitExecution
+    /// stream (clients resume with WaitExecution after a restart), and stops dispatching.
+    /// Leases are not counted as lost: the persisted operations run again after restart.
+    pub(crate) fn close(&self) {
+        self.inner.closing.send_replace(true);
+        self.state().workers.clear();
+        self.wake_dispatcher();
+    }
+
+    fn is_closing(&self) -> bool {
+        *self.inner.closing.borrow()
+    }
+
+    /// Resolves once [`close`](Self::close) has been called.
+    pub(crate) fn closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut closing = self.inner.closing.subscribe();
+        async move {
+            let _ = closing.wait_for(|closing| *closing).await;
+        }
     }
 
     fn wake_dispatcher(&self) {
@@ -227,7 +253,7 @@ impl ExecutionEngine {
             };
             let _ = live
                 .updates
-                .send(record.to_operation(execution_stage::Value::Executing));
+                .send_replace(record.to_operation(execution_stage::Value::Executing));
             tracing::debug!(operation = %assignment.operation, worker = %assignment.worker, attempt = assignment.attempt, "assigned");
             let message = CoordinatorMessage {
                 message: Some(coordinator_message::Message::Assign(assign)),
@@ -265,7 +291,7 @@ impl ExecutionEngine {
                     if let Some(live) = state.operations.get(&operation) {
                         let _ = live
                             .updates
-                            .send(live.record.to_operation(execution_stage::Value::Queued));
+                            .send_replace(live.record.to_operation(execution_stage::Value::Queued));
                     }
                 }
                 LostLease::GaveUp {
@@ -301,7 +327,7 @@ impl ExecutionEngine {
         live.completed = Some(Instant::now());
         let _ = live
             .updates
-            .send(live.record.to_operation(execution_stage::Value::Completed));
+            .send_replace(live.record.to_operation(execution_stage::Value::Completed));
         let key = (
             live.record.instance_name.clone(),
             live.record.action_digest(),
@@ -446,7 +472,7 @@ impl ExecutionEngine {
                     .inner
                     .metadata
                     .remove(OPERATIONS, record.name.as_bytes());
-                return Ok(follow(receiver));
+                return Ok(follow(receiver, self.closed()));
             }
             let (updates, receiver) =
                 watch::channel(record.to_operation(execution_stage::Value::Queued));
@@ -463,19 +489,22 @@ impl ExecutionEngine {
             receiver
         };
         self.wake_dispatcher();
-        Ok(follow(receiver))
+        Ok(follow(receiver, self.closed()))
     }
 
     fn subscribe_in_flight(&self, key: &(String, Digest)) -> Option<OperationStream> {
         let state = self.state();
         let name = state.in_flight.get(key)?;
-        Some(follow(state.operations.get(name)?.updates.subscribe()))
+        Some(follow(
+            state.operations.get(name)?.updates.subscribe(),
+            self.closed(),
+        ))
     }
 
     fn subscribe(&self, name: &str) -> Result<OperationStream, CoordinatorError> {
         let state = self.state();
         match state.operations.get(name) {
-            Some(live) => Ok(follow(live.updates.subscribe())),
+            Some(live) => Ok(follow(live.updates.subscribe(), self.closed())),
             None => Err(CoordinatorError::NotFound(format!(
                 "no operation named {name:?}"
             ))),
@@ -648,18 +677,42 @@ fn publish_gauges(state: &mut State, now: Instant) {
         .set(slots.saturating_sub(scheduler.running()) as f64);
 }
 
-/// Streams an operation's state now, then each change, until it is done.
-fn follow(receiver: watch::Receiver<Operation>) -> OperationStream {
+/// Streams an operation's state now, then each change, until it is done. When the
+/// server shuts down first, the stream ends with UNAVAILABLE, the cue for clients to
+/// resume with WaitExecution.
+fn follow(
+    receiver: watch::Receiver<Operation>,
+    closed: impl std::future::Future<Output = ()> + Send + 'static,
+) -> OperationStream {
+    struct Following {
+        receiver: watch::Receiver<Operation>,
+        first: bool,
+        closed: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    }
+    let following = Following {
+        receiver,
+        first: true,
+        closed: Box::pin(closed),
+    };
     Box::pin(futures::stream::unfold(
-        Some((receiver, true)),
+        Some(following),
         |state| async move {
-            let (mut receiver, first) = state?;
+            let mut following = state?;
             // Intermediate stages may coalesce; clients only need the latest one.
-            if !first && receiver.changed().await.is_err() {
-                return None;
+            if !following.first {
+                tokio::select! {
+                    changed = following.receiver.changed() => changed.ok()?,
+                    () = &mut following.closed => {
+                        let status = Status::unavailable(
+                            "the coordinator is shutting down; resume with WaitExecution",
+                        );
+                        return Some((Err(status), None));
+                    }
+                }
             }
-            let operation = receiver.borrow_and_update().clone();
-            let next = (!operation.done).then_some((receiver, false));
+            following.first = false;
+            let operation = following.receiver.borrow_and_update().clone();
+            let next = (!operation.done).then_some(following);
             Some((Ok(operation), next))
         },
     ))

@@ -84,7 +84,14 @@ impl Coordinator {
             self.metadata.clone(),
             action_cache_service.clone(),
         )?;
-        engine.spawn_dispatcher();
+        let dispatcher = engine.spawn_dispatcher();
+        let closing = engine.clone();
+        // Worker and operation streams never end on their own; end them on shutdown so
+        // that the graceful shutdown below completes.
+        let shutdown = async move {
+            shutdown.await;
+            closing.close();
+        };
         let action_cache = ActionCacheServer::from_arc(action_cache_service)
             .max_decoding_message_size(limit)
             .max_encoding_message_size(limit);
@@ -114,6 +121,8 @@ impl Coordinator {
             .add_service(workers)
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await?;
+        // The dispatcher holds the stores; they are released once it has stopped.
+        let _ = dispatcher.await;
         Ok(())
     }
 

@@ -92,8 +92,16 @@ impl Workers for WorkerService {
             .connect_worker(&worker, platform, register.slots as usize, tx);
 
         let engine = self.engine.clone();
+        let closed = engine.closed();
         tokio::spawn(async move {
-            while let Some(Ok(incoming)) = inbound.next().await {
+            let mut closed = std::pin::pin!(closed);
+            loop {
+                let incoming = tokio::select! {
+                    incoming = inbound.next() => incoming,
+                    // Shutting down: let go of the stream without counting lost leases.
+                    () = &mut closed => return,
+                };
+                let Some(Ok(incoming)) = incoming else { break };
                 match incoming.message {
                     Some(worker_message::Message::Heartbeat(beat)) => {
                         engine.heartbeat(&worker, beat.draining)
