@@ -128,7 +128,14 @@ impl MetadataStore for SledMetadataStore {
     }
 
     async fn flush(&self) -> Result<()> {
-        self.db.flush_async().await?;
+        // Not sled's flush_async: in sled 0.34 concurrent calls deadlock, each waiting on
+        // sled's own thread pool for a write none of them can run (spacejam/sled#1308,
+        // fixed on sled's main branch but never released). The blocking flush on tokio's
+        // blocking pool makes the same durability promise.
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(std::io::Error::other)??;
         Ok(())
     }
 }
@@ -149,6 +156,44 @@ mod tests {
         }
         let store = SledMetadataStore::open(dir.path()).unwrap();
         assert_eq!(store.get(SPACE, b"k").unwrap().as_deref(), Some(&b"v"[..]));
+    }
+
+    /// Many requests acknowledging at once (a registry taking a burst of tag pushes) all
+    /// get their flush; sled's own flush_async deadlocked here. The runtime lives on its
+    /// own thread so that a hang fails the test instead of stalling it.
+    #[test]
+    fn concurrent_flushes_all_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(SledMetadataStore::open(dir.path()).unwrap());
+        let (done, finished) = std::sync::mpsc::channel();
+        let writer = store.clone();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let flushes = (0..64u32).map(|i| {
+                    let store = writer.clone();
+                    tokio::spawn(async move {
+                        for round in 0..20u32 {
+                            let key = [i.to_be_bytes(), round.to_be_bytes()].concat();
+                            store.insert(SPACE, &key, b"v").unwrap();
+                            store.flush().await.unwrap();
+                        }
+                    })
+                });
+                futures::future::try_join_all(flushes).await.unwrap();
+            });
+            let _ = done.send(());
+        });
+        finished
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("every concurrent flush completes within a minute");
+        assert_eq!(
+            store.scan(SPACE, b"", None, usize::MAX).unwrap().len(),
+            64 * 20
+        );
     }
 
     #[test]
