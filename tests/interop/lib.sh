@@ -44,7 +44,9 @@ start_kiln() {
     local name="$1"; shift
     local logfile="$WORK/$name.log"
     # kiln refuses unknown KILN_* variables, so this script's own setting stays out.
-    env -u KILN_EXPECT_LISTENERS KILN_LOG=info "$KILN" "$@" >"$logfile" 2>&1 &
+    # INTEROP_KILN_LOG overrides the log filter, e.g. to see the scheduler's decisions.
+    env -u KILN_EXPECT_LISTENERS KILN_LOG="${INTEROP_KILN_LOG:-info}" "$KILN" "$@" >"$logfile" 2>&1 &
+    LAST_PID=$!
     STARTED_PIDS+=("$!")
     local want="${KILN_EXPECT_LISTENERS:-1}" i
     for i in $(seq 1 200); do
@@ -54,6 +56,35 @@ start_kiln() {
     done
     cat "$logfile" >&2
     fail "kiln $name did not start within 20 s"
+}
+
+# start_kiln_worker NAME ARGS... : runs `kiln worker ARGS...` with logs in $WORK/NAME.log
+# and waits until it has registered with its coordinator. Sets LAST_PID.
+start_kiln_worker() {
+    local name="$1"; shift
+    env -u KILN_EXPECT_LISTENERS KILN_LOG="${INTEROP_KILN_LOG:-info}" "$KILN" worker --metrics-addr 127.0.0.1:0 "$@" >"$WORK/$name.log" 2>&1 &
+    LAST_PID=$!
+    STARTED_PIDS+=("$!")
+    wait_for_log "$name" 'registered with the coordinator' "$LAST_PID"
+}
+
+# wait_for_log NAME PATTERN PID [SECONDS] : waits until $WORK/NAME.log matches PATTERN
+# (grep -E), failing if PID exits first or SECONDS (default 20) pass.
+wait_for_log() {
+    local name="$1" pattern="$2" pid="$3" seconds="${4:-20}" i
+    for i in $(seq 1 $((seconds * 10))); do
+        grep -Eqs "$pattern" "$WORK/$name.log" && return 0
+        kill -0 "$pid" 2>/dev/null || { tail -n 30 "$WORK/$name.log" >&2; fail "$name exited while waiting for: $pattern"; }
+        sleep 0.1
+    done
+    tail -n 30 "$WORK/$name.log" >&2
+    fail "$name did not log \"$pattern\" within $seconds s"
+}
+
+# stop_pid PID SIGNAL : sends SIGNAL to a process this script started and reaps it.
+stop_pid() {
+    kill "-$2" "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
 }
 
 # listen_addr NAME SCHEME [SERVER] : the host:port kiln NAME logged for SCHEME (grpc or
