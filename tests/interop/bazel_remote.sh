@@ -17,15 +17,7 @@ cp -r "$INTEROP_DIR/bazel-workspace" "$WORKSPACE"
 GENRULES=$(grep -c '' <(cd "$WORKSPACE" && "$BAZEL" --output_user_root="$WORK/bazel-root" --batch query 'kind(genrule, //...)' 2>/dev/null))
 [ "$GENRULES" -ge 20 ] || fail "the workspace should hold at least 20 genrules, found $GENRULES"
 
-TOKEN="bazel-remote-$RANDOM$RANDOM"
-INTEROP_KILN_LOG=info,kiln_coordinator=debug \
-    start_kiln coordinator coordinator --grpc-addr 127.0.0.1:0 --data-dir "$WORK/kiln-data" --join-token "$TOKEN"
-ADDR=$(listen_addr coordinator grpc)
-[ -n "$ADDR" ] || fail "could not read the coordinator's address from its log"
-for w in 1 2; do
-    start_kiln_worker "worker$w" --coordinator "grpc://$ADDR" --slots 2 \
-        --work-dir "$WORK/worker$w" --join-token "$TOKEN"
-done
+start_farm 2
 
 # bazel_build NAME FLAGS... : builds //... remotely; Bazel's output goes to $WORK/NAME.out.
 bazel_build() {

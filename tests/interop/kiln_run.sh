@@ -6,16 +6,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 build_kiln
 
-TOKEN="kiln-run-$RANDOM$RANDOM"
-INTEROP_KILN_LOG=info,kiln_coordinator=debug \
-    start_kiln coordinator coordinator --grpc-addr 127.0.0.1:0 --metrics-addr 127.0.0.1:0 \
-    --data-dir "$WORK/kiln-data" --join-token "$TOKEN"
-ADDR=$(listen_addr coordinator grpc)
-[ -n "$ADDR" ] || fail "could not read the coordinator's address from its log"
-for w in 1 2; do
-    start_kiln_worker "worker$w" --coordinator "grpc://$ADDR" --slots 2 \
-        --work-dir "$WORK/worker$w" --join-token "$TOKEN"
-done
+start_farm 2
 
 PROJECT="$WORK/project"
 mkdir -p "$PROJECT"

@@ -68,6 +68,23 @@ start_kiln_worker() {
     wait_for_log "$name" 'registered with the coordinator' "$LAST_PID"
 }
 
+# start_farm N : a `kiln coordinator` (log: $WORK/coordinator.log, with the scheduler's
+# "assigned" debug lines) and N `kiln worker` processes (worker1..N, 2 slots each) joined
+# with a fresh token. Sets ADDR (host:port) and TOKEN.
+start_farm() {
+    local w
+    TOKEN="farm-$RANDOM$RANDOM"
+    INTEROP_KILN_LOG=info,kiln_coordinator=debug \
+        start_kiln coordinator coordinator --grpc-addr 127.0.0.1:0 --metrics-addr 127.0.0.1:0 \
+        --data-dir "$WORK/kiln-data" --join-token "$TOKEN"
+    ADDR=$(listen_addr coordinator grpc)
+    [ -n "$ADDR" ] || fail "could not read the coordinator's address from its log"
+    for w in $(seq 1 "$1"); do
+        start_kiln_worker "worker$w" --coordinator "grpc://$ADDR" --slots 2 \
+            --work-dir "$WORK/worker$w" --join-token "$TOKEN"
+    done
+}
+
 # wait_for_log NAME PATTERN PID [SECONDS] : waits until $WORK/NAME.log matches PATTERN
 # (grep -E), failing if PID exits first or SECONDS (default 20) pass.
 wait_for_log() {
