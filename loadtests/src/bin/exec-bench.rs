@@ -1,0 +1,307 @@
+//! Remote-execution benchmark (issue 3): no-op action throughput end to end with two
+//! workers, scheduling overhead (queued → worker start), and 200 small actions through
+//! kiln against the same commands run locally one after another.
+//!
+//! `cargo run --release -p kiln-loadtests --bin exec-bench`
+//!
+//! Coordinator and workers run in this process over real loopback sockets; actions run
+//! as real processes (without bubblewrap, so that what is measured is kiln, not namespace
+//! set-up).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use kiln_proto::prost::Message;
+use kiln_proto::reapi::{
+    batch_update_blobs_request,
+    content_addressable_storage_client::ContentAddressableStorageClient,
+    execution_client::ExecutionClient, Action, BatchUpdateBlobsRequest, Command, Directory,
+    ExecuteRequest, ExecuteResponse,
+};
+use kiln_store::{Digest, DigestFunction, FsBlobStore, SledMetadataStore};
+use tonic::transport::{Channel, Endpoint};
+
+#[derive(Parser)]
+struct Args {
+    /// No-op actions for the throughput run.
+    #[arg(long, default_value_t = 2000)]
+    actions: usize,
+    /// Slots per worker (two workers).
+    #[arg(long, default_value_t = 8)]
+    slots: usize,
+    /// Executes in flight at once.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Small actions for the kiln-versus-local comparison.
+    #[arg(long, default_value_t = 200)]
+    small: usize,
+}
+
+fn reapi_digest(d: &Digest) -> kiln_proto::reapi::Digest {
+    kiln_proto::reapi::Digest {
+        hash: d.hex(),
+        size_bytes: d.size as i64,
+    }
+}
+
+/// An action running `argv`, with its blobs, made unique by `nonce` so that no two
+/// actions share a cache entry.
+fn action(argv: &[&str], nonce: usize, input_root: &Digest) -> (Digest, Vec<(Digest, Vec<u8>)>) {
+    let command = Command {
+        arguments: argv.iter().map(|s| s.to_string()).collect(),
+        environment_variables: vec![kiln_proto::reapi::command::EnvironmentVariable {
+            name: "KILN_BENCH_NONCE".into(),
+            value: nonce.to_string(),
+        }],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let command_digest = Digest::of_bytes(DigestFunction::Sha256, &command);
+    let action = Action {
+        command_digest: Some(reapi_digest(&command_digest)),
+        input_root_digest: Some(reapi_digest(input_root)),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let action_digest = Digest::of_bytes(DigestFunction::Sha256, &action);
+    (
+        action_digest,
+        vec![(command_digest, command), (action_digest, action)],
+    )
+}
+
+async fn upload(
+    cas: &ContentAddressableStorageClient<Channel>,
+    blobs: Vec<(Digest, Vec<u8>)>,
+) -> anyhow::Result<()> {
+    for chunk in blobs.chunks(500) {
+        let requests = chunk
+            .iter()
+            .map(|(d, data)| batch_update_blobs_request::Request {
+                digest: Some(reapi_digest(d)),
+                data: data.clone(),
+                ..Default::default()
+            })
+            .collect();
+        cas.clone()
+            .batch_update_blobs(BatchUpdateBlobsRequest {
+                requests,
+                ..Default::default()
+            })
+            .await?;
+    }
+    Ok(())
+}
+
+/// Executes one action to completion and returns its response.
+async fn execute(
+    client: &ExecutionClient<Channel>,
+    action: &Digest,
+) -> anyhow::Result<ExecuteResponse> {
+    let mut stream = client
+        .clone()
+        .execute(ExecuteRequest {
+            action_digest: Some(reapi_digest(action)),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    while let Some(operation) = stream.next().await {
+        let operation = operation?;
+        if let Some(kiln_proto::longrunning::operation::Result::Response(any)) = operation.result {
+            let response = ExecuteResponse::decode(any.value.as_slice())?;
+            anyhow::ensure!(
+                response.status.as_ref().is_none_or(|s| s.code == 0),
+                "action failed: {:?}",
+                response.status
+            );
+            return Ok(response);
+        }
+    }
+    anyhow::bail!("the operation stream ended without a result")
+}
+
+fn micros_between(
+    from: &Option<kiln_proto::protobuf::Timestamp>,
+    to: &Option<kiln_proto::protobuf::Timestamp>,
+) -> Option<u64> {
+    let (from, to) = (from.as_ref()?, to.as_ref()?);
+    let nanos =
+        |t: &kiln_proto::protobuf::Timestamp| t.seconds as i128 * 1_000_000_000 + t.nanos as i128;
+    u64::try_from((nanos(to) - nanos(from)) / 1000).ok()
+}
+
+/// Runs `actions` with at most `concurrency` in flight; returns the elapsed time and the
+/// queued → worker-start latencies and the mean time of each worker stage.
+async fn run_all(
+    client: &ExecutionClient<Channel>,
+    actions: &[Digest],
+    concurrency: usize,
+) -> anyhow::Result<(Duration, Histogram<u64>, String)> {
+    let start = Instant::now();
+    let responses: Vec<anyhow::Result<ExecuteResponse>> =
+        futures::stream::iter(actions.iter().map(|a| execute(client, a)))
+            .buffer_unordered(concurrency)
+            .collect()
+            .await;
+    let elapsed = start.elapsed();
+    let mut overhead = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+    let mut stages = [0u64; 4];
+    let mut counted = 0u64;
+    for response in responses {
+        let response = response?;
+        let m = response
+            .result
+            .as_ref()
+            .and_then(|r| r.execution_metadata.clone())
+            .unwrap_or_default();
+        if let Some(us) = micros_between(&m.queued_timestamp, &m.worker_start_timestamp) {
+            overhead.saturating_record(us.max(1));
+        }
+        let spans = [
+            micros_between(
+                &m.worker_start_timestamp,
+                &m.input_fetch_completed_timestamp,
+            ),
+            micros_between(
+                &m.execution_start_timestamp,
+                &m.execution_completed_timestamp,
+            ),
+            micros_between(
+                &m.output_upload_start_timestamp,
+                &m.output_upload_completed_timestamp,
+            ),
+            micros_between(&m.worker_start_timestamp, &m.worker_completed_timestamp),
+        ];
+        if let [Some(a), Some(b), Some(c), Some(d)] = spans {
+            for (total, us) in stages.iter_mut().zip([a, b, c, d]) {
+                *total += us;
+            }
+            counted += 1;
+        }
+    }
+    let mean = |i: usize| stages[i] as f64 / counted.max(1) as f64 / 1e3;
+    let breakdown = format!(
+        "worker stages, mean per action: input fetch {:.2} ms, execution {:.2} ms, output upload {:.2} ms, start to finish {:.2} ms",
+        mean(0),
+        mean(1),
+        mean(2),
+        mean(3)
+    );
+    Ok((elapsed, overhead, breakdown))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let dir = tempfile::tempdir()?;
+    let blobs = Arc::new(FsBlobStore::open(dir.path().join("cas"))?);
+    let metadata = Arc::new(SledMetadataStore::open(dir.path().join("metadata"))?);
+    let config = kiln_coordinator::CoordinatorConfig {
+        join_token: Some("bench".into()),
+        ..Default::default()
+    };
+    let coordinator = kiln_coordinator::Coordinator::new(config, blobs, metadata);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(coordinator.serve(listener, futures::future::pending()));
+    for index in 0..2 {
+        let worker = kiln_worker::WorkerConfig {
+            coordinator: format!("http://{addr}"),
+            slots: args.slots,
+            join_token: "bench".into(),
+            work_dir: dir.path().join(format!("worker-{index}")),
+            use_bubblewrap: kiln_worker::BubblewrapMode::Never,
+            worker_id: format!("bench-{index}"),
+            ..Default::default()
+        };
+        tokio::spawn(kiln_worker::run(worker, futures::future::pending::<()>()));
+    }
+    let channel = Endpoint::from_shared(format!("http://{addr}"))?
+        .connect()
+        .await?;
+    let cas = ContentAddressableStorageClient::new(channel.clone());
+    let execution = ExecutionClient::new(channel);
+    tokio::time::sleep(Duration::from_millis(500)).await; // workers register
+
+    let empty_root = Directory::default().encode_to_vec();
+    let root = Digest::of_bytes(DigestFunction::Sha256, &empty_root);
+    let mut all_blobs = vec![(root, empty_root)];
+    let mut noop = Vec::new();
+    for i in 0..args.actions {
+        let (digest, blobs) = action(&["/bin/true"], i, &root);
+        noop.push(digest);
+        all_blobs.extend(blobs);
+    }
+    let small_script = "printf 'item %s\\n' \"$KILN_BENCH_NONCE\" | sha256sum";
+    let mut small = Vec::new();
+    for i in 0..args.small {
+        let (digest, blobs) = action(&["/bin/sh", "-c", small_script], 1_000_000 + i, &root);
+        small.push(digest);
+        all_blobs.extend(blobs);
+    }
+    upload(&cas, all_blobs).await?;
+
+    // Warm-up: connections, worker caches, the blocking pool.
+    let (digest, blobs) = action(&["/bin/true"], usize::MAX, &root);
+    upload(&cas, blobs).await?;
+    execute(&execution, &digest).await?;
+
+    let (elapsed, overhead, breakdown) = run_all(&execution, &noop, args.concurrency).await?;
+    println!(
+        "## No-op actions, 2 workers x {} slots, {} in flight",
+        args.slots, args.concurrency
+    );
+    println!("| actions | seconds | actions/s | queued→worker start p50 | p99 |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| {} | {:.2} | {:.0} | {:.2} ms | {:.2} ms |",
+        noop.len(),
+        elapsed.as_secs_f64(),
+        noop.len() as f64 / elapsed.as_secs_f64(),
+        overhead.value_at_quantile(0.5) as f64 / 1e3,
+        overhead.value_at_quantile(0.99) as f64 / 1e3
+    );
+    println!("\n{breakdown}");
+
+    let local_start = Instant::now();
+    for i in 0..args.small {
+        let status = std::process::Command::new("/bin/sh")
+            .args(["-c", small_script])
+            .env("KILN_BENCH_NONCE", (1_000_000 + i).to_string())
+            .stdout(std::process::Stdio::null())
+            .status()?;
+        anyhow::ensure!(status.success());
+    }
+    let local = local_start.elapsed();
+    let (remote, _, _) = run_all(&execution, &small, args.concurrency).await?;
+    let (cached, _, _) = run_all(&execution, &small, args.concurrency).await?;
+    println!(
+        "\n## {} small actions (`sh -c '… | sha256sum'`)",
+        args.small
+    );
+    println!("| run | seconds | vs local |");
+    println!("|---|---|---|");
+    println!(
+        "| local, in sequence | {:.2} | 1.00x |",
+        local.as_secs_f64()
+    );
+    println!(
+        "| kiln, 2 workers | {:.2} | {:.2}x faster |",
+        remote.as_secs_f64(),
+        local.as_secs_f64() / remote.as_secs_f64()
+    );
+    println!(
+        "| kiln, all cache hits | {:.2} | {:.2}x faster |",
+        cached.as_secs_f64(),
+        local.as_secs_f64() / cached.as_secs_f64()
+    );
+    Ok(())
+}
