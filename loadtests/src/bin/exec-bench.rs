@@ -287,19 +287,19 @@ async fn main() -> anyhow::Result<()> {
         "\n## {} small actions (`sh -c '… | sha256sum'`)",
         args.small
     );
-    println!("| run | seconds | vs local |");
+    println!("| run | seconds | speed-up over local |");
     println!("|---|---|---|");
     println!(
         "| local, in sequence | {:.2} | 1.00x |",
         local.as_secs_f64()
     );
     println!(
-        "| kiln, 2 workers | {:.2} | {:.2}x faster |",
+        "| kiln, 2 workers | {:.2} | {:.2}x |",
         remote.as_secs_f64(),
         local.as_secs_f64() / remote.as_secs_f64()
     );
     println!(
-        "| kiln, all cache hits | {:.2} | {:.2}x faster |",
+        "| kiln, all cache hits | {:.2} | {:.2}x |",
         cached.as_secs_f64(),
         local.as_secs_f64() / cached.as_secs_f64()
     );
