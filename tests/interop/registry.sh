@@ -7,20 +7,14 @@
 # - oras-py: a custom artifact, a chunked upload, and a referrer via `subject`, checked
 #   through the referrers API with artifactType filtering.
 #
-# Uses `kiln registry` when the kiln binary has it, otherwise the kiln-registry `serve`
-# example (same flags). Clients are installed idempotently; a missing one is a failure.
+# Then runs registry_daemons.sh (docker, containerd, podman, buildah). Uses `kiln
+# registry` when the kiln binary has it, otherwise the kiln-registry `serve` example (same
+# flags). Clients are installed idempotently; a missing one is a failure.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+source "$INTEROP_DIR/registry_server.sh"
 
 install_oci_clients() {
-    local missing=() p
-    for p in skopeo umoci python3-venv; do
-        dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
-    done
-    if [ ${#missing[@]} -gt 0 ]; then
-        log "installing ${missing[*]}"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-    fi
+    install_debian_packages skopeo umoci python3-venv
     command -v skopeo >/dev/null || fail "skopeo is not installed"
     command -v umoci >/dev/null || fail "umoci is not installed"
     ORAS_VENV="$CLIENT_CACHE/oras-venv"
@@ -31,34 +25,6 @@ install_oci_clients() {
         "$ORAS_VENV/bin/pip" install -q oras
     fi
     "$ORAS_VENV/bin/python" -c 'import oras.client' || fail "oras-py did not install"
-}
-
-# Sets REGISTRY_BIN and REGISTRY_ARGS: `kiln registry` if it exists, else the example.
-choose_registry_binary() {
-    build_kiln
-    if "$KILN" registry --help >/dev/null 2>&1; then
-        REGISTRY_BIN="$KILN"
-        REGISTRY_ARGS=(registry)
-    else
-        log "kiln has no registry subcommand yet: building the kiln-registry serve example"
-        (cd "$REPO_ROOT" && cargo build --release --quiet -p kiln-registry --example serve)
-        REGISTRY_BIN="${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release/examples/serve"
-        REGISTRY_ARGS=()
-    fi
-    [ -x "$REGISTRY_BIN" ] || fail "registry binary $REGISTRY_BIN is missing"
-}
-
-# start_registry NAME VAR [DATA]: serves a registry with its data in DATA (default
-# $WORK/NAME) on a free port and sets VAR to its host:port. Not run in a subshell, so its
-# PID reaches the exit trap.
-start_registry() {
-    local data="${3:-$WORK/$1}"
-    mkdir -p "$data"
-    local saved_kiln="$KILN"
-    KILN="$REGISTRY_BIN"
-    start_kiln "$1" "${REGISTRY_ARGS[@]}" --registry-addr 127.0.0.1:0 --data-dir "$data"
-    KILN="$saved_kiln"
-    printf -v "$2" '%s' "$(listen_addr "$1" http)"
 }
 
 install_oci_clients
@@ -209,5 +175,8 @@ start_registry reg1-restarted R1 "$WORK/reg1"
     || fail "an acknowledged push did not survive kill -9"
 skopeo copy --src-tls-verify=false "docker://$R1/oras/chunked:v0.2.0" "oci:$WORK/after-crash:v0.2.0" >/dev/null \
     || fail "the chunked artifact did not survive kill -9"
+
+log "docker, containerd, podman and buildah: registry_daemons.sh"
+KILN="$KILN" bash "$INTEROP_DIR/registry_daemons.sh"
 
 log "registry interop passed"
