@@ -8,6 +8,16 @@ use common::*;
 use hyper::{Method, StatusCode};
 
 #[tokio::test]
+async fn health_probes_answer_even_with_auth_on() {
+    let mut config = permissive_config();
+    config.auth.enabled = true;
+    let (_dir, reg) = TestRegistry::start(config).await;
+    reg.get("/healthz").await.expect(StatusCode::OK);
+    reg.get("/readyz").await.expect(StatusCode::OK);
+    reg.get("/v2/").await.expect(StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
 async fn base_endpoint_answers_with_the_api_version() {
     let (_dir, reg) = TestRegistry::start(permissive_config()).await;
     let response = reg.get("/v2/").await.expect(StatusCode::OK);
