@@ -25,8 +25,14 @@ pub fn router(state: Arc<RegistryState>) -> Router {
     Router::new()
         // Probes for orchestrators. Outside /v2/, so auth never applies; the metadata and
         // blob stores are open before the router exists, so serving means ready.
-        .route("/healthz", axum::routing::get(|| std::future::ready("ok\n")))
-        .route("/readyz", axum::routing::get(|| std::future::ready("ready\n")))
+        .route(
+            "/healthz",
+            axum::routing::get(|| std::future::ready("ok\n")),
+        )
+        .route(
+            "/readyz",
+            axum::routing::get(|| std::future::ready("ready\n")),
+        )
         .fallback(handle)
         .with_state(state)
         .layer(axum::middleware::map_response(add_api_version))
