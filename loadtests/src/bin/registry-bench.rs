@@ -116,6 +116,7 @@ async fn main() -> anyhow::Result<()> {
     let tcp = reference::loopback_tcp_iperf3(args.iperf_seconds)?;
 
     let kiln_dir = tempfile::tempdir()?;
+    let disk = disk_write_fsync_speed(kiln_dir.path(), &blobs[0].0)?;
     let kiln_addr = start_kiln(kiln_dir.path()).await?;
     let distribution_dir = tempfile::tempdir()?;
     let _distribution = Distribution::start(&args.distribution, distribution_dir.path())?;
@@ -148,7 +149,8 @@ async fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("benchmarking {}", target.name))?,
         );
     }
-    print_report(&args, raw_sha, tcp, &results[0], &results[1]);
+    let references = References { raw_sha, tcp, disk };
+    print_report(&args, &references, &results[0], &results[1]);
     Ok(())
 }
 
@@ -434,6 +436,31 @@ impl Target {
     }
 }
 
+/// Reference figures from this run, in MB/s.
+#[derive(Clone, Copy)]
+struct References {
+    raw_sha: f64,
+    tcp: f64,
+    disk: f64,
+}
+
+/// How fast the disk under the registry's directory takes a blob the way a registry must
+/// before acknowledging a push (write, then fsync), in MB/s, best of 3.
+fn disk_write_fsync_speed(dir: &Path, data: &[u8]) -> anyhow::Result<f64> {
+    use std::io::Write;
+    let mut best = 0f64;
+    for attempt in 0..3 {
+        let path = dir.join(format!("fsync-probe-{attempt}"));
+        let start = Instant::now();
+        let mut file = std::fs::File::create(&path)?;
+        file.write_all(data)?;
+        file.sync_all()?;
+        best = best.max(mb_per_s(data.len() as u64, start.elapsed()));
+        std::fs::remove_file(&path)?;
+    }
+    Ok(best)
+}
+
 /// kiln's registry in this process, on the defaults `kiln up` uses.
 async fn start_kiln(dir: &Path) -> anyhow::Result<SocketAddr> {
     let blobs = Arc::new(FsBlobStore::open(dir.join("blobs"))?);
@@ -505,13 +532,18 @@ fn verdict(met: bool) -> &'static str {
     }
 }
 
-fn print_report(args: &Args, raw_sha: f64, tcp: f64, kiln: &Results, dist: &Results) {
+fn print_report(args: &Args, references: &References, kiln: &Results, dist: &Results) {
+    let References { raw_sha, tcp, disk } = *references;
     println!("### Reference figures (same run)\n");
     println!("| reference | MB/s |\n|---|---|");
     println!("| raw SHA-256 (sha2 in memory, 1 thread, best of 3) | {raw_sha:.0} |");
     println!(
         "| loopback TCP (iperf3, 1 stream, {} s) | {tcp:.0} |",
         args.iperf_seconds
+    );
+    println!(
+        "| disk: write {} MiB + fsync in the registry's directory, best of 3 | {disk:.0} |",
+        args.blob_mib
     );
 
     println!(
@@ -574,6 +606,11 @@ fn print_report(args: &Args, raw_sha: f64, tcp: f64, kiln: &Results, dist: &Resu
         kiln.push.median,
         100.0 * push_vs_sha,
         verdict(push_vs_sha >= 0.7)
+    );
+    println!(
+        "| push | (context) disk write + fsync | {:.0} MB/s vs {disk:.0} | {:.0}% | — |",
+        kiln.push.median,
+        100.0 * kiln.push.median / disk
     );
     println!(
         "| pull | ≥ 80% of loopback TCP | {:.0} MB/s vs {tcp:.0} | {:.0}% (distribution: {:.0}%) | {} |",
