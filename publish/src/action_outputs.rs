@@ -34,7 +34,9 @@ pub struct CoordinatorSource {
     pub digest_function: DigestFunction,
 }
 
-/// The file `kiln run --output` writes for `kiln publish --from-run`:
+/// What `kiln publish --from-run` reads: the manifest `kiln run` writes
+/// (`.kiln/last-run.json`, whose `shards` carry more fields than this reader needs), or
+/// the minimal form
 ///
 /// ```json
 /// {"instance_name": "", "digest_function": "sha256",
@@ -44,30 +46,49 @@ pub struct CoordinatorSource {
 /// Every action's outputs land in one tree; two actions writing the same path with
 /// different content is an error.
 #[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
 pub struct RunManifest {
     #[serde(default)]
     pub instance_name: String,
     /// `sha256` or `blake3`.
     pub digest_function: String,
+    #[serde(alias = "shards")]
     pub actions: Vec<RunAction>,
 }
 
 #[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
 pub struct RunAction {
     /// `<hex>/<size>`, as Bazel prints digests.
     pub action_digest: String,
+    /// The action's exit code, when the manifest records it (`kiln run` does): outputs
+    /// of a failed action are not published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
 }
 
 impl RunManifest {
     pub fn read(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| PublishError::io(format!("reading {}", path.display()), e))?;
-        serde_json::from_str(&text).map_err(|e| PublishError::Source {
-            path: path.to_path_buf(),
-            reason: format!("not a run manifest: {e}"),
-        })
+        let manifest: RunManifest =
+            serde_json::from_str(&text).map_err(|e| PublishError::Source {
+                path: path.to_path_buf(),
+                reason: format!("not a run manifest: {e}"),
+            })?;
+        if let Some(failed) = manifest
+            .actions
+            .iter()
+            .find(|a| a.exit_code.is_some_and(|c| c != 0))
+        {
+            return Err(PublishError::Source {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "action {} exited with {}; outputs of a failed run are not published",
+                    failed.action_digest,
+                    failed.exit_code.unwrap_or_default()
+                ),
+            });
+        }
+        Ok(manifest)
     }
 }
 

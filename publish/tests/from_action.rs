@@ -210,6 +210,27 @@ async fn an_action_result_becomes_the_same_layer_as_its_tree() {
     )
     .unwrap();
     let manifest = RunManifest::read(&manifest_path).unwrap();
+    // The shape `kiln run` writes (.kiln/last-run.json) names the same action.
+    let run_written = manifest_dir.path().join("last-run.json");
+    let shard = format!(
+        r#"{{"index":0,"action_digest":"{}/{}","action_result_digest":null,"exit_code":EXIT,"cached":false,"error":null,"outputs":[]}}"#,
+        stored.action.hash, stored.action.size_bytes
+    );
+    let kiln_run_manifest = |exit: i32| {
+        format!(
+            r#"{{"version":1,"tool_invocation_id":"t","instance_name":"","digest_function":"sha256","input_root_digest":"x/1","output_dir":"/o","exit_code":{exit},"shards":[{}]}}"#,
+            shard.replace("EXIT", &exit.to_string())
+        )
+    };
+    std::fs::write(&run_written, kiln_run_manifest(0)).unwrap();
+    let from_kiln_run = RunManifest::read(&run_written).unwrap();
+    assert_eq!(
+        from_kiln_run.actions[0].action_digest,
+        manifest.actions[0].action_digest
+    );
+    std::fs::write(&run_written, kiln_run_manifest(3)).unwrap();
+    let refused = RunManifest::read(&run_written).unwrap_err().to_string();
+    assert!(refused.contains("exited with 3"), "{refused}");
     let digests: Vec<Digest> = manifest
         .actions
         .iter()
