@@ -25,6 +25,9 @@ use crate::resource_name::{Compression, ResourceName};
 use crate::zstd_codec::{self, StreamingDecoder};
 use crate::{CoordinatorConfig, CoordinatorError};
 
+/// How often QueryWriteStatus looks for a Write that is opening the same upload.
+const LIVE_UPLOAD_POLL: std::time::Duration = std::time::Duration::from_millis(10);
+
 pub(crate) struct ByteStreamService {
     blobs: Arc<dyn BlobStore>,
     config: Arc<CoordinatorConfig>,
@@ -330,16 +333,28 @@ impl ByteStreamService {
             Some(committed) => committed,
             None => {
                 // What an earlier stream left behind. Opening the upload waits until a
-                // broken stream's writer has saved its last bytes.
-                let writer = self
-                    .blobs
-                    .begin_write(name.digest.function, Some(&id))
-                    .await?;
-                let committed = writer.bytes_written();
-                if committed == 0 {
-                    writer.abort().await?;
+                // broken stream's writer has saved its last bytes. A Write that has just
+                // opened the upload holds it too, before it registers as live; so while
+                // waiting, keep looking for it among the live uploads.
+                let open = self.blobs.begin_write(name.digest.function, Some(&id));
+                tokio::pin!(open);
+                loop {
+                    tokio::select! {
+                        writer = &mut open => {
+                            let writer = writer?;
+                            let committed = writer.bytes_written();
+                            if committed == 0 {
+                                writer.abort().await?;
+                            }
+                            break committed;
+                        }
+                        _ = tokio::time::sleep(LIVE_UPLOAD_POLL) => {
+                            if let Some(live) = self.live_uploads.get(&id) {
+                                break live.load(Ordering::Relaxed);
+                            }
+                        }
+                    }
                 }
-                committed
             }
         };
         // An upload never seen is reported at offset 0 rather than NOT_FOUND: starting
