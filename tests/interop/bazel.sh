@@ -8,10 +8,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 install_bazel
 build_kiln
 
-WORKSPACE="$WORK/workspace"
-cp -r "$INTEROP_DIR/bazel-workspace" "$WORKSPACE"
-GENRULES=$(grep -c '' <(cd "$WORKSPACE" && "$BAZEL" --output_user_root="$WORK/bazel-root" --batch query 'kind(genrule, //...)' 2>/dev/null))
-[ "$GENRULES" -ge 10 ] || fail "the workspace should hold at least 10 genrules, found $GENRULES"
+prepare_bazel_workspace 10
 
 start_kiln coordinator coordinator --grpc-addr 127.0.0.1:0 --data-dir "$WORK/kiln-data"
 ADDR=$(listen_addr coordinator grpc)

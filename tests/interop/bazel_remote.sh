@@ -12,10 +12,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 install_bazel
 build_kiln
 
-WORKSPACE="$WORK/workspace"
-cp -r "$INTEROP_DIR/bazel-workspace" "$WORKSPACE"
-GENRULES=$(grep -c '' <(cd "$WORKSPACE" && "$BAZEL" --output_user_root="$WORK/bazel-root" --batch query 'kind(genrule, //...)' 2>/dev/null))
-[ "$GENRULES" -ge 20 ] || fail "the workspace should hold at least 20 genrules, found $GENRULES"
+prepare_bazel_workspace 20
 
 start_farm 2
 

@@ -192,3 +192,12 @@ start_dockerd() {
         -H "$DOCKER_HOST" --containerd "$CONTAINERD_SOCK" \
         --iptables=false --ip6tables=false --bridge=none --storage-driver=vfs
 }
+
+# prepare_bazel_workspace MIN : copies the genrule workspace to $WORK/workspace (WORKSPACE)
+# and counts its genrules (GENRULES), failing if there are fewer than MIN.
+prepare_bazel_workspace() {
+    WORKSPACE="$WORK/workspace"
+    cp -r "$INTEROP_DIR/bazel-workspace" "$WORKSPACE"
+    GENRULES=$(grep -c '' <(cd "$WORKSPACE" && "$BAZEL" --output_user_root="$WORK/bazel-root" --batch query 'kind(genrule, //...)' 2>/dev/null))
+    [ "$GENRULES" -ge "$1" ] || fail "the workspace should hold at least $1 genrules, found $GENRULES"
+}
