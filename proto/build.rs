@@ -11,7 +11,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
     let well_known_types = protoc_bin_vendored::include_path()?;
-    let protos = [manifest_dir.join("kiln/worker/v1/worker.proto")];
+    let protos = [
+        manifest_dir.join("kiln/worker/v1/worker.proto"),
+        manifest_dir.join("kiln/admin/v1/admin.proto"),
+    ];
     let includes = [
         manifest_dir.clone(),
         manifest_dir.join("extern"),
@@ -25,7 +28,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // applies; the well-known types are only imported, so nothing extra is generated.
         .compile_well_known_types(true)
         // No generated `WorkersClient::connect(url)`: it would clash with the Connect RPC's
-        // method; callers build the client from a Channel.
+        // method; callers build every client from a Channel.
         .build_transport(false)
         .extern_path(
             ".build.bazel.remote.execution.v2",

@@ -2,18 +2,18 @@
 //! and the client commands.
 
 mod config;
+mod join_token;
 mod publish;
 mod run;
 mod servers;
+mod status;
 mod storage;
 
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
-use metrics_exporter_prometheus::PrometheusBuilder;
-
-use config::{CommonArgs, KilnConfig};
-use servers::Servers;
+use config::{CommonArgs, KilnConfig, MetricsRole};
+use servers::{MetricsSources, Servers};
 use storage::Storage;
 
 #[derive(Debug, Parser)]
@@ -43,6 +43,21 @@ enum Command {
     Run(run::RunArgs),
     /// Turn build outputs into an OCI image and push it.
     Publish(Box<publish::PublishArgs>),
+    /// Workers, queue, cache hit ratio, storage and registry of a running coordinator.
+    Status(status::StatusArgs),
+    /// Retire a worker: it takes no new work, finishes what it runs, then leaves.
+    Drain(status::DrainArgs),
+}
+
+/// Opens the embedded storage and starts `/metrics` and the probes, before any server
+/// starts recording.
+async fn open_server(config: &KilnConfig, role: MetricsRole) -> anyhow::Result<(Storage, Servers)> {
+    let storage = Storage::open(&config.data_dir)?;
+    let mut servers = Servers::new();
+    servers
+        .start_metrics(config, role, MetricsSources::server(&storage))
+        .await?;
+    Ok((storage, servers))
 }
 
 /// `kiln worker` flags; the `[worker]` table of the configuration file sets the rest.
@@ -86,20 +101,19 @@ fn main() -> anyhow::Result<ExitCode> {
 async fn run(command: Command, config: KilnConfig) -> anyhow::Result<ExitCode> {
     match command {
         Command::Up => {
-            let storage = Storage::open(&config.data_dir)?;
-            let mut servers = Servers::new();
-            let metrics = PrometheusBuilder::new().install_recorder()?;
-            let join_token = config
-                .join_token
-                .clone()
-                .unwrap_or_else(generate_join_token);
+            let (storage, mut servers) = open_server(&config, MetricsRole::Coordinator).await?;
+            let join_token = match config.join_token.clone() {
+                Some(token) => token,
+                None => join_token::read_or_create(&config.data_dir)?,
+            };
             let config = KilnConfig {
                 join_token: Some(join_token.clone()),
                 ..config
             };
-            let grpc = servers.start_coordinator(&config, &storage).await?;
-            servers.start_registry(&config, &storage).await?;
-            servers.start_metrics(&config, metrics).await?;
+            let registry = servers.start_registry(&config, &storage).await?;
+            let grpc = servers
+                .start_coordinator(&config, &storage, Some(registry))
+                .await?;
             let workers = config
                 .workers
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -108,16 +122,12 @@ async fn run(command: Command, config: KilnConfig) -> anyhow::Result<ExitCode> {
             servers.run_until_signalled().await?;
         }
         Command::Coordinator => {
-            let storage = Storage::open(&config.data_dir)?;
-            let mut servers = Servers::new();
-            let metrics = PrometheusBuilder::new().install_recorder()?;
-            servers.start_coordinator(&config, &storage).await?;
-            servers.start_metrics(&config, metrics).await?;
+            let (storage, mut servers) = open_server(&config, MetricsRole::Coordinator).await?;
+            servers.start_coordinator(&config, &storage, None).await?;
             servers.run_until_signalled().await?;
         }
         Command::Registry => {
-            let storage = Storage::open(&config.data_dir)?;
-            let mut servers = Servers::new();
+            let (storage, mut servers) = open_server(&config, MetricsRole::Registry).await?;
             servers.start_registry(&config, &storage).await?;
             servers.run_until_signalled().await?;
         }
@@ -137,22 +147,26 @@ async fn run(command: Command, config: KilnConfig) -> anyhow::Result<ExitCode> {
                 worker.join_token = token.clone();
             }
             let mut servers = Servers::new();
-            let metrics = PrometheusBuilder::new().install_recorder()?;
-            servers.start_metrics(&config, metrics).await?;
-            servers.start_worker(worker);
+            let (registered, ready) = tokio::sync::watch::channel(false);
+            let sources = MetricsSources { blobs: None, ready };
+            servers
+                .start_metrics(&config, MetricsRole::Worker, sources)
+                .await?;
+            servers.start_worker(worker, registered);
             servers.run_until_signalled().await?;
         }
         Command::Run(args) => return run::run(args).await,
         Command::Publish(args) => publish::run(*args).await?,
+        Command::Status(args) => return status::status(args).await,
+        Command::Drain(args) => {
+            let token = match config.join_token.clone() {
+                Some(token) => Some(token),
+                None => join_token::read(&config.data_dir)?,
+            };
+            return status::drain(args, token.as_deref()).await;
+        }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// A fresh secret for `kiln up`'s own workers.
-fn generate_join_token() -> String {
-    let mut bytes = [0u8; 32];
-    rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
-    hex::encode(bytes)
 }
 
 #[cfg(test)]

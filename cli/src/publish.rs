@@ -11,6 +11,8 @@ use kiln_publish::{
 };
 use kiln_store::DigestFunction;
 
+use crate::config::CoordinatorArg;
+
 #[derive(Debug, clap::Args)]
 #[command(group(clap::ArgGroup::new("source").required(true).args(["from", "from_action", "from_run"])))]
 pub struct PublishArgs {
@@ -76,8 +78,8 @@ pub struct PublishArgs {
     #[arg(long)]
     pub variant: Option<String>,
     /// The coordinator holding the action cache, for --from-action and --from-run.
-    #[arg(long, default_value = "grpc://127.0.0.1:8980")]
-    pub coordinator: String,
+    #[command(flatten)]
+    pub target: CoordinatorArg,
     /// REAPI instance name for --from-action.
     #[arg(long, default_value = "")]
     pub instance_name: String,
@@ -160,7 +162,7 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
             let digest_function =
                 DigestFunction::from_name(&args.digest_function).context("--digest-function")?;
             let source = CoordinatorSource {
-                address: args.coordinator.clone(),
+                address: args.target.coordinator.clone(),
                 instance_name: args.instance_name.clone(),
                 digest_function,
             };
@@ -177,7 +179,7 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
                     format!("unknown digest_function {:?}", manifest.digest_function)
                 })?;
             let source = CoordinatorSource {
-                address: args.coordinator.clone(),
+                address: args.target.coordinator.clone(),
                 instance_name: manifest.instance_name,
                 digest_function,
             };

@@ -19,6 +19,8 @@ use kiln_client::{
 };
 use kiln_store::DigestFunction;
 
+use crate::config::CoordinatorArg;
+
 /// Run a command remotely: hash the input tree, upload what is missing, execute (one
 /// action per shard), stream the results and download the outputs.
 #[derive(Debug, clap::Args)]
@@ -34,14 +36,8 @@ pub struct RunArgs {
     /// A platform property the worker must offer.
     #[arg(long = "platform", value_name = "KEY=VALUE", value_parser = parse_key_value)]
     pub platform: Vec<(String, String)>,
-    /// The coordinator's REAPI endpoint.
-    #[arg(
-        long,
-        env = "KILN_COORDINATOR",
-        default_value = "grpc://127.0.0.1:8980",
-        value_name = "URL"
-    )]
-    pub coordinator: String,
+    #[command(flatten)]
+    pub target: CoordinatorArg,
     /// The REAPI instance name (a separate action cache namespace).
     #[arg(
         long,
@@ -104,7 +100,7 @@ fn parse_key_value(text: &str) -> Result<(String, String), String> {
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let invocation = Invocation::new();
     let cas = RemoteCas::connect(
-        &args.coordinator,
+        &args.target.coordinator,
         &args.instance_name,
         args.digest_function.into(),
         invocation,
@@ -113,7 +109,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     .with_context(|| {
         format!(
             "kiln run: cannot use the coordinator at {}",
-            args.coordinator
+            args.target.coordinator
         )
     })?;
     let executor = GrpcExecutor::new(cas.channel().clone());

@@ -1,15 +1,62 @@
 //! Starting kiln's servers and stopping them together.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use anyhow::Context;
-use metrics_exporter_prometheus::PrometheusHandle;
+use axum::http::StatusCode;
+use kiln_store::BlobStore;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::KilnConfig;
+use crate::config::{KilnConfig, MetricsRole};
 use crate::storage::Storage;
+
+/// Bytes of blobs in the blob store, set at each scrape.
+const STORE_BYTES: &str = "kiln_store_bytes";
+
+/// Installs the process-wide Prometheus recorder, with real histogram buckets for
+/// kiln's histograms (the exporter's default would render them as summaries, which
+/// cannot be aggregated across processes).
+fn install_metrics_recorder() -> anyhow::Result<PrometheusHandle> {
+    let histograms = [
+        (
+            kiln_coordinator::metric_names::ACTION_STAGE_SECONDS,
+            kiln_coordinator::STAGE_BUCKETS,
+        ),
+        (
+            kiln_registry::metric_names::REQUEST_SECONDS,
+            kiln_registry::REQUEST_BUCKETS,
+        ),
+    ];
+    let mut builder = PrometheusBuilder::new();
+    for (name, buckets) in histograms {
+        builder = builder.set_buckets_for_metric(Matcher::Full(name.to_string()), buckets)?;
+    }
+    Ok(builder.install_recorder()?)
+}
+
+/// What `/metrics` and `/readyz` report on beyond the recorder.
+pub struct MetricsSources {
+    /// The blob store whose size `kiln_store_bytes` reports, if this process has one.
+    pub blobs: Option<Arc<dyn BlobStore>>,
+    /// Whether the process is ready to serve: servers are once their storage is open
+    /// (before they bind), a worker once it is registered with its coordinator.
+    pub ready: watch::Receiver<bool>,
+}
+
+impl MetricsSources {
+    /// A server process: storage is open before any server binds, so it is ready.
+    pub fn server(storage: &Storage) -> Self {
+        MetricsSources {
+            blobs: Some(storage.blobs.clone()),
+            ready: watch::channel(true).1,
+        }
+    }
+}
 
 /// The servers of one process. Each runs until `shutdown` is cancelled or one fails.
 pub struct Servers {
@@ -25,10 +72,13 @@ impl Servers {
         }
     }
 
+    /// Starts the coordinator; with `registry`, its admin API lists that registry's
+    /// repositories too.
     pub async fn start_coordinator(
         &mut self,
         config: &KilnConfig,
         storage: &Storage,
+        registry: Option<kiln_registry::Registry>,
     ) -> anyhow::Result<SocketAddr> {
         let listener = bind(config.grpc_addr, "coordinator").await?;
         let addr = listener.local_addr()?;
@@ -39,11 +89,14 @@ impl Servers {
                 "no join token is configured (--join-token / KILN_JOIN_TOKEN): no worker can join"
             );
         }
-        let coordinator = kiln_coordinator::Coordinator::new(
+        let mut coordinator = kiln_coordinator::Coordinator::new(
             coordinator_config,
             storage.blobs.clone(),
             storage.metadata.clone(),
         );
+        if let Some(registry) = registry {
+            coordinator = coordinator.with_registry_catalog(Arc::new(RegistryCatalog(registry)));
+        }
         let shutdown = self.shutdown.clone().cancelled_owned();
         self.tasks.spawn(async move {
             coordinator
@@ -55,47 +108,62 @@ impl Servers {
         Ok(addr)
     }
 
+    /// Starts the registry; returns a handle on it for the coordinator's admin API.
     pub async fn start_registry(
         &mut self,
         config: &KilnConfig,
         storage: &Storage,
-    ) -> anyhow::Result<SocketAddr> {
+    ) -> anyhow::Result<kiln_registry::Registry> {
         let listener = bind(config.registry_addr, "registry").await?;
-        let addr = listener.local_addr()?;
         let registry = kiln_registry::Registry::open(
             config.registry.clone(),
             storage.blobs.clone(),
             storage.metadata.clone(),
         )
         .context("opening the registry")?;
+        let serving = registry.clone();
         let shutdown = self.shutdown.clone().cancelled_owned();
         self.tasks
-            .spawn(async move { registry.serve(listener, shutdown).await.context("registry") });
-        Ok(addr)
+            .spawn(async move { serving.serve(listener, shutdown).await.context("registry") });
+        Ok(registry)
     }
 
-    /// Serves `/metrics`, `/healthz` and `/readyz`.
+    /// Installs the metrics recorder and serves `/metrics`, `/healthz` (the process is
+    /// alive) and `/readyz`. Call it before starting the other servers, so that nothing
+    /// they record is lost.
     pub async fn start_metrics(
         &mut self,
         config: &KilnConfig,
-        metrics: PrometheusHandle,
+        role: MetricsRole,
+        sources: MetricsSources,
     ) -> anyhow::Result<SocketAddr> {
-        let listener = bind(config.metrics_addr, "metrics").await?;
+        let metrics = install_metrics_recorder()?;
+        let listener = bind(config.metrics_addr_for(role), "metrics").await?;
         let addr = listener.local_addr()?;
+        let MetricsSources { blobs, ready } = sources;
+        let render = move || {
+            if let Some(blobs) = &blobs {
+                metrics::gauge!(STORE_BYTES).set(blobs.stored_bytes() as f64);
+            }
+            std::future::ready(metrics.render())
+        };
+        let readiness = move || {
+            std::future::ready(if *ready.borrow() {
+                (StatusCode::OK, "ready\n")
+            } else {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: not registered with the coordinator\n",
+                )
+            })
+        };
         let app = axum::Router::new()
-            .route(
-                "/metrics",
-                axum::routing::get(move || std::future::ready(metrics.render())),
-            )
-            // Storage is opened before any server starts, so a serving process is ready.
+            .route("/metrics", axum::routing::get(render))
             .route(
                 "/healthz",
                 axum::routing::get(|| std::future::ready("ok\n")),
             )
-            .route(
-                "/readyz",
-                axum::routing::get(|| std::future::ready("ready\n")),
-            );
+            .route("/readyz", axum::routing::get(readiness));
         let shutdown = self.shutdown.clone().cancelled_owned();
         self.tasks.spawn(async move {
             axum::serve(listener, app)
@@ -126,19 +194,39 @@ impl Servers {
             if worker.worker_id.is_empty() {
                 worker.worker_id = format!("local-{index}");
             }
-            self.start_worker(worker);
+            let shutdown = self.shutdown.clone();
+            self.tasks.spawn(async move {
+                let stopping = shutdown.clone().cancelled_owned();
+                kiln_worker::run(worker, stopping)
+                    .await
+                    .context("local worker")?;
+                // Drained on request: the farm goes on without it.
+                shutdown.cancelled().await;
+                Ok(())
+            });
         }
         if count > 0 {
             tracing::info!(count, "local workers started");
         }
     }
 
-    /// Runs a worker until shutdown, when it drains: it takes no new work and finishes
-    /// what it holds before the process exits.
-    pub fn start_worker(&mut self, worker: kiln_worker::WorkerConfig) {
-        let shutdown = self.shutdown.clone().cancelled_owned();
-        self.tasks
-            .spawn(async move { kiln_worker::run(worker, shutdown).await.context("worker") });
+    /// Runs the process's one worker until shutdown, when it drains: it takes no new
+    /// work and finishes what it holds before the process exits. A worker the
+    /// coordinator drains ends the process too, cleanly. `registered` follows its
+    /// registration.
+    pub fn start_worker(
+        &mut self,
+        worker: kiln_worker::WorkerConfig,
+        registered: watch::Sender<bool>,
+    ) {
+        let shutdown = self.shutdown.clone();
+        self.tasks.spawn(async move {
+            kiln_worker::run_reporting(worker, shutdown.clone().cancelled_owned(), registered)
+                .await
+                .context("worker")?;
+            shutdown.cancel();
+            Ok(())
+        });
     }
 
     /// Waits for Ctrl-C or SIGTERM, or for a server to stop on its own, then stops all.
@@ -150,11 +238,17 @@ impl Servers {
             }
             Some(result) = self.tasks.join_next() => Some(result),
         };
+        // A task that finished its work on purpose (a drained worker) cancelled first.
+        let stopped_on_purpose = self.shutdown.is_cancelled();
         self.shutdown.cancel();
         let mut outcome = match first {
-            Some(result) => {
-                flatten(result).and_then(|()| anyhow::bail!("a server stopped unexpectedly"))
-            }
+            Some(result) => flatten(result).and_then(|()| {
+                if stopped_on_purpose {
+                    Ok(())
+                } else {
+                    Err(anyhow::anyhow!("a server stopped unexpectedly"))
+                }
+            }),
             None => Ok(()),
         };
         while let Some(result) = self.tasks.join_next().await {
@@ -189,4 +283,21 @@ pub async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+/// The registry as the coordinator's admin API sees it.
+struct RegistryCatalog(kiln_registry::Registry);
+
+impl kiln_coordinator::RegistryCatalog for RegistryCatalog {
+    fn repositories(&self) -> Result<Vec<kiln_coordinator::RepositorySummary>, String> {
+        let stats = self.0.repository_stats().map_err(|e| e.to_string())?;
+        Ok(stats
+            .into_iter()
+            .map(|r| kiln_coordinator::RepositorySummary {
+                name: r.name,
+                tags: r.tags,
+                manifests: r.manifests,
+            })
+            .collect())
+    }
 }

@@ -20,6 +20,7 @@ use kiln_proto::reapi::{
 use kiln_store::{BlobStore, ContentHash, Digest, DigestFunction, ExpectedDigest};
 use tonic::{Request, Response, Status};
 
+use crate::counters::Counters;
 use crate::{reapi_digest, CoordinatorConfig, CoordinatorError};
 
 /// The digests of every file in a result's output directories, stored after the
@@ -68,6 +69,7 @@ pub(crate) struct ActionCacheService {
     blobs: Arc<dyn BlobStore>,
     results: kiln_store::ActionCache,
     config: Arc<CoordinatorConfig>,
+    counters: Arc<Counters>,
     /// When each (instance, action) hit last refreshed its blobs' access times.
     refreshed: DashMap<(String, Digest), Instant>,
 }
@@ -80,16 +82,32 @@ impl ActionCacheService {
         blobs: Arc<dyn BlobStore>,
         results: kiln_store::ActionCache,
         config: Arc<CoordinatorConfig>,
+        counters: Arc<Counters>,
     ) -> Self {
         ActionCacheService {
             blobs,
             results,
             config,
+            counters,
             refreshed: DashMap::new(),
         }
     }
 
+    /// Looks a result up, counting the hit or miss for the cache hit ratio.
     pub(crate) async fn get(
+        &self,
+        request: GetActionResultRequest,
+    ) -> Result<ActionResult, CoordinatorError> {
+        let found = self.lookup(request).await;
+        match &found {
+            Ok(_) => self.counters.action_cache_lookup(true),
+            Err(CoordinatorError::NotFound(_)) => self.counters.action_cache_lookup(false),
+            Err(_) => {} // a bad request or a store fault says nothing about the cache
+        }
+        found
+    }
+
+    async fn lookup(
         &self,
         request: GetActionResultRequest,
     ) -> Result<ActionResult, CoordinatorError> {

@@ -21,6 +21,7 @@ use kiln_proto::bytestream::{
 use kiln_store::{BlobStore, BlobWriter, Digest, ExpectedDigest};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::counters::Counters;
 use crate::resource_name::{Compression, ResourceName};
 use crate::zstd_codec::{self, StreamingDecoder};
 use crate::{CoordinatorConfig, CoordinatorError};
@@ -31,6 +32,7 @@ const LIVE_UPLOAD_POLL: std::time::Duration = std::time::Duration::from_millis(1
 pub(crate) struct ByteStreamService {
     blobs: Arc<dyn BlobStore>,
     config: Arc<CoordinatorConfig>,
+    counters: Arc<Counters>,
     /// Bytes accepted so far by the uploads being received right now, so that
     /// QueryWriteStatus answers without waiting for an active writer.
     live_uploads: Arc<DashMap<String, Arc<AtomicU64>>>,
@@ -93,10 +95,15 @@ enum WriteEnd {
 }
 
 impl ByteStreamService {
-    pub(crate) fn new(blobs: Arc<dyn BlobStore>, config: Arc<CoordinatorConfig>) -> Self {
+    pub(crate) fn new(
+        blobs: Arc<dyn BlobStore>,
+        config: Arc<CoordinatorConfig>,
+        counters: Arc<Counters>,
+    ) -> Self {
         ByteStreamService {
             blobs,
             config,
+            counters,
             live_uploads: Arc::new(DashMap::new()),
         }
     }
@@ -141,10 +148,13 @@ impl ByteStreamService {
             )));
         }
         let limit = (request.read_limit > 0).then_some(request.read_limit as u64);
+        let counters = self.counters.clone();
         let chunks = self
             .blobs
             .read(&digest.content_hash(), offset, limit)
-            .await?;
+            .await?
+            .inspect_ok(move |chunk| counters.cas_read(chunk.len() as u64))
+            .boxed();
         Ok(match name.compression {
             Compression::Identity => chunks.map_err(CoordinatorError::from).boxed(),
             Compression::Zstd => {
@@ -208,6 +218,7 @@ impl ByteStreamService {
         match received {
             Ok(WriteEnd::Complete(committed_size)) => {
                 writer.commit(ExpectedDigest::Exact(digest)).await?;
+                self.counters.cas_written(digest.size);
                 Ok(WriteResponse { committed_size })
             }
             Ok(WriteEnd::Incomplete(committed)) => Ok(WriteResponse {

@@ -18,6 +18,7 @@ use kiln_proto::reapi::{
 use kiln_store::{BlobStore, Digest, DigestFunction, ExpectedDigest};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::counters::Counters;
 use crate::error::ok_rpc_status;
 use crate::tree::{TreePages, TreeWalk};
 use crate::{reapi_digest, zstd_codec, CoordinatorConfig, CoordinatorError};
@@ -31,11 +32,20 @@ const MIN_COMPRESSIBLE_SIZE: usize = 512;
 pub(crate) struct CasService {
     blobs: Arc<dyn BlobStore>,
     config: Arc<CoordinatorConfig>,
+    counters: Arc<Counters>,
 }
 
 impl CasService {
-    pub(crate) fn new(blobs: Arc<dyn BlobStore>, config: Arc<CoordinatorConfig>) -> Self {
-        CasService { blobs, config }
+    pub(crate) fn new(
+        blobs: Arc<dyn BlobStore>,
+        config: Arc<CoordinatorConfig>,
+        counters: Arc<Counters>,
+    ) -> Self {
+        CasService {
+            blobs,
+            config,
+            counters,
+        }
     }
 
     /// Refuses a batch whose blobs add up to more than the advertised limit.
@@ -122,6 +132,7 @@ impl CasService {
         self.blobs
             .put(ExpectedDigest::Exact(digest), Bytes::from(data))
             .await?;
+        self.counters.cas_written(digest.size);
         Ok(())
     }
 
@@ -168,6 +179,7 @@ impl CasService {
             )));
         }
         let data = Vec::from(self.blobs.read_all(digest).await?);
+        self.counters.cas_read(data.len() as u64);
         if zstd_acceptable && data.len() >= MIN_COMPRESSIBLE_SIZE {
             let compressed = zstd_codec::compress(&data, self.config.zstd_level)?;
             if compressed.len() < data.len() {

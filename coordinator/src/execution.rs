@@ -13,6 +13,7 @@
 //! All mutable state sits behind one mutex that is never held across an `.await`.
 
 mod operation;
+mod pool_status;
 mod worker_service;
 
 use std::collections::HashMap;
@@ -39,6 +40,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use tonic::{Code, Request, Response, Status};
 
 use crate::action_cache::ActionCacheService;
+use crate::counters::{Counters, Outcome};
 use crate::scheduler::{
     Cancelled, LostLease, Platform, Scheduler, SchedulerConfig, WorkerSnapshot,
 };
@@ -46,6 +48,7 @@ use crate::{reapi_digest, CoordinatorConfig, CoordinatorError};
 use operation::{
     completed_operation, timestamp_from_nanos, unix_nanos, OperationRecord, OPERATIONS,
 };
+pub(crate) use pool_status::WorkerDetails;
 pub(crate) use worker_service::WorkerService;
 
 /// The gRPC metadata key REAPI clients put their RequestMetadata under.
@@ -69,6 +72,7 @@ struct Inner {
     blobs: Arc<dyn BlobStore>,
     metadata: Arc<dyn MetadataStore>,
     action_cache: Arc<ActionCacheService>,
+    counters: Arc<Counters>,
     join_token: Option<String>,
     heartbeat_interval: Duration,
     /// Set once the server is shutting down: worker and operation streams end, so that
@@ -94,6 +98,7 @@ struct State {
 struct WorkerConnection {
     id: u64,
     outbound: mpsc::UnboundedSender<Result<CoordinatorMessage, Status>>,
+    details: WorkerDetails,
 }
 
 struct LiveOperation {
@@ -109,6 +114,7 @@ impl ExecutionEngine {
         blobs: Arc<dyn BlobStore>,
         metadata: Arc<dyn MetadataStore>,
         action_cache: Arc<ActionCacheService>,
+        counters: Arc<Counters>,
     ) -> Result<Self, CoordinatorError> {
         let scheduler = Scheduler::new(SchedulerConfig {
             max_attempts: config.max_attempts,
@@ -125,6 +131,7 @@ impl ExecutionEngine {
                 blobs,
                 metadata,
                 action_cache,
+                counters,
                 join_token: config.join_token.clone(),
                 heartbeat_interval: Duration::from_millis(config.heartbeat_interval_ms),
                 closing: watch::channel(false).0,
@@ -238,6 +245,13 @@ impl ExecutionEngine {
                 continue;
             };
             let record = &live.record;
+            let queued_at =
+                std::time::UNIX_EPOCH + Duration::from_nanos(record.queued_at_unix_nanos);
+            self.inner.counters.queue_wait(
+                SystemTime::now()
+                    .duration_since(queued_at)
+                    .unwrap_or_default(),
+            );
             let assign = Assign {
                 lease_id: assignment.lease.clone(),
                 instance_name: record.instance_name.clone(),
@@ -546,8 +560,19 @@ impl ExecutionEngine {
             status: Some(status.clone()),
             ..Default::default()
         };
-        let succeeded = status.code == Code::Ok as i32
-            && response.result.as_ref().is_some_and(|r| r.exit_code == 0);
+        let ran = status.code == Code::Ok as i32 && response.result.is_some();
+        let succeeded = ran && response.result.as_ref().is_some_and(|r| r.exit_code == 0);
+        self.inner.counters.action_finished(
+            match (ran, succeeded) {
+                (_, true) => Outcome::Success,
+                (true, false) => Outcome::Failure,
+                (false, _) => Outcome::Error,
+            },
+            response
+                .result
+                .as_ref()
+                .and_then(|r| r.execution_metadata.as_ref()),
+        );
         if succeeded && !record.do_not_cache {
             let update = UpdateActionResultRequest {
                 instance_name: record.instance_name.clone(),
@@ -617,6 +642,7 @@ impl ExecutionEngine {
         platform: Platform,
         slots: usize,
         outbound: mpsc::UnboundedSender<Result<CoordinatorMessage, Status>>,
+        details: WorkerDetails,
     ) -> u64 {
         let mut state = self.state();
         state.next_connection += 1;
@@ -624,9 +650,14 @@ impl ExecutionEngine {
         let lost = state
             .scheduler
             .add_worker(worker.to_string(), platform, slots, Instant::now());
-        state
-            .workers
-            .insert(worker.to_string(), WorkerConnection { id, outbound });
+        state.workers.insert(
+            worker.to_string(),
+            WorkerConnection {
+                id,
+                outbound,
+                details,
+            },
+        );
         self.handle_lost_leases(&mut state, lost);
         id
     }
@@ -643,9 +674,13 @@ impl ExecutionEngine {
         self.handle_lost_leases(&mut state, lost);
     }
 
-    fn heartbeat(&self, worker: &str, draining: bool) {
+    /// `cache_bytes` is the worker's local cache size when the message reported it.
+    fn heartbeat(&self, worker: &str, draining: bool, cache_bytes: Option<u64>) {
         let mut state = self.state();
         state.scheduler.heartbeat(worker, Instant::now());
+        if let (Some(bytes), Some(connection)) = (cache_bytes, state.workers.get_mut(worker)) {
+            connection.details.cache_bytes = bytes;
+        }
         if draining {
             // Stop offering it work now rather than have it refuse each Assign.
             state.scheduler.drain_worker(worker);

@@ -1,27 +1,33 @@
 //! kiln-coordinator: the coordinator's gRPC services.
 //!
-//! Today that is the REAPI v2 remote cache: Capabilities, ContentAddressableStorage,
-//! ActionCache and ByteStream, all on one tonic server ([`Coordinator::serve`]). The
-//! scheduler and the worker protocol will join them on the same port.
+//! REAPI v2 (Capabilities, ContentAddressableStorage, ActionCache, ByteStream,
+//! Execution, Operations), kiln's worker protocol (`kiln.worker.v1.Workers`), the admin
+//! API (`kiln.admin.v1.Admin`) and the standard gRPC health service, all on one tonic
+//! server ([`Coordinator::serve`]).
 //!
 //! Instance names: the action cache keeps one namespace per instance name, while the CAS
 //! is shared by all instances. Blobs are named by their content, so sharing them cannot
 //! leak one instance's results into another, and it stores each blob once.
 
 mod action_cache;
+mod admin;
 mod byte_stream;
 mod capabilities;
 mod cas;
 mod config;
+mod counters;
 mod error;
 mod execution;
 mod reapi_digest;
 mod resource_name;
 mod scheduler;
+mod secret;
 mod server;
 mod tree;
 mod zstd_codec;
 
+pub use admin::{RegistryCatalog, RepositorySummary};
 pub use config::CoordinatorConfig;
+pub use counters::{names as metric_names, STAGE_BUCKETS};
 pub use error::CoordinatorError;
 pub use server::Coordinator;

@@ -95,7 +95,6 @@ pub enum Cancelled {
 
 /// A worker as the status API shows it.
 #[derive(Clone, Debug)]
-#[allow(dead_code)] // Fields beyond `slots` are read by the status API (issue 6), not yet.
 pub struct WorkerSnapshot {
     pub id: WorkerId,
     pub platform: Platform,

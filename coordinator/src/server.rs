@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use kiln_proto::admin::v1::admin_server::AdminServer;
 use kiln_proto::bytestream::byte_stream_server::ByteStreamServer;
 use kiln_proto::longrunning::operations_server::OperationsServer;
 use kiln_proto::reapi::{
@@ -17,11 +18,25 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
 use crate::action_cache::ActionCacheService;
+use crate::admin::{AdminService, RegistryCatalog};
 use crate::byte_stream::ByteStreamService;
 use crate::capabilities::CapabilitiesService;
 use crate::cas::CasService;
+use crate::counters::Counters;
 use crate::execution::{ExecutionEngine, ExecutionService, OperationsService, WorkerService};
 use crate::{CoordinatorConfig, CoordinatorError};
+
+/// The services grpc.health.v1 reports on by name (besides the overall "").
+const SERVICE_NAMES: &[&str] = &[
+    "build.bazel.remote.execution.v2.Capabilities",
+    "build.bazel.remote.execution.v2.ContentAddressableStorage",
+    "build.bazel.remote.execution.v2.ActionCache",
+    "build.bazel.remote.execution.v2.Execution",
+    "google.bytestream.ByteStream",
+    "google.longrunning.Operations",
+    "kiln.worker.v1.Workers",
+    "kiln.admin.v1.Admin",
+];
 
 /// HTTP/2 flow-control windows. The defaults (64 KiB) cap a single stream at a few
 /// hundred MB/s even on loopback; large windows let one ByteStream call run at disk and
@@ -37,12 +52,13 @@ const MESSAGE_HEADROOM: usize = 4 << 20;
 /// tens of thousands of digests are larger than a small batch.
 const MIN_MESSAGE_LIMIT: usize = 16 << 20;
 
-/// The coordinator: REAPI's Capabilities, ContentAddressableStorage, ActionCache and
-/// ByteStream services over one blob store and one metadata store.
+/// The coordinator: every REAPI service, the worker protocol, the admin API and gRPC
+/// health, over one blob store and one metadata store.
 pub struct Coordinator {
     config: Arc<CoordinatorConfig>,
     blobs: Arc<dyn BlobStore>,
     metadata: Arc<dyn MetadataStore>,
+    registry: Option<Arc<dyn RegistryCatalog>>,
 }
 
 impl Coordinator {
@@ -55,7 +71,14 @@ impl Coordinator {
             config: Arc::new(config),
             blobs,
             metadata,
+            registry: None,
         }
+    }
+
+    /// Lets the admin API list a registry that runs in the same process.
+    pub fn with_registry_catalog(mut self, registry: Arc<dyn RegistryCatalog>) -> Self {
+        self.registry = Some(registry);
+        self
     }
 
     /// Serves every service on `listener` until `shutdown` resolves.
@@ -66,10 +89,12 @@ impl Coordinator {
     ) -> Result<(), CoordinatorError> {
         let limit = self.message_limit();
         let config = self.config;
+        let counters = Arc::new(Counters::default());
         let capabilities = CapabilitiesServer::new(CapabilitiesService::new(&config));
         let cas = ContentAddressableStorageServer::new(CasService::new(
             self.blobs.clone(),
             config.clone(),
+            counters.clone(),
         ))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
@@ -77,21 +102,44 @@ impl Coordinator {
             self.blobs.clone(),
             kiln_store::ActionCache::new(self.metadata.clone()),
             config.clone(),
+            counters.clone(),
         ));
         let engine = ExecutionEngine::open(
             &config,
             self.blobs.clone(),
             self.metadata.clone(),
             action_cache_service.clone(),
+            counters.clone(),
         )?;
         let dispatcher = engine.spawn_dispatcher();
         let closing = engine.clone();
+        // grpc.health.v1: the overall service ("") is SERVING from here on, as are the
+        // named services; all turn NOT_SERVING as soon as shutdown starts, so that load
+        // balancers stop sending work while streams wind down.
+        let (health, health_service) = tonic_health::server::health_reporter();
+        for name in SERVICE_NAMES {
+            health
+                .set_service_status(*name, tonic_health::ServingStatus::Serving)
+                .await;
+        }
         // Worker and operation streams never end on their own; end them on shutdown so
         // that the graceful shutdown below completes.
         let shutdown = async move {
             shutdown.await;
+            for name in SERVICE_NAMES.iter().chain([&""]) {
+                health
+                    .set_service_status(*name, tonic_health::ServingStatus::NotServing)
+                    .await;
+            }
             closing.close();
         };
+        let admin = AdminServer::new(AdminService::new(
+            engine.clone(),
+            counters.clone(),
+            self.blobs.clone(),
+            self.registry,
+            config.join_token.clone(),
+        ));
         let action_cache = ActionCacheServer::from_arc(action_cache_service)
             .max_decoding_message_size(limit)
             .max_encoding_message_size(limit);
@@ -100,9 +148,10 @@ impl Coordinator {
         let workers = WorkersServer::new(WorkerService::new(engine))
             .max_decoding_message_size(limit)
             .max_encoding_message_size(limit);
-        let byte_stream = ByteStreamServer::new(ByteStreamService::new(self.blobs, config))
-            .max_decoding_message_size(limit)
-            .max_encoding_message_size(limit);
+        let byte_stream =
+            ByteStreamServer::new(ByteStreamService::new(self.blobs, config, counters))
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(limit);
 
         // tonic applies `tcp_nodelay` only to listeners it binds itself; on a listener
         // handed in, TcpIncoming sets it. Without it, Nagle's algorithm can hold a small
@@ -119,6 +168,8 @@ impl Coordinator {
             .add_service(execution)
             .add_service(operations)
             .add_service(workers)
+            .add_service(admin)
+            .add_service(health_service)
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await?;
         // The dispatcher holds the stores; they are released once it has stopped.

@@ -3,7 +3,8 @@
 //! The REAPI v2 types (plus `google.bytestream`, `google.longrunning` and `google.rpc`)
 //! come from the `bazel-remote-apis` crate and are re-exported here so that every other
 //! crate names them through one path. kiln's own services live under [`worker`] (the
-//! `kiln.worker.v1` protocol between workers and the coordinator).
+//! `kiln.worker.v1` protocol between workers and the coordinator) and [`admin`] (the
+//! operator's `kiln.admin.v1` API behind `kiln status`).
 
 pub use bazel_remote_apis::build::bazel::remote::execution::v2 as reapi;
 pub use bazel_remote_apis::build::bazel::semver;
@@ -15,5 +16,12 @@ pub use prost;
 pub mod worker {
     pub mod v1 {
         tonic::include_proto!("kiln.worker.v1");
+    }
+}
+
+/// `kiln.admin.v1`: the operator's view of a coordinator (`kiln status`, `kiln drain`).
+pub mod admin {
+    pub mod v1 {
+        tonic::include_proto!("kiln.admin.v1");
     }
 }

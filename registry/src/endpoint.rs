@@ -107,6 +107,22 @@ impl Reference {
 }
 
 impl Endpoint {
+    /// A fixed name for the endpoint, for metrics: no repository names or digests, so
+    /// the number of series stays bounded.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Endpoint::Base => "base",
+            Endpoint::Catalog => "catalog",
+            Endpoint::Token => "token",
+            Endpoint::Manifest { .. } => "manifest",
+            Endpoint::Blob { .. } => "blob",
+            Endpoint::UploadStart { .. } => "upload_start",
+            Endpoint::Upload { .. } => "upload",
+            Endpoint::TagList { .. } => "tags",
+            Endpoint::Referrers { .. } => "referrers",
+        }
+    }
+
     /// Parses a request path (without the query string).
     pub fn parse(path: &str) -> Result<Self> {
         if path == "/token" {

@@ -13,7 +13,7 @@ use crate::auth::{Principal, Scope};
 use crate::config::Action;
 use crate::endpoint::Endpoint;
 use crate::error::{RegistryError, Result};
-use crate::{blob_api, listing_api, manifest_api, RegistryState};
+use crate::{blob_api, listing_api, manifest_api, usage_metrics, RegistryState};
 
 pub const DOCKER_CONTENT_DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
 pub const DOCKER_UPLOAD_UUID: HeaderName = HeaderName::from_static("docker-upload-uuid");
@@ -46,11 +46,15 @@ async fn add_api_version(mut response: Response) -> Response {
 }
 
 async fn handle(State(state): State<Arc<RegistryState>>, request: Request) -> Response {
+    let started = std::time::Instant::now();
     let method = request.method().clone();
     let uri = request.uri().clone();
-    let response = dispatch(&state, request)
-        .await
-        .unwrap_or_else(IntoResponse::into_response);
+    let (kind, response) = match Endpoint::parse(uri.path()) {
+        Ok(endpoint) => (endpoint.kind(), dispatch(&state, endpoint, request).await),
+        Err(e) => ("unknown", Err(e)),
+    };
+    let response = response.unwrap_or_else(IntoResponse::into_response);
+    usage_metrics::record_request(kind, &method, &response, started.elapsed());
     tracing::debug!(%method, %uri, status = response.status().as_u16(), "request");
     response
 }
@@ -143,10 +147,13 @@ fn required_scope(
     Ok(scope)
 }
 
-async fn dispatch(state: &Arc<RegistryState>, request: Request) -> Result<Response> {
+async fn dispatch(
+    state: &Arc<RegistryState>,
+    endpoint: Endpoint,
+    request: Request,
+) -> Result<Response> {
     let (parts, body) = request.into_parts();
     let path = parts.uri.path();
-    let endpoint = Endpoint::parse(path)?;
     let scope = required_scope(state, &endpoint, &parts.method, path)?;
     let query = Query::parse(parts.uri.query());
     if endpoint == Endpoint::Token {

@@ -24,6 +24,7 @@ mod repository_index;
 mod retention;
 mod tag_policy;
 mod upload_session;
+mod usage_metrics;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -38,6 +39,7 @@ pub use error::RegistryError;
 pub use gc::{GcReport, GcRoots};
 pub use retention::{RemovedManifest, RemovedTag, RetentionReport};
 pub use tag_policy::{classify as classify_tag, TagKind};
+pub use usage_metrics::{names as metric_names, REQUEST_BUCKETS};
 
 use crate::auth::Authenticator;
 use crate::repository_index::RepositoryIndex;
@@ -59,6 +61,14 @@ pub(crate) struct RegistryState {
     /// never lands referring to a blob being collected.
     pub gc_fence: tokio::sync::RwLock<()>,
     pub gc_roots: std::sync::RwLock<Option<Arc<dyn GcRoots>>>,
+}
+
+/// A repository and how much it holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RepositoryStats {
+    pub name: String,
+    pub tags: u64,
+    pub manifests: u64,
 }
 
 /// The OCI registry. Cheap to clone; clones share state.
@@ -137,13 +147,39 @@ impl Registry {
 
     /// Applies the retention rules; with `dry_run`, only reports what they would delete.
     pub async fn run_retention(&self, dry_run: bool) -> Result<RetentionReport, RegistryError> {
-        retention::run(&self.state, dry_run).await
+        let report = retention::run(&self.state, dry_run).await?;
+        usage_metrics::record_retention(&report);
+        Ok(report)
     }
 
     /// Collects unreferenced blobs the registry wrote and cancels expired upload
     /// sessions; with `dry_run`, only reports.
     pub async fn run_gc(&self, dry_run: bool) -> Result<GcReport, RegistryError> {
-        gc::run(&self.state, dry_run).await
+        let report = gc::run(&self.state, dry_run).await?;
+        usage_metrics::record_gc(&report);
+        Ok(report)
+    }
+
+    /// Every repository with its tag and manifest counts, for `kiln status`.
+    pub fn repository_stats(&self) -> Result<Vec<RepositoryStats>, RegistryError> {
+        let index = &self.state.index;
+        let mut stats = Vec::new();
+        let mut last: Option<String> = None;
+        loop {
+            let page = index.repositories(last.as_deref(), 1000)?;
+            let Some(end) = page.last().cloned() else {
+                break;
+            };
+            for name in page {
+                stats.push(RepositoryStats {
+                    tags: index.tags(&name, None, usize::MAX)?.len() as u64,
+                    manifests: index.manifests_of(&name)?.len() as u64,
+                    name,
+                });
+            }
+            last = Some(end);
+        }
+        Ok(stats)
     }
 
     /// Starts the periodic retention and GC tasks that are configured.

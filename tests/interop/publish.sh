@@ -188,4 +188,34 @@ for tag in "$SHORT" "main-$SHORT"; do
     [ "$(tag_digest "$tag")" = "$OTHER_DIGEST" ] || fail "$tag did not move to the new image $OTHER_DIGEST"
 done
 
+log "8. kiln publish --from-run: the outputs of the last kiln run, fetched from the farm's cache"
+remote_build "$WORK/image-run" # a cache hit; it rewrites $SRC/.kiln/last-run.json
+[ -f "$SRC/.kiln/last-run.json" ] || fail "kiln run did not write $SRC/.kiln/last-run.json"
+bounded "$KILN" publish --repo demo/hello-from-run --from-run "$SRC/.kiln/last-run.json" \
+    --coordinator "grpc://$GRPC" --registry "$R" --tag v0.1.0 --entrypoint /hello --no-progress \
+    >"$WORK/publish-run.out" 2>"$WORK/publish-run.err" \
+    || fail "kiln publish --from-run failed: $(cat "$WORK/publish-run.err")"
+RUN_PINNED="$(cat "$WORK/publish-run.out")"
+[[ "$RUN_PINNED" == "$R/demo/hello-from-run@sha256:"* ]] \
+    || fail "kiln publish --from-run printed '$RUN_PINNED'"
+OUTPUT="$(bounded docker run --rm --network none "$RUN_PINNED" 2>"$WORK/docker-run-from-run.err")" \
+    || fail "docker run $RUN_PINNED failed: $(cat "$WORK/docker-run-from-run.err")"
+[ "$OUTPUT" = "$EXPECTED_OUTPUT" ] || fail "the --from-run image printed '$OUTPUT', not '$EXPECTED_OUTPUT'"
+log "the --from-run image $RUN_PINNED printed: $OUTPUT"
+
+log "9. kiln status lists both repositories with their tag counts, and the workers"
+bounded "$KILN" status --coordinator "grpc://$GRPC" --json >"$WORK/status.json" \
+    || fail "kiln status failed"
+python3 - "$WORK/status.json" <<'EOF' || fail "kiln status does not match what this script did: $(cat "$WORK/status.json")"
+import json, sys
+status = json.load(open(sys.argv[1]))
+repositories = {r["name"]: r["tags"] for r in status["registry"]}
+assert repositories == {"demo/hello": 3, "demo/hello-from-run": 1}, repositories
+assert sorted(w["id"] for w in status["workers"]) == ["local-0", "local-1"], status["workers"]
+assert status["cache"]["actions_succeeded"] >= 2, status["cache"]  # the first build and --no-cache
+assert status["cache"]["action_cache_hits"] >= 1, status["cache"]  # step 8's build
+EOF
+bounded "$KILN" status --coordinator "grpc://$GRPC" | tee "$WORK/status.txt" >&2
+grep -q "Workers: 2 connected" "$WORK/status.txt" || fail "kiln status does not show the two workers"
+
 log "publish end to end passed: $PINNED"

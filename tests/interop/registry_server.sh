@@ -27,7 +27,13 @@ start_registry() {
     mkdir -p "$data"
     local saved_kiln="$KILN"
     KILN="$REGISTRY_BIN"
-    start_kiln "$1" "${REGISTRY_ARGS[@]}" --registry-addr 127.0.0.1:0 --data-dir "$data"
+    if [ "$REGISTRY_BIN" = "$saved_kiln" ]; then
+        # `kiln registry` also serves /metrics and the probes, on a port of its own.
+        KILN_EXPECT_LISTENERS=2 start_kiln "$1" "${REGISTRY_ARGS[@]}" --registry-addr 127.0.0.1:0 \
+            --metrics-addr 127.0.0.1:0 --data-dir "$data"
+    else
+        start_kiln "$1" "${REGISTRY_ARGS[@]}" --registry-addr 127.0.0.1:0 --data-dir "$data"
+    fi
     KILN="$saved_kiln"
-    printf -v "$2" '%s' "$(listen_addr "$1" http)"
+    printf -v "$2" '%s' "$(listen_addr "$1" http registry)"
 }

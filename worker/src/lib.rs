@@ -26,4 +26,4 @@ pub use error::WorkerError;
 pub use input_tree::materialise;
 pub use local_cache::{CacheKey, CachePin, CacheSummary, FetchStats, LocalCache};
 pub use output_collector::{collect as collect_outputs, CollectedOutputs};
-pub use worker::{lease_result, run};
+pub use worker::{lease_result, run, run_reporting};

@@ -38,6 +38,16 @@ pub async fn run(
     config: WorkerConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), WorkerError> {
+    run_reporting(config, shutdown, tokio::sync::watch::channel(false).0).await
+}
+
+/// [`run`], telling `registered` whether the worker is registered with the coordinator
+/// right now: its `/readyz` answers from it.
+pub async fn run_reporting(
+    config: WorkerConfig,
+    shutdown: impl Future<Output = ()>,
+    registered: tokio::sync::watch::Sender<bool>,
+) -> Result<(), WorkerError> {
     let mut worker = Worker::new(&config)?;
     tracing::info!(
         worker_id = %worker.worker_id,
@@ -49,7 +59,9 @@ pub async fn run(
     let mut shutdown = std::pin::pin!(shutdown);
     let mut backoff = MIN_BACKOFF;
     loop {
-        match worker.session(&mut shutdown).await {
+        let session = worker.session(&mut shutdown, &registered).await;
+        registered.send_replace(false);
+        match session {
             Ok(()) => return Ok(()),
             Err(error @ (WorkerError::Rejected(_) | WorkerError::Config(_))) => return Err(error),
             Err(error) => {
@@ -185,6 +197,7 @@ impl Worker {
     async fn session<S: Future<Output = ()>>(
         &mut self,
         shutdown: &mut Pin<&mut S>,
+        registered: &tokio::sync::watch::Sender<bool>,
     ) -> Result<(), WorkerError> {
         let (outbox, receiver) = mpsc::channel::<proto::WorkerMessage>(64);
         let send = |message: Outbound| send_on(&outbox, message);
@@ -230,6 +243,7 @@ impl Worker {
             }
         }
         self.registered_once = true;
+        registered.send_replace(true);
         tracing::info!(worker_id = %self.worker_id, "registered with the coordinator");
 
         let mut heartbeats = tokio::time::interval(heartbeat_interval);

@@ -14,8 +14,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::ExecutionEngine;
+use super::{ExecutionEngine, WorkerDetails};
 use crate::scheduler::Platform;
+use crate::secret::same_secret;
 
 pub(crate) struct WorkerService {
     engine: ExecutionEngine,
@@ -33,12 +34,6 @@ fn message(message: coordinator_message::Message) -> Result<CoordinatorMessage, 
     Ok(CoordinatorMessage {
         message: Some(message),
     })
-}
-
-/// Compares secrets in time independent of where they differ.
-fn same_secret(a: &str, b: &str) -> bool {
-    let (a, b) = (a.as_bytes(), b.as_bytes());
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[tonic::async_trait]
@@ -87,9 +82,14 @@ impl Workers for WorkerService {
             },
         )));
         tracing::info!(%worker, %platform, slots = register.slots, version = %register.version, "worker joined");
-        let connection = self
-            .engine
-            .connect_worker(&worker, platform, register.slots as usize, tx);
+        let details = WorkerDetails {
+            version: register.version.clone(),
+            connected_at: std::time::SystemTime::now(),
+            cache_bytes: register.cache.as_ref().map_or(0, |c| c.bytes),
+        };
+        let connection =
+            self.engine
+                .connect_worker(&worker, platform, register.slots as usize, tx, details);
 
         let engine = self.engine.clone();
         let closed = engine.closed();
@@ -104,10 +104,10 @@ impl Workers for WorkerService {
                 let Some(Ok(incoming)) = incoming else { break };
                 match incoming.message {
                     Some(worker_message::Message::Heartbeat(beat)) => {
-                        engine.heartbeat(&worker, beat.draining)
+                        engine.heartbeat(&worker, beat.draining, beat.cache.map(|c| c.bytes))
                     }
                     Some(worker_message::Message::Result(result)) => {
-                        engine.heartbeat(&worker, false);
+                        engine.heartbeat(&worker, false, None);
                         engine
                             .complete_lease(
                                 &worker,

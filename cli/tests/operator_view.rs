@@ -1,0 +1,311 @@
+//! The operator's view end to end: the real `kiln` binary runs `kiln up` on loopback
+//! ports chosen by the OS, known work goes through it (`kiln run` twice, `kiln publish`,
+//! a blob pulled over HTTP), and then `kiln status`, `kiln status --json`, `/metrics`,
+//! `/readyz` and `kiln drain` must all tell exactly that story.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const KILN: &str = env!("CARGO_BIN_EXE_kiln");
+
+/// `kiln up` in the background; killed (by its PID) when dropped.
+struct Farm {
+    child: Child,
+    grpc: String,
+    registry: String,
+    metrics: String,
+}
+
+impl Drop for Farm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The address after `marker` in a log line, up to the next space.
+fn address_after(line: &str, marker: &str) -> Option<String> {
+    let start = line.find(marker)? + marker.len();
+    Some(line[start..].split_whitespace().next()?.to_string())
+}
+
+impl Farm {
+    fn start(data_dir: &Path, workers: usize) -> Farm {
+        let mut child = Command::new(KILN)
+            .args(["up", "--grpc-addr", "127.0.0.1:0"])
+            .args([
+                "--registry-addr",
+                "127.0.0.1:0",
+                "--metrics-addr",
+                "127.0.0.1:0",
+            ])
+            .arg("--workers")
+            .arg(workers.to_string())
+            .arg("--data-dir")
+            .arg(data_dir)
+            .env("KILN_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kiln up starts");
+        // The servers log where they listen; a reader thread hands the lines over and
+        // then keeps draining stderr so the process never blocks on a full pipe.
+        let stderr = child.stderr.take().unwrap();
+        let (lines, received) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = lines.send(line);
+            }
+        });
+        let (mut grpc, mut registry, mut metrics) = (None, None, None);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while grpc.is_none() || registry.is_none() || metrics.is_none() {
+            let line = received
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("kiln up logs its addresses within 30 s");
+            grpc = grpc.or(address_after(&line, "listening on grpc://"));
+            registry = registry.or(address_after(&line, "registry listening on http://"));
+            metrics = metrics.or(address_after(&line, "health listening on http://"));
+        }
+        Farm {
+            child,
+            grpc: format!("grpc://{}", grpc.unwrap()),
+            registry: registry.unwrap(),
+            metrics: metrics.unwrap(),
+        }
+    }
+
+    /// Runs a kiln subcommand against this farm and returns its output.
+    fn kiln(&self, args: &[&str]) -> Output {
+        let output = Command::new(KILN)
+            .args(args)
+            .env_remove("KILN_JOIN_TOKEN")
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("kiln runs");
+        assert!(
+            output.status.success(),
+            "kiln {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        output
+    }
+
+    fn status_json(&self) -> serde_json::Value {
+        let output = self.kiln(&["status", "--coordinator", &self.grpc, "--json"]);
+        serde_json::from_slice(&output.stdout).expect("--json prints JSON")
+    }
+
+    /// Waits until the status satisfies `done`.
+    fn status_when(&self, done: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let status = self.status_json();
+            if done(&status) {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "status never got there: {status:#}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn http_get(url: &str) -> (u16, Vec<u8>) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let response = reqwest::get(url).await.expect("the request is answered");
+        let status = response.status().as_u16();
+        (status, response.bytes().await.unwrap().to_vec())
+    })
+}
+
+/// The samples of a Prometheus text exposition, keyed by `name{labels}` as printed.
+fn scrape(metrics_addr: &str) -> BTreeMap<String, f64> {
+    let (status, body) = http_get(&format!("http://{metrics_addr}/metrics"));
+    assert_eq!(status, 200);
+    String::from_utf8(body)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            Some((key.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+fn sample(samples: &BTreeMap<String, f64>, key: &str) -> f64 {
+    *samples
+        .get(key)
+        .unwrap_or_else(|| panic!("{key} is not in /metrics: {samples:#?}"))
+}
+
+#[test]
+fn status_metrics_and_drain_tell_what_the_farm_did() {
+    let data = tempfile::tempdir().unwrap();
+    let farm = Farm::start(&data.path().join("kiln"), 2);
+
+    // Both local workers are listed by `kiln status`, in a table and as JSON.
+    let status = farm.status_when(|s| s["workers"].as_array().unwrap().len() == 2);
+    let ids: Vec<&str> = status["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["local-0", "local-1"]);
+    let table = farm.kiln(&["status", "--coordinator", &farm.grpc]);
+    let table = String::from_utf8(table.stdout).unwrap();
+    assert!(table.contains("Workers: 2 connected"), "{table}");
+    for worker in ["local-0", "local-1"] {
+        let row = table.lines().find(|l| l.contains(worker));
+        assert!(
+            row.is_some_and(|r| r.contains("ready")),
+            "{worker}: {table}"
+        );
+    }
+    let (ready, _) = http_get(&format!("http://{}/readyz", farm.metrics));
+    assert_eq!(ready, 200);
+
+    // Known work: one action run, then the same action again (a cache hit).
+    let input = data.path().join("src");
+    std::fs::create_dir_all(&input).unwrap();
+    std::fs::write(input.join("greeting.txt"), "hello\n").unwrap();
+    let run = |_: ()| {
+        farm.kiln(&[
+            "run",
+            "--coordinator",
+            &farm.grpc,
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            "copy.txt",
+            "--",
+            "cp",
+            "greeting.txt",
+            "copy.txt",
+        ])
+    };
+    run(());
+    run(());
+    assert_eq!(std::fs::read(input.join("copy.txt")).unwrap(), b"hello\n");
+
+    // Known registry work: publish one image with one tag, then pull its config blob.
+    let image = data.path().join("image");
+    std::fs::create_dir_all(&image).unwrap();
+    std::fs::write(image.join("app.txt"), "payload\n").unwrap();
+    let published = farm.kiln(&[
+        "publish",
+        "--repo",
+        "demo/app",
+        "--from",
+        image.to_str().unwrap(),
+        "--registry",
+        &farm.registry,
+        "--insecure",
+        "--tag",
+        "v1.0.0",
+        "--no-progress",
+    ]);
+    let published = String::from_utf8_lossy(&published.stdout).to_string();
+    assert!(published.contains("demo/app@sha256:"), "{published}");
+    let (status, manifest) = http_get(&format!(
+        "http://{}/v2/demo/app/manifests/v1.0.0",
+        farm.registry
+    ));
+    assert_eq!(status, 200);
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    let config_digest = manifest["config"]["digest"].as_str().unwrap();
+    let (status, config_blob) = http_get(&format!(
+        "http://{}/v2/demo/app/blobs/{config_digest}",
+        farm.registry
+    ));
+    assert_eq!(status, 200);
+
+    // `kiln status` counts exactly that: Execute's cache lookup missed on the first run
+    // and hit on the second, the action ran once and succeeded, and the registry holds
+    // the one repository with its one tag.
+    let status = farm.status_json();
+    let cache = &status["cache"];
+    assert_eq!(cache["actions_succeeded"], 1, "{status:#}");
+    assert_eq!(cache["actions_failed"], 0, "{status:#}");
+    assert_eq!(cache["action_cache_hits"], 1, "{status:#}");
+    assert_eq!(cache["action_cache_misses"], 1, "{status:#}");
+    assert_eq!(
+        status["registry"],
+        serde_json::json!([{"name": "demo/app", "tags": 1, "manifests": 1}])
+    );
+    assert!(status["storage"]["stored_bytes"].as_u64().unwrap() > 0);
+
+    // /metrics agrees with the status and with what was done.
+    let samples = scrape(&farm.metrics);
+    assert_eq!(
+        sample(&samples, "kiln_action_cache_requests_total{result=\"hit\"}"),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &samples,
+            "kiln_action_cache_requests_total{result=\"miss\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(&samples, "kiln_actions_finished_total{outcome=\"success\"}"),
+        1.0
+    );
+    for stage in ["queue", "fetch", "execute", "upload"] {
+        let key = format!("kiln_action_stage_seconds_count{{stage=\"{stage}\"}}");
+        assert_eq!(sample(&samples, &key), 1.0, "{key}");
+    }
+    assert_eq!(
+        sample(&samples, "kiln_cas_bytes_written_total"),
+        status["storage"]["cas_bytes_written"].as_u64().unwrap() as f64
+    );
+    assert_eq!(sample(&samples, "kiln_workers_connected"), 2.0);
+    assert_eq!(
+        sample(
+            &samples,
+            "kiln_registry_requests_total{endpoint=\"blob\",method=\"GET\",status=\"200\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &samples,
+            "kiln_registry_bytes_served_total{endpoint=\"blob\"}"
+        ),
+        config_blob.len() as f64
+    );
+    assert!(
+        sample(
+            &samples,
+            "kiln_registry_requests_total{endpoint=\"manifest\",method=\"PUT\",status=\"201\"}"
+        ) >= 1.0
+    );
+    assert!(sample(&samples, "kiln_store_bytes") > 0.0);
+
+    // `kiln drain` (the token comes from kiln up's data directory) retires one worker.
+    let drained = farm.kiln(&[
+        "drain",
+        "--data-dir",
+        data.path().join("kiln").to_str().unwrap(),
+        "--coordinator",
+        &farm.grpc,
+        "local-1",
+    ]);
+    assert!(String::from_utf8_lossy(&drained.stdout).contains("local-1 is draining"));
+    let status = farm.status_when(|s| s["workers"].as_array().unwrap().len() == 1);
+    assert_eq!(status["workers"][0]["id"], "local-0");
+}

@@ -1,0 +1,140 @@
+//! `kiln.admin.v1.Admin`: the operator's view of the farm (`kiln status`) and draining a
+//! worker (`kiln drain`).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use kiln_proto::admin::v1::{
+    admin_server::Admin, CacheStatus, DrainWorkerRequest, DrainWorkerResponse, FarmStatus,
+    GetStatusRequest, RegistryStatus, RepositoryStatus, StorageStatus,
+};
+use kiln_store::BlobStore;
+use tonic::{Request, Response, Status};
+
+use crate::counters::Counters;
+use crate::execution::ExecutionEngine;
+use crate::secret::same_secret;
+use crate::CoordinatorError;
+
+/// A repository as `kiln status` lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RepositorySummary {
+    pub name: String,
+    pub tags: u64,
+    pub manifests: u64,
+}
+
+/// The registry's side of the status, when a registry runs in the coordinator's process.
+/// The coordinator never imports the registry; the binary that runs both connects them.
+pub trait RegistryCatalog: Send + Sync {
+    fn repositories(&self) -> Result<Vec<RepositorySummary>, String>;
+}
+
+pub(crate) struct AdminService {
+    engine: ExecutionEngine,
+    counters: Arc<Counters>,
+    blobs: Arc<dyn BlobStore>,
+    registry: Option<Arc<dyn RegistryCatalog>>,
+    join_token: Option<String>,
+    started: Instant,
+}
+
+impl AdminService {
+    pub(crate) fn new(
+        engine: ExecutionEngine,
+        counters: Arc<Counters>,
+        blobs: Arc<dyn BlobStore>,
+        registry: Option<Arc<dyn RegistryCatalog>>,
+        join_token: Option<String>,
+    ) -> Self {
+        AdminService {
+            engine,
+            counters,
+            blobs,
+            registry,
+            join_token,
+            started: Instant::now(),
+        }
+    }
+
+    fn registry_status(&self) -> Result<Option<RegistryStatus>, CoordinatorError> {
+        let Some(registry) = &self.registry else {
+            return Ok(None);
+        };
+        let repositories = registry
+            .repositories()
+            .map_err(CoordinatorError::Internal)?
+            .into_iter()
+            .map(|r| RepositoryStatus {
+                name: r.name,
+                tags: r.tags,
+                manifests: r.manifests,
+            })
+            .collect();
+        Ok(Some(RegistryStatus { repositories }))
+    }
+
+    /// DrainWorker needs the join token as a bearer token; with none configured no
+    /// worker can join, and none may be drained either.
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let presented = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match (&self.join_token, presented) {
+            (Some(expected), Some(presented)) if same_secret(expected, presented) => Ok(()),
+            (None, _) => Err(Status::permission_denied(
+                "this coordinator has no join token, so no worker may be drained",
+            )),
+            _ => Err(Status::unauthenticated(
+                "draining a worker needs the join token as `authorization: Bearer <token>`",
+            )),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn get_status(
+        &self,
+        _request: Request<GetStatusRequest>,
+    ) -> Result<Response<FarmStatus>, Status> {
+        let counters = self.counters.snapshot();
+        let uptime = self.started.elapsed();
+        Ok(Response::new(FarmStatus {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime: Some(kiln_proto::protobuf::Duration {
+                seconds: uptime.as_secs() as i64,
+                nanos: uptime.subsec_nanos() as i32,
+            }),
+            workers: self.engine.worker_statuses(),
+            queue: Some(self.engine.queue_status()),
+            cache: Some(CacheStatus {
+                action_cache_hits: counters.action_cache_hits,
+                action_cache_misses: counters.action_cache_misses,
+                actions_succeeded: counters.actions_succeeded,
+                actions_failed: counters.actions_failed,
+            }),
+            storage: Some(StorageStatus {
+                stored_bytes: self.blobs.stored_bytes(),
+                cas_bytes_read: counters.cas_bytes_read,
+                cas_bytes_written: counters.cas_bytes_written,
+            }),
+            registry: self.registry_status()?,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(worker = %request.get_ref().worker_id))]
+    async fn drain_worker(
+        &self,
+        request: Request<DrainWorkerRequest>,
+    ) -> Result<Response<DrainWorkerResponse>, Status> {
+        self.authorize(&request)?;
+        let running = self.engine.drain_worker(&request.get_ref().worker_id)?;
+        Ok(Response::new(DrainWorkerResponse {
+            running: running as u32,
+        }))
+    }
+}
