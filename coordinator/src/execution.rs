@@ -16,10 +16,11 @@ mod operation;
 mod pool_status;
 mod worker_service;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
+use bytes::Bytes;
 use futures::Stream;
 use kiln_proto::longrunning::{
     operations_server::Operations, CancelOperationRequest, DeleteOperationRequest,
@@ -55,6 +56,8 @@ pub(crate) use worker_service::WorkerService;
 const REQUEST_METADATA_HEADER: &str = "build.bazel.remote.execution.v2.requestmetadata-bin";
 /// How often the dispatcher looks for silent workers even when nothing else happens.
 const DISPATCH_TICK: Duration = Duration::from_millis(250);
+/// The most bytes of Action plus Command an Assign carries inline.
+const INLINE_MESSAGES_LIMIT: u64 = 64 << 10;
 /// How long a finished operation stays answerable to WaitExecution and GetOperation.
 const COMPLETED_RETENTION: Duration = Duration::from_secs(15 * 60);
 
@@ -91,6 +94,8 @@ struct State {
     next_connection: u64,
     /// Platforms with a published queue-depth gauge, so that an emptied queue reads 0.
     gauged_platforms: std::collections::BTreeSet<String>,
+    /// Finished operations, oldest first, so that forgetting them visits only those due.
+    completion_order: VecDeque<(Instant, String)>,
 }
 
 /// A worker's current stream. A worker that reconnects gets a new one; the old stream's
@@ -105,6 +110,14 @@ struct LiveOperation {
     record: OperationRecord,
     updates: watch::Sender<Operation>,
     completed: Option<Instant>,
+    /// The Action and Command to send along with the Assign, while the operation waits.
+    inline: Option<InlineMessages>,
+}
+
+/// An action's encoded Action and Command messages, as read from the CAS at Execute.
+struct InlineMessages {
+    action: Bytes,
+    command: Bytes,
 }
 
 impl ExecutionEngine {
@@ -178,12 +191,17 @@ impl ExecutionEngine {
                 };
                 let (updates, _) = watch::channel(record.to_operation(stage));
                 let completed = record.response.is_some().then(Instant::now);
+                if let Some(at) = completed {
+                    state.completion_order.push_back((at, record.name.clone()));
+                }
                 state.operations.insert(
                     record.name.clone(),
                     LiveOperation {
                         record,
                         updates,
                         completed,
+                        // Workers fetch these from the CAS after a restart.
+                        inline: None,
                     },
                 );
             }
@@ -199,7 +217,13 @@ impl ExecutionEngine {
     pub(crate) fn spawn_dispatcher(&self) -> tokio::task::JoinHandle<()> {
         let engine = self.clone();
         tokio::spawn(async move {
+            let mut last_housekeeping: Option<Instant> = None;
             while Arc::strong_count(&engine.inner) > 1 && !engine.is_closing() {
+                let now = Instant::now();
+                if last_housekeeping.is_none_or(|at| now.duration_since(at) >= DISPATCH_TICK) {
+                    engine.housekeeping(now);
+                    last_housekeeping = Some(now);
+                }
                 engine.dispatch_once();
                 let _ = tokio::time::timeout(DISPATCH_TICK, engine.inner.dispatch.notified()).await;
             }
@@ -231,15 +255,31 @@ impl ExecutionEngine {
         self.inner.dispatch.notify_one();
     }
 
-    /// Expires silent workers, hands queued actions to free slots, forgets old results.
-    fn dispatch_once(&self) {
-        let now = Instant::now();
+    /// The periodic part of dispatching: expires silent workers, publishes the gauges and
+    /// forgets old results. It runs on the tick, not on every wake-up, so that a busy
+    /// queue's dispatches stay cheap.
+    fn housekeeping(&self, now: Instant) {
         let mut state = self.state();
         for (worker, lost) in state.scheduler.expire_silent_workers(now) {
             tracing::warn!(%worker, leases = lost.len(), "worker missed its heartbeats");
             state.workers.remove(&worker);
             self.handle_lost_leases(&mut state, lost);
         }
+        publish_gauges(&mut state, now);
+        // Completions are in time order, so only the expired front is visited.
+        while let Some((at, _)) = state.completion_order.front() {
+            if now.duration_since(*at) <= COMPLETED_RETENTION {
+                break;
+            }
+            let (_, name) = state.completion_order.pop_front().expect("front exists");
+            state.operations.remove(&name);
+            let _ = self.inner.metadata.remove(OPERATIONS, name.as_bytes());
+        }
+    }
+
+    /// Hands queued actions to free slots.
+    fn dispatch_once(&self) {
+        let mut state = self.state();
         for assignment in state.scheduler.schedule() {
             let Some(live) = state.operations.get(&assignment.operation) else {
                 continue;
@@ -264,6 +304,14 @@ impl ExecutionEngine {
                 traceparent: String::new(),
                 tracestate: String::new(),
                 queued_timestamp: Some(timestamp_from_nanos(record.queued_at_unix_nanos)),
+                action: live
+                    .inline
+                    .as_ref()
+                    .map_or_else(Vec::new, |m| m.action.to_vec()),
+                command: live
+                    .inline
+                    .as_ref()
+                    .map_or_else(Vec::new, |m| m.command.to_vec()),
             };
             let _ = live
                 .updates
@@ -282,16 +330,6 @@ impl ExecutionEngine {
                 self.handle_lost_leases(&mut state, lost);
             }
         }
-        publish_gauges(&mut state, now);
-        state.operations.retain(|name, live| {
-            let expired = live
-                .completed
-                .is_some_and(|at| now.duration_since(at) > COMPLETED_RETENTION);
-            if expired {
-                let _ = self.inner.metadata.remove(OPERATIONS, name.as_bytes());
-            }
-            !expired
-        });
     }
 
     fn handle_lost_leases(&self, state: &mut State, lost: Vec<LostLease>) {
@@ -336,9 +374,14 @@ impl ExecutionEngine {
         let Some(live) = state.operations.get_mut(operation) else {
             return;
         };
+        if live.completed.is_some() {
+            return;
+        }
+        let completed = Instant::now();
         live.record.response = Some(response.encode_to_vec());
         live.record.completed_at_unix_nanos = Some(unix_nanos(SystemTime::now()));
-        live.completed = Some(Instant::now());
+        live.completed = Some(completed);
+        live.inline = None;
         let _ = live
             .updates
             .send_replace(live.record.to_operation(execution_stage::Value::Completed));
@@ -354,6 +397,9 @@ impl ExecutionEngine {
             tracing::error!(%operation, error = %e, "could not persist a finished operation");
         }
         state.in_flight.remove(&key);
+        state
+            .completion_order
+            .push_back((completed, operation.to_string()));
     }
 
     async fn execute(
@@ -399,7 +445,7 @@ impl ExecutionEngine {
             }
             Err(e) => return Err(e.into()),
         };
-        let action = Action::decode(action_bytes).map_err(|e| {
+        let action = Action::decode(action_bytes.clone()).map_err(|e| {
             CoordinatorError::bad_request(
                 "action_digest",
                 format!("the Action does not decode: {e}"),
@@ -422,21 +468,36 @@ impl ExecutionEngine {
         if !missing.is_empty() {
             return Err(CoordinatorError::MissingBlobs(missing));
         }
+        // Small Action and Command messages ride along in the Assign, which saves the
+        // worker a CAS round trip per action.
+        let command_bytes =
+            if action_bytes.len() as u64 + command_digest.size <= INLINE_MESSAGES_LIMIT {
+                Some(self.inner.blobs.read_all(&command_digest).await?)
+            } else {
+                None
+            };
         let platform = match &action.platform {
             Some(platform) => platform.clone(),
             // REAPI < 2.2 put the platform on the Command; Bazel 2.1 still does.
             #[allow(deprecated)]
             None => {
-                let command = Command::decode(self.inner.blobs.read_all(&command_digest).await?)
-                    .map_err(|e| {
-                        CoordinatorError::bad_request(
-                            "action.command_digest",
-                            format!("the Command does not decode: {e}"),
-                        )
-                    })?;
+                let encoded = match &command_bytes {
+                    Some(bytes) => bytes.clone(),
+                    None => self.inner.blobs.read_all(&command_digest).await?,
+                };
+                let command = Command::decode(encoded).map_err(|e| {
+                    CoordinatorError::bad_request(
+                        "action.command_digest",
+                        format!("the Command does not decode: {e}"),
+                    )
+                })?;
                 command.platform.unwrap_or_default()
             }
         };
+        let inline = command_bytes.map(|command| InlineMessages {
+            action: action_bytes,
+            command,
+        });
 
         let priority = request.execution_policy.as_ref().map_or(0, |p| p.priority);
         let key = (request.instance_name.clone(), action_digest);
@@ -498,6 +559,7 @@ impl ExecutionEngine {
                     record,
                     updates,
                     completed: None,
+                    inline,
                 },
             );
             receiver
@@ -526,7 +588,10 @@ impl ExecutionEngine {
     }
 
     /// A worker's result for one of its leases.
-    pub(crate) async fn complete_lease(
+    /// A worker's result for one of its leases. The worker's slot is free at once (and
+    /// the dispatcher told); caching and publishing the result happen in a task of their
+    /// own, so that one result's action-cache flush never holds up the worker's next.
+    pub(crate) fn complete_lease(
         &self,
         worker: &str,
         lease: &str,
@@ -554,7 +619,19 @@ impl ExecutionEngine {
             };
             live.record.clone()
         };
+        self.wake_dispatcher();
+        let engine = self.clone();
+        tokio::spawn(async move { engine.publish_result(record, result, status).await });
+    }
 
+    /// Caches a successful result (flushed before anyone sees it), then completes the
+    /// operation for its watchers.
+    async fn publish_result(
+        &self,
+        record: OperationRecord,
+        result: Option<ActionResult>,
+        status: rpc::Status,
+    ) {
         let mut response = ExecuteResponse {
             result,
             status: Some(status.clone()),
@@ -587,15 +664,12 @@ impl ExecutionEngine {
                 response.message = format!("the result was not cached: {e}");
             }
         }
-        let mut state = self.state();
-        self.finish(&mut state, &record.name, response);
-        drop(state);
-        // Make the finished record durable in the background of the next flush.
-        let metadata = self.inner.metadata.clone();
-        tokio::spawn(async move {
-            let _ = metadata.flush().await;
-        });
-        self.wake_dispatcher();
+        {
+            let mut state = self.state();
+            self.finish(&mut state, &record.name, response);
+        }
+        // The finished record joins the next group flush; the client already has its answer.
+        let _ = self.inner.metadata.flush().await;
     }
 
     fn cancel(&self, name: &str) -> Result<(), CoordinatorError> {

@@ -512,6 +512,30 @@ async fn higher_priority_actions_are_assigned_first() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_assign_carries_the_action_and_command_it_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), config()).await;
+    let action = shell_action(&server, "echo carried", &[]).await;
+    let mut stream = execute_with(&server, &action, false, 0).await.unwrap();
+    first(&mut stream).await;
+
+    let mut worker = FakeWorker::join(&server, "inline", 1).await;
+    let assign = worker.next_assign().await;
+    // The worker can run it without asking the CAS for either message.
+    assert_eq!(Digest::of_bytes(F, &assign.action), action);
+    let carried = Action::decode(assign.action.as_slice()).unwrap();
+    let command_digest = carried.command_digest.unwrap();
+    assert_eq!(wire(&Digest::of_bytes(F, &assign.command)), command_digest);
+    let command = Command::decode(assign.command.as_slice()).unwrap();
+    assert_eq!(command.arguments, ["sh", "-c", "echo carried"]);
+    worker
+        .send_result(&assign.lease_id, ActionResult::default())
+        .await;
+    assert_eq!(code(&response(&finish(stream).await)), Code::Ok);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_missing_input_root_is_failed_precondition_with_missing_violations() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path(), config()).await;

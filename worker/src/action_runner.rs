@@ -2,18 +2,21 @@
 //! root, run the command, collect and upload the outputs, and report an ActionResult with
 //! every ExecutedActionMetadata timestamp.
 
+use std::fs::File;
+use std::os::fd::FromRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use kiln_proto::prost::Message;
 use kiln_proto::{protobuf, reapi};
 use kiln_store::{Digest, DigestFunction};
 use tokio_util::sync::CancellationToken;
 
-use crate::cas_client::{from_reapi, to_reapi, BlobSource, CasClient};
+use crate::cas_client::{from_reapi, to_reapi, BlobSource, CasClient, OpenFileReader};
 use crate::command_runner::{CommandExit, CommandRunner, CommandSpec};
 use crate::input_tree::{fetch_messages, materialise};
-use crate::local_cache::{FetchStats, LocalCache};
+use crate::local_cache::{CacheKey, FetchStats, LocalCache};
 use crate::output_collector;
 use crate::WorkerError;
 
@@ -26,6 +29,10 @@ pub struct ActionRequest {
     pub timeout: Option<Duration>,
     /// When the action was queued, copied into the metadata.
     pub queued_timestamp: Option<protobuf::Timestamp>,
+    /// The encoded Action and Command when the Assign carried them (checked against their
+    /// digests before use; fetched from the CAS when absent or wrong).
+    pub inline_action: Option<Vec<u8>>,
+    pub inline_command: Option<Vec<u8>>,
 }
 
 impl ActionRequest {
@@ -150,16 +157,25 @@ impl ActionRunner {
         let instance = request.instance_name.as_str();
         let function = request.digest_function();
         progress.metadata.input_fetch_start_timestamp = now();
-        let (mut actions, fetched) = fetch_messages::<reapi::Action>(
-            &self.cache,
-            &self.cas,
-            instance,
-            &[request.action_digest],
+        let action = match inline_message(
+            request.inline_action.as_deref(),
+            request.action_digest,
             "Action",
-        )
-        .await?;
-        add(&mut progress.fetched, fetched);
-        let action = actions.pop().expect("one digest, one message");
+        )? {
+            Some(action) => action,
+            None => {
+                let (mut actions, fetched) = fetch_messages::<reapi::Action>(
+                    &self.cache,
+                    &self.cas,
+                    instance,
+                    &[request.action_digest],
+                    "Action",
+                )
+                .await?;
+                add(&mut progress.fetched, fetched);
+                actions.pop().expect("one digest, one message")
+            }
+        };
         let command_digest = from_reapi(
             function,
             action.command_digest.as_ref(),
@@ -170,29 +186,45 @@ impl ActionRunner {
             action.input_root_digest.as_ref(),
             "Action.input_root_digest",
         )?;
-        let (mut commands, fetched) = fetch_messages::<reapi::Command>(
-            &self.cache,
-            &self.cas,
-            instance,
-            &[command_digest],
-            "Command",
-        )
-        .await?;
-        add(&mut progress.fetched, fetched);
-        let command = commands.pop().expect("one digest, one message");
+        // An empty Directory encodes to the empty blob: nothing to fetch or build.
+        let empty_input_root = input_root.is_empty_blob();
+        let command =
+            match inline_message(request.inline_command.as_deref(), command_digest, "Command")? {
+                Some(command) => command,
+                None => {
+                    // One round trip for the Command and the input root's top Directory.
+                    let mut keys = vec![CacheKey::file(command_digest)];
+                    if !empty_input_root {
+                        keys.push(CacheKey::file(input_root));
+                    }
+                    let (_, fetched) = self.cache.fetch_missing(&self.cas, instance, &keys).await?;
+                    add(&mut progress.fetched, fetched);
+                    let (mut commands, _) = fetch_messages::<reapi::Command>(
+                        &self.cache,
+                        &self.cas,
+                        instance,
+                        &[command_digest],
+                        "Command",
+                    )
+                    .await?;
+                    commands.pop().expect("one digest, one message")
+                }
+            };
         if command.arguments.is_empty() {
             return Err(WorkerError::InvalidAction(
                 "Command.arguments is empty".into(),
             ));
         }
 
-        let exec_root = action_dir.join("root");
-        std::fs::create_dir_all(&exec_root)
-            .map_err(WorkerError::io("creating the action directory"))?;
-        output_collector::check_paths(&exec_root, &command)?;
-        let fetched = materialise(&self.cache, &self.cas, instance, input_root, &exec_root).await?;
-        add(&mut progress.fetched, fetched);
-        output_collector::create_output_parents(&exec_root, &command)?;
+        let exec_root = action_dir;
+        let working_dir = output_collector::check_paths(exec_root, &command)?;
+        std::fs::create_dir(exec_root).map_err(WorkerError::io("creating the action directory"))?;
+        if !empty_input_root {
+            let fetched =
+                materialise(&self.cache, &self.cas, instance, input_root, exec_root).await?;
+            add(&mut progress.fetched, fetched);
+        }
+        output_collector::create_output_parents(exec_root, &command)?;
         progress.metadata.input_fetch_completed_timestamp = now();
 
         let timeout = request
@@ -206,11 +238,11 @@ impl ActionRunner {
                 .iter()
                 .map(|v| (v.name.clone(), v.value.clone()))
                 .collect(),
-            working_dir: output_collector::check_paths(&exec_root, &command)?,
-            exec_root: exec_root.clone(),
+            working_dir,
+            exec_root: exec_root.to_path_buf(),
             timeout,
-            stdout_path: action_dir.join("stdout"),
-            stderr_path: action_dir.join("stderr"),
+            stdout: Arc::new(log_file(c"stdout")?),
+            stderr: Arc::new(log_file(c"stderr")?),
         };
         progress.metadata.execution_start_timestamp = now();
         let exit = self.command_runner.run(&spec, cancel).await?;
@@ -220,11 +252,11 @@ impl ActionRunner {
         }
 
         progress.metadata.output_upload_start_timestamp = now();
-        let stdout = output_collector::hash_file(function, &spec.stdout_path)?;
-        let stderr = output_collector::hash_file(function, &spec.stderr_path)?;
+        let stdout = hash_log(function, &spec.stdout)?;
+        let stderr = hash_log(function, &spec.stderr)?;
         let mut blobs = vec![
-            (stdout, BlobSource::File(spec.stdout_path.clone())),
-            (stderr, BlobSource::File(spec.stderr_path.clone())),
+            (stdout, BlobSource::Open(spec.stdout.clone())),
+            (stderr, BlobSource::Open(spec.stderr.clone())),
         ];
         let mut result = reapi::ActionResult {
             exit_code: exit.exit_code(),
@@ -233,9 +265,9 @@ impl ActionRunner {
             ..Default::default()
         };
         // A timed-out action's outputs may be half-written: report only its logs.
-        if exit != CommandExit::TimedOut {
+        if exit != CommandExit::TimedOut && output_collector::wants_outputs(&command) {
             // Hashing outputs is blocking file I/O; keep it off the async workers.
-            let (root, wanted) = (exec_root.clone(), command.clone());
+            let (root, wanted) = (exec_root.to_path_buf(), command.clone());
             let outputs = tokio::task::spawn_blocking(move || {
                 output_collector::collect(function, &root, &wanted)
             })
@@ -254,6 +286,52 @@ impl ActionRunner {
         }
         Ok(())
     }
+}
+
+/// Decodes a message the Assign carried, after checking it against the digest it claims
+/// to be; `None` (fetch it from the CAS instead) when absent or not matching.
+fn inline_message<M: Message + Default>(
+    bytes: Option<&[u8]>,
+    digest: Digest,
+    what: &str,
+) -> Result<Option<M>, WorkerError> {
+    let Some(bytes) = bytes.filter(|b| !b.is_empty()) else {
+        return Ok(None);
+    };
+    if Digest::of_bytes(digest.function, bytes) != digest {
+        tracing::warn!(%digest, "the Assign carried a {what} that does not match its digest");
+        return Ok(None);
+    }
+    M::decode(bytes).map(Some).map_err(|e| {
+        WorkerError::InvalidAction(format!("{what} {digest} is not a valid message: {e}"))
+    })
+}
+
+/// An anonymous in-memory file for one of the command's output streams: capturing logs
+/// this way creates and deletes nothing on the worker's disk.
+fn log_file(name: &std::ffi::CStr) -> Result<File, WorkerError> {
+    // SAFETY: `name` is a valid NUL-terminated string; the returned descriptor is new and
+    // owned by nobody else, so the File may own it.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(WorkerError::io("creating a log file")(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: see above; `fd` is a valid, open descriptor.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+fn hash_log(function: DigestFunction, log: &Arc<File>) -> Result<Digest, WorkerError> {
+    let size = log
+        .metadata()
+        .map_err(WorkerError::io("inspecting a captured log"))?
+        .len();
+    if size == 0 {
+        return Ok(function.empty_digest());
+    }
+    output_collector::hash_reader(function, OpenFileReader::new(log.clone()))
+        .map_err(WorkerError::io("reading a captured log"))
 }
 
 fn add(total: &mut FetchStats, more: FetchStats) {

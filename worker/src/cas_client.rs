@@ -2,7 +2,11 @@
 //! FindMissingBlobs, BatchUpdateBlobs and ByteStream Write to upload. Every fetched byte is
 //! hashed on the way in and checked against the digest asked for.
 
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use futures::StreamExt;
 use kiln_proto::bytestream::byte_stream_client::ByteStreamClient;
@@ -26,11 +30,17 @@ const WRITE_CHUNK: usize = 256 << 10;
 /// Headroom for the per-entry framing of a batch on top of its blob bytes.
 const MAX_MESSAGE_BYTES: usize = 8 << 20;
 
+/// Blobs up to this size are uploaded without asking FindMissingBlobs first: sending a
+/// few bytes the CAS may already have costs less than the extra round trip.
+const UPLOAD_WITHOUT_ASKING: u64 = 4 << 10;
+
 /// Where the bytes of a blob to upload come from.
 #[derive(Clone, Debug)]
 pub enum BlobSource {
     Memory(Vec<u8>),
     File(PathBuf),
+    /// An open file, read from its start (an action's captured stdout or stderr).
+    Open(Arc<File>),
 }
 
 /// A client for one coordinator's CAS and ByteStream services.
@@ -222,24 +232,33 @@ impl CasClient {
     }
 
     /// Uploads whichever of `blobs` the CAS lacks: small ones in batches, large ones
-    /// through ByteStream Write. Returns how many blobs were sent.
+    /// through ByteStream Write. The empty blob is never sent (REAPI servers always have
+    /// it), and tiny blobs are sent without asking first. Returns how many blobs were sent.
     pub async fn upload_missing(
         &self,
         instance_name: &str,
         blobs: Vec<(Digest, BlobSource)>,
     ) -> Result<usize, WorkerError> {
-        let digests: Vec<Digest> = blobs.iter().map(|(d, _)| *d).collect();
+        let mut seen = std::collections::HashSet::new();
+        let blobs: Vec<(Digest, BlobSource)> = blobs
+            .into_iter()
+            .filter(|(digest, _)| !digest.is_empty_blob() && seen.insert(*digest))
+            .collect();
+        let to_ask: Vec<Digest> = blobs
+            .iter()
+            .map(|(d, _)| *d)
+            .filter(|d| d.size > UPLOAD_WITHOUT_ASKING)
+            .collect();
         let missing: std::collections::HashSet<Digest> = self
-            .find_missing(instance_name, &digests)
+            .find_missing(instance_name, &to_ask)
             .await?
             .into_iter()
             .collect();
         let mut batch: Vec<(Digest, Vec<u8>)> = Vec::new();
         let mut batch_bytes = 0u64;
         let mut sent = 0;
-        let mut seen = std::collections::HashSet::new();
         for (digest, source) in blobs {
-            if !missing.contains(&digest) || !seen.insert(digest) {
+            if digest.size > UPLOAD_WITHOUT_ASKING && !missing.contains(&digest) {
                 continue;
             }
             sent += 1;
@@ -362,6 +381,14 @@ impl CasClient {
 async fn read_source(source: &BlobSource) -> Result<Vec<u8>, WorkerError> {
     match source {
         BlobSource::Memory(data) => Ok(data.clone()),
+        BlobSource::Open(file) => {
+            let mut data = Vec::new();
+            let mut reader = OpenFileReader::new(file.clone());
+            reader
+                .read_to_end(&mut data)
+                .map_err(WorkerError::io("reading a captured log"))?;
+            Ok(data)
+        }
         BlobSource::File(path) => tokio::fs::read(path).await.map_err(WorkerError::io(format!(
             "reading output {}",
             path.display()
@@ -369,10 +396,32 @@ async fn read_source(source: &BlobSource) -> Result<Vec<u8>, WorkerError> {
     }
 }
 
+/// Reads a shared open file from its start with positional reads, leaving the file's own
+/// offset alone.
+pub(crate) struct OpenFileReader {
+    file: Arc<File>,
+    offset: u64,
+}
+
+impl OpenFileReader {
+    pub(crate) fn new(file: Arc<File>) -> Self {
+        OpenFileReader { file, offset: 0 }
+    }
+}
+
+impl std::io::Read for OpenFileReader {
+    fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.file.read_at(buffer, self.offset)?;
+        self.offset += n as u64;
+        Ok(n)
+    }
+}
+
 /// Cuts a blob source into ByteStream Write chunks.
 enum ChunkReader {
     Memory { data: Vec<u8>, offset: usize },
     File(tokio::fs::File),
+    Open(OpenFileReader),
 }
 
 impl ChunkReader {
@@ -387,6 +436,7 @@ impl ChunkReader {
                         path.display()
                     )))?,
             )),
+            BlobSource::Open(file) => Ok(ChunkReader::Open(OpenFileReader::new(file))),
         }
     }
 
@@ -416,6 +466,14 @@ impl ChunkReader {
                 }
                 buffer.truncate(filled);
                 Ok((filled > 0).then_some(buffer))
+            }
+            ChunkReader::Open(reader) => {
+                let mut buffer = Vec::with_capacity(WRITE_CHUNK);
+                std::io::Read::by_ref(reader)
+                    .take(WRITE_CHUNK as u64)
+                    .read_to_end(&mut buffer)
+                    .map_err(WorkerError::io("reading a captured log for upload"))?;
+                Ok((!buffer.is_empty()).then_some(buffer))
             }
         }
     }

@@ -5,8 +5,10 @@
 //! action runner can be exercised with another implementation; [`ProcessRunner`] is the
 //! real one.
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -27,9 +29,10 @@ pub struct CommandSpec {
     /// Where the command starts: `exec_root` joined with the Command's working_directory.
     pub working_dir: PathBuf,
     pub timeout: Duration,
-    /// Files that receive the command's stdout and stderr.
-    pub stdout_path: PathBuf,
-    pub stderr_path: PathBuf,
+    /// Open files that receive the command's stdout and stderr (the action runner uses
+    /// anonymous in-memory files, so capturing logs creates nothing on disk).
+    pub stdout: Arc<File>,
+    pub stderr: Arc<File>,
 }
 
 /// How a command ended.
@@ -125,10 +128,14 @@ impl ProcessRunner {
                 command
             }
         };
-        let stdout = std::fs::File::create(&spec.stdout_path)
-            .map_err(WorkerError::io("creating the stdout file"))?;
-        let stderr = std::fs::File::create(&spec.stderr_path)
-            .map_err(WorkerError::io("creating the stderr file"))?;
+        let stdout = spec
+            .stdout
+            .try_clone()
+            .map_err(WorkerError::io("passing the stdout file on"))?;
+        let stderr = spec
+            .stderr
+            .try_clone()
+            .map_err(WorkerError::io("passing the stderr file on"))?;
         command
             .env_clear()
             .envs(spec.environment.iter().map(|(k, v)| (k, v)))

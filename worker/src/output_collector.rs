@@ -107,8 +107,10 @@ pub fn create_output_parents(
     command: &reapi::Command,
 ) -> Result<(), WorkerError> {
     let working_dir = check_paths(exec_root, command)?;
-    std::fs::create_dir_all(&working_dir)
-        .map_err(WorkerError::io("creating the working directory"))?;
+    if working_dir != exec_root {
+        std::fs::create_dir_all(&working_dir)
+            .map_err(WorkerError::io("creating the working directory"))?;
+    }
     for (path, _) in requested_paths(command) {
         let full = output_location(exec_root, &command.working_directory, path)
             .map_err(|reason| escape(path, reason))?;
@@ -119,6 +121,11 @@ pub fn create_output_parents(
         }
     }
     Ok(())
+}
+
+/// Whether `command` names any output at all (most test and no-op actions do not).
+pub fn wants_outputs(command: &reapi::Command) -> bool {
+    !requested_paths(command).is_empty()
 }
 
 // Bazel before 3.x sends only the REAPI 2.0 fields, so they must still be read.
@@ -391,15 +398,18 @@ struct TreeBuilder {
 
 /// Hashes a file by streaming it.
 pub fn hash_file(function: DigestFunction, path: &Path) -> Result<Digest, WorkerError> {
-    let mut file = std::fs::File::open(path)
+    let file = std::fs::File::open(path)
         .map_err(WorkerError::io(format!("opening {}", path.display())))?;
+    hash_reader(function, file).map_err(WorkerError::io(format!("reading {}", path.display())))
+}
+
+/// Hashes everything `reader` yields.
+pub fn hash_reader(function: DigestFunction, mut reader: impl Read) -> std::io::Result<Digest> {
     let mut hasher = function.hasher();
-    let mut buffer = vec![0u8; 256 << 10];
+    let mut buffer = vec![0u8; 64 << 10];
     let mut size = 0u64;
     loop {
-        let n = file
-            .read(&mut buffer)
-            .map_err(WorkerError::io(format!("reading {}", path.display())))?;
+        let n = reader.read(&mut buffer)?;
         if n == 0 {
             break;
         }

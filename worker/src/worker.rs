@@ -399,6 +399,8 @@ fn action_request(assign: &proto::Assign) -> Result<ActionRequest, WorkerError> 
         action_digest,
         timeout,
         queued_timestamp: assign.queued_timestamp,
+        inline_action: (!assign.action.is_empty()).then(|| assign.action.clone()),
+        inline_command: (!assign.command.is_empty()).then(|| assign.command.clone()),
     })
 }
 

@@ -6,6 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{put_action, request, ActionSpec, Node, TestCas, TestRunner};
+use kiln_proto::prost::Message;
 use kiln_proto::reapi;
 use kiln_store::{Digest, DigestFunction};
 use kiln_worker::{BubblewrapMode, ResourceLimits, WorkerError};
@@ -63,8 +64,13 @@ async fn outputs_files_directories_and_logs_are_uploaded() -> anyhow::Result<()>
         exec_root_work.starts_with("hello from /"),
         "{exec_root_work}"
     );
+    // The working directory is `work` in the action's own directory.
     assert!(
-        exec_root_work.trim_end().ends_with("/root/work"),
+        exec_root_work.trim_end().ends_with("/work")
+            && exec_root_work.contains(&format!(
+                "{}/",
+                worker.work_dir.path().join("actions").display()
+            )),
         "{exec_root_work}"
     );
     assert_eq!(
@@ -372,7 +378,7 @@ async fn missing_inputs_are_listed() -> anyhow::Result<()> {
     let tonic_status = tonic::Status::with_details(
         Code::FailedPrecondition,
         status.message.clone(),
-        kiln_proto::prost::Message::encode_to_vec(&status).into(),
+        status.encode_to_vec().into(),
     );
     let details = tonic_types::StatusExt::get_error_details(&tonic_status);
     let violations = &details
@@ -494,5 +500,74 @@ async fn bubblewrap_confines_writes_to_the_action_directory() -> anyhow::Result<
             .await,
         b"inside\n"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_inline_action_and_command_are_used_only_when_they_match_their_digests(
+) -> anyhow::Result<()> {
+    let cas = TestCas::start(DigestFunction::Sha256).await?;
+    let worker = TestRunner::new(&cas);
+    let function = DigestFunction::Sha256;
+    // Neither message is in the CAS, and the input root is the empty Directory.
+    let command = reapi::Command {
+        arguments: vec!["/bin/sh".into(), "-c".into(), "echo inline".into()],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let command_digest = Digest::of_bytes(function, &command);
+    let action = reapi::Action {
+        command_digest: Some(common::wire(&command_digest)),
+        input_root_digest: Some(common::wire(&function.empty_digest())),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let action_digest = Digest::of_bytes(function, &action);
+    let mut inline = request(action_digest);
+    inline.inline_action = Some(action.clone());
+    inline.inline_command = Some(command.clone());
+
+    let outcome = worker.runner.run(&inline, &CancellationToken::new()).await;
+    assert!(outcome.error.is_none(), "{:?}", outcome.error);
+    assert_eq!(outcome.inputs_fetched.blobs, 0, "nothing came from the CAS");
+    let result = outcome.action_result.unwrap();
+    assert_eq!(
+        cas.get(result.stdout_digest.as_ref().unwrap()).await,
+        b"inline\n"
+    );
+    // Nothing on stderr: the empty blob, which the CAS always has and nobody uploads.
+    assert_eq!(
+        result.stderr_digest,
+        Some(common::wire(&function.empty_digest()))
+    );
+
+    // A Command that does not match its digest is not trusted: the worker asks the CAS,
+    // which does not have it.
+    let mut tampered = inline.clone();
+    tampered.inline_command = Some(
+        reapi::Command {
+            arguments: vec!["/bin/sh".into(), "-c".into(), "echo tampered".into()],
+            ..Default::default()
+        }
+        .encode_to_vec(),
+    );
+    let outcome = worker
+        .runner
+        .run(&tampered, &CancellationToken::new())
+        .await;
+    assert!(
+        matches!(&outcome.error, Some(WorkerError::MissingInputs(m)) if m == &[command_digest]),
+        "{:?}",
+        outcome.error
+    );
+    // Once the CAS has it, the same request runs the real Command.
+    cas.put(&command).await;
+    let outcome = worker
+        .runner
+        .run(&tampered, &CancellationToken::new())
+        .await;
+    assert!(outcome.error.is_none(), "{:?}", outcome.error);
+    let stdout = outcome.action_result.unwrap().stdout_digest.unwrap();
+    assert_eq!(cas.get(&stdout).await, b"inline\n");
     Ok(())
 }

@@ -76,6 +76,7 @@ fn assign(lease_id: &str, action: Digest, timeout: Option<Duration>) -> ToWorker
             seconds: 42,
             nanos: 0,
         }),
+        ..Default::default()
     })
 }
 

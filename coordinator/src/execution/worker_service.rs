@@ -108,14 +108,12 @@ impl Workers for WorkerService {
                     }
                     Some(worker_message::Message::Result(result)) => {
                         engine.heartbeat(&worker, false, None);
-                        engine
-                            .complete_lease(
-                                &worker,
-                                &result.lease_id,
-                                result.action_result,
-                                result.status,
-                            )
-                            .await;
+                        engine.complete_lease(
+                            &worker,
+                            &result.lease_id,
+                            result.action_result,
+                            result.status,
+                        );
                     }
                     Some(worker_message::Message::Register(_)) | None => {}
                 }

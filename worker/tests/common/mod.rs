@@ -234,6 +234,8 @@ pub fn request(action_digest: Digest) -> ActionRequest {
             seconds: 1,
             nanos: 0,
         }),
+        inline_action: None,
+        inline_command: None,
     }
 }
 
