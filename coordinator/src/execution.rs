@@ -733,6 +733,8 @@ impl ExecutionEngine {
             },
         );
         self.handle_lost_leases(&mut state, lost);
+        // Pool membership shows on /metrics at once; the rest waits for the tick.
+        publish_gauges(&mut state, Instant::now());
         id
     }
 
@@ -746,6 +748,7 @@ impl ExecutionEngine {
         state.workers.remove(worker);
         let lost = state.scheduler.remove_worker(worker);
         self.handle_lost_leases(&mut state, lost);
+        publish_gauges(&mut state, Instant::now());
     }
 
     /// `cache_bytes` is the worker's local cache size when the message reported it.
