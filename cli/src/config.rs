@@ -37,6 +37,16 @@ pub struct KilnConfig {
     pub registry: kiln_registry::RegistryConfig,
     /// `kiln worker`'s settings, and those of `kiln up`'s local workers.
     pub worker: kiln_worker::WorkerConfig,
+    pub telemetry: TelemetryConfig,
+}
+
+/// The `[telemetry]` table: where spans go. The standard `OTEL_*` variables (read by the
+/// OpenTelemetry SDK itself) work too; an endpoint set here wins over theirs.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// The OTLP/gRPC collector to export spans to, e.g. `http://127.0.0.1:4317`.
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Default for KilnConfig {
@@ -52,6 +62,7 @@ impl Default for KilnConfig {
             coordinator: Default::default(),
             registry: Default::default(),
             worker: Default::default(),
+            telemetry: Default::default(),
         }
     }
 }
@@ -84,6 +95,9 @@ pub struct CommonArgs {
     /// Log filter, e.g. `info` or `kiln_coordinator=debug` [default: info].
     #[arg(long, env = "KILN_LOG", global = true)]
     pub log: Option<String>,
+    /// OTLP/gRPC collector to export trace spans to [default: OTEL_EXPORTER_OTLP_ENDPOINT, else none].
+    #[arg(long, env = "KILN_OTLP_ENDPOINT", global = true, value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// Where client commands (`run`, `publish`, `status`, `drain`) find the coordinator.
@@ -177,7 +191,18 @@ impl KilnConfig {
         if let Some(v) = &args.log {
             config.log = v.clone();
         }
+        if let Some(v) = &args.otlp_endpoint {
+            config.telemetry.otlp_endpoint = Some(v.clone());
+        }
         Ok(config)
+    }
+
+    /// How this process logs and exports spans.
+    pub fn telemetry_options(&self) -> kiln_telemetry::TelemetryOptions {
+        kiln_telemetry::TelemetryOptions {
+            log_filter: self.log.clone(),
+            otlp_endpoint: self.telemetry.otlp_endpoint.clone(),
+        }
     }
 
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
@@ -243,5 +268,31 @@ mod tests {
         let err = check_environment(names.into_iter(), &known).unwrap_err();
         assert!(err.to_string().contains("KILN_DATADIR"));
         assert!(check_environment(["KILN_LOG".to_string()].into_iter(), &known).is_ok());
+    }
+
+    #[test]
+    fn the_telemetry_table_and_otel_variables_are_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.toml");
+        std::fs::write(
+            &path,
+            "[telemetry]\notlp_endpoint = \"http://127.0.0.1:4317\"\n",
+        )
+        .unwrap();
+        let config = KilnConfig::from_file(&path).unwrap();
+        assert_eq!(
+            config.telemetry.otlp_endpoint.as_deref(),
+            Some("http://127.0.0.1:4317")
+        );
+        std::fs::write(&path, "[telemetry]\nendpoint = \"typo\"\n").unwrap();
+        assert!(KilnConfig::from_file(&path).is_err());
+        // The OpenTelemetry SDK's own variables are not kiln's to police.
+        let names = [
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "OTEL_SERVICE_NAME",
+            "OTEL_RESOURCE_ATTRIBUTES",
+        ]
+        .map(String::from);
+        assert!(check_environment(names.into_iter(), &[]).is_ok());
     }
 }

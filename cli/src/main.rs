@@ -87,15 +87,32 @@ fn parse_property(text: &str) -> Result<(String, String), String> {
 fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     let config = KilnConfig::resolve(&cli.common, &config::known_variables(&Cli::command()))?;
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&config.log)?)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(run(cli.command, config))
+    // The span exporter's gRPC channel lives on the runtime.
+    let telemetry = {
+        let _runtime = runtime.enter();
+        kiln_telemetry::init(cli.command.service_name(), &config.telemetry_options())?
+    };
+    let outcome = runtime.block_on(run(cli.command, config));
+    // Export the last spans (after Ctrl-C or SIGTERM too) while the runtime still runs.
+    drop(telemetry);
+    outcome
+}
+
+impl Command {
+    /// The OpenTelemetry `service.name` this command reports as.
+    fn service_name(&self) -> &'static str {
+        match self {
+            Command::Up => "kiln",
+            Command::Coordinator => "kiln-coordinator",
+            Command::Registry => "kiln-registry",
+            Command::Worker(_) => "kiln-worker",
+            Command::Run(_) => "kiln-run",
+            Command::Publish(_) => "kiln-publish",
+        }
+    }
 }
 
 async fn run(command: Command, config: KilnConfig) -> anyhow::Result<ExitCode> {

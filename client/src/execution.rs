@@ -36,13 +36,14 @@ pub trait Executor: Send + Sync {
 /// The Execution service of a REAPI server over gRPC.
 #[derive(Clone)]
 pub struct GrpcExecutor {
-    client: ExecutionClient<Channel>,
+    client: ExecutionClient<kiln_telemetry::TracedChannel>,
 }
 
 impl GrpcExecutor {
     pub fn new(channel: Channel) -> Self {
         GrpcExecutor {
-            client: ExecutionClient::new(channel).max_decoding_message_size(256 << 20),
+            client: ExecutionClient::new(kiln_telemetry::traced(channel))
+                .max_decoding_message_size(256 << 20),
         }
     }
 }
@@ -121,6 +122,7 @@ fn is_transient(status: &tonic::Status) -> bool {
 /// restart that lost it), the action is submitted again. Either way the retries follow
 /// `policy`. A FAILED_PRECONDITION from the Execute call is returned as is, for the
 /// caller to upload missing inputs.
+#[tracing::instrument(level = "debug", name = "remote_action", skip_all)]
 pub async fn execute_to_completion(
     executor: &dyn Executor,
     request: &reapi::ExecuteRequest,

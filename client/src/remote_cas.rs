@@ -12,6 +12,7 @@ use kiln_proto::reapi::{
     content_addressable_storage_client::ContentAddressableStorageClient,
 };
 use kiln_store::{Digest, DigestFunction};
+use kiln_telemetry::{traced, TracedChannel};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
@@ -165,20 +166,20 @@ impl RemoteCas {
         self.max_batch_bytes
     }
 
-    fn cas(&self) -> ContentAddressableStorageClient<Channel> {
-        ContentAddressableStorageClient::new(self.channel.clone())
+    fn cas(&self) -> ContentAddressableStorageClient<TracedChannel> {
+        ContentAddressableStorageClient::new(traced(self.channel.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
 
-    fn byte_stream(&self) -> ByteStreamClient<Channel> {
-        ByteStreamClient::new(self.channel.clone())
+    fn byte_stream(&self) -> ByteStreamClient<TracedChannel> {
+        ByteStreamClient::new(traced(self.channel.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
 
-    fn action_cache(&self) -> ActionCacheClient<Channel> {
-        ActionCacheClient::new(self.channel.clone())
+    fn action_cache(&self) -> ActionCacheClient<TracedChannel> {
+        ActionCacheClient::new(traced(self.channel.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }

@@ -12,6 +12,7 @@
 //!
 //! All mutable state sits behind one mutex that is never held across an `.await`.
 
+mod action_trace;
 mod operation;
 mod pool_status;
 mod worker_service;
@@ -39,6 +40,7 @@ use kiln_proto::worker::v1::{coordinator_message, Assign, Cancel, CoordinatorMes
 use kiln_store::{BlobStore, Digest, MetadataStore};
 use tokio::sync::{mpsc, watch, Notify};
 use tonic::{Code, Request, Response, Status};
+use tracing::Instrument;
 
 use crate::action_cache::ActionCacheService;
 use crate::counters::{Counters, Outcome};
@@ -46,6 +48,7 @@ use crate::scheduler::{
     Cancelled, LostLease, Platform, Scheduler, SchedulerConfig, WorkerSnapshot,
 };
 use crate::{reapi_digest, CoordinatorConfig, CoordinatorError};
+use action_trace::ActionTrace;
 use operation::{
     completed_operation, timestamp_from_nanos, unix_nanos, OperationRecord, OPERATIONS,
 };
@@ -112,6 +115,7 @@ struct LiveOperation {
     completed: Option<Instant>,
     /// The Action and Command to send along with the Assign, while the operation waits.
     inline: Option<InlineMessages>,
+    trace: ActionTrace,
 }
 
 /// An action's encoded Action and Command messages, as read from the CAS at Execute.
@@ -202,6 +206,7 @@ impl ExecutionEngine {
                         completed,
                         // Workers fetch these from the CAS after a restart.
                         inline: None,
+                        trace: ActionTrace::reloaded(),
                     },
                 );
             }
@@ -281,9 +286,10 @@ impl ExecutionEngine {
     fn dispatch_once(&self) {
         let mut state = self.state();
         for assignment in state.scheduler.schedule() {
-            let Some(live) = state.operations.get(&assignment.operation) else {
+            let Some(live) = state.operations.get_mut(&assignment.operation) else {
                 continue;
             };
+            let trace_context = live.trace.assigned(&assignment.worker, assignment.attempt);
             let record = &live.record;
             let queued_at =
                 std::time::UNIX_EPOCH + Duration::from_nanos(record.queued_at_unix_nanos);
@@ -301,8 +307,8 @@ impl ExecutionEngine {
                     seconds: t.as_secs() as i64,
                     nanos: t.subsec_nanos() as i32,
                 }),
-                traceparent: String::new(),
-                tracestate: String::new(),
+                traceparent: trace_context.traceparent,
+                tracestate: trace_context.tracestate,
                 queued_timestamp: Some(timestamp_from_nanos(record.queued_at_unix_nanos)),
                 action: live
                     .inline
@@ -340,7 +346,8 @@ impl ExecutionEngine {
                     attempts,
                 } => {
                     tracing::info!(%operation, attempts, "requeued after losing its worker");
-                    if let Some(live) = state.operations.get(&operation) {
+                    if let Some(live) = state.operations.get_mut(&operation) {
+                        live.trace.requeued();
                         let _ = live
                             .updates
                             .send_replace(live.record.to_operation(execution_stage::Value::Queued));
@@ -422,7 +429,15 @@ impl ExecutionEngine {
                 digest_function: request.digest_function,
                 ..Default::default()
             };
-            match self.inner.action_cache.get(lookup).await {
+            let cache_lookup = tracing::debug_span!("cache_lookup", hit = tracing::field::Empty);
+            let found = self
+                .inner
+                .action_cache
+                .get(lookup)
+                .instrument(cache_lookup.clone())
+                .await;
+            cache_lookup.record("hit", found.is_ok());
+            match found {
                 Ok(result) => {
                     let response = ExecuteResponse {
                         result: Some(result),
@@ -560,6 +575,7 @@ impl ExecutionEngine {
                     updates,
                     completed: None,
                     inline,
+                    trace: ActionTrace::queued(),
                 },
             );
             receiver
@@ -609,6 +625,9 @@ impl ExecutionEngine {
                 // The worker had no room after all: back in line, without counting a try.
                 let mut action = action;
                 action.attempts = action.attempts.saturating_sub(1);
+                if let Some(live) = state.operations.get_mut(&action.operation) {
+                    live.trace.requeued();
+                }
                 state.scheduler.enqueue(action);
                 drop(state);
                 self.wake_dispatcher();

@@ -161,6 +161,7 @@ impl Coordinator {
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME_SIZE)
+            .layer(kiln_telemetry::GrpcServerTraceLayer)
             .add_service(capabilities)
             .add_service(cas)
             .add_service(action_cache)

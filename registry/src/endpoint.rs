@@ -33,6 +33,24 @@ pub enum Endpoint {
     Referrers { name: String, digest: ContentHash },
 }
 
+impl Endpoint {
+    /// The route template, without names, references or digests: a low-cardinality name
+    /// for spans and metrics.
+    pub fn route(&self) -> &'static str {
+        match self {
+            Endpoint::Base => "/v2/",
+            Endpoint::Catalog => "/v2/_catalog",
+            Endpoint::Token => "/token",
+            Endpoint::Manifest { .. } => "/v2/{name}/manifests/{reference}",
+            Endpoint::Blob { .. } => "/v2/{name}/blobs/{digest}",
+            Endpoint::UploadStart { .. } => "/v2/{name}/blobs/uploads/",
+            Endpoint::Upload { .. } => "/v2/{name}/blobs/uploads/{id}",
+            Endpoint::TagList { .. } => "/v2/{name}/tags/list",
+            Endpoint::Referrers { .. } => "/v2/{name}/referrers/{digest}",
+        }
+    }
+}
+
 /// A manifest reference: a tag or a digest.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Reference {

@@ -36,6 +36,9 @@ pub fn router(state: Arc<RegistryState>) -> Router {
         .fallback(handle)
         .with_state(state)
         .layer(axum::middleware::map_response(add_api_version))
+        .layer(axum::middleware::from_fn(
+            crate::request_span::trace_request,
+        ))
 }
 
 async fn add_api_version(mut response: Response) -> Response {

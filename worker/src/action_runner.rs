@@ -12,6 +12,7 @@ use kiln_proto::prost::Message;
 use kiln_proto::{protobuf, reapi};
 use kiln_store::{Digest, DigestFunction};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::cas_client::{from_reapi, to_reapi, BlobSource, CasClient, OpenFileReader};
 use crate::command_runner::{CommandExit, CommandRunner, CommandSpec};
@@ -157,6 +158,8 @@ impl ActionRunner {
         let instance = request.instance_name.as_str();
         let function = request.digest_function();
         progress.metadata.input_fetch_start_timestamp = now();
+        // Stage spans end when their last clone is dropped, early returns included.
+        let input_fetch = tracing::debug_span!("input_fetch");
         let action = match inline_message(
             request.inline_action.as_deref(),
             request.action_digest,
@@ -171,6 +174,7 @@ impl ActionRunner {
                     &[request.action_digest],
                     "Action",
                 )
+                .instrument(input_fetch.clone())
                 .await?;
                 add(&mut progress.fetched, fetched);
                 actions.pop().expect("one digest, one message")
@@ -197,7 +201,11 @@ impl ActionRunner {
                     if !empty_input_root {
                         keys.push(CacheKey::file(input_root));
                     }
-                    let (_, fetched) = self.cache.fetch_missing(&self.cas, instance, &keys).await?;
+                    let (_, fetched) = self
+                        .cache
+                        .fetch_missing(&self.cas, instance, &keys)
+                        .instrument(input_fetch.clone())
+                        .await?;
                     add(&mut progress.fetched, fetched);
                     let (mut commands, _) = fetch_messages::<reapi::Command>(
                         &self.cache,
@@ -206,6 +214,7 @@ impl ActionRunner {
                         &[command_digest],
                         "Command",
                     )
+                    .instrument(input_fetch.clone())
                     .await?;
                     commands.pop().expect("one digest, one message")
                 }
@@ -220,12 +229,14 @@ impl ActionRunner {
         let working_dir = output_collector::check_paths(exec_root, &command)?;
         std::fs::create_dir(exec_root).map_err(WorkerError::io("creating the action directory"))?;
         if !empty_input_root {
-            let fetched =
-                materialise(&self.cache, &self.cas, instance, input_root, exec_root).await?;
+            let fetched = materialise(&self.cache, &self.cas, instance, input_root, exec_root)
+                .instrument(input_fetch.clone())
+                .await?;
             add(&mut progress.fetched, fetched);
         }
         output_collector::create_output_parents(exec_root, &command)?;
         progress.metadata.input_fetch_completed_timestamp = now();
+        drop(input_fetch);
 
         let timeout = request
             .timeout
@@ -245,15 +256,24 @@ impl ActionRunner {
             stderr: Arc::new(log_file(c"stderr")?),
         };
         progress.metadata.execution_start_timestamp = now();
-        let exit = self.command_runner.run(&spec, cancel).await?;
+        let exit = self
+            .command_runner
+            .run(&spec, cancel)
+            .instrument(tracing::debug_span!("execute"))
+            .await?;
         progress.metadata.execution_completed_timestamp = now();
         if exit == CommandExit::Cancelled {
             return Err(WorkerError::Cancelled);
         }
 
         progress.metadata.output_upload_start_timestamp = now();
-        let stdout = hash_log(function, &spec.stdout)?;
-        let stderr = hash_log(function, &spec.stderr)?;
+        let output_upload = tracing::debug_span!("output_upload");
+        let (stdout, stderr) = output_upload.in_scope(|| {
+            Ok::<_, WorkerError>((
+                hash_log(function, &spec.stdout)?,
+                hash_log(function, &spec.stderr)?,
+            ))
+        })?;
         let mut blobs = vec![
             (stdout, BlobSource::Open(spec.stdout.clone())),
             (stderr, BlobSource::Open(spec.stderr.clone())),
@@ -271,6 +291,7 @@ impl ActionRunner {
             let outputs = tokio::task::spawn_blocking(move || {
                 output_collector::collect(function, &root, &wanted)
             })
+            .instrument(output_upload.clone())
             .await
             .map_err(|e| WorkerError::Protocol(format!("output collection failed: {e}")))??;
             result.output_files = outputs.output_files;
@@ -278,8 +299,12 @@ impl ActionRunner {
             result.output_symlinks = outputs.output_symlinks;
             blobs.extend(outputs.blobs);
         }
-        self.cas.upload_missing(instance, blobs).await?;
+        self.cas
+            .upload_missing(instance, blobs)
+            .instrument(output_upload.clone())
+            .await?;
         progress.metadata.output_upload_completed_timestamp = now();
+        drop(output_upload);
         progress.result = Some(result);
         if exit == CommandExit::TimedOut {
             return Err(WorkerError::Timeout(timeout));

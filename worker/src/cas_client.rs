@@ -14,6 +14,7 @@ use kiln_proto::bytestream::{ReadRequest, WriteRequest};
 use kiln_proto::reapi;
 use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
 use kiln_store::{Digest, DigestFunction};
+use kiln_telemetry::TracedChannel;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
 use tonic::Code;
@@ -46,8 +47,8 @@ pub enum BlobSource {
 /// A client for one coordinator's CAS and ByteStream services.
 #[derive(Clone)]
 pub struct CasClient {
-    cas: ContentAddressableStorageClient<Channel>,
-    byte_stream: ByteStreamClient<Channel>,
+    cas: ContentAddressableStorageClient<TracedChannel>,
+    byte_stream: ByteStreamClient<TracedChannel>,
 }
 
 pub(crate) fn to_reapi(digest: &Digest) -> reapi::Digest {
@@ -103,6 +104,7 @@ fn check(expected: Digest, data: &[u8]) -> Result<(), WorkerError> {
 
 impl CasClient {
     pub fn new(channel: Channel) -> Self {
+        let channel = kiln_telemetry::traced(channel);
         CasClient {
             cas: ContentAddressableStorageClient::new(channel.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -322,12 +322,14 @@ impl Worker {
         self.running.insert(lease_id.clone(), cancel.clone());
         let runner = self.runner.clone();
         let results = self.results_tx.clone();
-        let span = tracing::info_span!(
-            "action",
-            %lease_id,
-            action = %request.action_digest,
-            traceparent = %assign.traceparent,
-            tracestate = %assign.tracestate,
+        let span = tracing::info_span!("action", %lease_id, action = %request.action_digest);
+        // The coordinator's Execute span is the parent: one action, one trace.
+        kiln_telemetry::propagation::set_remote_parent(
+            &span,
+            &kiln_telemetry::propagation::TraceContext {
+                traceparent: assign.traceparent,
+                tracestate: assign.tracestate,
+            },
         );
         tokio::spawn(
             async move {
@@ -432,11 +434,7 @@ fn refusal(lease_id: String, error: WorkerError) -> proto::LeaseResult {
 
 /// `<hostname>-<8 hex digits>`: readable in status pages, unique across restarts.
 fn default_worker_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "worker".to_string());
+    let host = kiln_telemetry::host_name().unwrap_or_else(|| "worker".to_string());
     let suffix = uuid::Uuid::new_v4().simple().to_string();
     format!("{host}-{}", &suffix[..8])
 }

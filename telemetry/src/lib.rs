@@ -1,0 +1,45 @@
+//! kiln-telemetry: the one place in kiln that knows OpenTelemetry.
+//!
+//! - [`init`] installs the process's `tracing` subscriber: log lines on stderr filtered by
+//!   the `log` setting and, when an OTLP endpoint is configured (the `[telemetry]` table,
+//!   or the standard `OTEL_EXPORTER_OTLP_ENDPOINT`/`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`),
+//!   span export over OTLP/gRPC. Without an endpoint there is no exporter and no
+//!   OpenTelemetry layer at all: RPC spans are at DEBUG level, so at the default `info`
+//!   they stay on `tracing`'s disabled-callsite fast path.
+//! - [`propagation`]: the W3C trace context to and from HTTP headers (gRPC metadata is
+//!   HTTP/2 headers) and the `traceparent`/`tracestate` strings of the worker protocol.
+//! - [`grpc`]: a span for every gRPC call, on servers ([`GrpcServerTraceLayer`], which
+//!   also adopts the caller's context) and on clients ([`TracedChannel`], which sends it).
+//! - `receiver` (feature `receiver`): an in-process OTLP trace receiver for tests and
+//!   benchmarks.
+
+pub mod grpc;
+pub mod propagation;
+#[cfg(feature = "receiver")]
+pub mod receiver;
+mod subscriber;
+
+pub use grpc::{traced, GrpcServerTraceLayer, TracedChannel};
+pub use subscriber::{build, init, TelemetryGuard, TelemetryOptions};
+
+/// What can go wrong setting telemetry up.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("invalid log filter {filter:?}: {source}")]
+    LogFilter {
+        filter: String,
+        source: tracing_subscriber::filter::ParseError,
+    },
+    #[error("cannot set up the OTLP span exporter: {0}")]
+    Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
+    #[error("a global tracing subscriber is already installed")]
+    AlreadyInstalled(#[from] tracing::dispatcher::SetGlobalDefaultError),
+}
+
+/// This machine's host name, as the kernel reports it; `None` when it cannot be read.
+pub fn host_name() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|name| name.trim().to_string())
+        .filter(|name| !name.is_empty())
+}

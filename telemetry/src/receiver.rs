@@ -1,0 +1,155 @@
+//! An in-process OTLP/gRPC trace receiver on 127.0.0.1:0: the collector's
+//! `TraceService/Export`, keeping what it receives for tests to inspect (or only counting
+//! it, for benchmarks).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::{any_value, KeyValue};
+use opentelemetry_proto::tonic::trace::v1::Span;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// Whether the receiver keeps the spans or only counts them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Retain {
+    Spans,
+    CountOnly,
+}
+
+/// One received span with the resource (process) that sent it.
+#[derive(Clone, Debug)]
+pub struct ReceivedSpan {
+    pub resource: Vec<KeyValue>,
+    pub span: Span,
+}
+
+impl ReceivedSpan {
+    /// The sending process's `service.name`.
+    pub fn service_name(&self) -> Option<String> {
+        attribute(&self.resource, "service.name")
+    }
+
+    /// A span attribute, rendered as text.
+    pub fn attribute(&self, key: &str) -> Option<String> {
+        attribute(&self.span.attributes, key)
+    }
+}
+
+/// An attribute among `attributes`, rendered as text.
+pub fn attribute(attributes: &[KeyValue], key: &str) -> Option<String> {
+    let value = attributes.iter().find(|kv| kv.key == key)?.value.as_ref()?;
+    Some(match value.value.as_ref()? {
+        any_value::Value::StringValue(s) => s.clone(),
+        any_value::Value::BoolValue(b) => b.to_string(),
+        any_value::Value::IntValue(i) => i.to_string(),
+        any_value::Value::DoubleValue(d) => d.to_string(),
+        other => format!("{other:?}"),
+    })
+}
+
+#[derive(Default)]
+struct Received {
+    spans: Vec<ReceivedSpan>,
+    count: u64,
+}
+
+struct Collector {
+    retain: Retain,
+    received: Arc<Mutex<Received>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut received = self.received.lock().unwrap_or_else(|e| e.into_inner());
+        for resource_spans in request.into_inner().resource_spans {
+            let resource = resource_spans
+                .resource
+                .map(|r| r.attributes)
+                .unwrap_or_default();
+            for span in resource_spans
+                .scope_spans
+                .into_iter()
+                .flat_map(|scope| scope.spans)
+            {
+                received.count += 1;
+                if self.retain == Retain::Spans {
+                    received.spans.push(ReceivedSpan {
+                        resource: resource.clone(),
+                        span,
+                    });
+                }
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+/// The running receiver; it stops when dropped.
+pub struct OtlpReceiver {
+    addr: SocketAddr,
+    received: Arc<Mutex<Received>>,
+    task: JoinHandle<()>,
+}
+
+impl OtlpReceiver {
+    /// Serves on 127.0.0.1 at a free port, on the current Tokio runtime.
+    pub async fn start(retain: Retain) -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let received = Arc::new(Mutex::new(Received::default()));
+        let service = TraceServiceServer::new(Collector {
+            retain,
+            received: received.clone(),
+        });
+        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        let task = tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(incoming)
+                .await;
+        });
+        Ok(OtlpReceiver {
+            addr,
+            received,
+            task,
+        })
+    }
+
+    /// The endpoint for an exporter, `http://127.0.0.1:PORT`.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Every span received so far (empty with [`Retain::CountOnly`]).
+    pub fn spans(&self) -> Vec<ReceivedSpan> {
+        self.lock().spans.clone()
+    }
+
+    /// How many spans have arrived.
+    pub fn span_count(&self) -> u64 {
+        self.lock().count
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Received> {
+        self.received.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for OtlpReceiver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -1,0 +1,192 @@
+//! The `tracing` subscriber: stderr log lines, plus OpenTelemetry export when configured.
+
+use std::time::Duration;
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry::KeyValue;
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::resource::{EnvResourceDetector, TelemetryResourceDetector};
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::Resource;
+use tracing::{Dispatch, Level, Metadata};
+use tracing_subscriber::filter::{filter_fn, EnvFilter};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::Layer;
+
+use crate::TelemetryError;
+
+/// The standard variables that turn export on without any kiln setting.
+const ENDPOINT_VARIABLES: [&str; 2] = [
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+];
+/// How long shutting down may wait for the last spans to reach the collector.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How a process reports.
+#[derive(Clone, Debug)]
+pub struct TelemetryOptions {
+    /// The `tracing` filter for log lines on stderr (the `log` setting), e.g. `info`;
+    /// `off` prints nothing.
+    pub log_filter: String,
+    /// The OTLP/gRPC collector spans are exported to, e.g. `http://127.0.0.1:4317`. When
+    /// unset, the standard `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`/`OTEL_EXPORTER_OTLP_ENDPOINT`
+    /// decide; when those are unset too, nothing is exported.
+    pub otlp_endpoint: Option<String>,
+}
+
+impl Default for TelemetryOptions {
+    fn default() -> Self {
+        TelemetryOptions {
+            log_filter: "info".to_string(),
+            otlp_endpoint: None,
+        }
+    }
+}
+
+impl TelemetryOptions {
+    /// The endpoint to export to: `Some(None)` means "as the OTEL_* variables say".
+    fn export(&self) -> Option<Option<String>> {
+        if std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true")) {
+            return None;
+        }
+        match self.otlp_endpoint.as_deref() {
+            Some(endpoint) if !endpoint.is_empty() => Some(Some(endpoint.to_string())),
+            _ => ENDPOINT_VARIABLES
+                .iter()
+                .any(|name| std::env::var(name).is_ok_and(|v| !v.is_empty()))
+                .then_some(None),
+        }
+    }
+}
+
+/// Flushes and shuts the span exporter down when dropped (a no-op without export).
+///
+/// Drop it outside async code, or on a multi-threaded runtime that is still running:
+/// the last export goes through the runtime's I/O driver.
+#[must_use = "dropping the guard stops span export"]
+pub struct TelemetryGuard {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl TelemetryGuard {
+    /// Whether spans are exported.
+    pub fn exporting(&self) -> bool {
+        self.provider.is_some()
+    }
+
+    /// Sends the spans finished so far to the collector, waiting for the export.
+    pub fn flush(&self) {
+        if let Some(provider) = &self.provider {
+            if let Err(error) = provider.force_flush() {
+                tracing::warn!(%error, "flushing spans failed");
+            }
+        }
+    }
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take() {
+            if let Err(error) = provider.shutdown_with_timeout(SHUTDOWN_TIMEOUT) {
+                eprintln!("kiln: exporting the last spans failed: {error}");
+            }
+        }
+    }
+}
+
+/// Installs the global subscriber for `service_name` (`kiln-coordinator`, `kiln-worker`,
+/// `kiln-registry`, `kiln`). With export on, call it inside a Tokio runtime: the exporter's
+/// gRPC channel lives there.
+pub fn init(
+    service_name: &str,
+    options: &TelemetryOptions,
+) -> Result<TelemetryGuard, TelemetryError> {
+    let (dispatch, guard) = build(service_name, options)?;
+    tracing::dispatcher::set_global_default(dispatch)?;
+    Ok(guard)
+}
+
+/// The subscriber [`init`] would install, without installing it: tests and benchmarks
+/// run several "processes" in one, each under its own dispatch and tracer provider.
+pub fn build(
+    service_name: &str,
+    options: &TelemetryOptions,
+) -> Result<(Dispatch, TelemetryGuard), TelemetryError> {
+    let log_filter =
+        EnvFilter::try_new(&options.log_filter).map_err(|source| TelemetryError::LogFilter {
+            filter: options.log_filter.clone(),
+            source,
+        })?;
+    let log_lines = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_filter(log_filter);
+    let provider = match options.export() {
+        Some(endpoint) => Some(tracer_provider(service_name, endpoint)?),
+        None => None,
+    };
+    let export = provider.as_ref().map(|provider| {
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("kiln"))
+            // Source locations, thread names and busy/idle timings cost per span and say
+            // little that the span names do not.
+            .with_location(false)
+            .with_threads(false)
+            .with_tracked_inactivity(false)
+            .with_filter(filter_fn(exported))
+    });
+    let subscriber = tracing_subscriber::registry().with(log_lines).with(export);
+    Ok((Dispatch::new(subscriber), TelemetryGuard { provider }))
+}
+
+/// What goes to the collector: kiln's own spans down to DEBUG (the per-RPC ones), and
+/// its events from INFO up, which become span events. Dependencies' spans stay out.
+fn exported(metadata: &Metadata<'_>) -> bool {
+    let most_verbose = if metadata.is_span() {
+        Level::DEBUG
+    } else {
+        Level::INFO
+    };
+    metadata.target().starts_with("kiln") && *metadata.level() <= most_verbose
+}
+
+fn tracer_provider(
+    service_name: &str,
+    endpoint: Option<String>,
+) -> Result<SdkTracerProvider, TelemetryError> {
+    let mut exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+    if let Some(endpoint) = endpoint {
+        exporter = exporter.with_endpoint(endpoint);
+    }
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter.build()?)
+        .with_resource(resource(service_name))
+        .build())
+}
+
+/// service.name, service.version, service.instance.id and host.name, under whatever
+/// OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME say (the operator's word wins).
+fn resource(service_name: &str) -> Resource {
+    let mut attributes = vec![
+        KeyValue::new("service.name", service_name.to_string()),
+        KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+        KeyValue::new(
+            "service.instance.id",
+            uuid::Uuid::new_v4().hyphenated().to_string(),
+        ),
+    ];
+    if let Some(host) = crate::host_name() {
+        attributes.push(KeyValue::new("host.name", host));
+    }
+    let mut builder = Resource::builder_empty()
+        .with_detector(Box::new(TelemetryResourceDetector))
+        .with_attributes(attributes)
+        .with_detector(Box::new(EnvResourceDetector::new()));
+    if let Ok(name) = std::env::var("OTEL_SERVICE_NAME") {
+        if !name.is_empty() {
+            builder = builder.with_service_name(name);
+        }
+    }
+    builder.build()
+}
