@@ -13,56 +13,14 @@ use kiln_proto::prost::Message;
 use kiln_proto::reapi::{execution_client::ExecutionClient, Action, Command, Directory};
 use kiln_proto::reapi::{ExecuteRequest, ExecuteResponse};
 use kiln_store::{Digest, DigestFunction};
-use kiln_telemetry::receiver::{OtlpReceiver, ReceivedSpan, Retain};
-use kiln_telemetry::{TelemetryGuard, TelemetryOptions};
+use kiln_telemetry::receiver::{OtlpReceiver, ReceivedSpan, Retain, TracedRuntime};
 use kiln_worker::{BubblewrapMode, WorkerConfig};
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use tokio::runtime::Runtime;
-use tracing::Dispatch;
 
 const JOIN_TOKEN: &str = "join-token-6a1f93c0e2d84b7f";
 const BEARER_TOKEN: &str = "bearer-token-f00dfeedc0ffee42";
 const F: DigestFunction = DigestFunction::Sha256;
-
-/// A "process": a runtime whose threads all report to one dispatch (one service).
-struct Process {
-    runtime: Runtime,
-    dispatch: Dispatch,
-    telemetry: TelemetryGuard,
-}
-
-impl Process {
-    /// The exporter's channel lives on `exporter_runtime`, which outlives every process.
-    fn start(service: &str, receiver: &OtlpReceiver, exporter_runtime: &Runtime) -> Self {
-        let options = TelemetryOptions {
-            log_filter: "warn".into(),
-            otlp_endpoint: Some(receiver.endpoint()),
-        };
-        let (dispatch, telemetry) = {
-            let _entered = exporter_runtime.enter();
-            kiln_telemetry::build(service, &options).expect("telemetry builds")
-        };
-        let for_threads = dispatch.clone();
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .on_thread_start(move || {
-                // For the thread's whole life: this runtime is this service.
-                std::mem::forget(tracing::dispatcher::set_default(&for_threads));
-            })
-            .build()
-            .expect("a runtime");
-        Process {
-            runtime,
-            dispatch,
-            telemetry,
-        }
-    }
-
-    fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
-        tracing::dispatcher::with_default(&self.dispatch, || self.runtime.block_on(future))
-    }
-}
 
 /// Uploads a Command (`sh -c 'echo traced > out.txt'`), an empty input root and the Action.
 async fn upload_action(server: &TestServer) -> Digest {
@@ -118,9 +76,13 @@ fn one_action_is_one_trace_across_client_coordinator_and_worker() {
     let receiver = exporter_runtime
         .block_on(OtlpReceiver::start(Retain::Spans))
         .expect("the receiver starts");
-    let coordinator = Process::start("kiln-coordinator", &receiver, &exporter_runtime);
-    let worker = Process::start("kiln-worker", &receiver, &exporter_runtime);
-    let client = Process::start("kiln-run", &receiver, &exporter_runtime);
+    let process = |service| {
+        TracedRuntime::start(service, &receiver.endpoint(), &exporter_runtime)
+            .expect("telemetry starts")
+    };
+    let coordinator = process("kiln-coordinator");
+    let worker = process("kiln-worker");
+    let client = process("kiln-run");
 
     let dir = tempfile::tempdir().unwrap();
     let config = CoordinatorConfig {
@@ -186,7 +148,7 @@ fn one_action_is_one_trace_across_client_coordinator_and_worker() {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let spans = loop {
         for process in [&client, &coordinator, &worker] {
-            process.telemetry.flush();
+            process.flush();
         }
         let spans = receiver.spans();
         if !named(&spans, "kiln-worker", "action").is_empty()

@@ -3,13 +3,9 @@
 
 mod common;
 
-use argon2::password_hash::{PasswordHasher, SaltString};
-use argon2::Argon2;
-use base64::engine::general_purpose::STANDARD;
-use base64::Engine;
 use common::*;
 use hyper::{Method, StatusCode};
-use kiln_registry::{Action, AuthConfig, GrantConfig, RegistryConfig, UserConfig};
+use kiln_registry::RegistryConfig;
 
 #[tokio::test]
 async fn the_default_policy_accepts_release_tags_and_refuses_latest() {
@@ -92,98 +88,6 @@ async fn a_policy_per_repository_pattern() {
     reg.put_manifest("prod/x", "latest", OCI_MANIFEST, &manifest)
         .await
         .expect_error(StatusCode::FORBIDDEN, "DENIED");
-}
-
-fn argon2_hash(password: &str) -> String {
-    let salt = SaltString::encode_b64(b"integration-salt").unwrap();
-    Argon2::default()
-        .hash_password(password.as_bytes(), &salt)
-        .unwrap()
-        .to_string()
-}
-
-fn auth_config() -> RegistryConfig {
-    let mut config = permissive_config();
-    config.auth = AuthConfig {
-        enabled: true,
-        users: vec![
-            UserConfig {
-                name: "ci".into(),
-                password_hash: argon2_hash("ci-secret"),
-                grants: vec![GrantConfig {
-                    repositories: "team/*".into(),
-                    actions: vec![Action::Pull, Action::Push],
-                }],
-            },
-            UserConfig {
-                name: "admin".into(),
-                password_hash: argon2_hash("admin-secret"),
-                grants: vec![GrantConfig {
-                    repositories: "*".into(),
-                    actions: vec![Action::Pull, Action::Push, Action::Delete],
-                }],
-            },
-        ],
-        anonymous_pull: vec!["public/*".into()],
-        ..AuthConfig::default()
-    };
-    config
-}
-
-fn basic(user: &str, password: &str) -> String {
-    format!("Basic {}", STANDARD.encode(format!("{user}:{password}")))
-}
-
-/// Sends with an Authorization header.
-async fn send_as(
-    reg: &TestRegistry,
-    auth: &str,
-    method: Method,
-    path: &str,
-    body: RequestBody,
-) -> TestResponse {
-    reg.send(
-        method,
-        path,
-        &[("authorization", auth), ("content-type", OCI_MANIFEST)],
-        body,
-    )
-    .await
-}
-
-/// Pushes a one-layer image as `auth`; returns its manifest.
-async fn push_image_as(reg: &TestRegistry, auth: &str, repo: &str, tag: &str) -> Vec<u8> {
-    let mut digests = Vec::new();
-    for data in [&b"{}"[..], &b"layer"[..]] {
-        let digest = sha256(data);
-        send_as(
-            reg,
-            auth,
-            Method::POST,
-            &format!("/v2/{repo}/blobs/uploads/?digest={digest}"),
-            full(bytes::Bytes::copy_from_slice(data)),
-        )
-        .await
-        .expect(StatusCode::CREATED);
-        digests.push(digest);
-    }
-    let manifest = image_manifest(
-        OCI_MANIFEST,
-        (OCI_CONFIG, &digests[0], 2),
-        &[(&digests[1], 5)],
-        None,
-        None,
-    );
-    send_as(
-        reg,
-        auth,
-        Method::PUT,
-        &format!("/v2/{repo}/manifests/{tag}"),
-        full(manifest.clone()),
-    )
-    .await
-    .expect(StatusCode::CREATED);
-    manifest
 }
 
 #[tokio::test]

@@ -32,6 +32,8 @@ pub enum TelemetryError {
     },
     #[error("cannot set up the OTLP span exporter: {0}")]
     Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
+    #[error("cannot start a runtime: {0}")]
+    Runtime(std::io::Error),
     #[error("a global tracing subscriber is already installed")]
     AlreadyInstalled(#[from] tracing::dispatcher::SetGlobalDefaultError),
 }

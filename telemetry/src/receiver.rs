@@ -153,3 +153,57 @@ impl Drop for OtlpReceiver {
         self.task.abort();
     }
 }
+
+/// A Tokio runtime standing in for one process in tests and benchmarks: every thread of
+/// it reports to its own subscriber and tracer provider, as `service`, exporting to an
+/// OTLP endpoint. Several of them let one test run a client, a coordinator and a worker
+/// that each have their own `service.name`.
+pub struct TracedRuntime {
+    pub runtime: tokio::runtime::Runtime,
+    dispatch: tracing::Dispatch,
+    telemetry: crate::TelemetryGuard,
+}
+
+impl TracedRuntime {
+    /// `exporter_runtime` runs the exporter's gRPC channel; it must outlive this runtime's
+    /// last [`flush`](Self::flush) and keep running (a multi-threaded runtime).
+    pub fn start(
+        service: &str,
+        otlp_endpoint: &str,
+        exporter_runtime: &tokio::runtime::Runtime,
+    ) -> Result<Self, crate::TelemetryError> {
+        let options = crate::TelemetryOptions {
+            log_filter: "warn".into(),
+            otlp_endpoint: Some(otlp_endpoint.to_string()),
+        };
+        let (dispatch, telemetry) = {
+            let _entered = exporter_runtime.enter();
+            crate::build(service, &options)?
+        };
+        let for_threads = dispatch.clone();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .on_thread_start(move || {
+                // For the thread's whole life: this runtime is this service.
+                std::mem::forget(tracing::dispatcher::set_default(&for_threads));
+            })
+            .build()
+            .map_err(crate::TelemetryError::Runtime)?;
+        Ok(TracedRuntime {
+            runtime,
+            dispatch,
+            telemetry,
+        })
+    }
+
+    /// Runs `future` to completion, the calling thread reporting as this service too.
+    pub fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
+        tracing::dispatcher::with_default(&self.dispatch, || self.runtime.block_on(future))
+    }
+
+    /// Exports the spans finished so far, waiting for the export.
+    pub fn flush(&self) {
+        self.telemetry.flush();
+    }
+}

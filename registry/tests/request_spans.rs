@@ -1,0 +1,98 @@
+//! Registry requests as OpenTelemetry spans, exported to an in-process OTLP receiver.
+//! A test binary of its own: it owns the only tracing dispatcher in the process.
+
+mod common;
+
+use common::*;
+use hyper::{Method, StatusCode};
+use kiln_telemetry::receiver::{OtlpReceiver, Retain, TracedRuntime};
+use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+
+/// Each request is a span named by its route template, with the HTTP attributes, and
+/// neither passwords nor tokens appear in any span.
+#[test]
+fn requests_are_spans_and_credentials_stay_out_of_them() {
+    const WRONG_PASSWORD: &str = "wrong-password-7f3a91";
+    let exporter = tokio::runtime::Runtime::new().unwrap();
+    let receiver = exporter
+        .block_on(OtlpReceiver::start(Retain::Spans))
+        .unwrap();
+    let registry = TracedRuntime::start("kiln-registry", &receiver.endpoint(), &exporter).unwrap();
+    let ci = basic("ci", "ci-secret");
+    let token = registry.block_on(async {
+        let (_dir, reg) = TestRegistry::start(auth_config()).await;
+        push_image_as(&reg, &ci, "team/app", "v1.0.0").await;
+        send_as(
+            &reg,
+            &basic("ci", WRONG_PASSWORD),
+            Method::GET,
+            "/v2/",
+            empty(),
+        )
+        .await
+        .expect_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED");
+        let issued = send_as(
+            &reg,
+            &ci,
+            Method::GET,
+            "/token?service=kiln-registry&scope=repository:team/app:pull",
+            empty(),
+        )
+        .await
+        .expect(StatusCode::OK);
+        let token = issued.json()["token"].as_str().unwrap().to_string();
+        send_as(
+            &reg,
+            &format!("Bearer {token}"),
+            Method::GET,
+            "/v2/team/app/manifests/v1.0.0",
+            empty(),
+        )
+        .await
+        .expect(StatusCode::OK);
+        reg.stop().await;
+        token
+    });
+    registry.flush();
+    let spans = receiver.spans();
+    let find = |name: &str, status: &str| {
+        spans
+            .iter()
+            .find(|s| {
+                s.span.name == name
+                    && s.attribute("http.response.status_code").as_deref() == Some(status)
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "no {name:?} span with status {status} among {:?}",
+                    spans.iter().map(|s| &s.span.name).collect::<Vec<_>>()
+                )
+            })
+    };
+    let put = find("PUT /v2/{name}/manifests/{reference}", "201");
+    assert_eq!(put.span.kind, SpanKind::Server as i32);
+    assert_eq!(put.service_name().as_deref(), Some("kiln-registry"));
+    assert_eq!(put.attribute("http.request.method").as_deref(), Some("PUT"));
+    assert_eq!(
+        put.attribute("http.route").as_deref(),
+        Some("/v2/{name}/manifests/{reference}")
+    );
+    assert!(put.attribute("http.request.body.size").is_some());
+    find("GET /v2/", "401");
+    find("GET /token", "200");
+    let pulled = find("GET /v2/{name}/manifests/{reference}", "200");
+    assert!(pulled.attribute("http.response.body.size").is_some());
+
+    let credentials = [
+        "ci-secret",
+        WRONG_PASSWORD,
+        ci.trim_start_matches("Basic "),
+        &token,
+    ];
+    for span in &spans {
+        let text = format!("{:?} {:?}", span.span, span.resource);
+        for secret in credentials {
+            assert!(!text.contains(secret), "{secret:?} leaked into {text}");
+        }
+    }
+}
