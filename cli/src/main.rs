@@ -111,6 +111,7 @@ impl Command {
             Command::Worker(_) => "kiln-worker",
             Command::Run(_) => "kiln-run",
             Command::Publish(_) => "kiln-publish",
+            Command::Status(_) | Command::Drain(_) => "kiln-admin",
         }
     }
 }
