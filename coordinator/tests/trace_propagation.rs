@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::{wire, TestServer};
 use kiln_coordinator::CoordinatorConfig;
 use kiln_proto::prost::Message;
-use kiln_proto::reapi::{execution_client::ExecutionClient, Action, Command, Directory};
+use kiln_proto::reapi::{execution_client::ExecutionClient, Action, Command, Directory, FileNode};
 use kiln_proto::reapi::{ExecuteRequest, ExecuteResponse};
 use kiln_store::{Digest, DigestFunction};
 use kiln_telemetry::receiver::{OtlpReceiver, ReceivedSpan, Retain, TracedRuntime};
@@ -22,15 +22,25 @@ const JOIN_TOKEN: &str = "join-token-6a1f93c0e2d84b7f";
 const BEARER_TOKEN: &str = "bearer-token-f00dfeedc0ffee42";
 const F: DigestFunction = DigestFunction::Sha256;
 
-/// Uploads a Command (`sh -c 'echo traced > out.txt'`), an empty input root and the Action.
+/// Uploads a Command (`sh -c 'cat in.txt > out.txt'`), an input root holding `in.txt`
+/// (which the worker must fetch from the CAS) and the Action.
 async fn upload_action(server: &TestServer) -> Digest {
     let command = Command {
-        arguments: vec!["sh".into(), "-c".into(), "echo traced > out.txt".into()],
+        arguments: vec!["sh".into(), "-c".into(), "cat in.txt > out.txt".into()],
         output_paths: vec!["out.txt".into()],
         ..Default::default()
     }
     .encode_to_vec();
-    let root = Directory::default().encode_to_vec();
+    let input = b"traced input\n";
+    let root = Directory {
+        files: vec![FileNode {
+            name: "in.txt".into(),
+            digest: Some(wire(&Digest::of_bytes(F, input))),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+    .encode_to_vec();
     let action = Action {
         command_digest: Some(wire(&Digest::of_bytes(F, &command))),
         input_root_digest: Some(wire(&Digest::of_bytes(F, &root))),
@@ -38,7 +48,7 @@ async fn upload_action(server: &TestServer) -> Digest {
     }
     .encode_to_vec();
     server
-        .upload("", F, &[&command, &root, &action])
+        .upload("", F, &[&command, input, &root, &action])
         .await
         .expect("uploads");
     Digest::of_bytes(F, &action)

@@ -6,6 +6,7 @@
 
 pub mod load;
 pub mod reference;
+pub mod span_export;
 
 /// Megabytes (10^6 bytes) per second.
 pub fn mb_per_s(bytes: u64, elapsed: std::time::Duration) -> f64 {

@@ -38,6 +38,9 @@ struct Args {
     /// Small actions for the kiln-versus-local comparison.
     #[arg(long, default_value_t = 200)]
     small: usize,
+    /// Export every span over OTLP/gRPC to a receiver in this process.
+    #[arg(long)]
+    otlp: bool,
 }
 
 fn reapi_digest(d: &Digest) -> kiln_proto::reapi::Digest {
@@ -197,10 +200,7 @@ async fn run_all(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
+    let tracing = kiln_loadtests::span_export::BenchTracing::install(args.otlp).await?;
     let dir = tempfile::tempdir()?;
     let blobs = Arc::new(FsBlobStore::open(dir.path().join("cas"))?);
     let metadata = Arc::new(SledMetadataStore::open(dir.path().join("metadata"))?);
@@ -303,5 +303,6 @@ async fn main() -> anyhow::Result<()> {
         cached.as_secs_f64(),
         local.as_secs_f64() / cached.as_secs_f64()
     );
+    println!("\ntracing: {}", tracing.finish().await?);
     Ok(())
 }

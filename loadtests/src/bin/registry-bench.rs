@@ -60,6 +60,9 @@ struct Args {
     /// CNCF distribution's binary (Debian package `docker-registry`).
     #[arg(long, default_value = "docker-registry")]
     distribution: String,
+    /// Export every span over OTLP/gRPC to a receiver in this process.
+    #[arg(long)]
+    otlp: bool,
 }
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
@@ -99,6 +102,7 @@ impl Throughput {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let tracing = kiln_loadtests::span_export::BenchTracing::install(args.otlp).await?;
     ensure!(args.repetitions > 0, "--repetitions must be at least 1");
     ensure!(args.tags > 0, "--tags must be at least 1");
     // One distinct blob per repetition, so neither registry can skip work for content it
@@ -151,6 +155,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let references = References { raw_sha, tcp, disk };
     print_report(&args, &references, &results[0], &results[1]);
+    println!("\ntracing: {}", tracing.finish().await?);
     Ok(())
 }
 
