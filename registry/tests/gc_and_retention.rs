@@ -304,3 +304,80 @@ async fn retention_deletes_untagged_manifests_but_not_what_survivors_need() {
     let gc = reg.registry.run_gc(false).await.unwrap();
     assert!(gc.deleted_blobs.contains(&untagged));
 }
+
+/// Counter values recorded under `recorder`, keyed `name{k=v,…}` with labels sorted.
+fn counters(
+    snapshotter: &metrics_util::debugging::Snapshotter,
+) -> std::collections::BTreeMap<String, u64> {
+    snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter_map(|(key, _, _, value)| {
+            let metrics_util::debugging::DebugValue::Counter(count) = value else {
+                return None;
+            };
+            let key = key.key();
+            let mut labels: Vec<String> = key
+                .labels()
+                .map(|l| format!("{}={}", l.key(), l.value()))
+                .collect();
+            labels.sort();
+            Some((format!("{}{{{}}}", key.name(), labels.join(",")), count))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn gc_retention_and_requests_are_counted_in_metrics() {
+    // The test runtime is single-threaded, so the server's tasks record here too.
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _recording = metrics::set_default_local_recorder(&recorder);
+    let (_dir, reg) = TestRegistry::start(config(0)).await;
+    let orphan = reg.push_blob("app", &pattern(500, 9)).await;
+    reg.get(&format!("/v2/app/blobs/{orphan}"))
+        .await
+        .expect(StatusCode::OK);
+    reg.get("/v2/app/manifests/nope")
+        .await
+        .expect(StatusCode::NOT_FOUND);
+
+    let dry = reg.registry.run_gc(true).await.unwrap();
+    let report = reg.registry.run_gc(false).await.unwrap();
+    assert_eq!(dry.deleted_blobs, std::slice::from_ref(&orphan));
+    assert_eq!(report.deleted_blobs, [orphan]);
+    reg.registry.run_retention(false).await.unwrap();
+
+    let counted = counters(&snapshotter);
+    let count = |key: &str| counted.get(key).copied().unwrap_or_default();
+    assert_eq!(
+        count("kiln_registry_gc_runs_total{dry_run=true}"),
+        1,
+        "{counted:#?}"
+    );
+    assert_eq!(
+        count("kiln_registry_gc_runs_total{dry_run=false}"),
+        1,
+        "{counted:#?}"
+    );
+    assert_eq!(count("kiln_registry_gc_deleted_blobs_total{}"), 1);
+    assert_eq!(count("kiln_registry_gc_freed_bytes_total{}"), 500);
+    assert_eq!(
+        count("kiln_registry_retention_runs_total{dry_run=false}"),
+        1
+    );
+    assert_eq!(
+        count("kiln_registry_requests_total{endpoint=blob,method=GET,status=200}"),
+        1,
+        "{counted:#?}"
+    );
+    assert_eq!(
+        count("kiln_registry_bytes_served_total{endpoint=blob}"),
+        500
+    );
+    assert_eq!(
+        count("kiln_registry_requests_total{endpoint=manifest,method=GET,status=404}"),
+        1
+    );
+}

@@ -218,4 +218,33 @@ EOF
 bounded "$KILN" status --coordinator "grpc://$GRPC" | tee "$WORK/status.txt" >&2
 grep -q "Workers: 2 connected" "$WORK/status.txt" || fail "kiln status does not show the two workers"
 
+log "10. kiln packages itself without Docker: a base image of this host's glibc, then the kiln binary on top"
+# A stand-in for the Debian base of deploy/README.md (Docker Hub is out of reach here):
+# the shared libraries kiln links against, copied from this host.
+BASE_ROOT="$WORK/base-rootfs"
+ldd "$KILN" | grep -o '/[^ ]*' | while read -r lib; do
+    mkdir -p "$BASE_ROOT$(dirname "$lib")"
+    cp -L "$lib" "$BASE_ROOT$lib"
+done
+[ -e "$BASE_ROOT/lib64/ld-linux-x86-64.so.2" ] || fail "the base has no dynamic loader: $(ldd "$KILN")"
+bounded "$KILN" publish --repo base/host-glibc --from "$BASE_ROOT" --registry "$R" --tag v1.0.0 \
+    --no-progress >"$WORK/publish-base.out" 2>"$WORK/publish-base.err" \
+    || fail "publishing the base failed: $(cat "$WORK/publish-base.err")"
+SELF_DIR="$WORK/self"
+mkdir -p "$SELF_DIR/usr/local/bin"
+objcopy --strip-debug "$KILN" "$SELF_DIR/usr/local/bin/kiln"
+timeout --kill-after=5 300 "$KILN" publish --repo kiln --from "$SELF_DIR" --registry "$R" --tag v0.1.0 \
+    --base "$R/base/host-glibc:v1.0.0" --entrypoint /usr/local/bin/kiln --no-progress \
+    >"$WORK/publish-self.out" 2>"$WORK/publish-self.err" \
+    || fail "kiln could not publish itself: $(cat "$WORK/publish-self.err")"
+SELF_PINNED="$(cat "$WORK/publish-self.out")"
+bounded skopeo inspect --tls-verify=false "docker://$R/kiln:v0.1.0" >"$WORK/inspect-self.json" \
+    || fail "skopeo cannot inspect the kiln image"
+python3 -c 'import json,sys; n=len(json.load(open(sys.argv[1]))["Layers"]); sys.exit(0 if n == 2 else f"{n} layers, want the base and kiln")' \
+    "$WORK/inspect-self.json" || fail "the kiln image is not base + binary"
+OUTPUT="$(timeout --kill-after=5 300 docker run --rm --network none "$SELF_PINNED" --version 2>"$WORK/docker-run-self.err")" \
+    || fail "docker run $SELF_PINNED --version failed: $(cat "$WORK/docker-run-self.err")"
+[[ "$OUTPUT" == "kiln "* ]] || fail "the packaged kiln printed '$OUTPUT'"
+log "kiln packaged itself as $SELF_PINNED; in docker it says: $OUTPUT"
+
 log "publish end to end passed: $PINNED"
