@@ -36,7 +36,15 @@ fn install_metrics_recorder() -> anyhow::Result<PrometheusHandle> {
     for (name, buckets) in histograms {
         builder = builder.set_buckets_for_metric(Matcher::Full(name.to_string()), buckets)?;
     }
-    Ok(builder.install_recorder()?)
+    let handle = builder.install_recorder()?;
+    kiln_coordinator::describe_metrics();
+    kiln_registry::describe_metrics();
+    metrics::describe_gauge!(
+        STORE_BYTES,
+        metrics::Unit::Bytes,
+        "Bytes of blobs in the blob store, CAS and registry together"
+    );
+    Ok(handle)
 }
 
 /// What `/metrics` and `/readyz` report on beyond the recorder.

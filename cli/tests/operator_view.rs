@@ -12,18 +12,13 @@ use std::time::{Duration, Instant};
 
 const KILN: &str = env!("CARGO_BIN_EXE_kiln");
 
-/// `kiln up` in the background; killed (by its PID) when dropped.
-struct Farm {
-    child: Child,
-    grpc: String,
-    registry: String,
-    metrics: String,
-}
+/// A kiln server process in the background; killed (by its PID) when dropped.
+struct Background(Child);
 
-impl Drop for Farm {
+impl Drop for Background {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -33,50 +28,77 @@ fn address_after(line: &str, marker: &str) -> Option<String> {
     Some(line[start..].split_whitespace().next()?.to_string())
 }
 
+/// The marker before the address each server logs.
+const GRPC: &str = "listening on grpc://";
+const REGISTRY: &str = "registry listening on http://";
+const METRICS: &str = "health listening on http://";
+
+/// Starts `kiln ARGS` and waits until it has logged an address after each of `markers`;
+/// returns them in the same order.
+fn spawn_kiln(args: &[&std::ffi::OsStr], markers: &[&str]) -> (Background, Vec<String>) {
+    let mut child = Command::new(KILN)
+        .args(args)
+        .env("KILN_LOG", "info")
+        .env("NO_COLOR", "1")
+        .env_remove("KILN_JOIN_TOKEN")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kiln starts");
+    // A reader thread hands the log lines over, then keeps draining stderr so the
+    // process never blocks on a full pipe.
+    let stderr = child.stderr.take().unwrap();
+    let process = Background(child);
+    let (lines, received) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines.send(line);
+        }
+    });
+    let mut found: Vec<Option<String>> = vec![None; markers.len()];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while found.iter().any(Option::is_none) {
+        let line = received
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("kiln {args:?} did not log {markers:?} within 30 s"));
+        for (slot, marker) in found.iter_mut().zip(markers) {
+            *slot = slot.take().or_else(|| address_after(&line, marker));
+        }
+    }
+    (process, found.into_iter().flatten().collect())
+}
+
+/// `kiln up` on loopback ports the OS picks.
+struct Farm {
+    _process: Background,
+    grpc: String,
+    registry: String,
+    metrics: String,
+}
+
 impl Farm {
     fn start(data_dir: &Path, workers: usize) -> Farm {
-        let mut child = Command::new(KILN)
-            .args(["up", "--grpc-addr", "127.0.0.1:0"])
-            .args([
-                "--registry-addr",
-                "127.0.0.1:0",
-                "--metrics-addr",
-                "127.0.0.1:0",
-            ])
-            .arg("--workers")
-            .arg(workers.to_string())
-            .arg("--data-dir")
-            .arg(data_dir)
-            .env("KILN_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("kiln up starts");
-        // The servers log where they listen; a reader thread hands the lines over and
-        // then keeps draining stderr so the process never blocks on a full pipe.
-        let stderr = child.stderr.take().unwrap();
-        let (lines, received) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = lines.send(line);
-            }
-        });
-        let (mut grpc, mut registry, mut metrics) = (None, None, None);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while grpc.is_none() || registry.is_none() || metrics.is_none() {
-            let line = received
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .expect("kiln up logs its addresses within 30 s");
-            grpc = grpc.or(address_after(&line, "listening on grpc://"));
-            registry = registry.or(address_after(&line, "registry listening on http://"));
-            metrics = metrics.or(address_after(&line, "health listening on http://"));
-        }
+        let workers = workers.to_string();
+        let args = [
+            "up",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--registry-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--workers",
+            &workers,
+        ];
+        let mut args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+        args.extend(["--data-dir".as_ref(), data_dir.as_os_str()]);
+        let (process, addresses) = spawn_kiln(&args, &[GRPC, REGISTRY, METRICS]);
+        let [grpc, registry, metrics] = <[String; 3]>::try_from(addresses).unwrap();
         Farm {
-            child,
-            grpc: format!("grpc://{}", grpc.unwrap()),
-            registry: registry.unwrap(),
-            metrics: metrics.unwrap(),
+            _process: process,
+            grpc: format!("grpc://{grpc}"),
+            registry,
+            metrics,
         }
     }
 
@@ -308,4 +330,55 @@ fn status_metrics_and_drain_tell_what_the_farm_did() {
     assert!(String::from_utf8_lossy(&drained.stdout).contains("local-1 is draining"));
     let status = farm.status_when(|s| s["workers"].as_array().unwrap().len() == 1);
     assert_eq!(status["workers"][0]["id"], "local-0");
+}
+
+/// Polls `url` until it answers `want`.
+fn wait_for_status(url: &str, want: u16) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = http_get(url);
+        if status == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{url} still answers {status} {}",
+            String::from_utf8_lossy(&body)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_worker_is_ready_only_while_registered_with_its_coordinator() {
+    let data = tempfile::tempdir().unwrap();
+    let farm_dir = data.path().join("farm");
+    let farm = Farm::start(&farm_dir, 0);
+    let token = std::fs::read_to_string(farm_dir.join("join-token")).unwrap();
+    let work_dir = data.path().join("worker");
+    let args: Vec<&std::ffi::OsStr> = vec![
+        "worker".as_ref(),
+        "--coordinator".as_ref(),
+        farm.grpc.as_ref(),
+        "--join-token".as_ref(),
+        token.trim().as_ref(),
+        "--metrics-addr".as_ref(),
+        "127.0.0.1:0".as_ref(),
+        "--work-dir".as_ref(),
+        work_dir.as_os_str(),
+        "--data-dir".as_ref(),
+        data.path().as_os_str(),
+    ];
+    let (_worker, addresses) = spawn_kiln(&args, &[METRICS]);
+    let ready = format!("http://{}/readyz", addresses[0]);
+    wait_for_status(&ready, 200);
+    let (alive, _) = http_get(&format!("http://{}/healthz", addresses[0]));
+    assert_eq!(alive, 200);
+    farm.status_when(|s| s["workers"].as_array().unwrap().len() == 1);
+
+    // The coordinator goes away: the worker is alive but no longer ready.
+    drop(farm);
+    wait_for_status(&ready, 503);
+    let (alive, _) = http_get(&format!("http://{}/healthz", addresses[0]));
+    assert_eq!(alive, 200);
 }

@@ -24,6 +24,50 @@ pub mod names {
     pub const CAS_BYTES_READ: &str = "kiln_cas_bytes_read_total";
     /// Blob bytes the CAS stored (ByteStream Write, BatchUpdateBlobs), uncompressed.
     pub const CAS_BYTES_WRITTEN: &str = "kiln_cas_bytes_written_total";
+    /// Actions waiting for a worker, by required `platform`: the autoscaling signal.
+    pub const QUEUE_DEPTH: &str = "kiln_queue_depth";
+    /// Actions waiting for a worker, all platforms together.
+    pub const ACTIONS_QUEUED: &str = "kiln_actions_queued";
+    /// Workers connected to the pool.
+    pub const WORKERS_CONNECTED: &str = "kiln_workers_connected";
+    /// Worker slots by `state`: `busy` (running an action) or `idle`.
+    pub const WORKER_SLOTS: &str = "kiln_worker_slots";
+}
+
+/// Registers help text for every coordinator metric with the installed recorder, so
+/// that `/metrics` explains itself. Call once, after installing the recorder.
+pub fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        names::ACTION_CACHE_REQUESTS,
+        "Action-cache lookups by result (hit or miss), from GetActionResult and Execute"
+    );
+    describe_counter!(
+        names::ACTIONS_FINISHED,
+        "Actions that came back from a worker, by outcome (success, failure, error)"
+    );
+    describe_histogram!(
+        names::ACTION_STAGE_SECONDS,
+        Unit::Seconds,
+        "Time per action stage: queue, fetch, execute, upload"
+    );
+    describe_counter!(
+        names::CAS_BYTES_READ,
+        Unit::Bytes,
+        "Blob bytes served by the CAS, uncompressed"
+    );
+    describe_counter!(
+        names::CAS_BYTES_WRITTEN,
+        Unit::Bytes,
+        "Blob bytes stored by the CAS, uncompressed"
+    );
+    describe_gauge!(
+        names::QUEUE_DEPTH,
+        "Actions waiting for a worker, per required platform"
+    );
+    describe_gauge!(names::ACTIONS_QUEUED, "Actions waiting for a worker");
+    describe_gauge!(names::WORKERS_CONNECTED, "Workers connected to the pool");
+    describe_gauge!(names::WORKER_SLOTS, "Worker slots by state (busy, idle)");
 }
 
 /// Buckets for [`names::ACTION_STAGE_SECONDS`]: 1 ms to about 17 minutes.

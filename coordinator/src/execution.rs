@@ -43,7 +43,7 @@ use tonic::{Code, Request, Response, Status};
 use tracing::Instrument;
 
 use crate::action_cache::ActionCacheService;
-use crate::counters::{Counters, Outcome};
+use crate::counters::{names, Counters, Outcome};
 use crate::scheduler::{
     Cancelled, LostLease, Platform, Scheduler, SchedulerConfig, WorkerSnapshot,
 };
@@ -787,24 +787,24 @@ impl ExecutionEngine {
 /// The scheduler's gauges for `/metrics`; `kiln_queue_depth` drives worker autoscaling.
 fn publish_gauges(state: &mut State, now: Instant) {
     let scheduler = &state.scheduler;
-    metrics::gauge!("kiln_actions_queued").set(scheduler.queue_depth() as f64);
+    metrics::gauge!(names::ACTIONS_QUEUED).set(scheduler.queue_depth() as f64);
     let depths = scheduler.queue_depth_by_platform();
     for platform in state
         .gauged_platforms
         .iter()
         .filter(|p| !depths.contains_key(*p))
     {
-        metrics::gauge!("kiln_queue_depth", "platform" => platform.clone()).set(0.0);
+        metrics::gauge!(names::QUEUE_DEPTH, "platform" => platform.clone()).set(0.0);
     }
     for (platform, depth) in &depths {
-        metrics::gauge!("kiln_queue_depth", "platform" => platform.clone()).set(*depth as f64);
+        metrics::gauge!(names::QUEUE_DEPTH, "platform" => platform.clone()).set(*depth as f64);
     }
     state.gauged_platforms.extend(depths.into_keys());
     let workers: Vec<WorkerSnapshot> = scheduler.workers(now);
     let slots: usize = workers.iter().map(|w| w.slots).sum();
-    metrics::gauge!("kiln_workers_connected").set(workers.len() as f64);
-    metrics::gauge!("kiln_worker_slots", "state" => "busy").set(scheduler.running() as f64);
-    metrics::gauge!("kiln_worker_slots", "state" => "idle")
+    metrics::gauge!(names::WORKERS_CONNECTED).set(workers.len() as f64);
+    metrics::gauge!(names::WORKER_SLOTS, "state" => "busy").set(scheduler.running() as f64);
+    metrics::gauge!(names::WORKER_SLOTS, "state" => "idle")
         .set(slots.saturating_sub(scheduler.running()) as f64);
 }
 

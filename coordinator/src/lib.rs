@@ -28,6 +28,6 @@ mod zstd_codec;
 
 pub use admin::{RegistryCatalog, RepositorySummary};
 pub use config::CoordinatorConfig;
-pub use counters::{names as metric_names, STAGE_BUCKETS};
+pub use counters::{describe_metrics, names as metric_names, STAGE_BUCKETS};
 pub use error::CoordinatorError;
 pub use server::Coordinator;

@@ -40,7 +40,7 @@ pub use error::RegistryError;
 pub use gc::{GcReport, GcRoots};
 pub use retention::{RemovedManifest, RemovedTag, RetentionReport};
 pub use tag_policy::{classify as classify_tag, TagKind};
-pub use usage_metrics::{names as metric_names, REQUEST_BUCKETS};
+pub use usage_metrics::{describe_metrics, names as metric_names, REQUEST_BUCKETS};
 
 use crate::auth::Authenticator;
 use crate::repository_index::RepositoryIndex;

@@ -31,6 +31,42 @@ pub mod names {
     pub const RETENTION_DELETED_MANIFESTS: &str = "kiln_registry_retention_deleted_manifests_total";
 }
 
+/// Registers help text for every registry metric with the installed recorder. Call
+/// once, after installing the recorder.
+pub fn describe_metrics() {
+    use metrics::{describe_counter, describe_histogram, Unit};
+    describe_counter!(
+        names::REQUESTS,
+        "Registry requests by endpoint, method and status"
+    );
+    describe_histogram!(
+        names::REQUEST_SECONDS,
+        Unit::Seconds,
+        "Time to the response head, by endpoint"
+    );
+    describe_counter!(
+        names::BYTES_SERVED,
+        Unit::Bytes,
+        "Body bytes of successful GETs, by endpoint"
+    );
+    describe_counter!(names::GC_RUNS, "Garbage-collection runs, by dry_run");
+    describe_counter!(
+        names::GC_DELETED_BLOBS,
+        "Blobs deleted by garbage collection"
+    );
+    describe_counter!(
+        names::GC_FREED_BYTES,
+        Unit::Bytes,
+        "Bytes freed by garbage collection"
+    );
+    describe_counter!(names::RETENTION_RUNS, "Retention runs, by dry_run");
+    describe_counter!(names::RETENTION_DELETED_TAGS, "Tags deleted by retention");
+    describe_counter!(
+        names::RETENTION_DELETED_MANIFESTS,
+        "Manifests deleted by retention"
+    );
+}
+
 /// Buckets for [`names::REQUEST_SECONDS`]: 100 µs to 60 s.
 pub const REQUEST_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
