@@ -5,6 +5,7 @@
 //! action runner can be exercised with another implementation; [`ProcessRunner`] is the
 //! real one.
 
+use std::ffi::OsStr;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -15,6 +16,7 @@ use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::BubblewrapMode;
+use crate::process_spawn::{self, SpawnRequest};
 use crate::WorkerError;
 
 /// One command to run.
@@ -110,47 +112,37 @@ impl ProcessRunner {
         self.bubblewrap.is_some()
     }
 
-    fn command(&self, spec: &CommandSpec) -> Result<tokio::process::Command, WorkerError> {
-        let (program, rest) = spec
-            .arguments
-            .split_first()
-            .ok_or_else(|| WorkerError::InvalidAction("the command has no arguments".into()))?;
-        let mut command = match &self.bubblewrap {
-            Some(bwrap) => {
-                let mut command = tokio::process::Command::new(bwrap);
-                command.args(bubblewrap_args(&spec.exec_root, &spec.working_dir));
-                command.arg("--").arg(program).args(rest);
-                command
-            }
-            None => {
-                let mut command = tokio::process::Command::new(program);
-                command.args(rest).current_dir(&spec.working_dir);
-                command
-            }
-        };
-        let stdout = spec
-            .stdout
-            .try_clone()
-            .map_err(WorkerError::io("passing the stdout file on"))?;
-        let stderr = spec
-            .stderr
-            .try_clone()
-            .map_err(WorkerError::io("passing the stderr file on"))?;
-        command
-            .env_clear()
-            .envs(spec.environment.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr)
-            .process_group(0)
-            .kill_on_drop(true);
-        let limits = self.limits;
-        // SAFETY: the closure runs in the forked child before exec and only calls
-        // setrlimit, which is async-signal-safe; it allocates nothing and takes no locks.
-        unsafe {
-            command.pre_exec(move || apply_limits(&limits));
+    /// argv as started: the command itself, or bubblewrap wrapping it.
+    fn argv<'a>(&'a self, spec: &'a CommandSpec) -> Result<Vec<&'a OsStr>, WorkerError> {
+        if spec.arguments.is_empty() {
+            return Err(WorkerError::InvalidAction(
+                "the command has no arguments".into(),
+            ));
         }
-        Ok(command)
+        let command = spec.arguments.iter().map(OsStr::new);
+        Ok(match &self.bubblewrap {
+            Some(bwrap) => std::iter::once(bwrap.as_os_str())
+                .chain(bubblewrap_args(&spec.exec_root, &spec.working_dir))
+                .chain([OsStr::new("--")])
+                .chain(command)
+                .collect(),
+            None => command.collect(),
+        })
+    }
+
+    fn rlimits(&self) -> Vec<(libc::__rlimit_resource_t, u64)> {
+        let limits = self.limits;
+        let mut rlimits = vec![
+            (libc::RLIMIT_CORE, 0),
+            (libc::RLIMIT_NOFILE, limits.open_files),
+        ];
+        if let Some(bytes) = limits.memory_bytes {
+            rlimits.push((libc::RLIMIT_AS, bytes));
+        }
+        if let Some(bytes) = limits.file_bytes {
+            rlimits.push((libc::RLIMIT_FSIZE, bytes));
+        }
+        rlimits
     }
 }
 
@@ -161,11 +153,22 @@ impl CommandRunner for ProcessRunner {
         spec: &CommandSpec,
         cancel: &CancellationToken,
     ) -> Result<CommandExit, WorkerError> {
-        let mut command = self.command(spec)?;
-        let mut child = command.spawn().map_err(|e| {
+        let argv = self.argv(spec)?;
+        let stdin = File::open("/dev/null").map_err(WorkerError::io("opening /dev/null"))?;
+        let mut child = process_spawn::spawn(&SpawnRequest {
+            arguments: &argv,
+            environment: &spec.environment,
+            working_dir: &spec.working_dir,
+            stdin: &stdin,
+            stdout: &spec.stdout,
+            stderr: &spec.stderr,
+            rlimits: &self.rlimits(),
+        })
+        .map_err(|e| {
             WorkerError::InvalidAction(format!("cannot start {:?}: {e}", spec.arguments[0]))
         })?;
-        let group = ProcessGroup(child.id().map(|pid| pid as libc::pid_t));
+        // Declared after the child, so it is dropped first: kill, then reap.
+        let group = ProcessGroup(Some(child.id()));
         let exit = tokio::select! {
             status = child.wait() => {
                 let status = status.map_err(WorkerError::io("waiting for the action"))?;
@@ -210,50 +213,30 @@ impl Drop for ProcessGroup {
     }
 }
 
-fn apply_limits(limits: &ResourceLimits) -> std::io::Result<()> {
-    set_limit(libc::RLIMIT_CORE, 0)?;
-    set_limit(libc::RLIMIT_NOFILE, limits.open_files)?;
-    if let Some(bytes) = limits.memory_bytes {
-        set_limit(libc::RLIMIT_AS, bytes)?;
-    }
-    if let Some(bytes) = limits.file_bytes {
-        set_limit(libc::RLIMIT_FSIZE, bytes)?;
-    }
-    Ok(())
-}
-
-fn set_limit(resource: libc::__rlimit_resource_t, value: u64) -> std::io::Result<()> {
-    let limit = libc::rlimit {
-        rlim_cur: value as libc::rlim_t,
-        rlim_max: value as libc::rlim_t,
-    };
-    // SAFETY: `limit` is a valid rlimit that outlives the call.
-    if unsafe { libc::setrlimit(resource, &limit) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
 /// A read-only view of the host with private /tmp, /dev and /proc, in fresh namespaces
 /// (network excepted: `kiln run` actions such as `cargo test` may need it), with only the
 /// action's own directory writable.
-fn bubblewrap_args(exec_root: &Path, working_dir: &Path) -> Vec<std::ffi::OsString> {
-    let mut args: Vec<std::ffi::OsString> = Vec::new();
-    let mut push = |parts: &[&std::ffi::OsStr]| args.extend(parts.iter().map(|p| p.to_os_string()));
-    push(&["--ro-bind".as_ref(), "/".as_ref(), "/".as_ref()]);
-    push(&["--dev".as_ref(), "/dev".as_ref()]);
-    push(&["--proc".as_ref(), "/proc".as_ref()]);
-    push(&["--tmpfs".as_ref(), "/tmp".as_ref()]);
-    push(&[
-        "--bind".as_ref(),
+fn bubblewrap_args<'a>(exec_root: &'a Path, working_dir: &'a Path) -> Vec<&'a OsStr> {
+    let flag = OsStr::new;
+    vec![
+        flag("--ro-bind"),
+        flag("/"),
+        flag("/"),
+        flag("--dev"),
+        flag("/dev"),
+        flag("--proc"),
+        flag("/proc"),
+        flag("--tmpfs"),
+        flag("/tmp"),
+        flag("--bind"),
         exec_root.as_os_str(),
         exec_root.as_os_str(),
-    ]);
-    push(&["--unshare-all".as_ref(), "--share-net".as_ref()]);
-    push(&["--die-with-parent".as_ref()]);
-    push(&["--chdir".as_ref(), working_dir.as_os_str()]);
-    args
+        flag("--unshare-all"),
+        flag("--share-net"),
+        flag("--die-with-parent"),
+        flag("--chdir"),
+        working_dir.as_os_str(),
+    ]
 }
 
 /// Finds `bwrap` on PATH and checks that it can create a sandbox on this host (it cannot

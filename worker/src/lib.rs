@@ -16,6 +16,7 @@ mod error;
 mod input_tree;
 mod local_cache;
 mod output_collector;
+mod process_spawn;
 mod worker;
 
 pub use action_runner::{ActionOutcome, ActionRequest, ActionRunner};

@@ -571,3 +571,53 @@ async fn an_inline_action_and_command_are_used_only_when_they_match_their_digest
     assert_eq!(cas.get(&stdout).await, b"inline\n");
     Ok(())
 }
+
+/// Actions start with default signal dispositions and nothing blocked (the worker itself
+/// ignores SIGPIPE, as Rust programs do), are found on their own PATH, and a program that
+/// cannot start is a clear error.
+#[tokio::test]
+async fn commands_start_with_default_signals_on_their_own_path() -> anyhow::Result<()> {
+    let cas = TestCas::start(DigestFunction::Sha256).await?;
+    let worker = TestRunner::new(&cas);
+    for (signal, code) in [("PIPE", 128 + 13), ("TERM", 128 + 15)] {
+        let spec = ActionSpec::shell(&format!("kill -{signal} $$; echo survived"));
+        let outcome = worker.run(put_action(&cas, &spec).await).await;
+        assert!(outcome.error.is_none(), "{:?}", outcome.error);
+        assert_eq!(
+            outcome.action_result.unwrap().exit_code,
+            code,
+            "SIG{signal}"
+        );
+    }
+
+    // `tool` is looked up on the action's PATH, here a directory of the input root.
+    let mut on_path = ActionSpec {
+        arguments: vec!["tool".into()],
+        environment: vec![("PATH".into(), "/nonexistent:bin".into())],
+        ..Default::default()
+    };
+    on_path.inputs = vec![Node::Dir(
+        "bin",
+        vec![Node::Executable(
+            "tool",
+            b"#!/bin/sh\necho found on PATH\n".to_vec(),
+        )],
+    )];
+    let outcome = worker.run(put_action(&cas, &on_path).await).await;
+    assert!(outcome.error.is_none(), "{:?}", outcome.error);
+    let stdout = outcome.action_result.unwrap().stdout_digest.unwrap();
+    assert_eq!(cas.get(&stdout).await, b"found on PATH\n");
+
+    let missing = ActionSpec {
+        arguments: vec!["/no/such/program".into()],
+        ..Default::default()
+    };
+    let outcome = worker.run(put_action(&cas, &missing).await).await;
+    let error = outcome.error.expect("the program does not exist");
+    assert!(
+        matches!(&error, WorkerError::InvalidAction(m) if m.contains("/no/such/program") && m.contains("No such file")),
+        "{error}"
+    );
+    assert_eq!(error.to_rpc_status().code, Code::InvalidArgument as i32);
+    Ok(())
+}

@@ -1,0 +1,321 @@
+//! Starting an action's process without copying the worker's address space.
+//!
+//! `fork` copies the parent's page tables, and every page either side then touches is
+//! copied again: in a worker that shares its process with the coordinator (`kiln up`) that
+//! was most of the CPU a short action cost. Rust's `Command` avoids it with `posix_spawn`,
+//! but only when no `pre_exec` hook is set, and actions need one for their rlimits. So
+//! this does what `posix_spawn` does inside glibc: `clone(CLONE_VM | CLONE_VFORK)` on a
+//! stack of its own, with a child that only makes async-signal-safe system calls
+//! (process group, rlimits, working directory, stdio, signal dispositions) before
+//! `execve`. The parent thread sleeps until the child has exec'd or failed. The child is
+//! waited for through a pidfd, so nothing else in the process can reap it by mistake.
+
+use std::ffi::{CString, OsStr};
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::ExitStatus;
+
+use tokio::io::unix::AsyncFd;
+
+/// The child runs on this much stack until it execs: a handful of system calls.
+const CHILD_STACK_BYTES: usize = 64 << 10;
+
+/// What to start.
+pub(crate) struct SpawnRequest<'a> {
+    /// argv; the first element is the program, looked up on the `PATH` of `environment`
+    /// (or `/bin:/usr/bin`) unless it contains a `/`.
+    pub arguments: &'a [&'a OsStr],
+    /// The complete environment.
+    pub environment: &'a [(String, String)],
+    pub working_dir: &'a Path,
+    pub stdin: &'a File,
+    pub stdout: &'a File,
+    pub stderr: &'a File,
+    /// (resource, limit) pairs applied with setrlimit, soft and hard alike.
+    pub rlimits: &'a [(libc::__rlimit_resource_t, u64)],
+}
+
+/// A started child in its own process group (its pid is the group id).
+pub(crate) struct SpawnedChild {
+    pid: libc::pid_t,
+    pidfd: AsyncFd<OwnedFd>,
+    reaped: bool,
+}
+
+/// Everything the child reads, prepared by the parent (the child must not allocate).
+struct ChildPlan {
+    candidates: Vec<CString>,
+    argv: Vec<*const libc::c_char>,
+    envp: Vec<*const libc::c_char>,
+    working_dir: CString,
+    stdio: [libc::c_int; 3],
+    rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)>,
+    /// Set by the child when it fails before execve.
+    errno: libc::c_int,
+}
+
+fn c_string(bytes: &[u8], what: &str) -> io::Result<CString> {
+    CString::new(bytes).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{what} contains a NUL byte"),
+        )
+    })
+}
+
+/// Where execvp would look for `program`, in order.
+fn program_candidates(
+    program: &OsStr,
+    environment: &[(String, String)],
+) -> io::Result<Vec<CString>> {
+    if program.as_bytes().contains(&b'/') {
+        return Ok(vec![c_string(program.as_bytes(), "the program")?]);
+    }
+    let path = environment
+        .iter()
+        .rev()
+        .find(|(name, _)| name == "PATH")
+        .map_or("/bin:/usr/bin", |(_, value)| value.as_str());
+    path.split(':')
+        .map(|dir| {
+            let dir = if dir.is_empty() { "." } else { dir };
+            let mut candidate = dir.as_bytes().to_vec();
+            candidate.push(b'/');
+            candidate.extend_from_slice(program.as_bytes());
+            c_string(&candidate, "a PATH entry")
+        })
+        .collect()
+}
+
+/// Starts the child. Errors before `execve` (no such program, a failed chdir) come back
+/// as the child's errno, like `Command::spawn`'s.
+pub(crate) fn spawn(request: &SpawnRequest<'_>) -> io::Result<SpawnedChild> {
+    let (program, _) = request
+        .arguments
+        .split_first()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no program to run"))?;
+    let candidates = program_candidates(program, request.environment)?;
+    let arguments: Vec<CString> = request
+        .arguments
+        .iter()
+        .map(|a| c_string(a.as_bytes(), "an argument"))
+        .collect::<io::Result<_>>()?;
+    let environment: Vec<CString> = request
+        .environment
+        .iter()
+        .map(|(k, v)| c_string(format!("{k}={v}").as_bytes(), "an environment variable"))
+        .collect::<io::Result<_>>()?;
+    // Duplicates are numbered 3 or above, so dup2 onto 0..2 cannot clobber a source.
+    let stdio = [
+        request.stdin.try_clone()?,
+        request.stdout.try_clone()?,
+        request.stderr.try_clone()?,
+    ];
+    let mut plan = ChildPlan {
+        candidates,
+        argv: arguments
+            .iter()
+            .map(|a| a.as_ptr())
+            .chain([std::ptr::null()])
+            .collect(),
+        envp: environment
+            .iter()
+            .map(|e| e.as_ptr())
+            .chain([std::ptr::null()])
+            .collect(),
+        working_dir: c_string(
+            request.working_dir.as_os_str().as_bytes(),
+            "the working directory",
+        )?,
+        stdio: [
+            stdio[0].as_raw_fd(),
+            stdio[1].as_raw_fd(),
+            stdio[2].as_raw_fd(),
+        ],
+        rlimits: request
+            .rlimits
+            .iter()
+            .map(|&(resource, value)| {
+                let value = value as libc::rlim_t;
+                (
+                    resource,
+                    libc::rlimit {
+                        rlim_cur: value,
+                        rlim_max: value,
+                    },
+                )
+            })
+            .collect(),
+        errno: 0,
+    };
+    let mut stack = vec![0u8; CHILD_STACK_BYTES];
+    // The stack grows down; the top must be 16-byte aligned.
+    let top = (stack.as_mut_ptr() as usize + CHILD_STACK_BYTES) & !15;
+    let mut pidfd: libc::c_int = -1;
+    // SAFETY: all signals are blocked around clone so that no handler of this process
+    // runs on the child's borrowed memory before it has reset the dispositions; the old
+    // mask is restored right after. `plan`, `stack` and the CStrings the plan points into
+    // outlive the child's use of them: CLONE_VFORK suspends this thread until the child
+    // has exec'd or exited. The child runs only `child_main`.
+    let (pid, clone_error) = unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut previous: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut previous);
+        let pid = libc::clone(
+            child_main,
+            top as *mut libc::c_void,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD | libc::SIGCHLD,
+            (&mut plan as *mut ChildPlan).cast(),
+            &mut pidfd as *mut libc::c_int,
+        );
+        let clone_error = io::Error::last_os_error();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut());
+        (pid, clone_error)
+    };
+    drop((stack, stdio));
+    if pid < 0 {
+        return Err(clone_error);
+    }
+    // SAFETY: clone stored a new pidfd that nothing else owns.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    // SAFETY: the child is gone or exec'd; it wrote `errno` (if at all) before that.
+    let child_errno = unsafe { std::ptr::read_volatile(&plan.errno) };
+    if child_errno != 0 {
+        // It has exited already; collect it so no zombie is left.
+        // SAFETY: waitpid on our own child with a valid status pointer.
+        unsafe {
+            let mut status = 0;
+            libc::waitpid(pid, &mut status, 0);
+        }
+        return Err(io::Error::from_raw_os_error(child_errno));
+    }
+    // SAFETY: the OwnedFd is open and stays the same descriptor for as long as the
+    // AsyncFd owns it.
+    let pidfd = unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)?;
+    Ok(SpawnedChild {
+        pid,
+        pidfd,
+        reaped: false,
+    })
+}
+
+/// The child between clone and execve. It shares the parent's memory, so it only reads
+/// the plan and makes system calls; it never allocates or takes a lock.
+extern "C" fn child_main(plan: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `plan` is the parent's ChildPlan, alive while the parent waits (vfork).
+    let plan = unsafe { &mut *(plan as *mut ChildPlan) };
+    // SAFETY: async-signal-safe system calls on valid, NUL-terminated data from the plan.
+    unsafe {
+        // Handlers are the parent's code and must not run here; SIGPIPE goes back to its
+        // default, which Rust programs ignore (std's spawn does the same).
+        for signal in 1..=libc::SIGRTMAX() {
+            let mut current: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(signal, std::ptr::null(), &mut current) != 0 {
+                continue;
+            }
+            let handled =
+                current.sa_sigaction != libc::SIG_DFL && current.sa_sigaction != libc::SIG_IGN;
+            if handled || signal == libc::SIGPIPE {
+                let mut default: libc::sigaction = std::mem::zeroed();
+                default.sa_sigaction = libc::SIG_DFL;
+                libc::sigaction(signal, &default, std::ptr::null_mut());
+            }
+        }
+        let fail = |plan: &mut ChildPlan| -> libc::c_int {
+            plan.errno = *libc::__errno_location();
+            libc::_exit(127)
+        };
+        if libc::setpgid(0, 0) != 0 {
+            return fail(plan);
+        }
+        for (resource, limit) in &plan.rlimits {
+            if libc::setrlimit(*resource, limit) != 0 {
+                return fail(plan);
+            }
+        }
+        if libc::chdir(plan.working_dir.as_ptr()) != 0 {
+            return fail(plan);
+        }
+        for (target, source) in plan.stdio.into_iter().enumerate() {
+            if libc::dup2(source, target as libc::c_int) < 0 {
+                return fail(plan);
+            }
+        }
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        // execvp's rules: keep looking past a missing or inaccessible candidate, and
+        // report EACCES if any candidate had it.
+        let mut saw_eacces = false;
+        let mut error = libc::ENOENT;
+        for candidate in &plan.candidates {
+            libc::execve(candidate.as_ptr(), plan.argv.as_ptr(), plan.envp.as_ptr());
+            error = *libc::__errno_location();
+            match error {
+                libc::EACCES => saw_eacces = true,
+                libc::ENOENT | libc::ENOTDIR => {}
+                _ => break,
+            }
+        }
+        plan.errno = if saw_eacces && matches!(error, libc::ENOENT | libc::ENOTDIR) {
+            libc::EACCES
+        } else {
+            error
+        };
+        libc::_exit(127)
+    }
+}
+
+impl SpawnedChild {
+    pub(crate) fn id(&self) -> libc::pid_t {
+        self.pid
+    }
+
+    /// Waits for the child to exit and collects its status.
+    pub(crate) async fn wait(&mut self) -> io::Result<ExitStatus> {
+        if self.reaped {
+            return Err(io::Error::other("the child was already waited for"));
+        }
+        loop {
+            let mut ready = self.pidfd.readable().await?;
+            if let Some(status) = reap(self.pid)? {
+                self.reaped = true;
+                return Ok(status);
+            }
+            ready.clear_ready();
+        }
+    }
+}
+
+/// Collects `pid`'s exit status if it has exited.
+fn reap(pid: libc::pid_t) -> io::Result<Option<ExitStatus>> {
+    let mut status = 0;
+    // SAFETY: waitpid on our own child with a valid status pointer.
+    match unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } {
+        0 => Ok(None),
+        reaped if reaped == pid => Ok(Some(ExitStatus::from_raw(status))),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
+impl Drop for SpawnedChild {
+    /// A child dropped before it was waited for (its run was aborted; the caller kills its
+    /// process group) is reaped in the background rather than left a zombie.
+    fn drop(&mut self) {
+        if self.reaped || matches!(reap(self.pid), Ok(Some(_))) {
+            return;
+        }
+        let pid = self.pid;
+        std::thread::spawn(move || {
+            let mut status = 0;
+            // SAFETY: waitpid on our own child with a valid status pointer.
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+        });
+    }
+}
