@@ -282,8 +282,12 @@ impl ExecutionEngine {
         }
     }
 
-    /// Hands queued actions to free slots.
+    /// Hands queued actions to free slots. Called by the dispatcher task and directly
+    /// wherever an action queues or a slot frees.
     fn dispatch_once(&self) {
+        if self.is_closing() {
+            return;
+        }
         let mut state = self.state();
         for assignment in state.scheduler.schedule() {
             let Some(live) = state.operations.get_mut(&assignment.operation) else {
@@ -564,6 +568,11 @@ impl ExecutionEngine {
                     .remove(OPERATIONS, record.name.as_bytes());
                 return Ok(follow(receiver, self.closed()));
             }
+            // Queued means in the scheduler's queue: the wait from here on is the
+            // scheduler's, not the flush's. (The persisted copy keeps the time the
+            // operation was accepted, which is what a restarted coordinator reports.)
+            let mut record = record;
+            record.queued_at_unix_nanos = unix_nanos(SystemTime::now());
             let (updates, receiver) =
                 watch::channel(record.to_operation(execution_stage::Value::Queued));
             state.scheduler.enqueue(record.queued_action());
@@ -580,7 +589,9 @@ impl ExecutionEngine {
             );
             receiver
         };
-        self.wake_dispatcher();
+        // Assign it now, on this task: waking the dispatcher would add a task hop to
+        // every action's wait.
+        self.dispatch_once();
         Ok(follow(receiver, self.closed()))
     }
 
@@ -638,7 +649,8 @@ impl ExecutionEngine {
             };
             live.record.clone()
         };
-        self.wake_dispatcher();
+        // The freed slot takes the next queued action at once.
+        self.dispatch_once();
         let engine = self.clone();
         tokio::spawn(async move { engine.publish_result(record, result, status).await });
     }

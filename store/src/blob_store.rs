@@ -125,20 +125,7 @@ pub trait BlobStore: Send + Sync + 'static {
 
     /// Reads a whole blob into memory, checking its size.
     async fn read_all(&self, digest: &Digest) -> Result<Bytes> {
-        let stream = self.read(&digest.content_hash(), 0, None).await?;
-        let data: BytesMut = stream
-            .try_fold(
-                BytesMut::with_capacity(digest.size as usize),
-                |mut acc, chunk| async move {
-                    acc.extend_from_slice(&chunk);
-                    Ok(acc)
-                },
-            )
-            .await?;
-        if data.len() as u64 != digest.size {
-            return Err(StoreError::NotFound(digest.content_hash()));
-        }
-        Ok(data.freeze())
+        read_all_streamed(self, digest).await
     }
 
     /// Stores an in-memory blob, checking it against `expected`.
@@ -156,4 +143,26 @@ pub trait BlobStore: Send + Sync + 'static {
         writer.write(data).await?;
         writer.commit(expected).await
     }
+}
+
+/// [`BlobStore::read_all`] through [`BlobStore::read`]: what every store does unless it
+/// has a faster way.
+pub(crate) async fn read_all_streamed<S: BlobStore + ?Sized>(
+    store: &S,
+    digest: &Digest,
+) -> Result<Bytes> {
+    let stream = store.read(&digest.content_hash(), 0, None).await?;
+    let data: BytesMut = stream
+        .try_fold(
+            BytesMut::with_capacity(digest.size as usize),
+            |mut acc, chunk| async move {
+                acc.extend_from_slice(&chunk);
+                Ok(acc)
+            },
+        )
+        .await?;
+    if data.len() as u64 != digest.size {
+        return Err(StoreError::NotFound(digest.content_hash()));
+    }
+    Ok(data.freeze())
 }

@@ -20,12 +20,16 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::blob_store::{BlobInfo, BlobStore, BlobWriter, ChunkStream, ExpectedDigest};
+use crate::blob_store::{
+    read_all_streamed, BlobInfo, BlobStore, BlobWriter, ChunkStream, ExpectedDigest,
+};
 use crate::{ContentHash, Digest, DigestFunction, Hasher, Result, StoreError};
 
 /// Reads and writes move through memory in pieces of this size: large enough that the
 /// per-piece cost of a blocking-pool hop vanishes, small enough to keep memory flat.
 const IO_CHUNK: usize = 1 << 20;
+/// Blobs up to this size are read without the blocking pool (see `read_all`).
+const SMALL_READ_BYTES: u64 = 64 << 10;
 
 #[derive(Clone)]
 pub struct FsBlobStore {
@@ -210,6 +214,24 @@ impl BlobStore for FsBlobStore {
             }
         });
         Ok(tokio_stream::wrappers::ReceiverStream::new(rx).boxed())
+    }
+
+    /// Small blobs (the Action, Command and Directory messages Execute and the workers
+    /// read all the time) are read in one go on the calling thread: a page-cache read of
+    /// a few KiB costs less than the two hand-offs to the blocking pool a stream takes.
+    async fn read_all(&self, digest: &Digest) -> Result<Bytes> {
+        if digest.size == 0 || digest.size > SMALL_READ_BYTES {
+            return read_all_streamed(self, digest).await;
+        }
+        let hash = digest.content_hash();
+        if self.inner.size_of(&hash) != Some(digest.size) {
+            return Err(StoreError::NotFound(hash));
+        }
+        let data = fs::read(self.inner.blob_path(&hash)).map_err(not_found_as(hash))?;
+        if data.len() as u64 != digest.size {
+            return Err(StoreError::NotFound(hash));
+        }
+        Ok(Bytes::from(data))
     }
 
     async fn begin_write(

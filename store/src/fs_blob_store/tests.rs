@@ -204,3 +204,33 @@ async fn an_aborted_upload_leaves_nothing() {
         .await
         .is_err());
 }
+
+/// Small blobs take the direct read, large ones the stream; both check presence and size.
+#[tokio::test]
+async fn read_all_small_and_large_blobs() {
+    let (_dir, store) = store();
+    for len in [1, SMALL_READ_BYTES as usize, SMALL_READ_BYTES as usize + 1] {
+        let data = pattern(len);
+        let digest = store
+            .put(
+                ExpectedDigest::Exact(Digest::of_bytes(DigestFunction::Sha256, &data)),
+                data.clone(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(store.read_all(&digest).await.unwrap(), data, "{len} bytes");
+        // The right hash with the wrong size is not this blob.
+        let wrong_size = Digest::new(digest.function, digest.hash, digest.size + 1);
+        assert!(matches!(
+            store.read_all(&wrong_size).await,
+            Err(StoreError::NotFound(_))
+        ));
+    }
+    let absent = Digest::of_bytes(DigestFunction::Sha256, b"never stored");
+    assert!(matches!(
+        store.read_all(&absent).await,
+        Err(StoreError::NotFound(_))
+    ));
+    let empty = DigestFunction::Sha256.empty_digest();
+    assert!(store.read_all(&empty).await.unwrap().is_empty());
+}
