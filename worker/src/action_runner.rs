@@ -30,6 +30,9 @@ pub struct ActionRequest {
     pub timeout: Option<Duration>,
     /// When the action was queued, copied into the metadata.
     pub queued_timestamp: Option<protobuf::Timestamp>,
+    /// When the worker received the Assign (the metadata's worker_start_timestamp); the
+    /// start of the run when unset.
+    pub received_timestamp: Option<protobuf::Timestamp>,
     /// The encoded Action and Command when the Assign carried them (checked against their
     /// digests before use; fetched from the CAS when absent or wrong).
     pub inline_action: Option<Vec<u8>>,
@@ -124,7 +127,7 @@ impl ActionRunner {
             metadata: reapi::ExecutedActionMetadata {
                 worker: self.worker_id.clone(),
                 queued_timestamp: request.queued_timestamp,
-                worker_start_timestamp: now(),
+                worker_start_timestamp: request.received_timestamp.or_else(now),
                 ..Default::default()
             },
             fetched: FetchStats::default(),

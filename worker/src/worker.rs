@@ -401,6 +401,8 @@ fn action_request(assign: &proto::Assign) -> Result<ActionRequest, WorkerError> 
         action_digest,
         timeout,
         queued_timestamp: assign.queued_timestamp,
+        // REAPI: worker_start_timestamp is "when the worker received the action".
+        received_timestamp: Some(crate::action_runner::timestamp(std::time::SystemTime::now())),
         inline_action: (!assign.action.is_empty()).then(|| assign.action.clone()),
         inline_command: (!assign.command.is_empty()).then(|| assign.command.clone()),
     })

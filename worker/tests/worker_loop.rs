@@ -112,6 +112,7 @@ async fn a_worker_registers_runs_assignments_and_drains_on_shutdown() -> anyhow:
     assert!(!heartbeat.draining);
 
     let hello = put_action(&cas, &ActionSpec::shell("echo hello")).await;
+    let sent = std::time::SystemTime::now();
     coordinator.send(assign("lease-1", hello, None)).await;
     let result = coordinator.result().await;
     assert_eq!(result.lease_id, "lease-1");
@@ -125,6 +126,16 @@ async fn a_worker_registers_runs_assignments_and_drains_on_shutdown() -> anyhow:
     let metadata = action_result.execution_metadata.unwrap();
     assert_eq!(metadata.worker, "loop-worker");
     assert_eq!(metadata.queued_timestamp.unwrap().seconds, 42);
+    // worker_start_timestamp is when the worker received the Assign (REAPI), before it
+    // began fetching inputs.
+    let nanos = |t: Option<kiln_proto::protobuf::Timestamp>| {
+        let t = t.unwrap();
+        t.seconds as i128 * 1_000_000_000 + t.nanos as i128
+    };
+    let sent = sent.duration_since(std::time::UNIX_EPOCH)?.as_nanos() as i128;
+    let received = nanos(metadata.worker_start_timestamp);
+    assert!(sent <= received, "received before it was sent");
+    assert!(received <= nanos(metadata.input_fetch_start_timestamp));
 
     // A timeout from the Assign wins over the action's own (none here).
     let slow = put_action(&cas, &ActionSpec::shell("sleep 30")).await;

@@ -234,6 +234,7 @@ pub fn request(action_digest: Digest) -> ActionRequest {
             seconds: 1,
             nanos: 0,
         }),
+        received_timestamp: None,
         inline_action: None,
         inline_command: None,
     }
