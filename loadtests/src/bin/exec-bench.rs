@@ -122,6 +122,10 @@ async fn execute(
                 "action failed: {:?}",
                 response.status
             );
+            // Read to the end (the trailers): dropping a stream early makes the client's
+            // HTTP/2 library reset it, and after 1024 such resets it closes the connection
+            // (h2's "too_many_internal_resets").
+            while stream.next().await.is_some() {}
             return Ok((response, sent));
         }
     }
