@@ -5,7 +5,7 @@
 use std::fs::File;
 use std::os::fd::FromRawFd;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use kiln_proto::prost::Message;
@@ -65,11 +65,17 @@ pub struct ActionRunner {
     cas: CasClient,
     cache: Arc<LocalCache>,
     command_runner: Arc<dyn CommandRunner>,
-    /// Each action gets a fresh directory under here.
+    /// Each action gets a directory of its own under here.
     actions_dir: PathBuf,
+    /// Empty directories that finished actions left behind, ready for the next: on ext4,
+    /// creating and removing a directory costs more than a short action's own work.
+    spare_dirs: Mutex<Vec<PathBuf>>,
     worker_id: String,
     default_timeout: Duration,
 }
+
+/// The most empty action directories kept for reuse.
+const MAX_SPARE_DIRS: usize = 64;
 
 pub(crate) fn timestamp(time: SystemTime) -> protobuf::Timestamp {
     let since_epoch = time
@@ -112,6 +118,7 @@ impl ActionRunner {
             cache,
             command_runner,
             actions_dir,
+            spare_dirs: Mutex::new(Vec::new()),
             worker_id,
             default_timeout,
         })
@@ -121,7 +128,8 @@ impl ActionRunner {
         &self.cache
     }
 
-    /// Runs one action. Its directory is removed afterwards, whatever happened.
+    /// Runs one action. Its directory is removed afterwards, whatever happened, unless
+    /// the action left it empty (then the next action reuses it).
     pub async fn run(&self, request: &ActionRequest, cancel: &CancellationToken) -> ActionOutcome {
         let mut progress = Progress {
             metadata: reapi::ExecutedActionMetadata {
@@ -133,12 +141,15 @@ impl ActionRunner {
             fetched: FetchStats::default(),
             result: None,
         };
-        let action_dir = self.actions_dir.join(uuid::Uuid::new_v4().to_string());
+        let spare = self.spare_dirs().pop();
+        let reused = spare.is_some();
+        let action_dir =
+            spare.unwrap_or_else(|| self.actions_dir.join(uuid::Uuid::new_v4().to_string()));
         let error = self
-            .run_in(request, &action_dir, cancel, &mut progress)
+            .run_in(request, &action_dir, reused, cancel, &mut progress)
             .await
             .err();
-        remove_action_dir(&action_dir);
+        self.release_action_dir(action_dir);
         progress.metadata.worker_completed_timestamp = now();
         if let Some(result) = &mut progress.result {
             result.execution_metadata = Some(progress.metadata.clone());
@@ -155,6 +166,7 @@ impl ActionRunner {
         &self,
         request: &ActionRequest,
         action_dir: &std::path::Path,
+        reused_dir: bool,
         cancel: &CancellationToken,
         progress: &mut Progress,
     ) -> Result<(), WorkerError> {
@@ -230,7 +242,10 @@ impl ActionRunner {
 
         let exec_root = action_dir;
         let working_dir = output_collector::check_paths(exec_root, &command)?;
-        std::fs::create_dir(exec_root).map_err(WorkerError::io("creating the action directory"))?;
+        if !reused_dir {
+            std::fs::create_dir(exec_root)
+                .map_err(WorkerError::io("creating the action directory"))?;
+        }
         if !empty_input_root {
             let fetched = materialise(&self.cache, &self.cas, instance, input_root, exec_root)
                 .instrument(input_fetch.clone())
@@ -360,6 +375,31 @@ fn hash_log(function: DigestFunction, log: &Arc<File>) -> Result<Digest, WorkerE
     }
     output_collector::hash_reader(function, OpenFileReader::new(log.clone()))
         .map_err(WorkerError::io("reading a captured log"))
+}
+
+impl ActionRunner {
+    fn spare_dirs(&self) -> std::sync::MutexGuard<'_, Vec<PathBuf>> {
+        // A list of paths holds no invariant a panicking holder could break.
+        self.spare_dirs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps a finished action's directory for the next action when the action left it
+    /// exactly as it found it (empty, owner may read, write and enter); removes it
+    /// otherwise. The action's processes are dead by now, so nothing writes to it.
+    fn release_action_dir(&self, dir: PathBuf) {
+        use std::os::unix::fs::PermissionsExt;
+        let pristine = std::fs::symlink_metadata(&dir)
+            .is_ok_and(|m| m.is_dir() && m.permissions().mode() & 0o700 == 0o700)
+            && std::fs::read_dir(&dir).is_ok_and(|mut entries| entries.next().is_none());
+        if pristine {
+            let mut spare = self.spare_dirs();
+            if spare.len() < MAX_SPARE_DIRS {
+                spare.push(dir);
+                return;
+            }
+        }
+        remove_action_dir(&dir);
+    }
 }
 
 fn add(total: &mut FetchStats, more: FetchStats) {

@@ -621,3 +621,42 @@ async fn commands_start_with_default_signals_on_their_own_path() -> anyhow::Resu
     assert_eq!(error.to_rpc_status().code, Code::InvalidArgument as i32);
     Ok(())
 }
+
+/// An action that leaves its directory empty hands it to the next action; one that leaves
+/// anything behind has its directory removed, so no action ever sees another's files.
+#[tokio::test]
+async fn only_an_untouched_action_directory_is_reused() -> anyhow::Result<()> {
+    let cas = TestCas::start(DigestFunction::Sha256).await?;
+    let worker = TestRunner::new(&cas);
+    let stdout = |outcome: kiln_worker::ActionOutcome| {
+        assert!(outcome.error.is_none(), "{:?}", outcome.error);
+        outcome.action_result.unwrap().stdout_digest.unwrap()
+    };
+    let run = |script: &'static str| {
+        let (worker, cas) = (&worker, &cas);
+        async move {
+            let digest = put_action(cas, &ActionSpec::shell(script)).await;
+            String::from_utf8(cas.get(&stdout(worker.run(digest).await)).await).unwrap()
+        }
+    };
+    let first = run("pwd").await;
+    let second = run("pwd; touch leftover").await;
+    assert_eq!(second, first, "the empty directory is reused");
+    let third = run("pwd; ls -A").await;
+    assert_eq!(
+        third.lines().count(),
+        1,
+        "a fresh, empty directory: {third:?}"
+    );
+    assert_ne!(third, first);
+    let locked = run("pwd; chmod 500 .").await;
+    assert_eq!(
+        locked, third,
+        "the third action's empty directory is reused"
+    );
+    // The directory the action locked is gone; the second's leftover too.
+    let actions = worker.work_dir.path().join("actions");
+    let left: Vec<_> = std::fs::read_dir(&actions)?.collect::<Result<_, _>>()?;
+    assert!(left.is_empty(), "{left:?}");
+    Ok(())
+}
