@@ -179,6 +179,12 @@ pub(crate) fn spawn(request: &SpawnRequest<'_>) -> io::Result<SpawnedChild> {
     };
     drop((stack, stdio));
     if pid < 0 {
+        if clone_error.raw_os_error() == Some(libc::EINVAL) {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("starting actions needs Linux 5.2 or later (clone with CLONE_PIDFD): {clone_error}"),
+            ));
+        }
         return Err(clone_error);
     }
     // SAFETY: clone stored a new pidfd that nothing else owns.
