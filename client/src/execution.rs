@@ -115,6 +115,9 @@ fn is_transient(status: &tonic::Status) -> bool {
     )
 }
 
+/// How long to wait for the server to end an operation stream after its final update.
+const STREAM_END_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Executes `request` and waits for its final `ExecuteResponse`.
 ///
 /// If the stream breaks or ends before the operation is done, the operation is resumed
@@ -152,6 +155,12 @@ pub async fn execute_to_completion(
                             operation_name = Some(operation.name.clone());
                         }
                         if operation.done {
+                            // Read the stream to its end: dropping it early makes HTTP/2
+                            // reset it, and servers close a connection after enough
+                            // resets (h2 allows 1,024), which a large sharded run hits.
+                            // Bounded, for servers that keep a finished stream open.
+                            let rest = async { while stream.next().await.is_some() {} };
+                            let _ = tokio::time::timeout(STREAM_END_GRACE, rest).await;
                             return finished_operation(operation);
                         }
                     }
