@@ -33,7 +33,7 @@ pub use execution::{
     OperationStream, ResumePolicy,
 };
 pub use progress::{NoProgress, Progress};
-pub use reapi_digest::{from_reapi, to_reapi};
+pub use reapi_digest::from_reapi;
 pub use remote_cas::{endpoint, RemoteCas, UploadStats};
 pub use remote_run::{merge_exit_codes, run, RunReport, RunRequest, ShardOutcome, ShardResult};
 pub use request_metadata::{from_request as request_metadata_of, request_with, Invocation};

@@ -19,7 +19,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::blob_set::{BlobSet, BlobSource};
 use crate::progress::Progress;
-use crate::reapi_digest::{from_reapi, to_reapi};
+use crate::reapi_digest::from_reapi;
 use crate::request_metadata::{request_with, Invocation};
 use crate::{ClientError, Result};
 
@@ -203,7 +203,7 @@ impl RemoteCas {
                 .cas()
                 .find_missing_blobs(self.request(reapi::FindMissingBlobsRequest {
                     instance_name: self.instance_name.clone(),
-                    blob_digests: chunk.iter().map(to_reapi).collect(),
+                    blob_digests: chunk.iter().map(Digest::to_reapi).collect(),
                     digest_function: self.function.reapi_value(),
                 }))
                 .await
@@ -315,7 +315,7 @@ impl RemoteCas {
             };
             bytes += data.len() as u64;
             requests.push(reapi::batch_update_blobs_request::Request {
-                digest: Some(to_reapi(digest)),
+                digest: Some(digest.to_reapi()),
                 data,
                 compressor: reapi::compressor::Value::Identity as i32,
             });
@@ -447,7 +447,7 @@ impl RemoteCas {
             .cas()
             .batch_read_blobs(self.request(reapi::BatchReadBlobsRequest {
                 instance_name: self.instance_name.clone(),
-                digests: vec![to_reapi(digest)],
+                digests: vec![digest.to_reapi()],
                 acceptable_compressors: vec![],
                 digest_function: self.function.reapi_value(),
             }))
@@ -512,7 +512,7 @@ impl RemoteCas {
             .action_cache()
             .get_action_result(self.request(reapi::GetActionResultRequest {
                 instance_name: self.instance_name.clone(),
-                action_digest: Some(to_reapi(action)),
+                action_digest: Some(action.to_reapi()),
                 inline_stdout: false,
                 inline_stderr: false,
                 inline_output_files: vec![],
@@ -535,7 +535,7 @@ impl RemoteCas {
         self.action_cache()
             .update_action_result(self.request(reapi::UpdateActionResultRequest {
                 instance_name: self.instance_name.clone(),
-                action_digest: Some(to_reapi(action)),
+                action_digest: Some(action.to_reapi()),
                 action_result: Some(result),
                 results_cache_policy: None,
                 digest_function: self.function.reapi_value(),

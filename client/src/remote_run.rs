@@ -35,7 +35,7 @@ use crate::execution::{
 };
 use crate::output_download::download_outputs;
 use crate::progress::{NoProgress, Progress};
-use crate::reapi_digest::{from_reapi, to_reapi};
+use crate::reapi_digest::from_reapi;
 use crate::remote_cas::{RemoteCas, UploadStats};
 use crate::run_manifest::{RunManifest, ShardRecord, MANIFEST_VERSION};
 use crate::tree_hasher::{hash_tree, HashStats, TreeHashOptions, STATE_DIR};
@@ -255,8 +255,8 @@ pub async fn run(
             Bytes::from(prost::Message::encode_to_vec(&command)),
         );
         let action = reapi::Action {
-            command_digest: Some(to_reapi(&command_digest)),
-            input_root_digest: Some(to_reapi(&tree.root)),
+            command_digest: Some(command_digest.to_reapi()),
+            input_root_digest: Some(tree.root.to_reapi()),
             timeout: request.timeout.map(|t| kiln_proto::protobuf::Duration {
                 seconds: t.as_secs() as i64,
                 nanos: t.subsec_nanos() as i32,
@@ -467,7 +467,7 @@ async fn run_shard(
     let execute = reapi::ExecuteRequest {
         instance_name: cas.instance_name().to_string(),
         skip_cache_lookup: false,
-        action_digest: Some(to_reapi(&plan.action_digest)),
+        action_digest: Some(plan.action_digest.to_reapi()),
         execution_policy: None,
         results_cache_policy: None,
         digest_function: function.reapi_value(),

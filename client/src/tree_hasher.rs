@@ -26,7 +26,6 @@ use kiln_store::{Digest, DigestFunction};
 use crate::blob_set::{BlobSet, BlobSource};
 use crate::digest_cache::{DigestCache, FileStamp};
 use crate::progress::Progress;
-use crate::reapi_digest::to_reapi;
 use crate::{ClientError, Result};
 
 /// The directory under the input root where kiln keeps its own state.
@@ -338,7 +337,7 @@ fn encode_tree(node: &DirNode, function: DigestFunction, blobs: &mut BlobSet) ->
         .iter()
         .map(|(name, child)| reapi::DirectoryNode {
             name: name.clone(),
-            digest: Some(to_reapi(&encode_tree(child, function, blobs))),
+            digest: Some((encode_tree(child, function, blobs)).to_reapi()),
         })
         .collect();
     let files = node
@@ -346,7 +345,7 @@ fn encode_tree(node: &DirNode, function: DigestFunction, blobs: &mut BlobSet) ->
         .iter()
         .map(|(name, (digest, executable))| reapi::FileNode {
             name: name.clone(),
-            digest: Some(to_reapi(digest)),
+            digest: Some(digest.to_reapi()),
             is_executable: *executable,
             node_properties: None,
         })

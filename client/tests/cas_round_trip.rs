@@ -9,7 +9,7 @@ use std::path::Path;
 use bytes::Bytes;
 use kiln_client::output_download::download_outputs;
 use kiln_client::{
-    hash_tree, to_reapi, BlobSet, BlobSource, ClientError, DigestCache, InputTree, NoProgress,
+    hash_tree, BlobSet, BlobSource, ClientError, DigestCache, InputTree, NoProgress,
     TreeHashOptions,
 };
 use kiln_proto::reapi;
@@ -99,7 +99,7 @@ fn the_tree_respects_gitignore_and_keeps_its_shape() {
     // The encoding is REAPI's: rebuild src/ by hand and compare digests.
     let file = |name: &str, content: &[u8]| reapi::FileNode {
         name: name.into(),
-        digest: Some(to_reapi(&Digest::of_bytes(DigestFunction::Sha256, content))),
+        digest: Some((Digest::of_bytes(DigestFunction::Sha256, content)).to_reapi()),
         is_executable: false,
         node_properties: None,
     };
@@ -282,7 +282,7 @@ async fn action_result_outputs_are_downloaded() -> anyhow::Result<()> {
     let inner = reapi::Directory {
         files: vec![reapi::FileNode {
             name: "leaf.txt".into(),
-            digest: Some(to_reapi(&leaf)),
+            digest: Some(leaf.to_reapi()),
             is_executable: false,
             node_properties: None,
         }],
@@ -293,7 +293,7 @@ async fn action_result_outputs_are_downloaded() -> anyhow::Result<()> {
         root: Some(reapi::Directory {
             directories: vec![reapi::DirectoryNode {
                 name: "inner".into(),
-                digest: Some(to_reapi(&inner_digest)),
+                digest: Some(inner_digest.to_reapi()),
             }],
             symlinks: vec![reapi::SymlinkNode {
                 name: "to-leaf".into(),
@@ -311,19 +311,19 @@ async fn action_result_outputs_are_downloaded() -> anyhow::Result<()> {
         output_files: vec![
             reapi::OutputFile {
                 path: "bin/tool".into(),
-                digest: Some(to_reapi(&tool)),
+                digest: Some(tool.to_reapi()),
                 is_executable: true,
                 ..Default::default()
             },
             reapi::OutputFile {
                 path: "data/large.bin".into(),
-                digest: Some(to_reapi(&large_digest)),
+                digest: Some(large_digest.to_reapi()),
                 ..Default::default()
             },
         ],
         output_directories: vec![reapi::OutputDirectory {
             path: "gen".into(),
-            tree_digest: Some(to_reapi(&tree_digest)),
+            tree_digest: Some(tree_digest.to_reapi()),
             ..Default::default()
         }],
         output_symlinks: vec![reapi::OutputSymlink {
@@ -389,7 +389,7 @@ async fn action_result_outputs_are_downloaded() -> anyhow::Result<()> {
     let evil = reapi::ActionResult {
         output_files: vec![reapi::OutputFile {
             path: "../escaped".into(),
-            digest: Some(to_reapi(&tool)),
+            digest: Some(tool.to_reapi()),
             ..Default::default()
         }],
         ..Default::default()

@@ -374,7 +374,7 @@ impl ActionCacheService {
                 Bytes::from(std::mem::take(raw)),
             )
             .await?;
-        *digest = Some(reapi_digest::to_reapi(&actual));
+        *digest = Some(actual.to_reapi());
         Ok(())
     }
 }

@@ -305,7 +305,7 @@ impl ExecutionEngine {
             let assign = Assign {
                 lease_id: assignment.lease.clone(),
                 instance_name: record.instance_name.clone(),
-                action_digest: Some(reapi_digest::to_reapi(&record.action_digest())),
+                action_digest: Some(record.action_digest().to_reapi()),
                 digest_function: record.action_digest().function.reapi_value(),
                 timeout: record.timeout().map(|t| kiln_proto::protobuf::Duration {
                     seconds: t.as_secs() as i64,
@@ -684,7 +684,7 @@ impl ExecutionEngine {
         if succeeded && !record.do_not_cache {
             let update = UpdateActionResultRequest {
                 instance_name: record.instance_name.clone(),
-                action_digest: Some(reapi_digest::to_reapi(&record.action_digest())),
+                action_digest: Some(record.action_digest().to_reapi()),
                 action_result: response.result.clone(),
                 digest_function: record.action_digest().function.reapi_value(),
                 ..Default::default()

@@ -47,13 +47,6 @@ pub(crate) fn parse_all(
         .collect()
 }
 
-pub(crate) fn to_reapi(digest: &Digest) -> reapi::Digest {
-    reapi::Digest {
-        hash: digest.hex(),
-        size_bytes: digest.size as i64,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -70,7 +63,7 @@ mod tests {
     #[test]
     fn round_trips_and_names_the_field() {
         let digest = Digest::of_bytes(DigestFunction::Blake3, b"abc");
-        let wire = to_reapi(&digest);
+        let wire = digest.to_reapi();
         assert_eq!(
             parse(DigestFunction::Blake3, Some(&wire), || "x".into()).unwrap(),
             digest

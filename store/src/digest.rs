@@ -3,6 +3,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+use kiln_proto::reapi;
+
 use crate::StoreError;
 
 /// The hash functions kiln accepts. Both produce 32-byte digests.
@@ -216,6 +218,22 @@ impl Digest {
             return Err(StoreError::InvalidDigest(format!("negative size {size}")));
         }
         Ok(ContentHash::parse_hex(function, hash)?.with_size(size as u64))
+    }
+
+    /// The REAPI wire form (the function travels separately, in the request).
+    pub fn to_reapi(&self) -> reapi::Digest {
+        reapi::Digest {
+            hash: self.hex(),
+            size_bytes: self.size as i64,
+        }
+    }
+
+    /// Parses a REAPI wire digest under `function`.
+    pub fn from_reapi(
+        function: DigestFunction,
+        digest: &reapi::Digest,
+    ) -> Result<Self, StoreError> {
+        Self::parse_reapi(function, &digest.hash, digest.size_bytes)
     }
 
     /// Parses `hash/size`, as it appears in ByteStream resource names.

@@ -14,7 +14,7 @@ use kiln_store::{Digest, DigestFunction};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::cas_client::{from_reapi, to_reapi, BlobSource, CasClient, OpenFileReader};
+use crate::cas_client::{from_reapi, BlobSource, CasClient, OpenFileReader};
 use crate::command_runner::{CommandExit, CommandRunner, CommandSpec};
 use crate::input_tree::{fetch_messages, materialise};
 use crate::local_cache::{CacheKey, FetchStats, LocalCache};
@@ -298,8 +298,8 @@ impl ActionRunner {
         ];
         let mut result = reapi::ActionResult {
             exit_code: exit.exit_code(),
-            stdout_digest: Some(to_reapi(&stdout)),
-            stderr_digest: Some(to_reapi(&stderr)),
+            stdout_digest: Some(stdout.to_reapi()),
+            stderr_digest: Some(stderr.to_reapi()),
             ..Default::default()
         };
         // A timed-out action's outputs may be half-written: report only its logs.

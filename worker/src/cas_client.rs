@@ -51,13 +51,6 @@ pub struct CasClient {
     byte_stream: ByteStreamClient<TracedChannel>,
 }
 
-pub(crate) fn to_reapi(digest: &Digest) -> reapi::Digest {
-    reapi::Digest {
-        hash: digest.hex(),
-        size_bytes: digest.size as i64,
-    }
-}
-
 /// Parses a digest found in an Action, Command, Directory or CAS response.
 pub(crate) fn from_reapi(
     function: DigestFunction,
@@ -66,7 +59,7 @@ pub(crate) fn from_reapi(
 ) -> Result<Digest, WorkerError> {
     let digest =
         digest.ok_or_else(|| WorkerError::InvalidAction(format!("{what} has no digest")))?;
-    Digest::parse_reapi(function, &digest.hash, digest.size_bytes)
+    Digest::from_reapi(function, digest)
         .map_err(|e| WorkerError::InvalidAction(format!("{what}: {e}")))
 }
 
@@ -125,7 +118,7 @@ impl CasClient {
         };
         let request = reapi::BatchReadBlobsRequest {
             instance_name: instance_name.to_string(),
-            digests: digests.iter().map(to_reapi).collect(),
+            digests: digests.iter().map(Digest::to_reapi).collect(),
             acceptable_compressors: Vec::new(),
             digest_function: first.function.reapi_value(),
         };
@@ -216,7 +209,7 @@ impl CasClient {
         };
         let request = reapi::FindMissingBlobsRequest {
             instance_name: instance_name.to_string(),
-            blob_digests: digests.iter().map(to_reapi).collect(),
+            blob_digests: digests.iter().map(Digest::to_reapi).collect(),
             digest_function: first.function.reapi_value(),
         };
         let response = self
@@ -295,7 +288,7 @@ impl CasClient {
                 .into_iter()
                 .map(
                     |(digest, data)| reapi::batch_update_blobs_request::Request {
-                        digest: Some(to_reapi(&digest)),
+                        digest: Some(digest.to_reapi()),
                         data,
                         compressor: 0,
                     },

@@ -10,7 +10,7 @@ use kiln_proto::prost::Message;
 use kiln_proto::reapi;
 use kiln_store::{Digest, DigestFunction};
 
-use crate::cas_client::{to_reapi, BlobSource};
+use crate::cas_client::BlobSource;
 use crate::WorkerError;
 
 /// The outputs of one action, ready to upload.
@@ -244,9 +244,9 @@ impl Collector {
             let tree_digest = self.store_message(&tree_message, outputs);
             outputs.output_directories.push(reapi::OutputDirectory {
                 path: path.to_string(),
-                tree_digest: Some(to_reapi(&tree_digest)),
+                tree_digest: Some(tree_digest.to_reapi()),
                 is_topologically_sorted: false,
-                root_directory_digest: Some(to_reapi(&root_digest)),
+                root_directory_digest: Some(root_digest.to_reapi()),
             });
         } else if metadata.is_file() {
             if requested == Requested::Directory {
@@ -258,7 +258,7 @@ impl Collector {
             let (digest, is_executable) = self.file(full, &metadata, outputs)?;
             outputs.output_files.push(reapi::OutputFile {
                 path: path.to_string(),
-                digest: Some(to_reapi(&digest)),
+                digest: Some(digest.to_reapi()),
                 is_executable,
                 contents: Vec::new(),
                 node_properties: None,
@@ -367,13 +367,13 @@ impl Collector {
                 tree.children.insert(digest, child);
                 directory.directories.push(reapi::DirectoryNode {
                     name,
-                    digest: Some(to_reapi(&digest)),
+                    digest: Some(digest.to_reapi()),
                 });
             } else if file_type.is_file() {
                 let (digest, is_executable) = self.file(&path, &metadata, outputs)?;
                 directory.files.push(reapi::FileNode {
                     name,
-                    digest: Some(to_reapi(&digest)),
+                    digest: Some(digest.to_reapi()),
                     is_executable,
                     node_properties: None,
                 });

@@ -28,9 +28,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::StreamExt;
-use kiln_client::{
-    from_reapi, request_metadata_of, to_reapi, BlobSet, Invocation, NoProgress, RemoteCas,
-};
+use kiln_client::{from_reapi, request_metadata_of, BlobSet, Invocation, NoProgress, RemoteCas};
 use kiln_coordinator::{Coordinator, CoordinatorConfig, CoordinatorError};
 use kiln_proto::longrunning::{operation, Operation};
 use kiln_proto::reapi::{self, execution_server::Execution, execution_server::ExecutionServer};
@@ -204,7 +202,7 @@ impl Execution for FakeExecutionService {
                 "build.bazel.remote.execution.v2.ExecuteOperationMetadata",
                 &reapi::ExecuteOperationMetadata {
                     stage: reapi::execution_stage::Value::Executing as i32,
-                    action_digest: Some(to_reapi(&action_digest)),
+                    action_digest: Some(action_digest.to_reapi()),
                     ..Default::default()
                 },
             )),
@@ -439,7 +437,7 @@ impl FakeExecutionService {
                     let digest = blobs.add_bytes(function, Bytes::from(text.to_string()));
                     result.output_files.push(reapi::OutputFile {
                         path: path.to_string(),
-                        digest: Some(to_reapi(&digest)),
+                        digest: Some(digest.to_reapi()),
                         is_executable: verb == "exe",
                         ..Default::default()
                     });
@@ -449,7 +447,7 @@ impl FakeExecutionService {
                     let tree_digest = blobs.add_bytes(function, Bytes::from(tree.encode_to_vec()));
                     result.output_directories.push(reapi::OutputDirectory {
                         path: path.to_string(),
-                        tree_digest: Some(to_reapi(&tree_digest)),
+                        tree_digest: Some(tree_digest.to_reapi()),
                         ..Default::default()
                     });
                 }
@@ -464,7 +462,7 @@ impl FakeExecutionService {
         }
         // stdout through the CAS (so the client must fetch it), stderr inlined.
         let stdout_digest = blobs.add_bytes(function, Bytes::from(stdout));
-        result.stdout_digest = Some(to_reapi(&stdout_digest));
+        result.stdout_digest = Some(stdout_digest.to_reapi());
         result.stderr_raw = stderr.into_bytes();
         self.cas
             .upload_missing(&blobs, &NoProgress)
@@ -487,7 +485,7 @@ fn sample_tree(function: DigestFunction, tag: &str, blobs: &mut BlobSet) -> reap
     let sub = reapi::Directory {
         files: vec![reapi::FileNode {
             name: "b.txt".into(),
-            digest: Some(to_reapi(&b)),
+            digest: Some(b.to_reapi()),
             is_executable: true,
             node_properties: None,
         }],
@@ -497,13 +495,13 @@ fn sample_tree(function: DigestFunction, tag: &str, blobs: &mut BlobSet) -> reap
     let root = reapi::Directory {
         files: vec![reapi::FileNode {
             name: "a.txt".into(),
-            digest: Some(to_reapi(&a)),
+            digest: Some(a.to_reapi()),
             is_executable: false,
             node_properties: None,
         }],
         directories: vec![reapi::DirectoryNode {
             name: "sub".into(),
-            digest: Some(to_reapi(&sub_digest)),
+            digest: Some(sub_digest.to_reapi()),
         }],
         symlinks: vec![reapi::SymlinkNode {
             name: "link".into(),

@@ -10,7 +10,6 @@ use kiln_proto::reapi::{execution_stage, ExecuteOperationMetadata, ExecuteRespon
 use kiln_store::{Digest, DigestFunction, Keyspace};
 use serde::{Deserialize, Serialize};
 
-use crate::reapi_digest;
 use crate::scheduler::{Platform, QueuedAction};
 
 /// Operation name → [`OperationRecord`] (JSON).
@@ -73,7 +72,7 @@ impl OperationRecord {
     pub fn to_operation(&self, stage: execution_stage::Value) -> Operation {
         let metadata = ExecuteOperationMetadata {
             stage: stage as i32,
-            action_digest: Some(reapi_digest::to_reapi(&self.action_digest())),
+            action_digest: Some(self.action_digest().to_reapi()),
             digest_function: self.action_digest().function.reapi_value(),
             ..Default::default()
         };

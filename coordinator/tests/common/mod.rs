@@ -161,10 +161,7 @@ impl TestServer {
 }
 
 pub fn wire(digest: &Digest) -> reapi::Digest {
-    reapi::Digest {
-        hash: digest.hex(),
-        size_bytes: digest.size as i64,
-    }
+    digest.to_reapi()
 }
 
 /// The resource-name segment for a digest function (omitted for SHA-256, as REAPI says).

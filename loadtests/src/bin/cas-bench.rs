@@ -47,13 +47,6 @@ struct Args {
     data_dir: Option<std::path::PathBuf>,
 }
 
-fn reapi_digest(d: &Digest) -> kiln_proto::reapi::Digest {
-    kiln_proto::reapi::Digest {
-        hash: d.hex(),
-        size_bytes: d.size as i64,
-    }
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -289,9 +282,9 @@ async fn seed_find_missing(
             .map(|i| {
                 let data = format!("find-missing blob {batch}-{i}").into_bytes();
                 let digest = Digest::of_bytes(DigestFunction::Sha256, &data);
-                all.push(reapi_digest(&digest));
+                all.push(digest.to_reapi());
                 batch_update_blobs_request::Request {
-                    digest: Some(reapi_digest(&digest)),
+                    digest: Some(digest.to_reapi()),
                     data,
                     ..Default::default()
                 }
@@ -311,10 +304,9 @@ async fn seed_find_missing(
             .all(|r| r.status.as_ref().is_none_or(|s| s.code == 0)));
     }
     for i in 0..5_000 {
-        all.push(reapi_digest(&Digest::of_bytes(
-            DigestFunction::Sha256,
-            format!("absent {i}").as_bytes(),
-        )));
+        all.push(
+            Digest::of_bytes(DigestFunction::Sha256, format!("absent {i}").as_bytes()).to_reapi(),
+        );
     }
     Ok(all)
 }
@@ -325,7 +317,7 @@ async fn seed_action_result(
     channel: &Channel,
 ) -> anyhow::Result<kiln_proto::reapi::Digest> {
     let output = b"an output file".to_vec();
-    let output_digest = reapi_digest(&Digest::of_bytes(DigestFunction::Sha256, &output));
+    let output_digest = Digest::of_bytes(DigestFunction::Sha256, &output).to_reapi();
     cas.clone()
         .batch_update_blobs(BatchUpdateBlobsRequest {
             requests: vec![batch_update_blobs_request::Request {
@@ -336,10 +328,7 @@ async fn seed_action_result(
             ..Default::default()
         })
         .await?;
-    let action = reapi_digest(&Digest::of_bytes(
-        DigestFunction::Sha256,
-        b"benchmark action",
-    ));
+    let action = Digest::of_bytes(DigestFunction::Sha256, b"benchmark action").to_reapi();
     let result = ActionResult {
         output_files: vec![OutputFile {
             path: "out".into(),

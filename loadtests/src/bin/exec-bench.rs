@@ -43,13 +43,6 @@ struct Args {
     otlp: bool,
 }
 
-fn reapi_digest(d: &Digest) -> kiln_proto::reapi::Digest {
-    kiln_proto::reapi::Digest {
-        hash: d.hex(),
-        size_bytes: d.size as i64,
-    }
-}
-
 /// An action running `argv`, with its blobs, made unique by `nonce` so that no two
 /// actions share a cache entry.
 fn action(argv: &[&str], nonce: usize, input_root: &Digest) -> (Digest, Vec<(Digest, Vec<u8>)>) {
@@ -64,8 +57,8 @@ fn action(argv: &[&str], nonce: usize, input_root: &Digest) -> (Digest, Vec<(Dig
     .encode_to_vec();
     let command_digest = Digest::of_bytes(DigestFunction::Sha256, &command);
     let action = Action {
-        command_digest: Some(reapi_digest(&command_digest)),
-        input_root_digest: Some(reapi_digest(input_root)),
+        command_digest: Some(command_digest.to_reapi()),
+        input_root_digest: Some(input_root.to_reapi()),
         ..Default::default()
     }
     .encode_to_vec();
@@ -84,7 +77,7 @@ async fn upload(
         let requests = chunk
             .iter()
             .map(|(d, data)| batch_update_blobs_request::Request {
-                digest: Some(reapi_digest(d)),
+                digest: Some(d.to_reapi()),
                 data: data.clone(),
                 ..Default::default()
             })
@@ -108,7 +101,7 @@ async fn execute(
     let mut stream = client
         .clone()
         .execute(ExecuteRequest {
-            action_digest: Some(reapi_digest(action)),
+            action_digest: Some(action.to_reapi()),
             ..Default::default()
         })
         .await?

@@ -162,10 +162,7 @@ async fn put_directory(cas: &TestCas, nodes: &[Node]) -> (Digest, reapi::Directo
 }
 
 pub fn wire(digest: &Digest) -> reapi::Digest {
-    reapi::Digest {
-        hash: digest.hex(),
-        size_bytes: digest.size as i64,
-    }
+    digest.to_reapi()
 }
 
 /// What an action to put into the CAS looks like.
