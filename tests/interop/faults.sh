@@ -110,10 +110,10 @@ for i in 1 2 3; do
 done
 METRICS=$(listen_addr "coordinator-127.0.0.1:0" http)
 for i in $(seq 1 200); do
-    curl -fs "http://$METRICS/metrics" | grep -q '^kiln_actions_queued 3' && break
+    curl -fs "http://$METRICS/metrics" | contains '^kiln_actions_queued 3' && break
     sleep 0.1
 done
-curl -fs "http://$METRICS/metrics" | grep -q '^kiln_actions_queued 3' || fail "the three actions never queued"
+curl -fs "http://$METRICS/metrics" | contains '^kiln_actions_queued 3' || fail "the three actions never queued"
 START=$SECONDS
 stop_pid "$COORDINATOR_PID" TERM
 [ $((SECONDS - START)) -lt 10 ] || fail "the coordinator took $((SECONDS - START)) s to stop"

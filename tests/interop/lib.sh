@@ -38,6 +38,15 @@ build_kiln() {
     [ -x "$KILN" ] || fail "kiln binary $KILN is missing"
 }
 
+# PRODUCER | contains PATTERN : whether the input has a line matching PATTERN. It reads
+# all of its input first: `grep -q` stops at the first match, and under pipefail the
+# producer's SIGPIPE would then fail the pipeline at random.
+contains() {
+    local input
+    input="$(cat)"
+    grep -q -- "$1" <<<"$input"
+}
+
 # start_kiln NAME ARGS... : runs `kiln ARGS...` with logs in $WORK/NAME.log and waits
 # for every "listening on" line it is expected to print (KILN_EXPECT_LISTENERS, default 1).
 start_kiln() {

@@ -146,7 +146,7 @@ EXPECTED_OUTPUT="hello from kiln v0.1.0, uid 65532"
 start_containerd "$WORK/ctd"
 bounded "${CTR[@]}" images pull --plain-http "$PINNED" >"$WORK/ctr-pull.log" 2>&1 \
     || fail "ctr could not pull $PINNED: $(tail -n 5 "$WORK/ctr-pull.log")"
-"${CTR[@]}" images ls | grep -q "$DIGEST" || fail "ctr did not record $DIGEST"
+"${CTR[@]}" images ls | contains "$DIGEST" || fail "ctr did not record $DIGEST"
 OUTPUT="$(bounded "${CTR[@]}" run --rm "$PINNED" kiln-publish-e2e 2>"$WORK/ctr-run.err")" \
     || fail "ctr run $PINNED failed: $(cat "$WORK/ctr-run.err")"
 [ "$OUTPUT" = "$EXPECTED_OUTPUT" ] || fail "ctr run printed '$OUTPUT', not '$EXPECTED_OUTPUT'"
@@ -174,9 +174,9 @@ echo "a file that changes the layer" >"$OTHER/NOTICE"
 if publish "$WORK/publish3.out" "$OTHER"; then
     fail "re-pushing v0.1.0 with other content succeeded: $(cat "$WORK/publish3.out" "$WORK/publish3.out.err")"
 fi
-grep "refused $R/demo/hello:v0.1.0" "$WORK/publish3.out.err" | grep -q DENIED \
+grep "refused $R/demo/hello:v0.1.0" "$WORK/publish3.out.err" | contains DENIED \
     || fail "the refusal does not say DENIED: $(cat "$WORK/publish3.out.err")"
-grep "refused $R/demo/hello:v0.1.0" "$WORK/publish3.out.err" | grep -q immutable \
+grep "refused $R/demo/hello:v0.1.0" "$WORK/publish3.out.err" | contains immutable \
     || fail "the refusal does not say the tag is immutable: $(cat "$WORK/publish3.out.err")"
 OTHER_DIGEST="$(cat "$WORK/publish3.out")"
 OTHER_DIGEST="${OTHER_DIGEST##*@}"

@@ -60,11 +60,11 @@ RAW_REMOTE="$(skopeo inspect "${TLS[@]}" --raw "docker://$R1/interop/app:v1.0.0"
 DIGEST="$(skopeo inspect "${TLS[@]}" --format '{{.Digest}}' "docker://$R1/interop/app:v1.0.0")"
 EXPECTED="sha256:$(skopeo inspect --raw "oci:$LAYOUT:v1.0.0" | sha256sum | cut -d' ' -f1)"
 [ "$DIGEST" = "$EXPECTED" ] || fail "inspect digest $DIGEST, expected $EXPECTED"
-skopeo inspect "${TLS[@]}" --config "docker://$R1/interop/app:v1.0.0" | grep -q '"/hello.txt"' \
+skopeo inspect "${TLS[@]}" --config "docker://$R1/interop/app:v1.0.0" | contains '"/hello.txt"' \
     || fail "inspect does not show the entrypoint"
 TAGS="$(skopeo list-tags "${TLS[@]}" "docker://$R1/interop/app")"
-echo "$TAGS" | grep -q '"v1.0.0"' || fail "list-tags lacks v1.0.0: $TAGS"
-echo "$TAGS" | grep -q '"main-abc1234"' || fail "list-tags lacks main-abc1234: $TAGS"
+echo "$TAGS" | contains '"v1.0.0"' || fail "list-tags lacks v1.0.0: $TAGS"
+echo "$TAGS" | contains '"main-abc1234"' || fail "list-tags lacks main-abc1234: $TAGS"
 
 log "skopeo: copy out to a layout and compare"
 skopeo copy --src-tls-verify=false "docker://$R1/interop/app:v1.0.0" "oci:$WORK/out:v1.0.0"
@@ -92,7 +92,7 @@ if skopeo delete "${TLS[@]}" "docker://$R1/interop/app:v1.0.0" 2>"$WORK/denied.t
     fail "an immutable semver image was deleted"
 fi
 grep -qi denied "$WORK/denied.txt" || fail "deleting v1.0.0 failed without DENIED: $(cat "$WORK/denied.txt")"
-skopeo list-tags "${TLS[@]}" "docker://$R1/interop/app" | grep -q main-abc1234 \
+skopeo list-tags "${TLS[@]}" "docker://$R1/interop/app" | contains main-abc1234 \
     && fail "list-tags still shows the deleted tag"
 
 log "oras-py: custom artifact, chunked upload, referrer via subject"

@@ -89,7 +89,7 @@ DOCKER_DIGEST="$(grep -o 'digest: sha256:[0-9a-f]*' "$WORK/docker-push.txt" | cu
 [ -n "$DOCKER_DIGEST" ] || fail "docker push printed no digest"
 [ "$(manifest_header interop/docker v1.0.0 Docker-Content-Digest)" = "$DOCKER_DIGEST" ] \
     || fail "the registry serves another digest than docker pushed"
-manifest_header interop/docker v1.0.0 Content-Type | grep -q 'application/vnd.docker.distribution.manifest.v2+json' \
+manifest_header interop/docker v1.0.0 Content-Type | contains 'application/vnd.docker.distribution.manifest.v2+json' \
     || fail "docker's schema2 manifest lost its media type"
 docker tag kiln-local/docker:v1.0.0 "$R/interop/docker:main-abc1234"
 docker push "$R/interop/docker:main-abc1234" | tee "$WORK/docker-repush.txt"
@@ -112,8 +112,8 @@ pull_and_run docker "$R/interop/docker@$DOCKER_DIGEST" "hello from docker"
 log "containerd: pull by tag and by digest (plain HTTP), run, push"
 pull_and_run ctr "$R/interop/docker:v1.0.0" "hello from docker"
 pull_and_run ctr "$R/interop/docker@$DOCKER_DIGEST" "hello from docker"
-"${CTR[@]}" images ls | grep -q "$DOCKER_DIGEST" || fail "ctr did not record docker's digest"
-"${CTR[@]}" images check | grep "$R/interop/docker:v1.0.0" | grep -q complete \
+"${CTR[@]}" images ls | contains "$DOCKER_DIGEST" || fail "ctr did not record docker's digest"
+"${CTR[@]}" images check | grep "$R/interop/docker:v1.0.0" | contains complete \
     || fail "ctr's pull is incomplete: $("${CTR[@]}" images check)"
 "${CTR[@]}" images tag "$R/interop/docker:v1.0.0" "$R/interop/ctr:v1.1.0" >/dev/null
 "${CTR[@]}" images push --plain-http "$R/interop/ctr:v1.1.0"
@@ -130,7 +130,7 @@ tar -C "$ROOTFS" -czf "$WORK/rootfs-podman.tar.gz" .
 PODMAN_DIGEST="$(cat "$WORK/podman.digest")"
 [ "$(manifest_header interop/podman v2.0.0 Docker-Content-Digest)" = "$PODMAN_DIGEST" ] \
     || fail "the registry serves another digest than podman pushed"
-manifest_header interop/podman v2.0.0 Content-Type | grep -q 'application/vnd.oci.image.manifest.v1+json' \
+manifest_header interop/podman v2.0.0 Content-Type | contains 'application/vnd.oci.image.manifest.v1+json' \
     || fail "podman's OCI manifest lost its media type"
 "${PODMAN[@]}" rmi -f localhost/kiln-local/podman:v2.0.0 >/dev/null
 pull_and_run podman "$R/interop/podman:v2.0.0" "hello from podman"
@@ -161,7 +161,7 @@ pull_and_run ctr "$R/interop/buildah:v3.0.0" "hello from buildah"
 log "the registry lists every repository the clients pushed to"
 CATALOG="$(curl -fsS "http://$R/v2/_catalog")"
 for repo in interop/docker interop/ctr interop/podman interop/buildah; do
-    echo "$CATALOG" | grep -q "\"$repo\"" || fail "_catalog lacks $repo: $CATALOG"
+    echo "$CATALOG" | contains "\"$repo\"" || fail "_catalog lacks $repo: $CATALOG"
 done
 TAGS="$(curl -fsS "http://$R/v2/interop/docker/tags/list" | python3 -c 'import json,sys; print(" ".join(json.load(sys.stdin)["tags"]))')"
 [ "$TAGS" = "main-abc1234 v1.0.0" ] \
