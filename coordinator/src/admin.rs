@@ -12,7 +12,7 @@ use kiln_store::BlobStore;
 use tonic::{Request, Response, Status};
 
 use crate::counters::Counters;
-use crate::execution::ExecutionEngine;
+use crate::execution::{proto_duration, ExecutionEngine};
 use crate::secret::same_secret;
 use crate::CoordinatorError;
 
@@ -35,7 +35,6 @@ pub(crate) struct AdminService {
     counters: Arc<Counters>,
     blobs: Arc<dyn BlobStore>,
     registry: Option<Arc<dyn RegistryCatalog>>,
-    join_token: Option<String>,
     started: Instant,
 }
 
@@ -45,14 +44,12 @@ impl AdminService {
         counters: Arc<Counters>,
         blobs: Arc<dyn BlobStore>,
         registry: Option<Arc<dyn RegistryCatalog>>,
-        join_token: Option<String>,
     ) -> Self {
         AdminService {
             engine,
             counters,
             blobs,
             registry,
-            join_token,
             started: Instant::now(),
         }
     }
@@ -82,7 +79,7 @@ impl AdminService {
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        match (&self.join_token, presented) {
+        match (self.engine.join_token(), presented) {
             (Some(expected), Some(presented)) if same_secret(expected, presented) => Ok(()),
             (None, _) => Err(Status::permission_denied(
                 "this coordinator has no join token, so no worker may be drained",
@@ -105,10 +102,7 @@ impl Admin for AdminService {
         let uptime = self.started.elapsed();
         Ok(Response::new(FarmStatus {
             version: env!("CARGO_PKG_VERSION").to_string(),
-            uptime: Some(kiln_proto::protobuf::Duration {
-                seconds: uptime.as_secs() as i64,
-                nanos: uptime.subsec_nanos() as i32,
-            }),
+            uptime: Some(proto_duration(uptime)),
             workers: self.engine.worker_statuses(),
             queue: Some(self.engine.queue_status()),
             cache: Some(CacheStatus {

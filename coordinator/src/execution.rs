@@ -44,11 +44,10 @@ use tracing::Instrument;
 
 use crate::action_cache::ActionCacheService;
 use crate::counters::{names, Counters, Outcome};
-use crate::scheduler::{
-    Cancelled, LostLease, Platform, Scheduler, SchedulerConfig, WorkerSnapshot,
-};
+use crate::scheduler::{Cancelled, LostLease, Platform, Scheduler, SchedulerConfig};
 use crate::{reapi_digest, CoordinatorConfig, CoordinatorError};
 use action_trace::ActionTrace;
+pub(crate) use operation::proto_duration;
 use operation::{
     completed_operation, timestamp_from_nanos, unix_nanos, OperationRecord, OPERATIONS,
 };
@@ -156,6 +155,11 @@ impl ExecutionEngine {
         };
         engine.reload()?;
         Ok(engine)
+    }
+
+    /// The pool's join token: workers present it to join, operators to drain one.
+    pub(crate) fn join_token(&self) -> Option<&str> {
+        self.inner.join_token.as_deref()
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -270,7 +274,7 @@ impl ExecutionEngine {
             state.workers.remove(&worker);
             self.handle_lost_leases(&mut state, lost);
         }
-        publish_gauges(&mut state, now);
+        publish_gauges(&mut state);
         // Completions are in time order, so only the expired front is visited.
         while let Some((at, _)) = state.completion_order.front() {
             if now.duration_since(*at) <= COMPLETED_RETENTION {
@@ -302,15 +306,13 @@ impl ExecutionEngine {
                     .duration_since(queued_at)
                     .unwrap_or_default(),
             );
+            let action_digest = record.action_digest();
             let assign = Assign {
                 lease_id: assignment.lease.clone(),
                 instance_name: record.instance_name.clone(),
-                action_digest: Some(record.action_digest().to_reapi()),
-                digest_function: record.action_digest().function.reapi_value(),
-                timeout: record.timeout().map(|t| kiln_proto::protobuf::Duration {
-                    seconds: t.as_secs() as i64,
-                    nanos: t.subsec_nanos() as i32,
-                }),
+                action_digest: Some(action_digest.to_reapi()),
+                digest_function: action_digest.function.reapi_value(),
+                timeout: record.timeout().map(proto_duration),
                 traceparent: trace_context.traceparent,
                 tracestate: trace_context.tracestate,
                 queued_timestamp: Some(timestamp_from_nanos(record.queued_at_unix_nanos)),
@@ -390,7 +392,6 @@ impl ExecutionEngine {
         }
         let completed = Instant::now();
         live.record.response = Some(response.encode_to_vec());
-        live.record.completed_at_unix_nanos = Some(unix_nanos(SystemTime::now()));
         live.completed = Some(completed);
         live.inline = None;
         let _ = live
@@ -539,9 +540,7 @@ impl ExecutionEngine {
             }),
             do_not_cache: action.do_not_cache,
             queued_at_unix_nanos: unix_nanos(SystemTime::now()),
-            attempts: 0,
             response: None,
-            completed_at_unix_nanos: None,
         };
 
         // Persist first, so that an acknowledged operation survives a crash.
@@ -614,7 +613,6 @@ impl ExecutionEngine {
         }
     }
 
-    /// A worker's result for one of its leases.
     /// A worker's result for one of its leases. The worker's slot is free at once (and
     /// the dispatcher told); caching and publishing the result happen in a task of their
     /// own, so that one result's action-cache flush never holds up the worker's next.
@@ -682,11 +680,12 @@ impl ExecutionEngine {
                 .and_then(|r| r.execution_metadata.as_ref()),
         );
         if succeeded && !record.do_not_cache {
+            let action_digest = record.action_digest();
             let update = UpdateActionResultRequest {
                 instance_name: record.instance_name.clone(),
-                action_digest: Some(record.action_digest().to_reapi()),
+                action_digest: Some(action_digest.to_reapi()),
                 action_result: response.result.clone(),
-                digest_function: record.action_digest().function.reapi_value(),
+                digest_function: action_digest.function.reapi_value(),
                 ..Default::default()
             };
             if let Err(e) = self.inner.action_cache.update(update).await {
@@ -765,7 +764,7 @@ impl ExecutionEngine {
         );
         self.handle_lost_leases(&mut state, lost);
         // Pool membership shows on /metrics at once; the rest waits for the tick.
-        publish_gauges(&mut state, Instant::now());
+        publish_gauges(&mut state);
         id
     }
 
@@ -779,7 +778,7 @@ impl ExecutionEngine {
         state.workers.remove(worker);
         let lost = state.scheduler.remove_worker(worker);
         self.handle_lost_leases(&mut state, lost);
-        publish_gauges(&mut state, Instant::now());
+        publish_gauges(&mut state);
     }
 
     /// `cache_bytes` is the worker's local cache size when the message reported it.
@@ -797,7 +796,7 @@ impl ExecutionEngine {
 }
 
 /// The scheduler's gauges for `/metrics`; `kiln_queue_depth` drives worker autoscaling.
-fn publish_gauges(state: &mut State, now: Instant) {
+fn publish_gauges(state: &mut State) {
     let scheduler = &state.scheduler;
     metrics::gauge!(names::ACTIONS_QUEUED).set(scheduler.queue_depth() as f64);
     let depths = scheduler.queue_depth_by_platform();
@@ -812,9 +811,8 @@ fn publish_gauges(state: &mut State, now: Instant) {
         metrics::gauge!(names::QUEUE_DEPTH, "platform" => platform.clone()).set(*depth as f64);
     }
     state.gauged_platforms.extend(depths.into_keys());
-    let workers: Vec<WorkerSnapshot> = scheduler.workers(now);
-    let slots: usize = workers.iter().map(|w| w.slots).sum();
-    metrics::gauge!(names::WORKERS_CONNECTED).set(workers.len() as f64);
+    let (workers, slots) = scheduler.capacity();
+    metrics::gauge!(names::WORKERS_CONNECTED).set(workers as f64);
     metrics::gauge!(names::WORKER_SLOTS, "state" => "busy").set(scheduler.running() as f64);
     metrics::gauge!(names::WORKER_SLOTS, "state" => "idle")
         .set(slots.saturating_sub(scheduler.running()) as f64);

@@ -231,10 +231,17 @@ impl Scheduler {
     }
 
     /// A draining worker finishes what it holds and is given nothing new.
-    pub fn drain_worker(&mut self, id: &str) {
-        if let Some(worker) = self.workers.get_mut(id) {
-            worker.draining = true;
-        }
+    /// Returns how many leases the worker still holds, or None if it is unknown.
+    pub fn drain_worker(&mut self, id: &str) -> Option<usize> {
+        let worker = self.workers.get_mut(id)?;
+        worker.draining = true;
+        Some(worker.leases.len())
+    }
+
+    /// Connected workers, and their slots in all.
+    pub fn capacity(&self) -> (usize, usize) {
+        let slots = self.workers.values().map(|w| w.slots).sum();
+        (self.workers.len(), slots)
     }
 
     /// Removes every worker that has been silent past the heartbeat timeout.

@@ -138,7 +138,6 @@ impl Coordinator {
             counters.clone(),
             self.blobs.clone(),
             self.registry,
-            config.join_token.clone(),
         ));
         let action_cache = ActionCacheServer::from_arc(action_cache_service)
             .max_decoding_message_size(limit)

@@ -16,7 +16,7 @@ use crate::scheduler::{Platform, QueuedAction};
 pub(crate) const OPERATIONS: Keyspace = Keyspace("operations");
 
 /// What the coordinator remembers of an operation across restarts.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub(crate) struct OperationRecord {
     pub name: String,
     pub instance_name: String,
@@ -30,10 +30,8 @@ pub(crate) struct OperationRecord {
     pub timeout_nanos: u64,
     pub do_not_cache: bool,
     pub queued_at_unix_nanos: u64,
-    pub attempts: u32,
     /// The encoded ExecuteResponse, once the operation is done.
     pub response: Option<Vec<u8>>,
-    pub completed_at_unix_nanos: Option<u64>,
 }
 
 impl OperationRecord {
@@ -52,7 +50,8 @@ impl OperationRecord {
             invocation: self.invocation.clone(),
             platform: Platform::new(self.platform.iter().cloned()),
             affinity,
-            attempts: self.attempts,
+            // Attempts are not persisted: after a restart an action starts its count again.
+            attempts: 0,
         }
     }
 
@@ -70,10 +69,11 @@ impl OperationRecord {
 
     /// The longrunning Operation clients see, at `stage`.
     pub fn to_operation(&self, stage: execution_stage::Value) -> Operation {
+        let action = self.action_digest();
         let metadata = ExecuteOperationMetadata {
             stage: stage as i32,
-            action_digest: Some(self.action_digest().to_reapi()),
-            digest_function: self.action_digest().function.reapi_value(),
+            action_digest: Some(action.to_reapi()),
+            digest_function: action.function.reapi_value(),
             ..Default::default()
         };
         Operation {
@@ -113,20 +113,11 @@ pub(crate) fn completed_operation(
 ) -> Operation {
     let record = OperationRecord {
         name,
-        instance_name: String::new(),
         function: action.function.name().to_string(),
         action_hash: action.hex(),
         action_size: action.size,
-        priority: 0,
-        invocation: String::new(),
-        platform: Vec::new(),
-        input_root_hash: String::new(),
-        timeout_nanos: 0,
-        do_not_cache: false,
-        queued_at_unix_nanos: 0,
-        attempts: 0,
         response: Some(response.encode_to_vec()),
-        completed_at_unix_nanos: None,
+        ..Default::default()
     };
     record.to_operation(execution_stage::Value::Completed)
 }
@@ -134,6 +125,13 @@ pub(crate) fn completed_operation(
 pub(crate) fn unix_nanos(time: SystemTime) -> u64 {
     time.duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
+}
+
+pub(crate) fn proto_duration(duration: Duration) -> kiln_proto::protobuf::Duration {
+    kiln_proto::protobuf::Duration {
+        seconds: duration.as_secs() as i64,
+        nanos: duration.subsec_nanos() as i32,
+    }
 }
 
 pub(crate) fn timestamp_from_nanos(nanos: u64) -> kiln_proto::protobuf::Timestamp {

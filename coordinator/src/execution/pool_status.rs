@@ -85,13 +85,7 @@ impl ExecutionEngine {
         let _ = connection.outbound.send(Ok(CoordinatorMessage {
             message: Some(coordinator_message::Message::Drain(Drain {})),
         }));
-        state.scheduler.drain_worker(worker);
-        let running = state
-            .scheduler
-            .workers(Instant::now())
-            .iter()
-            .find(|w| w.id == worker)
-            .map_or(0, |w| w.running);
+        let running = state.scheduler.drain_worker(worker).unwrap_or(0);
         tracing::info!(%worker, running, "draining a worker on request");
         Ok(running)
     }

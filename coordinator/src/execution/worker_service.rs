@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{ExecutionEngine, WorkerDetails};
+use super::{proto_duration, ExecutionEngine, WorkerDetails};
 use crate::scheduler::Platform;
 use crate::secret::same_secret;
 
@@ -75,10 +75,7 @@ impl Workers for WorkerService {
         let interval = self.engine.inner.heartbeat_interval;
         let _ = tx.send(message(coordinator_message::Message::RegisterAck(
             RegisterAck {
-                heartbeat_interval: Some(kiln_proto::protobuf::Duration {
-                    seconds: interval.as_secs() as i64,
-                    nanos: interval.subsec_nanos() as i32,
-                }),
+                heartbeat_interval: Some(proto_duration(interval)),
             },
         )));
         tracing::info!(%worker, %platform, slots = register.slots, version = %register.version, "worker joined");
@@ -133,7 +130,7 @@ impl WorkerService {
         if register.slots == 0 {
             return Some("slots must be at least 1".into());
         }
-        match &self.engine.inner.join_token {
+        match self.engine.join_token() {
             Some(expected) if !same_secret(expected, &register.join_token) => {
                 Some("wrong join token".into())
             }
