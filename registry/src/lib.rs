@@ -172,10 +172,11 @@ impl Registry {
                 break;
             };
             for name in page {
+                let (manifests, tags) = index.counts(&name)?;
                 stats.push(RepositoryStats {
-                    tags: index.tags(&name, None, usize::MAX)?.len() as u64,
-                    manifests: index.manifests_of(&name)?.len() as u64,
                     name,
+                    tags,
+                    manifests,
                 });
             }
             last = Some(end);

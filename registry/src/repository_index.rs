@@ -290,6 +290,17 @@ impl RepositoryIndex {
             .collect()
     }
 
+    /// How many manifests and tags `repository` holds, without decoding them.
+    pub fn counts(&self, repository: &str) -> Result<(u64, u64)> {
+        let count = |keyspace| -> Result<u64> {
+            Ok(self
+                .store
+                .scan(keyspace, &prefix(repository), None, usize::MAX)?
+                .len() as u64)
+        };
+        Ok((count(MANIFESTS)?, count(TAGS)?))
+    }
+
     pub fn manifests_of(&self, repository: &str) -> Result<Vec<(String, ManifestRecord)>> {
         self.store
             .scan(MANIFESTS, &prefix(repository), None, usize::MAX)?
