@@ -70,11 +70,6 @@ pub struct TelemetryGuard {
 }
 
 impl TelemetryGuard {
-    /// Whether spans are exported.
-    pub fn exporting(&self) -> bool {
-        self.provider.is_some()
-    }
-
     /// Sends the spans finished so far to the collector, waiting for the export.
     pub fn flush(&self) {
         if let Some(provider) = &self.provider {

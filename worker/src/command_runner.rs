@@ -168,7 +168,7 @@ impl CommandRunner for ProcessRunner {
             WorkerError::InvalidAction(format!("cannot start {:?}: {e}", spec.arguments[0]))
         })?;
         // Declared after the child, so it is dropped first: kill, then reap.
-        let group = ProcessGroup(Some(child.id()));
+        let group = ProcessGroup(child.id());
         let exit = tokio::select! {
             status = child.wait() => {
                 let status = status.map_err(WorkerError::io("waiting for the action"))?;
@@ -192,16 +192,15 @@ impl CommandRunner for ProcessRunner {
 }
 
 /// A child's process group, killed as a whole.
-struct ProcessGroup(Option<libc::pid_t>);
+struct ProcessGroup(libc::pid_t);
 
 impl ProcessGroup {
     fn kill(&self) {
-        if let Some(pgid) = self.0.filter(|p| *p > 0) {
-            // SAFETY: kill has no memory-safety preconditions. A negative pid addresses the
-            // process group this runner created for the child; ESRCH (already gone) is fine.
-            unsafe {
-                libc::kill(-pgid, libc::SIGKILL);
-            }
+        // SAFETY: kill has no memory-safety preconditions. A negative pid addresses the
+        // process group this runner created for the child (its pid, always positive);
+        // ESRCH (already gone) is fine.
+        unsafe {
+            libc::kill(-self.0, libc::SIGKILL);
         }
     }
 }

@@ -159,8 +159,8 @@ async fn run_all(
             .collect()
             .await;
     let elapsed = start.elapsed();
-    let mut overhead = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
-    let mut sent_to_start = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+    let mut overhead = kiln_loadtests::load::latency_histogram();
+    let mut sent_to_start = kiln_loadtests::load::latency_histogram();
     let mut stages = [0u64; 4];
     let mut counted = 0u64;
     for response in responses {
@@ -238,6 +238,7 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(coordinator.serve(listener, futures::future::pending()));
+    let mut registrations = Vec::new();
     for index in 0..2 {
         let worker = kiln_worker::WorkerConfig {
             coordinator: format!("http://{addr}"),
@@ -248,14 +249,22 @@ async fn main() -> anyhow::Result<()> {
             worker_id: format!("bench-{index}"),
             ..Default::default()
         };
-        tokio::spawn(kiln_worker::run(worker, futures::future::pending::<()>()));
+        let (registered, registration) = tokio::sync::watch::channel(false);
+        registrations.push(registration);
+        tokio::spawn(kiln_worker::run_reporting(
+            worker,
+            futures::future::pending::<()>(),
+            registered,
+        ));
     }
     let channel = Endpoint::from_shared(format!("http://{addr}"))?
         .connect()
         .await?;
     let cas = ContentAddressableStorageClient::new(channel.clone());
     let execution = ExecutionClient::new(channel);
-    tokio::time::sleep(Duration::from_millis(500)).await; // workers register
+    for mut registration in registrations {
+        registration.wait_for(|registered| *registered).await?;
+    }
 
     let empty_root = Directory::default().encode_to_vec();
     let root = Digest::of_bytes(DigestFunction::Sha256, &empty_root);
