@@ -1,6 +1,6 @@
 //! `kiln up`'s join token: generated on first start and kept in the data directory, so
-//! that `kiln worker` processes on the same machine and `kiln drain` can find it, and a
-//! restarted farm keeps accepting the workers it had.
+//! that `kiln drain` (and an operator starting `kiln worker --join-token "$(cat …)"`) can
+//! find it, and a restarted farm keeps accepting the workers it had.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -125,7 +125,7 @@ async fn run(command: Command, config: KilnConfig) -> anyhow::Result<ExitCode> {
                 None => join_token::read_or_create(&config.data_dir)?,
             };
             let config = KilnConfig {
-                join_token: Some(join_token.clone()),
+                join_token: Some(join_token),
                 ..config
             };
             let registry = servers.start_registry(&config, &storage).await?;
@@ -135,7 +135,7 @@ async fn run(command: Command, config: KilnConfig) -> anyhow::Result<ExitCode> {
             let workers = config
                 .workers
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-            servers.start_local_workers(&config, grpc, &join_token, workers);
+            servers.start_local_workers(&config, grpc, workers);
             tracing::info!(data_dir = %config.data_dir.display(), "kiln is up");
             servers.run_until_signalled().await?;
         }

@@ -183,18 +183,18 @@ impl Servers {
         Ok(addr)
     }
 
-    /// Starts `count` workers in this process, each with its own work directory.
+    /// Starts `count` workers in this process, each with its own work directory, joining
+    /// with the configuration's join token.
     pub fn start_local_workers(
         &mut self,
         config: &KilnConfig,
         coordinator: SocketAddr,
-        join_token: &str,
         count: usize,
     ) {
         for index in 0..count {
             let mut worker = config.worker.clone();
             worker.coordinator = format!("http://{coordinator}");
-            worker.join_token = join_token.to_string();
+            worker.join_token = config.join_token.clone().unwrap_or_default();
             worker.work_dir = config.data_dir.join("workers").join(index.to_string());
             if worker.slots == 0 {
                 worker.slots = 1;

@@ -94,29 +94,13 @@ impl RunManifest {
 
 /// Parses `<hex>/<size>`.
 pub fn parse_action_digest(text: &str) -> Result<reapi::Digest> {
-    let invalid = |reason: &str| PublishError::Action {
-        action: text.to_string(),
-        reason: reason.to_string(),
-    };
-    let (hash, size) = text
-        .split_once('/')
-        .ok_or_else(|| invalid("expected <hex>/<size>"))?;
-    if hash.len() != 64
-        || !hash
-            .bytes()
-            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-    {
-        return Err(invalid("the hash must be 64 lower-case hex characters"));
-    }
-    let size_bytes = size
-        .parse::<i64>()
-        .ok()
-        .filter(|s| *s >= 0)
-        .ok_or_else(|| invalid("the size must be a non-negative integer"))?;
-    Ok(reapi::Digest {
-        hash: hash.to_string(),
-        size_bytes,
-    })
+    // Both digest functions kiln speaks have 32-byte hashes: one grammar for either.
+    kiln_store::Digest::parse_hash_slash_size(DigestFunction::Sha256, text)
+        .map(|digest| digest.to_reapi())
+        .map_err(|e| PublishError::Action {
+            action: text.to_string(),
+            reason: format!("expected <hex>/<size>: {e}"),
+        })
 }
 
 /// Writes the outputs of `actions` (cached results in the coordinator) into a new

@@ -319,5 +319,5 @@ impl<W: Write> Write for HashingWriter<W> {
 
 /// `sha256:<hex>` of a byte string: manifests and configs are named this way.
 pub(crate) fn sha256_digest(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+    kiln_store::Digest::of_bytes(kiln_store::DigestFunction::Sha256, bytes).oci()
 }
