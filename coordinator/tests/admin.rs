@@ -5,6 +5,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::actions::{upload_action, Spec};
 use common::{blob_name, random_bytes, upload_name, wire, within, write_requests, TestServer};
 use kiln_coordinator::CoordinatorConfig;
 use kiln_proto::admin::v1::{
@@ -12,8 +13,8 @@ use kiln_proto::admin::v1::{
 };
 use kiln_proto::prost::Message;
 use kiln_proto::reapi::{
-    execution_client::ExecutionClient, Action, BatchReadBlobsRequest, Command, Directory,
-    ExecuteRequest, ExecuteResponse, GetActionResultRequest,
+    execution_client::ExecutionClient, BatchReadBlobsRequest, ExecuteRequest, ExecuteResponse,
+    GetActionResultRequest,
 };
 use kiln_store::{Digest, DigestFunction};
 use kiln_worker::{BubblewrapMode, WorkerConfig};
@@ -54,29 +55,6 @@ async fn status_when(server: &TestServer, done: impl Fn(&FarmStatus) -> bool) ->
         }
     })
     .await
-}
-
-/// Uploads a `true` action with an empty input root; returns its digest and the bytes
-/// the upload stored.
-async fn upload_true_action(server: &TestServer) -> (Digest, u64) {
-    let command = Command {
-        arguments: vec!["true".into()],
-        ..Default::default()
-    }
-    .encode_to_vec();
-    let root = Directory::default().encode_to_vec();
-    let action = Action {
-        command_digest: Some(wire(&Digest::of_bytes(F, &command))),
-        input_root_digest: Some(wire(&Digest::of_bytes(F, &root))),
-        ..Default::default()
-    }
-    .encode_to_vec();
-    server
-        .upload("", F, &[&command, &root, &action])
-        .await
-        .unwrap();
-    let stored = (command.len() + root.len() + action.len()) as u64;
-    (Digest::of_bytes(F, &action), stored)
 }
 
 async fn execute_to_completion(server: &TestServer, action: &Digest) -> ExecuteResponse {
@@ -181,7 +159,7 @@ async fn status_counts_exactly_the_work_done_and_lists_workers() {
     assert!(builder.last_heartbeat.is_some() && builder.connected_at.is_some());
 
     // One lookup that misses, one execution (its own lookup misses too), one hit.
-    let (action, _) = upload_true_action(&server).await;
+    let (action, _) = upload_action(&server, Spec::default()).await;
     let missing = server
         .action_cache()
         .get_action_result(GetActionResultRequest {

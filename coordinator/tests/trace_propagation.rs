@@ -7,10 +7,11 @@ mod common;
 
 use std::time::Duration;
 
+use common::actions::{upload_action, Spec};
 use common::{wire, TestServer};
 use kiln_coordinator::CoordinatorConfig;
 use kiln_proto::prost::Message;
-use kiln_proto::reapi::{execution_client::ExecutionClient, Action, Command, Directory, FileNode};
+use kiln_proto::reapi::execution_client::ExecutionClient;
 use kiln_proto::reapi::{ExecuteRequest, ExecuteResponse};
 use kiln_store::{Digest, DigestFunction};
 use kiln_telemetry::receiver::{OtlpReceiver, ReceivedSpan, Retain, TracedRuntime};
@@ -22,36 +23,16 @@ const JOIN_TOKEN: &str = "join-token-6a1f93c0e2d84b7f";
 const BEARER_TOKEN: &str = "bearer-token-f00dfeedc0ffee42";
 const F: DigestFunction = DigestFunction::Sha256;
 
-/// Uploads a Command (`sh -c 'cat in.txt > out.txt'`), an input root holding `in.txt`
-/// (which the worker must fetch from the CAS) and the Action.
-async fn upload_action(server: &TestServer) -> Digest {
-    let command = Command {
-        arguments: vec!["sh".into(), "-c".into(), "cat in.txt > out.txt".into()],
-        output_paths: vec!["out.txt".into()],
-        ..Default::default()
-    }
-    .encode_to_vec();
-    let input = b"traced input\n";
-    let root = Directory {
-        files: vec![FileNode {
-            name: "in.txt".into(),
-            digest: Some(wire(&Digest::of_bytes(F, input))),
-            ..Default::default()
-        }],
-        ..Default::default()
-    }
-    .encode_to_vec();
-    let action = Action {
-        command_digest: Some(wire(&Digest::of_bytes(F, &command))),
-        input_root_digest: Some(wire(&Digest::of_bytes(F, &root))),
-        ..Default::default()
-    }
-    .encode_to_vec();
-    server
-        .upload("", F, &[&command, input, &root, &action])
-        .await
-        .expect("uploads");
-    Digest::of_bytes(F, &action)
+/// `sh -c 'cat in.txt > out.txt'` over an input root holding `in.txt`, which the worker
+/// must fetch from the CAS.
+async fn upload_traced_action(server: &TestServer) -> Digest {
+    let spec = Spec {
+        argv: &["sh", "-c", "cat in.txt > out.txt"],
+        output_files: &["out.txt"],
+        inputs: &[("in.txt", b"traced input\n")],
+        ..Spec::default()
+    };
+    upload_action(server, spec).await.0
 }
 
 fn named<'a>(spans: &'a [ReceivedSpan], service: &str, name: &str) -> Vec<&'a ReceivedSpan> {
@@ -119,7 +100,7 @@ fn one_action_is_one_trace_across_client_coordinator_and_worker() {
         let _ = stopped.await;
     }));
 
-    let action = coordinator.block_on(upload_action(&server));
+    let action = coordinator.block_on(upload_traced_action(&server));
     let channel = server.channel.clone();
     let response = client.block_on(async move {
         let mut request = tonic::Request::new(ExecuteRequest {

@@ -3,6 +3,8 @@
 //! generated tonic clients pointed at it.
 #![allow(dead_code)] // Each test binary uses a different part of this module.
 
+pub mod actions;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
