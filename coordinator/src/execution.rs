@@ -46,7 +46,7 @@ use crate::action_cache::ActionCacheService;
 use crate::counters::{names, Counters, Outcome};
 use crate::scheduler::{Cancelled, LostLease, Platform, Scheduler, SchedulerConfig};
 use crate::{reapi_digest, CoordinatorConfig, CoordinatorError};
-use action_trace::ActionTrace;
+use action_trace::QueueWait;
 pub(crate) use operation::proto_duration;
 use operation::{
     completed_operation, timestamp_from_nanos, unix_nanos, OperationRecord, OPERATIONS,
@@ -114,7 +114,7 @@ struct LiveOperation {
     completed: Option<Instant>,
     /// The Action and Command to send along with the Assign, while the operation waits.
     inline: Option<InlineMessages>,
-    trace: ActionTrace,
+    queue_wait: QueueWait,
 }
 
 /// An action's encoded Action and Command messages, as read from the CAS at Execute.
@@ -184,8 +184,8 @@ impl ExecutionEngine {
                 let Some(record) = OperationRecord::decode(&value) else {
                     continue;
                 };
-                let stage = if record.response.is_some() {
-                    execution_stage::Value::Completed
+                let (stage, queue_wait) = if record.response.is_some() {
+                    (execution_stage::Value::Completed, QueueWait::none())
                 } else {
                     // Whatever ran before the restart runs again: actions are hermetic,
                     // and the lost worker streams cannot deliver their results anymore.
@@ -195,7 +195,9 @@ impl ExecutionEngine {
                         record.name.clone(),
                     );
                     requeued += 1;
-                    execution_stage::Value::Queued
+                    // The wait, and the worker's spans after it, continue the client's trace.
+                    let queue_wait = QueueWait::start(&record.trace_context());
+                    (execution_stage::Value::Queued, queue_wait)
                 };
                 let (updates, _) = watch::channel(record.to_operation(stage));
                 let completed = record.response.is_some().then(Instant::now);
@@ -210,7 +212,7 @@ impl ExecutionEngine {
                         completed,
                         // Workers fetch these from the CAS after a restart.
                         inline: None,
-                        trace: ActionTrace::reloaded(),
+                        queue_wait,
                     },
                 );
             }
@@ -297,7 +299,7 @@ impl ExecutionEngine {
             let Some(live) = state.operations.get_mut(&assignment.operation) else {
                 continue;
             };
-            let trace_context = live.trace.assigned(&assignment.worker, assignment.attempt);
+            live.queue_wait.end(&assignment.worker, assignment.attempt);
             let record = &live.record;
             let queued_at =
                 std::time::UNIX_EPOCH + Duration::from_nanos(record.queued_at_unix_nanos);
@@ -313,8 +315,8 @@ impl ExecutionEngine {
                 action_digest: Some(action_digest.to_reapi()),
                 digest_function: action_digest.function.reapi_value(),
                 timeout: record.timeout().map(proto_duration),
-                traceparent: trace_context.traceparent,
-                tracestate: trace_context.tracestate,
+                traceparent: record.traceparent.clone(),
+                tracestate: record.tracestate.clone(),
                 queued_timestamp: Some(timestamp_from_nanos(record.queued_at_unix_nanos)),
                 action: live
                     .inline
@@ -353,7 +355,7 @@ impl ExecutionEngine {
                 } => {
                     tracing::info!(%operation, attempts, "requeued after losing its worker");
                     if let Some(live) = state.operations.get_mut(&operation) {
-                        live.trace.requeued();
+                        live.queue_wait = QueueWait::start(&live.record.trace_context());
                         let _ = live
                             .updates
                             .send_replace(live.record.to_operation(execution_stage::Value::Queued));
@@ -521,6 +523,7 @@ impl ExecutionEngine {
 
         let priority = request.execution_policy.as_ref().map_or(0, |p| p.priority);
         let key = (request.instance_name.clone(), action_digest);
+        let execute_context = action_trace::execute_context();
         let record = OperationRecord {
             name: format!("operations/{}", uuid::Uuid::new_v4()),
             instance_name: request.instance_name.clone(),
@@ -541,6 +544,8 @@ impl ExecutionEngine {
             do_not_cache: action.do_not_cache,
             queued_at_unix_nanos: unix_nanos(SystemTime::now()),
             response: None,
+            traceparent: execute_context.traceparent,
+            tracestate: execute_context.tracestate,
         };
 
         // Persist first, so that an acknowledged operation survives a crash.
@@ -559,13 +564,13 @@ impl ExecutionEngine {
                 .and_then(|name| state.operations.get(name))
             {
                 // Another identical Execute won the race while we flushed.
-                let receiver = existing.updates.subscribe();
+                let stream = self.follow_joined(existing);
                 drop(state);
                 let _ = self
                     .inner
                     .metadata
                     .remove(OPERATIONS, record.name.as_bytes());
-                return Ok(follow(receiver, self.closed()));
+                return Ok(stream);
             }
             // Queued means in the scheduler's queue: the wait from here on is the
             // scheduler's, not the flush's. (The persisted copy keeps the time the
@@ -576,6 +581,7 @@ impl ExecutionEngine {
                 watch::channel(record.to_operation(execution_stage::Value::Queued));
             state.scheduler.enqueue(record.queued_action());
             state.in_flight.insert(key, record.name.clone());
+            let queue_wait = QueueWait::start(&record.trace_context());
             state.operations.insert(
                 record.name.clone(),
                 LiveOperation {
@@ -583,7 +589,7 @@ impl ExecutionEngine {
                     updates,
                     completed: None,
                     inline,
-                    trace: ActionTrace::queued(),
+                    queue_wait,
                 },
             );
             receiver
@@ -597,20 +603,24 @@ impl ExecutionEngine {
     fn subscribe_in_flight(&self, key: &(String, Digest)) -> Option<OperationStream> {
         let state = self.state();
         let name = state.in_flight.get(key)?;
-        Some(follow(
-            state.operations.get(name)?.updates.subscribe(),
-            self.closed(),
-        ))
+        Some(self.follow_joined(state.operations.get(name)?))
     }
 
     fn subscribe(&self, name: &str) -> Result<OperationStream, CoordinatorError> {
         let state = self.state();
         match state.operations.get(name) {
-            Some(live) => Ok(follow(live.updates.subscribe(), self.closed())),
+            Some(live) => Ok(self.follow_joined(live)),
             None => Err(CoordinatorError::NotFound(format!(
                 "no operation named {name:?}"
             ))),
         }
+    }
+
+    /// Follows an operation that another call started. The current call's span is in a
+    /// trace of its own; the link leads from it to the operation's.
+    fn follow_joined(&self, live: &LiveOperation) -> OperationStream {
+        action_trace::link_to_operation(&live.record.trace_context());
+        follow(live.updates.subscribe(), self.closed())
     }
 
     /// A worker's result for one of its leases. The worker's slot is free at once (and
@@ -635,7 +645,7 @@ impl ExecutionEngine {
                 let mut action = action;
                 action.attempts = action.attempts.saturating_sub(1);
                 if let Some(live) = state.operations.get_mut(&action.operation) {
-                    live.trace.requeued();
+                    live.queue_wait = QueueWait::start(&live.record.trace_context());
                 }
                 state.scheduler.enqueue(action);
                 drop(state);
@@ -650,7 +660,10 @@ impl ExecutionEngine {
         // The freed slot takes the next queued action at once.
         self.dispatch_once();
         let engine = self.clone();
-        tokio::spawn(async move { engine.publish_result(record, result, status).await });
+        let span = action_trace::publish_result_span(&record.trace_context());
+        tokio::spawn(
+            async move { engine.publish_result(record, result, status).await }.instrument(span),
+        );
     }
 
     /// Caches a successful result (flushed before anyone sees it), then completes the
@@ -679,6 +692,7 @@ impl ExecutionEngine {
                 .as_ref()
                 .and_then(|r| r.execution_metadata.as_ref()),
         );
+        let mut cached = false;
         if succeeded && !record.do_not_cache {
             let action_digest = record.action_digest();
             let update = UpdateActionResultRequest {
@@ -688,12 +702,16 @@ impl ExecutionEngine {
                 digest_function: action_digest.function.reapi_value(),
                 ..Default::default()
             };
-            if let Err(e) = self.inner.action_cache.update(update).await {
-                // The client still gets its result; only the cache entry is missing.
-                tracing::warn!(operation = %record.name, error = %e, "could not cache a result");
-                response.message = format!("the result was not cached: {e}");
+            match self.inner.action_cache.update(update).await {
+                Ok(_) => cached = true,
+                Err(e) => {
+                    // The client still gets its result; only the cache entry is missing.
+                    tracing::warn!(operation = %record.name, error = %e, "could not cache a result");
+                    response.message = format!("the result was not cached: {e}");
+                }
             }
         }
+        tracing::Span::current().record("cached", cached);
         {
             let mut state = self.state();
             self.finish(&mut state, &record.name, response);

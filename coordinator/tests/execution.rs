@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::actions::{shell_action, upload_action, Spec};
-use common::{wire, within, TestServer};
+use common::{finish, wire, within, TestServer};
 use kiln_coordinator::CoordinatorConfig;
 use kiln_proto::longrunning::{
     operation, operations_client::OperationsClient, CancelOperationRequest, Operation,
@@ -76,23 +76,6 @@ async fn execute_with(
 
 async fn execute(server: &TestServer, action: &Digest) -> Streaming<Operation> {
     execute_with(server, action, false, 0).await.unwrap()
-}
-
-/// Reads an operation stream until the operation is done.
-async fn finish(mut stream: Streaming<Operation>) -> Operation {
-    within(60, async {
-        loop {
-            let operation = stream
-                .message()
-                .await
-                .expect("the operation stream does not fail")
-                .expect("the stream ends only after the operation is done");
-            if operation.done {
-                return operation;
-            }
-        }
-    })
-    .await
 }
 
 /// The first message of a stream (the operation's name and stage).

@@ -7,7 +7,8 @@
 //!   OpenTelemetry layer at all: RPC spans are at DEBUG level, so at the default `info`
 //!   they stay on `tracing`'s disabled-callsite fast path.
 //! - [`propagation`]: the W3C trace context to and from HTTP headers (gRPC metadata is
-//!   HTTP/2 headers) and the `traceparent`/`tracestate` strings of the worker protocol.
+//!   HTTP/2 headers) and the `traceparent`/`tracestate` strings of the worker protocol,
+//!   as parents and as links.
 //! - [`grpc`]: a span for every gRPC call, on servers ([`GrpcServerTraceLayer`], which
 //!   also adopts the caller's context) and on clients ([`TracedChannel`], which sends it).
 //! - `receiver` (feature `receiver`): an in-process OTLP trace receiver for tests and

@@ -64,6 +64,17 @@ pub fn set_remote_parent(span: &Span, context: &TraceContext) {
     adopt(span, TraceContextPropagator::new().extract(context));
 }
 
+/// Links `span` to the span described by `context`: the span belongs to a trace of its
+/// own but follows that one's work (a call that joins an operation another call started).
+/// Empty or malformed contexts add no link.
+pub fn add_link(span: &Span, context: &TraceContext) {
+    if span.is_disabled() || context.traceparent.is_empty() {
+        return;
+    }
+    let linked = TraceContextPropagator::new().extract(context);
+    span.add_link(linked.span().span_context().clone());
+}
+
 /// Adds `span`'s context to outgoing request headers.
 pub fn inject_into_headers(span: &Span, headers: &mut http::HeaderMap) {
     if span.is_disabled() {

@@ -1,58 +1,62 @@
-//! One action's trace on the coordinator: the queue wait, and the context the worker's
-//! spans continue, so that the client's Execute, the wait and the worker's stages form
-//! one trace.
+//! One action's trace on the coordinator. The Execute call that starts an operation has
+//! its W3C context persisted with the operation record; the queue wait, the worker's spans
+//! (through the Assign) and the publication of the result continue that trace, after a
+//! restart too. Calls that follow an operation they did not start (an identical Execute
+//! joining it, WaitExecution) are in traces of their own, linked to the operation's.
 
 use kiln_telemetry::propagation::{self, TraceContext};
 use tracing::Span;
 
-pub(crate) struct ActionTrace {
-    /// The Execute call's context, captured at enqueue: the Execute span itself ends
-    /// when the call returns, long before a worker picks the action up.
-    execute: TraceContext,
-    /// From queued to assigned; a requeued action waits again.
-    queue_wait: Span,
+/// The context of the current span (the Execute call), to persist with the operation.
+pub(crate) fn execute_context() -> TraceContext {
+    propagation::trace_context_of(&Span::current())
 }
 
-impl ActionTrace {
-    /// Starts the queue wait; call it inside the Execute span.
-    pub(crate) fn queued() -> Self {
-        let execute = Span::current();
-        ActionTrace {
-            execute: propagation::trace_context_of(&execute),
-            queue_wait: queue_wait_span(Some(&execute)),
-        }
-    }
-
-    /// An operation reloaded after a restart has no caller to continue.
-    pub(crate) fn reloaded() -> Self {
-        ActionTrace {
-            execute: TraceContext::default(),
-            queue_wait: Span::none(),
-        }
-    }
-
-    /// Ends the queue wait and returns the context for the Assign.
-    pub(crate) fn assigned(&mut self, worker: &str, attempt: u32) -> TraceContext {
-        self.queue_wait.record("worker", worker);
-        self.queue_wait.record("attempt", attempt);
-        self.queue_wait = Span::none();
-        self.execute.clone()
-    }
-
-    /// The action is back in the queue (its worker was lost or full).
-    pub(crate) fn requeued(&mut self) {
-        let span = queue_wait_span(None);
-        propagation::set_remote_parent(&span, &self.execute);
-        self.queue_wait = span;
-    }
+/// Links the current span (a call following an operation) to the operation's Execute.
+pub(crate) fn link_to_operation(execute: &TraceContext) {
+    propagation::add_link(&Span::current(), execute);
 }
 
-fn queue_wait_span(parent: Option<&Span>) -> Span {
-    let parent = parent.and_then(Span::id);
-    tracing::debug_span!(
-        parent: parent,
-        "queue_wait",
-        worker = tracing::field::Empty,
-        attempt = tracing::field::Empty,
-    )
+/// The span in which a worker's result is checked against the CAS, written to the
+/// action cache and the operation completed: the last of the action's work.
+pub(crate) fn publish_result_span(execute: &TraceContext) -> Span {
+    let span = tracing::debug_span!(
+        parent: None,
+        "publish_result",
+        cached = tracing::field::Empty
+    );
+    propagation::set_remote_parent(&span, execute);
+    span
+}
+
+/// From queued to assigned. An action that is requeued, or reloaded after a restart,
+/// waits again.
+pub(crate) struct QueueWait {
+    span: Span,
+}
+
+impl QueueWait {
+    /// Starts waiting, in the trace of the Execute call described by `execute`.
+    pub(crate) fn start(execute: &TraceContext) -> Self {
+        let span = tracing::debug_span!(
+            parent: None,
+            "queue_wait",
+            worker = tracing::field::Empty,
+            attempt = tracing::field::Empty,
+        );
+        propagation::set_remote_parent(&span, execute);
+        QueueWait { span }
+    }
+
+    /// Not waiting: the operation is finished.
+    pub(crate) fn none() -> Self {
+        QueueWait { span: Span::none() }
+    }
+
+    /// Ends the wait: the action went to `worker`.
+    pub(crate) fn end(&mut self, worker: &str, attempt: u32) {
+        self.span.record("worker", worker);
+        self.span.record("attempt", attempt);
+        self.span = Span::none();
+    }
 }

@@ -8,6 +8,7 @@ use kiln_proto::prost::Message;
 use kiln_proto::protobuf::Any;
 use kiln_proto::reapi::{execution_stage, ExecuteOperationMetadata, ExecuteResponse};
 use kiln_store::{Digest, DigestFunction, Keyspace};
+use kiln_telemetry::propagation::TraceContext;
 use serde::{Deserialize, Serialize};
 
 use crate::scheduler::{Platform, QueuedAction};
@@ -32,6 +33,13 @@ pub(crate) struct OperationRecord {
     pub queued_at_unix_nanos: u64,
     /// The encoded ExecuteResponse, once the operation is done.
     pub response: Option<Vec<u8>>,
+    /// The W3C trace context of the Execute call that started the operation, so that the
+    /// worker's spans join the client's trace after a coordinator restart too. Empty when
+    /// that call was not traced, and in records written before kiln kept it.
+    #[serde(default)]
+    pub traceparent: String,
+    #[serde(default)]
+    pub tracestate: String,
 }
 
 impl OperationRecord {
@@ -52,6 +60,14 @@ impl OperationRecord {
             affinity,
             // Attempts are not persisted: after a restart an action starts its count again.
             attempts: 0,
+        }
+    }
+
+    /// The context the operation's spans continue.
+    pub fn trace_context(&self) -> TraceContext {
+        TraceContext {
+            traceparent: self.traceparent.clone(),
+            tracestate: self.tracestate.clone(),
         }
     }
 
@@ -138,5 +154,44 @@ pub(crate) fn timestamp_from_nanos(nanos: u64) -> kiln_proto::protobuf::Timestam
     kiln_proto::protobuf::Timestamp {
         seconds: (nanos / 1_000_000_000) as i64,
         nanos: (nanos % 1_000_000_000) as i32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> OperationRecord {
+        let action = Digest::of_bytes(DigestFunction::Sha256, b"action");
+        OperationRecord {
+            name: "operations/a".into(),
+            function: action.function.name().to_string(),
+            action_hash: action.hex(),
+            action_size: action.size,
+            traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+            tracestate: "vendor=value".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_trace_context_survives_encoding() {
+        let record = record();
+        let decoded = OperationRecord::decode(&record.encode()).expect("the record decodes");
+        assert_eq!(decoded.trace_context(), record.trace_context());
+        assert_eq!(decoded.action_digest(), record.action_digest());
+    }
+
+    #[test]
+    fn records_written_before_trace_contexts_were_kept_still_decode() {
+        let mut json = serde_json::to_value(record()).unwrap();
+        let fields = json.as_object_mut().unwrap();
+        fields.remove("traceparent").expect("the field is written");
+        fields.remove("tracestate").expect("the field is written");
+        let old = serde_json::to_vec(&json).unwrap();
+
+        let decoded = OperationRecord::decode(&old).expect("an old record decodes");
+        assert_eq!(decoded.trace_context(), TraceContext::default());
+        assert_eq!(decoded.action_digest(), record().action_digest());
     }
 }

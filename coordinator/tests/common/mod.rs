@@ -4,6 +4,7 @@
 #![allow(dead_code)] // Each test binary uses a different part of this module.
 
 pub mod actions;
+pub mod traces;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -14,6 +15,7 @@ use anyhow::Context;
 use kiln_coordinator::{Coordinator, CoordinatorConfig, CoordinatorError};
 use kiln_proto::bytestream::byte_stream_client::ByteStreamClient;
 use kiln_proto::bytestream::{ReadRequest, WriteRequest};
+use kiln_proto::longrunning::Operation;
 use kiln_proto::reapi::{
     self, action_cache_client::ActionCacheClient, batch_update_blobs_request,
     capabilities_client::CapabilitiesClient,
@@ -264,4 +266,21 @@ pub async fn within<T>(seconds: u64, future: impl std::future::Future<Output = T
     tokio::time::timeout(Duration::from_secs(seconds), future)
         .await
         .expect("test step timed out")
+}
+
+/// Reads an operation stream until the operation is done.
+pub async fn finish(mut stream: tonic::Streaming<Operation>) -> Operation {
+    within(60, async {
+        loop {
+            let operation = stream
+                .message()
+                .await
+                .expect("the operation stream does not fail")
+                .expect("the stream ends only after the operation is done");
+            if operation.done {
+                return operation;
+            }
+        }
+    })
+    .await
 }
