@@ -12,7 +12,8 @@
 //! - [`grpc`]: a span for every gRPC call, on servers ([`GrpcServerTraceLayer`], which
 //!   also adopts the caller's context) and on clients ([`TracedChannel`], which sends it).
 //! - `receiver` (feature `receiver`): an in-process OTLP trace receiver for tests and
-//!   benchmarks.
+//!   benchmarks, and runtimes that stand in for processes reporting to it (their log
+//!   lines optionally kept in memory).
 
 pub mod grpc;
 pub mod propagation;

@@ -1,6 +1,7 @@
 //! An in-process OTLP/gRPC trace receiver on 127.0.0.1:0: the collector's
 //! `TraceService/Export`, keeping what it receives for tests to inspect (or only counting
-//! it, for benchmarks).
+//! it, for benchmarks); and [`TracedRuntime`], a runtime standing in for one process that
+//! exports to it, optionally with its log lines kept in memory ([`CapturedLogs`]).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -40,6 +41,35 @@ impl ReceivedSpan {
     pub fn attribute(&self, key: &str) -> Option<String> {
         attribute(&self.span.attributes, key)
     }
+
+    /// Everything the span carries, as text: name, attributes, events, links, status and
+    /// the sending process's resource. Tests search it for what must never be recorded.
+    pub fn text(&self) -> String {
+        format!("{:?} {:?}", self.span, self.resource)
+    }
+}
+
+/// Where each of `secrets` was recorded: the spans (anything they carry, see
+/// [`ReceivedSpan::text`]) and the log lines it appears in. Tests assert that there is
+/// nothing to report.
+pub fn recorded_secrets(
+    secrets: &[&str],
+    spans: &[ReceivedSpan],
+    log_lines: &[String],
+) -> Vec<String> {
+    let mut found = Vec::new();
+    for secret in secrets {
+        for span in spans {
+            let text = span.text();
+            if text.contains(secret) {
+                found.push(format!("{secret:?} in a span: {text}"));
+            }
+        }
+        for line in log_lines.iter().filter(|line| line.contains(secret)) {
+            found.push(format!("{secret:?} in a log line: {line}"));
+        }
+    }
+    found
 }
 
 /// An attribute among `attributes`, rendered as text.
@@ -166,20 +196,43 @@ pub struct TracedRuntime {
 
 impl TracedRuntime {
     /// `exporter_runtime` runs the exporter's gRPC channel; it must outlive this runtime's
-    /// last [`flush`](Self::flush) and keep running (a multi-threaded runtime).
+    /// last [`flush`](Self::flush) and keep running (a multi-threaded runtime). Log lines
+    /// (warnings and errors) go to stderr.
     pub fn start(
         service: &str,
         otlp_endpoint: &str,
         exporter_runtime: &tokio::runtime::Runtime,
     ) -> Result<Self, crate::TelemetryError> {
-        let options = crate::TelemetryOptions {
-            log_filter: "warn".into(),
-            otlp_endpoint: Some(otlp_endpoint.to_string()),
-        };
+        let options = export_options("warn", otlp_endpoint);
         let (dispatch, telemetry) = {
             let _entered = exporter_runtime.enter();
             crate::build(service, &options)?
         };
+        Self::reporting_to(dispatch, telemetry)
+    }
+
+    /// [`start`](Self::start), with the log lines that `log_filter` lets through kept in
+    /// memory instead of printed, for tests that inspect what a process logs.
+    pub fn start_capturing_logs(
+        service: &str,
+        otlp_endpoint: &str,
+        exporter_runtime: &tokio::runtime::Runtime,
+        log_filter: &str,
+    ) -> Result<(Self, CapturedLogs), crate::TelemetryError> {
+        let options = export_options(log_filter, otlp_endpoint);
+        let logs = CapturedLogs::default();
+        let writer = logs.clone();
+        let (dispatch, telemetry) = {
+            let _entered = exporter_runtime.enter();
+            crate::subscriber::build_logging_to(service, &options, move || writer.clone(), false)?
+        };
+        Ok((Self::reporting_to(dispatch, telemetry)?, logs))
+    }
+
+    fn reporting_to(
+        dispatch: tracing::Dispatch,
+        telemetry: crate::TelemetryGuard,
+    ) -> Result<Self, crate::TelemetryError> {
         let for_threads = dispatch.clone();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -205,5 +258,41 @@ impl TracedRuntime {
     /// Exports the spans finished so far, waiting for the export.
     pub fn flush(&self) {
         self.telemetry.flush();
+    }
+}
+
+fn export_options(log_filter: &str, otlp_endpoint: &str) -> crate::TelemetryOptions {
+    crate::TelemetryOptions {
+        log_filter: log_filter.to_string(),
+        otlp_endpoint: Some(otlp_endpoint.to_string()),
+    }
+}
+
+/// The log lines a [`TracedRuntime`] wrote, kept in memory.
+#[derive(Clone, Default)]
+pub struct CapturedLogs {
+    bytes: Arc<Mutex<Vec<u8>>>,
+}
+
+impl CapturedLogs {
+    /// Every line written so far.
+    pub fn lines(&self) -> Vec<String> {
+        let bytes = self.bytes.lock().unwrap_or_else(|e| e.into_inner());
+        String::from_utf8_lossy(&bytes)
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut bytes = self.bytes.lock().unwrap_or_else(|e| e.into_inner());
+        bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }

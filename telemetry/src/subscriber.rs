@@ -10,6 +10,7 @@ use opentelemetry_sdk::trace::SdkTracerProvider;
 use opentelemetry_sdk::Resource;
 use tracing::{Dispatch, Level, Metadata};
 use tracing_subscriber::filter::{filter_fn, EnvFilter};
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::Layer;
 
@@ -108,14 +109,29 @@ pub fn build(
     service_name: &str,
     options: &TelemetryOptions,
 ) -> Result<(Dispatch, TelemetryGuard), TelemetryError> {
+    let colours = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    build_logging_to(service_name, options, std::io::stderr, colours)
+}
+
+/// [`build`], with the log lines going to `log_writer` rather than stderr: tests read
+/// them back.
+pub(crate) fn build_logging_to<W>(
+    service_name: &str,
+    options: &TelemetryOptions,
+    log_writer: W,
+    colours: bool,
+) -> Result<(Dispatch, TelemetryGuard), TelemetryError>
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
     let log_filter =
         EnvFilter::try_new(&options.log_filter).map_err(|source| TelemetryError::LogFilter {
             filter: options.log_filter.clone(),
             source,
         })?;
     let log_lines = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(log_writer)
+        .with_ansi(colours)
         .with_filter(log_filter);
     let provider = match options.export() {
         Some(endpoint) => Some(tracer_provider(service_name, endpoint)?),

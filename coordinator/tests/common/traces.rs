@@ -11,7 +11,7 @@ use kiln_proto::prost::Message;
 use kiln_proto::reapi::execution_client::ExecutionClient;
 use kiln_proto::reapi::{ExecuteRequest, ExecuteResponse};
 use kiln_store::{Digest, DigestFunction};
-use kiln_telemetry::receiver::{OtlpReceiver, ReceivedSpan, Retain, TracedRuntime};
+use kiln_telemetry::receiver::{CapturedLogs, OtlpReceiver, ReceivedSpan, Retain, TracedRuntime};
 use kiln_worker::{BubblewrapMode, WorkerConfig, WorkerError};
 use tokio::runtime::Runtime;
 use tokio::sync::oneshot;
@@ -42,6 +42,21 @@ impl TraceCollector {
     pub fn process(&self, service: &str) -> TracedRuntime {
         TracedRuntime::start(service, &self.receiver.endpoint(), &self.exporter)
             .expect("telemetry starts")
+    }
+
+    /// A process reporting as `service`, whose log lines at `log_filter` are kept.
+    pub fn process_capturing_logs(
+        &self,
+        service: &str,
+        log_filter: &str,
+    ) -> (TracedRuntime, CapturedLogs) {
+        TracedRuntime::start_capturing_logs(
+            service,
+            &self.receiver.endpoint(),
+            &self.exporter,
+            log_filter,
+        )
+        .expect("telemetry starts")
     }
 
     /// Flushes `processes` until the spans received satisfy `complete`: spans that close
