@@ -19,12 +19,46 @@ pub struct LoadSummary {
     pub elapsed: Duration,
     pub p50: Duration,
     pub p99: Duration,
+    /// CPU time of this whole process over the run (every thread: the load generator, and
+    /// the server when it runs in process). On a shared machine, a sturdier measure of cost
+    /// than throughput, which other processes' load moves.
+    pub process_cpu: Duration,
 }
 
 impl LoadSummary {
     pub fn per_second(&self) -> f64 {
         self.requests as f64 / self.elapsed.as_secs_f64()
     }
+
+    /// Process CPU per request, in microseconds.
+    pub fn cpu_micros_per_request(&self) -> f64 {
+        self.process_cpu.as_secs_f64() * 1e6 / self.requests.max(1) as f64
+    }
+}
+
+/// CPU time of the calling thread so far.
+pub fn thread_cpu_time() -> Duration {
+    // SAFETY: clock_gettime only writes the struct it is given.
+    let time = unsafe {
+        let mut time = std::mem::zeroed::<libc::timespec>();
+        libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut time);
+        time
+    };
+    Duration::new(time.tv_sec as u64, time.tv_nsec as u32)
+}
+
+/// User plus system CPU time of this process so far, all threads.
+pub fn process_cpu_time() -> Duration {
+    // SAFETY: getrusage only writes the struct it is given.
+    let usage = unsafe {
+        let mut usage = std::mem::zeroed::<libc::rusage>();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let time = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+    };
+    time(usage.ru_utime) + time(usage.ru_stime)
 }
 
 /// Runs `call` from `concurrency` tasks for `duration` (and at most `max_requests` in
@@ -45,6 +79,7 @@ where
         let _ = call().await;
     }
     let start = Instant::now();
+    let cpu_at_start = process_cpu_time();
     let deadline = start + duration;
     let per_task = max_requests / concurrency as u64;
     let tasks: Vec<_> = (0..concurrency)
@@ -78,6 +113,7 @@ where
         requests: histogram.len(),
         errors,
         elapsed: start.elapsed(),
+        process_cpu: process_cpu_time().saturating_sub(cpu_at_start),
         p50: Duration::from_micros(histogram.value_at_quantile(0.5)),
         p99: Duration::from_micros(histogram.value_at_quantile(0.99)),
     }

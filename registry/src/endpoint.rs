@@ -33,20 +33,46 @@ pub enum Endpoint {
     Referrers { name: String, digest: ContentHash },
 }
 
+/// How an endpoint is named where names must be few: metrics (`kind`) and span names
+/// (`route`, OpenTelemetry's `http.route`). Neither carries a repository name or digest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EndpointLabels {
+    pub kind: &'static str,
+    pub route: &'static str,
+}
+
+impl EndpointLabels {
+    /// A path that names no endpoint (or names one invalidly).
+    pub const UNMATCHED: EndpointLabels = EndpointLabels {
+        kind: "unknown",
+        route: "unmatched",
+    };
+
+    const fn new(kind: &'static str, route: &'static str) -> Self {
+        EndpointLabels { kind, route }
+    }
+}
+
 impl Endpoint {
-    /// The route template, without names, references or digests: a low-cardinality name
-    /// for spans and metrics.
-    pub fn route(&self) -> &'static str {
+    pub fn labels(&self) -> EndpointLabels {
         match self {
-            Endpoint::Base => "/v2/",
-            Endpoint::Catalog => "/v2/_catalog",
-            Endpoint::Token => "/token",
-            Endpoint::Manifest { .. } => "/v2/{name}/manifests/{reference}",
-            Endpoint::Blob { .. } => "/v2/{name}/blobs/{digest}",
-            Endpoint::UploadStart { .. } => "/v2/{name}/blobs/uploads/",
-            Endpoint::Upload { .. } => "/v2/{name}/blobs/uploads/{id}",
-            Endpoint::TagList { .. } => "/v2/{name}/tags/list",
-            Endpoint::Referrers { .. } => "/v2/{name}/referrers/{digest}",
+            Endpoint::Base => EndpointLabels::new("base", "/v2/"),
+            Endpoint::Catalog => EndpointLabels::new("catalog", "/v2/_catalog"),
+            Endpoint::Token => EndpointLabels::new("token", "/token"),
+            Endpoint::Manifest { .. } => {
+                EndpointLabels::new("manifest", "/v2/{name}/manifests/{reference}")
+            }
+            Endpoint::Blob { .. } => EndpointLabels::new("blob", "/v2/{name}/blobs/{digest}"),
+            Endpoint::UploadStart { .. } => {
+                EndpointLabels::new("upload_start", "/v2/{name}/blobs/uploads/")
+            }
+            Endpoint::Upload { .. } => {
+                EndpointLabels::new("upload", "/v2/{name}/blobs/uploads/{id}")
+            }
+            Endpoint::TagList { .. } => EndpointLabels::new("tags", "/v2/{name}/tags/list"),
+            Endpoint::Referrers { .. } => {
+                EndpointLabels::new("referrers", "/v2/{name}/referrers/{digest}")
+            }
         }
     }
 }
@@ -125,22 +151,6 @@ impl Reference {
 }
 
 impl Endpoint {
-    /// A fixed name for the endpoint, for metrics: no repository names or digests, so
-    /// the number of series stays bounded.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Endpoint::Base => "base",
-            Endpoint::Catalog => "catalog",
-            Endpoint::Token => "token",
-            Endpoint::Manifest { .. } => "manifest",
-            Endpoint::Blob { .. } => "blob",
-            Endpoint::UploadStart { .. } => "upload_start",
-            Endpoint::Upload { .. } => "upload",
-            Endpoint::TagList { .. } => "tags",
-            Endpoint::Referrers { .. } => "referrers",
-        }
-    }
-
     /// Parses a request path (without the query string).
     pub fn parse(path: &str) -> Result<Self> {
         if path == "/token" {

@@ -8,10 +8,11 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+use kiln_telemetry::HttpServerSpan;
 
 use crate::auth::{Principal, Scope};
 use crate::config::Action;
-use crate::endpoint::Endpoint;
+use crate::endpoint::{Endpoint, EndpointLabels};
 use crate::error::{RegistryError, Result};
 use crate::{blob_api, listing_api, manifest_api, usage_metrics, RegistryState};
 
@@ -36,9 +37,6 @@ pub fn router(state: Arc<RegistryState>) -> Router {
         .fallback(handle)
         .with_state(state)
         .layer(axum::middleware::map_response(add_api_version))
-        .layer(axum::middleware::from_fn(
-            crate::request_span::trace_request,
-        ))
 }
 
 async fn add_api_version(mut response: Response) -> Response {
@@ -48,18 +46,34 @@ async fn add_api_version(mut response: Response) -> Response {
     response
 }
 
+/// Every request under /v2/ (and /token): parsed once, traced when export is on (the
+/// probes are not: a span every few seconds per kubelet says nothing), counted.
 async fn handle(State(state): State<Arc<RegistryState>>, request: Request) -> Response {
     let started = std::time::Instant::now();
     let method = request.method().clone();
     let uri = request.uri().clone();
-    let (kind, response) = match Endpoint::parse(uri.path()) {
-        Ok(endpoint) => (endpoint.kind(), dispatch(&state, endpoint, request).await),
-        Err(e) => ("unknown", Err(e)),
+    let endpoint = Endpoint::parse(uri.path());
+    let labels = endpoint
+        .as_ref()
+        .map_or(EndpointLabels::UNMATCHED, Endpoint::labels);
+    let span = HttpServerSpan::start(&method, labels.route, request.headers());
+    let serve = async {
+        let response = match endpoint {
+            Ok(endpoint) => dispatch(&state, endpoint, request).await,
+            Err(e) => Err(e),
+        };
+        response.unwrap_or_else(IntoResponse::into_response)
     };
-    let response = response.unwrap_or_else(IntoResponse::into_response);
-    usage_metrics::record_request(kind, &method, &response, started.elapsed());
+    let response = match &span {
+        Some(span) => span.instrument(serve).await,
+        None => serve.await,
+    };
+    usage_metrics::record_request(labels.kind, &method, &response, started.elapsed());
     tracing::debug!(%method, %uri, status = response.status().as_u16(), "request");
-    response
+    match span {
+        Some(span) => span.respond(response).map(Body::new),
+        None => response,
+    }
 }
 
 /// One request, taken apart for the handlers.

@@ -21,7 +21,6 @@ mod listing_api;
 mod manifest;
 mod manifest_api;
 mod repository_index;
-mod request_span;
 mod retention;
 mod tag_policy;
 mod upload_session;

@@ -8,11 +8,14 @@ use hyper::{Method, StatusCode};
 use kiln_telemetry::receiver::{OtlpReceiver, Retain, TracedRuntime};
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 
-/// Each request is a span named by its route template, with the HTTP attributes, and
+/// Each request is a span named by its route template, with the HTTP attributes; a
+/// caller's `traceparent` makes it a child; what the request logs becomes its events; and
 /// neither passwords nor tokens appear in any span.
 #[test]
 fn requests_are_spans_and_credentials_stay_out_of_them() {
     const WRONG_PASSWORD: &str = "wrong-password-7f3a91";
+    const CALLER_TRACE: &str = "5f0c8e2a9b7d4c3e1a2b3c4d5e6f7a8b";
+    const CALLER_SPAN: &str = "1a2b3c4d5e6f7a8b";
     let exporter = tokio::runtime::Runtime::new().unwrap();
     let receiver = exporter
         .block_on(OtlpReceiver::start(Retain::Spans))
@@ -50,6 +53,17 @@ fn requests_are_spans_and_credentials_stay_out_of_them() {
         )
         .await
         .expect(StatusCode::OK);
+        let traceparent = format!("00-{CALLER_TRACE}-{CALLER_SPAN}-01");
+        let layer = reg
+            .send(
+                Method::GET,
+                &format!("/v2/team/app/blobs/{}", sha256(b"layer")),
+                &[("authorization", &ci), ("traceparent", &traceparent)],
+                empty(),
+            )
+            .await
+            .expect(StatusCode::OK);
+        assert_eq!(&layer.body[..], b"layer");
         reg.stop().await;
         token
     });
@@ -78,10 +92,31 @@ fn requests_are_spans_and_credentials_stay_out_of_them() {
         Some("/v2/{name}/manifests/{reference}")
     );
     assert!(put.attribute("http.request.body.size").is_some());
-    find("GET /v2/", "401");
+    let refused = find("GET /v2/", "401");
+    assert!(
+        refused
+            .span
+            .events
+            .iter()
+            .any(|e| e.name == "basic auth failed"),
+        "the refusal logged during the request is an event of its span: {:?}",
+        refused.span.events
+    );
     find("GET /token", "200");
     let pulled = find("GET /v2/{name}/manifests/{reference}", "200");
     assert!(pulled.attribute("http.response.body.size").is_some());
+    let blob = find("GET /v2/{name}/blobs/{digest}", "200");
+    assert_eq!(hex(&blob.span.trace_id), CALLER_TRACE, "the caller's trace");
+    assert_eq!(
+        hex(&blob.span.parent_span_id),
+        CALLER_SPAN,
+        "the caller's span"
+    );
+    assert_eq!(
+        blob.attribute("http.response.body.size").as_deref(),
+        Some("5"),
+        "the bytes of the body, counted as they were sent"
+    );
 
     let credentials = [
         "ci-secret",
@@ -95,4 +130,8 @@ fn requests_are_spans_and_credentials_stay_out_of_them() {
             assert!(!text.contains(secret), "{secret:?} leaked into {text}");
         }
     }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -11,17 +11,22 @@
 //!   as parents and as links.
 //! - [`grpc`]: a span for every gRPC call, on servers ([`GrpcServerTraceLayer`], which
 //!   also adopts the caller's context) and on clients ([`TracedChannel`], which sends it).
+//! - [`http_server`]: [`HttpServerSpan`], the registry's span per HTTP request, built on the
+//!   SDK directly because its hot path cannot afford a `tracing` span.
 //! - `receiver` (feature `receiver`): an in-process OTLP trace receiver for tests and
 //!   benchmarks, and runtimes that stand in for processes reporting to it (their log
 //!   lines optionally kept in memory).
 
+mod context_events;
 pub mod grpc;
+pub mod http_server;
 pub mod propagation;
 #[cfg(feature = "receiver")]
 pub mod receiver;
 mod subscriber;
 
 pub use grpc::{traced, GrpcServerTraceLayer, TracedChannel};
+pub use http_server::HttpServerSpan;
 pub use subscriber::{build, init, TelemetryGuard, TelemetryOptions};
 
 /// What can go wrong setting telemetry up.

@@ -85,13 +85,19 @@ pub fn inject_into_headers(span: &Span, headers: &mut http::HeaderMap) {
 
 /// Makes the caller's span, named in incoming request headers, the parent of `span`.
 pub fn set_parent_from_headers(span: &Span, headers: &http::HeaderMap) {
-    if span.is_disabled() || !headers.contains_key(TRACEPARENT) {
+    if span.is_disabled() {
         return;
     }
-    adopt(
-        span,
-        TraceContextPropagator::new().extract(&HeaderExtractor(headers)),
-    );
+    adopt(span, context_from_headers(headers));
+}
+
+/// The caller's context named in incoming request headers; an empty context when they name
+/// none (or a malformed one).
+pub fn context_from_headers(headers: &http::HeaderMap) -> opentelemetry::Context {
+    if !headers.contains_key(TRACEPARENT) {
+        return opentelemetry::Context::new();
+    }
+    TraceContextPropagator::new().extract(&HeaderExtractor(headers))
 }
 
 fn adopt(span: &Span, parent: opentelemetry::Context) {

@@ -6,7 +6,7 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::KeyValue;
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::resource::{EnvResourceDetector, TelemetryResourceDetector};
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 use opentelemetry_sdk::Resource;
 use tracing::{Dispatch, Level, Metadata};
 use tracing_subscriber::filter::{filter_fn, EnvFilter};
@@ -14,6 +14,7 @@ use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::Layer;
 
+use crate::context_events::ContextEvents;
 use crate::TelemetryError;
 
 /// The standard variables that turn export on without any kiln setting.
@@ -138,17 +139,39 @@ where
         None => None,
     };
     let export = provider.as_ref().map(|provider| {
-        tracing_opentelemetry::layer()
-            .with_tracer(provider.tracer("kiln"))
+        let tracer = provider.tracer("kiln");
+        let spans = tracing_opentelemetry::layer()
+            .with_tracer(tracer.clone())
             // Source locations, thread names and busy/idle timings cost per span and say
             // little that the span names do not.
             .with_location(false)
             .with_threads(false)
             .with_tracked_inactivity(false)
-            .with_filter(filter_fn(exported))
+            .with_filter(filter_fn(exported));
+        let context_events = ContextEvents.with_filter(filter_fn(exported));
+        // Sees nothing (its filter refuses every callsite); it only carries the tracer.
+        let tracer = ExportTracer(tracer).with_filter(filter_fn(|_| false));
+        spans.and_then(context_events).and_then(tracer)
     });
     let subscriber = tracing_subscriber::registry().with(log_lines).with(export);
     Ok((Dispatch::new(subscriber), TelemetryGuard { provider }))
+}
+
+/// The exporter's tracer, kept in the dispatch so that code building OpenTelemetry spans
+/// directly ([`HttpServerSpan`](crate::http_server::HttpServerSpan)) exports through the
+/// same provider as the `tracing` spans of the same "process" (tests run several).
+struct ExportTracer(SdkTracer);
+
+impl<S: tracing::Subscriber> Layer<S> for ExportTracer {}
+
+/// Calls `f` with the current dispatch's export tracer; `None` when export is off.
+pub(crate) fn with_export_tracer<R>(f: impl FnOnce(&SdkTracer) -> R) -> Option<R> {
+    // get_default takes an FnMut, though it calls it once.
+    let mut f = Some(f);
+    tracing::dispatcher::get_default(|dispatch| {
+        let export = dispatch.downcast_ref::<ExportTracer>()?;
+        f.take().map(|f| f(&export.0))
+    })
 }
 
 /// What goes to the collector: kiln's own spans down to DEBUG (the per-RPC ones), and

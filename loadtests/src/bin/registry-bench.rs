@@ -24,6 +24,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use kiln_loadtests::load::{closed_loop, LoadSummary};
+use kiln_loadtests::span_export::BenchTracing;
 use kiln_loadtests::{mb_per_s, reference};
 use kiln_registry::{Registry, RegistryConfig};
 use kiln_store::{Digest, DigestFunction, FsBlobStore, SledMetadataStore};
@@ -79,6 +80,9 @@ struct Results {
     push: Throughput,
     pull: Throughput,
     manifest_get: LoadSummary,
+    /// The part of `manifest_get.process_cpu` spent by the `--otlp` span receiver, which
+    /// stands in for a collector elsewhere.
+    manifest_get_receiver_cpu: Duration,
     tag_list: LoadSummary,
     seed_secs: f64,
 }
@@ -102,7 +106,7 @@ impl Throughput {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let tracing = kiln_loadtests::span_export::BenchTracing::install(args.otlp).await?;
+    let tracing = BenchTracing::install(args.otlp).await?;
     ensure!(args.repetitions > 0, "--repetitions must be at least 1");
     ensure!(args.tags > 0, "--tags must be at least 1");
     // One distinct blob per repetition, so neither registry can skip work for content it
@@ -148,7 +152,7 @@ async fn main() -> anyhow::Result<()> {
     for target in &targets {
         eprintln!("benchmarking {}", target.name);
         results.push(
-            run(target, &args, &blobs)
+            run(target, &args, &blobs, &tracing)
                 .await
                 .with_context(|| format!("benchmarking {}", target.name))?,
         );
@@ -159,7 +163,12 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(target: &Target, args: &Args, blobs: &[(Bytes, Digest)]) -> anyhow::Result<Results> {
+async fn run(
+    target: &Target,
+    args: &Args,
+    blobs: &[(Bytes, Digest)],
+    tracing: &BenchTracing,
+) -> anyhow::Result<Results> {
     let repository = "bench/blobs";
     let mut pushes = Vec::new();
     for (data, digest) in blobs {
@@ -184,6 +193,7 @@ async fn run(target: &Target, args: &Args, blobs: &[(Bytes, Digest)]) -> anyhow:
     let manifest = target.push_image(manifest_repository, "v1.0.0").await?;
     let uri: hyper::Uri =
         format!("{}/v2/{manifest_repository}/manifests/v1.0.0", target.base).parse()?;
+    let receiver_cpu_before = tracing.receiver_cpu().await;
     let manifest_get = closed_loop(
         args.concurrency,
         Duration::from_secs(args.seconds),
@@ -201,6 +211,7 @@ async fn run(target: &Target, args: &Args, blobs: &[(Bytes, Digest)]) -> anyhow:
         },
     )
     .await;
+    let manifest_get_receiver_cpu = tracing.receiver_cpu().await - receiver_cpu_before;
 
     let tags_repository = "bench/tags";
     let seed_start = Instant::now();
@@ -249,6 +260,7 @@ async fn run(target: &Target, args: &Args, blobs: &[(Bytes, Digest)]) -> anyhow:
         push: Throughput::of(pushes),
         pull: Throughput::of(pulls),
         manifest_get,
+        manifest_get_receiver_cpu,
         tag_list,
         seed_secs,
     })
@@ -568,14 +580,21 @@ fn print_report(args: &Args, references: &References, kiln: &Results, dist: &Res
         "\n### Manifest GET by tag: {} concurrent requests on pooled HTTP/1.1 connections, {} s\n",
         args.concurrency, args.seconds
     );
-    println!("| registry | req/s | p50 | p99 |\n|---|---|---|---|");
-    for (name, r) in [("kiln", kiln), ("distribution 2.8", dist)] {
+    println!(
+        "| registry | req/s | p50 | p99 | this process's CPU per request | of which the span receiver |\n|---|---|---|---|---|---|"
+    );
+    for (name, r, whose) in [
+        ("kiln", kiln, "server and load generator"),
+        ("distribution 2.8", dist, "load generator only"),
+    ] {
         let s = &r.manifest_get;
+        let receiver = r.manifest_get_receiver_cpu.as_secs_f64() * 1e6 / s.requests.max(1) as f64;
         println!(
-            "| {name} | {:.0} | {:.2} ms | {:.2} ms |",
+            "| {name} | {:.0} | {:.2} ms | {:.2} ms | {:.1} µs ({whose}) | {receiver:.1} µs |",
             s.per_second(),
             ms(s.p50),
-            ms(s.p99)
+            ms(s.p99),
+            s.cpu_micros_per_request(),
         );
     }
 
