@@ -3,6 +3,7 @@
 
 mod config;
 mod join_token;
+mod key_value;
 mod publish;
 mod run;
 mod servers;
@@ -70,18 +71,11 @@ struct WorkerArgs {
     #[arg(long, env = "KILN_SLOTS")]
     slots: Option<usize>,
     /// A platform property this worker offers (repeatable).
-    #[arg(long = "platform", value_name = "KEY=VALUE", value_parser = parse_property)]
+    #[arg(long = "platform", value_name = "KEY=VALUE", value_parser = key_value::parse_key_value)]
     platform: Vec<(String, String)>,
     /// Where the worker keeps its blob cache and action directories [default: DATA_DIR/worker].
     #[arg(long, env = "KILN_WORK_DIR")]
     work_dir: Option<std::path::PathBuf>,
-}
-
-fn parse_property(text: &str) -> Result<(String, String), String> {
-    let (key, value) = text
-        .split_once('=')
-        .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))?;
-    Ok((key.to_string(), value.to_string()))
 }
 
 fn main() -> anyhow::Result<ExitCode> {
@@ -205,6 +199,31 @@ mod tests {
                 known.iter().any(|k| k == name),
                 "{name} missing from {known:?}"
             );
+        }
+    }
+
+    /// Every command's `KEY=VALUE` flag refuses what `kiln run` refuses.
+    #[test]
+    fn key_value_flags_are_strict_everywhere() {
+        let parse = |args: &[&str]| Cli::try_parse_from([&["kiln"], args].concat());
+        let platform = match parse(&["worker", "--platform", "OSFamily=Linux"])
+            .unwrap()
+            .command
+        {
+            Command::Worker(worker) => worker.platform,
+            other => panic!("parsed as {other:?}"),
+        };
+        assert_eq!(platform, [("OSFamily".to_string(), "Linux".to_string())]);
+        for args in [
+            &["worker", "--platform", "=Linux"][..],
+            &["worker", "--platform", "cores"],
+            &["run", "--platform", "=Linux", "--", "true"],
+            &[
+                "publish", "--repo", "app", "--from", ".", "--label", "novalue",
+            ],
+        ] {
+            let err = parse(args).unwrap_err().to_string();
+            assert!(err.contains("expected KEY=VALUE"), "{args:?}: {err}");
         }
     }
 }

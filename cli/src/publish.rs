@@ -12,6 +12,7 @@ use kiln_publish::{
 use kiln_store::DigestFunction;
 
 use crate::config::CoordinatorArg;
+use crate::key_value::parse_key_value;
 
 #[derive(Debug, clap::Args)]
 #[command(group(clap::ArgGroup::new("source").required(true).args(["from", "from_action", "from_run"])))]
@@ -68,8 +69,8 @@ pub struct PublishArgs {
     #[arg(long, default_value = DEFAULT_USER)]
     pub user: String,
     /// An image label, KEY=VALUE; repeatable.
-    #[arg(long, value_name = "KEY=VALUE")]
-    pub label: Vec<String>,
+    #[arg(long, value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub label: Vec<(String, String)>,
     #[arg(long, default_value = "linux")]
     pub os: String,
     #[arg(long, default_value = "amd64")]
@@ -130,13 +131,7 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
             }
         }
     }
-    let mut labels = BTreeMap::new();
-    for entry in &args.label {
-        let (key, value) = entry
-            .split_once('=')
-            .with_context(|| format!("--label {entry:?} is not KEY=VALUE"))?;
-        labels.insert(key.to_string(), value.to_string());
-    }
+    let labels: BTreeMap<String, String> = args.label.iter().cloned().collect();
     let runtime = RuntimeSettings {
         entrypoint: (!args.entrypoint.is_empty()).then(|| args.entrypoint.clone()),
         cmd: (!args.cmd.is_empty()).then(|| args.cmd.clone()),

@@ -20,6 +20,7 @@ use kiln_client::{
 use kiln_store::DigestFunction;
 
 use crate::config::CoordinatorArg;
+use crate::key_value::parse_key_value;
 
 /// Run a command remotely: hash the input tree, upload what is missing, execute (one
 /// action per shard), stream the results and download the outputs.
@@ -86,13 +87,6 @@ impl From<DigestFunctionArg> for DigestFunction {
             DigestFunctionArg::Sha256 => DigestFunction::Sha256,
             DigestFunctionArg::Blake3 => DigestFunction::Blake3,
         }
-    }
-}
-
-fn parse_key_value(text: &str) -> Result<(String, String), String> {
-    match text.split_once('=') {
-        Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
-        _ => Err(format!("expected KEY=VALUE, got {text:?}")),
     }
 }
 
@@ -299,20 +293,6 @@ mod tests {
         let mut out = Vec::new();
         write_prefixed(&mut out, "", b"plain\n");
         assert_eq!(out, b"plain\n");
-    }
-
-    #[test]
-    fn key_values_parse() {
-        assert_eq!(
-            parse_key_value("os=linux").unwrap(),
-            ("os".into(), "linux".into())
-        );
-        assert_eq!(
-            parse_key_value("A=b=c").unwrap(),
-            ("A".into(), "b=c".into())
-        );
-        assert!(parse_key_value("novalue").is_err());
-        assert!(parse_key_value("=x").is_err());
     }
 
     #[test]
