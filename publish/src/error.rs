@@ -16,8 +16,9 @@ pub enum PublishError {
     Git(String),
     #[error("invalid image reference {reference:?}: {reason}")]
     Reference { reference: String, reason: String },
-    #[error("invalid tag {tag:?}: tags must match [a-zA-Z0-9_][a-zA-Z0-9._-]{{0,127}}")]
-    InvalidTag { tag: String },
+    /// A repository name or tag outside the OCI grammar.
+    #[error(transparent)]
+    InvalidName(#[from] kiln_store::NameError),
     #[error("invalid option: {0}")]
     Option(String),
     #[error("credentials: {0}")]

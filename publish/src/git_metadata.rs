@@ -6,6 +6,8 @@
 use std::path::Path;
 use std::process::Command;
 
+use kiln_store::MAX_TAG_LEN;
+
 use crate::error::{PublishError, Result};
 use crate::image_config::Provenance;
 
@@ -26,8 +28,6 @@ pub struct GitMetadata {
 
 /// The length of the short SHA tag.
 pub const SHORT_SHA_LEN: usize = 7;
-/// The tag grammar's length limit.
-const MAX_TAG_LEN: usize = 128;
 
 impl GitMetadata {
     /// Reads HEAD of the checkout that contains `dir`.
@@ -166,22 +166,6 @@ pub fn branch_tag(branch: &str, short_sha: &str) -> String {
     format!("{branch_part}-{short_sha}")
 }
 
-/// Checks a tag against the distribution spec's grammar.
-pub fn validate_tag(tag: &str) -> Result<()> {
-    let mut bytes = tag.bytes();
-    let first_ok = bytes
-        .next()
-        .is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_');
-    let rest_ok = bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
-    if first_ok && rest_ok && tag.len() <= MAX_TAG_LEN {
-        Ok(())
-    } else {
-        Err(PublishError::InvalidTag {
-            tag: tag.to_string(),
-        })
-    }
-}
-
 /// The remote URL as it belongs in `org.opencontainers.image.source`: credentials
 /// removed, `git@host:org/repo.git` rewritten as `https://host/org/repo`.
 fn public_source_url(url: &str) -> String {
@@ -213,17 +197,7 @@ mod tests {
         assert_eq!(branch_tag("üñí", "abc1234"), "abc1234");
         let long = branch_tag(&"b".repeat(300), "abc1234");
         assert_eq!(long.len(), 128);
-        validate_tag(&long).unwrap();
-    }
-
-    #[test]
-    fn tag_grammar() {
-        validate_tag("v1.2.3").unwrap();
-        validate_tag("_x").unwrap();
-        assert!(validate_tag("").is_err());
-        assert!(validate_tag(".x").is_err());
-        assert!(validate_tag("a/b").is_err());
-        assert!(validate_tag(&"a".repeat(129)).is_err());
+        kiln_store::validate_tag(&long).unwrap();
     }
 
     #[test]

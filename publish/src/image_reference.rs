@@ -37,7 +37,8 @@ impl ImageReference {
             Some((repo, tag)) if !tag.contains('/') => (repo, Some(tag)),
             _ => (path, None),
         };
-        validate_repository(repository).map_err(|_| invalid("bad repository name"))?;
+        kiln_store::validate_repository_name(repository)
+            .map_err(|e| invalid(&format!("bad repository name: {e}")))?;
         let reference = match (digest, tag) {
             (Some(digest), _) => {
                 oci_spec::image::Digest::try_from(digest)
@@ -45,7 +46,7 @@ impl ImageReference {
                 digest.to_string()
             }
             (None, Some(tag)) => {
-                crate::git_metadata::validate_tag(tag)?;
+                kiln_store::validate_tag(tag)?;
                 tag.to_string()
             }
             (None, None) => return Err(invalid("needs a tag or a digest")),
@@ -71,32 +72,6 @@ impl std::fmt::Display for ImageReference {
             self.registry, self.repository, self.reference
         )
     }
-}
-
-/// The distribution spec's repository grammar: lower-case components separated by `/`,
-/// each alphanumeric runs joined by `.`, `_`, `__` or dashes.
-pub fn validate_repository(name: &str) -> Result<()> {
-    let component_ok = |component: &str| {
-        let bytes = component.as_bytes();
-        let edges_ok =
-            bytes.first().is_some_and(is_lower_alnum) && bytes.last().is_some_and(is_lower_alnum);
-        let chars_ok = bytes
-            .iter()
-            .all(|b| is_lower_alnum(b) || matches!(b, b'.' | b'_' | b'-'));
-        edges_ok && chars_ok && !component.contains("..") && !component.contains("___")
-    };
-    if !name.is_empty() && name.len() <= 255 && name.split('/').all(component_ok) {
-        Ok(())
-    } else {
-        Err(PublishError::Reference {
-            reference: name.to_string(),
-            reason: "repository names are lower-case alphanumeric components separated by '/', '.', '_' or '-'".into(),
-        })
-    }
-}
-
-fn is_lower_alnum(b: &u8) -> bool {
-    b.is_ascii_lowercase() || b.is_ascii_digit()
 }
 
 #[cfg(test)]
@@ -130,5 +105,7 @@ mod tests {
         assert!(ImageReference::parse("Base:v1", "x").is_err());
         assert!(ImageReference::parse("base@sha256:zz", "x").is_err());
         assert!(ImageReference::parse("base:.bad", "x").is_err());
+        // `._` is not one of the grammar's separators.
+        assert!(ImageReference::parse("team/a._b:v1", "x").is_err());
     }
 }

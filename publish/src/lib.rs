@@ -25,7 +25,7 @@ pub use action_outputs::{
 };
 pub use credentials::{docker_config_credentials, CredentialStore, Credentials};
 pub use error::{PublishError, Result};
-pub use git_metadata::{branch_tag, validate_tag, GitMetadata, SHORT_SHA_LEN};
+pub use git_metadata::{branch_tag, GitMetadata, SHORT_SHA_LEN};
 pub use image_config::{Provenance, RuntimeSettings, TargetPlatform, DEFAULT_USER};
 pub use image_reference::ImageReference;
 pub use layer::{build_layer, Compression, LayerBlob};

@@ -7,12 +7,11 @@ use oci_spec::image::{Descriptor, ImageConfiguration, ImageIndex, ImageManifest,
 
 use crate::credentials::CredentialStore;
 use crate::error::{PublishError, Result};
-use crate::git_metadata::validate_tag;
 use crate::image_config::{
     build_config, build_manifest, canonical_json, BaseImage, NewLayer, Provenance, RuntimeSettings,
     TargetPlatform,
 };
-use crate::image_reference::{validate_repository, ImageReference};
+use crate::image_reference::ImageReference;
 use crate::layer::{build_layer, sha256_digest, Compression, LayerBlob};
 use crate::progress::Progress;
 use crate::registry_client::{
@@ -71,9 +70,9 @@ pub struct PublishOutcome {
 
 /// Builds the image from `request.content` and pushes it with its tags.
 pub async fn publish(request: PublishRequest) -> Result<PublishOutcome> {
-    validate_repository(&request.repository)?;
+    kiln_store::validate_repository_name(&request.repository)?;
     for tag in &request.tags {
-        validate_tag(tag)?;
+        kiln_store::validate_tag(tag)?;
     }
     let target = RegistryClient::new(
         &request.registry,

@@ -9,6 +9,7 @@ use kiln_publish::{
     publish, BlobTransfer, Compression, CredentialStore, Provenance, PublishError, PublishRequest,
     RegistryClient, RuntimeSettings, TargetPlatform,
 };
+use kiln_store::NameError;
 use support::distribution::Distribution;
 
 fn request(registry: &str, repository: &str, content: &Path, tags: &[&str]) -> PublishRequest {
@@ -361,13 +362,16 @@ async fn bad_input_is_refused_before_anything_is_pushed() {
     .await
     .unwrap_err();
     assert!(
-        matches!(err, PublishError::InvalidTag { ref tag } if tag == "bad/tag"),
+        matches!(err, PublishError::InvalidName(NameError::Tag(ref tag)) if tag == "bad/tag"),
         "{err}"
     );
     let err = publish(request(&registry.address, "Bad_Repo", dir.path(), &[]))
         .await
         .unwrap_err();
-    assert!(matches!(err, PublishError::Reference { .. }), "{err}");
+    assert!(
+        matches!(err, PublishError::InvalidName(NameError::Repository { ref name, .. }) if name == "Bad_Repo"),
+        "{err}"
+    );
     let status = reqwest::get(format!("http://{}/v2/app/tags/list", registry.address))
         .await
         .unwrap()

@@ -5,6 +5,7 @@
 //!   file per blob and makes a blob visible only after it was hashed, checked and fsynced.
 //! - [`MetadataStore`] holds small records (the action cache, tags, sessions) on sled.
 //!   Blobs never go there.
+//! - [`validate_repository_name`] and [`validate_tag`] are the OCI grammar for names.
 
 mod action_cache;
 mod blob_store;
@@ -12,6 +13,7 @@ mod digest;
 mod error;
 mod fs_blob_store;
 mod metadata;
+mod oci_name;
 
 pub use action_cache::ActionCache;
 pub use blob_store::{BlobInfo, BlobStore, BlobWriter, ChunkStream, ExpectedDigest};
@@ -19,3 +21,6 @@ pub use digest::{ContentHash, Digest, DigestFunction, Hasher};
 pub use error::{Result, StoreError};
 pub use fs_blob_store::FsBlobStore;
 pub use metadata::{Keyspace, MetadataStore, SledMetadataStore};
+pub use oci_name::{
+    validate_repository_name, validate_tag, NameError, MAX_REPOSITORY_NAME_LEN, MAX_TAG_LEN,
+};
