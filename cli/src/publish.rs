@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use kiln_publish::{
-    Compression, CoordinatorSource, CredentialStore, GitMetadata, Provenance, PublishRequest,
-    RunManifest, RuntimeSettings, TargetPlatform, DEFAULT_USER,
+    Compression, CoordinatorSource, CredentialStore, GitMetadata, LayerContent, Provenance,
+    PublishRequest, RuntimeSettings, TargetPlatform, DEFAULT_USER,
 };
 use kiln_store::DigestFunction;
 
@@ -146,51 +146,30 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
         },
     };
 
-    // Action and run outputs are written to a temporary directory first; it lives
-    // until the image is pushed.
-    let mut staging = None;
     let (content, content_description) = if let Some(dir) = &args.from {
         // Not the path: where the checkout sits on disk must not change the digest.
-        (dir.clone(), "from a directory".to_string())
-    } else {
-        let (source, actions, description) = if let Some(action) = &args.from_action {
-            let digest_function =
-                DigestFunction::from_name(&args.digest_function).context("--digest-function")?;
-            let source = CoordinatorSource {
-                address: args.target.coordinator.clone(),
-                instance_name: args.instance_name.clone(),
-                digest_function,
-            };
-            (
-                source,
-                vec![action.clone()],
-                format!("from action {action}"),
-            )
-        } else {
-            let path = args.from_run.as_ref().expect("clap requires one source");
-            let manifest = RunManifest::read(path)?;
-            let digest_function = DigestFunction::from_name(&manifest.digest_function)
-                .with_context(|| {
-                    format!("unknown digest_function {:?}", manifest.digest_function)
-                })?;
-            let source = CoordinatorSource {
-                address: args.target.coordinator.clone(),
-                instance_name: manifest.instance_name,
-                digest_function,
-            };
-            let actions = manifest
-                .actions
-                .into_iter()
-                .map(|a| a.action_digest)
-                .collect();
-            (source, actions, format!("from run {}", path.display()))
+        (
+            LayerContent::Directory(dir.clone()),
+            "from a directory".to_string(),
+        )
+    } else if let Some(action) = &args.from_action {
+        let digest_function =
+            DigestFunction::from_name(&args.digest_function).context("--digest-function")?;
+        let coordinator = CoordinatorSource {
+            address: args.target.coordinator.clone(),
+            instance_name: args.instance_name.clone(),
+            digest_function,
         };
-        let digests = actions
-            .iter()
-            .map(|action| kiln_publish::parse_action_digest(action))
-            .collect::<Result<Vec<_>, _>>()?;
-        let dir = staging.insert(kiln_publish::fetch_outputs(source, &digests).await?);
-        (dir.path().to_path_buf(), description)
+        (
+            LayerContent::from_action(coordinator, action)?,
+            format!("from action {action}"),
+        )
+    } else {
+        let path = args.from_run.as_ref().expect("clap requires one source");
+        (
+            LayerContent::from_run(&args.target.coordinator, path)?,
+            format!("from run {}", path.display()),
+        )
     };
 
     let request = PublishRequest {

@@ -52,8 +52,15 @@ pub enum PublishError {
     Oci(#[from] oci_spec::OciSpecError),
     #[error("JSON: {0}")]
     Json(#[from] serde_json::Error),
-    #[error("coordinator at {address}: {reason}")]
-    Coordinator { address: String, reason: String },
+    /// kiln-client's error is part of the message rather than a `source`: it is one
+    /// line, and repeating it in a cause chain would say it twice.
+    #[error("coordinator at {address}: {error}")]
+    Coordinator {
+        address: String,
+        error: kiln_client::ClientError,
+    },
+    #[error("run manifest {0}")]
+    RunManifest(kiln_client::ClientError),
     #[error("action {action}: {reason}")]
     Action { action: String, reason: String },
 }

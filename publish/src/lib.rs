@@ -6,7 +6,8 @@
 //!   user, `org.opencontainers.image.*` labels and annotations dated by the commit).
 //! - [`RegistryClient`] speaks the OCI Distribution API, with the Docker token flow.
 //! - [`GitMetadata`] reads HEAD and derives `vX.Y.Z`, short-SHA and `<branch>-<sha>` tags.
-//! - [`ActionFetcher`] writes out an ActionResult's outputs from the coordinator's cache.
+//! - [`LayerContent`] is what the layer holds: a directory, or the outputs of actions
+//!   (`--from-action`, `--from-run`), which kiln-client fetches from the coordinator.
 //! - [`publish`] ties them together.
 
 mod action_outputs;
@@ -20,9 +21,7 @@ mod progress;
 mod publisher;
 mod registry_client;
 
-pub use action_outputs::{
-    fetch_outputs, parse_action_digest, ActionFetcher, CoordinatorSource, RunAction, RunManifest,
-};
+pub use action_outputs::{CoordinatorSource, LayerContent, PublishedAction};
 pub use credentials::{docker_config_credentials, CredentialStore, Credentials};
 pub use error::{PublishError, Result};
 pub use git_metadata::{branch_tag, GitMetadata, SHORT_SHA_LEN};

@@ -1,10 +1,9 @@
 //! `publish`: a directory becomes a layer, the layer an image (on a base, if asked), and
 //! the image is pushed and tagged.
 
-use std::path::PathBuf;
-
 use oci_spec::image::{Descriptor, ImageConfiguration, ImageIndex, ImageManifest, MediaType};
 
+use crate::action_outputs::{stage_outputs, LayerContent};
 use crate::credentials::CredentialStore;
 use crate::error::{PublishError, Result};
 use crate::image_config::{
@@ -26,8 +25,8 @@ pub struct PublishRequest {
     /// Plain HTTP even for non-loopback hosts.
     pub insecure: bool,
     pub repository: String,
-    /// The directory whose content becomes the new layer.
-    pub content: PathBuf,
+    /// What becomes the new layer.
+    pub content: LayerContent,
     /// Says where the content came from, for the history entry.
     pub content_description: String,
     /// `[host/]repo:tag` or `…@sha256:…` of a base image.
@@ -103,7 +102,18 @@ pub async fn publish(request: PublishRequest) -> Result<PublishOutcome> {
         None => None,
     };
 
-    let content = request.content.clone();
+    // Action outputs are staged in a temporary directory that lives until the layer is built.
+    let staged;
+    let content = match &request.content {
+        LayerContent::Directory(dir) => dir.clone(),
+        LayerContent::ActionOutputs {
+            coordinator,
+            actions,
+        } => {
+            staged = stage_outputs(coordinator, actions).await?;
+            staged.tree()
+        }
+    };
     let compression = request.compression;
     let mtime = request.provenance.created_epoch;
     let layer: LayerBlob =

@@ -1,78 +1,57 @@
-//! `--from-action` / `--from-run`: an ActionResult in kiln's coordinator becomes layer
-//! content, byte for byte the tree the action produced.
+//! `--from-action` / `--from-run`: ActionResults in kiln's coordinator become layer
+//! content, byte for byte the tree the actions produced, pushed to kiln's registry.
 
 mod support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
+use kiln_client::{RemoteCas, RunManifest, ShardRecord};
 use kiln_proto::prost::Message as _;
-use kiln_proto::reapi::action_cache_client::ActionCacheClient;
-use kiln_proto::reapi::batch_update_blobs_request::Request as BlobUpload;
-use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
-use kiln_proto::reapi::{
-    ActionResult, BatchUpdateBlobsRequest, Digest, Directory, DirectoryNode, FileNode,
-    OutputDirectory, OutputFile, OutputSymlink, SymlinkNode, Tree, UpdateActionResultRequest,
-};
+use kiln_proto::reapi::{Directory, DirectoryNode, FileNode, SymlinkNode, Tree};
 use kiln_publish::{
-    build_layer, fetch_outputs, parse_action_digest, Compression, CoordinatorSource, PublishError,
-    RunManifest,
+    build_layer, publish, Compression, CoordinatorSource, CredentialStore, LayerContent,
+    Provenance, PublishError, PublishOutcome, PublishRequest, PublishedAction, RuntimeSettings,
 };
-use kiln_store::DigestFunction;
-use support::kiln_servers;
+use kiln_store::Digest;
+use support::fake_action::{cas, FakeAction, StoredAction, FUNCTION};
+use support::kiln_servers::{self, Running};
 
-fn digest_of(bytes: &[u8]) -> Digest {
-    Digest {
-        hash: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(bytes)),
-        size_bytes: bytes.len() as i64,
-    }
+const APP: &[u8] = b"#!/bin/sh\necho from action\n";
+
+/// Over the client's batch limit, so it comes through ByteStream.
+fn big_blob() -> Vec<u8> {
+    (0..(5 << 20)).map(|i: u32| (i % 251) as u8).collect()
 }
 
-struct Stored {
-    action: Digest,
-    big: Vec<u8>,
-}
-
-/// Uploads the blobs and the ActionResult of one fake (but well-formed) action.
-async fn store_action(address: &str) -> Stored {
-    let channel = tonic::transport::Channel::from_shared(format!("http://{address}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let app = b"#!/bin/sh\necho from action\n".to_vec();
-    let lib = b"lib\n".to_vec();
-    let deep = b"deep\n".to_vec();
-    // Over the batch threshold, so it comes through ByteStream.
-    let big: Vec<u8> = (0..(2 << 20)).map(|i: u32| (i % 251) as u8).collect();
+/// `bin/app` (executable), `app -> bin/app`, and `share/` holding `lib.txt`,
+/// `big.bin`, `sub/deep.txt` and `link -> lib.txt`.
+fn rich_action() -> FakeAction {
+    let mut action = FakeAction::default();
     let child = Directory {
         files: vec![FileNode {
             name: "deep.txt".into(),
-            digest: Some(digest_of(&deep)),
-            is_executable: false,
+            digest: Some(action.blob(b"deep\n")),
             ..Default::default()
         }],
         ..Default::default()
     };
-    let child_bytes = child.encode_to_vec();
     let root = Directory {
         files: vec![
             FileNode {
                 name: "big.bin".into(),
-                digest: Some(digest_of(&big)),
-                is_executable: false,
+                digest: Some(action.blob(&big_blob())),
                 ..Default::default()
             },
             FileNode {
                 name: "lib.txt".into(),
-                digest: Some(digest_of(&lib)),
-                is_executable: false,
+                digest: Some(action.blob(b"lib\n")),
                 ..Default::default()
             },
         ],
         directories: vec![DirectoryNode {
             name: "sub".into(),
-            digest: Some(digest_of(&child_bytes)),
+            digest: Some(action.blob(&child.encode_to_vec())),
         }],
         symlinks: vec![SymlinkNode {
             name: "link".into(),
@@ -84,174 +63,240 @@ async fn store_action(address: &str) -> Stored {
     let tree = Tree {
         root: Some(root),
         children: vec![child],
-    }
-    .encode_to_vec();
-    let mut cas = ContentAddressableStorageClient::new(channel.clone());
-    let uploads = [&app, &lib, &deep, &big, &tree]
-        .into_iter()
-        .map(|data| BlobUpload {
-            digest: Some(digest_of(data)),
-            data: data.clone(),
-            ..Default::default()
-        })
-        .collect();
-    let response = cas
-        .batch_update_blobs(BatchUpdateBlobsRequest {
-            requests: uploads,
-            digest_function: DigestFunction::Sha256.reapi_value(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    for entry in response.responses {
-        assert_eq!(entry.status.map_or(0, |s| s.code), 0);
-    }
-    let action = digest_of(b"a fake action");
-    let result = ActionResult {
-        output_files: vec![OutputFile {
-            path: "bin/app".into(),
-            digest: Some(digest_of(&app)),
-            is_executable: true,
-            ..Default::default()
-        }],
-        output_directories: vec![OutputDirectory {
-            path: "share".into(),
-            tree_digest: Some(digest_of(&tree)),
-            ..Default::default()
-        }],
-        output_symlinks: vec![OutputSymlink {
-            path: "app".into(),
-            target: "bin/app".into(),
-            ..Default::default()
-        }],
-        exit_code: 0,
-        ..Default::default()
     };
-    ActionCacheClient::new(channel)
-        .update_action_result(UpdateActionResultRequest {
-            action_digest: Some(action.clone()),
-            action_result: Some(result),
-            digest_function: DigestFunction::Sha256.reapi_value(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    Stored { action, big }
+    action
+        .file("bin/app", APP, true)
+        .symlink("app", "bin/app")
+        .directory("share", &tree)
 }
 
-/// The tree the action's outputs should become.
-fn expected_tree(root: &Path, big: &[u8]) {
-    let write = |path: &str, data: &[u8], mode: u32| {
-        let full = root.join(path);
-        std::fs::create_dir_all(full.parent().unwrap()).unwrap();
-        std::fs::write(&full, data).unwrap();
-        std::fs::set_permissions(&full, std::fs::Permissions::from_mode(mode)).unwrap();
-    };
-    write("bin/app", b"#!/bin/sh\necho from action\n", 0o755);
-    write("share/lib.txt", b"lib\n", 0o644);
-    write("share/big.bin", big, 0o644);
-    write("share/sub/deep.txt", b"deep\n", 0o644);
+/// The tree [`rich_action`]'s outputs should become.
+fn write_rich_tree(root: &Path) {
+    write(root, "bin/app", APP, 0o755);
+    write(root, "share/lib.txt", b"lib\n", 0o644);
+    write(root, "share/big.bin", &big_blob(), 0o644);
+    write(root, "share/sub/deep.txt", b"deep\n", 0o644);
     std::os::unix::fs::symlink("lib.txt", root.join("share/link")).unwrap();
     std::os::unix::fs::symlink("bin/app", root.join("app")).unwrap();
+}
+
+fn write(root: &Path, path: &str, data: &[u8], mode: u32) {
+    let full = root.join(path);
+    std::fs::create_dir_all(full.parent().unwrap()).unwrap();
+    std::fs::write(&full, data).unwrap();
+    std::fs::set_permissions(&full, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// The coordinator the actions' results are in and the registry images go to.
+struct Servers {
+    coordinator: Running,
+    registry: Running,
+    cas: RemoteCas,
+}
+
+impl Servers {
+    async fn start() -> Self {
+        let coordinator = kiln_servers::coordinator().await;
+        let cas = cas(&coordinator.address).await;
+        Servers {
+            coordinator,
+            registry: kiln_servers::registry(false).await,
+            cas,
+        }
+    }
+}
+
+fn layer_digest_of(tree: &Path) -> String {
+    build_layer(tree, Compression::Gzip, 0).unwrap().digest
 }
 
 fn source(address: &str) -> CoordinatorSource {
     CoordinatorSource {
         address: format!("grpc://{address}"),
         instance_name: String::new(),
-        digest_function: DigestFunction::Sha256,
+        digest_function: FUNCTION,
     }
+}
+
+async fn publish_content(
+    registry: &str,
+    content: LayerContent,
+) -> Result<PublishOutcome, PublishError> {
+    publish(PublishRequest {
+        registry: registry.to_string(),
+        insecure: false,
+        repository: "app".into(),
+        content,
+        content_description: "from actions".into(),
+        base: None,
+        compression: Compression::Gzip,
+        runtime: RuntimeSettings::default(),
+        provenance: Provenance::default(),
+        tags: vec![],
+        credentials: CredentialStore::default(),
+        show_progress: false,
+    })
+    .await
+}
+
+/// Publishes the outputs of the run recorded at `manifest`, read from `coordinator`.
+async fn publish_run(
+    registry: &str,
+    coordinator: &str,
+    manifest: &Path,
+) -> Result<PublishOutcome, PublishError> {
+    publish_content(registry, LayerContent::from_run(coordinator, manifest)?).await
+}
+
+/// The manifest `kiln run` would write for successful shards running `actions`.
+fn run_manifest(dir: &Path, actions: &[(&StoredAction, bool)]) -> std::path::PathBuf {
+    let manifest = RunManifest {
+        version: 1,
+        tool_invocation_id: "invocation".into(),
+        instance_name: String::new(),
+        digest_function: FUNCTION.name().into(),
+        input_root_digest: Digest::of_bytes(FUNCTION, b"").reapi(),
+        output_dir: dir.to_path_buf(),
+        exit_code: 0,
+        shards: actions
+            .iter()
+            .enumerate()
+            .map(|(index, (stored, recorded))| ShardRecord {
+                index: index as u32,
+                action_digest: stored.action.reapi(),
+                action_result_digest: recorded.then(|| stored.result.reapi()),
+                exit_code: 0,
+                cached: false,
+                error: None,
+                outputs: vec![],
+            })
+            .collect(),
+    };
+    let path = RunManifest::path_for(dir);
+    manifest.save(&path).unwrap();
+    path
 }
 
 #[tokio::test]
 async fn an_action_result_becomes_the_same_layer_as_its_tree() {
-    let coordinator = kiln_servers::coordinator().await;
-    let stored = store_action(&coordinator.address).await;
-
-    let staged = fetch_outputs(
-        source(&coordinator.address),
-        std::slice::from_ref(&stored.action),
-    )
-    .await
-    .unwrap();
-    let mode = |p: &str| {
-        std::fs::metadata(staged.path().join(p))
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777
-    };
-    assert_eq!(mode("bin/app"), 0o755);
-    assert_eq!(
-        std::fs::read(staged.path().join("share/big.bin")).unwrap(),
-        stored.big
-    );
-    assert_eq!(
-        std::fs::read_link(staged.path().join("share/link")).unwrap(),
-        Path::new("lib.txt")
-    );
+    let servers = Servers::start().await;
+    let stored = rich_action().store(&servers.cas, "rich", true).await;
 
     let expected = tempfile::tempdir().unwrap();
-    expected_tree(expected.path(), &stored.big);
-    let from_action = build_layer(staged.path(), Compression::Gzip, 0).unwrap();
-    let from_disk = build_layer(expected.path(), Compression::Gzip, 0).unwrap();
-    assert_eq!(from_action.digest, from_disk.digest);
-
-    // The same action through a run manifest, as `kiln run --output` records it.
-    let manifest_dir = tempfile::tempdir().unwrap();
-    let manifest_path = manifest_dir.path().join("run.json");
-    std::fs::write(
-        &manifest_path,
-        format!(
-            r#"{{"digest_function":"sha256","actions":[{{"action_digest":"{}/{}"}}]}}"#,
-            stored.action.hash, stored.action.size_bytes
-        ),
-    )
-    .unwrap();
-    let manifest = RunManifest::read(&manifest_path).unwrap();
-    // The shape `kiln run` writes (.kiln/last-run.json) names the same action.
-    let run_written = manifest_dir.path().join("last-run.json");
-    let shard = format!(
-        r#"{{"index":0,"action_digest":"{}/{}","action_result_digest":null,"exit_code":EXIT,"cached":false,"error":null,"outputs":[]}}"#,
-        stored.action.hash, stored.action.size_bytes
-    );
-    let kiln_run_manifest = |exit: i32| {
-        format!(
-            r#"{{"version":1,"tool_invocation_id":"t","instance_name":"","digest_function":"sha256","input_root_digest":"x/1","output_dir":"/o","exit_code":{exit},"shards":[{}]}}"#,
-            shard.replace("EXIT", &exit.to_string())
-        )
-    };
-    std::fs::write(&run_written, kiln_run_manifest(0)).unwrap();
-    let from_kiln_run = RunManifest::read(&run_written).unwrap();
-    assert_eq!(
-        from_kiln_run.actions[0].action_digest,
-        manifest.actions[0].action_digest
-    );
-    std::fs::write(&run_written, kiln_run_manifest(3)).unwrap();
-    let refused = RunManifest::read(&run_written).unwrap_err().to_string();
-    assert!(refused.contains("exited with 3"), "{refused}");
-    let digests: Vec<Digest> = manifest
-        .actions
-        .iter()
-        .map(|a| parse_action_digest(&a.action_digest).unwrap())
-        .collect();
-    let staged_again = fetch_outputs(source(&coordinator.address), &digests)
+    write_rich_tree(expected.path());
+    let content =
+        LayerContent::from_action(source(&servers.coordinator.address), &stored.action.reapi())
+            .unwrap();
+    let outcome = publish_content(&servers.registry.address, content)
         .await
         .unwrap();
-    let from_run = build_layer(staged_again.path(), Compression::Gzip, 0).unwrap();
-    assert_eq!(from_run.digest, from_disk.digest);
+    assert_eq!(outcome.layer_digest, layer_digest_of(expected.path()));
+}
+
+#[tokio::test]
+async fn a_run_merges_its_shards_outputs_and_uses_the_results_it_recorded() {
+    let servers = Servers::start().await;
+    let cached = rich_action().store(&servers.cas, "shard 0", true).await;
+    // Run with --no-cache: the result is in the CAS only, named by the run manifest.
+    let uncached = FakeAction::default()
+        .file("bin/tool", b"tool\n", true)
+        .file("bin/app", APP, true)
+        .store(&servers.cas, "shard 1", false)
+        .await;
+
+    let expected = tempfile::tempdir().unwrap();
+    write_rich_tree(expected.path());
+    write(expected.path(), "bin/tool", b"tool\n", 0o755);
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = run_manifest(dir.path(), &[(&cached, false), (&uncached, true)]);
+    let address = format!("grpc://{}", servers.coordinator.address);
+    let outcome = publish_run(&servers.registry.address, &address, &manifest)
+        .await
+        .unwrap();
+    assert_eq!(outcome.layer_digest, layer_digest_of(expected.path()));
+
+    // Without the recorded result the action cache is asked, and it has none.
+    let manifest = run_manifest(dir.path(), &[(&uncached, false)]);
+    let err = publish_run(&servers.registry.address, &address, &manifest)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, PublishError::Action { action, reason }
+            if *action == uncached.action.reapi() && reason.contains("no cached result")),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn conflicting_shards_and_failed_runs_are_refused() {
+    let servers = Servers::start().await;
+    let one = FakeAction::default()
+        .file("out/result.txt", b"one\n", false)
+        .store(&servers.cas, "one", true)
+        .await;
+    let other = FakeAction::default()
+        .file("out/result.txt", b"other\n", false)
+        .store(&servers.cas, "other", true)
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let address = format!("grpc://{}", servers.coordinator.address);
+
+    let manifest = run_manifest(dir.path(), &[(&one, true), (&other, true)]);
+    let err = publish_run(&servers.registry.address, &address, &manifest)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, PublishError::Source { path, reason }
+            if path.ends_with("out/result.txt") && reason.contains("different content")),
+        "{err}"
+    );
+
+    let manifest = run_manifest(dir.path(), &[(&one, true)]);
+    let mut failed = RunManifest::load(&manifest).unwrap();
+    failed.exit_code = 3;
+    failed.shards[0].exit_code = 3;
+    failed.save(&manifest).unwrap();
+    let err = LayerContent::from_run(&address, &manifest).unwrap_err();
+    assert!(err.to_string().contains("exited with 3"), "{err}");
+
+    // A result that says the action failed is refused too, whatever the manifest says.
+    let mut failing = FakeAction::default().file("out/result.txt", b"partial\n", false);
+    failing.result.exit_code = 1;
+    let failing = failing.store(&servers.cas, "failing", false).await;
+    let manifest = run_manifest(dir.path(), &[(&failing, true)]);
+    let err = publish_run(&servers.registry.address, &address, &manifest)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, PublishError::Action { reason, .. } if reason.contains("exit code 1")),
+        "{err}"
+    );
+
+    let err = LayerContent::from_run(&address, &dir.path().join("missing.json")).unwrap_err();
+    assert!(
+        matches!(&err, PublishError::RunManifest(_)) && err.to_string().contains("missing.json"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
 async fn unknown_actions_and_unreachable_coordinators_are_clear_errors() {
-    let coordinator = kiln_servers::coordinator().await;
-    let missing = digest_of(b"never ran");
-    let err = fetch_outputs(source(&coordinator.address), &[missing])
+    let servers = Servers::start().await;
+    let never_ran = Digest::of_bytes(FUNCTION, b"never ran").reapi();
+    let content =
+        LayerContent::from_action(source(&servers.coordinator.address), &never_ran).unwrap();
+    let err = publish_content(&servers.registry.address, content)
         .await
         .unwrap_err();
     assert!(
         matches!(&err, PublishError::Action { reason, .. } if reason.contains("no cached result")),
+        "{err}"
+    );
+
+    let err = LayerContent::from_action(source(&servers.coordinator.address), "not-a-digest")
+        .unwrap_err();
+    assert!(
+        matches!(&err, PublishError::Action { reason, .. } if reason.contains("<hex>/<size>")),
         "{err}"
     );
 
@@ -260,8 +305,18 @@ async fn unknown_actions_and_unreachable_coordinators_are_clear_errors() {
         .local_addr()
         .unwrap()
         .port();
-    let err = fetch_outputs(source(&format!("127.0.0.1:{port}")), &[digest_of(b"x")])
+    let content = LayerContent::ActionOutputs {
+        coordinator: source(&format!("127.0.0.1:{port}")),
+        actions: vec![PublishedAction {
+            action: Digest::of_bytes(FUNCTION, b"x"),
+            recorded_result: None,
+        }],
+    };
+    let err = publish_content(&servers.registry.address, content)
         .await
         .unwrap_err();
-    assert!(matches!(err, PublishError::Coordinator { .. }), "{err}");
+    assert!(
+        matches!(&err, PublishError::Coordinator { address, .. } if address.ends_with(&port.to_string())),
+        "{err}"
+    );
 }

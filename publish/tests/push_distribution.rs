@@ -6,8 +6,8 @@ mod support;
 use std::path::Path;
 
 use kiln_publish::{
-    publish, BlobTransfer, Compression, CredentialStore, Provenance, PublishError, PublishRequest,
-    RegistryClient, RuntimeSettings, TargetPlatform,
+    publish, BlobTransfer, Compression, CredentialStore, LayerContent, Provenance, PublishError,
+    PublishRequest, RegistryClient, RuntimeSettings, TargetPlatform,
 };
 use kiln_store::NameError;
 use support::distribution::Distribution;
@@ -17,7 +17,7 @@ fn request(registry: &str, repository: &str, content: &Path, tags: &[&str]) -> P
         registry: registry.to_string(),
         insecure: false,
         repository: repository.to_string(),
-        content: content.to_path_buf(),
+        content: LayerContent::Directory(content.to_path_buf()),
         content_description: "from a directory".into(),
         base: None,
         compression: Compression::Gzip,

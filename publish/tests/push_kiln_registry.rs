@@ -8,8 +8,8 @@ use std::path::Path;
 
 use base64::Engine as _;
 use kiln_publish::{
-    publish, Compression, CredentialStore, Credentials, Provenance, PublishError, PublishRequest,
-    RuntimeSettings,
+    publish, Compression, CredentialStore, Credentials, LayerContent, Provenance, PublishError,
+    PublishRequest, RuntimeSettings,
 };
 use support::kiln_servers::{self, PASSWORD, USER};
 
@@ -23,7 +23,7 @@ fn request(
         registry: registry.to_string(),
         insecure: false,
         repository: "app".into(),
-        content: content.to_path_buf(),
+        content: LayerContent::Directory(content.to_path_buf()),
         content_description: "test content".into(),
         base: None,
         compression: Compression::Gzip,
