@@ -108,7 +108,7 @@ impl RemoteCas {
         invocation: Invocation,
     ) -> Result<Self> {
         let metadata = invocation.metadata("", "");
-        let capabilities = CapabilitiesClient::new(channel.clone())
+        let capabilities = CapabilitiesClient::new(traced(channel.clone()))
             .get_capabilities(request_with(
                 reapi::GetCapabilitiesRequest {
                     instance_name: instance_name.to_string(),

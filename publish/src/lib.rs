@@ -8,7 +8,8 @@
 //! - [`GitMetadata`] reads HEAD and derives `vX.Y.Z`, short-SHA and `<branch>-<sha>` tags.
 //! - [`LayerContent`] is what the layer holds: a directory, or the outputs of actions
 //!   (`--from-action`, `--from-run`), which kiln-client fetches from the coordinator.
-//! - [`publish`] ties them together.
+//! - [`publish`] ties them together, in one `publish` span whose trace context goes with
+//!   every request to the coordinator and the registry.
 
 mod action_outputs;
 mod credentials;

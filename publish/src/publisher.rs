@@ -67,7 +67,10 @@ pub struct PublishOutcome {
     pub tags_refused: Vec<(String, String)>,
 }
 
-/// Builds the image from `request.content` and pushes it with its tags.
+/// Builds the image from `request.content` and pushes it with its tags. Everything runs
+/// in one `publish` span whose context goes with every request, so a publish is one
+/// trace across the coordinator and the registry.
+#[tracing::instrument(name = "publish", skip_all, fields(repository = %request.repository))]
 pub async fn publish(request: PublishRequest) -> Result<PublishOutcome> {
     kiln_store::validate_repository_name(&request.repository)?;
     for tag in &request.tags {

@@ -256,11 +256,7 @@ impl RegistryClient {
         // The session's POST already authenticated us; a streamed body cannot be replayed.
         let scopes = [repository_scope(repository, "pull,push")];
         let request = self.authorize(request, &scopes).await?;
-        let url = self.base.clone();
-        let response = request
-            .send()
-            .await
-            .map_err(|e| PublishError::http(&url, e))?;
+        let response = self.execute(request).await?;
         if response.status() != StatusCode::CREATED {
             return Err(self.refusal(format!("upload of {digest}"), response).await);
         }
@@ -448,10 +444,16 @@ impl RegistryClient {
         Ok(response)
     }
 
+    /// Sends one request with the current span's trace context, which the registry's
+    /// request span adopts as its parent.
     async fn execute(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response> {
-        let request = request
+        let mut request = request
             .build()
             .map_err(|e| PublishError::http(&self.base, e))?;
+        kiln_telemetry::propagation::inject_into_headers(
+            &tracing::Span::current(),
+            request.headers_mut(),
+        );
         let url = request.url().clone();
         self.http
             .execute(request)
@@ -513,14 +515,11 @@ impl RegistryClient {
                 query.append_pair("scope", scope);
             }
         }
-        let mut request = self.http.get(url.clone());
+        let mut request = self.http.get(url);
         if let Some(credentials) = &self.credentials {
             request = request.header(AUTHORIZATION, basic_header(credentials));
         }
-        let response = request
-            .send()
-            .await
-            .map_err(|e| PublishError::http(&url, e))?;
+        let response = self.execute(request).await?;
         if !response.status().is_success() {
             return Err(auth_error(format!(
                 "the token service at {realm} answered HTTP {}",

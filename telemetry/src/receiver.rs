@@ -296,3 +296,66 @@ impl std::io::Write for CapturedLogs {
         Ok(())
     }
 }
+
+/// The collector side of a test that runs several traced "processes" in one: an
+/// [`OtlpReceiver`] and the runtime that serves it and runs every process's exporter.
+/// Drop the processes first (declare the collector before them).
+pub struct TraceCollector {
+    receiver: OtlpReceiver,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl TraceCollector {
+    pub fn start() -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Runtime::new()?;
+        let receiver = runtime.block_on(OtlpReceiver::start(Retain::Spans))?;
+        Ok(TraceCollector { receiver, runtime })
+    }
+
+    /// A new "process" reporting as `service`.
+    pub fn process(&self, service: &str) -> Result<TracedRuntime, crate::TelemetryError> {
+        TracedRuntime::start(service, &self.receiver.endpoint(), &self.runtime)
+    }
+
+    /// A new "process" reporting as `service`, whose log lines at `log_filter` are kept.
+    pub fn process_capturing_logs(
+        &self,
+        service: &str,
+        log_filter: &str,
+    ) -> Result<(TracedRuntime, CapturedLogs), crate::TelemetryError> {
+        TracedRuntime::start_capturing_logs(
+            service,
+            &self.receiver.endpoint(),
+            &self.runtime,
+            log_filter,
+        )
+    }
+
+    /// Every span received so far.
+    pub fn spans(&self) -> Vec<ReceivedSpan> {
+        self.receiver.spans()
+    }
+
+    /// Flushes `processes` until the spans received satisfy `complete` or `timeout`
+    /// passes, and returns them either way (for the caller's assertions to explain).
+    /// Spans of servers end just after their responses, so a client that got its answer
+    /// may still have to wait for them.
+    pub fn spans_when(
+        &self,
+        processes: &[&TracedRuntime],
+        timeout: std::time::Duration,
+        complete: impl Fn(&[ReceivedSpan]) -> bool,
+    ) -> Vec<ReceivedSpan> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            for process in processes {
+                process.flush();
+            }
+            let spans = self.spans();
+            if complete(&spans) || std::time::Instant::now() >= deadline {
+                return spans;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}
