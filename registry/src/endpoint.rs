@@ -3,10 +3,8 @@
 //! Repository names contain slashes (`/v2/team/app/manifests/v1`), so the path cannot be
 //! routed segment by segment: the name is whatever precedes the last recognised suffix.
 
-use std::sync::LazyLock;
 
 use kiln_store::ContentHash;
-use regex::Regex;
 
 use crate::error::{RegistryError, Result};
 
@@ -93,41 +91,11 @@ impl std::fmt::Display for Reference {
     }
 }
 
-/// The Distribution Spec's repository name grammar.
-static NAME: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(
-        r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*$",
-    )
-    .expect("the name grammar is a valid regex")
-});
-
-/// The Distribution Spec's tag grammar.
-static TAG: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$").expect("the tag grammar is a valid regex")
-});
-
-/// Docker and distribution cap names at 255 characters; a longer name cannot be pulled.
-const MAX_NAME_LEN: usize = 255;
-
-/// Checks a repository name against the spec's grammar.
+/// Checks a repository name against the spec's grammar (kiln-store holds it, shared with
+/// `kiln publish`).
 pub fn validate_name(name: &str) -> Result<()> {
-    if name.len() > MAX_NAME_LEN {
-        return Err(RegistryError::NameInvalid(format!(
-            "repository name is {} characters; at most {MAX_NAME_LEN} are allowed",
-            name.len()
-        )));
-    }
-    if !NAME.is_match(name) {
-        return Err(RegistryError::NameInvalid(format!(
-            "{name:?} does not match [a-z0-9]+((.|_|__|-+)[a-z0-9]+)*(/[a-z0-9]+((.|_|__|-+)[a-z0-9]+)*)*"
-        )));
-    }
-    Ok(())
-}
-
-/// Whether `tag` matches the spec's tag grammar.
-pub fn is_valid_tag(tag: &str) -> bool {
-    TAG.is_match(tag)
+    kiln_store::validate_repository_name(name)
+        .map_err(|e| RegistryError::NameInvalid(e.to_string()))
 }
 
 /// Parses an OCI digest (`sha256:<hex>`), accepting a percent-encoded colon.
@@ -138,7 +106,7 @@ pub fn parse_digest(text: &str) -> Result<ContentHash> {
 
 impl Reference {
     pub fn parse(text: &str) -> Result<Self> {
-        if is_valid_tag(text) {
+        if kiln_store::validate_tag(text).is_ok() {
             return Ok(Reference::Tag(text.to_string()));
         }
         if text.contains(':') || text.to_ascii_lowercase().contains("%3a") {
