@@ -3,7 +3,6 @@
 //! Repository names contain slashes (`/v2/team/app/manifests/v1`), so the path cannot be
 //! routed segment by segment: the name is whatever precedes the last recognised suffix.
 
-
 use kiln_store::ContentHash;
 
 use crate::error::{RegistryError, Result};

@@ -160,6 +160,11 @@ async fn main() -> anyhow::Result<()> {
     let references = References { raw_sha, tcp, disk };
     print_report(&args, &references, &results[0], &results[1]);
     println!("\ntracing: {}", tracing.finish().await?);
+    // With export on, every one of these is a span: fewer received means spans dropped.
+    println!(
+        "kiln requests: at least {} (the manifest GETs and their warm-up)",
+        results[0].manifest_get.requests + args.concurrency as u64
+    );
     Ok(())
 }
 
