@@ -19,12 +19,14 @@ for round in $(seq "$rounds"); do
       on) env=(); flags=(--otlp) ;;
       sampled) env=(OTEL_TRACES_SAMPLER=traceidratio OTEL_TRACES_SAMPLER_ARG=0.1); flags=(--otlp) ;;
     esac
+    report=$(env "${env[@]}" "$bench" --blob-mib 4 --repetitions 1 --seconds "$seconds" \
+      --tags 100 --listings 10 --iperf-seconds 1 "${flags[@]}" 2>/dev/null)
     # The kiln row of the manifest-GET table: | kiln | req/s | p50 | p99 | CPU µs (…) | receiver µs |
-    row=$(env "${env[@]}" "$bench" --blob-mib 4 --repetitions 1 --seconds "$seconds" \
-      --tags 100 --listings 10 --iperf-seconds 1 "${flags[@]}" 2>/dev/null |
-      awk -F'|' '$2 ~ /^ kiln $/ && $4 ~ / ms $/ { print $3, $6, $7 }' | tr -d 'µsA-Za-z()' )
+    row=$(awk -F'|' '$2 ~ /^ kiln $/ && $4 ~ / ms $/ { print $3, $6, $7 }' <<<"$report" | tr -d 'µsA-Za-z()')
     read -r per_second cpu receiver <<<"$row"
-    echo "round $round  $mode  $per_second req/s  $cpu µs CPU/request  (receiver $receiver µs)"
+    spans=$(sed -n 's/^tracing: export on (\([0-9]*\) spans received)/\1/p' <<<"$report")
+    requests=$(sed -n 's/^kiln requests: at least \([0-9]*\).*/\1/p' <<<"$report")
+    echo "round $round  $mode  $per_second req/s  $cpu µs CPU/request  (receiver $receiver µs)  spans ${spans:--} for ≥ $requests requests"
     echo "$mode $per_second $cpu $receiver" >>"$runs"
   done
 done
