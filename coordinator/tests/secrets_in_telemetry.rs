@@ -9,14 +9,13 @@
 mod common;
 
 use common::traces::{
-    execute_request, named, response_of, traced_execute, upload_traced_action, TraceCollector,
-    TracedWorker,
+    execute_request, response_of, traced_execute, upload_traced_action, TracedWorker, SPANS_TIMEOUT,
 };
 use common::{finish, TestServer};
 use kiln_coordinator::CoordinatorConfig;
 use kiln_proto::admin::v1::admin_client::AdminClient;
 use kiln_proto::admin::v1::DrainWorkerRequest;
-use kiln_telemetry::receiver::{recorded_secrets, CapturedLogs};
+use kiln_telemetry::receiver::{named, recorded_secrets, CapturedLogs, TraceCollector};
 use kiln_worker::WorkerError;
 use tonic::Code;
 
@@ -40,13 +39,17 @@ fn with_bearer<T>(mut request: tonic::Request<T>, token: &str) -> tonic::Request
 
 #[test]
 fn tokens_stay_out_of_spans_and_logs() {
-    let collector = TraceCollector::start();
-    let (coordinator, coordinator_logs) =
-        collector.process_capturing_logs("kiln-coordinator", LOG_FILTER);
-    let (worker, worker_logs) = collector.process_capturing_logs("kiln-worker", LOG_FILTER);
-    let (intruder, intruder_logs) = collector.process_capturing_logs("kiln-worker", LOG_FILTER);
-    let (client, client_logs) = collector.process_capturing_logs("kiln-run", LOG_FILTER);
-    let (admin, admin_logs) = collector.process_capturing_logs("kiln-admin", LOG_FILTER);
+    let collector = TraceCollector::start().expect("the receiver starts");
+    let process = |service| {
+        collector
+            .process_capturing_logs(service, LOG_FILTER)
+            .expect("telemetry starts")
+    };
+    let (coordinator, coordinator_logs) = process("kiln-coordinator");
+    let (worker, worker_logs) = process("kiln-worker");
+    let (intruder, intruder_logs) = process("kiln-worker");
+    let (client, client_logs) = process("kiln-run");
+    let (admin, admin_logs) = process("kiln-admin");
 
     let dir = tempfile::tempdir().unwrap();
     let config = CoordinatorConfig {
@@ -121,7 +124,7 @@ fn tokens_stay_out_of_spans_and_logs() {
         .expect("the coordinator stops");
 
     let processes = [&coordinator, &worker, &intruder, &client, &admin];
-    let spans = collector.spans_once(&processes, |spans| {
+    let spans = collector.expect_spans(&processes, SPANS_TIMEOUT, |spans| {
         !named(spans, "kiln-worker", "action").is_empty()
             && !named(spans, "kiln-coordinator", "publish_result").is_empty()
             && named(spans, "kiln-coordinator", "drain_worker").len() == 2

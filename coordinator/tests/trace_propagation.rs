@@ -7,14 +7,13 @@
 mod common;
 
 use common::traces::{
-    execute_request, named, one, response_of, traced_execute, upload_traced_action, TraceCollector,
-    TracedWorker,
+    execute_request, response_of, traced_execute, upload_traced_action, TracedWorker, SPANS_TIMEOUT,
 };
 use common::{finish, TestServer};
 use kiln_coordinator::CoordinatorConfig;
 use kiln_proto::reapi::execution_client::ExecutionClient;
 use kiln_proto::reapi::WaitExecutionRequest;
-use kiln_telemetry::receiver::ReceivedSpan;
+use kiln_telemetry::receiver::{named, one, ReceivedSpan, TraceCollector};
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 
 const JOIN_TOKEN: &str = "join-token-6a1f93c0e2d84b7f";
@@ -74,10 +73,11 @@ fn action_finished(spans: &[ReceivedSpan]) -> bool {
 
 #[test]
 fn one_action_is_one_trace_across_client_coordinator_and_worker() {
-    let collector = TraceCollector::start();
-    let coordinator = collector.process("kiln-coordinator");
-    let worker = collector.process("kiln-worker");
-    let client = collector.process("kiln-run");
+    let collector = TraceCollector::start().expect("the receiver starts");
+    let process = |service| collector.process(service).expect("telemetry starts");
+    let coordinator = process("kiln-coordinator");
+    let worker = process("kiln-worker");
+    let client = process("kiln-run");
 
     let dir = tempfile::tempdir().unwrap();
     let server = coordinator
@@ -101,7 +101,11 @@ fn one_action_is_one_trace_across_client_coordinator_and_worker() {
     });
     assert_eq!(response_of(&done).result.expect("a result").exit_code, 0);
 
-    let spans = collector.spans_once(&[&client, &coordinator, &worker], action_finished);
+    let spans = collector.expect_spans(
+        &[&client, &coordinator, &worker],
+        SPANS_TIMEOUT,
+        action_finished,
+    );
     let client_call = one(&spans, "kiln-run", EXECUTE_RPC);
     assert_eq!(client_call.span.kind, SpanKind::Client as i32);
     assert!(
@@ -186,9 +190,10 @@ fn one_action_is_one_trace_across_client_coordinator_and_worker() {
 /// in the second client's trace, with a link to the trace doing the work.
 #[test]
 fn an_execute_joining_an_operation_in_flight_links_to_its_trace() {
-    let collector = TraceCollector::start();
-    let coordinator = collector.process("kiln-coordinator");
-    let client = collector.process("kiln-run");
+    let collector = TraceCollector::start().expect("the receiver starts");
+    let process = |service| collector.process(service).expect("telemetry starts");
+    let coordinator = process("kiln-coordinator");
+    let client = process("kiln-run");
     let dir = tempfile::tempdir().unwrap();
     let server = coordinator
         .block_on(TestServer::start_with(dir.path(), config()))
@@ -212,7 +217,7 @@ fn an_execute_joining_an_operation_in_flight_links_to_its_trace() {
         .block_on(server.stop())
         .expect("the coordinator stops");
 
-    let spans = collector.spans_once(&[&client, &coordinator], |spans| {
+    let spans = collector.expect_spans(&[&client, &coordinator], SPANS_TIMEOUT, |spans| {
         named(spans, "kiln-coordinator", "Execute").len() == 2
             && named(spans, "kiln-run", EXECUTE_RPC).len() == 2
             && !named(spans, "kiln-coordinator", "queue_wait").is_empty()
@@ -248,9 +253,10 @@ fn an_execute_joining_an_operation_in_flight_links_to_its_trace() {
 /// and the client's WaitExecution is linked to it.
 #[test]
 fn an_operation_reloaded_after_a_restart_continues_its_trace() {
-    let collector = TraceCollector::start();
-    let client = collector.process("kiln-run");
-    let before = collector.process("kiln-coordinator");
+    let collector = TraceCollector::start().expect("the receiver starts");
+    let process = |service| collector.process(service).expect("telemetry starts");
+    let client = process("kiln-run");
+    let before = process("kiln-coordinator");
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("coordinator");
 
@@ -268,11 +274,11 @@ fn an_operation_reloaded_after_a_restart_continues_its_trace() {
         .expect("the coordinator stops");
 
     // A new process over the same data, and a worker for it.
-    let after = collector.process("kiln-coordinator");
+    let after = process("kiln-coordinator");
     let server = after
         .block_on(TestServer::start_with(&data_dir, config()))
         .expect("the coordinator restarts");
-    let worker = collector.process("kiln-worker");
+    let worker = process("kiln-worker");
     let running = TracedWorker::start(
         &worker,
         server.addr,
@@ -291,9 +297,11 @@ fn an_operation_reloaded_after_a_restart_continues_its_trace() {
     });
     assert_eq!(response_of(&done).result.expect("a result").exit_code, 0);
 
-    let spans = collector.spans_once(&[&client, &before, &after, &worker], |spans| {
-        action_finished(spans) && named(spans, "kiln-coordinator", "queue_wait").len() == 2
-    });
+    let spans = collector.expect_spans(
+        &[&client, &before, &after, &worker],
+        SPANS_TIMEOUT,
+        |spans| action_finished(spans) && named(spans, "kiln-coordinator", "queue_wait").len() == 2,
+    );
     let client_call = one(&spans, "kiln-run", EXECUTE_RPC);
     let execute = one(&spans, "kiln-coordinator", "Execute");
     assert_eq!(execute.span.trace_id, client_call.span.trace_id);

@@ -13,25 +13,12 @@ use kiln_publish::{
     publish, Compression, CoordinatorSource, CredentialStore, Credentials, LayerContent,
     Provenance, PublishRequest, RuntimeSettings,
 };
-use kiln_telemetry::receiver::{ReceivedSpan, TraceCollector};
+use kiln_telemetry::receiver::{named, one, recorded_secrets, ReceivedSpan, TraceCollector};
 use support::fake_action::{cas, FakeAction, FUNCTION};
 use support::kiln_servers::{self, PASSWORD, USER};
 
 const MANIFEST_PUT: &str = "PUT /v2/{name}/manifests/{reference}";
 const GET_ACTION_RESULT: &str = "build.bazel.remote.execution.v2.ActionCache/GetActionResult";
-
-/// The spans `service` sent, with `name` if given.
-fn spans_of<'a>(
-    spans: &'a [ReceivedSpan],
-    service: &str,
-    name: Option<&str>,
-) -> Vec<&'a ReceivedSpan> {
-    spans
-        .iter()
-        .filter(|s| s.service_name().as_deref() == Some(service))
-        .filter(|s| name.is_none_or(|name| s.span.name == name))
-        .collect()
-}
 
 #[test]
 fn a_publish_is_one_trace_across_coordinator_and_registry() {
@@ -86,14 +73,12 @@ fn a_publish_is_one_trace_across_coordinator_and_registry() {
         &[&publish_process, &coordinator_process, &registry_process],
         Duration::from_secs(20),
         |spans| {
-            spans_of(spans, "kiln-registry", Some(MANIFEST_PUT)).len() == 2
-                && !spans_of(spans, "kiln-publish", Some("publish")).is_empty()
+            named(spans, "kiln-registry", MANIFEST_PUT).len() == 2
+                && !named(spans, "kiln-publish", "publish").is_empty()
         },
     );
 
-    let publish_spans = spans_of(&spans, "kiln-publish", Some("publish"));
-    assert_eq!(publish_spans.len(), 1, "one publish span");
-    let root = publish_spans[0];
+    let root = one(&spans, "kiln-publish", "publish");
     assert!(
         root.span.parent_span_id.is_empty(),
         "the publish is the root"
@@ -103,8 +88,9 @@ fn a_publish_is_one_trace_across_coordinator_and_registry() {
 
     // Every registry request (a span named `METHOD ROUTE`): the token, the blob checks and
     // uploads, both manifest PUTs.
-    let requests: Vec<&ReceivedSpan> = spans_of(&spans, "kiln-registry", None)
-        .into_iter()
+    let requests: Vec<&ReceivedSpan> = spans
+        .iter()
+        .filter(|s| s.service_name().as_deref() == Some("kiln-registry"))
         .filter(|s| s.span.name.contains(" /"))
         .collect();
     for name in [
@@ -129,12 +115,9 @@ fn a_publish_is_one_trace_across_coordinator_and_registry() {
     }
 
     // The coordinator served the action's result within the same trace.
-    let served = spans_of(&spans, "kiln-coordinator", Some(GET_ACTION_RESULT));
-    assert_eq!(served.len(), 1, "one GetActionResult call");
-    assert_eq!(&served[0].span.trace_id, trace);
+    let served = one(&spans, "kiln-coordinator", GET_ACTION_RESULT);
+    assert_eq!(&served.span.trace_id, trace);
 
-    for span in &spans {
-        let text = format!("{:?} {:?}", span.span, span.resource);
-        assert!(!text.contains(PASSWORD), "the password leaked into {text}");
-    }
+    let leaks = recorded_secrets(&[PASSWORD], &spans, &[]);
+    assert!(leaks.is_empty(), "the password leaked: {leaks:#?}");
 }

@@ -10,7 +10,7 @@ mod common;
 
 use common::*;
 use hyper::{Method, StatusCode};
-use kiln_telemetry::receiver::{recorded_secrets, OtlpReceiver, Retain, TracedRuntime};
+use kiln_telemetry::receiver::{recorded_secrets, TraceCollector};
 
 /// Everything, dependencies included (the test's HTTP client too), at their most verbose.
 const LOG_FILTER: &str = "trace";
@@ -20,17 +20,10 @@ fn credentials_stay_out_of_spans_and_logs() {
     const PASSWORD: &str = "ci-secret";
     const WRONG_PASSWORD: &str = "wrong-password-5c2e8a";
     const FORGED_TOKEN: &str = "eyJmb3JnZWQiOnRydWV9.Zm9yZ2VkLXNpZ25hdHVyZQ";
-    let exporter = tokio::runtime::Runtime::new().unwrap();
-    let receiver = exporter
-        .block_on(OtlpReceiver::start(Retain::Spans))
+    let collector = TraceCollector::start().unwrap();
+    let (registry, logs) = collector
+        .process_capturing_logs("kiln-registry", LOG_FILTER)
         .unwrap();
-    let (registry, logs) = TracedRuntime::start_capturing_logs(
-        "kiln-registry",
-        &receiver.endpoint(),
-        &exporter,
-        LOG_FILTER,
-    )
-    .unwrap();
     let mut config = auth_config();
     config.auth.token_key_hex = hex::encode(rand::random::<[u8; 32]>());
     let password_hashes: Vec<String> = config
@@ -90,7 +83,7 @@ fn credentials_stay_out_of_spans_and_logs() {
         token
     });
     registry.flush();
-    let spans = receiver.spans();
+    let spans = collector.spans();
     let lines = logs.lines();
 
     // The test saw real work, so that it cannot pass by capturing nothing.

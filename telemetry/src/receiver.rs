@@ -1,7 +1,9 @@
 //! An in-process OTLP/gRPC trace receiver on 127.0.0.1:0: the collector's
 //! `TraceService/Export`, keeping what it receives for tests to inspect (or only counting
 //! it, for benchmarks); and [`TracedRuntime`], a runtime standing in for one process that
-//! exports to it, optionally with its log lines kept in memory ([`CapturedLogs`]).
+//! exports to it, optionally with its log lines kept in memory ([`CapturedLogs`]); and
+//! [`TraceCollector`], the two together for a test that runs several "processes", with
+//! [`named`] and [`one`] to pick out the spans it asserts on.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -70,6 +72,22 @@ pub fn recorded_secrets(
         }
     }
     found
+}
+
+/// The spans named `name` that `service` sent.
+pub fn named<'a>(spans: &'a [ReceivedSpan], service: &str, name: &str) -> Vec<&'a ReceivedSpan> {
+    spans
+        .iter()
+        .filter(|s| s.span.name == name && s.service_name().as_deref() == Some(service))
+        .collect()
+}
+
+/// The one span named `name` that `service` sent; panics unless there is exactly one.
+#[track_caller]
+pub fn one<'a>(spans: &'a [ReceivedSpan], service: &str, name: &str) -> &'a ReceivedSpan {
+    let found = named(spans, service, name);
+    assert_eq!(found.len(), 1, "one {name:?} span from {service}");
+    found[0]
 }
 
 /// An attribute among `attributes`, rendered as text.
@@ -306,6 +324,7 @@ pub struct TraceCollector {
 }
 
 impl TraceCollector {
+    /// Starts the receiver, on a runtime of its own.
     pub fn start() -> std::io::Result<Self> {
         let runtime = tokio::runtime::Runtime::new()?;
         let receiver = runtime.block_on(OtlpReceiver::start(Retain::Spans))?;
@@ -357,5 +376,27 @@ impl TraceCollector {
             }
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
+    }
+
+    /// [`spans_when`](Self::spans_when) for tests whose assertions need every span they
+    /// wait for (a search for what must not be recorded passes on too few): panics, listing
+    /// the spans that did arrive, if `complete` is still unsatisfied after `timeout`.
+    #[track_caller]
+    pub fn expect_spans(
+        &self,
+        processes: &[&TracedRuntime],
+        timeout: std::time::Duration,
+        complete: impl Fn(&[ReceivedSpan]) -> bool,
+    ) -> Vec<ReceivedSpan> {
+        let spans = self.spans_when(processes, timeout, &complete);
+        assert!(
+            complete(&spans),
+            "spans never arrived: {:#?}",
+            spans
+                .iter()
+                .map(|s| (s.service_name(), &s.span.name))
+                .collect::<Vec<_>>()
+        );
+        spans
     }
 }

@@ -1,19 +1,18 @@
-//! Several "processes" in one test, each on a [`TracedRuntime`] with its own tracer
-//! provider and `service.name`, all exporting their spans over OTLP/gRPC to one
-//! in-process receiver; and a real worker and a traced client to run in them.
+//! What the coordinator's trace tests run in their traced "processes" (from
+//! `kiln_telemetry::receiver::TraceCollector`, each with its own tracer provider and
+//! `service.name`): a real worker and a traced client.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kiln_proto::longrunning::{operation, Operation};
 use kiln_proto::prost::Message;
 use kiln_proto::reapi::execution_client::ExecutionClient;
 use kiln_proto::reapi::{ExecuteRequest, ExecuteResponse};
 use kiln_store::{Digest, DigestFunction};
-use kiln_telemetry::receiver::{CapturedLogs, OtlpReceiver, ReceivedSpan, Retain, TracedRuntime};
+use kiln_telemetry::receiver::TracedRuntime;
 use kiln_worker::{BubblewrapMode, WorkerConfig, WorkerError};
-use tokio::runtime::Runtime;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
@@ -22,87 +21,9 @@ use tonic::Streaming;
 use super::actions::{upload_action, Spec};
 use super::{wire, TestServer};
 
-/// The receiver, and the runtime its server and every exporter's channel run on.
-pub struct TraceCollector {
-    // Declared first, so that it is dropped while its runtime still runs.
-    pub receiver: OtlpReceiver,
-    exporter: Runtime,
-}
-
-impl TraceCollector {
-    pub fn start() -> Self {
-        let exporter = Runtime::new().expect("a runtime");
-        let receiver = exporter
-            .block_on(OtlpReceiver::start(Retain::Spans))
-            .expect("the receiver starts");
-        TraceCollector { receiver, exporter }
-    }
-
-    /// A process reporting as `service`; its log lines (warnings up) go to stderr.
-    pub fn process(&self, service: &str) -> TracedRuntime {
-        TracedRuntime::start(service, &self.receiver.endpoint(), &self.exporter)
-            .expect("telemetry starts")
-    }
-
-    /// A process reporting as `service`, whose log lines at `log_filter` are kept.
-    pub fn process_capturing_logs(
-        &self,
-        service: &str,
-        log_filter: &str,
-    ) -> (TracedRuntime, CapturedLogs) {
-        TracedRuntime::start_capturing_logs(
-            service,
-            &self.receiver.endpoint(),
-            &self.exporter,
-            log_filter,
-        )
-        .expect("telemetry starts")
-    }
-
-    /// Flushes `processes` until the spans received satisfy `complete`: spans that close
-    /// after a client has its answer (a worker's `action`) arrive a little later.
-    pub fn spans_once(
-        &self,
-        processes: &[&TracedRuntime],
-        complete: impl Fn(&[ReceivedSpan]) -> bool,
-    ) -> Vec<ReceivedSpan> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            for process in processes {
-                process.flush();
-            }
-            let spans = self.receiver.spans();
-            if complete(&spans) {
-                return spans;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "spans never arrived: {:#?}",
-                spans
-                    .iter()
-                    .map(|s| (s.service_name(), &s.span.name))
-                    .collect::<Vec<_>>()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-/// The spans named `name` that `service` sent.
-pub fn named<'a>(spans: &'a [ReceivedSpan], service: &str, name: &str) -> Vec<&'a ReceivedSpan> {
-    spans
-        .iter()
-        .filter(|s| s.span.name == name && s.service_name().as_deref() == Some(service))
-        .collect()
-}
-
-/// The one span named `name` that `service` sent.
-#[track_caller]
-pub fn one<'a>(spans: &'a [ReceivedSpan], service: &str, name: &str) -> &'a ReceivedSpan {
-    let found = named(spans, service, name);
-    assert_eq!(found.len(), 1, "one {name:?} span from {service}");
-    found[0]
-}
+/// How long a test waits for the spans it asserts on: those that close after a client
+/// has its answer (a worker's `action`) arrive a little later.
+pub const SPANS_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A real `kiln_worker::run`, spawned on a traced process.
 pub struct TracedWorker {
