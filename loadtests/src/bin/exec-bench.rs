@@ -138,6 +138,9 @@ fn micros_between(
 /// What one run measured.
 struct RunFigures {
     elapsed: Duration,
+    /// This process's CPU time over the run: client, coordinator and workers, not the
+    /// actions' own processes.
+    process_cpu: Duration,
     /// Queued (in the scheduler's queue) → worker start, µs.
     queued_to_start: Histogram<u64>,
     /// Execute sent by this client → worker start, µs: also counts the RPC, the action
@@ -153,12 +156,14 @@ async fn run_all(
     concurrency: usize,
 ) -> anyhow::Result<RunFigures> {
     let start = Instant::now();
+    let cpu_at_start = kiln_loadtests::load::process_cpu_time();
     let responses: Vec<anyhow::Result<(ExecuteResponse, SystemTime)>> =
         futures::stream::iter(actions.iter().map(|a| execute(client, a)))
             .buffer_unordered(concurrency)
             .collect()
             .await;
     let elapsed = start.elapsed();
+    let process_cpu = kiln_loadtests::load::process_cpu_time().saturating_sub(cpu_at_start);
     let mut overhead = kiln_loadtests::load::latency_histogram();
     let mut sent_to_start = kiln_loadtests::load::latency_histogram();
     let mut stages = [0u64; 4];
@@ -213,6 +218,7 @@ async fn run_all(
     );
     Ok(RunFigures {
         elapsed,
+        process_cpu,
         queued_to_start: overhead,
         sent_to_start,
         breakdown,
@@ -296,11 +302,11 @@ async fn main() -> anyhow::Result<()> {
         args.slots, args.concurrency
     );
     println!(
-        "| actions | seconds | actions/s | queued→worker start p50 | p99 | Execute sent→worker start p50 | p99 |"
+        "| actions | seconds | actions/s | queued→worker start p50 | p99 | Execute sent→worker start p50 | p99 | kiln CPU per action |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     println!(
-        "| {} | {:.2} | {:.0} | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms |",
+        "| {} | {:.2} | {:.0} | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.0} µs |",
         noop.len(),
         elapsed.as_secs_f64(),
         noop.len() as f64 / elapsed.as_secs_f64(),
@@ -308,6 +314,7 @@ async fn main() -> anyhow::Result<()> {
         ms(&noop_run.queued_to_start, 0.99),
         ms(&noop_run.sent_to_start, 0.5),
         ms(&noop_run.sent_to_start, 0.99),
+        noop_run.process_cpu.as_secs_f64() * 1e6 / noop.len() as f64,
     );
     println!("\n{}", noop_run.breakdown);
 
