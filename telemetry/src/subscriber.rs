@@ -145,10 +145,14 @@ where
         let spans = tracing_opentelemetry::layer()
             .with_tracer(tracer.clone())
             // Source locations, thread names and busy/idle timings cost per span and say
-            // little that the span names do not.
+            // little that the span names do not. Context activation (making each entered
+            // span's OpenTelemetry context current) costs on every poll of an instrumented
+            // future, nearly half the execution path's tracing overhead (BENCHMARKS.md), and
+            // nothing in kiln reads the current OpenTelemetry context inside a `tracing` span.
             .with_location(false)
             .with_threads(false)
             .with_tracked_inactivity(false)
+            .with_context_activation(false)
             .with_filter(filter_fn(exported));
         let context_events = ContextEvents.with_filter(filter_fn(exported));
         // Sees nothing (its filter refuses every callsite); it only carries the tracer.
