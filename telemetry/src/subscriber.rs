@@ -147,7 +147,8 @@ where
             // Source locations, thread names and busy/idle timings cost per span and say
             // little that the span names do not. Context activation (making each entered
             // span's OpenTelemetry context current) costs on every poll of an instrumented
-            // future, nearly half the execution path's tracing overhead (BENCHMARKS.md), and
+            // future, about half the execution path's tracing overhead in one interleaved
+            // comparison (BENCHMARKS.md), and
             // nothing in kiln reads the current OpenTelemetry context inside a `tracing` span.
             .with_location(false)
             .with_threads(false)
