@@ -22,7 +22,7 @@ use std::task::{Context as TaskContext, Poll};
 
 use http::{header, HeaderMap, Method, Response};
 use http_body::{Body, Frame, SizeHint};
-use opentelemetry::context::{FutureExt as _, WithContext};
+use opentelemetry::context::FutureExt as _;
 use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer};
 use opentelemetry::{Context, KeyValue};
 
@@ -63,7 +63,7 @@ impl HttpServerSpan {
 
     /// `handler` with this span current whenever it is polled: `tracing` spans it opens
     /// become children of the request's span.
-    pub fn instrument<F: Future>(&self, handler: F) -> WithContext<F> {
+    pub fn instrument<F: Future>(&self, handler: F) -> impl Future<Output = F::Output> {
         handler.with_context(self.context.clone())
     }
 

@@ -93,7 +93,7 @@ pub fn set_parent_from_headers(span: &Span, headers: &http::HeaderMap) {
 
 /// The caller's context named in incoming request headers; an empty context when they name
 /// none (or a malformed one).
-pub fn context_from_headers(headers: &http::HeaderMap) -> opentelemetry::Context {
+pub(crate) fn context_from_headers(headers: &http::HeaderMap) -> opentelemetry::Context {
     if !headers.contains_key(TRACEPARENT) {
         return opentelemetry::Context::new();
     }

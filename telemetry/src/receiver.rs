@@ -59,13 +59,11 @@ pub fn recorded_secrets(
     spans: &[ReceivedSpan],
     log_lines: &[String],
 ) -> Vec<String> {
+    let span_texts: Vec<String> = spans.iter().map(ReceivedSpan::text).collect();
     let mut found = Vec::new();
     for secret in secrets {
-        for span in spans {
-            let text = span.text();
-            if text.contains(secret) {
-                found.push(format!("{secret:?} in a span: {text}"));
-            }
+        for text in span_texts.iter().filter(|text| text.contains(secret)) {
+            found.push(format!("{secret:?} in a span: {text}"));
         }
         for line in log_lines.iter().filter(|line| line.contains(secret)) {
             found.push(format!("{secret:?} in a log line: {line}"));
