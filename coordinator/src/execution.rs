@@ -436,14 +436,8 @@ impl ExecutionEngine {
                 digest_function: request.digest_function,
                 ..Default::default()
             };
-            let cache_lookup = tracing::debug_span!("cache_lookup", hit = tracing::field::Empty);
-            let found = self
-                .inner
-                .action_cache
-                .get(lookup)
-                .instrument(cache_lookup.clone())
-                .await;
-            cache_lookup.record("hit", found.is_ok());
+            let found = self.inner.action_cache.get(lookup).await;
+            action_trace::record_cache_lookup(found.is_ok());
             match found {
                 Ok(result) => {
                     let response = ExecuteResponse {
@@ -898,7 +892,6 @@ impl Execution for ExecutionService {
     type ExecuteStream = OperationStream;
     type WaitExecutionStream = OperationStream;
 
-    #[tracing::instrument(skip_all, name = "Execute")]
     async fn execute(
         &self,
         request: Request<ExecuteRequest>,
@@ -906,7 +899,6 @@ impl Execution for ExecutionService {
         Ok(Response::new(self.engine.execute(request).await?))
     }
 
-    #[tracing::instrument(skip_all, name = "WaitExecution", fields(operation = %request.get_ref().name))]
     async fn wait_execution(
         &self,
         request: Request<WaitExecutionRequest>,

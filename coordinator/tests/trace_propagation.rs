@@ -124,11 +124,12 @@ fn one_action_is_one_trace_across_client_coordinator_and_worker() {
         Some("Execute")
     );
     is_parent(client_call, server_call);
-    let execute = one(&spans, "kiln-coordinator", "Execute");
-    is_parent(server_call, execute);
-    let cache_lookup = one(&spans, "kiln-coordinator", "cache_lookup");
-    is_parent(execute, cache_lookup);
-    assert_eq!(cache_lookup.attribute("hit").as_deref(), Some("false"));
+    let execute = server_call;
+    assert_eq!(
+        execute.attribute("kiln.action_cache.hit").as_deref(),
+        Some("false"),
+        "the Execute call records its action-cache lookup"
+    );
     let queue_wait = one(&spans, "kiln-coordinator", "queue_wait");
     is_parent(execute, queue_wait);
     assert_eq!(
@@ -218,11 +219,11 @@ fn an_execute_joining_an_operation_in_flight_links_to_its_trace() {
         .expect("the coordinator stops");
 
     let spans = collector.expect_spans(&[&client, &coordinator], SPANS_TIMEOUT, |spans| {
-        named(spans, "kiln-coordinator", "Execute").len() == 2
+        named(spans, "kiln-coordinator", EXECUTE_RPC).len() == 2
             && named(spans, "kiln-run", EXECUTE_RPC).len() == 2
             && !named(spans, "kiln-coordinator", "queue_wait").is_empty()
     });
-    let executes = named(&spans, "kiln-coordinator", "Execute");
+    let executes = named(&spans, "kiln-coordinator", EXECUTE_RPC);
     let (started, joined): (Vec<&ReceivedSpan>, Vec<&ReceivedSpan>) =
         executes.iter().partition(|s| s.span.links.is_empty());
     let ([started], [joined]) = (started.as_slice(), joined.as_slice()) else {
@@ -303,8 +304,8 @@ fn an_operation_reloaded_after_a_restart_continues_its_trace() {
         |spans| action_finished(spans) && named(spans, "kiln-coordinator", "queue_wait").len() == 2,
     );
     let client_call = one(&spans, "kiln-run", EXECUTE_RPC);
-    let execute = one(&spans, "kiln-coordinator", "Execute");
-    assert_eq!(execute.span.trace_id, client_call.span.trace_id);
+    let execute = one(&spans, "kiln-coordinator", EXECUTE_RPC);
+    is_parent(client_call, execute);
     // One wait before the restart, cut short, and one after it that ended at assignment.
     let waits = named(&spans, "kiln-coordinator", "queue_wait");
     for wait in &waits {
@@ -324,7 +325,7 @@ fn an_operation_reloaded_after_a_restart_continues_its_trace() {
 
     // The client's WaitExecution is a trace of its own, linked to the operation's.
     let wait_call = one(&spans, "kiln-run", WAIT_EXECUTION_RPC);
-    let wait_execution = one(&spans, "kiln-coordinator", "WaitExecution");
+    let wait_execution = one(&spans, "kiln-coordinator", WAIT_EXECUTION_RPC);
     assert_eq!(wait_execution.span.trace_id, wait_call.span.trace_id);
     assert_ne!(wait_execution.span.trace_id, execute.span.trace_id);
     let [link] = wait_execution.span.links.as_slice() else {

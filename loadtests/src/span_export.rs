@@ -43,6 +43,17 @@ impl BenchTracing {
         Ok(BenchTracing { receiver, guard })
     }
 
+    /// The receiver's OTLP endpoint, with export on.
+    pub fn receiver_endpoint(&self) -> Option<String> {
+        self.receiver.as_ref().map(|r| r.receiver.endpoint())
+    }
+
+    /// Sends the spans ended so far to the receiver and waits for the export. Call it on a
+    /// thread that may block (e.g. inside `block_in_place`).
+    pub fn flush(&self) {
+        self.guard.flush();
+    }
+
     /// CPU time the receiver's thread has used so far; zero with export off.
     pub async fn receiver_cpu(&self) -> Duration {
         match &self.receiver {

@@ -450,10 +450,7 @@ impl RegistryClient {
         let mut request = request
             .build()
             .map_err(|e| PublishError::http(&self.base, e))?;
-        kiln_telemetry::propagation::inject_into_headers(
-            &tracing::Span::current(),
-            request.headers_mut(),
-        );
+        kiln_telemetry::current_span::inject_into_headers(request.headers_mut());
         let url = request.url().clone();
         self.http
             .execute(request)

@@ -6,19 +6,23 @@
 //! - Clients: build generated clients over [`traced`]`(channel)`; the span's context goes
 //!   out in the request's metadata.
 //!
-//! The spans are at DEBUG level: with export off and the default `info` log filter they
-//! are never created. A span ends when the response headers arrive, so for a streamed
-//! response it covers the start of the call, not the whole stream.
+//! The spans are built on the SDK directly ([`crate::direct_span`]), only when export is
+//! on. While a server span's call is polled its context is current, so the handler's
+//! `tracing` spans are its children and its events are the span's. A span ends when the
+//! response headers arrive, so for a streamed response it covers the start of the call,
+//! not the whole stream.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use opentelemetry::trace::SpanKind;
+use opentelemetry::KeyValue;
 use tonic::transport::Channel;
 use tower_service::Service;
-use tracing::Span;
 
-use crate::propagation;
+use crate::direct_span::DirectSpan;
+use crate::{current_span, propagation};
 
 /// A client channel whose calls have spans and carry the caller's trace context.
 pub type TracedChannel = TracedCalls<Channel>;
@@ -72,49 +76,49 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        let span = call_span(request.uri().path(), self.side);
-        match self.side {
-            Side::Server => propagation::set_parent_from_headers(&span, request.headers()),
-            Side::Client => propagation::inject_into_headers(&span, request.headers_mut()),
-        }
-        let call = span.in_scope(|| self.inner.call(request));
+        let span = match self.side {
+            Side::Server => {
+                let parent = propagation::context_from_headers(request.headers());
+                call_span(request.uri().path(), SpanKind::Server, &parent)
+            }
+            Side::Client => {
+                let span = call_span(
+                    request.uri().path(),
+                    SpanKind::Client,
+                    &current_span::context(),
+                );
+                if let Some(span) = &span {
+                    propagation::inject_into_headers(span.context(), request.headers_mut());
+                }
+                span
+            }
+        };
+        let call = {
+            let _current = span.as_ref().map(|span| span.context().clone().attach());
+            self.inner.call(request)
+        };
         TracedCall { call, span }
     }
 }
 
-/// `/package.Service/Method` → a span with the RPC attributes.
-fn call_span(path: &str, side: Side) -> Span {
-    let kind = match side {
-        Side::Server => "server",
-        Side::Client => "client",
-    };
-    let span = tracing::debug_span!(
-        target: "kiln_telemetry::grpc",
-        "grpc",
-        otel.name = tracing::field::Empty,
-        otel.kind = kind,
-        otel.status_code = tracing::field::Empty,
-        rpc.system = "grpc",
-        rpc.service = tracing::field::Empty,
-        rpc.method = tracing::field::Empty,
-        rpc.grpc.status_code = tracing::field::Empty,
-    );
-    if !span.is_disabled() {
-        let name = path.trim_start_matches('/');
-        let (service, method) = name.split_once('/').unwrap_or((name, ""));
-        span.record("otel.name", name);
-        span.record("rpc.service", service);
-        span.record("rpc.method", method);
-    }
-    span
+/// `/package.Service/Method` → a span with the RPC attributes; `None` when export is off.
+fn call_span(path: &str, kind: SpanKind, parent: &opentelemetry::Context) -> Option<DirectSpan> {
+    let name = path.trim_start_matches('/');
+    let (service, method) = name.split_once('/').unwrap_or((name, ""));
+    let attributes = vec![
+        KeyValue::new("rpc.system", "grpc"),
+        KeyValue::new("rpc.service", service.to_string()),
+        KeyValue::new("rpc.method", method.to_string()),
+    ];
+    DirectSpan::start(name.to_string(), kind, parent, attributes)
 }
 
 pin_project_lite::pin_project! {
-    /// A call's response future, polled inside the call's span.
+    /// A call's response future, polled with the call's span current.
     pub struct TracedCall<F> {
         #[pin]
         call: F,
-        span: Span,
+        span: Option<DirectSpan>,
     }
 }
 
@@ -126,9 +130,14 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let _entered = this.span.enter();
-        let output = std::task::ready!(this.call.poll(cx));
-        if !this.span.is_disabled() {
+        let output = {
+            let _current = this
+                .span
+                .as_ref()
+                .map(|span| span.context().clone().attach());
+            std::task::ready!(this.call.poll(cx))
+        };
+        if let Some(span) = this.span.take() {
             // An error's status comes in the headers ("trailers-only"); a success's
             // status comes in the trailers, after the span has ended.
             let status = match &output {
@@ -140,11 +149,13 @@ where
                 Err(_) => Some(tonic::Code::Unavailable as i64),
             };
             if let Some(code) = status {
-                this.span.record("rpc.grpc.status_code", code);
+                span.span()
+                    .set_attribute(KeyValue::new("rpc.grpc.status_code", code));
                 if code != 0 {
-                    this.span.record("otel.status_code", "ERROR");
+                    span.fail(tonic::Code::from(code as i32).description());
                 }
             }
+            span.end();
         }
         Poll::Ready(output)
     }

@@ -1,14 +1,5 @@
-//! A server span per HTTP request, built directly on the OpenTelemetry SDK tracer of the
-//! current dispatch instead of through a `tracing` span.
-//!
-//! Why not `tracing`: the registry answers tens of thousands of manifest GETs a second, and
-//! a `tracing` span carried into OpenTelemetry by `tracing-opentelemetry` (a span slot, a
-//! builder, each field through a visitor, the conversion at close) cost about 3 µs per
-//! request, where the SDK span costs about 0.7 µs (`BENCHMARKS.md`, issue 6). What the
-//! request does below the span still uses `tracing`: the span's context is made current
-//! while the handler runs ([`HttpServerSpan::instrument`]), so `tracing` spans opened there
-//! become its children, and kiln events logged there outside any `tracing` span become its
-//! events (the subscriber's context-events layer).
+//! A server span per HTTP request, built on the SDK directly ([`crate::direct_span`]): the
+//! registry answers tens of thousands of manifest GETs a second.
 //!
 //! The span follows OpenTelemetry's HTTP server conventions: named `METHOD ROUTE`, kind
 //! server, `http.request.method`, `http.route`, `http.response.status_code`, the body
@@ -23,15 +14,14 @@ use std::task::{Context as TaskContext, Poll};
 use http::{header, HeaderMap, Method, Response};
 use http_body::{Body, Frame, SizeHint};
 use opentelemetry::context::FutureExt as _;
-use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer};
-use opentelemetry::{Context, KeyValue};
+use opentelemetry::trace::SpanKind;
+use opentelemetry::KeyValue;
 
-use crate::subscriber::with_export_tracer;
+use crate::direct_span::DirectSpan;
 
 /// The span of one request, from its head to the last byte of its response.
 pub struct HttpServerSpan {
-    /// The caller's context (if any) with this request's span as the current span.
-    context: Context,
+    span: DirectSpan,
 }
 
 impl HttpServerSpan {
@@ -42,42 +32,34 @@ impl HttpServerSpan {
     /// `route` is the path template (`/v2/{name}/manifests/{reference}`), never the raw
     /// path: span names must have a bounded number of values.
     pub fn start(method: &Method, route: &'static str, headers: &HeaderMap) -> Option<Self> {
-        with_export_tracer(|tracer| {
-            let parent = crate::propagation::context_from_headers(headers);
-            let mut attributes = Vec::with_capacity(5);
-            attributes.push(KeyValue::new("http.request.method", method.to_string()));
-            attributes.push(KeyValue::new("http.route", route));
-            if let Some(size) = content_length(headers) {
-                attributes.push(KeyValue::new("http.request.body.size", size));
-            }
-            let span = tracer
-                .span_builder(format!("{method} {route}"))
-                .with_kind(SpanKind::Server)
-                .with_attributes(attributes)
-                .start_with_context(tracer, &parent);
-            HttpServerSpan {
-                context: parent.with_span(span),
-            }
-        })
+        let parent = crate::propagation::context_from_headers(headers);
+        let mut attributes = Vec::with_capacity(5);
+        attributes.push(KeyValue::new("http.request.method", method.to_string()));
+        attributes.push(KeyValue::new("http.route", route));
+        if let Some(size) = content_length(headers) {
+            attributes.push(KeyValue::new("http.request.body.size", size));
+        }
+        let name = format!("{method} {route}");
+        let span = DirectSpan::start(name, SpanKind::Server, &parent, attributes)?;
+        Some(HttpServerSpan { span })
     }
 
     /// `handler` with this span current whenever it is polled: `tracing` spans it opens
     /// become children of the request's span.
     pub fn instrument<F: Future>(&self, handler: F) -> impl Future<Output = F::Output> {
-        handler.with_context(self.context.clone())
+        handler.with_context(self.span.context().clone())
     }
 
     /// Records the response head and hands the span to the body, which ends it once the
     /// body has been sent or dropped.
     pub fn respond<B>(self, response: Response<B>) -> Response<TracedBody<B>> {
-        let span = self.context.span();
         let status = response.status();
-        span.set_attribute(KeyValue::new(
+        self.span.span().set_attribute(KeyValue::new(
             "http.response.status_code",
             i64::from(status.as_u16()),
         ));
         if status.is_server_error() {
-            span.set_status(Status::error(status.to_string()));
+            self.span.fail(status.to_string());
         }
         response.map(|inner| TracedBody {
             inner,
@@ -87,10 +69,11 @@ impl HttpServerSpan {
     }
 
     fn end(self, body_size: u64) {
-        let span = self.context.span();
         let body_size = i64::try_from(body_size).unwrap_or(i64::MAX);
-        span.set_attribute(KeyValue::new("http.response.body.size", body_size));
-        span.end();
+        self.span
+            .span()
+            .set_attribute(KeyValue::new("http.response.body.size", body_size));
+        self.span.end();
     }
 }
 
@@ -131,10 +114,8 @@ impl<B: Body> Body for TracedBody<B> {
                 }
             }
             Some(Err(_)) => {
-                if let Some(span) = this.span.as_ref() {
-                    span.context
-                        .span()
-                        .set_status(Status::error("response body failed"));
+                if let Some(request) = this.span.as_ref() {
+                    request.span.fail("response body failed");
                 }
             }
             None => {

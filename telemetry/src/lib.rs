@@ -7,17 +7,21 @@
 //!   OpenTelemetry layer at all: RPC spans are at DEBUG level, so at the default `info`
 //!   they stay on `tracing`'s disabled-callsite fast path.
 //! - [`propagation`]: the W3C trace context to and from HTTP headers (gRPC metadata is
-//!   HTTP/2 headers) and the `traceparent`/`tracestate` strings of the worker protocol,
-//!   as parents and as links.
+//!   HTTP/2 headers) and the `traceparent`/`tracestate` strings of the worker protocol.
+//! - [`current_span`]: the span the calling code runs in, whether a `tracing` span or an
+//!   RPC's span: its context to persist or send, links, attributes.
 //! - [`grpc`]: a span for every gRPC call, on servers ([`GrpcServerTraceLayer`], which
 //!   also adopts the caller's context) and on clients ([`TracedChannel`], which sends it).
-//! - [`http_server`]: [`HttpServerSpan`], the registry's span per HTTP request, built on the
-//!   SDK directly because its hot path cannot afford a `tracing` span.
+//! - [`http_server`]: [`HttpServerSpan`], the registry's span per HTTP request.
+//! - Those per-request spans are built on the SDK directly (`direct_span`): their hot paths
+//!   cannot afford a `tracing` span. The spans inside them are `tracing` spans.
 //! - `receiver` (feature `receiver`): an in-process OTLP trace receiver for tests and
 //!   benchmarks, and runtimes that stand in for processes reporting to it (their log
 //!   lines optionally kept in memory).
 
 mod context_events;
+pub mod current_span;
+mod direct_span;
 pub mod grpc;
 pub mod http_server;
 pub mod propagation;

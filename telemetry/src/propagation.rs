@@ -1,5 +1,6 @@
 //! The W3C trace context (`traceparent`, `tracestate`) between processes: in HTTP headers
 //! (gRPC metadata included) and as the plain strings the worker protocol's Assign carries.
+//! [`crate::current_span`] reads and extends the context of the code that calls it.
 //!
 //! Every function is a no-op for a span that is disabled or not exported, so callers need
 //! not know whether export is on.
@@ -45,13 +46,10 @@ impl Extractor for TraceContext {
     }
 }
 
-/// The context of `span`, for a child in another process; empty strings when the span is
-/// not exported.
-pub fn trace_context_of(span: &Span) -> TraceContext {
+/// `context`'s span as a W3C carrier; empty strings when it is not exported.
+pub(crate) fn carrier_of(context: &opentelemetry::Context) -> TraceContext {
     let mut carrier = TraceContext::default();
-    if !span.is_disabled() {
-        TraceContextPropagator::new().inject_context(&span.context(), &mut carrier);
-    }
+    TraceContextPropagator::new().inject_context(context, &mut carrier);
     carrier
 }
 
@@ -61,34 +59,29 @@ pub fn set_remote_parent(span: &Span, context: &TraceContext) {
     if span.is_disabled() || context.traceparent.is_empty() {
         return;
     }
-    adopt(span, TraceContextPropagator::new().extract(context));
+    let parent = TraceContextPropagator::new().extract(context);
+    if parent.span().span_context().is_valid() {
+        // Fails only when the span is not exported, which is fine.
+        let _ = span.set_parent(parent);
+    }
 }
 
-/// Links `span` to the span described by `context`: the span belongs to a trace of its
-/// own but follows that one's work (a call that joins an operation another call started).
-/// Empty or malformed contexts add no link.
-pub fn add_link(span: &Span, context: &TraceContext) {
-    if span.is_disabled() || context.traceparent.is_empty() {
-        return;
+/// The remote span a W3C carrier describes; an invalid span context when the carrier is
+/// empty or malformed.
+pub(crate) fn remote_span(context: &TraceContext) -> opentelemetry::trace::SpanContext {
+    if context.traceparent.is_empty() {
+        return opentelemetry::trace::SpanContext::empty_context();
     }
-    let linked = TraceContextPropagator::new().extract(context);
-    span.add_link(linked.span().span_context().clone());
+    TraceContextPropagator::new()
+        .extract(context)
+        .span()
+        .span_context()
+        .clone()
 }
 
-/// Adds `span`'s context to outgoing request headers.
-pub fn inject_into_headers(span: &Span, headers: &mut http::HeaderMap) {
-    if span.is_disabled() {
-        return;
-    }
-    TraceContextPropagator::new().inject_context(&span.context(), &mut HeaderInjector(headers));
-}
-
-/// Makes the caller's span, named in incoming request headers, the parent of `span`.
-pub fn set_parent_from_headers(span: &Span, headers: &http::HeaderMap) {
-    if span.is_disabled() {
-        return;
-    }
-    adopt(span, context_from_headers(headers));
+/// Adds `context`'s span to outgoing request headers (nothing when it is not exported).
+pub(crate) fn inject_into_headers(context: &opentelemetry::Context, headers: &mut http::HeaderMap) {
+    TraceContextPropagator::new().inject_context(context, &mut HeaderInjector(headers));
 }
 
 /// The caller's context named in incoming request headers; an empty context when they name
@@ -98,13 +91,6 @@ pub(crate) fn context_from_headers(headers: &http::HeaderMap) -> opentelemetry::
         return opentelemetry::Context::new();
     }
     TraceContextPropagator::new().extract(&HeaderExtractor(headers))
-}
-
-fn adopt(span: &Span, parent: opentelemetry::Context) {
-    if parent.span().span_context().is_valid() {
-        // Fails only when the span is not exported, which is fine.
-        let _ = span.set_parent(parent);
-    }
 }
 
 struct HeaderInjector<'a>(&'a mut http::HeaderMap);

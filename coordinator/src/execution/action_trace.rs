@@ -4,17 +4,23 @@
 //! restart too. Calls that follow an operation they did not start (an identical Execute
 //! joining it, WaitExecution) are in traces of their own, linked to the operation's.
 
+use kiln_telemetry::current_span;
 use kiln_telemetry::propagation::{self, TraceContext};
 use tracing::Span;
 
 /// The context of the current span (the Execute call), to persist with the operation.
 pub(crate) fn execute_context() -> TraceContext {
-    propagation::trace_context_of(&Span::current())
+    current_span::trace_context()
 }
 
 /// Links the current span (a call following an operation) to the operation's Execute.
 pub(crate) fn link_to_operation(execute: &TraceContext) {
-    propagation::add_link(&Span::current(), execute);
+    current_span::add_link(execute);
+}
+
+/// Records on the Execute call's span whether the action cache answered it.
+pub(crate) fn record_cache_lookup(hit: bool) {
+    current_span::set_attribute("kiln.action_cache.hit", hit);
 }
 
 /// The span in which a worker's result is checked against the CAS, written to the
