@@ -1,16 +1,51 @@
 #!/usr/bin/env bash
-# Tracing export off, on, and on with 10% head sampling, side by side on the registry's
-# hottest path (manifest GETs): ROUNDS rounds, the three modes interleaved in each so that
-# the shared machine's drift hits all of them alike. Prints every run, then per mode the
-# best and the median req/s and process CPU per request, and their ratios to "off".
+# Tracing export off, on, and on with 10% head sampling, side by side: on the registry's
+# hottest path (manifest GETs, `registry`) or on remote execution of no-op actions
+# (`exec`). ROUNDS rounds, the three modes interleaved in each so that the shared
+# machine's drift hits all of them alike. Prints every run, then per mode the best and the
+# median throughput and process CPU per request or action (the span receiver's, a stand-in
+# for a collector elsewhere, not counted), and their ratios to "off".
 #
-#   cargo build --release -p kiln-loadtests && loadtests/tracing-overhead.sh [ROUNDS] [SECONDS]
+#   cargo build --release -p kiln-loadtests && loadtests/tracing-overhead.sh registry|exec [ROUNDS] [SECONDS]
 set -euo pipefail
-rounds=${1:-5}
-seconds=${2:-4}
-bench=${REGISTRY_BENCH:-target/release/registry-bench}
+bench_kind=${1:?usage: tracing-overhead.sh registry|exec [ROUNDS] [SECONDS]}
+rounds=${2:-5}
+seconds=${3:-4}
+registry_bench=${REGISTRY_BENCH:-target/release/registry-bench}
+exec_bench=${EXEC_BENCH:-target/release/exec-bench}
 runs=$(mktemp)
 trap 'rm -f "$runs"' EXIT
+
+# One run with the mode's environment (`env`) and flags: prints "per_second
+# cpu_per_operation receiver_cpu_per_operation spans operations".
+run_once() {
+  local report
+  case $bench_kind in
+    registry)
+      report=$(env "${env[@]}" "$registry_bench" --blob-mib 4 --repetitions 1 --seconds "$seconds" \
+        --tags 100 --listings 10 --iperf-seconds 1 "$@" 2>/dev/null)
+      # The kiln row of the manifest-GET table: | kiln | req/s | p50 | p99 | CPU µs (…) | receiver µs |
+      local row
+      row=$(awk -F'|' '$2 ~ /^ kiln $/ && $4 ~ / ms $/ { print $3, $6, $7 }' <<<"$report" | tr -d 'µsA-Za-z()')
+      local requests
+      requests=$(sed -n 's/^kiln requests: at least \([0-9]*\).*/\1/p' <<<"$report")
+      echo "$row $(spans_of "$report") $requests"
+      ;;
+    exec)
+      # About as many actions as `seconds` of a quiet machine's throughput.
+      report=$(env "${env[@]}" "$exec_bench" --actions $((seconds * 1500)) --concurrency 16 --small 1 "$@" 2>/dev/null)
+      # | actions | seconds | actions/s | … | kiln CPU per action (receiver not counted) |
+      local row
+      row=$(awk -F'|' 'previous ~ /^\|---/ && header ~ /actions\/s/ { print $4, $9; exit } { header = previous; previous = $0 }' <<<"$report" | tr -d 'µs')
+      local actions
+      actions=$(awk -F'|' 'previous ~ /^\|---/ && header ~ /actions\/s/ { print $2; exit } { header = previous; previous = $0 }' <<<"$report")
+      echo "$row 0 $(spans_of "$report") $actions"
+      ;;
+    *) echo "tracing-overhead.sh: registry or exec, not $bench_kind" >&2; exit 2 ;;
+  esac
+}
+
+spans_of() { sed -n 's/^tracing: export on (\([0-9]*\) spans received)/\1/p' <<<"$1" | grep . || echo -; }
 
 for round in $(seq "$rounds"); do
   for mode in off on sampled; do
@@ -19,20 +54,14 @@ for round in $(seq "$rounds"); do
       on) env=(); flags=(--otlp) ;;
       sampled) env=(OTEL_TRACES_SAMPLER=traceidratio OTEL_TRACES_SAMPLER_ARG=0.1); flags=(--otlp) ;;
     esac
-    report=$(env "${env[@]}" "$bench" --blob-mib 4 --repetitions 1 --seconds "$seconds" \
-      --tags 100 --listings 10 --iperf-seconds 1 "${flags[@]}" 2>/dev/null)
-    # The kiln row of the manifest-GET table: | kiln | req/s | p50 | p99 | CPU µs (…) | receiver µs |
-    row=$(awk -F'|' '$2 ~ /^ kiln $/ && $4 ~ / ms $/ { print $3, $6, $7 }' <<<"$report" | tr -d 'µsA-Za-z()')
-    read -r per_second cpu receiver <<<"$row"
-    spans=$(sed -n 's/^tracing: export on (\([0-9]*\) spans received)/\1/p' <<<"$report")
-    requests=$(sed -n 's/^kiln requests: at least \([0-9]*\).*/\1/p' <<<"$report")
-    echo "round $round  $mode  $per_second req/s  $cpu µs CPU/request  (receiver $receiver µs)  spans ${spans:--} for ≥ $requests requests"
+    read -r per_second cpu receiver spans operations < <(run_once "${flags[@]}")
+    echo "round $round  $mode  $per_second per second  $cpu µs CPU each  (receiver $receiver µs)  spans $spans for ≥ $operations operations"
     echo "$mode $per_second $cpu $receiver" >>"$runs"
   done
 done
 
 echo
-echo "| mode | best req/s | median req/s | best / off | median / off | median CPU µs/request (without the receiver) | CPU / off |"
+echo "| mode | best per second | median per second | best / off | median / off | median CPU µs each (without the receiver) | CPU / off |"
 echo "|---|---|---|---|---|---|---|"
 for mode in off on sampled; do
   awk -v mode="$mode" '$1 == mode { print $2, $3 - $4 }' "$runs"

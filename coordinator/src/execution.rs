@@ -40,13 +40,13 @@ use kiln_proto::worker::v1::{coordinator_message, Assign, Cancel, CoordinatorMes
 use kiln_store::{BlobStore, Digest, MetadataStore};
 use tokio::sync::{mpsc, watch, Notify};
 use tonic::{Code, Request, Response, Status};
-use tracing::Instrument;
 
 use crate::action_cache::ActionCacheService;
 use crate::counters::{names, Counters, Outcome};
 use crate::scheduler::{Cancelled, LostLease, Platform, Scheduler, SchedulerConfig};
 use crate::{reapi_digest, CoordinatorConfig, CoordinatorError};
 use action_trace::QueueWait;
+use kiln_telemetry::InStage;
 pub(crate) use operation::proto_duration;
 use operation::{
     completed_operation, timestamp_from_nanos, unix_nanos, OperationRecord, OPERATIONS,
@@ -655,9 +655,13 @@ impl ExecutionEngine {
         self.dispatch_once();
         let engine = self.clone();
         let span = action_trace::publish_result_span(&record.trace_context());
-        tokio::spawn(
-            async move { engine.publish_result(record, result, status).await }.instrument(span),
-        );
+        tokio::spawn(async move {
+            engine
+                .publish_result(record, result, status)
+                .in_stage(&span)
+                .await;
+            span.end();
+        });
     }
 
     /// Caches a successful result (flushed before anyone sees it), then completes the
@@ -705,7 +709,7 @@ impl ExecutionEngine {
                 }
             }
         }
-        tracing::Span::current().record("cached", cached);
+        action_trace::record_cached(cached);
         {
             let mut state = self.state();
             self.finish(&mut state, &record.name, response);

@@ -13,8 +13,10 @@
 //! - [`grpc`]: a span for every gRPC call, on servers ([`GrpcServerTraceLayer`], which
 //!   also adopts the caller's context) and on clients ([`TracedChannel`], which sends it).
 //! - [`http_server`]: [`HttpServerSpan`], the registry's span per HTTP request.
-//! - Those per-request spans are built on the SDK directly (`direct_span`): their hot paths
-//!   cannot afford a `tracing` span. The spans inside them are `tracing` spans.
+//! - [`StageSpan`]: the span of one stage of an action's work (queue wait, the worker's
+//!   run and stages, the result's publication).
+//! - Those per-request and per-stage spans are built on the SDK directly (`direct_span`):
+//!   their hot paths cannot afford `tracing` spans. Rarer work uses `tracing` spans.
 //! - `receiver` (feature `receiver`): an in-process OTLP trace receiver for tests and
 //!   benchmarks, and runtimes that stand in for processes reporting to it (their log
 //!   lines optionally kept in memory).
@@ -27,10 +29,12 @@ pub mod http_server;
 pub mod propagation;
 #[cfg(feature = "receiver")]
 pub mod receiver;
+mod stage_span;
 mod subscriber;
 
 pub use grpc::{traced, GrpcServerTraceLayer, TracedChannel};
 pub use http_server::HttpServerSpan;
+pub use stage_span::{InStage, StageSpan};
 pub use subscriber::{build, init, TelemetryGuard, TelemetryOptions};
 
 /// What can go wrong setting telemetry up.

@@ -11,8 +11,8 @@ use std::time::{Duration, SystemTime};
 use kiln_proto::prost::Message;
 use kiln_proto::{protobuf, reapi};
 use kiln_store::{Digest, DigestFunction};
+use kiln_telemetry::{InStage, StageSpan};
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 use crate::cas_client::{from_reapi, BlobSource, CasClient, OpenFileReader};
 use crate::command_runner::{CommandExit, CommandRunner, CommandSpec};
@@ -173,8 +173,8 @@ impl ActionRunner {
         let instance = request.instance_name.as_str();
         let function = request.digest_function();
         progress.metadata.input_fetch_start_timestamp = now();
-        // Stage spans end when their last clone is dropped, early returns included.
-        let input_fetch = tracing::debug_span!("input_fetch");
+        // Stage spans end when dropped, early returns included.
+        let input_fetch = StageSpan::under_current("input_fetch");
         let action = match inline_message(
             request.inline_action.as_deref(),
             request.action_digest,
@@ -189,7 +189,7 @@ impl ActionRunner {
                     &[request.action_digest],
                     "Action",
                 )
-                .instrument(input_fetch.clone())
+                .in_stage(&input_fetch)
                 .await?;
                 add(&mut progress.fetched, fetched);
                 actions.pop().expect("one digest, one message")
@@ -219,7 +219,7 @@ impl ActionRunner {
                     let (_, fetched) = self
                         .cache
                         .fetch_missing(&self.cas, instance, &keys)
-                        .instrument(input_fetch.clone())
+                        .in_stage(&input_fetch)
                         .await?;
                     add(&mut progress.fetched, fetched);
                     let (mut commands, _) = fetch_messages::<reapi::Command>(
@@ -229,7 +229,7 @@ impl ActionRunner {
                         &[command_digest],
                         "Command",
                     )
-                    .instrument(input_fetch.clone())
+                    .in_stage(&input_fetch)
                     .await?;
                     commands.pop().expect("one digest, one message")
                 }
@@ -248,13 +248,13 @@ impl ActionRunner {
         }
         if !empty_input_root {
             let fetched = materialise(&self.cache, &self.cas, instance, input_root, exec_root)
-                .instrument(input_fetch.clone())
+                .in_stage(&input_fetch)
                 .await?;
             add(&mut progress.fetched, fetched);
         }
         output_collector::create_output_parents(exec_root, &command)?;
         progress.metadata.input_fetch_completed_timestamp = now();
-        drop(input_fetch);
+        input_fetch.end();
 
         let timeout = request
             .timeout
@@ -274,24 +274,24 @@ impl ActionRunner {
             stderr: Arc::new(log_file(c"stderr")?),
         };
         progress.metadata.execution_start_timestamp = now();
+        let execute = StageSpan::under_current("execute");
         let exit = self
             .command_runner
             .run(&spec, cancel)
-            .instrument(tracing::debug_span!("execute"))
+            .in_stage(&execute)
             .await?;
+        execute.end();
         progress.metadata.execution_completed_timestamp = now();
         if exit == CommandExit::Cancelled {
             return Err(WorkerError::Cancelled);
         }
 
         progress.metadata.output_upload_start_timestamp = now();
-        let output_upload = tracing::debug_span!("output_upload");
-        let (stdout, stderr) = output_upload.in_scope(|| {
-            Ok::<_, WorkerError>((
-                hash_log(function, &spec.stdout)?,
-                hash_log(function, &spec.stderr)?,
-            ))
-        })?;
+        let output_upload = StageSpan::under_current("output_upload");
+        let (stdout, stderr) = (
+            hash_log(function, &spec.stdout)?,
+            hash_log(function, &spec.stderr)?,
+        );
         let mut blobs = vec![
             (stdout, BlobSource::Open(spec.stdout.clone())),
             (stderr, BlobSource::Open(spec.stderr.clone())),
@@ -309,7 +309,7 @@ impl ActionRunner {
             let outputs = tokio::task::spawn_blocking(move || {
                 output_collector::collect(function, &root, &wanted)
             })
-            .instrument(output_upload.clone())
+            .in_stage(&output_upload)
             .await
             .map_err(|e| WorkerError::Protocol(format!("output collection failed: {e}")))??;
             result.output_files = outputs.output_files;
@@ -319,10 +319,10 @@ impl ActionRunner {
         }
         self.cas
             .upload_missing(instance, blobs)
-            .instrument(output_upload.clone())
+            .in_stage(&output_upload)
             .await?;
         progress.metadata.output_upload_completed_timestamp = now();
-        drop(output_upload);
+        output_upload.end();
         progress.result = Some(result);
         if exit == CommandExit::TimedOut {
             return Err(WorkerError::Timeout(timeout));

@@ -14,10 +14,10 @@ use kiln_proto::worker::v1::coordinator_message::Message as Inbound;
 use kiln_proto::worker::v1::worker_message::Message as Outbound;
 use kiln_proto::worker::v1::workers_client::WorkersClient;
 use kiln_store::{Digest, DigestFunction};
+use kiln_telemetry::{InStage, StageSpan};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
-use tracing::Instrument;
 
 use crate::action_runner::{ActionOutcome, ActionRequest, ActionRunner};
 use crate::cas_client::CasClient;
@@ -322,26 +322,31 @@ impl Worker {
         self.running.insert(lease_id.clone(), cancel.clone());
         let runner = self.runner.clone();
         let results = self.results_tx.clone();
-        let span = tracing::info_span!("action", %lease_id, action = %request.action_digest);
         // The coordinator's Execute span is the parent: one action, one trace.
-        kiln_telemetry::propagation::set_remote_parent(
-            &span,
+        let span = StageSpan::continuing(
+            "action",
             &kiln_telemetry::propagation::TraceContext {
                 traceparent: assign.traceparent,
                 tracestate: assign.tracestate,
             },
         );
-        tokio::spawn(
-            async move {
+        span.set_attribute("lease_id", lease_id.clone());
+        span.set_attribute("action", request.action_digest.to_string());
+        tokio::spawn(async move {
+            let outcome = async {
                 let outcome = runner.run(&request, &cancel).await;
                 if let Some(error) = &outcome.error {
-                    tracing::info!(%error, "action did not complete");
+                    let action = request.action_digest;
+                    tracing::info!(%lease_id, %action, %error, "action did not complete");
                 }
-                // The receiver lives as long as the worker; nothing to do if it is gone.
-                let _ = results.send(lease_result(lease_id, outcome));
+                outcome
             }
-            .instrument(span),
-        );
+            .in_stage(&span)
+            .await;
+            span.end();
+            // The receiver lives as long as the worker; nothing to do if it is gone.
+            let _ = results.send(lease_result(lease_id, outcome));
+        });
         None
     }
 

@@ -5,8 +5,8 @@
 //! joining it, WaitExecution) are in traces of their own, linked to the operation's.
 
 use kiln_telemetry::current_span;
-use kiln_telemetry::propagation::{self, TraceContext};
-use tracing::Span;
+use kiln_telemetry::propagation::TraceContext;
+use kiln_telemetry::StageSpan;
 
 /// The context of the current span (the Execute call), to persist with the operation.
 pub(crate) fn execute_context() -> TraceContext {
@@ -25,44 +25,41 @@ pub(crate) fn record_cache_lookup(hit: bool) {
 
 /// The span in which a worker's result is checked against the CAS, written to the
 /// action cache and the operation completed: the last of the action's work.
-pub(crate) fn publish_result_span(execute: &TraceContext) -> Span {
-    let span = tracing::debug_span!(
-        parent: None,
-        "publish_result",
-        cached = tracing::field::Empty
-    );
-    propagation::set_remote_parent(&span, execute);
-    span
+pub(crate) fn publish_result_span(execute: &TraceContext) -> StageSpan {
+    StageSpan::continuing("publish_result", execute)
+}
+
+/// Records on the current span (`publish_result`) whether the result went into the cache.
+pub(crate) fn record_cached(cached: bool) {
+    current_span::set_attribute("cached", cached);
 }
 
 /// From queued to assigned. An action that is requeued, or reloaded after a restart,
 /// waits again.
 pub(crate) struct QueueWait {
-    span: Span,
+    span: StageSpan,
 }
 
 impl QueueWait {
     /// Starts waiting, in the trace of the Execute call described by `execute`.
     pub(crate) fn start(execute: &TraceContext) -> Self {
-        let span = tracing::debug_span!(
-            parent: None,
-            "queue_wait",
-            worker = tracing::field::Empty,
-            attempt = tracing::field::Empty,
-        );
-        propagation::set_remote_parent(&span, execute);
-        QueueWait { span }
+        QueueWait {
+            span: StageSpan::continuing("queue_wait", execute),
+        }
     }
 
     /// Not waiting: the operation is finished.
     pub(crate) fn none() -> Self {
-        QueueWait { span: Span::none() }
+        QueueWait {
+            span: StageSpan::none(),
+        }
     }
 
     /// Ends the wait: the action went to `worker`.
     pub(crate) fn end(&mut self, worker: &str, attempt: u32) {
-        self.span.record("worker", worker);
-        self.span.record("attempt", attempt);
-        self.span = Span::none();
+        let span = std::mem::replace(&mut self.span, StageSpan::none());
+        span.set_attribute("worker", worker.to_string());
+        span.set_attribute("attempt", i64::from(attempt));
+        span.end();
     }
 }
