@@ -24,9 +24,10 @@ run_once() {
     registry)
       report=$(env "${env[@]}" "$registry_bench" --blob-mib 4 --repetitions 1 --seconds "$seconds" \
         --tags 100 --listings 10 --iperf-seconds 1 "$@" 2>/dev/null)
-      # The kiln row of the manifest-GET table: | kiln | req/s | p50 | p99 | CPU µs (…) | receiver µs |
+      # The kiln row of the manifest-GET table, the first with latencies in ms:
+      # | kiln | req/s | p50 | p99 | CPU µs (…) | receiver µs |
       local row
-      row=$(awk -F'|' '$2 ~ /^ kiln $/ && $4 ~ / ms $/ { print $3, $6, $7 }' <<<"$report" | tr -d 'µsA-Za-z()')
+      row=$(awk -F'|' '$2 ~ /^ kiln $/ && $4 ~ / ms $/ { print $3, $6, $7; exit }' <<<"$report" | tr -d 'µsA-Za-z()')
       local requests
       requests=$(sed -n 's/^kiln requests: at least \([0-9]*\).*/\1/p' <<<"$report")
       echo "$row $(spans_of "$report") $requests"

@@ -21,6 +21,7 @@ use kiln_store::{BlobStore, ContentHash, Digest, DigestFunction, ExpectedDigest}
 use tonic::{Request, Response, Status};
 
 use crate::counters::Counters;
+use crate::rpc_attributes;
 use crate::{reapi_digest, CoordinatorConfig, CoordinatorError};
 
 /// The digests of every file in a result's output directories, stored after the
@@ -451,19 +452,19 @@ fn check_paths(result: &ActionResult) -> Result<(), CoordinatorError> {
 
 #[tonic::async_trait]
 impl ActionCache for ActionCacheService {
-    #[tracing::instrument(level = "debug", skip_all, fields(instance = %request.get_ref().instance_name))]
     async fn get_action_result(
         &self,
         request: Request<GetActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
+        rpc_attributes::instance(&request.get_ref().instance_name);
         Ok(Response::new(self.get(request.into_inner()).await?))
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(instance = %request.get_ref().instance_name))]
     async fn update_action_result(
         &self,
         request: Request<UpdateActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
+        rpc_attributes::instance(&request.get_ref().instance_name);
         Ok(Response::new(self.update(request.into_inner()).await?))
     }
 }

@@ -93,7 +93,6 @@ impl AdminService {
 
 #[tonic::async_trait]
 impl Admin for AdminService {
-    #[tracing::instrument(level = "debug", skip_all)]
     async fn get_status(
         &self,
         _request: Request<GetStatusRequest>,
@@ -120,11 +119,14 @@ impl Admin for AdminService {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(worker = %request.get_ref().worker_id))]
     async fn drain_worker(
         &self,
         request: Request<DrainWorkerRequest>,
     ) -> Result<Response<DrainWorkerResponse>, Status> {
+        kiln_telemetry::current_span::set_attribute(
+            "kiln.worker",
+            request.get_ref().worker_id.clone(),
+        );
         self.authorize(&request)?;
         let running = self.engine.drain_worker(&request.get_ref().worker_id)?;
         Ok(Response::new(DrainWorkerResponse {

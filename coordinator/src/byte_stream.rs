@@ -23,6 +23,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::counters::Counters;
 use crate::resource_name::{Compression, ResourceName};
+use crate::rpc_attributes;
 use crate::zstd_codec::{self, StreamingDecoder};
 use crate::{CoordinatorConfig, CoordinatorError};
 
@@ -394,11 +395,11 @@ impl WriteError {
 impl ByteStream for ByteStreamService {
     type ReadStream = BoxStream<'static, Result<ReadResponse, Status>>;
 
-    #[tracing::instrument(level = "debug", skip_all, fields(resource = %request.get_ref().resource_name, offset = request.get_ref().read_offset))]
     async fn read(
         &self,
         request: Request<ReadRequest>,
     ) -> Result<Response<Self::ReadStream>, Status> {
+        rpc_attributes::resource(&request.get_ref().resource_name);
         let chunks = self.start_read(request.into_inner()).await?;
         Ok(Response::new(
             chunks
@@ -411,7 +412,6 @@ impl ByteStream for ByteStreamService {
         ))
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(resource = tracing::field::Empty))]
     async fn write(
         &self,
         request: Request<Streaming<WriteRequest>>,
@@ -420,17 +420,17 @@ impl ByteStream for ByteStreamService {
         let first = stream.message().await?.ok_or_else(|| {
             CoordinatorError::InvalidArgument("the Write stream was empty".into())
         })?;
-        tracing::Span::current().record("resource", first.resource_name.as_str());
+        rpc_attributes::resource(&first.resource_name);
         Ok(Response::new(
             ByteStreamService::write(self, first, stream).await?,
         ))
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(resource = %request.get_ref().resource_name))]
     async fn query_write_status(
         &self,
         request: Request<QueryWriteStatusRequest>,
     ) -> Result<Response<QueryWriteStatusResponse>, Status> {
+        rpc_attributes::resource(&request.get_ref().resource_name);
         Ok(Response::new(
             ByteStreamService::query_write_status(self, request.into_inner()).await?,
         ))

@@ -63,7 +63,6 @@ impl CapabilitiesService {
 
 #[tonic::async_trait]
 impl Capabilities for CapabilitiesService {
-    #[tracing::instrument(level = "debug", skip_all)]
     async fn get_capabilities(
         &self,
         _request: Request<GetCapabilitiesRequest>,

@@ -20,6 +20,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::counters::Counters;
 use crate::error::ok_rpc_status;
+use crate::rpc_attributes;
 use crate::tree::{TreePages, TreeWalk};
 use crate::{reapi_digest, zstd_codec, CoordinatorConfig, CoordinatorError};
 
@@ -223,41 +224,44 @@ fn unimplemented<T>(what: &'static str) -> Result<T, Status> {
 
 #[tonic::async_trait]
 impl ContentAddressableStorage for CasService {
-    #[tracing::instrument(level = "debug", skip_all, fields(instance = %request.get_ref().instance_name, digests = request.get_ref().blob_digests.len()))]
     async fn find_missing_blobs(
         &self,
         request: Request<FindMissingBlobsRequest>,
     ) -> Result<Response<FindMissingBlobsResponse>, Status> {
+        rpc_attributes::instance(&request.get_ref().instance_name);
+        rpc_attributes::count("kiln.digests", request.get_ref().blob_digests.len());
         Ok(Response::new(
             self.find_missing(request.into_inner()).await?,
         ))
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(instance = %request.get_ref().instance_name, blobs = request.get_ref().requests.len()))]
     async fn batch_update_blobs(
         &self,
         request: Request<BatchUpdateBlobsRequest>,
     ) -> Result<Response<BatchUpdateBlobsResponse>, Status> {
+        rpc_attributes::instance(&request.get_ref().instance_name);
+        rpc_attributes::count("kiln.blobs", request.get_ref().requests.len());
         Ok(Response::new(
             self.batch_update(request.into_inner()).await?,
         ))
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(instance = %request.get_ref().instance_name, blobs = request.get_ref().digests.len()))]
     async fn batch_read_blobs(
         &self,
         request: Request<BatchReadBlobsRequest>,
     ) -> Result<Response<BatchReadBlobsResponse>, Status> {
+        rpc_attributes::instance(&request.get_ref().instance_name);
+        rpc_attributes::count("kiln.blobs", request.get_ref().digests.len());
         Ok(Response::new(self.batch_read(request.into_inner()).await?))
     }
 
     type GetTreeStream = BoxStream<'static, Result<GetTreeResponse, Status>>;
 
-    #[tracing::instrument(level = "debug", skip_all, fields(instance = %request.get_ref().instance_name, page_token = %request.get_ref().page_token))]
     async fn get_tree(
         &self,
         request: Request<GetTreeRequest>,
     ) -> Result<Response<Self::GetTreeStream>, Status> {
+        rpc_attributes::instance(&request.get_ref().instance_name);
         let pages = self.get_tree_pages(request.into_inner()).await?;
         Ok(Response::new(
             pages.into_stream().map_err(Status::from).boxed(),

@@ -20,6 +20,7 @@ mod error;
 mod execution;
 mod reapi_digest;
 mod resource_name;
+mod rpc_attributes;
 mod scheduler;
 mod secret;
 mod server;

@@ -153,6 +153,7 @@ fn one_action_is_one_trace_across_client_coordinator_and_worker() {
         })
         .collect();
     assert!(!worker_calls.is_empty(), "the input fetch calls the CAS");
+    let mut counted_calls = 0;
     for call in &worker_calls {
         let served = spans
             .iter()
@@ -164,7 +165,29 @@ fn one_action_is_one_trace_across_client_coordinator_and_worker() {
         assert_eq!(served.span.name, call.span.name);
         assert_eq!(served.span.kind, SpanKind::Server as i32);
         assert_eq!(served.span.trace_id, client_call.span.trace_id);
+        // The handler records what it was asked on the call's span, not in a span of its own.
+        let counted = match served.span.name.rsplit('/').next() {
+            Some("FindMissingBlobs") => Some("kiln.digests"),
+            Some("BatchReadBlobs" | "BatchUpdateBlobs") => Some("kiln.blobs"),
+            _ => None,
+        };
+        if let Some(key) = counted {
+            counted_calls += 1;
+            assert!(
+                served.attribute(key).is_some_and(|n| n != "0"),
+                "{key} missing from {:?}",
+                served.span.name
+            );
+        }
+        assert!(
+            spans
+                .iter()
+                .all(|s| s.span.parent_span_id != served.span.span_id),
+            "{:?} has a child span",
+            served.span.name
+        );
     }
+    assert!(counted_calls > 0, "the input fetch reads or checks blobs");
 
     assert_ne!(
         worker_action.service_name(),

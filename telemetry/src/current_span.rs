@@ -58,6 +58,11 @@ pub fn add_link(linked: &TraceContext) {
     }
 }
 
+/// Whether the current span is exported: check it before building a costly attribute.
+pub fn is_recording() -> bool {
+    context().span().is_recording()
+}
+
 /// Sets an attribute of the current span.
 pub fn set_attribute(key: impl Into<Key>, value: impl Into<Value>) {
     match exported_tracing_span() {
