@@ -444,18 +444,22 @@ impl RegistryClient {
         Ok(response)
     }
 
-    /// Sends one request with the current span's trace context, which the registry's
-    /// request span adopts as its parent.
+    /// Sends one request in a client span of its own, whose context the registry's request
+    /// span adopts as its parent.
     async fn execute(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response> {
         let mut request = request
             .build()
             .map_err(|e| PublishError::http(&self.base, e))?;
-        kiln_telemetry::current_span::inject_into_headers(request.headers_mut());
-        let url = request.url().clone();
-        self.http
-            .execute(request)
-            .await
-            .map_err(|e| PublishError::http(&url, e))
+        let (url, method) = (request.url().clone(), request.method().clone());
+        let span = kiln_telemetry::HttpClientSpan::start(
+            &method,
+            url.host_str().unwrap_or_default(),
+            url.port_or_known_default().unwrap_or_default(),
+            request.headers_mut(),
+        );
+        let response = self.http.execute(request).await;
+        span.end(response.as_ref().ok().map(|r| r.status().as_u16()));
+        response.map_err(|e| PublishError::http(&url, e))
     }
 
     /// Adds the `Authorization` header the last challenge calls for, fetching a bearer

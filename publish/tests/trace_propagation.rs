@@ -14,6 +14,7 @@ use kiln_publish::{
     Provenance, PublishRequest, RuntimeSettings,
 };
 use kiln_telemetry::receiver::{named, one, recorded_secrets, ReceivedSpan, TraceCollector};
+use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use support::fake_action::{cas, FakeAction, FUNCTION};
 use support::kiln_servers::{self, PASSWORD, USER};
 
@@ -112,6 +113,22 @@ fn a_publish_is_one_trace_across_coordinator_and_registry() {
             "{:?} is not in the publish's trace",
             request.span.name
         );
+        // Its parent is the publish's client span for that request, under the publish.
+        let sent = spans
+            .iter()
+            .find(|s| s.span.span_id == request.span.parent_span_id)
+            .unwrap_or_else(|| panic!("no parent for {:?}", request.span.name));
+        assert_eq!(sent.service_name().as_deref(), Some("kiln-publish"));
+        assert_eq!(sent.span.kind, SpanKind::Client as i32);
+        let method = request.span.name.split(' ').next();
+        assert_eq!(Some(sent.span.name.as_str()), method);
+        assert_eq!(
+            sent.attribute("http.response.status_code"),
+            request.attribute("http.response.status_code"),
+            "both sides of {:?} saw the same status",
+            request.span.name
+        );
+        assert_eq!(sent.span.parent_span_id, root.span.span_id);
     }
 
     // The coordinator served the action's result within the same trace.

@@ -39,11 +39,6 @@ pub fn trace_context() -> TraceContext {
     propagation::carrier_of(&context())
 }
 
-/// Adds the current span's context to outgoing request headers.
-pub fn inject_into_headers(headers: &mut http::HeaderMap) {
-    propagation::inject_into_headers(&context(), headers);
-}
-
 /// Links the current span to the span `linked` describes: the current span is in a trace
 /// of its own but follows that one's work (a call that joins an operation another call
 /// started). An empty or malformed `linked` adds no link.

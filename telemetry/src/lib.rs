@@ -12,7 +12,8 @@
 //!   RPC's span: its context to persist or send, links, attributes.
 //! - [`grpc`]: a span for every gRPC call, on servers ([`GrpcServerTraceLayer`], which
 //!   also adopts the caller's context) and on clients ([`TracedChannel`], which sends it).
-//! - [`http_server`]: [`HttpServerSpan`], the registry's span per HTTP request.
+//! - [`http_server`]: [`HttpServerSpan`], the registry's span per HTTP request;
+//!   [`http_client`]: [`HttpClientSpan`], `kiln publish`'s span per request it sends.
 //! - [`StageSpan`]: the span of one stage of an action's work (queue wait, the worker's
 //!   run and stages, the result's publication).
 //! - Those per-request and per-stage spans are built on the SDK directly (`direct_span`):
@@ -25,6 +26,7 @@ mod context_events;
 pub mod current_span;
 mod direct_span;
 pub mod grpc;
+pub mod http_client;
 pub mod http_server;
 pub mod propagation;
 #[cfg(feature = "receiver")]
@@ -33,6 +35,7 @@ mod stage_span;
 mod subscriber;
 
 pub use grpc::{traced, GrpcServerTraceLayer, TracedChannel};
+pub use http_client::HttpClientSpan;
 pub use http_server::HttpServerSpan;
 pub use stage_span::{InStage, StageSpan};
 pub use subscriber::{build, init, TelemetryGuard, TelemetryOptions};
