@@ -127,7 +127,7 @@ fn tokens_stay_out_of_spans_and_logs() {
     let spans = collector.expect_spans(&processes, SPANS_TIMEOUT, |spans| {
         !named(spans, "kiln-worker", "action").is_empty()
             && !named(spans, "kiln-coordinator", "publish_result").is_empty()
-            && named(spans, "kiln-coordinator", "drain_worker").len() == 2
+            && named(spans, "kiln-coordinator", "kiln.admin.v1.Admin/DrainWorker").len() == 2
     });
     let logs: [(&str, &CapturedLogs); 5] = [
         ("coordinator", &coordinator_logs),

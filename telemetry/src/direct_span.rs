@@ -14,6 +14,8 @@ use std::borrow::Cow;
 use opentelemetry::trace::{SpanKind, SpanRef, Status, TraceContextExt, Tracer};
 use opentelemetry::{Context, KeyValue};
 
+use opentelemetry_sdk::trace::SdkTracer;
+
 use crate::subscriber::with_export_tracer;
 
 /// One span, held as the context that has it current (over its parent's context).
@@ -21,24 +23,30 @@ pub(crate) struct DirectSpan {
     context: Context,
 }
 
+/// What a span starts with.
+pub(crate) struct SpanStart {
+    pub(crate) name: Cow<'static, str>,
+    pub(crate) kind: SpanKind,
+    pub(crate) parent: Context,
+    pub(crate) attributes: Vec<KeyValue>,
+}
+
 impl DirectSpan {
-    /// Starts a span under the current dispatch's exporter; `None` when export is off, so
-    /// that untraced code does nothing per request but look.
-    pub(crate) fn start(
-        name: impl Into<Cow<'static, str>>,
-        kind: SpanKind,
-        parent: &Context,
-        attributes: Vec<KeyValue>,
-    ) -> Option<Self> {
-        with_export_tracer(|tracer| {
-            let span = tracer
-                .span_builder(name)
-                .with_kind(kind)
-                .with_attributes(attributes)
-                .start_with_context(tracer, parent);
-            DirectSpan {
-                context: parent.with_span(span),
-            }
+    /// Starts a span under the current dispatch's exporter; `None` when export is off.
+    /// `describe` runs only when export is on, so that untraced code does nothing per
+    /// request but look: no name, parent or attribute is built for nothing.
+    pub(crate) fn start(describe: impl FnOnce() -> SpanStart) -> Option<Self> {
+        // `describe` runs outside `with_export_tracer`: inside it the dispatch is marked
+        // busy, and `tracing` would not see the current span that a parent may be.
+        let tracer = with_export_tracer(SdkTracer::clone)?;
+        let start = describe();
+        let span = tracer
+            .span_builder(start.name)
+            .with_kind(start.kind)
+            .with_attributes(start.attributes)
+            .start_with_context(&tracer, &start.parent);
+        Some(DirectSpan {
+            context: start.parent.with_span(span),
         })
     }
 

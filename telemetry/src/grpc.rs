@@ -21,7 +21,7 @@ use opentelemetry::KeyValue;
 use tonic::transport::Channel;
 use tower_service::Service;
 
-use crate::direct_span::DirectSpan;
+use crate::direct_span::{DirectSpan, SpanStart};
 use crate::{current_span, propagation};
 
 /// A client channel whose calls have spans and carry the caller's trace context.
@@ -77,16 +77,18 @@ where
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let span = match self.side {
-            Side::Server => {
+            Side::Server => DirectSpan::start(|| {
                 let parent = propagation::context_from_headers(request.headers());
-                call_span(request.uri().path(), SpanKind::Server, &parent)
-            }
+                call_span(request.uri().path(), SpanKind::Server, parent)
+            }),
             Side::Client => {
-                let span = call_span(
-                    request.uri().path(),
-                    SpanKind::Client,
-                    &current_span::context(),
-                );
+                let span = DirectSpan::start(|| {
+                    call_span(
+                        request.uri().path(),
+                        SpanKind::Client,
+                        current_span::context(),
+                    )
+                });
                 if let Some(span) = &span {
                     propagation::inject_into_headers(span.context(), request.headers_mut());
                 }
@@ -101,16 +103,21 @@ where
     }
 }
 
-/// `/package.Service/Method` → a span with the RPC attributes; `None` when export is off.
-fn call_span(path: &str, kind: SpanKind, parent: &opentelemetry::Context) -> Option<DirectSpan> {
+/// `/package.Service/Method` → a span named `package.Service/Method` with the RPC
+/// attributes.
+fn call_span(path: &str, kind: SpanKind, parent: opentelemetry::Context) -> SpanStart {
     let name = path.trim_start_matches('/');
     let (service, method) = name.split_once('/').unwrap_or((name, ""));
-    let attributes = vec![
-        KeyValue::new("rpc.system", "grpc"),
-        KeyValue::new("rpc.service", service.to_string()),
-        KeyValue::new("rpc.method", method.to_string()),
-    ];
-    DirectSpan::start(name.to_string(), kind, parent, attributes)
+    SpanStart {
+        name: name.to_string().into(),
+        kind,
+        parent,
+        attributes: vec![
+            KeyValue::new("rpc.system", "grpc"),
+            KeyValue::new("rpc.service", service.to_string()),
+            KeyValue::new("rpc.method", method.to_string()),
+        ],
+    }
 }
 
 pin_project_lite::pin_project! {

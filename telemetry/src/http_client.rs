@@ -9,7 +9,7 @@ use http::{HeaderMap, Method};
 use opentelemetry::trace::SpanKind;
 use opentelemetry::KeyValue;
 
-use crate::direct_span::DirectSpan;
+use crate::direct_span::{DirectSpan, SpanStart};
 
 /// The span of one outgoing request, from sending it to its response head.
 pub struct HttpClientSpan {
@@ -20,17 +20,16 @@ impl HttpClientSpan {
     /// Starts the span for a request to `host:port` and adds its context to `headers`;
     /// with export off it is nothing and the headers are left alone.
     pub fn start(method: &Method, host: &str, port: u16, headers: &mut HeaderMap) -> Self {
-        let attributes = vec![
-            KeyValue::new("http.request.method", method.to_string()),
-            KeyValue::new("server.address", host.to_string()),
-            KeyValue::new("server.port", i64::from(port)),
-        ];
-        let span = DirectSpan::start(
-            method.to_string(),
-            SpanKind::Client,
-            &crate::current_span::context(),
-            attributes,
-        );
+        let span = DirectSpan::start(|| SpanStart {
+            name: method.to_string().into(),
+            kind: SpanKind::Client,
+            parent: crate::current_span::context(),
+            attributes: vec![
+                KeyValue::new("http.request.method", method.to_string()),
+                KeyValue::new("server.address", host.to_string()),
+                KeyValue::new("server.port", i64::from(port)),
+            ],
+        });
         if let Some(span) = &span {
             crate::propagation::inject_into_headers(span.context(), headers);
         }

@@ -17,7 +17,7 @@ use opentelemetry::context::FutureExt as _;
 use opentelemetry::trace::SpanKind;
 use opentelemetry::KeyValue;
 
-use crate::direct_span::DirectSpan;
+use crate::direct_span::{DirectSpan, SpanStart};
 
 /// The span of one request, from its head to the last byte of its response.
 pub struct HttpServerSpan {
@@ -32,15 +32,20 @@ impl HttpServerSpan {
     /// `route` is the path template (`/v2/{name}/manifests/{reference}`), never the raw
     /// path: span names must have a bounded number of values.
     pub fn start(method: &Method, route: &'static str, headers: &HeaderMap) -> Option<Self> {
-        let parent = crate::propagation::context_from_headers(headers);
-        let mut attributes = Vec::with_capacity(5);
-        attributes.push(KeyValue::new("http.request.method", method.to_string()));
-        attributes.push(KeyValue::new("http.route", route));
-        if let Some(size) = content_length(headers) {
-            attributes.push(KeyValue::new("http.request.body.size", size));
-        }
-        let name = format!("{method} {route}");
-        let span = DirectSpan::start(name, SpanKind::Server, &parent, attributes)?;
+        let span = DirectSpan::start(|| {
+            let mut attributes = Vec::with_capacity(5);
+            attributes.push(KeyValue::new("http.request.method", method.to_string()));
+            attributes.push(KeyValue::new("http.route", route));
+            if let Some(size) = content_length(headers) {
+                attributes.push(KeyValue::new("http.request.body.size", size));
+            }
+            SpanStart {
+                name: format!("{method} {route}").into(),
+                kind: SpanKind::Server,
+                parent: crate::propagation::context_from_headers(headers),
+                attributes,
+            }
+        })?;
         Some(HttpServerSpan { span })
     }
 

@@ -8,7 +8,7 @@ use opentelemetry::context::FutureExt as _;
 use opentelemetry::trace::{SpanKind, TraceContextExt};
 use opentelemetry::{Context, Key, KeyValue, Value};
 
-use crate::direct_span::DirectSpan;
+use crate::direct_span::{DirectSpan, SpanStart};
 use crate::propagation::TraceContext;
 
 /// One stage's span; it ends at [`StageSpan::end`] or, at the latest, when it and every
@@ -22,17 +22,14 @@ impl StageSpan {
     /// A stage continuing the span `parent` describes: the Execute call's, persisted with
     /// the operation or carried to a worker in its Assign. A root when `parent` is empty.
     pub fn continuing(name: &'static str, parent: &TraceContext) -> Self {
-        let parent = if parent.traceparent.is_empty() {
-            Context::new()
-        } else {
+        Self::under(name, || {
             Context::new().with_remote_span_context(crate::propagation::remote_span(parent))
-        };
-        Self::under(name, &parent)
+        })
     }
 
     /// A stage under the current span (`tracing`'s or a directly built one).
     pub fn under_current(name: &'static str) -> Self {
-        Self::under(name, &crate::current_span::context())
+        Self::under(name, crate::current_span::context)
     }
 
     /// No span: a stage that is not traced.
@@ -40,10 +37,20 @@ impl StageSpan {
         StageSpan { span: None }
     }
 
-    fn under(name: &'static str, parent: &Context) -> Self {
+    fn under(name: &'static str, parent: impl FnOnce() -> Context) -> Self {
         StageSpan {
-            span: DirectSpan::start(name, SpanKind::Internal, parent, Vec::new()),
+            span: DirectSpan::start(|| SpanStart {
+                name: name.into(),
+                kind: SpanKind::Internal,
+                parent: parent(),
+                attributes: Vec::new(),
+            }),
         }
+    }
+
+    /// Whether the stage is traced (export is on): check it before building an attribute.
+    pub fn is_traced(&self) -> bool {
+        self.span.is_some()
     }
 
     pub fn set_attribute(&self, key: impl Into<Key>, value: impl Into<Value>) {

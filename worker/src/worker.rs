@@ -330,8 +330,10 @@ impl Worker {
                 tracestate: assign.tracestate,
             },
         );
-        span.set_attribute("lease_id", lease_id.clone());
-        span.set_attribute("action", request.action_digest.to_string());
+        if span.is_traced() {
+            span.set_attribute("lease_id", lease_id.clone());
+            span.set_attribute("action", request.action_digest.to_string());
+        }
         tokio::spawn(async move {
             let outcome = async {
                 let outcome = runner.run(&request, &cancel).await;

@@ -58,8 +58,10 @@ impl QueueWait {
     /// Ends the wait: the action went to `worker`.
     pub(crate) fn end(&mut self, worker: &str, attempt: u32) {
         let span = std::mem::replace(&mut self.span, StageSpan::none());
-        span.set_attribute("worker", worker.to_string());
-        span.set_attribute("attempt", i64::from(attempt));
-        span.end();
+        if span.is_traced() {
+            span.set_attribute("worker", worker.to_string());
+            span.set_attribute("attempt", i64::from(attempt));
+            span.end();
+        }
     }
 }
