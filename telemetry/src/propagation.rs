@@ -1,15 +1,11 @@
 //! The W3C trace context (`traceparent`, `tracestate`) between processes: in HTTP headers
-//! (gRPC metadata included) and as the plain strings the worker protocol's Assign carries.
-//! [`crate::current_span`] reads and extends the context of the code that calls it.
-//!
-//! Every function is a no-op for a span that is disabled or not exported, so callers need
-//! not know whether export is on.
+//! (gRPC metadata included), and as the plain strings ([`TraceContext`]) that the worker
+//! protocol's Assign and the persisted operation record carry. Other crates get and use a
+//! `TraceContext` through [`crate::current_span`] and [`crate::StageSpan`].
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::TraceContextExt;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use tracing::Span;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 const TRACEPARENT: &str = "traceparent";
 const TRACESTATE: &str = "tracestate";
@@ -51,19 +47,6 @@ pub(crate) fn carrier_of(context: &opentelemetry::Context) -> TraceContext {
     let mut carrier = TraceContext::default();
     TraceContextPropagator::new().inject_context(context, &mut carrier);
     carrier
-}
-
-/// Makes the remote span described by `context` the parent of `span`. Call it before the
-/// span is first entered. Empty or malformed contexts leave `span` a root.
-pub fn set_remote_parent(span: &Span, context: &TraceContext) {
-    if span.is_disabled() || context.traceparent.is_empty() {
-        return;
-    }
-    let parent = TraceContextPropagator::new().extract(context);
-    if parent.span().span_context().is_valid() {
-        // Fails only when the span is not exported, which is fine.
-        let _ = span.set_parent(parent);
-    }
 }
 
 /// The remote span a W3C carrier describes; an invalid span context when the carrier is

@@ -61,7 +61,7 @@ impl QueueWait {
         if span.is_traced() {
             span.set_attribute("worker", worker.to_string());
             span.set_attribute("attempt", i64::from(attempt));
-            span.end();
         }
+        span.end();
     }
 }

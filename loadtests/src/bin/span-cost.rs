@@ -36,7 +36,8 @@ enum Kind {
     /// it, the response recorded, ended when the body has been sent.
     Request,
     /// The same request as a `tracing` span carried by `tracing-opentelemetry`, the way
-    /// kiln's per-stage spans are made.
+    /// kiln's rarer spans are made (and its per-stage spans were, until they moved to the
+    /// SDK).
     Tracing,
     /// An SDK span with the request span's attributes, made directly on the SDK tracer.
     SdkAttributes,
