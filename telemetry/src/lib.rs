@@ -4,8 +4,9 @@
 //!   the `log` setting and, when an OTLP endpoint is configured (the `[telemetry]` table,
 //!   or the standard `OTEL_EXPORTER_OTLP_ENDPOINT`/`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`),
 //!   span export over OTLP/gRPC. Without an endpoint there is no exporter and no
-//!   OpenTelemetry layer at all: RPC spans are at DEBUG level, so at the default `info`
-//!   they stay on `tracing`'s disabled-callsite fast path.
+//!   OpenTelemetry layer at all: the per-request and per-stage spans are not made, and
+//!   kiln's DEBUG `tracing` spans stay on `tracing`'s disabled-callsite fast path at the
+//!   default `info`.
 //! - [`propagation`]: the W3C trace context to and from HTTP headers (gRPC metadata is
 //!   HTTP/2 headers) and the `traceparent`/`tracestate` strings of the worker protocol.
 //! - [`current_span`]: the span the calling code runs in, whether a `tracing` span or an

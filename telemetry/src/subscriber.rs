@@ -181,8 +181,9 @@ pub(crate) fn with_export_tracer<R>(f: impl FnOnce(&SdkTracer) -> R) -> Option<R
     })
 }
 
-/// What goes to the collector: kiln's own spans down to DEBUG (the per-RPC ones), and
-/// its events from INFO up, which become span events. Dependencies' spans stay out.
+/// What goes to the collector: kiln's own `tracing` spans down to DEBUG, and its events
+/// from INFO up, which become span events. Dependencies' spans stay out. (The per-request
+/// and per-stage spans are made on the SDK directly and need no filter.)
 fn exported(metadata: &Metadata<'_>) -> bool {
     let most_verbose = if metadata.is_span() {
         Level::DEBUG
