@@ -35,12 +35,11 @@ run_once() {
     exec)
       # About as many actions as `seconds` of a quiet machine's throughput.
       report=$(env "${env[@]}" "$exec_bench" --actions $((seconds * 1500)) --concurrency 16 --small 1 "$@" 2>/dev/null)
+      # The row under the no-op table's header:
       # | actions | seconds | actions/s | … | kiln CPU per action (receiver not counted) |
-      local row
-      row=$(awk -F'|' 'previous ~ /^\|---/ && header ~ /actions\/s/ { print $4, $9; exit } { header = previous; previous = $0 }' <<<"$report" | tr -d 'µs')
-      local actions
-      actions=$(awk -F'|' 'previous ~ /^\|---/ && header ~ /actions\/s/ { print $2; exit } { header = previous; previous = $0 }' <<<"$report")
-      echo "$row 0 $(spans_of "$report") $actions"
+      local actions per_second cpu
+      read -r actions per_second cpu < <(awk -F'|' 'previous ~ /^\|---/ && header ~ /actions\/s/ { print $2, $4, $9; exit } { header = previous; previous = $0 }' <<<"$report" | tr -d 'µs')
+      echo "$per_second $cpu 0 $(spans_of "$report") $actions"
       ;;
     *) echo "tracing-overhead.sh: registry or exec, not $bench_kind" >&2; exit 2 ;;
   esac

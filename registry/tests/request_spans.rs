@@ -31,16 +31,7 @@ fn requests_are_spans_and_credentials_stay_out_of_them() {
         )
         .await
         .expect_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED");
-        let issued = send_as(
-            &reg,
-            &ci,
-            Method::GET,
-            "/token?service=kiln-registry&scope=repository:team/app:pull",
-            empty(),
-        )
-        .await
-        .expect(StatusCode::OK);
-        let token = issued.json()["token"].as_str().unwrap().to_string();
+        let token = issue_token(&reg, &ci, "repository:team/app:pull").await;
         send_as(
             &reg,
             &format!("Bearer {token}"),

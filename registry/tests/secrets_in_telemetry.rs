@@ -46,10 +46,7 @@ fn credentials_stay_out_of_spans_and_logs() {
         send_as(&reg, &wrong, Method::GET, token_path, empty())
             .await
             .expect_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED");
-        let issued = send_as(&reg, &ci, Method::GET, token_path, empty())
-            .await
-            .expect(StatusCode::OK);
-        let token = issued.json()["token"].as_str().unwrap().to_string();
+        let token = issue_token(&reg, &ci, "repository:team/app:pull,push").await;
         let bearer = format!("Bearer {token}");
         send_as(
             &reg,

@@ -407,3 +407,14 @@ impl TraceCollector {
         spans
     }
 }
+
+/// kiln's export pipeline (the OTLP/gRPC exporter to `endpoint`, kiln's batching, the
+/// service's resource) on its own, without the `tracing` layers: benchmarks make spans on
+/// it directly to measure the SDK's own cost per span, the floor under kiln's. Call it
+/// inside a Tokio runtime, like [`crate::build`].
+pub fn export_pipeline(
+    service_name: &str,
+    endpoint: &str,
+) -> Result<opentelemetry_sdk::trace::SdkTracerProvider, crate::TelemetryError> {
+    crate::subscriber::tracer_provider(service_name, Some(endpoint.to_string()))
+}

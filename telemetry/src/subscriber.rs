@@ -193,7 +193,9 @@ fn exported(metadata: &Metadata<'_>) -> bool {
     metadata.target().starts_with("kiln") && *metadata.level() <= most_verbose
 }
 
-fn tracer_provider(
+/// The provider `build` exports through: the OTLP/gRPC exporter, kiln's batching and the
+/// service's resource.
+pub(crate) fn tracer_provider(
     service_name: &str,
     endpoint: Option<String>,
 ) -> Result<SdkTracerProvider, TelemetryError> {

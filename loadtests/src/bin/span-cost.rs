@@ -20,8 +20,6 @@ use kiln_loadtests::span_export::BenchTracing;
 use kiln_telemetry::HttpServerSpan;
 use opentelemetry::trace::{Span as _, SpanKind, Tracer, TracerProvider as _};
 use opentelemetry::KeyValue;
-use opentelemetry_otlp::WithExportConfig;
-use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider};
 
 /// The registry's hottest route, whose requests the spans stand for.
 const ROUTE: &str = "/v2/{name}/manifests/{reference}";
@@ -58,10 +56,12 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let export = BenchTracing::install(args.kind != Kind::Off).await?;
-    // The SDK kinds get a provider of their own, exporting like kiln's (the same
-    // exporter, kiln's batch sizes) to the same receiver.
+    // The SDK kinds get a provider of their own: kiln's export pipeline, without kiln's
+    // span code, to the same receiver.
     let sdk = match (args.kind, export.receiver_endpoint()) {
-        (Kind::SdkAttributes | Kind::SdkBare, Some(endpoint)) => Some(sdk_provider(&endpoint)?),
+        (Kind::SdkAttributes | Kind::SdkBare, Some(endpoint)) => Some(
+            kiln_telemetry::receiver::export_pipeline("kiln-bench-sdk", &endpoint)?,
+        ),
         _ => None,
     };
 
@@ -189,23 +189,4 @@ fn tracing_span() {
         span.record("http.response.status_code", 200);
         span.record("http.response.body.size", BODY.len());
     });
-}
-
-fn sdk_provider(endpoint: &str) -> anyhow::Result<SdkTracerProvider> {
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_tonic()
-        .with_endpoint(endpoint)
-        .build()?;
-    // kiln's batching (telemetry/src/subscriber.rs).
-    let batches = BatchConfigBuilder::default()
-        .with_max_queue_size(16_384)
-        .with_max_export_batch_size(2_048)
-        .build();
-    Ok(SdkTracerProvider::builder()
-        .with_span_processor(
-            BatchSpanProcessor::builder(exporter)
-                .with_batch_config(batches)
-                .build(),
-        )
-        .build())
 }

@@ -429,6 +429,24 @@ pub async fn send_as(
     .await
 }
 
+/// Fetches a bearer token for `scope` from `/token` as `auth` (expecting 200); returns
+/// the token itself.
+pub async fn issue_token(reg: &TestRegistry, auth: &str, scope: &str) -> String {
+    let issued = send_as(
+        reg,
+        auth,
+        Method::GET,
+        &format!("/token?service=kiln-registry&scope={scope}"),
+        empty(),
+    )
+    .await
+    .expect(StatusCode::OK);
+    issued.json()["token"]
+        .as_str()
+        .expect("a token")
+        .to_string()
+}
+
 /// Pushes a one-layer image as `auth`; returns its manifest.
 pub async fn push_image_as(reg: &TestRegistry, auth: &str, repo: &str, tag: &str) -> Vec<u8> {
     let mut digests = Vec::new();
