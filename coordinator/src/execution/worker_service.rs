@@ -14,7 +14,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{proto_duration, ExecutionEngine, WorkerDetails};
+use std::time::Instant;
+
+use super::{proto_duration, ExecutionEngine, WorkerConnection, WorkerDetails};
 use crate::scheduler::Platform;
 use crate::secret::same_secret;
 
@@ -138,6 +140,64 @@ impl WorkerService {
                 Some("this coordinator accepts no workers (no join token is configured)".into())
             }
             _ => None,
+        }
+    }
+}
+
+/// The pool's side of the engine: workers joining, leaving and reporting in.
+impl ExecutionEngine {
+    /// Adds a worker and its stream; returns the connection id its clean-up must name.
+    pub(super) fn connect_worker(
+        &self,
+        worker: &str,
+        platform: Platform,
+        slots: usize,
+        outbound: mpsc::UnboundedSender<Result<CoordinatorMessage, Status>>,
+        details: WorkerDetails,
+    ) -> u64 {
+        let mut state = self.state();
+        state.next_connection += 1;
+        let id = state.next_connection;
+        let lost = state
+            .scheduler
+            .add_worker(worker.to_string(), platform, slots, Instant::now());
+        state.workers.insert(
+            worker.to_string(),
+            WorkerConnection {
+                id,
+                outbound,
+                details,
+            },
+        );
+        self.handle_lost_leases(&mut state, lost);
+        // Pool membership shows on /metrics at once; the rest waits for the tick.
+        state.publish_gauges();
+        id
+    }
+
+    /// Removes a worker whose stream `connection` ended, unless it has reconnected since.
+    pub(super) fn disconnect_worker(&self, worker: &str, connection: u64) {
+        let mut state = self.state();
+        if state.workers.get(worker).map(|c| c.id) != Some(connection) {
+            return;
+        }
+        // Dropping the sender ends our side of the stream.
+        state.workers.remove(worker);
+        let lost = state.scheduler.remove_worker(worker);
+        self.handle_lost_leases(&mut state, lost);
+        state.publish_gauges();
+    }
+
+    /// `cache_bytes` is the worker's local cache size when the message reported it.
+    pub(super) fn heartbeat(&self, worker: &str, draining: bool, cache_bytes: Option<u64>) {
+        let mut state = self.state();
+        state.scheduler.heartbeat(worker, Instant::now());
+        if let (Some(bytes), Some(connection)) = (cache_bytes, state.workers.get_mut(worker)) {
+            connection.details.cache_bytes = bytes;
+        }
+        if draining {
+            // Stop offering it work now rather than have it refuse each Assign.
+            state.scheduler.drain_worker(worker);
         }
     }
 }

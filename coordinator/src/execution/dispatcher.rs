@@ -1,0 +1,185 @@
+//! The dispatcher: hands queued actions to free worker slots, requeues the leases of
+//! workers that go silent, and keeps the pool's gauges and the finished operations tidy.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use kiln_proto::reapi::{execution_stage, ExecuteResponse};
+use kiln_proto::rpc;
+use kiln_proto::worker::v1::{coordinator_message, Assign, CoordinatorMessage};
+use tonic::Code;
+
+use super::action_trace::QueueWait;
+use super::operation::{proto_duration, timestamp_from_nanos, OPERATIONS};
+use super::{ExecutionEngine, State};
+use crate::counters::names;
+use crate::scheduler::LostLease;
+
+/// How often the dispatcher looks for silent workers even when nothing else happens.
+const DISPATCH_TICK: Duration = Duration::from_millis(250);
+/// How long a finished operation stays answerable to WaitExecution and GetOperation.
+const COMPLETED_RETENTION: Duration = Duration::from_secs(15 * 60);
+
+impl ExecutionEngine {
+    /// Runs the dispatcher until the engine closes or every service has dropped it.
+    /// The server awaits the handle, so that the stores are released when it returns.
+    pub(crate) fn spawn_dispatcher(&self) -> tokio::task::JoinHandle<()> {
+        let engine = self.clone();
+        tokio::spawn(async move {
+            let mut last_housekeeping: Option<Instant> = None;
+            while Arc::strong_count(&engine.inner) > 1 && !engine.is_closing() {
+                let now = Instant::now();
+                if last_housekeeping.is_none_or(|at| now.duration_since(at) >= DISPATCH_TICK) {
+                    engine.housekeeping(now);
+                    last_housekeeping = Some(now);
+                }
+                engine.dispatch_once();
+                let _ = tokio::time::timeout(DISPATCH_TICK, engine.inner.dispatch.notified()).await;
+            }
+        })
+    }
+
+    /// The periodic part of dispatching: expires silent workers, publishes the gauges and
+    /// forgets old results. It runs on the tick, not on every wake-up, so that a busy
+    /// queue's dispatches stay cheap.
+    pub(super) fn housekeeping(&self, now: Instant) {
+        let mut state = self.state();
+        for (worker, lost) in state.scheduler.expire_silent_workers(now) {
+            tracing::warn!(%worker, leases = lost.len(), "worker missed its heartbeats");
+            state.workers.remove(&worker);
+            self.handle_lost_leases(&mut state, lost);
+        }
+        state.publish_gauges();
+        // Completions are in time order, so only the expired front is visited.
+        while let Some((at, _)) = state.completion_order.front() {
+            if now.duration_since(*at) <= COMPLETED_RETENTION {
+                break;
+            }
+            let (_, name) = state.completion_order.pop_front().expect("front exists");
+            state.operations.remove(&name);
+            let _ = self.inner.metadata.remove(OPERATIONS, name.as_bytes());
+        }
+    }
+
+    /// Hands queued actions to free slots. Called by the dispatcher task and directly
+    /// wherever an action queues or a slot frees.
+    pub(super) fn dispatch_once(&self) {
+        if self.is_closing() {
+            return;
+        }
+        let mut state = self.state();
+        for assignment in state.scheduler.schedule() {
+            let Some(live) = state.operations.get_mut(&assignment.operation) else {
+                continue;
+            };
+            live.queue_wait.end(&assignment.worker, assignment.attempt);
+            let record = &live.record;
+            let queued_at =
+                std::time::UNIX_EPOCH + Duration::from_nanos(record.queued_at_unix_nanos);
+            self.inner.counters.queue_wait(
+                SystemTime::now()
+                    .duration_since(queued_at)
+                    .unwrap_or_default(),
+            );
+            let action_digest = record.action_digest();
+            let assign = Assign {
+                lease_id: assignment.lease.clone(),
+                instance_name: record.instance_name.clone(),
+                action_digest: Some(action_digest.to_reapi()),
+                digest_function: action_digest.function.reapi_value(),
+                timeout: record.timeout().map(proto_duration),
+                traceparent: record.traceparent.clone(),
+                tracestate: record.tracestate.clone(),
+                queued_timestamp: Some(timestamp_from_nanos(record.queued_at_unix_nanos)),
+                action: live
+                    .inline
+                    .as_ref()
+                    .map_or_else(Vec::new, |m| m.action.to_vec()),
+                command: live
+                    .inline
+                    .as_ref()
+                    .map_or_else(Vec::new, |m| m.command.to_vec()),
+            };
+            let _ = live
+                .updates
+                .send_replace(record.to_operation(execution_stage::Value::Executing));
+            tracing::debug!(operation = %assignment.operation, worker = %assignment.worker, attempt = assignment.attempt, "assigned");
+            let message = CoordinatorMessage {
+                message: Some(coordinator_message::Message::Assign(assign)),
+            };
+            let delivered = state
+                .workers
+                .get(&assignment.worker)
+                .is_some_and(|c| c.outbound.send(Ok(message)).is_ok());
+            if !delivered {
+                let lost = state.scheduler.remove_worker(&assignment.worker);
+                state.workers.remove(&assignment.worker);
+                self.handle_lost_leases(&mut state, lost);
+            }
+        }
+    }
+
+    pub(super) fn handle_lost_leases(&self, state: &mut State, lost: Vec<LostLease>) {
+        for lease in lost {
+            match lease {
+                LostLease::Requeued {
+                    operation,
+                    attempts,
+                } => {
+                    tracing::info!(%operation, attempts, "requeued after losing its worker");
+                    if let Some(live) = state.operations.get_mut(&operation) {
+                        live.queue_wait = QueueWait::start(&live.record.trace_context());
+                        let _ = live
+                            .updates
+                            .send_replace(live.record.to_operation(execution_stage::Value::Queued));
+                    }
+                }
+                LostLease::GaveUp {
+                    operation,
+                    attempts,
+                } => {
+                    let status = rpc::Status {
+                        code: Code::Unavailable as i32,
+                        message: format!("the action lost its worker {attempts} times; giving up"),
+                        details: Vec::new(),
+                    };
+                    self.finish(
+                        state,
+                        &operation,
+                        ExecuteResponse {
+                            status: Some(status),
+                            ..Default::default()
+                        },
+                    );
+                }
+            }
+        }
+        self.wake_dispatcher();
+    }
+}
+
+/// The scheduler's gauges for `/metrics`; `kiln_queue_depth` drives worker autoscaling.
+impl State {
+    pub(super) fn publish_gauges(&mut self) {
+        let state = self;
+        let scheduler = &state.scheduler;
+        metrics::gauge!(names::ACTIONS_QUEUED).set(scheduler.queue_depth() as f64);
+        let depths = scheduler.queue_depth_by_platform();
+        for platform in state
+            .gauged_platforms
+            .iter()
+            .filter(|p| !depths.contains_key(*p))
+        {
+            metrics::gauge!(names::QUEUE_DEPTH, "platform" => platform.clone()).set(0.0);
+        }
+        for (platform, depth) in &depths {
+            metrics::gauge!(names::QUEUE_DEPTH, "platform" => platform.clone()).set(*depth as f64);
+        }
+        state.gauged_platforms.extend(depths.into_keys());
+        let (workers, slots) = scheduler.capacity();
+        metrics::gauge!(names::WORKERS_CONNECTED).set(workers as f64);
+        metrics::gauge!(names::WORKER_SLOTS, "state" => "busy").set(scheduler.running() as f64);
+        metrics::gauge!(names::WORKER_SLOTS, "state" => "idle")
+            .set(slots.saturating_sub(scheduler.running()) as f64);
+    }
+}

@@ -1,0 +1,115 @@
+//! The gRPC faces of the engine: REAPI `Execution` and `google.longrunning.Operations`.
+
+use kiln_proto::longrunning::{
+    operations_server::Operations, CancelOperationRequest, DeleteOperationRequest,
+    GetOperationRequest, ListOperationsRequest, ListOperationsResponse, Operation,
+    WaitOperationRequest,
+};
+use kiln_proto::protobuf::Empty;
+use kiln_proto::reapi::{execution_server::Execution, ExecuteRequest, WaitExecutionRequest};
+use tonic::{Request, Response, Status};
+
+use super::admission::OperationStream;
+use super::ExecutionEngine;
+use crate::CoordinatorError;
+
+/// The REAPI Execution service.
+pub(crate) struct ExecutionService {
+    engine: ExecutionEngine,
+}
+
+impl ExecutionService {
+    pub(crate) fn new(engine: ExecutionEngine) -> Self {
+        ExecutionService { engine }
+    }
+}
+
+#[tonic::async_trait]
+impl Execution for ExecutionService {
+    type ExecuteStream = OperationStream;
+    type WaitExecutionStream = OperationStream;
+
+    async fn execute(
+        &self,
+        request: Request<ExecuteRequest>,
+    ) -> Result<Response<Self::ExecuteStream>, Status> {
+        Ok(Response::new(self.engine.execute(request).await?))
+    }
+
+    async fn wait_execution(
+        &self,
+        request: Request<WaitExecutionRequest>,
+    ) -> Result<Response<Self::WaitExecutionStream>, Status> {
+        Ok(Response::new(
+            self.engine.subscribe(&request.into_inner().name)?,
+        ))
+    }
+}
+
+/// `google.longrunning.Operations`: look-up and cancellation of execution operations.
+pub(crate) struct OperationsService {
+    engine: ExecutionEngine,
+}
+
+impl OperationsService {
+    pub(crate) fn new(engine: ExecutionEngine) -> Self {
+        OperationsService { engine }
+    }
+}
+
+#[tonic::async_trait]
+impl Operations for OperationsService {
+    async fn list_operations(
+        &self,
+        _: Request<ListOperationsRequest>,
+    ) -> Result<Response<ListOperationsResponse>, Status> {
+        let state = self.engine.state();
+        let mut operations: Vec<Operation> = state
+            .operations
+            .values()
+            .map(|live| live.updates.borrow().clone())
+            .collect();
+        operations.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(Response::new(ListOperationsResponse {
+            operations,
+            ..Default::default()
+        }))
+    }
+
+    async fn get_operation(
+        &self,
+        request: Request<GetOperationRequest>,
+    ) -> Result<Response<Operation>, Status> {
+        let name = request.into_inner().name;
+        let state = self.engine.state();
+        match state.operations.get(&name) {
+            Some(live) => Ok(Response::new(live.updates.borrow().clone())),
+            None => Err(CoordinatorError::NotFound(format!("no operation named {name:?}")).into()),
+        }
+    }
+
+    async fn delete_operation(
+        &self,
+        _: Request<DeleteOperationRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        Err(CoordinatorError::Unimplemented(
+            "DeleteOperation (finished operations expire on their own)",
+        )
+        .into())
+    }
+
+    async fn cancel_operation(
+        &self,
+        request: Request<CancelOperationRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        self.engine.cancel(&request.into_inner().name)?;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn wait_operation(
+        &self,
+        _: Request<WaitOperationRequest>,
+    ) -> Result<Response<Operation>, Status> {
+        Err(CoordinatorError::Unimplemented("WaitOperation (use WaitExecution)").into())
+    }
+}
