@@ -1,6 +1,6 @@
 //! The span the calling code runs in, however it was built: the current `tracing` span
 //! when it is exported, otherwise the directly built span of the gRPC call or HTTP request
-//! being served ([`crate::direct_span`]), made current around each poll. Code under an RPC
+//! being served (`direct_span`), made current around each poll. Code under an RPC
 //! handler need not know which.
 //!
 //! Every function is a no-op when nothing is exported.

@@ -6,7 +6,7 @@
 //! - Clients: build generated clients over [`traced`]`(channel)`; the span's context goes
 //!   out in the request's metadata.
 //!
-//! The spans are built on the SDK directly ([`crate::direct_span`]), only when export is
+//! The spans are built on the SDK directly (`direct_span`), only when export is
 //! on. While a server span's call is polled its context is current, so the handler's
 //! `tracing` spans are its children and its events are the span's. A span ends when the
 //! response headers arrive, so for a streamed response it covers the start of the call,

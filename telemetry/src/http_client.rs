@@ -1,5 +1,5 @@
 //! A client span per outgoing HTTP request (`kiln publish` to a registry), built on the
-//! SDK directly ([`crate::direct_span`]) under the current span. It follows
+//! SDK directly (`direct_span`) under the current span. It follows
 //! OpenTelemetry's HTTP client conventions: named after the method, kind client,
 //! `http.request.method`, `server.address`, `server.port`, `http.response.status_code`,
 //! status ERROR for 4xx/5xx and failed sends. No URL, header or body is recorded, so no

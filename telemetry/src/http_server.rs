@@ -1,4 +1,4 @@
-//! A server span per HTTP request, built on the SDK directly ([`crate::direct_span`]): the
+//! A server span per HTTP request, built on the SDK directly (`direct_span`): the
 //! registry answers tens of thousands of manifest GETs a second.
 //!
 //! The span follows OpenTelemetry's HTTP server conventions: named `METHOD ROUTE`, kind

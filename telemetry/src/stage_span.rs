@@ -1,6 +1,6 @@
 //! [`StageSpan`]: a span for one stage of an action's work (the queue wait, the worker's
 //! run and its input fetch, execution and output upload, the result's publication),
-//! built on the SDK directly ([`crate::direct_span`]) because every action has several.
+//! built on the SDK directly (`direct_span`) because every action has several.
 
 use std::future::Future;
 
