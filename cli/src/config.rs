@@ -194,6 +194,10 @@ impl KilnConfig {
         if let Some(v) = &args.otlp_endpoint {
             config.telemetry.otlp_endpoint = Some(v.clone());
         }
+        // Resolved once, here: everything below (the worker's sandbox above all) runs with
+        // other working directories, where a relative path names nothing.
+        config.data_dir = std::path::absolute(&config.data_dir)
+            .with_context(|| format!("resolving {}", config.data_dir.display()))?;
         Ok(config)
     }
 

@@ -33,8 +33,9 @@ pub struct WorkerConfig {
     pub platform: Vec<(String, String)>,
     /// The coordinator's join token.
     pub join_token: String,
-    /// Where the blob cache and the action directories live. Both must be on one
-    /// filesystem so inputs can be hardlinked from the cache.
+    /// Where the blob cache and the action directories live. On one filesystem, copying
+    /// an input from the cache can share its extents (XFS, btrfs). A relative path is
+    /// resolved against the working directory once, when the worker starts.
     pub work_dir: PathBuf,
     /// The local blob cache's budget in bytes; least-recently-used blobs go beyond it.
     pub cache_bytes: u64,

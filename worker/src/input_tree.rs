@@ -1,5 +1,6 @@
 //! Materialising an action's input root: walk its Directory tree from the CAS (through the
-//! local cache), then build it in a fresh directory with files hardlinked from the cache.
+//! local cache), then build it in a fresh directory with files copied from the cache
+//! (never hardlinked: see `local_cache`).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -125,7 +126,7 @@ pub async fn materialise(
         )))?;
     }
     for ((path, _), pin) in files.iter().zip(&pins) {
-        cache.link_into(pin, &exec_root.join(path))?;
+        cache.copy_into(pin, &exec_root.join(path))?;
     }
     for (path, target) in &symlinks {
         let link = exec_root.join(path);

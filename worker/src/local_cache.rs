@@ -1,11 +1,13 @@
 //! The worker's local blob cache: one file per blob under `work_dir/cache`, evicted
 //! least-recently-used first once the cache holds more bytes than its budget.
 //!
-//! Inputs are hardlinked from here into each action's directory, so a blob is fetched
-//! once per worker, not once per action. Hardlinks share their inode's mode bits, so a blob
-//! needed both as a plain file and as an executable is kept as two files:
-//! `files/<fn>/<hex>` (mode 0444) and `executables/<fn>/<hex>` (mode 0555). Evicting a blob
-//! only unlinks the cache's name; directories of running actions keep their own links.
+//! Inputs are copied from here into each action's directory, so a blob is fetched once
+//! per worker, not once per action. They are copies, never hardlinks: an action runs as a
+//! user who could `chmod` and rewrite a shared inode (the 0444 mode does not stop a file's
+//! owner, nor root), and every later action on the worker would then read wrong bytes under
+//! a correct digest. A blob needed both as a plain file and as an executable is kept as two
+//! files: `files/<fn>/<hex>` (mode 0444) and `executables/<fn>/<hex>` (mode 0555), so a
+//! copy takes its mode from its source.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::unix::fs::PermissionsExt;
@@ -263,14 +265,11 @@ impl LocalCache {
         Ok(CachePin { cache: self, key })
     }
 
-    /// Links a pinned blob to `dest`, copying instead when a hardlink is impossible (a
-    /// different filesystem, or the inode's link limit).
-    pub fn link_into(&self, pin: &CachePin<'_>, dest: &Path) -> Result<(), WorkerError> {
-        let source = pin.path();
-        if std::fs::hard_link(&source, dest).is_ok() {
-            return Ok(());
-        }
-        std::fs::copy(&source, dest)
+    /// Copies a pinned blob to `dest`, with its variant's mode. `std::fs::copy` uses
+    /// `copy_file_range`, which shares the extents instead of copying bytes where the
+    /// filesystem can (XFS, btrfs) and copies in the kernel elsewhere (ext4).
+    pub fn copy_into(&self, pin: &CachePin<'_>, dest: &Path) -> Result<(), WorkerError> {
+        std::fs::copy(pin.path(), dest)
             .map(|_| ())
             .map_err(WorkerError::io(format!("materialising {}", dest.display())))
     }

@@ -116,7 +116,11 @@ impl Worker {
             Some(url) => endpoint(url)?,
             None => channel.clone(),
         };
-        let cache = LocalCache::open(config.work_dir.join("cache"), config.cache_bytes)?;
+        // Resolved once: the sandbox and the action processes run in other directories,
+        // so a relative work dir would name nothing there.
+        let work_dir = std::path::absolute(&config.work_dir)
+            .map_err(WorkerError::io("resolving the work directory"))?;
+        let cache = LocalCache::open(work_dir.join("cache"), config.cache_bytes)?;
         let limits = ResourceLimits {
             open_files: config.max_open_files,
             memory_bytes: (config.max_memory_bytes > 0).then_some(config.max_memory_bytes),
@@ -128,7 +132,7 @@ impl Worker {
             CasClient::new(cas_channel),
             Arc::new(cache),
             Arc::new(process_runner),
-            config.work_dir.join("actions"),
+            work_dir.join("actions"),
             worker_id.clone(),
             config.default_timeout(),
         )?;
