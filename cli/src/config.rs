@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use serde::Deserialize;
 
 /// The whole configuration file.
@@ -38,6 +38,11 @@ pub struct KilnConfig {
     /// `kiln worker`'s settings, and those of `kiln up`'s local workers.
     pub worker: kiln_worker::WorkerConfig,
     pub telemetry: TelemetryConfig,
+    /// `KILN_*` variables in the environment that name no setting. Not an error: a user's
+    /// shell may hold variables of its own with that prefix (`KILN_BIN`), so `main` warns
+    /// once logging is up and goes on. An unknown key in the file stays an error.
+    #[serde(skip)]
+    pub unknown_variables: Vec<String>,
 }
 
 /// The `[telemetry]` table: where spans go. The standard `OTEL_*` variables (read by the
@@ -63,6 +68,7 @@ impl Default for KilnConfig {
             registry: Default::default(),
             worker: Default::default(),
             telemetry: Default::default(),
+            unknown_variables: Vec::new(),
         }
     }
 }
@@ -165,11 +171,12 @@ impl KilnConfig {
     /// Resolves the configuration from the file named by `args.config` (if any), the
     /// environment and the flags.
     pub fn resolve(args: &CommonArgs, known_variables: &[String]) -> anyhow::Result<Self> {
-        check_environment(std::env::vars().map(|(k, _)| k), known_variables)?;
         let mut config = match &args.config {
             Some(path) => Self::from_file(path)?,
             None => KilnConfig::default(),
         };
+        config.unknown_variables =
+            unknown_variables(std::env::vars().map(|(k, _)| k), known_variables);
         if let Some(v) = &args.data_dir {
             config.data_dir = v.clone();
         }
@@ -216,18 +223,11 @@ impl KilnConfig {
     }
 }
 
-fn check_environment(names: impl Iterator<Item = String>, known: &[String]) -> anyhow::Result<()> {
-    let unknown: Vec<String> = names
+/// The `KILN_*` names among `names` that are no setting's variable.
+fn unknown_variables(names: impl Iterator<Item = String>, known: &[String]) -> Vec<String> {
+    names
         .filter(|name| name.starts_with("KILN_") && !known.contains(name))
-        .collect();
-    if !unknown.is_empty() {
-        bail!(
-            "unknown environment variable(s) {}; known: {}",
-            unknown.join(", "),
-            known.join(", ")
-        );
-    }
-    Ok(())
+        .collect()
 }
 
 #[cfg(test)]
@@ -266,12 +266,14 @@ mod tests {
     }
 
     #[test]
-    fn unknown_variables_are_errors() {
+    fn unknown_variables_are_found_not_refused() {
         let known = ["KILN_DATA_DIR".to_string(), "KILN_LOG".to_string()];
-        let names = ["PATH", "KILN_DATA_DIR", "KILN_DATADIR"].map(String::from);
-        let err = check_environment(names.into_iter(), &known).unwrap_err();
-        assert!(err.to_string().contains("KILN_DATADIR"));
-        assert!(check_environment(["KILN_LOG".to_string()].into_iter(), &known).is_ok());
+        let names = ["PATH", "KILN_DATA_DIR", "KILN_DATADIR", "KILN_BIN"].map(String::from);
+        assert_eq!(
+            unknown_variables(names.into_iter(), &known),
+            ["KILN_DATADIR", "KILN_BIN"]
+        );
+        assert!(unknown_variables(["KILN_LOG".to_string()].into_iter(), &known).is_empty());
     }
 
     #[test]
@@ -297,6 +299,6 @@ mod tests {
             "OTEL_RESOURCE_ATTRIBUTES",
         ]
         .map(String::from);
-        assert!(check_environment(names.into_iter(), &[]).is_ok());
+        assert!(unknown_variables(names.into_iter(), &[]).is_empty());
     }
 }

@@ -89,6 +89,13 @@ fn main() -> anyhow::Result<ExitCode> {
         let _runtime = runtime.enter();
         kiln_telemetry::init(cli.command.service_name(), &config.telemetry_options())?
     };
+    if !config.unknown_variables.is_empty() {
+        tracing::warn!(
+            ignored = %config.unknown_variables.join(", "),
+            "the environment has KILN_* variables that name no kiln setting; a typo of one of {}?",
+            config::known_variables(&Cli::command()).join(", ")
+        );
+    }
     let outcome = runtime.block_on(run(cli.command, config));
     // Export the last spans (after Ctrl-C or SIGTERM too) while the runtime still runs.
     drop(telemetry);

@@ -52,7 +52,7 @@ contains() {
 start_kiln() {
     local name="$1"; shift
     local logfile="$WORK/$name.log"
-    # kiln refuses unknown KILN_* variables, so this script's own setting stays out.
+    # kiln warns about unknown KILN_* variables, so this script's own setting stays out.
     # INTEROP_KILN_LOG overrides the log filter, e.g. to see the scheduler's decisions.
     env -u KILN_EXPECT_LISTENERS KILN_LOG="${INTEROP_KILN_LOG:-info}" "$KILN" "$@" >"$logfile" 2>&1 &
     LAST_PID=$!
