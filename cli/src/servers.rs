@@ -146,7 +146,7 @@ impl Servers {
         sources: MetricsSources,
     ) -> anyhow::Result<SocketAddr> {
         let metrics = install_metrics_recorder()?;
-        let listener = bind(config.metrics_addr_for(role), "metrics").await?;
+        let listener = bind_metrics(config, role).await?;
         let addr = listener.local_addr()?;
         let MetricsSources { blobs, ready } = sources;
         let render = move || {
@@ -270,6 +270,28 @@ impl Servers {
 
 fn flatten(result: Result<anyhow::Result<()>, tokio::task::JoinError>) -> anyhow::Result<()> {
     result.context("server task panicked")?
+}
+
+/// The metrics listener. A port the operator chose is theirs: failing to bind it is an
+/// error. The role's default port is only a convention, and a second `kiln worker` on one
+/// host finds it taken: that worker still serves, on a free port it logs.
+async fn bind_metrics(config: &KilnConfig, role: MetricsRole) -> anyhow::Result<TcpListener> {
+    let addr = config.metrics_addr_for(role);
+    if config.metrics_addr.is_some() {
+        return bind(addr, "metrics").await;
+    }
+    match TcpListener::bind(addr).await {
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            let listener = bind(SocketAddr::new(addr.ip(), 0), "metrics").await?;
+            tracing::warn!(
+                "the default metrics port {} is taken (another kiln on this host?); serving metrics on {} instead (set --metrics-addr to choose)",
+                addr.port(),
+                listener.local_addr()?.port()
+            );
+            Ok(listener)
+        }
+        bound => bound.with_context(|| format!("metrics: cannot listen on {addr}")),
+    }
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {

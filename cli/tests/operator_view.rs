@@ -382,3 +382,30 @@ fn a_worker_is_ready_only_while_registered_with_its_coordinator() {
     let (alive, _) = http_get(&format!("http://{}/healthz", addresses[0]));
     assert_eq!(alive, 200);
 }
+
+/// Two `kiln worker`s on one host both want the default metrics port; the second must
+/// still serve (on a free port it logs), not exit.
+#[test]
+fn a_worker_whose_default_metrics_port_is_taken_serves_on_another() {
+    // Hold the default port for the test's length. If something else already holds it,
+    // it is taken all the same, which is the case under test.
+    let _holder = std::net::TcpListener::bind("127.0.0.1:9092");
+    let data = tempfile::tempdir().unwrap();
+    let work_dir = data.path().join("worker");
+    let args: Vec<&std::ffi::OsStr> = vec![
+        "worker".as_ref(),
+        // Nothing listens there: the worker keeps trying, which is all this test needs.
+        "--coordinator".as_ref(),
+        "grpc://127.0.0.1:9".as_ref(),
+        "--join-token".as_ref(),
+        "unused".as_ref(),
+        "--work-dir".as_ref(),
+        work_dir.as_os_str(),
+        "--data-dir".as_ref(),
+        data.path().as_os_str(),
+    ];
+    let (_worker, addresses) = spawn_kiln(&args, &[METRICS]);
+    assert_ne!(addresses[0], "127.0.0.1:9092");
+    let (alive, _) = http_get(&format!("http://{}/healthz", addresses[0]));
+    assert_eq!(alive, 200);
+}
