@@ -21,6 +21,7 @@ use kiln_store::{BlobStore, ContentHash, Digest, DigestFunction, ExpectedDigest}
 use tonic::{Request, Response, Status};
 
 use crate::counters::Counters;
+use crate::message_blob::read_message_blob;
 use crate::rpc_attributes;
 use crate::{reapi_digest, CoordinatorConfig, CoordinatorError};
 
@@ -259,10 +260,16 @@ impl ActionCacheService {
                 // Reported with the other missing blobs.
                 continue;
             }
-            let tree =
-                reapi::Tree::decode(self.blobs.read_all(&tree_digest).await?).map_err(|e| {
-                    CoordinatorError::bad_request(field(), format!("is not a Tree: {e}"))
-                })?;
+            let encoded = read_message_blob(
+                self.blobs.as_ref(),
+                &tree_digest,
+                self.config.max_message_bytes,
+                field,
+            )
+            .await?;
+            let tree = reapi::Tree::decode(encoded).map_err(|e| {
+                CoordinatorError::bad_request(field(), format!("is not a Tree: {e}"))
+            })?;
             for node in tree
                 .root
                 .iter()

@@ -21,7 +21,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::counters::Counters;
 use crate::error::ok_rpc_status;
 use crate::rpc_attributes;
-use crate::tree::{TreePages, TreeWalk};
+use crate::tree::{TreeLimits, TreePages, TreeWalk};
 use crate::{reapi_digest, zstd_codec, CoordinatorConfig, CoordinatorError};
 
 /// How many blobs of one batch are stored or read at the same time.
@@ -213,7 +213,11 @@ impl CasService {
             }
             n => (n as usize).min(max_page),
         };
-        let walk = TreeWalk::start(self.blobs.clone(), root).await?;
+        let limits = TreeLimits {
+            max_directories: self.config.max_tree_directories,
+            max_message_bytes: self.config.max_message_bytes,
+        };
+        let walk = TreeWalk::start(self.blobs.clone(), root, limits).await?;
         Ok(TreePages::new(walk, skip, page_size))
     }
 }

@@ -36,6 +36,21 @@ pub struct CoordinatorConfig {
     /// How many times an action may be handed to a worker (lost workers count) before
     /// it fails with UNAVAILABLE instead of running forever.
     pub max_attempts: u32,
+    /// The largest Action, Command, Directory or Tree message the coordinator reads into
+    /// memory. A client naming a larger one gets INVALID_ARGUMENT before anything is read.
+    pub max_message_bytes: u64,
+    /// The longest timeout an action may ask for. Asking for more is INVALID_ARGUMENT
+    /// rather than a silent clamp: a build that needs it should be told, not cut short.
+    pub max_action_timeout_secs: u64,
+    /// Unfinished (queued or running) operations one instance name may have. Past it,
+    /// Execute gets RESOURCE_EXHAUSTED, which Bazel retries with backoff.
+    pub max_in_flight_per_instance: usize,
+    /// Unfinished operations across every instance (instance names are the client's to
+    /// choose, so the per-instance bound alone bounds nothing).
+    pub max_in_flight: usize,
+    /// The most distinct directories one GetTree walk visits; a larger tree is refused
+    /// with INVALID_ARGUMENT rather than held in memory.
+    pub max_tree_directories: usize,
 }
 
 impl Default for CoordinatorConfig {
@@ -50,6 +65,11 @@ impl Default for CoordinatorConfig {
             heartbeat_interval_ms: 1000,
             heartbeat_timeout_secs: 10,
             max_attempts: 3,
+            max_message_bytes: 4 << 20,
+            max_action_timeout_secs: 6 * 60 * 60,
+            max_in_flight_per_instance: 50_000,
+            max_in_flight: 200_000,
+            max_tree_directories: 250_000,
         }
     }
 }

@@ -26,6 +26,9 @@ pub enum CoordinatorError {
     MissingBlobs(Vec<Digest>),
     #[error("{0} is not supported by this server")]
     Unimplemented(&'static str),
+    /// A bound on what the server holds for clients was reached; retrying later may work.
+    #[error("{0}")]
+    ResourceExhausted(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     /// The client's request stream failed (a broken connection, a cancelled call).
@@ -94,6 +97,7 @@ impl From<CoordinatorError> for Status {
                 Status::with_error_details(Code::FailedPrecondition, message, details)
             }
             CoordinatorError::Unimplemented(_) => Status::unimplemented(message),
+            CoordinatorError::ResourceExhausted(_) => Status::resource_exhausted(message),
             CoordinatorError::Store(store_error) => store_status(store_error, message),
             CoordinatorError::ClientStream(status) => status,
             CoordinatorError::Transport(_) | CoordinatorError::Internal(_) => {

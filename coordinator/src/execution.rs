@@ -59,17 +59,29 @@ struct Inner {
     counters: Arc<Counters>,
     join_token: Option<String>,
     heartbeat_interval: Duration,
+    limits: AdmissionLimits,
     /// Set once the server is shutting down: worker and operation streams end, so that
     /// graceful shutdown does not wait for clients and workers that never hang up.
     closing: watch::Sender<bool>,
+}
+
+/// What one client may make the engine hold (see [`CoordinatorConfig`]).
+struct AdmissionLimits {
+    max_message_bytes: u64,
+    max_action_timeout: Duration,
+    max_in_flight_per_instance: usize,
+    max_in_flight: usize,
 }
 
 #[derive(Default)]
 struct State {
     scheduler: Scheduler,
     operations: HashMap<String, LiveOperation>,
-    /// (instance, function, action hash) → the operation running it.
+    /// (instance, function, action hash) → the operation running it. Changed only
+    /// through `start_in_flight` and `end_in_flight`, which keep the count below.
     in_flight: HashMap<(String, Digest), String>,
+    /// Unfinished operations per instance name, for its bound.
+    in_flight_per_instance: HashMap<String, usize>,
     /// Each connected worker's outbound stream.
     workers: HashMap<String, WorkerConnection>,
     next_connection: u64,
@@ -129,6 +141,12 @@ impl ExecutionEngine {
                 counters,
                 join_token: config.join_token.clone(),
                 heartbeat_interval: Duration::from_millis(config.heartbeat_interval_ms),
+                limits: AdmissionLimits {
+                    max_message_bytes: config.max_message_bytes,
+                    max_action_timeout: Duration::from_secs(config.max_action_timeout_secs),
+                    max_in_flight_per_instance: config.max_in_flight_per_instance,
+                    max_in_flight: config.max_in_flight,
+                },
                 closing: watch::channel(false).0,
             }),
         };
@@ -169,7 +187,7 @@ impl ExecutionEngine {
                     // Whatever ran before the restart runs again: actions are hermetic,
                     // and the lost worker streams cannot deliver their results anymore.
                     state.scheduler.enqueue(record.queued_action());
-                    state.in_flight.insert(
+                    state.start_in_flight(
                         (record.instance_name.clone(), record.action_digest()),
                         record.name.clone(),
                     );
@@ -225,5 +243,27 @@ impl ExecutionEngine {
 
     fn wake_dispatcher(&self) {
         self.inner.dispatch.notify_one();
+    }
+}
+
+impl State {
+    fn start_in_flight(&mut self, key: (String, Digest), operation: String) {
+        *self
+            .in_flight_per_instance
+            .entry(key.0.clone())
+            .or_default() += 1;
+        self.in_flight.insert(key, operation);
+    }
+
+    fn end_in_flight(&mut self, key: &(String, Digest)) {
+        if self.in_flight.remove(key).is_none() {
+            return;
+        }
+        if let Some(count) = self.in_flight_per_instance.get_mut(&key.0) {
+            *count -= 1;
+            if *count == 0 {
+                self.in_flight_per_instance.remove(&key.0);
+            }
+        }
     }
 }

@@ -18,6 +18,7 @@ mod config;
 mod counters;
 mod error;
 mod execution;
+mod message_blob;
 mod reapi_digest;
 mod resource_name;
 mod rpc_attributes;

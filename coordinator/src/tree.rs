@@ -14,6 +14,7 @@ use kiln_proto::prost::Message;
 use kiln_proto::reapi::{Directory, GetTreeResponse};
 use kiln_store::{BlobStore, Digest, StoreError};
 
+use crate::message_blob::check_message_size;
 use crate::{reapi_digest, CoordinatorError};
 
 /// How many queued directories are fetched in one round, and how many at once.
@@ -23,8 +24,17 @@ const READ_CONCURRENCY: usize = 16;
 /// well under the gRPC message limit.
 const PAGE_BYTES: usize = 2 << 20;
 
+/// What one walk may hold: each distinct directory is remembered (to visit it once) and
+/// read whole into memory.
+#[derive(Clone, Copy)]
+pub(crate) struct TreeLimits {
+    pub(crate) max_directories: usize,
+    pub(crate) max_message_bytes: u64,
+}
+
 pub(crate) struct TreeWalk {
     blobs: Arc<dyn BlobStore>,
+    limits: TreeLimits,
     /// Directories found but not yet read.
     queue: VecDeque<Digest>,
     seen: HashSet<Digest>,
@@ -37,7 +47,9 @@ impl TreeWalk {
     pub(crate) async fn start(
         blobs: Arc<dyn BlobStore>,
         root: Digest,
+        limits: TreeLimits,
     ) -> Result<Self, CoordinatorError> {
+        check_message_size(&root, limits.max_message_bytes, || "root_digest".into())?;
         let data = read_blob(blobs.as_ref(), &root).await?.ok_or_else(|| {
             CoordinatorError::NotFound(format!("root directory {root} is not in the CAS"))
         })?;
@@ -46,25 +58,43 @@ impl TreeWalk {
         })?;
         let mut walk = TreeWalk {
             blobs,
+            limits,
             queue: VecDeque::new(),
             seen: HashSet::from([root]),
             ready: VecDeque::new(),
         };
-        walk.accept(root.function, root_directory);
+        walk.accept(root.function, root_directory)?;
         Ok(walk)
     }
 
-    fn accept(&mut self, function: kiln_store::DigestFunction, directory: Directory) {
+    fn accept(
+        &mut self,
+        function: kiln_store::DigestFunction,
+        directory: Directory,
+    ) -> Result<(), CoordinatorError> {
         for child in &directory.directories {
             // A malformed child digest names nothing that could be in the CAS; like a
             // missing subtree, it is left out.
             if let Ok(digest) = reapi_digest::parse(function, child.digest.as_ref(), String::new) {
+                check_message_size(&digest, self.limits.max_message_bytes, || {
+                    format!("root_digest (subdirectory {:?})", child.name)
+                })?;
                 if self.seen.insert(digest) {
+                    if self.seen.len() > self.limits.max_directories {
+                        return Err(CoordinatorError::bad_request(
+                            "root_digest",
+                            format!(
+                                "names a tree of more than {} distinct directories (coordinator.max_tree_directories)",
+                                self.limits.max_directories
+                            ),
+                        ));
+                    }
                     self.queue.push_back(digest);
                 }
             }
         }
         self.ready.push_back(directory);
+        Ok(())
     }
 
     /// Reads queued directories until one is ready or the walk is over.
@@ -86,7 +116,7 @@ impl TreeWalk {
                 // REAPI: parts of the tree missing from the CAS are omitted.
                 let Some(data) = data else { continue };
                 match Directory::decode(data) {
-                    Ok(directory) => self.accept(digest.function, directory),
+                    Ok(directory) => self.accept(digest.function, directory)?,
                     Err(e) => {
                         tracing::warn!(%digest, error = %e, "GetTree: not a Directory; skipped")
                     }

@@ -2,7 +2,7 @@
 //! the action's inputs, persists a new operation (or joins an identical one in flight)
 //! and queues it. Also the streams that follow an operation to its end.
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use futures::Stream;
 use kiln_proto::longrunning::Operation;
@@ -18,6 +18,7 @@ use tonic::{Request, Status};
 use super::action_trace::{self, QueueWait};
 use super::operation::{completed_operation, unix_nanos, OperationRecord, OPERATIONS};
 use super::{ExecutionEngine, InlineMessages, LiveOperation};
+use crate::message_blob::{check_message_size, read_message_blob};
 use crate::{reapi_digest, CoordinatorError};
 
 /// The gRPC metadata key REAPI clients put their RequestMetadata under.
@@ -31,6 +32,8 @@ pub(crate) type OperationStream =
 /// What admission learns from an action's Action (and, when needed, Command) message.
 struct ActionToRun {
     action: Action,
+    /// The timeout the action asked for, within the server's maximum.
+    timeout: Option<Duration>,
     input_root: Digest,
     platform: Vec<(String, String)>,
     /// Action and Command to send along with the Assign, when they are small.
@@ -102,12 +105,20 @@ impl ExecutionEngine {
     /// FAILED_PRECONDITION with the missing digests, so the client uploads and retries).
     async fn read_action(&self, action_digest: &Digest) -> Result<ActionToRun, CoordinatorError> {
         let function = action_digest.function;
-        let action_bytes = match self.inner.blobs.read_all(action_digest).await {
+        let max_message = self.inner.limits.max_message_bytes;
+        let action_bytes = match read_message_blob(
+            self.inner.blobs.as_ref(),
+            action_digest,
+            max_message,
+            || "action_digest".into(),
+        )
+        .await
+        {
             Ok(bytes) => bytes,
-            Err(kiln_store::StoreError::NotFound(_)) => {
+            Err(CoordinatorError::Store(kiln_store::StoreError::NotFound(_))) => {
                 return Err(CoordinatorError::MissingBlobs(vec![*action_digest]))
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         };
         let action = Action::decode(action_bytes.clone()).map_err(|e| {
             CoordinatorError::bad_request(
@@ -115,11 +126,15 @@ impl ExecutionEngine {
                 format!("the Action does not decode: {e}"),
             )
         })?;
+        let timeout = self.action_timeout(&action)?;
         let command_digest = reapi_digest::parse(function, action.command_digest.as_ref(), || {
             "action.command_digest".into()
         })?;
         let input_root = reapi_digest::parse(function, action.input_root_digest.as_ref(), || {
             "action.input_root_digest".into()
+        })?;
+        check_message_size(&command_digest, max_message, || {
+            "action.command_digest".into()
         })?;
         let wanted = [command_digest, input_root];
         let present = self.inner.blobs.has_many(&wanted).await?;
@@ -159,6 +174,7 @@ impl ExecutionEngine {
             }
         };
         Ok(ActionToRun {
+            timeout,
             platform: platform
                 .properties
                 .into_iter()
@@ -185,6 +201,7 @@ impl ExecutionEngine {
         if let Some(existing) = self.subscribe_in_flight(&key) {
             return Ok(existing);
         }
+        self.check_in_flight_bounds(&record.instance_name)?;
         self.inner
             .metadata
             .insert(OPERATIONS, record.name.as_bytes(), &record.encode())?;
@@ -213,7 +230,7 @@ impl ExecutionEngine {
             let (updates, receiver) =
                 watch::channel(record.to_operation(execution_stage::Value::Queued));
             state.scheduler.enqueue(record.queued_action());
-            state.in_flight.insert(key, record.name.clone());
+            state.start_in_flight(key, record.name.clone());
             let queue_wait = QueueWait::start(&record.trace_context());
             state.operations.insert(
                 record.name.clone(),
@@ -231,6 +248,56 @@ impl ExecutionEngine {
         // every action's wait.
         self.dispatch_once();
         Ok(follow(receiver, self.closed()))
+    }
+
+    /// The action's timeout: none, or a non-negative one within the server's maximum.
+    fn action_timeout(&self, action: &Action) -> Result<Option<Duration>, CoordinatorError> {
+        let Some(timeout) = &action.timeout else {
+            return Ok(None);
+        };
+        let max = self.inner.limits.max_action_timeout;
+        let invalid = |why: String| CoordinatorError::bad_request("action.timeout", why);
+        let (Ok(seconds), Ok(nanos)) =
+            (u64::try_from(timeout.seconds), u32::try_from(timeout.nanos))
+        else {
+            return Err(invalid("is negative".into()));
+        };
+        if nanos >= 1_000_000_000 {
+            return Err(invalid("has 10⁹ or more nanoseconds".into()));
+        }
+        let timeout = Duration::new(seconds, nanos);
+        if timeout > max {
+            return Err(invalid(format!(
+                "asks for {} s; this server allows at most {} s (coordinator.max_action_timeout_secs)",
+                timeout.as_secs_f64(),
+                max.as_secs()
+            )));
+        }
+        Ok((!timeout.is_zero()).then_some(timeout))
+    }
+
+    /// RESOURCE_EXHAUSTED when the instance, or the server, holds as many unfinished
+    /// operations as it may. Checked before anything is persisted.
+    fn check_in_flight_bounds(&self, instance: &str) -> Result<(), CoordinatorError> {
+        let limits = &self.inner.limits;
+        let state = self.state();
+        let instance_count = state
+            .in_flight_per_instance
+            .get(instance)
+            .copied()
+            .unwrap_or(0);
+        if instance_count >= limits.max_in_flight_per_instance {
+            return Err(CoordinatorError::ResourceExhausted(format!(
+                "instance {instance:?} already has {instance_count} unfinished actions, its limit (coordinator.max_in_flight_per_instance); retry later"
+            )));
+        }
+        if state.in_flight.len() >= limits.max_in_flight {
+            return Err(CoordinatorError::ResourceExhausted(format!(
+                "the server already has {} unfinished actions, its limit (coordinator.max_in_flight); retry later",
+                state.in_flight.len()
+            )));
+        }
+        Ok(())
     }
 
     pub(super) fn subscribe_in_flight(&self, key: &(String, Digest)) -> Option<OperationStream> {
@@ -276,9 +343,8 @@ fn new_record(
         invocation,
         platform: to_run.platform.clone(),
         input_root_hash: to_run.input_root.hex(),
-        timeout_nanos: to_run.action.timeout.as_ref().map_or(0, |t| {
-            t.seconds.max(0) as u64 * 1_000_000_000 + t.nanos.max(0) as u64
-        }),
+        // Within u64 nanoseconds: the timeout is at most the configured maximum.
+        timeout_nanos: to_run.timeout.map_or(0, |t| t.as_nanos() as u64),
         do_not_cache: to_run.action.do_not_cache,
         queued_at_unix_nanos: unix_nanos(SystemTime::now()),
         response: None,

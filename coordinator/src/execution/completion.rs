@@ -47,7 +47,7 @@ impl ExecutionEngine {
         {
             tracing::error!(%operation, error = %e, "could not persist a finished operation");
         }
-        state.in_flight.remove(&key);
+        state.end_in_flight(&key);
         state
             .completion_order
             .push_back((completed, operation.to_string()));
