@@ -32,7 +32,13 @@ fn install_metrics_recorder() -> anyhow::Result<PrometheusHandle> {
             kiln_registry::REQUEST_BUCKETS,
         ),
     ];
-    let mut builder = PrometheusBuilder::new();
+    // Gauges are set again on every tick (or scrape); one that nothing sets for a minute
+    // belongs to a label that left its set (a platform no worker offers and nothing
+    // queues for) and is dropped, so label sets stay bounded over a long life.
+    let mut builder = PrometheusBuilder::new().idle_timeout(
+        metrics_util::MetricKindMask::GAUGE,
+        Some(std::time::Duration::from_secs(60)),
+    );
     for (name, buckets) in histograms {
         builder = builder.set_buckets_for_metric(Matcher::Full(name.to_string()), buckets)?;
     }

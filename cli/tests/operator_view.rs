@@ -409,3 +409,17 @@ fn a_worker_whose_default_metrics_port_is_taken_serves_on_another() {
     let (alive, _) = http_get(&format!("http://{}/healthz", addresses[0]));
     assert_eq!(alive, 200);
 }
+
+/// An autoscaler's query of an idle farm must find the queue-depth series: the total is
+/// there from start-up, before any worker or action.
+#[test]
+fn the_queue_depth_total_exists_from_start_up() {
+    let data = tempfile::tempdir().unwrap();
+    let farm = Farm::start(data.path(), 0);
+    let samples = scrape(&farm.metrics);
+    assert_eq!(
+        samples.get("kiln_queue_depth{platform=\"*\"}"),
+        Some(&0.0),
+        "{samples:?}"
+    );
+}

@@ -51,6 +51,11 @@ pub struct CoordinatorConfig {
     /// The most distinct directories one GetTree walk visits; a larger tree is refused
     /// with INVALID_ARGUMENT rather than held in memory.
     pub max_tree_directories: usize,
+    /// How long an action may wait for a worker that offers its platform. When no
+    /// connected worker has offered it for this long, the action fails with
+    /// FAILED_PRECONDITION naming the platform. 0 waits forever (for a pool that scales
+    /// up from nothing slower than this).
+    pub unmatched_platform_timeout_secs: u64,
 }
 
 impl Default for CoordinatorConfig {
@@ -70,6 +75,7 @@ impl Default for CoordinatorConfig {
             max_in_flight_per_instance: 50_000,
             max_in_flight: 200_000,
             max_tree_directories: 250_000,
+            unmatched_platform_timeout_secs: 600,
         }
     }
 }

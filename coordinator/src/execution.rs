@@ -71,6 +71,8 @@ struct AdmissionLimits {
     max_action_timeout: Duration,
     max_in_flight_per_instance: usize,
     max_in_flight: usize,
+    /// None: wait for a matching worker forever.
+    unmatched_platform_timeout: Option<Duration>,
 }
 
 #[derive(Default)]
@@ -85,7 +87,8 @@ struct State {
     /// Each connected worker's outbound stream.
     workers: HashMap<String, WorkerConnection>,
     next_connection: u64,
-    /// Platforms with a published queue-depth gauge, so that an emptied queue reads 0.
+    /// The queue-depth gauge's labels at the last publication, so that one leaving the
+    /// set reads 0 before the recorder drops it.
     gauged_platforms: std::collections::BTreeSet<String>,
     /// Finished operations, oldest first, so that forgetting them visits only those due.
     completion_order: VecDeque<(Instant, String)>,
@@ -146,11 +149,15 @@ impl ExecutionEngine {
                     max_action_timeout: Duration::from_secs(config.max_action_timeout_secs),
                     max_in_flight_per_instance: config.max_in_flight_per_instance,
                     max_in_flight: config.max_in_flight,
+                    unmatched_platform_timeout: (config.unmatched_platform_timeout_secs > 0)
+                        .then(|| Duration::from_secs(config.unmatched_platform_timeout_secs)),
                 },
                 closing: watch::channel(false).0,
             }),
         };
         engine.reload()?;
+        // The gauges exist from start-up, not from the first worker or action.
+        engine.state().publish_gauges();
         Ok(engine)
     }
 

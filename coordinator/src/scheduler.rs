@@ -16,11 +16,13 @@
 //!   after which it fails instead of running forever.
 
 mod platform;
+mod unmatched;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 pub use platform::Platform;
+pub use unmatched::queue_depth_labels;
 
 pub type WorkerId = String;
 pub type LeaseId = String;
@@ -164,6 +166,8 @@ pub struct Scheduler {
     leases: HashMap<LeaseId, Lease>,
     queued: usize,
     next_lease: u64,
+    /// Platforms of queued work that no worker offers, and since when (see `unmatched`).
+    unmatched_since: HashMap<Platform, Instant>,
 }
 
 impl Scheduler {

@@ -301,3 +301,52 @@ async fn an_action_result_naming_an_oversized_tree_is_invalid() {
     assert_bad_request(&status, "action_result.output_directories[0].tree_digest");
     server.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_action_whose_platform_no_worker_offers_fails_after_the_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = CoordinatorConfig {
+        unmatched_platform_timeout_secs: 1,
+        ..CoordinatorConfig::default()
+    };
+    let server = TestServer::start_with(dir.path(), config).await.unwrap();
+    let command = kiln_proto::reapi::Command {
+        arguments: vec!["true".into()],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let command = server.upload("", F, &[&command]).await.unwrap()[0];
+    let root = Directory::default().encode_to_vec();
+    let action = Action {
+        command_digest: Some(wire(&command)),
+        input_root_digest: Some(wire(&Digest::of_bytes(F, &root))),
+        platform: Some(kiln_proto::reapi::Platform {
+            properties: vec![kiln_proto::reapi::platform::Property {
+                name: "arch".into(),
+                value: "sparc".into(),
+            }],
+        }),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    server.upload("", F, &[&root, &action]).await.unwrap();
+    let request = ExecuteRequest {
+        action_digest: Some(wire(&Digest::of_bytes(F, &action))),
+        digest_function: F.reapi_value(),
+        ..Default::default()
+    };
+    let stream = ExecutionClient::new(server.channel.clone())
+        .execute(request)
+        .await
+        .unwrap()
+        .into_inner();
+    let operation = common::finish(stream).await;
+    let Some(kiln_proto::longrunning::operation::Result::Response(any)) = operation.result else {
+        panic!("no response in {operation:?}");
+    };
+    let response = kiln_proto::reapi::ExecuteResponse::decode(any.value.as_slice()).unwrap();
+    let status = response.status.expect("a status");
+    assert_eq!(status.code, Code::FailedPrecondition as i32, "{status:?}");
+    assert!(status.message.contains("arch=sparc"), "{status:?}");
+    server.stop().await.unwrap();
+}

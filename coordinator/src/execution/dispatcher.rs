@@ -13,10 +13,14 @@ use super::action_trace::QueueWait;
 use super::operation::{proto_duration, timestamp_from_nanos, OPERATIONS};
 use super::{ExecutionEngine, State};
 use crate::counters::names;
-use crate::scheduler::LostLease;
+use crate::scheduler::{queue_depth_labels, LostLease};
 
 /// How often the dispatcher looks for silent workers even when nothing else happens.
 const DISPATCH_TICK: Duration = Duration::from_millis(250);
+/// Platforms of queued work labelled in `kiln_queue_depth` beyond those workers offer.
+const QUEUED_PLATFORM_LABELS: usize = 32;
+/// The `kiln_queue_depth` label value of the total across platforms.
+const QUEUE_DEPTH_TOTAL: &str = "*";
 /// How long a finished operation stays answerable to WaitExecution and GetOperation.
 const COMPLETED_RETENTION: Duration = Duration::from_secs(15 * 60);
 
@@ -49,6 +53,7 @@ impl ExecutionEngine {
             state.workers.remove(&worker);
             self.handle_lost_leases(&mut state, lost);
         }
+        self.fail_unmatched(&mut state, now);
         state.publish_gauges();
         // Completions are in time order, so only the expired front is visited.
         while let Some((at, _)) = state.completion_order.front() {
@@ -58,6 +63,31 @@ impl ExecutionEngine {
             let (_, name) = state.completion_order.pop_front().expect("front exists");
             state.operations.remove(&name);
             let _ = self.inner.metadata.remove(OPERATIONS, name.as_bytes());
+        }
+    }
+
+    /// Fails the queued actions whose platform no worker has offered for the configured
+    /// wait: FAILED_PRECONDITION naming the platform, instead of waiting forever.
+    fn fail_unmatched(&self, state: &mut State, now: Instant) {
+        let Some(wait) = self.inner.limits.unmatched_platform_timeout else {
+            return;
+        };
+        for action in state.scheduler.take_unmatched(now, wait) {
+            tracing::warn!(operation = %action.operation, platform = %action.platform, "no worker offers the action's platform; failing it");
+            let status = rpc::Status {
+                code: Code::FailedPrecondition as i32,
+                message: format!(
+                    "no worker offers the platform this action requires ({}) and none has for {} s (coordinator.unmatched_platform_timeout_secs)",
+                    action.platform,
+                    wait.as_secs()
+                ),
+                details: Vec::new(),
+            };
+            let response = ExecuteResponse {
+                status: Some(status),
+                ..Default::default()
+            };
+            self.finish(state, &action.operation, response);
         }
     }
 
@@ -161,21 +191,28 @@ impl ExecutionEngine {
 /// The scheduler's gauges for `/metrics`; `kiln_queue_depth` drives worker autoscaling.
 impl State {
     pub(super) fn publish_gauges(&mut self) {
-        let state = self;
-        let scheduler = &state.scheduler;
+        let scheduler = &self.scheduler;
         metrics::gauge!(names::ACTIONS_QUEUED).set(scheduler.queue_depth() as f64);
-        let depths = scheduler.queue_depth_by_platform();
-        for platform in state
-            .gauged_platforms
-            .iter()
-            .filter(|p| !depths.contains_key(*p))
-        {
-            metrics::gauge!(names::QUEUE_DEPTH, "platform" => platform.clone()).set(0.0);
+        // Labels: what workers offer, plus the most-queued platforms of queued work (a
+        // client's choice, so capped), plus the total under `*`, which exists from the
+        // first tick so that an autoscaler's query of an idle farm is never empty.
+        let mut depths = queue_depth_labels(
+            scheduler.offered_platforms(),
+            scheduler.queue_depth_by_platform(),
+            QUEUED_PLATFORM_LABELS,
+        );
+        depths.insert(QUEUE_DEPTH_TOTAL.to_string(), scheduler.queue_depth());
+        // A label that leaves the set reads 0 once; the recorder then drops it as idle.
+        for platform in self.gauged_platforms.iter() {
+            if !depths.contains_key(platform) {
+                metrics::gauge!(names::QUEUE_DEPTH, "platform" => platform.clone()).set(0.0);
+            }
         }
         for (platform, depth) in &depths {
             metrics::gauge!(names::QUEUE_DEPTH, "platform" => platform.clone()).set(*depth as f64);
         }
-        state.gauged_platforms.extend(depths.into_keys());
+        self.gauged_platforms = depths.into_keys().collect();
+        let scheduler = &self.scheduler;
         let (workers, slots) = scheduler.capacity();
         metrics::gauge!(names::WORKERS_CONNECTED).set(workers as f64);
         metrics::gauge!(names::WORKER_SLOTS, "state" => "busy").set(scheduler.running() as f64);

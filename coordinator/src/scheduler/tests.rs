@@ -221,3 +221,76 @@ fn a_result_from_the_wrong_worker_is_ignored() {
     assert_eq!(s.complete(&lease.lease, "impostor"), None);
     assert!(s.complete(&lease.lease, "w").is_some());
 }
+
+fn on_platform(operation: &str, pairs: &[(&str, &str)]) -> QueuedAction {
+    QueuedAction {
+        platform: Platform::new(pairs.iter().copied()),
+        ..action(operation, "i", 0)
+    }
+}
+
+#[test]
+fn actions_no_worker_offers_are_taken_after_the_wait() {
+    let now = Instant::now();
+    let wait = Duration::from_secs(60);
+    let mut s = Scheduler::new(SchedulerConfig::default());
+    s.add_worker(
+        "linux".into(),
+        Platform::new([("OSFamily", "linux")]),
+        1,
+        now,
+    );
+    s.enqueue(on_platform("fits", &[("OSFamily", "linux")]));
+    s.enqueue(on_platform("sparc-1", &[("arch", "sparc")]));
+    s.enqueue(on_platform("sparc-2", &[("arch", "sparc")]));
+    // The clock starts at the first look, and the wait is not over yet.
+    assert!(s.take_unmatched(now, wait).is_empty());
+    assert!(s.take_unmatched(now + wait / 2, wait).is_empty());
+    let taken = s.take_unmatched(now + wait, wait);
+    assert_eq!(
+        taken
+            .iter()
+            .map(|a| a.operation.as_str())
+            .collect::<Vec<_>>(),
+        ["sparc-1", "sparc-2"]
+    );
+    assert_eq!(s.queue_depth(), 1);
+    assert_eq!(operations(&s.schedule()), ["fits"]);
+}
+
+#[test]
+fn a_worker_joining_stops_the_unmatched_clock() {
+    let now = Instant::now();
+    let wait = Duration::from_secs(60);
+    let mut s = Scheduler::new(SchedulerConfig::default());
+    s.enqueue(on_platform("sparc", &[("arch", "sparc")]));
+    assert!(s.take_unmatched(now, wait).is_empty());
+    s.add_worker("w".into(), Platform::new([("arch", "sparc")]), 0, now);
+    // Offered (even with no free slot): it waits its turn, however long.
+    assert!(s.take_unmatched(now + 10 * wait, wait).is_empty());
+    // The worker leaves: the clock starts again from then.
+    s.remove_worker("w");
+    assert!(s.take_unmatched(now + 11 * wait, wait).is_empty());
+    assert_eq!(s.take_unmatched(now + 12 * wait, wait).len(), 1);
+}
+
+#[test]
+fn queue_depth_labels_are_what_workers_offer_plus_the_most_queued() {
+    let offered = ["OSFamily=linux".to_string()].into_iter().collect();
+    let queued = [("a=1", 5), ("b=2", 1), ("c=3", 3), ("OSFamily=linux", 2)]
+        .into_iter()
+        .map(|(p, n)| (p.to_string(), n))
+        .collect();
+    let labels = queue_depth_labels(offered, queued, 2);
+    let mut labels: Vec<(String, usize)> = labels.into_iter().collect();
+    labels.sort();
+    assert_eq!(
+        labels,
+        [
+            ("(other)".to_string(), 1),
+            ("OSFamily=linux".to_string(), 2),
+            ("a=1".to_string(), 5),
+            ("c=3".to_string(), 3),
+        ]
+    );
+}
