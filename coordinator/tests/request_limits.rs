@@ -64,15 +64,44 @@ async fn store_large_blob(server: &TestServer, size: u64) -> Digest {
     writer.commit(ExpectedDigest::Exact(digest)).await.unwrap()
 }
 
+/// Uploads a Command that runs `true`.
+async fn true_command(server: &TestServer) -> Digest {
+    let command = kiln_proto::reapi::Command {
+        arguments: vec!["true".into()],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    server.upload("", F, &[&command]).await.unwrap()[0]
+}
+
 /// Uploads an Action whose command and input root are `command` and an empty
 /// directory, with `timeout` if given.
 async fn action_with(server: &TestServer, command: Digest, timeout: Option<(i64, i32)>) -> Digest {
+    action_on(server, command, timeout, &[]).await
+}
+
+/// [`action_with`], requiring the `platform` properties.
+async fn action_on(
+    server: &TestServer,
+    command: Digest,
+    timeout: Option<(i64, i32)>,
+    platform: &[(&str, &str)],
+) -> Digest {
     let root = Directory::default().encode_to_vec();
     let root_digest = Digest::of_bytes(F, &root);
     let action = Action {
         command_digest: Some(wire(&command)),
         input_root_digest: Some(wire(&root_digest)),
         timeout: timeout.map(|(seconds, nanos)| kiln_proto::protobuf::Duration { seconds, nanos }),
+        platform: Some(kiln_proto::reapi::Platform {
+            properties: platform
+                .iter()
+                .map(|(name, value)| kiln_proto::reapi::platform::Property {
+                    name: name.to_string(),
+                    value: value.to_string(),
+                })
+                .collect(),
+        }),
         ..Default::default()
     }
     .encode_to_vec();
@@ -113,12 +142,7 @@ async fn action_timeouts_past_the_maximum_or_negative_are_invalid() {
         ..CoordinatorConfig::default()
     };
     let server = TestServer::start_with(dir.path(), config).await.unwrap();
-    let command = kiln_proto::reapi::Command {
-        arguments: vec!["true".into()],
-        ..Default::default()
-    }
-    .encode_to_vec();
-    let command = server.upload("", F, &[&command]).await.unwrap()[0];
+    let command = true_command(&server).await;
     for (timeout, why) in [
         ((3601, 0), "over the maximum"),
         ((-1, 0), "negative"),
@@ -310,28 +334,10 @@ async fn an_action_whose_platform_no_worker_offers_fails_after_the_wait() {
         ..CoordinatorConfig::default()
     };
     let server = TestServer::start_with(dir.path(), config).await.unwrap();
-    let command = kiln_proto::reapi::Command {
-        arguments: vec!["true".into()],
-        ..Default::default()
-    }
-    .encode_to_vec();
-    let command = server.upload("", F, &[&command]).await.unwrap()[0];
-    let root = Directory::default().encode_to_vec();
-    let action = Action {
-        command_digest: Some(wire(&command)),
-        input_root_digest: Some(wire(&Digest::of_bytes(F, &root))),
-        platform: Some(kiln_proto::reapi::Platform {
-            properties: vec![kiln_proto::reapi::platform::Property {
-                name: "arch".into(),
-                value: "sparc".into(),
-            }],
-        }),
-        ..Default::default()
-    }
-    .encode_to_vec();
-    server.upload("", F, &[&root, &action]).await.unwrap();
+    let command = true_command(&server).await;
+    let action = action_on(&server, command, None, &[("arch", "sparc")]).await;
     let request = ExecuteRequest {
-        action_digest: Some(wire(&Digest::of_bytes(F, &action))),
+        action_digest: Some(wire(&action)),
         digest_function: F.reapi_value(),
         ..Default::default()
     };
