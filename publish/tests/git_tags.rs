@@ -17,7 +17,7 @@ fn git(dir: &Path, args: &[&str]) -> String {
         .env("GIT_AUTHOR_DATE", "@1700000000 +0000")
         .env("GIT_COMMITTER_DATE", "@1700000000 +0000")
         .output()
-        .expect("git runs");
+        .expect("git runs (these tests need git: apt-get install -y git)");
     assert!(
         output.status.success(),
         "git {args:?}: {}",
@@ -36,6 +36,7 @@ fn repo() -> tempfile::TempDir {
 }
 
 #[test]
+#[ignore = "needs git; `cargo test -- --ignored` runs it (.ci/run does)"]
 fn semver_tag_on_main() {
     let dir = repo();
     git(dir.path(), &["tag", "v1.2.3"]);
@@ -80,6 +81,7 @@ fn semver_tag_on_main() {
 }
 
 #[test]
+#[ignore = "needs git; `cargo test -- --ignored` runs it (.ci/run does)"]
 fn unprefixed_semver_and_prereleases() {
     let dir = repo();
     git(dir.path(), &["tag", "2.0.0-rc.1"]);
@@ -94,6 +96,7 @@ fn unprefixed_semver_and_prereleases() {
 }
 
 #[test]
+#[ignore = "needs git; `cargo test -- --ignored` runs it (.ci/run does)"]
 fn feature_branch_is_sanitised() {
     let dir = repo();
     git(dir.path(), &["tag", "v1.0.0"]);
@@ -115,6 +118,7 @@ fn feature_branch_is_sanitised() {
 }
 
 #[test]
+#[ignore = "needs git; `cargo test -- --ignored` runs it (.ci/run does)"]
 fn detached_head_has_no_branch_tag() {
     let dir = repo();
     let sha = git(dir.path(), &["rev-parse", "HEAD"]);
@@ -131,6 +135,7 @@ fn detached_head_has_no_branch_tag() {
 }
 
 #[test]
+#[ignore = "needs git; `cargo test -- --ignored` runs it (.ci/run does)"]
 fn outside_a_repository_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let err = GitMetadata::read(dir.path()).unwrap_err();

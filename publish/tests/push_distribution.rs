@@ -78,6 +78,7 @@ fn sha256(bytes: &[u8]) -> String {
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
 #[tokio::test]
+#[ignore = "needs Debian's docker-registry; `cargo test -- --ignored` runs it (.ci/run does)"]
 async fn publishes_a_directory_with_tags_and_republishes_identically() {
     let registry = Distribution::start().await;
     let dir = content(&[
@@ -175,6 +176,7 @@ async fn publishes_a_directory_with_tags_and_republishes_identically() {
 }
 
 #[tokio::test]
+#[ignore = "needs Debian's docker-registry; `cargo test -- --ignored` runs it (.ci/run does)"]
 async fn appends_to_a_base_image_mounting_its_layers() {
     let registry = Distribution::start().await;
     let base_dir = content(&[("etc/os-release", "ID=kiln-test\n")]);
@@ -253,6 +255,7 @@ async fn appends_to_a_base_image_mounting_its_layers() {
 }
 
 #[tokio::test]
+#[ignore = "needs Debian's docker-registry; `cargo test -- --ignored` runs it (.ci/run does)"]
 async fn a_base_index_resolves_to_the_platform_manifest() {
     let registry = Distribution::start().await;
     let base_dir = content(&[("etc/os-release", "ID=kiln-test\n")]);
@@ -328,6 +331,7 @@ async fn a_base_index_resolves_to_the_platform_manifest() {
 }
 
 #[tokio::test]
+#[ignore = "needs Debian's docker-registry; `cargo test -- --ignored` runs it (.ci/run does)"]
 async fn zstd_layers_carry_the_zstd_media_type() {
     let registry = Distribution::start().await;
     let dir = content(&[("data.txt", "zstd please\n")]);
@@ -350,6 +354,7 @@ async fn zstd_layers_carry_the_zstd_media_type() {
 }
 
 #[tokio::test]
+#[ignore = "needs Debian's docker-registry; `cargo test -- --ignored` runs it (.ci/run does)"]
 async fn bad_input_is_refused_before_anything_is_pushed() {
     let registry = Distribution::start().await;
     let dir = content(&[("a", "a\n")]);

@@ -24,29 +24,25 @@ impl Distribution {
             )
         });
         let storage = tempfile::tempdir().unwrap();
-        // Bind, read the port and release it: distribution cannot be handed a socket.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let address = format!("127.0.0.1:{port}");
+        // Port 0: distribution binds a free port itself and logs which, so no port is
+        // released by one process and reused by another.
         let config = storage.path().join("config.yml");
         std::fs::write(
             &config,
             format!(
-                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {address}\n",
+                "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:0\n",
                 storage.path().join("data").display()
             ),
         )
         .unwrap();
-        let child = Command::new(binary)
+        let mut child = Command::new(binary)
             .arg("serve")
             .arg(&config)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("docker-registry starts");
+        let address = listening_address(&mut child);
         let registry = Distribution {
             address,
             child,
@@ -79,6 +75,35 @@ impl Drop for Distribution {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The address distribution logs once it listens (`msg="listening on 127.0.0.1:PORT"`).
+/// A thread keeps draining its log afterwards so that it never blocks on a full pipe.
+fn listening_address(child: &mut Child) -> String {
+    use std::io::BufRead;
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let (found, address) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut found = Some(found);
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let Some(rest) = line.split("listening on ").nth(1) else {
+                continue;
+            };
+            if let Some(found) = found.take() {
+                let address: String = rest
+                    .chars()
+                    .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+                    .collect();
+                let _ = found.send(address);
+            }
+        }
+    });
+    address
+        .recv_timeout(Duration::from_secs(15))
+        .expect("docker-registry logs the address it listens on within 15 s")
 }
 
 fn find_binary() -> Option<PathBuf> {
