@@ -156,10 +156,18 @@ impl Servers {
         let addr = listener.local_addr()?;
         let MetricsSources { blobs, ready } = sources;
         let render = move || {
-            if let Some(blobs) = &blobs {
-                metrics::gauge!(STORE_BYTES).set(blobs.stored_bytes() as f64);
+            let blobs = blobs.clone();
+            let metrics = metrics.clone();
+            async move {
+                if let Some(blobs) = &blobs {
+                    // A store that cannot say leaves the last value, and says why in the log.
+                    match blobs.stored_bytes().await {
+                        Ok(bytes) => metrics::gauge!(STORE_BYTES).set(bytes as f64),
+                        Err(e) => tracing::warn!(error = %e, "could not read the store's size"),
+                    }
+                }
+                metrics.render()
             }
-            std::future::ready(metrics.render())
         };
         let readiness = move || {
             std::future::ready(if *ready.borrow() {
@@ -324,16 +332,25 @@ pub async fn shutdown_signal() {
 /// The registry as the coordinator's admin API sees it.
 struct RegistryCatalog(kiln_registry::Registry);
 
+#[tonic::async_trait]
 impl kiln_coordinator::RegistryCatalog for RegistryCatalog {
-    fn repositories(&self) -> Result<Vec<kiln_coordinator::RepositorySummary>, String> {
-        let stats = self.0.repository_stats().map_err(|e| e.to_string())?;
-        Ok(stats
+    async fn repositories(
+        &self,
+        limit: usize,
+    ) -> Result<(Vec<kiln_coordinator::RepositorySummary>, bool), String> {
+        let (stats, more) = self
+            .0
+            .repository_stats(limit)
+            .await
+            .map_err(|e| e.to_string())?;
+        let summaries = stats
             .into_iter()
             .map(|r| kiln_coordinator::RepositorySummary {
                 name: r.name,
                 tags: r.tags,
                 manifests: r.manifests,
             })
-            .collect())
+            .collect();
+        Ok((summaries, more))
     }
 }

@@ -93,8 +93,10 @@ pub struct StatusReport {
     pub queue: QueueReport,
     pub cache: CacheReport,
     pub storage: StorageReport,
-    /// Absent when no registry runs in the coordinator's process.
+    /// Absent when no registry runs in the coordinator's process. The first repositories
+    /// in name order; `more_repositories` says whether others exist.
     pub registry: Option<Vec<RepositoryReport>>,
+    pub more_repositories: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -218,6 +220,7 @@ impl StatusReport {
                     })
                     .collect()
             }),
+            more_repositories: status.registry.as_ref().is_some_and(|r| r.more),
         }
     }
 
@@ -311,7 +314,12 @@ impl StatusReport {
                 let _ = writeln!(out, "\nRegistry: not in this process");
             }
             Some(repositories) => {
-                let _ = writeln!(out, "\nRegistry: {} repositories", repositories.len());
+                let more = if self.more_repositories {
+                    " listed (the first, in name order; there are more)"
+                } else {
+                    ""
+                };
+                let _ = writeln!(out, "\nRegistry: {} repositories{more}", repositories.len());
                 if !repositories.is_empty() {
                     let rows = repositories
                         .iter()

@@ -125,7 +125,8 @@ impl ActionCacheService {
         };
         let stored = self
             .results
-            .get(&request.instance_name, &action)?
+            .get(&request.instance_name, &action)
+            .await?
             .ok_or_else(not_cached)?;
         let Ok(mut result) = ActionResult::decode(stored.as_slice()) else {
             tracing::warn!(%action, "undecodable action cache entry; treated as a miss");

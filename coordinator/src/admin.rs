@@ -26,9 +26,15 @@ pub struct RepositorySummary {
 
 /// The registry's side of the status, when a registry runs in the coordinator's process.
 /// The coordinator never imports the registry; the binary that runs both connects them.
+#[tonic::async_trait]
 pub trait RegistryCatalog: Send + Sync {
-    fn repositories(&self) -> Result<Vec<RepositorySummary>, String>;
+    /// The first `limit` repositories in name order, and whether there are more.
+    async fn repositories(&self, limit: usize) -> Result<(Vec<RepositorySummary>, bool), String>;
 }
+
+/// How many repositories GetStatus lists: a status is read by a person, and a registry
+/// may hold any number.
+const STATUS_REPOSITORIES: usize = 100;
 
 pub(crate) struct AdminService {
     engine: ExecutionEngine,
@@ -54,13 +60,15 @@ impl AdminService {
         }
     }
 
-    fn registry_status(&self) -> Result<Option<RegistryStatus>, CoordinatorError> {
+    async fn registry_status(&self) -> Result<Option<RegistryStatus>, CoordinatorError> {
         let Some(registry) = &self.registry else {
             return Ok(None);
         };
-        let repositories = registry
-            .repositories()
-            .map_err(CoordinatorError::Internal)?
+        let (repositories, more) = registry
+            .repositories(STATUS_REPOSITORIES)
+            .await
+            .map_err(CoordinatorError::Internal)?;
+        let repositories = repositories
             .into_iter()
             .map(|r| RepositoryStatus {
                 name: r.name,
@@ -68,7 +76,7 @@ impl AdminService {
                 manifests: r.manifests,
             })
             .collect();
-        Ok(Some(RegistryStatus { repositories }))
+        Ok(Some(RegistryStatus { repositories, more }))
     }
 
     /// DrainWorker needs the join token as a bearer token; with none configured no
@@ -111,11 +119,15 @@ impl Admin for AdminService {
                 actions_failed: counters.actions_failed,
             }),
             storage: Some(StorageStatus {
-                stored_bytes: self.blobs.stored_bytes(),
+                stored_bytes: self
+                    .blobs
+                    .stored_bytes()
+                    .await
+                    .map_err(CoordinatorError::from)?,
                 cas_bytes_read: counters.cas_bytes_read,
                 cas_bytes_written: counters.cas_bytes_written,
             }),
-            registry: self.registry_status()?,
+            registry: self.registry_status().await?,
         }))
     }
 

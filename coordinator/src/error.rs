@@ -40,6 +40,12 @@ pub enum CoordinatorError {
     Internal(String),
 }
 
+impl From<kiln_store::MetadataError> for CoordinatorError {
+    fn from(error: kiln_store::MetadataError) -> Self {
+        CoordinatorError::Store(error.into())
+    }
+}
+
 impl CoordinatorError {
     pub(crate) fn bad_request(field: impl Into<String>, description: impl ToString) -> Self {
         CoordinatorError::BadRequest {

@@ -29,7 +29,7 @@ use bytes::Bytes;
 use kiln_proto::longrunning::Operation;
 use kiln_proto::reapi::execution_stage;
 use kiln_proto::worker::v1::CoordinatorMessage;
-use kiln_store::{BlobStore, Digest, MetadataStore};
+use kiln_store::{BlobStore, Digest, MetadataStore, WriteBatch};
 use tokio::sync::{mpsc, watch, Notify};
 use tonic::Status;
 
@@ -90,6 +90,9 @@ struct State {
     /// The queue-depth gauge's labels at the last publication, so that one leaving the
     /// set reads 0 before the recorder drops it.
     gauged_platforms: std::collections::BTreeSet<String>,
+    /// Operation records changed under the lock, where nothing may await; whoever holds
+    /// the engine next in async code writes them (`persist`).
+    unpersisted: WriteBatch,
     /// Finished operations, oldest first, so that forgetting them visits only those due.
     completion_order: VecDeque<(Instant, String)>,
 }
@@ -119,7 +122,7 @@ struct InlineMessages {
 
 impl ExecutionEngine {
     /// Opens the engine and reloads the operations a previous run left unfinished.
-    pub(crate) fn open(
+    pub(crate) async fn open(
         config: &CoordinatorConfig,
         blobs: Arc<dyn BlobStore>,
         metadata: Arc<dyn MetadataStore>,
@@ -155,7 +158,7 @@ impl ExecutionEngine {
                 closing: watch::channel(false).0,
             }),
         };
-        engine.reload()?;
+        engine.reload().await?;
         // The gauges exist from start-up, not from the first worker or action.
         engine.state().publish_gauges();
         Ok(engine)
@@ -173,14 +176,15 @@ impl ExecutionEngine {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn reload(&self) -> Result<(), CoordinatorError> {
+    async fn reload(&self) -> Result<(), CoordinatorError> {
         let mut after: Option<Vec<u8>> = None;
         let mut requeued = 0;
         loop {
             let page = self
                 .inner
                 .metadata
-                .scan(OPERATIONS, b"", after.as_deref(), 1000)?;
+                .scan(OPERATIONS, b"", after.as_deref(), kiln_store::MAX_SCAN_PAGE)
+                .await?;
             let Some((last, _)) = page.last() else { break };
             after = Some(last.clone());
             let mut state = self.state();
@@ -246,6 +250,15 @@ impl ExecutionEngine {
         async move {
             let _ = closing.wait_for(|closing| *closing).await;
         }
+    }
+
+    /// Writes the operation records changed under the lock since the last call.
+    pub(crate) async fn persist(&self) -> Result<(), CoordinatorError> {
+        let batch = std::mem::take(&mut self.state().unpersisted);
+        if !batch.is_empty() {
+            self.inner.metadata.apply(batch).await?;
+        }
+        Ok(())
     }
 
     fn wake_dispatcher(&self) {

@@ -110,7 +110,8 @@ impl Coordinator {
             self.metadata.clone(),
             action_cache_service.clone(),
             counters.clone(),
-        )?;
+        )
+        .await?;
         let dispatcher = engine.spawn_dispatcher();
         let closing = engine.clone();
         // grpc.health.v1: the overall service ("") is SERVING from here on, as are the

@@ -94,10 +94,10 @@ async fn blob_created(
     hash: &ContentHash,
     was_present: bool,
 ) -> Result<Response> {
-    state.index.ensure_repository(name)?;
-    state.index.link_blob(name, hash)?;
+    state.index.ensure_repository(name).await?;
+    state.index.link_blob(name, hash).await?;
     if !was_present {
-        state.index.mark_owned(hash)?;
+        state.index.mark_owned(hash).await?;
     }
     state.index.flush().await?;
     Ok(empty_response(
@@ -115,9 +115,9 @@ pub async fn get(
     digest: &ContentHash,
     call: Call,
 ) -> Result<Response> {
-    state.index.require_repository(name)?;
+    state.index.require_repository(name).await?;
     let unknown = || RegistryError::BlobUnknown(format!("{digest} in {name}"));
-    if !state.index.is_linked(name, digest)? {
+    if !state.index.is_linked(name, digest).await? {
         return Err(unknown());
     }
     let size = state.blobs.size_of(digest).await?.ok_or_else(unknown)?;
@@ -129,7 +129,7 @@ pub async fn get(
     if call.method == axum::http::Method::HEAD {
         // A HEAD is how pushers check for a layer before pushing the manifest that
         // needs it; restarting the grace period keeps GC from taking it in between.
-        state.index.refresh_owned(digest)?;
+        state.index.refresh_owned(digest).await?;
         let mut response = empty_response(StatusCode::OK, &headers);
         response
             .headers_mut()
@@ -196,8 +196,8 @@ pub async fn delete(
     name: &str,
     digest: &ContentHash,
 ) -> Result<Response> {
-    state.index.require_repository(name)?;
-    if !state.index.unlink_blob(name, digest)? {
+    state.index.require_repository(name).await?;
+    if !state.index.unlink_blob(name, digest).await? {
         return Err(RegistryError::BlobUnknown(format!("{digest} in {name}")));
     }
     state.index.flush().await?;
@@ -253,14 +253,14 @@ async fn mount_blob(
         Some(from) => {
             validate_name(from).is_ok()
                 && state.auth.allows(principal, from, Action::Pull)
-                && state.index.is_linked(from, digest)?
+                && state.index.is_linked(from, digest).await?
         }
         None => !state.auth.enabled(),
     };
     if !mountable {
         return Ok(None);
     }
-    state.index.refresh_owned(digest)?;
+    state.index.refresh_owned(digest).await?;
     let response = blob_created(state, name, digest, true).await?;
     tracing::info!(repository = name, from = from.unwrap_or("the store"), %digest, "blob mounted");
     Ok(Some(response))

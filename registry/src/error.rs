@@ -70,6 +70,12 @@ pub enum RegistryError {
     Internal(String),
 }
 
+impl From<kiln_store::MetadataError> for RegistryError {
+    fn from(error: kiln_store::MetadataError) -> Self {
+        RegistryError::Store(error.into())
+    }
+}
+
 impl RegistryError {
     /// Maps a failed blob commit: a digest mismatch is the client's DIGEST_INVALID.
     pub(crate) fn from_commit(error: StoreError) -> Self {

@@ -9,6 +9,7 @@
 
 use std::collections::HashSet;
 
+use futures::TryStreamExt;
 use kiln_store::ContentHash;
 
 use crate::error::Result;
@@ -43,7 +44,8 @@ pub async fn run(state: &RegistryState, dry_run: bool) -> Result<GcReport> {
     };
     let now = now_millis();
     let upload_cutoff = now.saturating_sub(state.config.gc.upload_ttl_secs.saturating_mul(1000));
-    for (id, session) in state.uploads.all()? {
+    let mut sessions = state.uploads.all();
+    while let Some((id, session)) = sessions.try_next().await? {
         if session.updated_at_ms < upload_cutoff {
             if !dry_run {
                 let guard = state.uploads.lock(&session.repository, &id).await?;
@@ -61,19 +63,20 @@ pub async fn run(state: &RegistryState, dry_run: bool) -> Result<GcReport> {
     let grace_cutoff = now.saturating_sub(state.config.gc.grace_secs.saturating_mul(1000));
     // Exclusive: no manifest push or mount can add a reference while this decides.
     let _fence = state.gc_fence.write().await;
-    let mut live: HashSet<String> = HashSet::new();
-    for (_, digest, record) in state.index.all_manifests()? {
+    // Mark: the live set holds hashes only (the records stream by); sweep: owned blobs
+    // stream by too. A record that does not parse fails the run instead of being skipped.
+    let mut live: HashSet<ContentHash> = HashSet::new();
+    let mut manifests = state.index.all_manifests();
+    while let Some((_, digest, record)) = manifests.try_next().await? {
         live.insert(digest);
         live.extend(record.blobs);
     }
     let mut doomed = Vec::new();
-    for (digest, owned_since) in state.index.owned_blobs()? {
-        if live.contains(&digest) {
+    let mut owned = state.index.owned_blobs();
+    while let Some((hash, owned_since)) = owned.try_next().await? {
+        if live.contains(&hash) {
             continue;
         }
-        let Ok(hash) = ContentHash::parse_oci(&digest) else {
-            continue;
-        };
         if owned_since > grace_cutoff {
             report.kept_in_grace += 1;
             continue;
@@ -82,33 +85,31 @@ pub async fn run(state: &RegistryState, dry_run: bool) -> Result<GcReport> {
             report.kept_as_roots += 1;
             continue;
         }
-        doomed.push((digest, hash));
+        doomed.push(hash);
     }
+    drop(live);
     if doomed.is_empty() {
         return Ok(report);
     }
-    let doomed_set: HashSet<&str> = doomed.iter().map(|(d, _)| d.as_str()).collect();
-    let links: Vec<(String, String)> = state
-        .index
-        .blob_links()?
-        .into_iter()
-        .filter(|(_, digest, _)| doomed_set.contains(digest.as_str()))
-        .map(|(repository, digest, _)| (repository, digest))
-        .collect();
-    for (digest, hash) in &doomed {
+    for hash in &doomed {
         let size = state.blobs.size_of(hash).await?.unwrap_or(0);
         report.freed_bytes += size;
-        report.deleted_blobs.push(digest.clone());
+        report.deleted_blobs.push(hash.oci());
         if dry_run {
             continue;
         }
         state.blobs.delete(hash).await?;
-        state.index.forget_owned(digest)?;
+        state.index.forget_owned(hash).await?;
     }
     if !dry_run {
-        for (repository, digest) in links {
-            if let Ok(hash) = ContentHash::parse_oci(&digest) {
-                state.index.unlink_blob(&repository, &hash)?;
+        let doomed: HashSet<ContentHash> = doomed.into_iter().collect();
+        let mut links = state.index.blob_links();
+        while let Some(link) = links.try_next().await? {
+            if doomed.contains(&link.hash) {
+                state
+                    .index
+                    .unlink_blob(&link.repository, &link.hash)
+                    .await?;
             }
         }
         state.index.flush().await?;

@@ -160,27 +160,26 @@ impl Registry {
         Ok(report)
     }
 
-    /// Every repository with its tag and manifest counts, for `kiln status`.
-    pub fn repository_stats(&self) -> Result<Vec<RepositoryStats>, RegistryError> {
+    /// The first `limit` repositories with their tag and manifest counts, for `kiln
+    /// status`, and whether more exist.
+    pub async fn repository_stats(
+        &self,
+        limit: usize,
+    ) -> Result<(Vec<RepositoryStats>, bool), RegistryError> {
         let index = &self.state.index;
-        let mut stats = Vec::new();
-        let mut last: Option<String> = None;
-        loop {
-            let page = index.repositories(last.as_deref(), 1000)?;
-            let Some(end) = page.last().cloned() else {
-                break;
-            };
-            for name in page {
-                let (manifests, tags) = index.counts(&name)?;
-                stats.push(RepositoryStats {
-                    name,
-                    tags,
-                    manifests,
-                });
-            }
-            last = Some(end);
+        let mut names = index.repositories(None, limit.saturating_add(1)).await?;
+        let more = names.len() > limit;
+        names.truncate(limit);
+        let mut stats = Vec::with_capacity(names.len());
+        for name in names {
+            let (manifests, tags) = index.counts(&name).await?;
+            stats.push(RepositoryStats {
+                name,
+                tags,
+                manifests,
+            });
         }
-        Ok(stats)
+        Ok((stats, more))
     }
 
     /// Starts the periodic retention and GC tasks that are configured.

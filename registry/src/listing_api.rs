@@ -42,12 +42,13 @@ fn page(
 }
 
 pub async fn tags(state: &Arc<RegistryState>, name: &str, call: Call) -> Result<Response> {
-    state.index.require_repository(name)?;
+    state.index.require_repository(name).await?;
     let (n, last) = pagination(&call.query, state.config.limits.max_page_size)?;
     // One extra tells whether a next page exists.
     let tags: Vec<String> = state
         .index
-        .tags(name, last.as_deref(), n.saturating_add(1))?
+        .tags(name, last.as_deref(), n.saturating_add(1))
+        .await?
         .into_iter()
         .map(|(tag, _)| tag)
         .collect();
@@ -60,7 +61,8 @@ pub async fn catalog(state: &Arc<RegistryState>, call: Call) -> Result<Response>
     let (n, last) = pagination(&call.query, state.config.limits.max_page_size)?;
     let mut repositories = state
         .index
-        .repositories(last.as_deref(), n.saturating_add(1))?;
+        .repositories(last.as_deref(), n.saturating_add(1))
+        .await?;
     if state.auth.enabled() {
         let principal = state.auth.catalog_principal(&call.principal);
         repositories.retain(|r| state.auth.allows(&principal, r, Action::Pull));

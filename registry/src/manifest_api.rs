@@ -7,7 +7,7 @@ use axum::body::Body;
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::response::Response;
 use bytes::{Bytes, BytesMut};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use kiln_store::{ContentHash, Digest, DigestFunction, ExpectedDigest};
 
 use crate::endpoint::Reference;
@@ -16,22 +16,33 @@ use crate::http::{
     empty_response, json_response, Call, DOCKER_CONTENT_DIGEST, OCI_FILTERS_APPLIED, OCI_SUBJECT,
 };
 use crate::manifest::{self, OCI_INDEX};
-use crate::repository_index::{now_millis, ManifestRecord};
+use crate::repository_index::{now_millis, ManifestPut, ManifestRecord};
 use crate::RegistryState;
 
 /// Resolves a reference to a manifest digest and its record.
-fn resolve(
+async fn resolve(
     state: &RegistryState,
     name: &str,
     reference: &Reference,
-) -> Result<(String, ManifestRecord)> {
-    state.index.require_repository(name)?;
+) -> Result<(ContentHash, ManifestRecord)> {
+    state.index.require_repository(name).await?;
     let unknown = || RegistryError::ManifestUnknown(format!("{reference} in {name}"));
     let digest = match reference {
-        Reference::Tag(tag) => state.index.tag(name, tag)?.ok_or_else(unknown)?.digest,
-        Reference::Digest(digest) => digest.oci(),
+        Reference::Tag(tag) => {
+            state
+                .index
+                .tag(name, tag)
+                .await?
+                .ok_or_else(unknown)?
+                .digest
+        }
+        Reference::Digest(digest) => *digest,
     };
-    let record = state.index.manifest(name, &digest)?.ok_or_else(unknown)?;
+    let record = state
+        .index
+        .manifest(name, &digest)
+        .await?
+        .ok_or_else(unknown)?;
     Ok((digest, record))
 }
 
@@ -41,8 +52,8 @@ pub async fn get(
     reference: &Reference,
     call: Call,
 ) -> Result<Response> {
-    let (digest, record) = resolve(state, name, reference)?;
-    let hash = ContentHash::parse_oci(&digest)?;
+    let (hash, record) = resolve(state, name, reference).await?;
+    let digest = hash.oci();
     let body = if call.method == Method::HEAD {
         Body::empty()
     } else {
@@ -125,9 +136,9 @@ pub async fn put(
     let immutable = tag.is_some_and(|t| state.policy.is_immutable(name, t));
     let digest_text = digest.oci();
     if let Some(tag) = tag.filter(|_| immutable) {
-        // Checked up front too, so a refused re-push leaves no untagged manifest behind.
-        if let Some(existing) = state.index.tag(name, tag)? {
-            if existing.digest != digest_text {
+        // Checked up front too, so a refused re-push does not even store the manifest blob.
+        if let Some(existing) = state.index.tag(name, tag).await? {
+            if existing.digest != digest.content_hash() {
                 return Err(RegistryError::Denied(format!(
                     "tag {tag:?} in {name} is immutable and already points to {}",
                     existing.digest
@@ -138,7 +149,7 @@ pub async fn put(
 
     let _fence = state.gc_fence.read().await;
     for blob in &parsed.blobs {
-        if !state.index.is_linked(name, &blob.hash)? {
+        if !state.index.is_linked(name, &blob.hash).await? {
             return Err(RegistryError::ManifestBlobUnknown(format!(
                 "blob {} is not in {name}",
                 blob.hash
@@ -161,7 +172,7 @@ pub async fn put(
         }
     }
     for child in &parsed.children {
-        if state.index.manifest(name, &child.hash.oci())?.is_none() {
+        if state.index.manifest(name, &child.hash).await?.is_none() {
             return Err(RegistryError::ManifestBlobUnknown(format!(
                 "child manifest {} is not in {name}",
                 child.hash
@@ -176,26 +187,29 @@ pub async fn put(
         .await
         .map_err(RegistryError::from_commit)?;
     if !was_present {
-        state.index.mark_owned(&manifest_hash)?;
+        state.index.mark_owned(&manifest_hash).await?;
     }
-    state.index.ensure_repository(name)?;
-    state.index.link_blob(name, &manifest_hash)?;
-    let subject = parsed.subject.as_ref().map(|s| s.hash.oci());
+    let subject = parsed.subject.as_ref().map(|s| s.hash);
     let record = ManifestRecord {
         media_type: parsed.media_type,
         size: digest.size,
         artifact_type: parsed.artifact_type,
-        subject: subject.clone(),
-        blobs: parsed.blobs.iter().map(|b| b.hash.oci()).collect(),
-        children: parsed.children.iter().map(|c| c.hash.oci()).collect(),
+        subject,
+        blobs: parsed.blobs.iter().map(|b| b.hash).collect(),
+        children: parsed.children.iter().map(|c| c.hash).collect(),
         // Only the referrers API reads annotations, and only of manifests with a subject.
         annotations: parsed.annotations.filter(|_| subject.is_some()),
         pushed_at_ms: now_millis(),
     };
-    state.index.put_manifest(name, &digest_text, &record)?;
-    if let Some(tag) = tag {
-        state.index.set_tag(name, tag, &digest_text, immutable)?;
-    }
+    state
+        .index
+        .put_manifest(ManifestPut {
+            repository: name,
+            digest: manifest_hash,
+            record: &record,
+            tag: tag.map(|tag| (tag, immutable)),
+        })
+        .await?;
     state.index.flush().await?;
     let mut headers = vec![
         (
@@ -205,7 +219,7 @@ pub async fn put(
         (DOCKER_CONTENT_DIGEST, digest_text),
     ];
     if let Some(subject) = subject {
-        headers.push((OCI_SUBJECT, subject));
+        headers.push((OCI_SUBJECT, subject.oci()));
     }
     Ok(empty_response(StatusCode::CREATED, &headers))
 }
@@ -215,7 +229,7 @@ pub async fn delete(
     name: &str,
     reference: &Reference,
 ) -> Result<Response> {
-    state.index.require_repository(name)?;
+    state.index.require_repository(name).await?;
     match reference {
         Reference::Tag(tag) => {
             if state.policy.is_immutable(name, tag) {
@@ -223,21 +237,20 @@ pub async fn delete(
                     "tag {tag:?} in {name} is immutable"
                 )));
             }
-            if !state.index.remove_tag(name, tag)? {
+            if !state.index.remove_tag(name, tag).await? {
                 return Err(RegistryError::ManifestUnknown(format!("{tag} in {name}")));
             }
         }
         Reference::Digest(digest) => {
-            let digest = digest.oci();
-            let tags = state.index.tags(name, None, usize::MAX)?;
-            if let Some((tag, _)) = tags.iter().find(|(tag, record)| {
-                record.digest == digest && state.policy.is_immutable(name, tag)
-            }) {
-                return Err(RegistryError::Denied(format!(
-                    "{digest} carries the immutable tag {tag:?}"
-                )));
+            let mut tags = state.index.all_tags(name);
+            while let Some((tag, record)) = tags.try_next().await? {
+                if record.digest == *digest && state.policy.is_immutable(name, &tag) {
+                    return Err(RegistryError::Denied(format!(
+                        "{digest} carries the immutable tag {tag:?}"
+                    )));
+                }
             }
-            if state.index.remove_manifest(name, &digest)?.is_none() {
+            if state.index.remove_manifest(name, digest).await?.is_none() {
                 return Err(RegistryError::ManifestUnknown(format!(
                     "{digest} in {name}"
                 )));
@@ -278,8 +291,9 @@ pub async fn referrers(
     // An unknown repository or subject has no referrers: the answer is an empty index.
     let filter = call.query.get("artifactType").filter(|t| !t.is_empty());
     let mut manifests = Vec::new();
-    for digest in state.index.referrers(name, &subject.oci())? {
-        let Some(record) = state.index.manifest(name, &digest)? else {
+    let mut referrers = state.index.referrers(name, subject);
+    while let Some(digest) = referrers.try_next().await? {
+        let Some(record) = state.index.manifest(name, &digest).await? else {
             continue;
         };
         if filter.is_some_and(|f| record.artifact_type.as_deref() != Some(f)) {
@@ -287,7 +301,7 @@ pub async fn referrers(
         }
         manifests.push(ReferrerDescriptor {
             media_type: record.media_type,
-            digest,
+            digest: digest.oci(),
             size: record.size,
             artifact_type: record.artifact_type,
             annotations: record.annotations,

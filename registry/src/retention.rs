@@ -8,8 +8,11 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use futures::TryStreamExt;
+use kiln_store::ContentHash;
+
 use crate::error::Result;
-use crate::repository_index::{now_millis, ManifestRecord};
+use crate::repository_index::{now_millis, ManifestRecord, TagRecord};
 use crate::tag_policy::{classify, TagKind};
 use crate::RegistryState;
 
@@ -17,13 +20,13 @@ use crate::RegistryState;
 pub struct RemovedTag {
     pub repository: String,
     pub tag: String,
-    pub digest: String,
+    pub digest: ContentHash,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemovedManifest {
     pub repository: String,
-    pub digest: String,
+    pub digest: ContentHash,
 }
 
 /// What a retention run deleted, or would delete in a dry run.
@@ -49,57 +52,64 @@ pub async fn run(state: &RegistryState, dry_run: bool) -> Result<RetentionReport
     loop {
         let page = state
             .index
-            .repositories(last.as_deref(), state.config.limits.max_page_size)?;
+            .repositories(last.as_deref(), state.config.limits.max_page_size)
+            .await?;
         let Some(page_last) = page.last().cloned() else {
             break;
         };
         for repository in page {
-            plan_repository(state, &repository, &mut report)?;
+            plan_repository(state, &repository, &mut report).await?;
         }
         last = Some(page_last);
     }
     if !dry_run {
         for removed in &report.deleted_tags {
-            state.index.remove_tag(&removed.repository, &removed.tag)?;
+            state
+                .index
+                .remove_tag(&removed.repository, &removed.tag)
+                .await?;
         }
         for removed in &report.deleted_manifests {
             state
                 .index
-                .remove_manifest(&removed.repository, &removed.digest)?;
+                .remove_manifest(&removed.repository, &removed.digest)
+                .await?;
         }
         state.index.flush().await?;
     }
     Ok(report)
 }
 
-fn plan_repository(
+/// Plans one repository's deletions. Its tags and manifest records are held while it is
+/// planned: the rules relate them to each other.
+async fn plan_repository(
     state: &RegistryState,
     repository: &str,
     report: &mut RetentionReport,
 ) -> Result<()> {
     let rules = &state.config.retention;
-    let tags = state.index.tags(repository, None, usize::MAX)?;
+    let tags: Vec<(String, TagRecord)> = state.index.all_tags(repository).try_collect().await?;
     let mut removed_tags: HashSet<String> = HashSet::new();
     if let Some(keep) = rules.keep_branch_tags {
-        let mut by_branch: BTreeMap<String, Vec<(u64, &str, &str)>> = BTreeMap::new();
+        let mut by_branch: BTreeMap<String, Vec<(u64, &str, ContentHash)>> = BTreeMap::new();
         for (tag, record) in &tags {
             if let TagKind::BranchSha { branch } = classify(tag) {
                 by_branch.entry(branch).or_default().push((
                     record.pushed_at_ms,
                     tag,
-                    &record.digest,
+                    record.digest,
                 ));
             }
         }
         for (_, mut branch_tags) in by_branch {
-            // Newest first; the tag name breaks ties between pushes in the same second.
-            branch_tags.sort_by(|a, b| b.cmp(a));
+            // Newest first; the tag name breaks ties between pushes in the same millisecond.
+            branch_tags.sort_by(|a, b| (b.0, b.1).cmp(&(a.0, a.1)));
             for (_, tag, digest) in branch_tags.into_iter().skip(keep) {
                 removed_tags.insert(tag.to_string());
                 report.deleted_tags.push(RemovedTag {
                     repository: repository.to_string(),
                     tag: tag.to_string(),
-                    digest: digest.to_string(),
+                    digest,
                 });
             }
         }
@@ -108,34 +118,31 @@ fn plan_repository(
         return Ok(());
     };
     let cutoff = now_millis().saturating_sub(grace.saturating_mul(1000));
-    let manifests: HashMap<String, ManifestRecord> =
-        state.index.manifests_of(repository)?.into_iter().collect();
-    let tagged: HashSet<&str> = tags
+    let manifests: HashMap<ContentHash, ManifestRecord> =
+        state.index.manifests_of(repository).try_collect().await?;
+    let tagged: HashSet<ContentHash> = tags
         .iter()
         .filter(|(tag, _)| !removed_tags.contains(tag))
-        .map(|(_, record)| record.digest.as_str())
+        .map(|(_, record)| record.digest)
         .collect();
-    let mut doomed: HashSet<&str> = manifests
+    let mut doomed: HashSet<ContentHash> = manifests
         .iter()
-        .filter(|(digest, record)| {
-            !tagged.contains(digest.as_str()) && record.pushed_at_ms < cutoff
-        })
-        .map(|(digest, _)| digest.as_str())
+        .filter(|(digest, record)| !tagged.contains(*digest) && record.pushed_at_ms < cutoff)
+        .map(|(digest, _)| *digest)
         .collect();
     // Spare whatever a surviving manifest still needs, until nothing changes.
     loop {
-        let spared: Vec<&str> = doomed
+        let spared: Vec<ContentHash> = doomed
             .iter()
             .copied()
             .filter(|digest| {
-                let record = &manifests[*digest];
-                let needed_as_child = manifests.iter().any(|(other, r)| {
-                    !doomed.contains(other.as_str()) && r.children.iter().any(|c| c == digest)
-                });
+                let record = &manifests[digest];
+                let needed_as_child = manifests
+                    .iter()
+                    .any(|(other, r)| !doomed.contains(other) && r.children.contains(digest));
                 let subject_survives = record
                     .subject
-                    .as_deref()
-                    .is_some_and(|s| manifests.contains_key(s) && !doomed.contains(s));
+                    .is_some_and(|s| manifests.contains_key(&s) && !doomed.contains(&s));
                 needed_as_child || subject_survives
             })
             .collect();
@@ -143,16 +150,16 @@ fn plan_repository(
             break;
         }
         for digest in spared {
-            doomed.remove(digest);
+            doomed.remove(&digest);
         }
     }
-    let mut doomed: Vec<&str> = doomed.into_iter().collect();
-    doomed.sort_unstable();
+    let mut doomed: Vec<ContentHash> = doomed.into_iter().collect();
+    doomed.sort_unstable_by_key(ContentHash::oci);
     report
         .deleted_manifests
         .extend(doomed.into_iter().map(|digest| RemovedManifest {
             repository: repository.to_string(),
-            digest: digest.to_string(),
+            digest,
         }));
     Ok(())
 }

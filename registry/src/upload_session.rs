@@ -9,10 +9,11 @@
 use std::sync::Arc;
 
 use axum::body::Body;
+use futures::stream::BoxStream;
 use futures::StreamExt;
 use kiln_store::{
-    BlobStore, BlobWriter, ContentHash, Digest, DigestFunction, ExpectedDigest, Keyspace,
-    MetadataStore,
+    scan_stream, BlobStore, BlobWriter, ContentHash, Digest, DigestFunction, ExpectedDigest,
+    Keyspace, MetadataStore,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, OwnedMutexGuard};
@@ -71,52 +72,50 @@ impl UploadSessions {
             updated_at_ms: now,
             offset: 0,
         };
-        self.save(&id, &record)?;
+        self.save(&id, &record).await?;
         self.metadata.flush().await?;
         Ok(id)
     }
 
-    fn save(&self, id: &str, record: &SessionRecord) -> Result<()> {
+    async fn save(&self, id: &str, record: &SessionRecord) -> Result<()> {
         let bytes = serde_json::to_vec(record).expect("session records serialise");
-        self.metadata.insert(UPLOADS, id.as_bytes(), &bytes)?;
+        self.metadata.insert(UPLOADS, id.as_bytes(), &bytes).await?;
         Ok(())
     }
 
-    fn record(&self, id: &str) -> Result<Option<SessionRecord>> {
+    async fn record(&self, id: &str) -> Result<Option<SessionRecord>> {
         self.metadata
-            .get(UPLOADS, id.as_bytes())?
-            .map(|bytes| {
-                serde_json::from_slice(&bytes)
-                    .map_err(|e| RegistryError::Internal(format!("corrupt upload session: {e}")))
-            })
+            .get(UPLOADS, id.as_bytes())
+            .await?
+            .map(|bytes| decode_session(&bytes))
             .transpose()
     }
 
-    /// Every session, for expiry.
-    pub fn all(&self) -> Result<Vec<(String, SessionRecord)>> {
-        self.metadata
-            .scan(UPLOADS, b"", None, usize::MAX)?
-            .into_iter()
-            .map(|(k, v)| {
-                let record = serde_json::from_slice(&v)
-                    .map_err(|e| RegistryError::Internal(format!("corrupt upload session: {e}")))?;
-                Ok((String::from_utf8_lossy(&k).into_owned(), record))
+    /// Every session, for expiry, a page at a time.
+    pub fn all(&self) -> BoxStream<'static, Result<(String, SessionRecord)>> {
+        scan_stream(self.metadata.clone(), UPLOADS, Vec::new())
+            .map(|entry| {
+                let (k, v) = entry?;
+                Ok((
+                    String::from_utf8_lossy(&k).into_owned(),
+                    decode_session(&v)?,
+                ))
             })
-            .collect()
+            .boxed()
     }
 
     /// Locks the session `id` of `repository` for one request.
     pub async fn lock(&self, repository: &str, id: &str) -> Result<SessionGuard> {
         let unknown =
             || RegistryError::BlobUploadUnknown(format!("no upload {id:?} in {repository}"));
-        match self.record(id)? {
+        match self.record(id).await? {
             Some(record) if record.repository == repository => {}
             _ => return Err(unknown()),
         }
         let slot = self.slots.entry(id.to_string()).or_default().clone();
         let guard = slot.lock_owned().await;
         // The session may have completed or been cancelled while this request waited.
-        if self.record(id)?.is_none() {
+        if self.record(id).await?.is_none() {
             return Err(unknown());
         }
         Ok(SessionGuard {
@@ -189,10 +188,10 @@ impl UploadSessions {
             writer.write(chunk).await?;
         }
         let offset = writer.bytes_written();
-        if let Some(mut record) = self.record(&session.id)? {
+        if let Some(mut record) = self.record(&session.id).await? {
             record.offset = offset;
             record.updated_at_ms = now_millis();
-            self.save(&session.id, &record)?;
+            self.save(&session.id, &record).await?;
         }
         Ok(offset)
     }
@@ -203,7 +202,7 @@ impl UploadSessions {
         self.writer(&mut session, digest.function).await?;
         let open = session.slot.take().expect("writer was just opened");
         let result = open.writer.commit(ExpectedDigest::Hash(digest)).await;
-        self.forget(&session)?;
+        self.forget(&session.id).await?;
         result.map_err(RegistryError::from_commit)
     }
 
@@ -216,13 +215,18 @@ impl UploadSessions {
         self.writer(&mut session, function).await?;
         let open = session.slot.take().expect("writer was just opened");
         let result = open.writer.abort().await;
-        self.forget(&session)?;
+        self.forget(&session.id).await?;
         Ok(result?)
     }
 
-    fn forget(&self, session: &SessionGuard) -> Result<()> {
-        self.metadata.remove(UPLOADS, session.id.as_bytes())?;
-        self.slots.remove(&session.id);
+    async fn forget(&self, id: &str) -> Result<()> {
+        self.metadata.remove(UPLOADS, id.as_bytes()).await?;
+        self.slots.remove(id);
         Ok(())
     }
+}
+
+fn decode_session(bytes: &[u8]) -> Result<SessionRecord> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| RegistryError::Internal(format!("corrupt upload session: {e}")))
 }

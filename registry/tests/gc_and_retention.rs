@@ -285,12 +285,12 @@ async fn retention_deletes_untagged_manifests_but_not_what_survivors_need() {
     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
 
     let report = reg.registry.run_retention(false).await.unwrap();
-    let deleted: Vec<&str> = report
+    let deleted: Vec<String> = report
         .deleted_manifests
         .iter()
-        .map(|m| m.digest.as_str())
+        .map(|m| m.digest.oci())
         .collect();
-    assert_eq!(deleted, [untagged.as_str()]);
+    assert_eq!(deleted, std::slice::from_ref(&untagged));
     reg.get(&format!("/v2/r/manifests/{untagged}"))
         .await
         .expect_error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN");

@@ -29,9 +29,11 @@ impl ActionCache {
         key
     }
 
-    pub fn get(&self, instance_name: &str, action: &Digest) -> Result<Option<Vec<u8>>> {
-        self.metadata
+    pub async fn get(&self, instance_name: &str, action: &Digest) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .metadata
             .get(ACTION_CACHE, &Self::key(instance_name, action))
+            .await?)
     }
 
     /// Stores an encoded result and makes it durable before returning.
@@ -41,17 +43,20 @@ impl ActionCache {
         action: &Digest,
         encoded_result: &[u8],
     ) -> Result<()> {
-        self.metadata.insert(
-            ACTION_CACHE,
-            &Self::key(instance_name, action),
-            encoded_result,
-        )?;
-        self.metadata.flush().await
+        self.metadata
+            .insert(
+                ACTION_CACHE,
+                &Self::key(instance_name, action),
+                encoded_result,
+            )
+            .await?;
+        Ok(self.metadata.flush().await?)
     }
 
-    pub fn remove(&self, instance_name: &str, action: &Digest) -> Result<()> {
+    pub async fn remove(&self, instance_name: &str, action: &Digest) -> Result<()> {
         self.metadata
-            .remove(ACTION_CACHE, &Self::key(instance_name, action))?;
+            .remove(ACTION_CACHE, &Self::key(instance_name, action))
+            .await?;
         Ok(())
     }
 }

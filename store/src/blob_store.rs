@@ -102,9 +102,14 @@ pub trait BlobStore: Send + Sync + 'static {
 
     /// Starts a write for a blob hashed with `function`.
     ///
-    /// With an `upload_id`, the partial data is kept under that id when the writer is
-    /// dropped, and a later call with the same id resumes after what was already written
-    /// (across restarts too). Without one, a dropped writer leaves nothing behind.
+    /// With an `upload_id`, the backend keeps what it can of the partial data under that
+    /// id when the writer is dropped, and a later call with the same id resumes after it;
+    /// [`BlobWriter::bytes_written`] says where (the ByteStream and OCI offsets callers
+    /// report come from there). How much survives is the backend's to say: the
+    /// filesystem keeps every byte across restarts, the memory store within the process;
+    /// a backend that cannot keep a prefix (an object store without a staged part) starts
+    /// again at 0, which both protocols let a client recover from. Without an id, a
+    /// dropped writer leaves nothing behind.
     async fn begin_write(
         &self,
         function: DigestFunction,
@@ -114,14 +119,17 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Removes a blob. Returns whether it was there.
     async fn delete(&self, hash: &ContentHash) -> Result<bool>;
 
-    /// Lists every stored blob (for garbage collection and eviction).
+    /// Lists every stored blob (for garbage collection and eviction), as a stream so that
+    /// a large store is never held in memory.
     fn list(&self) -> BoxStream<'static, Result<BlobInfo>>;
 
-    /// Marks blobs as used now, so that eviction keeps them.
+    /// Marks blobs as used now, so that eviction keeps them. A backend without access
+    /// times of its own keeps them itself (or reports the write time in [`BlobInfo`]);
+    /// an absent blob is not an error.
     async fn touch(&self, hashes: &[ContentHash]) -> Result<()>;
 
-    /// Total bytes stored.
-    fn stored_bytes(&self) -> u64;
+    /// Total bytes stored. Fallible: a remote backend has to ask.
+    async fn stored_bytes(&self) -> Result<u64>;
 
     /// Reads a whole blob into memory, checking its size.
     async fn read_all(&self, digest: &Digest) -> Result<Bytes> {
@@ -145,12 +153,40 @@ pub trait BlobStore: Send + Sync + 'static {
     }
 }
 
+/// How many bytes a read of `limit` (or the rest) from `offset` of a `size`-byte blob
+/// returns; an offset past the end is out of range, one at the end reads nothing.
+pub(crate) fn read_len(size: u64, offset: u64, limit: Option<u64>) -> Result<u64> {
+    if offset > size {
+        return Err(StoreError::OffsetOutOfRange { offset, size });
+    }
+    Ok(limit.map_or(size - offset, |l| l.min(size - offset)))
+}
+
+/// Upload ids name files and object keys, so they are `[A-Za-z0-9_-]+` in every backend.
+pub(crate) fn check_upload_id(id: &str) -> Result<()> {
+    if id.is_empty()
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(StoreError::InvalidDigest(format!(
+            "upload id {id:?} is not [A-Za-z0-9_-]+"
+        )));
+    }
+    Ok(())
+}
+
 /// [`BlobStore::read_all`] through [`BlobStore::read`]: what every store does unless it
 /// has a faster way.
 pub(crate) async fn read_all_streamed<S: BlobStore + ?Sized>(
     store: &S,
     digest: &Digest,
 ) -> Result<Bytes> {
+    // The digest's size is the caller's claim: check it against the store before sizing
+    // a buffer by it.
+    if store.size_of(&digest.content_hash()).await? != Some(digest.size) {
+        return Err(StoreError::NotFound(digest.content_hash()));
+    }
     let stream = store.read(&digest.content_hash(), 0, None).await?;
     let data: BytesMut = stream
         .try_fold(

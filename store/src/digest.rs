@@ -184,6 +184,20 @@ impl FromStr for ContentHash {
     }
 }
 
+/// Records store a hash as its OCI string, `"sha256:<hex>"`, and refuse anything else.
+impl serde::Serialize for ContentHash {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ContentHash {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        Self::parse_oci(&text).map_err(serde::de::Error::custom)
+    }
+}
+
 /// A blob's full identity: hash function, hash and size.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Digest {
@@ -327,5 +341,17 @@ mod tests {
         assert!(Digest::parse_reapi(DigestFunction::Sha256, SHA256_EMPTY, -1).is_err());
         assert!(Digest::parse_hash_slash_size(DigestFunction::Sha256, "zz/1").is_err());
         assert!(DigestFunction::from_reapi_value(2).is_err());
+    }
+
+    #[test]
+    fn serde_form_is_the_oci_string() {
+        let hash: ContentHash = format!("sha256:{SHA256_EMPTY}").parse().unwrap();
+        let json = serde_json::to_string(&hash).unwrap();
+        assert_eq!(json, format!("\"sha256:{SHA256_EMPTY}\""));
+        assert_eq!(serde_json::from_str::<ContentHash>(&json).unwrap(), hash);
+        // A record holding anything else fails to load rather than being skipped.
+        assert!(serde_json::from_str::<ContentHash>("\"sha256:zz\"").is_err());
+        assert!(serde_json::from_str::<ContentHash>("\"md5:00\"").is_err());
+        assert!(serde_json::from_str::<ContentHash>("42").is_err());
     }
 }

@@ -14,8 +14,8 @@ pub enum StoreError {
     NotFound(ContentHash),
     #[error("offset {offset} is past the end of a {size}-byte blob")]
     OffsetOutOfRange { offset: u64, size: u64 },
-    #[error("metadata store: {0}")]
-    Metadata(#[from] sled::Error),
+    #[error(transparent)]
+    Metadata(#[from] crate::MetadataError),
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
 }

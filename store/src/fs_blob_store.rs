@@ -21,7 +21,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::blob_store::{
-    read_all_streamed, BlobInfo, BlobStore, BlobWriter, ChunkStream, ExpectedDigest,
+    check_upload_id, read_all_streamed, read_len, BlobInfo, BlobStore, BlobWriter, ChunkStream,
+    ExpectedDigest,
 };
 use crate::{ContentHash, Digest, DigestFunction, Hasher, Result, StoreError};
 
@@ -178,10 +179,7 @@ impl BlobStore for FsBlobStore {
             .inner
             .size_of(hash)
             .ok_or(StoreError::NotFound(*hash))?;
-        if offset > size {
-            return Err(StoreError::OffsetOutOfRange { offset, size });
-        }
-        let mut remaining = limit.map_or(size - offset, |l| l.min(size - offset));
+        let mut remaining = read_len(size, offset, limit)?;
         if remaining == 0 {
             return Ok(futures::stream::empty().boxed());
         }
@@ -241,15 +239,7 @@ impl BlobStore for FsBlobStore {
     ) -> Result<Box<dyn BlobWriter>> {
         let (path, upload) = match upload_id {
             Some(id) => {
-                if id.is_empty()
-                    || !id
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-                {
-                    return Err(StoreError::InvalidDigest(format!(
-                        "upload id {id:?} is not [A-Za-z0-9_-]+"
-                    )));
-                }
+                check_upload_id(id)?;
                 let lock = self
                     .inner
                     .upload_locks
@@ -362,8 +352,8 @@ impl BlobStore for FsBlobStore {
         Ok(())
     }
 
-    fn stored_bytes(&self) -> u64 {
-        self.inner.stored_bytes.load(Ordering::Relaxed)
+    async fn stored_bytes(&self) -> Result<u64> {
+        Ok(self.inner.stored_bytes.load(Ordering::Relaxed))
     }
 }
 

@@ -1,256 +1,236 @@
-//! The metadata store: small records in named keyspaces, on sled.
+//! The metadata store: small records in named keyspaces.
 //!
-//! Callers go through [`MetadataStore`] so that another embedded engine (redb, fjall)
-//! can replace sled without touching them. Writes are visible at once but durable only
-//! after [`MetadataStore::flush`]; callers flush before acknowledging anything that must
-//! survive a crash.
+//! Callers go through [`MetadataStore`] so that another engine (PostgreSQL for several
+//! servers, or redb/fjall embedded) can replace sled without touching them; every backend
+//! passes the same conformance suite (`kiln_store::conformance`, feature `conformance`).
+//! Writes are visible at once but durable only after [`MetadataStore::flush`]; callers
+//! flush before acknowledging anything that must survive a crash. Blobs never go here.
 
-use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+mod memory_store;
+mod sled_store;
+
+use std::sync::Arc;
 
 use async_trait::async_trait;
+use futures::stream::BoxStream;
 
-use crate::Result;
+pub use memory_store::MemoryMetadataStore;
+pub use sled_store::SledMetadataStore;
 
 /// A named keyspace. Each crate declares the ones it owns next to the code that uses them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Keyspace(pub &'static str);
 
 /// Key-value pairs, as returned by scans.
 pub type Entry = (Vec<u8>, Vec<u8>);
 
+/// The most entries one [`MetadataStore::scan`] returns, whatever limit it is asked for:
+/// a page is held in memory, so its size is the store's to bound, not the caller's.
+pub const MAX_SCAN_PAGE: usize = 1000;
+
+/// What can go wrong in a metadata backend. No backend's own error type appears here, so
+/// that callers never depend on which engine is underneath.
+#[derive(Debug, thiserror::Error)]
+pub enum MetadataError {
+    /// The engine failed (its message, for the log).
+    #[error("metadata backend: {0}")]
+    Backend(String),
+    #[error("metadata I/O: {0}")]
+    Io(#[from] std::io::Error),
+    /// A [`WriteBatch`]'s expectation did not hold; nothing was written. The caller reads
+    /// again and decides anew.
+    #[error("a conditional write found {key:?} in {space:?} changed")]
+    Conflict { space: &'static str, key: String },
+}
+
+impl MetadataError {
+    fn conflict(space: Keyspace, key: &[u8]) -> Self {
+        MetadataError::Conflict {
+            space: space.0,
+            key: String::from_utf8_lossy(key).into_owned(),
+        }
+    }
+}
+
+pub type MetadataResult<T> = std::result::Result<T, MetadataError>;
+
+/// Writes to apply together: all of them become visible at once, or none does. With
+/// expectations, only if each expected key still holds its expected value (else
+/// [`MetadataError::Conflict`] and nothing is written): a read-check-write made atomic.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WriteBatch {
+    /// Keys whose value (None: absent) must be what it was when the caller read it.
+    expectations: Vec<(Keyspace, Vec<u8>, Option<Vec<u8>>)>,
+    /// In order; a later write to the same key wins.
+    writes: Vec<(Keyspace, Vec<u8>, Option<Vec<u8>>)>,
+}
+
+impl WriteBatch {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn put(&mut self, space: Keyspace, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        self.writes.push((space, key.into(), Some(value.into())));
+    }
+
+    pub fn delete(&mut self, space: Keyspace, key: impl Into<Vec<u8>>) {
+        self.writes.push((space, key.into(), None));
+    }
+
+    /// Applies the batch only if `key` still holds `value` (None: is absent).
+    pub fn expect(&mut self, space: Keyspace, key: impl Into<Vec<u8>>, value: Option<Vec<u8>>) {
+        self.expectations.push((space, key.into(), value));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty() && self.expectations.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.writes.len()
+    }
+
+    /// The writes in order: keyspace, key, and the new value (None deletes).
+    pub fn writes(&self) -> impl Iterator<Item = (Keyspace, &[u8], Option<&[u8]>)> {
+        self.writes
+            .iter()
+            .map(|(space, key, value)| (*space, key.as_slice(), value.as_deref()))
+    }
+
+    /// The expectations: keyspace, key, and the value it must hold (None: absent).
+    pub fn expectations(&self) -> impl Iterator<Item = (Keyspace, &[u8], Option<&[u8]>)> {
+        self.expectations
+            .iter()
+            .map(|(space, key, value)| (*space, key.as_slice(), value.as_deref()))
+    }
+
+    /// Every keyspace the batch reads or writes, sorted and once each.
+    pub fn keyspaces(&self) -> Vec<Keyspace> {
+        let mut spaces: Vec<Keyspace> = self
+            .expectations()
+            .chain(self.writes())
+            .map(|(space, _, _)| space)
+            .collect();
+        spaces.sort();
+        spaces.dedup();
+        spaces
+    }
+}
+
 #[async_trait]
 pub trait MetadataStore: Send + Sync + 'static {
-    fn get(&self, space: Keyspace, key: &[u8]) -> Result<Option<Vec<u8>>>;
+    async fn get(&self, space: Keyspace, key: &[u8]) -> MetadataResult<Option<Vec<u8>>>;
 
     /// Stores `value`, returning the previous one.
-    fn insert(&self, space: Keyspace, key: &[u8], value: &[u8]) -> Result<Option<Vec<u8>>>;
+    async fn insert(
+        &self,
+        space: Keyspace,
+        key: &[u8],
+        value: &[u8],
+    ) -> MetadataResult<Option<Vec<u8>>>;
 
     /// Removes a key, returning its value.
-    fn remove(&self, space: Keyspace, key: &[u8]) -> Result<Option<Vec<u8>>>;
+    async fn remove(&self, space: Keyspace, key: &[u8]) -> MetadataResult<Option<Vec<u8>>>;
 
     /// Atomically replaces `expected` (None: absent) with `new` (None: delete).
     /// On a conflict, returns the value actually present.
-    fn compare_and_swap(
+    async fn compare_and_swap(
         &self,
         space: Keyspace,
         key: &[u8],
         expected: Option<&[u8]>,
         new: Option<&[u8]>,
-    ) -> Result<std::result::Result<(), Option<Vec<u8>>>>;
+    ) -> MetadataResult<std::result::Result<(), Option<Vec<u8>>>>;
 
-    /// Entries whose key starts with `prefix`, in key order, starting after `after` when
-    /// given (for pagination). At most `limit` entries.
-    fn scan(
+    /// Applies every write of `batch` atomically: a reader sees all of them or none. If an
+    /// expectation does not hold, nothing is written and the result is
+    /// [`MetadataError::Conflict`].
+    async fn apply(&self, batch: WriteBatch) -> MetadataResult<()>;
+
+    /// Entries whose key starts with `prefix`, in key order, after `after` when given (for
+    /// pagination; an `after` that sorts before the prefix starts at the prefix). At most
+    /// `limit` entries, and never more than [`MAX_SCAN_PAGE`].
+    async fn scan(
         &self,
         space: Keyspace,
         prefix: &[u8],
         after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<Entry>>;
+    ) -> MetadataResult<Vec<Entry>>;
 
     /// Makes every write so far durable.
-    async fn flush(&self) -> Result<()>;
+    async fn flush(&self) -> MetadataResult<()>;
 }
 
-pub struct SledMetadataStore {
-    db: sled::Db,
-    /// Group commit: flushes run one at a time, and a caller whose writes a flush that
-    /// started after them has already made durable returns without flushing again. Under
-    /// concurrent load (many actions finishing at once) that turns N fsyncs into about 2.
-    flush_lock: tokio::sync::Mutex<()>,
-    flushes_started: AtomicU64,
-    flushes_completed: AtomicU64,
+/// Every entry under `prefix`, in key order, a page at a time: for callers that must
+/// visit a whole keyspace (garbage collection, status) without holding it in memory.
+pub fn scan_stream(
+    store: Arc<dyn MetadataStore>,
+    space: Keyspace,
+    prefix: Vec<u8>,
+) -> BoxStream<'static, MetadataResult<Entry>> {
+    scan_stream_after(store, space, prefix, None)
 }
 
-impl SledMetadataStore {
-    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
-        let db = sled::Config::new()
-            .path(path)
-            // kiln flushes explicitly before acknowledging; the periodic flush only bounds
-            // how much unacknowledged work a crash can take with it.
-            .flush_every_ms(Some(1000))
-            .open()?;
-        Ok(SledMetadataStore {
-            db,
-            flush_lock: tokio::sync::Mutex::new(()),
-            flushes_started: AtomicU64::new(0),
-            flushes_completed: AtomicU64::new(0),
-        })
+/// [`scan_stream`] from just after `after` (as [`MetadataStore::scan`] takes it).
+pub fn scan_stream_after(
+    store: Arc<dyn MetadataStore>,
+    space: Keyspace,
+    prefix: Vec<u8>,
+    after: Option<Vec<u8>>,
+) -> BoxStream<'static, MetadataResult<Entry>> {
+    use futures::StreamExt;
+    struct Cursor {
+        store: Arc<dyn MetadataStore>,
+        prefix: Vec<u8>,
+        after: Option<Vec<u8>>,
+        done: bool,
     }
-
-    fn tree(&self, space: Keyspace) -> Result<sled::Tree> {
-        Ok(self.db.open_tree(space.0)?)
-    }
-}
-
-#[async_trait]
-impl MetadataStore for SledMetadataStore {
-    fn get(&self, space: Keyspace, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        Ok(self.tree(space)?.get(key)?.map(|v| v.to_vec()))
-    }
-
-    fn insert(&self, space: Keyspace, key: &[u8], value: &[u8]) -> Result<Option<Vec<u8>>> {
-        Ok(self.tree(space)?.insert(key, value)?.map(|v| v.to_vec()))
-    }
-
-    fn remove(&self, space: Keyspace, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        Ok(self.tree(space)?.remove(key)?.map(|v| v.to_vec()))
-    }
-
-    fn compare_and_swap(
-        &self,
-        space: Keyspace,
-        key: &[u8],
-        expected: Option<&[u8]>,
-        new: Option<&[u8]>,
-    ) -> Result<std::result::Result<(), Option<Vec<u8>>>> {
-        Ok(self
-            .tree(space)?
-            .compare_and_swap(key, expected, new)?
-            .map_err(|conflict| conflict.current.map(|v| v.to_vec())))
-    }
-
-    fn scan(
-        &self,
-        space: Keyspace,
-        prefix: &[u8],
-        after: Option<&[u8]>,
-        limit: usize,
-    ) -> Result<Vec<Entry>> {
-        let tree = self.tree(space)?;
-        let iter = match after {
-            // Keys sort bytewise, so "after" is the range that excludes it.
-            Some(after) => tree
-                .range::<&[u8], _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded)),
-            None => tree.range::<&[u8], _>(prefix..),
-        };
-        let mut out = Vec::new();
-        for item in iter {
-            let (k, v) = item?;
-            if !k.starts_with(prefix) {
-                break;
-            }
-            if out.len() == limit {
-                break;
-            }
-            out.push((k.to_vec(), v.to_vec()));
+    let cursor = Cursor {
+        store,
+        prefix,
+        after,
+        done: false,
+    };
+    futures::stream::try_unfold(cursor, move |mut cursor| async move {
+        if cursor.done {
+            return Ok(None);
         }
-        Ok(out)
-    }
+        let page = cursor
+            .store
+            .scan(
+                space,
+                &cursor.prefix,
+                cursor.after.as_deref(),
+                MAX_SCAN_PAGE,
+            )
+            .await?;
+        cursor.done = page.len() < MAX_SCAN_PAGE;
+        cursor.after = page.last().map(|(key, _)| key.clone());
+        Ok(Some((
+            futures::stream::iter(page.into_iter().map(Ok)),
+            cursor,
+        )))
+    })
+    .map(|page| match page {
+        Ok(entries) => entries.boxed(),
+        Err(e) => futures::stream::iter([Err(e)]).boxed(),
+    })
+    .flatten()
+    .boxed()
+}
 
-    async fn flush(&self) -> Result<()> {
-        // Not sled's flush_async: in sled 0.34 concurrent calls deadlock, each waiting on
-        // sled's own thread pool for a write none of them can run (spacejam/sled#1308,
-        // fixed on sled's main branch but never released). The blocking flush on tokio's
-        // blocking pool makes the same durability promise.
-        //
-        // Every flush that starts from here on covers this caller's writes.
-        let covering = self.flushes_started.load(Ordering::SeqCst) + 1;
-        let _one_at_a_time = self.flush_lock.lock().await;
-        if self.flushes_completed.load(Ordering::SeqCst) >= covering {
-            return Ok(());
-        }
-        let this_flush = self.flushes_started.fetch_add(1, Ordering::SeqCst) + 1;
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush())
-            .await
-            .map_err(std::io::Error::other)??;
-        self.flushes_completed.store(this_flush, Ordering::SeqCst);
-        Ok(())
+/// Where a scan starts: just after `after` when it lies within or past the prefix, else
+/// at the prefix itself. Shared by the backends so that they agree on the edge cases.
+pub(crate) fn scan_start<'a>(prefix: &'a [u8], after: Option<&'a [u8]>) -> ScanStart<'a> {
+    match after {
+        Some(after) if after >= prefix => ScanStart::After(after),
+        _ => ScanStart::At(prefix),
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const SPACE: Keyspace = Keyspace("test");
-
-    #[tokio::test]
-    async fn writes_survive_reopening() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let store = SledMetadataStore::open(dir.path()).unwrap();
-            store.insert(SPACE, b"k", b"v").unwrap();
-            store.flush().await.unwrap();
-        }
-        let store = SledMetadataStore::open(dir.path()).unwrap();
-        assert_eq!(store.get(SPACE, b"k").unwrap().as_deref(), Some(&b"v"[..]));
-    }
-
-    /// Many requests acknowledging at once (a registry taking a burst of tag pushes) all
-    /// get their flush; sled's own flush_async deadlocked here. The runtime lives on its
-    /// own thread so that a hang fails the test instead of stalling it.
-    #[test]
-    fn concurrent_flushes_all_complete() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = std::sync::Arc::new(SledMetadataStore::open(dir.path()).unwrap());
-        let (done, finished) = std::sync::mpsc::channel();
-        let writer = store.clone();
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                let flushes = (0..64u32).map(|i| {
-                    let store = writer.clone();
-                    tokio::spawn(async move {
-                        for round in 0..20u32 {
-                            let key = [i.to_be_bytes(), round.to_be_bytes()].concat();
-                            store.insert(SPACE, &key, b"v").unwrap();
-                            store.flush().await.unwrap();
-                        }
-                    })
-                });
-                futures::future::try_join_all(flushes).await.unwrap();
-            });
-            let _ = done.send(());
-        });
-        finished
-            .recv_timeout(std::time::Duration::from_secs(60))
-            .expect("every concurrent flush completes within a minute");
-        assert_eq!(
-            store.scan(SPACE, b"", None, usize::MAX).unwrap().len(),
-            64 * 20
-        );
-    }
-
-    #[test]
-    fn scan_pages_within_a_prefix() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SledMetadataStore::open(dir.path()).unwrap();
-        for key in ["a/1", "a/2", "a/3", "b/1"] {
-            store.insert(SPACE, key.as_bytes(), b"").unwrap();
-        }
-        let keys = |entries: Vec<Entry>| {
-            entries
-                .into_iter()
-                .map(|(k, _)| String::from_utf8(k).unwrap())
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(
-            keys(store.scan(SPACE, b"a/", None, 2).unwrap()),
-            ["a/1", "a/2"]
-        );
-        assert_eq!(
-            keys(store.scan(SPACE, b"a/", Some(b"a/2"), 10).unwrap()),
-            ["a/3"]
-        );
-    }
-
-    #[test]
-    fn compare_and_swap_reports_the_current_value() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SledMetadataStore::open(dir.path()).unwrap();
-        assert!(store
-            .compare_and_swap(SPACE, b"k", None, Some(b"1"))
-            .unwrap()
-            .is_ok());
-        let conflict = store
-            .compare_and_swap(SPACE, b"k", None, Some(b"2"))
-            .unwrap();
-        assert_eq!(conflict, Err(Some(b"1".to_vec())));
-    }
+pub(crate) enum ScanStart<'a> {
+    At(&'a [u8]),
+    After(&'a [u8]),
 }

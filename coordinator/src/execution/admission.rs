@@ -204,8 +204,10 @@ impl ExecutionEngine {
         self.check_in_flight_bounds(&record.instance_name)?;
         self.inner
             .metadata
-            .insert(OPERATIONS, record.name.as_bytes(), &record.encode())?;
+            .insert(OPERATIONS, record.name.as_bytes(), &record.encode())
+            .await?;
         self.inner.metadata.flush().await?;
+        let name = record.name.clone();
         let receiver = {
             let mut state = self.state();
             if let Some(existing) = state
@@ -213,36 +215,43 @@ impl ExecutionEngine {
                 .get(&key)
                 .and_then(|name| state.operations.get(name))
             {
-                // Another identical Execute won the race while we flushed.
-                let stream = self.follow_joined(existing);
-                drop(state);
+                // Another identical Execute won the race while we flushed: follow it,
+                // and forget the record just written.
+                Err(self.follow_joined(existing))
+            } else {
+                // Queued means in the scheduler's queue: the wait from here on is the
+                // scheduler's, not the flush's. (The persisted copy keeps the time the
+                // operation was accepted, which is what a restarted coordinator reports.)
+                let mut record = record;
+                record.queued_at_unix_nanos = unix_nanos(SystemTime::now());
+                let (updates, receiver) =
+                    watch::channel(record.to_operation(execution_stage::Value::Queued));
+                state.scheduler.enqueue(record.queued_action());
+                state.start_in_flight(key, record.name.clone());
+                let queue_wait = QueueWait::start(&record.trace_context());
+                state.operations.insert(
+                    record.name.clone(),
+                    LiveOperation {
+                        record,
+                        updates,
+                        completed: None,
+                        inline,
+                        queue_wait,
+                    },
+                );
+                Ok(receiver)
+            }
+        };
+        let receiver = match receiver {
+            Ok(receiver) => receiver,
+            Err(joined) => {
                 let _ = self
                     .inner
                     .metadata
-                    .remove(OPERATIONS, record.name.as_bytes());
-                return Ok(stream);
+                    .remove(OPERATIONS, name.as_bytes())
+                    .await;
+                return Ok(joined);
             }
-            // Queued means in the scheduler's queue: the wait from here on is the
-            // scheduler's, not the flush's. (The persisted copy keeps the time the
-            // operation was accepted, which is what a restarted coordinator reports.)
-            let mut record = record;
-            record.queued_at_unix_nanos = unix_nanos(SystemTime::now());
-            let (updates, receiver) =
-                watch::channel(record.to_operation(execution_stage::Value::Queued));
-            state.scheduler.enqueue(record.queued_action());
-            state.start_in_flight(key, record.name.clone());
-            let queue_wait = QueueWait::start(&record.trace_context());
-            state.operations.insert(
-                record.name.clone(),
-                LiveOperation {
-                    record,
-                    updates,
-                    completed: None,
-                    inline,
-                    queue_wait,
-                },
-            );
-            receiver
         };
         // Assign it now, on this task: waking the dispatcher would add a task hop to
         // every action's wait.

@@ -40,13 +40,9 @@ impl ExecutionEngine {
             live.record.instance_name.clone(),
             live.record.action_digest(),
         );
-        if let Err(e) =
-            self.inner
-                .metadata
-                .insert(OPERATIONS, operation.as_bytes(), &live.record.encode())
-        {
-            tracing::error!(%operation, error = %e, "could not persist a finished operation");
-        }
+        state
+            .unpersisted
+            .put(OPERATIONS, operation.as_bytes(), live.record.encode());
         state.end_in_flight(&key);
         state
             .completion_order
@@ -151,7 +147,13 @@ impl ExecutionEngine {
             self.finish(&mut state, &record.name, response);
         }
         // The finished record joins the next group flush; the client already has its answer.
-        let _ = self.inner.metadata.flush().await;
+        let persisted = match self.persist().await {
+            Ok(()) => self.inner.metadata.flush().await.map_err(Into::into),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = persisted {
+            tracing::error!(operation = %record.name, error = %e, "could not persist a finished operation");
+        }
     }
 
     pub(super) fn cancel(&self, name: &str) -> Result<(), CoordinatorError> {

@@ -38,8 +38,11 @@ impl ExecutionEngine {
                     last_housekeeping = Some(now);
                 }
                 engine.dispatch_once();
+                engine.persist_or_log().await;
                 let _ = tokio::time::timeout(DISPATCH_TICK, engine.inner.dispatch.notified()).await;
             }
+            // What the last round changed is written before the stores are released.
+            engine.persist_or_log().await;
         })
     }
 
@@ -62,7 +65,15 @@ impl ExecutionEngine {
             }
             let (_, name) = state.completion_order.pop_front().expect("front exists");
             state.operations.remove(&name);
-            let _ = self.inner.metadata.remove(OPERATIONS, name.as_bytes());
+            state.unpersisted.delete(OPERATIONS, name.as_bytes());
+        }
+    }
+
+    /// [`persist`](ExecutionEngine::persist) for the background: a failure is logged and
+    /// the records stay queued for the next round.
+    async fn persist_or_log(&self) {
+        if let Err(e) = self.persist().await {
+            tracing::error!(error = %e, "could not persist operation records");
         }
     }
 

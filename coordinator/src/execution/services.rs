@@ -103,6 +103,8 @@ impl Operations for OperationsService {
         request: Request<CancelOperationRequest>,
     ) -> Result<Response<Empty>, Status> {
         self.engine.cancel(&request.into_inner().name)?;
+        // The cancelled operation's record; not flushed, like any finished operation's.
+        self.engine.persist().await?;
         Ok(Response::new(Empty {}))
     }
 

@@ -8,11 +8,6 @@ fn store() -> (tempfile::TempDir, FsBlobStore) {
     (dir, store)
 }
 
-async fn collect(stream: ChunkStream) -> Vec<u8> {
-    let chunks: Vec<Bytes> = stream.try_collect().await.unwrap();
-    chunks.concat()
-}
-
 fn pattern(len: usize) -> Bytes {
     (0..len)
         .map(|i| (i * 31 % 251) as u8)
@@ -20,49 +15,9 @@ fn pattern(len: usize) -> Bytes {
         .into()
 }
 
+/// Beyond the conformance suite's check: nothing is left in `tmp/` either.
 #[tokio::test]
-async fn streamed_put_then_ranged_read() {
-    let (_dir, store) = store();
-    let data = pattern(3 * IO_CHUNK + 17);
-    let digest = Digest::of_bytes(DigestFunction::Blake3, &data);
-    let mut writer = store
-        .begin_write(DigestFunction::Blake3, None)
-        .await
-        .unwrap();
-    for piece in data.chunks(100_000) {
-        writer.write(Bytes::copy_from_slice(piece)).await.unwrap();
-    }
-    assert_eq!(
-        writer.commit(ExpectedDigest::Exact(digest)).await.unwrap(),
-        digest
-    );
-
-    assert_eq!(
-        store.size_of(&digest.content_hash()).await.unwrap(),
-        Some(digest.size)
-    );
-    assert_eq!(
-        collect(store.read(&digest.content_hash(), 0, None).await.unwrap()).await,
-        data
-    );
-    let middle = collect(
-        store
-            .read(&digest.content_hash(), 1000, Some(IO_CHUNK as u64 + 5))
-            .await
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(middle, &data[1000..1000 + IO_CHUNK + 5]);
-    assert!(matches!(
-        store
-            .read(&digest.content_hash(), digest.size + 1, None)
-            .await,
-        Err(StoreError::OffsetOutOfRange { .. })
-    ));
-}
-
-#[tokio::test]
-async fn a_mismatch_stores_nothing() {
+async fn a_mismatch_leaves_no_temp_file() {
     let (dir, store) = store();
     let data = pattern(5000);
     let wrong = Digest::of_bytes(DigestFunction::Sha256, b"something else");
@@ -79,45 +34,12 @@ async fn a_mismatch_stores_nothing() {
         .put(ExpectedDigest::Exact(right_hash_wrong_size), data)
         .await
         .is_err());
-    assert_eq!(store.stored_bytes(), 0);
+    assert_eq!(store.stored_bytes().await.unwrap(), 0);
     assert_eq!(
         std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
         0
     );
     assert_eq!(store.list().try_collect::<Vec<_>>().await.unwrap().len(), 0);
-}
-
-#[tokio::test]
-async fn the_empty_blob_is_always_present() {
-    let (_dir, store) = store();
-    for function in DigestFunction::ALL {
-        let empty = function.empty_digest();
-        assert_eq!(store.has_many(&[empty]).await.unwrap(), [true]);
-        assert!(
-            collect(store.read(&empty.content_hash(), 0, None).await.unwrap())
-                .await
-                .is_empty()
-        );
-    }
-}
-
-#[tokio::test]
-async fn has_many_checks_size_too() {
-    let (_dir, store) = store();
-    let data = pattern(10);
-    let digest = store
-        .put(
-            ExpectedDigest::Hash(Digest::of_bytes(DigestFunction::Sha256, &data).content_hash()),
-            data,
-        )
-        .await
-        .unwrap();
-    let wrong_size = Digest { size: 11, ..digest };
-    let absent = Digest::of_bytes(DigestFunction::Sha256, b"absent");
-    assert_eq!(
-        store.has_many(&[digest, wrong_size, absent]).await.unwrap(),
-        [true, false, false]
-    );
 }
 
 #[tokio::test]
@@ -146,7 +68,7 @@ async fn delete_and_reopen() {
         reopened.has_many(&[kept, gone]).await.unwrap(),
         [true, false]
     );
-    assert_eq!(reopened.stored_bytes(), 4);
+    assert_eq!(reopened.stored_bytes().await.unwrap(), 4);
     let listed: Vec<BlobInfo> = reopened.list().try_collect().await.unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].hash, kept.content_hash());
@@ -199,10 +121,6 @@ async fn an_aborted_upload_leaves_nothing() {
     writer.write(pattern(100)).await.unwrap();
     writer.abort().await.unwrap();
     assert!(!dir.path().join("uploads/u2").exists());
-    assert!(store
-        .begin_write(DigestFunction::Blake3, Some("../escape"))
-        .await
-        .is_err());
 }
 
 /// Small blobs take the direct read, large ones the stream; both check presence and size.
