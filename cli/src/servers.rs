@@ -135,6 +135,13 @@ impl Servers {
             storage.metadata.clone(),
         )
         .context("opening the registry")?;
+        // The registry shares the blob store with the CAS (and a data dir may have served
+        // a coordinator before): GC keeps whatever the action cache references.
+        registry.set_gc_roots(Arc::new(ActionCacheRoots {
+            metadata: storage.metadata.clone(),
+            blobs: storage.blobs.clone(),
+            max_message_bytes: config.coordinator.max_message_bytes,
+        }));
         let serving = registry.clone();
         let shutdown = self.shutdown.clone().cancelled_owned();
         self.tasks
@@ -352,5 +359,28 @@ impl kiln_coordinator::RegistryCatalog for RegistryCatalog {
             })
             .collect();
         Ok((summaries, more))
+    }
+}
+
+/// The registry GC's roots in a process whose store the CAS shares: every blob an
+/// action-cache entry references, read from the same metadata store.
+struct ActionCacheRoots {
+    metadata: Arc<dyn kiln_store::MetadataStore>,
+    blobs: Arc<dyn kiln_store::BlobStore>,
+    max_message_bytes: u64,
+}
+
+#[tonic::async_trait]
+impl kiln_registry::GcRoots for ActionCacheRoots {
+    async fn referenced(
+        &self,
+    ) -> Result<std::collections::HashSet<kiln_store::ContentHash>, String> {
+        kiln_coordinator::action_cache_references(
+            self.metadata.clone(),
+            self.blobs.clone(),
+            self.max_message_bytes,
+        )
+        .await
+        .map_err(|e| e.to_string())
     }
 }

@@ -78,6 +78,11 @@ struct Farm {
 
 impl Farm {
     fn start(data_dir: &Path, workers: usize) -> Farm {
+        Self::start_with(data_dir, workers, &[])
+    }
+
+    /// [`Farm::start`] with more arguments for `kiln up` (e.g. `--config FILE`).
+    fn start_with(data_dir: &Path, workers: usize, extra: &[&std::ffi::OsStr]) -> Farm {
         let workers = workers.to_string();
         let args = [
             "up",
@@ -92,6 +97,7 @@ impl Farm {
         ];
         let mut args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
         args.extend(["--data-dir".as_ref(), data_dir.as_os_str()]);
+        args.extend(extra);
         let (process, addresses) = spawn_kiln(&args, &[GRPC, REGISTRY, METRICS]);
         let [grpc, registry, metrics] = <[String; 3]>::try_from(addresses).unwrap();
         Farm {
@@ -149,6 +155,30 @@ fn http_get(url: &str) -> (u16, Vec<u8>) {
         let response = reqwest::get(url).await.expect("the request is answered");
         let status = response.status().as_u16();
         (status, response.bytes().await.unwrap().to_vec())
+    })
+}
+
+fn sha256(content: &[u8]) -> String {
+    kiln_store::Digest::of_bytes(kiln_store::DigestFunction::Sha256, content).oci()
+}
+
+/// A monolithic blob upload (`POST …/blobs/uploads/?digest=`); returns the status.
+fn push_blob(registry: &str, repository: &str, content: &[u8]) -> u16 {
+    let digest = sha256(content);
+    let url = format!("http://{registry}/v2/{repository}/blobs/uploads/?digest={digest}");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        reqwest::Client::new()
+            .post(url)
+            .body(content.to_vec())
+            .send()
+            .await
+            .expect("the upload is answered")
+            .status()
+            .as_u16()
     })
 }
 
@@ -422,4 +452,63 @@ fn the_queue_depth_total_exists_from_start_up() {
         Some(&0.0),
         "{samples:?}"
     );
+}
+
+/// The registry's GC shares a store with the CAS: a blob the registry wrote that an
+/// action-cache entry also references survives GC, while one nothing references goes.
+#[test]
+fn registry_gc_keeps_what_the_action_cache_references() {
+    let data = tempfile::tempdir().unwrap();
+    let config = data.path().join("kiln.toml");
+    std::fs::write(
+        &config,
+        "[registry.gc]\ngrace_secs = 0\ninterval_secs = 1\n",
+    )
+    .unwrap();
+    let farm = Farm::start_with(
+        &data.path().join("kiln"),
+        1,
+        &["--config".as_ref(), config.as_os_str()],
+    );
+    // Two blobs the registry writes and no manifest references.
+    let shared = b"a layer that is also a build output\n";
+    let orphan = b"a layer nothing references\n";
+    assert_eq!(push_blob(&farm.registry, "gc/test", shared), 201);
+    assert_eq!(push_blob(&farm.registry, "gc/test", orphan), 201);
+    // A build produces the first one's bytes: its action-cache entry references it.
+    let work = data.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::write(work.join("layer.txt"), shared).unwrap();
+    farm.kiln(&[
+        "run",
+        "--coordinator",
+        &farm.grpc,
+        "--input",
+        work.to_str().unwrap(),
+        "--output",
+        "out.txt",
+        "--",
+        "cp",
+        "layer.txt",
+        "out.txt",
+    ]);
+    let blob_url = |content: &[u8]| {
+        format!(
+            "http://{}/v2/gc/test/blobs/{}",
+            farm.registry,
+            sha256(content)
+        )
+    };
+    // GC runs every second: the orphan goes, the shared blob stays.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http_get(&blob_url(orphan)).0 != 404 {
+        assert!(Instant::now() < deadline, "GC never collected the orphan");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (status, body) = http_get(&blob_url(shared));
+    assert_eq!(
+        status, 200,
+        "GC collected a blob the action cache references"
+    );
+    assert_eq!(body, shared);
 }

@@ -12,6 +12,7 @@
 mod action_cache;
 mod admin;
 mod byte_stream;
+mod cache_references;
 mod capabilities;
 mod cas;
 mod config;
@@ -29,6 +30,7 @@ mod tree;
 mod zstd_codec;
 
 pub use admin::{RegistryCatalog, RepositorySummary};
+pub use cache_references::action_cache_references;
 pub use config::CoordinatorConfig;
 pub use counters::{describe_metrics, names as metric_names, STAGE_BUCKETS};
 pub use error::CoordinatorError;

@@ -12,14 +12,16 @@ use std::collections::HashSet;
 use futures::TryStreamExt;
 use kiln_store::ContentHash;
 
-use crate::error::Result;
+use crate::error::{RegistryError, Result};
 use crate::repository_index::now_millis;
 use crate::RegistryState;
 
 /// Blobs something outside the registry still needs (e.g. the CAS's live outputs).
+#[async_trait::async_trait]
 pub trait GcRoots: Send + Sync {
-    /// Whether `hash` must be kept.
-    fn is_referenced(&self, hash: &ContentHash) -> bool;
+    /// The hashes to keep, asked once per GC run before any blob is judged. An error
+    /// stops the run: without its roots, GC cannot know what is safe to delete.
+    async fn referenced(&self) -> std::result::Result<HashSet<ContentHash>, String>;
 }
 
 /// What a GC run deleted, or would delete in a dry run.
@@ -60,6 +62,13 @@ pub async fn run(state: &RegistryState, dry_run: bool) -> Result<GcReport> {
         .read()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
         .clone();
+    let roots = match roots {
+        Some(roots) => roots
+            .referenced()
+            .await
+            .map_err(|e| RegistryError::Internal(format!("GC roots: {e}")))?,
+        None => HashSet::new(),
+    };
     let grace_cutoff = now.saturating_sub(state.config.gc.grace_secs.saturating_mul(1000));
     // Exclusive: no manifest push or mount can add a reference while this decides.
     let _fence = state.gc_fence.write().await;
@@ -81,7 +90,7 @@ pub async fn run(state: &RegistryState, dry_run: bool) -> Result<GcReport> {
             report.kept_in_grace += 1;
             continue;
         }
-        if roots.as_ref().is_some_and(|r| r.is_referenced(&hash)) {
+        if roots.contains(&hash) {
             report.kept_as_roots += 1;
             continue;
         }

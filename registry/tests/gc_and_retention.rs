@@ -151,9 +151,10 @@ async fn idle_upload_sessions_expire() {
 
 struct Roots(Vec<ContentHash>);
 
+#[async_trait::async_trait]
 impl GcRoots for Roots {
-    fn is_referenced(&self, hash: &ContentHash) -> bool {
-        self.0.contains(hash)
+    async fn referenced(&self) -> Result<std::collections::HashSet<ContentHash>, String> {
+        Ok(self.0.iter().copied().collect())
     }
 }
 

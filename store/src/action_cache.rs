@@ -4,7 +4,10 @@
 
 use std::sync::Arc;
 
-use crate::{Digest, Keyspace, MetadataStore, Result};
+use futures::stream::BoxStream;
+use futures::StreamExt;
+
+use crate::{scan_stream, Digest, DigestFunction, Keyspace, MetadataStore, Result};
 
 const ACTION_CACHE: Keyspace = Keyspace("action_cache");
 
@@ -51,6 +54,27 @@ impl ActionCache {
             )
             .await?;
         Ok(self.metadata.flush().await?)
+    }
+
+    /// Every stored result, with its action's digest function, a page at a time (for
+    /// whoever must know what the cache as a whole references).
+    pub fn entries(&self) -> BoxStream<'static, Result<(DigestFunction, Vec<u8>)>> {
+        scan_stream(self.metadata.clone(), ACTION_CACHE, Vec::new())
+            .filter_map(|entry| async move {
+                let (key, value) = match entry {
+                    Ok(entry) => entry,
+                    Err(e) => return Some(Err(e.into())),
+                };
+                // `instance \0 function:hex`; a key of another shape is no entry of ours.
+                let function = key
+                    .iter()
+                    .position(|b| *b == 0)
+                    .and_then(|nul| key[nul + 1..].split(|b| *b == b':').next())
+                    .and_then(|name| std::str::from_utf8(name).ok())
+                    .and_then(DigestFunction::from_name)?;
+                Some(Ok((function, value)))
+            })
+            .boxed()
     }
 
     pub async fn remove(&self, instance_name: &str, action: &Digest) -> Result<()> {
