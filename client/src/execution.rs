@@ -246,7 +246,7 @@ pub fn missing_blobs(
     let missing: Vec<_> = failure
         .violations
         .iter()
-        .filter(|v| v.r#type == "MISSING")
+        .filter(|v| v.r#type == kiln_store::MISSING_VIOLATION)
         .collect();
     if missing.is_empty() {
         return None;
@@ -254,15 +254,7 @@ pub fn missing_blobs(
     Some(
         missing
             .iter()
-            .filter_map(|v| {
-                let subject = v.subject.strip_prefix("blobs/")?;
-                // Some servers name the function: blobs/blake3/{hash}/{size}.
-                let subject = subject
-                    .strip_prefix(function.name())
-                    .and_then(|s| s.strip_prefix('/'))
-                    .unwrap_or(subject);
-                kiln_store::Digest::parse_hash_slash_size(function, subject).ok()
-            })
+            .filter_map(|v| kiln_store::parse_missing_blob_subject(function, &v.subject))
             .collect(),
     )
 }

@@ -11,7 +11,7 @@ use kiln_proto::reapi::{
     self, action_cache_client::ActionCacheClient, capabilities_client::CapabilitiesClient,
     content_addressable_storage_client::ContentAddressableStorageClient,
 };
-use kiln_store::{Digest, DigestFunction};
+use kiln_store::{Digest, DigestFunction, ResourceName};
 use kiln_telemetry::{traced, TracedChannel};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_stream::wrappers::ReceiverStream;
@@ -353,13 +353,7 @@ impl RemoteCas {
         source: BlobSource,
         progress: &dyn Progress,
     ) -> Result<()> {
-        let resource_name = format!(
-            "{}uploads/{}/blobs/{}{}",
-            instance_prefix(&self.instance_name),
-            uuid::Uuid::new_v4(),
-            function_segment(self.function),
-            digest.reapi()
-        );
+        let resource_name = ResourceName::write(&self.instance_name, digest).to_string();
         // A producer task feeds the call through a small channel, which bounds memory to
         // a few chunks whatever the blob's size.
         let (sender, receiver) = tokio::sync::mpsc::channel(4);
@@ -474,12 +468,7 @@ impl RemoteCas {
         &self,
         digest: &Digest,
     ) -> Result<impl futures::Stream<Item = Result<Bytes>> + use<>> {
-        let resource_name = format!(
-            "{}blobs/{}{}",
-            instance_prefix(&self.instance_name),
-            function_segment(self.function),
-            digest.reapi()
-        );
+        let resource_name = ResourceName::read(&self.instance_name, *digest).to_string();
         let stream = self
             .byte_stream()
             .read(self.request(ReadRequest {
@@ -543,23 +532,6 @@ impl RemoteCas {
             .await
             .map(tonic::Response::into_inner)
             .map_err(|s| ClientError::rpc("UpdateActionResult", s))
-    }
-}
-
-/// `""` or `"name/"`, to prefix resource names.
-fn instance_prefix(instance_name: &str) -> String {
-    if instance_name.is_empty() {
-        String::new()
-    } else {
-        format!("{instance_name}/")
-    }
-}
-
-/// REAPI omits the function segment for SHA-256 and names it for the others.
-fn function_segment(function: DigestFunction) -> String {
-    match function {
-        DigestFunction::Sha256 => String::new(),
-        other => format!("{}/", other.name()),
     }
 }
 

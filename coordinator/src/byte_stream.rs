@@ -22,10 +22,10 @@ use kiln_store::{BlobStore, BlobWriter, Digest, ExpectedDigest};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::counters::Counters;
-use crate::resource_name::{Compression, ResourceName};
 use crate::rpc_attributes;
 use crate::zstd_codec::{self, StreamingDecoder};
 use crate::{CoordinatorConfig, CoordinatorError};
+use kiln_store::{Compression, ResourceName};
 
 /// How often QueryWriteStatus looks for a Write that is opening the same upload.
 const LIVE_UPLOAD_POLL: std::time::Duration = std::time::Duration::from_millis(10);

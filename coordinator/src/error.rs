@@ -40,6 +40,12 @@ pub enum CoordinatorError {
     Internal(String),
 }
 
+impl From<kiln_store::ResourceNameError> for CoordinatorError {
+    fn from(error: kiln_store::ResourceNameError) -> Self {
+        CoordinatorError::bad_request("resource_name", error)
+    }
+}
+
 impl From<kiln_store::MetadataError> for CoordinatorError {
     fn from(error: kiln_store::MetadataError) -> Self {
         CoordinatorError::Store(error.into())
@@ -95,8 +101,8 @@ impl From<CoordinatorError> for Status {
                 let mut details = ErrorDetails::new();
                 for digest in &digests {
                     details.add_precondition_failure_violation(
-                        "MISSING",
-                        format!("blobs/{}", digest.reapi()),
+                        kiln_store::MISSING_VIOLATION,
+                        kiln_store::missing_blob_subject(digest),
                         format!("{digest} is not in the CAS"),
                     );
                 }

@@ -21,7 +21,6 @@ mod error;
 mod execution;
 mod message_blob;
 mod reapi_digest;
-mod resource_name;
 mod rpc_attributes;
 mod scheduler;
 mod secret;

@@ -18,6 +18,7 @@ mod fs_blob_store;
 mod memory_blob_store;
 mod metadata;
 mod oci_name;
+mod reapi_names;
 
 pub use action_cache::ActionCache;
 pub use blob_store::{BlobInfo, BlobStore, BlobWriter, ChunkStream, ExpectedDigest};
@@ -31,6 +32,10 @@ pub use metadata::{
 };
 pub use oci_name::{
     validate_repository_name, validate_tag, NameError, MAX_REPOSITORY_NAME_LEN, MAX_TAG_LEN,
+};
+pub use reapi_names::{
+    missing_blob_subject, parse_missing_blob_subject, Compression, ResourceName, ResourceNameError,
+    MISSING_VIOLATION,
 };
 
 /// Both conformance suites on each of this crate's backends.

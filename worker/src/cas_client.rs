@@ -13,7 +13,7 @@ use kiln_proto::bytestream::byte_stream_client::ByteStreamClient;
 use kiln_proto::bytestream::{ReadRequest, WriteRequest};
 use kiln_proto::reapi;
 use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
-use kiln_store::{Digest, DigestFunction};
+use kiln_store::{Digest, DigestFunction, ResourceName};
 use kiln_telemetry::TracedChannel;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
@@ -61,29 +61,6 @@ pub(crate) fn from_reapi(
         digest.ok_or_else(|| WorkerError::InvalidAction(format!("{what} has no digest")))?;
     Digest::from_reapi(function, digest)
         .map_err(|e| WorkerError::InvalidAction(format!("{what}: {e}")))
-}
-
-/// `{instance}/` or nothing, then the digest's blob path (the function segment is omitted
-/// for SHA-256, as REAPI specifies).
-fn blob_path(instance_name: &str, digest: &Digest) -> String {
-    let function = match digest.function {
-        DigestFunction::Sha256 => String::new(),
-        other => format!("{}/", other.name()),
-    };
-    let path = format!("blobs/{function}{}/{}", digest.hex(), digest.size);
-    if instance_name.is_empty() {
-        path
-    } else {
-        format!("{instance_name}/{path}")
-    }
-}
-
-fn upload_resource_name(instance_name: &str, digest: &Digest) -> String {
-    let upload = format!("uploads/{}/", uuid::Uuid::new_v4());
-    match instance_name {
-        "" => format!("{upload}{}", blob_path("", digest)),
-        instance => format!("{instance}/{upload}{}", blob_path("", digest)),
-    }
 }
 
 fn check(expected: Digest, data: &[u8]) -> Result<(), WorkerError> {
@@ -162,7 +139,7 @@ impl CasClient {
         file: &mut tokio::fs::File,
     ) -> Result<bool, WorkerError> {
         let request = ReadRequest {
-            resource_name: blob_path(instance_name, digest),
+            resource_name: ResourceName::read(instance_name, *digest).to_string(),
             read_offset: 0,
             read_limit: 0,
         };
@@ -319,7 +296,7 @@ impl CasClient {
         digest: &Digest,
         source: &BlobSource,
     ) -> Result<(), WorkerError> {
-        let resource_name = upload_resource_name(instance_name, digest);
+        let resource_name = ResourceName::write(instance_name, *digest).to_string();
         let mut chunks = ChunkReader::open(source.clone()).await?;
         let total = digest.size as i64;
         let (sender, receiver) = tokio::sync::mpsc::channel::<WriteRequest>(2);

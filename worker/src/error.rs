@@ -107,8 +107,8 @@ impl WorkerError {
                 violations: digests
                     .iter()
                     .map(|digest| tonic_types::PreconditionViolation {
-                        r#type: "MISSING".to_string(),
-                        subject: format!("blobs/{}", digest.reapi()),
+                        r#type: kiln_store::MISSING_VIOLATION.to_string(),
+                        subject: kiln_store::missing_blob_subject(digest),
                         description: format!("{digest} is not in the CAS"),
                     })
                     .collect(),

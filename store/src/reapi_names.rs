@@ -1,17 +1,20 @@
-//! ByteStream resource names, as REAPI defines them:
+//! REAPI's names for blobs, built and parsed in one place for every client and server:
 //!
-//! - reads: `{instance}/blobs/{function/}{hash}/{size}` and
-//!   `{instance}/compressed-blobs/{compressor}/{function/}{hash}/{size}`;
-//! - writes: `{instance}/uploads/{uuid}/blobs/{function/}{hash}/{size}{/metadata}` and
-//!   `{instance}/uploads/{uuid}/compressed-blobs/{compressor}/{function/}{hash}/{size}{/metadata}`.
+//! - ByteStream resource names ([`ResourceName`]):
+//!   - reads: `{instance}/blobs/{function/}{hash}/{size}` and
+//!     `{instance}/compressed-blobs/{compressor}/{function/}{hash}/{size}`;
+//!   - writes: `{instance}/uploads/{uuid}/blobs/{function/}{hash}/{size}{/metadata}` and
+//!     `{instance}/uploads/{uuid}/compressed-blobs/{compressor}/{function/}{hash}/{size}{/metadata}`.
+//! - the subject of a `MISSING` precondition violation ([`missing_blob_subject`],
+//!   [`parse_missing_blob_subject`]): `blobs/{hash}/{size}`.
 //!
 //! The instance name may span several segments (or none); REAPI reserves the keywords
 //! below so that the first one found marks where the instance name ends. The function
-//! segment is omitted for SHA-256 (and accepted when present).
+//! segment is omitted for SHA-256 when formatting, and accepted when present.
 
-use kiln_store::{Digest, DigestFunction};
+use std::fmt;
 
-use crate::CoordinatorError;
+use crate::{Digest, DigestFunction};
 
 const RESERVED: [&str; 7] = [
     "blobs",
@@ -23,15 +26,19 @@ const RESERVED: [&str; 7] = [
     "compressed-blobs",
 ];
 
+/// The `type` of a precondition violation naming a blob the CAS lacks.
+pub const MISSING_VIOLATION: &str = "MISSING";
+
 /// How the bytes of a ByteStream call are encoded on the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Compression {
+pub enum Compression {
     Identity,
     Zstd,
 }
 
+/// A ByteStream resource name, parsed or to be formatted.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct ResourceName {
+pub struct ResourceName {
     pub instance_name: String,
     /// The client's upload id; present on writes only.
     pub upload_uuid: Option<String>,
@@ -40,8 +47,34 @@ pub(crate) struct ResourceName {
     pub digest: Digest,
 }
 
+/// Why a resource name was refused (a message for the client).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{name:?} is not a valid resource name: {reason}")]
+pub struct ResourceNameError {
+    pub name: String,
+    pub reason: String,
+}
+
 impl ResourceName {
-    pub(crate) fn parse_read(name: &str) -> Result<Self, CoordinatorError> {
+    /// The name to read `digest` under, uncompressed.
+    pub fn read(instance_name: &str, digest: Digest) -> Self {
+        ResourceName {
+            instance_name: instance_name.to_string(),
+            upload_uuid: None,
+            compression: Compression::Identity,
+            digest,
+        }
+    }
+
+    /// The name to upload `digest` under, with a fresh upload id.
+    pub fn write(instance_name: &str, digest: Digest) -> Self {
+        ResourceName {
+            upload_uuid: Some(uuid::Uuid::new_v4().to_string()),
+            ..Self::read(instance_name, digest)
+        }
+    }
+
+    pub fn parse_read(name: &str) -> Result<Self, ResourceNameError> {
         let parsed = Self::parse(name, false)?;
         if parsed.upload_uuid.is_some() {
             return Err(invalid(name, "a read names blobs/…, not uploads/…"));
@@ -49,7 +82,7 @@ impl ResourceName {
         Ok(parsed)
     }
 
-    pub(crate) fn parse_write(name: &str) -> Result<Self, CoordinatorError> {
+    pub fn parse_write(name: &str) -> Result<Self, ResourceNameError> {
         let parsed = Self::parse(name, true)?;
         if parsed.upload_uuid.is_none() {
             return Err(invalid(name, "a write names uploads/{uuid}/…"));
@@ -57,7 +90,7 @@ impl ResourceName {
         Ok(parsed)
     }
 
-    fn parse(name: &str, trailing_metadata_allowed: bool) -> Result<Self, CoordinatorError> {
+    fn parse(name: &str, trailing_metadata_allowed: bool) -> Result<Self, ResourceNameError> {
         let segments: Vec<&str> = name.split('/').collect();
         let keyword_at = segments
             .iter()
@@ -127,11 +160,48 @@ impl ResourceName {
     }
 }
 
-fn invalid(name: &str, why: impl std::fmt::Display) -> CoordinatorError {
-    CoordinatorError::bad_request(
-        "resource_name",
-        format!("{name:?} is not a valid resource name: {why}"),
-    )
+impl fmt::Display for ResourceName {
+    /// The canonical form: the function segment only where it is not SHA-256, no
+    /// trailing metadata.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if !self.instance_name.is_empty() {
+            write!(f, "{}/", self.instance_name)?;
+        }
+        if let Some(uuid) = &self.upload_uuid {
+            write!(f, "uploads/{uuid}/")?;
+        }
+        match self.compression {
+            Compression::Identity => f.write_str("blobs/")?,
+            Compression::Zstd => f.write_str("compressed-blobs/zstd/")?,
+        }
+        if self.digest.function != DigestFunction::Sha256 {
+            write!(f, "{}/", self.digest.function.name())?;
+        }
+        write!(f, "{}/{}", self.digest.hex(), self.digest.size)
+    }
+}
+
+/// The subject of a `MISSING` violation for `digest`.
+pub fn missing_blob_subject(digest: &Digest) -> String {
+    format!("blobs/{}", digest.reapi())
+}
+
+/// The blob a `MISSING` violation's subject names, for an action hashed with
+/// `function`. Some servers name the function too (`blobs/blake3/{hash}/{size}`).
+pub fn parse_missing_blob_subject(function: DigestFunction, subject: &str) -> Option<Digest> {
+    let subject = subject.strip_prefix("blobs/")?;
+    let subject = subject
+        .strip_prefix(function.name())
+        .and_then(|s| s.strip_prefix('/'))
+        .unwrap_or(subject);
+    Digest::parse_hash_slash_size(function, subject).ok()
+}
+
+fn invalid(name: &str, why: impl fmt::Display) -> ResourceNameError {
+    ResourceNameError {
+        name: name.to_string(),
+        reason: why.to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -220,10 +290,7 @@ mod tests {
             format!("instance/{hash}/5"),
         ] {
             let err = ResourceName::parse_read(&name).unwrap_err();
-            assert!(
-                matches!(err, CoordinatorError::BadRequest { ref field, .. } if field == "resource_name"),
-                "{name:?}: {err}"
-            );
+            assert_eq!(err.name, name);
         }
     }
 
@@ -233,5 +300,52 @@ mod tests {
         assert!(ResourceName::parse_write(&format!("blobs/{}", d.reapi())).is_err());
         assert!(ResourceName::parse_read(&format!("uploads/u/blobs/{}", d.reapi())).is_err());
         assert!(ResourceName::parse_write(&format!("uploads//blobs/{}", d.reapi())).is_err());
+    }
+
+    #[test]
+    fn formatting_round_trips_through_parsing() {
+        for function in DigestFunction::ALL {
+            let d = digest(function);
+            for instance in ["", "main", "team/a/main"] {
+                let read = ResourceName::read(instance, d);
+                assert_eq!(ResourceName::parse_read(&read.to_string()).unwrap(), read);
+                let zstd = ResourceName {
+                    compression: Compression::Zstd,
+                    ..read.clone()
+                };
+                assert_eq!(ResourceName::parse_read(&zstd.to_string()).unwrap(), zstd);
+                let write = ResourceName::write(instance, d);
+                assert_eq!(
+                    ResourceName::parse_write(&write.to_string()).unwrap(),
+                    write
+                );
+                assert_ne!(
+                    ResourceName::write(instance, d).upload_uuid,
+                    write.upload_uuid,
+                    "each write gets its own upload id"
+                );
+            }
+        }
+        // SHA-256 names carry no function segment, as REAPI's own examples do.
+        let sha = digest(DigestFunction::Sha256);
+        assert_eq!(
+            ResourceName::read("", sha).to_string(),
+            format!("blobs/{}", sha.reapi())
+        );
+    }
+
+    #[test]
+    fn missing_blob_subjects_round_trip() {
+        for function in DigestFunction::ALL {
+            let d = digest(function);
+            let subject = missing_blob_subject(&d);
+            assert_eq!(parse_missing_blob_subject(function, &subject), Some(d));
+            let named = format!("blobs/{}/{}", function.name(), d.reapi());
+            assert_eq!(parse_missing_blob_subject(function, &named), Some(d));
+        }
+        assert_eq!(
+            parse_missing_blob_subject(DigestFunction::Sha256, "actions/x/1"),
+            None
+        );
     }
 }
