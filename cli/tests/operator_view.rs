@@ -512,3 +512,34 @@ fn registry_gc_keeps_what_the_action_cache_references() {
     );
     assert_eq!(body, shared);
 }
+
+/// SIGTERM stops `kiln up` promptly: its local workers drain and exit although their
+/// coordinator, in the same process, stops at the same moment (a draining worker once
+/// kept reconnecting to it forever). Several rounds, since the order is a race.
+#[test]
+fn kiln_up_stops_on_sigterm_with_its_local_workers() {
+    for round in 0..3 {
+        let data = tempfile::tempdir().unwrap();
+        let farm = Farm::start(data.path(), 2);
+        farm.status_when(|s| s["workers"].as_array().unwrap().len() == 2);
+        let pid = farm._process.0.id() as i32;
+        // SAFETY: a signal to the child this test started and still holds (not reaped).
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        let mut farm = farm;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = farm._process.0.try_wait().unwrap() {
+                assert!(
+                    status.success(),
+                    "round {round}: kiln up exited with {status}"
+                );
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: kiln up did not stop within 20 s of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}

@@ -363,6 +363,12 @@ impl Worker {
         backoff: Duration,
         shutdown: &mut Pin<&mut S>,
     ) -> bool {
+        // Shutdown seen while the stream was up (draining) and nothing left to run: there
+        // is nothing to reconnect for. Without this the shutdown branch below stays
+        // disabled and a draining worker whose coordinator went away retried forever.
+        if self.shutdown_seen && self.running.is_empty() {
+            return true;
+        }
         let sleep = tokio::time::sleep(backoff);
         tokio::pin!(sleep);
         loop {
