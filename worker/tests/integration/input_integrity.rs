@@ -6,7 +6,7 @@
 //! the test's user (root in CI), who owns the cache: only the materialisation can keep
 //! them apart.
 
-mod common;
+use crate::common;
 
 use common::{put_action, ActionSpec, Node, TestCas, TestRunner};
 use kiln_store::{Digest, DigestFunction};
@@ -84,7 +84,7 @@ fn mmap_writer_script(dir: &std::path::Path) -> std::path::PathBuf {
     std::fs::write(
         &script,
         format!(
-            "#!/bin/sh\n{MMAP_TARGET}=\"$1\" exec '{}' --exact mmap_writer --quiet --test-threads=1 >/dev/null\n",
+            "#!/bin/sh\n{MMAP_TARGET}=\"$1\" exec '{}' --exact input_integrity::mmap_writer --quiet --test-threads=1 >/dev/null\n",
             exe.display()
         ),
     )

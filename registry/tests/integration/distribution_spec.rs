@@ -1,7 +1,7 @@
 //! The OCI conformance workflows — pull, push, content discovery, content management —
 //! against a real server, for every data type, plus every error code for its reason.
 
-mod common;
+use crate::common;
 
 use bytes::Bytes;
 use common::*;

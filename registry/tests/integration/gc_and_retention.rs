@@ -1,7 +1,7 @@
 //! Retention rules and online garbage collection, including the races GC must lose:
 //! a blob uploaded just before its manifest, an upload in flight, and CAS blobs.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

@@ -1,7 +1,7 @@
 //! The worker loop over real sockets: `kiln_worker::run` against a test coordinator that
 //! speaks `kiln.worker.v1`, with actions fetched from and uploaded to the real CAS.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! into memory, action timeouts, unfinished operations per instance and in all, and the
 //! directories of one GetTree walk.
 
-mod common;
+use crate::common;
 
 use common::actions::{upload_action, Spec};
 use common::{assert_bad_request, wire, TestServer};

@@ -1,6 +1,6 @@
 //! ActionCache Get and Update over a real socket.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, SystemTime};
 

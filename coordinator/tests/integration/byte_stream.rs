@@ -1,6 +1,6 @@
 //! ByteStream Read, Write and QueryWriteStatus over a real socket.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

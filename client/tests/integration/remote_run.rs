@@ -1,7 +1,7 @@
 //! `kiln run` end to end against the real coordinator's CAS and action cache, with the
 //! in-test Execution service of `support` standing in for the scheduler and workers.
 
-mod support;
+use crate::support;
 
 use std::collections::HashSet;
 use std::path::Path;

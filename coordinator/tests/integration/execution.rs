@@ -2,7 +2,7 @@
 //! Workers services, with real `kiln_worker::run` workers in process, and scripted fake
 //! workers speaking `kiln.worker.v1` where a test needs to control what a worker does.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::Duration;

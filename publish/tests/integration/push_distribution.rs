@@ -1,7 +1,7 @@
 //! Publishing to CNCF distribution (Debian's docker-registry), a registry kiln did not
 //! write: push, tags, reproducible re-publish, `--base` with mounts, indexes, zstd.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 

@@ -1,7 +1,7 @@
 //! Tag policy (allowed patterns, `latest`, semver immutability) and auth (basic, the
 //! Docker token flow, scopes, anonymous pull) over real HTTP.
 
-mod common;
+use crate::common;
 
 use common::*;
 use hyper::{Method, StatusCode};

@@ -2,7 +2,7 @@
 //! environment's equivalent and from docker's config.json, and tag policy refusals that
 //! leave the other tags in place.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 

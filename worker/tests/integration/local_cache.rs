@@ -1,6 +1,6 @@
 //! The local blob cache: LRU eviction by bytes, pins, variants, and reopening.
 
-mod common;
+use crate::common;
 
 use common::TestCas;
 use kiln_store::{Digest, DigestFunction};

@@ -1,7 +1,7 @@
 //! `--from-action` / `--from-run`: ActionResults in kiln's coordinator become layer
 //! content, byte for byte the tree the actions produced, pushed to kiln's registry.
 
-mod support;
+use crate::support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;

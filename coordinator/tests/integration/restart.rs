@@ -1,7 +1,7 @@
 //! Data written before a restart is served after it: blobs, action results and a
 //! half-finished resumable upload.
 
-mod common;
+use crate::common;
 
 use common::{blob_name, random_bytes, upload_name, wire, within, write_requests, TestServer};
 use kiln_proto::bytestream::QueryWriteStatusRequest;

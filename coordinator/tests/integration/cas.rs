@@ -1,6 +1,6 @@
 //! Capabilities and ContentAddressableStorage over a real socket.
 
-mod common;
+use crate::common;
 
 use common::{assert_bad_request, random_bytes, wire, within, TestServer};
 use kiln_proto::prost::Message;

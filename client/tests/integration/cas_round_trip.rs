@@ -1,7 +1,7 @@
 //! Hashing a working tree, uploading only what the real coordinator is missing, and
 //! downloading an ActionResult's outputs, all over real sockets.
 
-mod support;
+use crate::support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;

@@ -1,7 +1,7 @@
 //! The operator's surfaces over real sockets: `kiln.admin.v1.Admin` (what `kiln status`
 //! and `kiln drain` call) counting known work exactly, and grpc.health.v1.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! The action runner against the real coordinator CAS over a real socket: inputs,
 //! outputs, timeouts, cancellation, rlimits, escapes and missing inputs.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

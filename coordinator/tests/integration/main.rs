@@ -1,0 +1,15 @@
+//! The coordinator crate's integration tests, one binary: each file is a module.
+//! Tests that install a tracing dispatch (trace_propagation, secrets_in_telemetry,
+//! request_spans) stay binaries of their own: tracing's callsite-interest cache is
+//! process-wide.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod action_cache;
+mod admin;
+mod byte_stream;
+mod cas;
+mod execution;
+mod request_limits;
+mod restart;
