@@ -184,9 +184,8 @@ fn the_digest_cache_rehashes_only_changed_files() {
 }
 
 async fn upload_only_missing(function: DigestFunction) -> anyhow::Result<()> {
-    let data = tempfile::tempdir()?;
     let work = tempfile::tempdir()?;
-    let coordinator = TestCoordinator::start(data.path()).await?;
+    let coordinator = TestCoordinator::start().await?;
     let cas = coordinator.connect(function).await?;
     // Larger than the batch limit (4 MiB), so it must go through ByteStream.
     let large: Vec<u8> = (0..6u32 << 20).map(|i| (i % 251) as u8).collect();
@@ -246,9 +245,8 @@ async fn uploads_send_only_missing_blobs_blake3() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_changed_after_hashing_is_reported() -> anyhow::Result<()> {
-    let data = tempfile::tempdir()?;
     let work = tempfile::tempdir()?;
-    let coordinator = TestCoordinator::start(data.path()).await?;
+    let coordinator = TestCoordinator::start().await?;
     let cas = coordinator.connect(DigestFunction::Sha256).await?;
     write_old(work.path(), "a.txt", b"before");
     let tree = hash(
@@ -268,9 +266,8 @@ async fn a_file_changed_after_hashing_is_reported() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn action_result_outputs_are_downloaded() -> anyhow::Result<()> {
-    let data = tempfile::tempdir()?;
     let out = tempfile::tempdir()?;
-    let coordinator = TestCoordinator::start(data.path()).await?;
+    let coordinator = TestCoordinator::start().await?;
     let function = DigestFunction::Sha256;
     let cas = coordinator.connect(function).await?;
 

@@ -15,7 +15,6 @@ use kiln_store::{Digest, DigestFunction};
 use support::{write_old, FakeExecution, TestCoordinator};
 
 struct Farm {
-    _data: tempfile::TempDir,
     coordinator: TestCoordinator,
     execution: FakeExecution,
     executor: GrpcExecutor,
@@ -24,12 +23,10 @@ struct Farm {
 
 impl Farm {
     async fn start(function: DigestFunction) -> anyhow::Result<Self> {
-        let data = tempfile::tempdir()?;
-        let coordinator = TestCoordinator::start(data.path()).await?;
+        let coordinator = TestCoordinator::start().await?;
         let execution = FakeExecution::start(&coordinator, function).await?;
         let executor = GrpcExecutor::new(execution.channel().await?);
         Ok(Farm {
-            _data: data,
             coordinator,
             execution,
             executor,

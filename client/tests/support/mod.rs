@@ -24,47 +24,33 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::Context;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use kiln_client::{from_reapi, request_metadata_of, BlobSet, Invocation, NoProgress, RemoteCas};
-use kiln_coordinator::{Coordinator, CoordinatorConfig, CoordinatorError};
+use kiln_coordinator::CoordinatorConfig;
 use kiln_proto::longrunning::{operation, Operation};
 use kiln_proto::reapi::{self, execution_server::Execution, execution_server::ExecutionServer};
-use kiln_store::{BlobStore, Digest, DigestFunction, FsBlobStore, SledMetadataStore};
+use kiln_store::{BlobStore, Digest, DigestFunction};
+use kiln_testkit::{ServedCoordinator, Stores};
 use prost::Message;
 use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tonic::transport::{Channel, Server};
 
+/// The real coordinator, on memory stores.
 pub struct TestCoordinator {
     pub url: String,
-    pub blobs: FsBlobStore,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<(), CoordinatorError>>,
+    pub blobs: Arc<dyn BlobStore>,
+    server: ServedCoordinator,
 }
 
 impl TestCoordinator {
-    pub async fn start(data_dir: &Path) -> anyhow::Result<Self> {
-        let blobs = FsBlobStore::open(data_dir.join("blobs"))?;
-        let metadata = SledMetadataStore::open(data_dir.join("metadata"))?;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let (shutdown, stopped) = oneshot::channel::<()>();
-        let coordinator = Coordinator::new(
-            CoordinatorConfig::default(),
-            Arc::new(blobs.clone()),
-            Arc::new(metadata),
-        );
-        let task = tokio::spawn(coordinator.serve(listener, async {
-            let _ = stopped.await;
-        }));
+    pub async fn start() -> anyhow::Result<Self> {
+        let server = ServedCoordinator::start(CoordinatorConfig::default(), Stores::Memory).await?;
         Ok(TestCoordinator {
-            url: format!("grpc://{addr}"),
-            blobs,
-            shutdown: Some(shutdown),
-            task,
+            url: server.grpc_url(),
+            blobs: server.stores.blobs.clone(),
+            server,
         })
     }
 
@@ -76,14 +62,8 @@ impl TestCoordinator {
         Ok(self.blobs.has_many(&[*digest]).await?[0])
     }
 
-    pub async fn stop(mut self) -> anyhow::Result<()> {
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
-        }
-        tokio::time::timeout(Duration::from_secs(10), &mut self.task)
-            .await
-            .context("coordinator did not stop")???;
-        Ok(())
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.server.stop().await
     }
 }
 
@@ -167,7 +147,7 @@ impl Drop for FakeExecution {
 #[derive(Clone)]
 struct FakeExecutionService {
     cas: RemoteCas,
-    store: FsBlobStore,
+    store: Arc<dyn BlobStore>,
     log: Arc<ExecutionLog>,
     /// Finished operations by name, for WaitExecution.
     finished: Arc<Mutex<HashMap<String, Operation>>>,

@@ -8,11 +8,10 @@ pub mod traces;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use kiln_coordinator::{Coordinator, CoordinatorConfig, CoordinatorError};
+use kiln_coordinator::CoordinatorConfig;
 use kiln_proto::bytestream::byte_stream_client::ByteStreamClient;
 use kiln_proto::bytestream::{ReadRequest, WriteRequest};
 use kiln_proto::longrunning::Operation;
@@ -21,9 +20,8 @@ use kiln_proto::reapi::{
     capabilities_client::CapabilitiesClient,
     content_addressable_storage_client::ContentAddressableStorageClient, BatchUpdateBlobsRequest,
 };
-use kiln_store::{Digest, DigestFunction, FsBlobStore, SledMetadataStore};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
+use kiln_store::{Digest, DigestFunction, FsBlobStore};
+use kiln_testkit::{ServedCoordinator, Stores};
 use tonic::transport::Channel;
 use tonic::Code;
 use tonic_types::StatusExt;
@@ -36,8 +34,7 @@ pub struct TestServer {
     pub channel: Channel,
     /// The server's blob store, for tests that must lose a blob behind its back.
     pub blobs: FsBlobStore,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<(), CoordinatorError>>,
+    server: ServedCoordinator,
 }
 
 impl TestServer {
@@ -45,40 +42,27 @@ impl TestServer {
         Self::start_with(data_dir, CoordinatorConfig::default()).await
     }
 
-    /// Opens (or reopens) the stores under `data_dir` and serves them.
+    /// Opens (or reopens) the stores under `data_dir` and serves them. On disk: restart
+    /// tests reopen them, and some tests reach for the files.
     pub async fn start_with(data_dir: &Path, config: CoordinatorConfig) -> anyhow::Result<Self> {
-        let blobs = FsBlobStore::open(data_dir.join("blobs"))?;
-        let metadata = SledMetadataStore::open(data_dir.join("metadata"))?;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let (shutdown, stopped) = oneshot::channel::<()>();
-        let coordinator = Coordinator::new(config, Arc::new(blobs.clone()), Arc::new(metadata));
-        let task = tokio::spawn(coordinator.serve(listener, async {
-            let _ = stopped.await;
-        }));
-        let channel = Channel::from_shared(format!("http://{addr}"))?
+        let server =
+            ServedCoordinator::start(config, Stores::OnDisk(data_dir.to_path_buf())).await?;
+        let channel = Channel::from_shared(server.http_url())?
             .connect()
             .await
             .context("connecting to the test server")?;
         Ok(TestServer {
-            addr,
+            addr: server.addr,
             channel,
-            blobs,
-            shutdown: Some(shutdown),
-            task,
+            blobs: server.stores.fs_blobs.clone().expect("on-disk stores"),
+            server,
         })
     }
 
     /// Stops the server and waits until it has released the stores.
-    pub async fn stop(mut self) -> anyhow::Result<()> {
+    pub async fn stop(self) -> anyhow::Result<()> {
         drop(self.channel);
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
-        }
-        tokio::time::timeout(Duration::from_secs(10), &mut self.task)
-            .await
-            .context("server did not stop")???;
-        Ok(())
+        self.server.stop().await
     }
 
     pub fn capabilities(&self) -> CapabilitiesClient<Channel> {

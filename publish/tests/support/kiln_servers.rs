@@ -1,10 +1,8 @@
-//! kiln's own registry and coordinator, in process on 127.0.0.1:0.
-
-use std::sync::Arc;
+//! kiln's own registry and coordinator, in process on 127.0.0.1:0 over memory stores.
 
 use argon2::password_hash::{PasswordHasher, SaltString};
-use kiln_registry::{Action, GrantConfig, Registry, RegistryConfig, UserConfig};
-use kiln_store::{FsBlobStore, SledMetadataStore};
+use kiln_registry::{Action, GrantConfig, RegistryConfig, UserConfig};
+use kiln_testkit::{ServedCoordinator, ServedRegistry, Stores};
 
 pub const USER: &str = "ci";
 pub const PASSWORD: &str = "s3cret-pass";
@@ -12,21 +10,17 @@ pub const PASSWORD: &str = "s3cret-pass";
 /// A running server; dropping it shuts the server down.
 pub struct Running {
     pub address: String,
-    _shutdown: tokio::sync::oneshot::Sender<()>,
-    _data: tempfile::TempDir,
+    _server: Served,
 }
 
-fn stores(data: &tempfile::TempDir) -> (Arc<FsBlobStore>, Arc<SledMetadataStore>) {
-    let blobs = Arc::new(FsBlobStore::open(data.path().join("cas")).unwrap());
-    let metadata = Arc::new(SledMetadataStore::open(data.path().join("metadata")).unwrap());
-    (blobs, metadata)
+enum Served {
+    Coordinator(ServedCoordinator),
+    Registry(ServedRegistry),
 }
 
 /// The kiln registry with its default tag policy (immutable semver, no `latest`) and,
 /// with `auth`, the token flow for one user allowed to pull and push everywhere.
 pub async fn registry(auth: bool) -> Running {
-    let data = tempfile::tempdir().unwrap();
-    let (blobs, metadata) = stores(&data);
     let mut config = RegistryConfig::default();
     if auth {
         let salt = SaltString::encode_b64(b"kiln-publish-test").unwrap();
@@ -44,34 +38,20 @@ pub async fn registry(auth: bool) -> Running {
             }],
         }];
     }
-    let registry = Registry::open(config, blobs, metadata).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap().to_string();
-    let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(registry.serve(listener, async {
-        let _ = stop.await;
-    }));
+    let registry = ServedRegistry::start(config, Stores::Memory).await.unwrap();
     Running {
-        address,
-        _shutdown: shutdown,
-        _data: data,
+        address: registry.addr.to_string(),
+        _server: Served::Registry(registry),
     }
 }
 
 /// The coordinator's REAPI cache services.
 pub async fn coordinator() -> Running {
-    let data = tempfile::tempdir().unwrap();
-    let (blobs, metadata) = stores(&data);
-    let coordinator = kiln_coordinator::Coordinator::new(Default::default(), blobs, metadata);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap().to_string();
-    let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(coordinator.serve(listener, async {
-        let _ = stop.await;
-    }));
+    let coordinator = ServedCoordinator::start(Default::default(), Stores::Memory)
+        .await
+        .unwrap();
     Running {
-        address,
-        _shutdown: shutdown,
-        _data: data,
+        address: coordinator.addr.to_string(),
+        _server: Served::Coordinator(coordinator),
     }
 }

@@ -1,5 +1,5 @@
 //! Shared setup for the worker's integration tests: the real coordinator CAS on
-//! 127.0.0.1:0 over a filesystem blob store, helpers that put input trees and actions into
+//! 127.0.0.1:0 over memory stores (kiln-testkit), helpers that put input trees and actions into
 //! it, and an ActionRunner wired to it exactly as the worker wires its own.
 #![allow(dead_code)] // Each test binary uses a different part of this module.
 
@@ -7,59 +7,40 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use kiln_coordinator::{Coordinator, CoordinatorConfig, CoordinatorError};
+use kiln_coordinator::CoordinatorConfig;
 use kiln_proto::prost::Message;
 use kiln_proto::reapi;
-use kiln_store::{
-    BlobStore, Digest, DigestFunction, ExpectedDigest, FsBlobStore, SledMetadataStore,
-};
+use kiln_store::{BlobStore, Digest, DigestFunction, ExpectedDigest};
+use kiln_testkit::{ServedCoordinator, Stores};
 use kiln_worker::{
     ActionRequest, ActionRunner, BubblewrapMode, CasClient, LocalCache, ProcessRunner,
     ResourceLimits,
 };
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
-/// The real coordinator's CAS, served over a real socket.
+/// The real coordinator's CAS, served over a real socket, on memory stores.
 pub struct TestCas {
     pub url: String,
-    pub blobs: FsBlobStore,
+    pub blobs: Arc<dyn BlobStore>,
     pub channel: Channel,
     pub function: DigestFunction,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<Result<(), CoordinatorError>>>,
-    _dir: tempfile::TempDir,
+    server: Option<ServedCoordinator>,
 }
 
 impl TestCas {
     pub async fn start(function: DigestFunction) -> anyhow::Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let blobs = FsBlobStore::open(dir.path().join("blobs"))?;
-        let metadata = SledMetadataStore::open(dir.path().join("metadata"))?;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let url = format!("http://{}", listener.local_addr()?);
-        let (shutdown, stopped) = oneshot::channel::<()>();
-        let coordinator = Coordinator::new(
-            CoordinatorConfig::default(),
-            Arc::new(blobs.clone()),
-            Arc::new(metadata),
-        );
-        let task = tokio::spawn(coordinator.serve(listener, async {
-            let _ = stopped.await;
-        }));
+        let server = ServedCoordinator::start(CoordinatorConfig::default(), Stores::Memory).await?;
+        let url = server.http_url();
         let channel = Channel::from_shared(url.clone())?
             .connect()
             .await
             .context("connecting to the test CAS")?;
         Ok(TestCas {
             url,
-            blobs,
+            blobs: server.stores.blobs.clone(),
             channel,
             function,
-            shutdown: Some(shutdown),
-            task: Some(task),
-            _dir: dir,
+            server: Some(server),
         })
     }
 
@@ -94,19 +75,8 @@ impl TestCas {
     }
 
     pub async fn stop(mut self) {
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
-        }
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
-    }
-}
-
-impl Drop for TestCas {
-    fn drop(&mut self) {
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
+        if let Some(server) = self.server.take() {
+            let _ = server.stop().await;
         }
     }
 }
