@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use kiln_coordinator::CoordinatorConfig;
+use kiln_proto::admin::v1::{admin_client::AdminClient, FarmStatus, GetStatusRequest};
 use kiln_proto::bytestream::byte_stream_client::ByteStreamClient;
 use kiln_proto::bytestream::{ReadRequest, WriteRequest};
 use kiln_proto::longrunning::Operation;
@@ -63,6 +64,30 @@ impl TestServer {
     pub async fn stop(self) -> anyhow::Result<()> {
         drop(self.channel);
         self.server.stop().await
+    }
+
+    /// The farm's status, as `kiln status` asks for it.
+    pub async fn status(&self) -> FarmStatus {
+        AdminClient::new(self.channel.clone())
+            .get_status(GetStatusRequest {})
+            .await
+            .expect("GetStatus succeeds")
+            .into_inner()
+    }
+
+    /// Polls the status until `done` holds (workers join and leave asynchronously); a
+    /// wait on the event, bounded, rather than a guess at how long it takes.
+    pub async fn status_when(&self, done: impl Fn(&FarmStatus) -> bool) -> FarmStatus {
+        within(20, async {
+            loop {
+                let current = self.status().await;
+                if done(&current) {
+                    return current;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
     }
 
     pub fn capabilities(&self) -> CapabilitiesClient<Channel> {

@@ -3,14 +3,10 @@
 
 use crate::common;
 
-use std::time::Duration;
-
 use common::actions::{upload_action, Spec};
 use common::{blob_name, random_bytes, upload_name, wire, within, write_requests, TestServer};
 use kiln_coordinator::CoordinatorConfig;
-use kiln_proto::admin::v1::{
-    admin_client::AdminClient, DrainWorkerRequest, FarmStatus, GetStatusRequest,
-};
+use kiln_proto::admin::v1::{admin_client::AdminClient, DrainWorkerRequest};
 use kiln_proto::prost::Message;
 use kiln_proto::reapi::{
     execution_client::ExecutionClient, BatchReadBlobsRequest, ExecuteRequest, ExecuteResponse,
@@ -33,28 +29,6 @@ async fn start(dir: &std::path::Path) -> TestServer {
     TestServer::start_with(dir, config)
         .await
         .expect("the coordinator starts")
-}
-
-async fn status(server: &TestServer) -> FarmStatus {
-    AdminClient::new(server.channel.clone())
-        .get_status(GetStatusRequest {})
-        .await
-        .expect("GetStatus succeeds")
-        .into_inner()
-}
-
-/// Polls the status until `done` holds (workers join and leave asynchronously).
-async fn status_when(server: &TestServer, done: impl Fn(&FarmStatus) -> bool) -> FarmStatus {
-    within(20, async {
-        loop {
-            let current = status(server).await;
-            if done(&current) {
-                return current;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
 }
 
 async fn execute_to_completion(server: &TestServer, action: &Digest) -> ExecuteResponse {
@@ -88,7 +62,7 @@ async fn status_counts_exactly_the_work_done_and_lists_workers() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path()).await;
 
-    let empty = status(&server).await;
+    let empty = server.status().await;
     assert!(empty.workers.is_empty());
     assert_eq!(empty.queue.unwrap_or_default().queued, 0);
     assert!(empty.registry.is_none(), "no registry runs in this process");
@@ -130,7 +104,7 @@ async fn status_counts_exactly_the_work_done_and_lists_workers() {
         })
         .await
         .unwrap();
-    let storage = status(&server).await.storage.unwrap();
+    let storage = server.status().await.storage.unwrap();
     assert_eq!(storage.cas_bytes_written, 150 + 1000 + 100);
     assert_eq!(storage.cas_bytes_read, 1000 + 100);
     assert!(storage.stored_bytes >= 1150, "{storage:?}");
@@ -150,7 +124,7 @@ async fn status_counts_exactly_the_work_done_and_lists_workers() {
     let worker = tokio::spawn(kiln_worker::run(config, async {
         let _ = stopped.await;
     }));
-    let listed = status_when(&server, |s| s.workers.len() == 1).await;
+    let listed = server.status_when(|s| s.workers.len() == 1).await;
     let builder = &listed.workers[0];
     assert_eq!(builder.id, "builder-1");
     assert_eq!((builder.slots, builder.running), (2, 0));
@@ -175,7 +149,7 @@ async fn status_counts_exactly_the_work_done_and_lists_workers() {
     assert_eq!(ran.result.unwrap().exit_code, 0);
     let cached = execute_to_completion(&server, &action).await;
     assert!(cached.cached_result);
-    let cache = status(&server).await.cache.unwrap();
+    let cache = server.status().await.cache.unwrap();
     assert_eq!(
         (
             cache.action_cache_hits,
@@ -221,7 +195,7 @@ async fn status_counts_exactly_the_work_done_and_lists_workers() {
         finished.is_ok(),
         "a drained worker exits cleanly: {finished:?}"
     );
-    status_when(&server, |s| s.workers.is_empty()).await;
+    server.status_when(|s| s.workers.is_empty()).await;
     drop(stop_worker);
     server.stop().await.unwrap();
 }

@@ -553,7 +553,9 @@ async fn an_action_whose_worker_disconnects_completes_on_another() {
     assert_eq!(assigned_action(&assign), action.hex());
 
     let rescuer = RealWorker::start(&server, "rescuer", 1);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    server
+        .status_when(|s| s.workers.iter().any(|w| w.id == "rescuer"))
+        .await;
     drop(doomed); // the stream breaks mid-action
     let done = response(&finish(stream).await);
     assert_eq!(code(&done), Code::Ok, "{done:?}");

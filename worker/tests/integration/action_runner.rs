@@ -260,7 +260,11 @@ async fn cancelling_kills_the_process_group() -> anyhow::Result<()> {
         outcome.error
     );
     let pid: i32 = std::fs::read_to_string(&pid_file)?.trim().parse()?;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The kill is sent before run returns; the process may take a moment to be reaped.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while alive(pid) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert!(!alive(pid), "the background sleep survived the cancel");
     Ok(())
 }
