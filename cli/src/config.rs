@@ -104,6 +104,9 @@ pub struct CommonArgs {
     /// OTLP/gRPC collector to export trace spans to [default: OTEL_EXPORTER_OTLP_ENDPOINT, else none].
     #[arg(long, env = "KILN_OTLP_ENDPOINT", global = true, value_name = "URL")]
     pub otlp_endpoint: Option<String>,
+    /// Once every listener is up, write their bound addresses here as JSON (for port 0).
+    #[arg(long, env = "KILN_READY_FILE", global = true, value_name = "PATH")]
+    pub ready_file: Option<PathBuf>,
 }
 
 /// Where client commands (`run`, `publish`, `status`, `drain`) find the coordinator.

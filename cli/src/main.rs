@@ -5,6 +5,7 @@ mod config;
 mod join_token;
 mod key_value;
 mod publish;
+mod ready_file;
 mod run;
 mod servers;
 mod status;
@@ -96,7 +97,8 @@ fn main() -> anyhow::Result<ExitCode> {
             config::known_variables(&Cli::command()).join(", ")
         );
     }
-    let outcome = runtime.block_on(run(cli.command, config));
+    let ready_file = cli.common.ready_file.clone();
+    let outcome = runtime.block_on(run(cli.command, config, ready_file.as_deref()));
     // Export the last spans (after Ctrl-C or SIGTERM too) while the runtime still runs.
     drop(telemetry);
     outcome
@@ -117,7 +119,11 @@ impl Command {
     }
 }
 
-async fn run(command: Command, config: KilnConfig) -> anyhow::Result<ExitCode> {
+async fn run(
+    command: Command,
+    config: KilnConfig,
+    ready_file: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
     match command {
         Command::Up => {
             let (storage, mut servers) = open_server(&config, MetricsRole::Coordinator).await?;
@@ -137,17 +143,20 @@ async fn run(command: Command, config: KilnConfig) -> anyhow::Result<ExitCode> {
                 .workers
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
             servers.start_local_workers(&config, grpc, workers);
+            servers.announce(ready_file)?;
             tracing::info!(data_dir = %config.data_dir.display(), "kiln is up");
             servers.run_until_signalled().await?;
         }
         Command::Coordinator => {
             let (storage, mut servers) = open_server(&config, MetricsRole::Coordinator).await?;
             servers.start_coordinator(&config, &storage, None).await?;
+            servers.announce(ready_file)?;
             servers.run_until_signalled().await?;
         }
         Command::Registry => {
             let (storage, mut servers) = open_server(&config, MetricsRole::Registry).await?;
             servers.start_registry(&config, &storage).await?;
+            servers.announce(ready_file)?;
             servers.run_until_signalled().await?;
         }
         Command::Worker(args) => {
@@ -172,6 +181,7 @@ async fn run(command: Command, config: KilnConfig) -> anyhow::Result<ExitCode> {
                 .start_metrics(&config, MetricsRole::Worker, sources)
                 .await?;
             servers.start_worker(worker, registered);
+            servers.announce(ready_file)?;
             servers.run_until_signalled().await?;
         }
         Command::Run(args) => return run::run(args).await,

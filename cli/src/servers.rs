@@ -76,6 +76,8 @@ impl MetricsSources {
 pub struct Servers {
     tasks: JoinSet<anyhow::Result<()>>,
     shutdown: CancellationToken,
+    /// Each listener's bound address, by name, for `--ready-file`.
+    addresses: std::collections::BTreeMap<&'static str, SocketAddr>,
 }
 
 impl Servers {
@@ -83,6 +85,15 @@ impl Servers {
         Servers {
             tasks: JoinSet::new(),
             shutdown: CancellationToken::new(),
+            addresses: Default::default(),
+        }
+    }
+
+    /// Every listener is up: writes their addresses to the ready file, if one is asked for.
+    pub fn announce(&self, ready_file: Option<&std::path::Path>) -> anyhow::Result<()> {
+        match ready_file {
+            Some(path) => crate::ready_file::write(path, &self.addresses),
+            None => Ok(()),
         }
     }
 
@@ -118,6 +129,7 @@ impl Servers {
                 .await
                 .context("coordinator")
         });
+        self.addresses.insert("grpc", addr);
         tracing::info!("coordinator (REAPI over gRPC) listening on grpc://{addr}");
         Ok(addr)
     }
@@ -129,6 +141,7 @@ impl Servers {
         storage: &Storage,
     ) -> anyhow::Result<kiln_registry::Registry> {
         let listener = bind(config.registry_addr, "registry").await?;
+        self.addresses.insert("registry", listener.local_addr()?);
         let registry = kiln_registry::Registry::open(
             config.registry.clone(),
             storage.blobs.clone(),
@@ -200,6 +213,7 @@ impl Servers {
                 .await
                 .context("metrics server")
         });
+        self.addresses.insert("metrics", addr);
         tracing::info!("metrics and health listening on http://{addr}");
         Ok(addr)
     }

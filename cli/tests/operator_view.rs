@@ -543,3 +543,57 @@ fn kiln_up_stops_on_sigterm_with_its_local_workers() {
         }
     }
 }
+
+/// `--ready-file`: a server started on port 0 writes every bound address as JSON once its
+/// listeners are up, and each address answers.
+#[test]
+fn the_ready_file_names_every_listener() {
+    let data = tempfile::tempdir().unwrap();
+    let ready = data.path().join("ready.json");
+    let child = Command::new(KILN)
+        .args([
+            "up",
+            "--workers",
+            "1",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--registry-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(data.path().join("kiln"))
+        .arg("--ready-file")
+        .arg(&ready)
+        .env_remove("KILN_JOIN_TOKEN")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("kiln starts");
+    let _process = Background(child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ready.exists() {
+        assert!(Instant::now() < deadline, "no ready file within 30 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let addresses: BTreeMap<String, String> =
+        serde_json::from_slice(&std::fs::read(&ready).unwrap()).expect("the ready file is JSON");
+    assert_eq!(
+        addresses.keys().collect::<Vec<_>>(),
+        ["grpc", "metrics", "registry"]
+    );
+    for address in addresses.values() {
+        let port: u16 = address.rsplit(':').next().unwrap().parse().unwrap();
+        assert_ne!(port, 0, "{addresses:?}");
+    }
+    assert_eq!(
+        http_get(&format!("http://{}/healthz", addresses["metrics"])).0,
+        200
+    );
+    assert_eq!(
+        http_get(&format!("http://{}/v2/", addresses["registry"])).0,
+        200
+    );
+    std::net::TcpStream::connect(&addresses["grpc"]).expect("the gRPC port accepts");
+}

@@ -11,7 +11,7 @@ install_debian_packages bubblewrap
 UP="$WORK/newcomer"
 mkdir -p "$UP"
 cd "$UP"
-KILN_EXPECT_LISTENERS=3 start_kiln up up --workers 1 \
+start_kiln up up --workers 1 \
     --grpc-addr 127.0.0.1:0 --registry-addr 127.0.0.1:0 --metrics-addr 127.0.0.1:0
 ADDR=$(listen_addr up grpc)
 [ -n "$ADDR" ] || fail "could not read kiln up's gRPC address from its log"

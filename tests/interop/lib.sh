@@ -48,18 +48,19 @@ contains() {
 }
 
 # start_kiln NAME ARGS... : runs `kiln ARGS...` with logs in $WORK/NAME.log and waits
-# for every "listening on" line it is expected to print (KILN_EXPECT_LISTENERS, default 1).
+# for its ready file ($WORK/NAME.ready.json, `--ready-file`), which kiln writes once every
+# listener is up; `listen_addr` reads the addresses from it.
 start_kiln() {
     local name="$1"; shift
-    local logfile="$WORK/$name.log"
-    # kiln warns about unknown KILN_* variables, so this script's own setting stays out.
+    local logfile="$WORK/$name.log" ready="$WORK/$name.ready.json"
+    rm -f "$ready"
     # INTEROP_KILN_LOG overrides the log filter, e.g. to see the scheduler's decisions.
-    env -u KILN_EXPECT_LISTENERS KILN_LOG="${INTEROP_KILN_LOG:-info}" "$KILN" "$@" >"$logfile" 2>&1 &
+    KILN_LOG="${INTEROP_KILN_LOG:-info}" "$KILN" "$@" --ready-file "$ready" >"$logfile" 2>&1 &
     LAST_PID=$!
     STARTED_PIDS+=("$!")
-    local want="${KILN_EXPECT_LISTENERS:-1}" i
+    local i
     for i in $(seq 1 200); do
-        if [ "$(grep -c 'listening on' "$logfile" || true)" -ge "$want" ]; then return 0; fi
+        [ -s "$ready" ] && return 0
         kill -0 "$!" 2>/dev/null || { cat "$logfile" >&2; fail "kiln $name exited during start-up"; }
         sleep 0.1
     done
@@ -71,7 +72,7 @@ start_kiln() {
 # and waits until it has registered with its coordinator. Sets LAST_PID.
 start_kiln_worker() {
     local name="$1"; shift
-    env -u KILN_EXPECT_LISTENERS KILN_LOG="${INTEROP_KILN_LOG:-info}" "$KILN" worker --metrics-addr 127.0.0.1:0 "$@" >"$WORK/$name.log" 2>&1 &
+    KILN_LOG="${INTEROP_KILN_LOG:-info}" "$KILN" worker --metrics-addr 127.0.0.1:0 "$@" >"$WORK/$name.log" 2>&1 &
     LAST_PID=$!
     STARTED_PIDS+=("$!")
     wait_for_log "$name" 'registered with the coordinator' "$LAST_PID"
@@ -113,11 +114,13 @@ stop_pid() {
     wait "$1" 2>/dev/null || true
 }
 
-# listen_addr NAME SCHEME [SERVER] : the host:port kiln NAME logged for SCHEME (grpc or
-# http); SERVER picks one of several, e.g. `registry` in `kiln up` (which also serves
-# metrics over http).
+# listen_addr NAME SCHEME [SERVER] : the host:port kiln NAME bound for SCHEME, from its
+# ready file: `grpc` is the coordinator; `http registry` the registry; `http` alone the
+# metrics and health listener.
 listen_addr() {
-    grep -o "${3:+$3 }listening on $2://[0-9.:]*" "$WORK/$1.log" | head -n 1 | sed "s|.*$2://||"
+    local key="$2"
+    [ "$2" = http ] && key="${3:-metrics}"
+    grep -o "\"$key\":\"[^\"]*\"" "$WORK/$1.ready.json" | cut -d'"' -f4
 }
 
 # Installs Bazel 2.1.0 from npm (see shared/CLIENTS.md) and sets BAZEL.

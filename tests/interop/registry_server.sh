@@ -14,7 +14,7 @@ start_registry() {
     local data="${3:-$WORK/$1}"
     mkdir -p "$data"
     # `kiln registry` also serves /metrics and the probes, on a port of its own.
-    KILN_EXPECT_LISTENERS=2 start_kiln "$1" registry --registry-addr 127.0.0.1:0 \
+    start_kiln "$1" registry --registry-addr 127.0.0.1:0 \
         --metrics-addr 127.0.0.1:0 --data-dir "$data"
     printf -v "$2" '%s' "$(listen_addr "$1" http registry)"
 }
