@@ -16,6 +16,7 @@ mod blob_set;
 mod digest_cache;
 mod error;
 mod execution;
+mod outcomes;
 pub mod output_download;
 mod progress;
 mod reapi_digest;
@@ -32,10 +33,11 @@ pub use execution::{
     execute_to_completion, missing_blobs, rpc_status_to_tonic, Executor, GrpcExecutor,
     OperationStream, ResumePolicy,
 };
+pub use outcomes::{HashStats, ShardOutcome, ShardResult, UploadStats};
 pub use progress::{NoProgress, Progress};
 pub use reapi_digest::from_reapi;
-pub use remote_cas::{endpoint, RemoteCas, UploadStats};
-pub use remote_run::{merge_exit_codes, run, RunReport, RunRequest, ShardOutcome, ShardResult};
+pub use remote_cas::{endpoint, RemoteCas};
+pub use remote_run::{merge_exit_codes, run, RunReport, RunRequest};
 pub use request_metadata::{from_request as request_metadata_of, request_with, Invocation};
 pub use run_manifest::{RunManifest, ShardRecord};
-pub use tree_hasher::{hash_tree, HashStats, InputTree, TreeHashOptions};
+pub use tree_hasher::{hash_tree, InputTree, TreeHashOptions};

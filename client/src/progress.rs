@@ -1,8 +1,6 @@
 //! Progress callbacks. The library reports; the CLI draws (with indicatif), tests count.
 
-use crate::remote_run::ShardOutcome;
-use crate::tree_hasher::HashStats;
-use crate::UploadStats;
+use crate::outcomes::{HashStats, ShardOutcome, UploadStats};
 
 /// Receives progress events from hashing, uploading and executing. Every method has a
 /// no-op default, so an implementation picks what it shows.

@@ -18,6 +18,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::blob_set::{BlobSet, BlobSource};
+use crate::outcomes::UploadStats;
 use crate::progress::Progress;
 use crate::reapi_digest::from_reapi;
 use crate::request_metadata::{request_with, Invocation};
@@ -36,18 +37,6 @@ const WRITE_CHUNK: usize = 1 << 20;
 const TRANSFER_CONCURRENCY: usize = 8;
 /// Accepts responses as large as the coordinator may send (full batches, inlined results).
 const MAX_MESSAGE_BYTES: usize = 256 << 20;
-
-/// What one upload pass did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct UploadStats {
-    /// Blobs the server was asked about.
-    pub checked: u64,
-    /// Blobs it was missing, and that were uploaded.
-    pub uploaded_blobs: u64,
-    pub uploaded_bytes: u64,
-    /// Of those, how many went through BatchUpdateBlobs (the rest through ByteStream).
-    pub batched_blobs: u64,
-}
 
 /// A connection to a REAPI server's CAS, ActionCache and ByteStream services, bound to
 /// one instance name and one digest function.

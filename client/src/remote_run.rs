@@ -33,12 +33,13 @@ use crate::digest_cache::DigestCache;
 use crate::execution::{
     execute_to_completion, missing_blobs, rpc_status_to_tonic, Executor, ResumePolicy,
 };
+use crate::outcomes::{HashStats, ShardOutcome, ShardResult, UploadStats};
 use crate::output_download::download_outputs;
 use crate::progress::{NoProgress, Progress};
 use crate::reapi_digest::from_reapi;
-use crate::remote_cas::{RemoteCas, UploadStats};
+use crate::remote_cas::RemoteCas;
 use crate::run_manifest::{RunManifest, ShardRecord, MANIFEST_VERSION};
-use crate::tree_hasher::{hash_tree, HashStats, TreeHashOptions, STATE_DIR};
+use crate::tree_hasher::{hash_tree, TreeHashOptions, STATE_DIR};
 use crate::{ClientError, Result};
 
 /// Shards whose Execute streams are open at once.
@@ -86,48 +87,6 @@ impl RunRequest {
             use_digest_cache: true,
             resume: ResumePolicy::default(),
         }
-    }
-}
-
-/// How one shard ended.
-#[derive(Debug)]
-pub struct ShardOutcome {
-    pub index: u32,
-    pub total: u32,
-    pub action_digest: Digest,
-    pub result: Result<ShardResult>,
-}
-
-/// A shard whose action ran (or was found in the cache) and whose outputs were placed.
-#[derive(Debug)]
-pub struct ShardResult {
-    pub exit_code: i32,
-    /// Served from the action cache rather than executed.
-    pub cached: bool,
-    /// The ExecuteResponse's status when it was not OK (a timeout, say).
-    pub error_status: Option<tonic::Status>,
-    /// The server's message for humans (ExecuteResponse.message), if any.
-    pub message: String,
-    pub stdout: Bytes,
-    pub stderr: Bytes,
-    pub action_result: reapi::ActionResult,
-    pub action_result_digest: Digest,
-    /// The local paths written.
-    pub outputs: Vec<PathBuf>,
-}
-
-impl ShardOutcome {
-    /// The shard's exit code under the rules in the module documentation.
-    pub fn exit_code(&self) -> i32 {
-        match &self.result {
-            Err(_) => 1,
-            Ok(result) if result.error_status.is_some() && result.exit_code == 0 => 1,
-            Ok(result) => result.exit_code,
-        }
-    }
-
-    pub fn label(&self) -> String {
-        format!("shard {}/{}", self.index, self.total)
     }
 }
 

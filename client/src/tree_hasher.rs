@@ -25,6 +25,7 @@ use kiln_store::{Digest, DigestFunction};
 
 use crate::blob_set::{BlobSet, BlobSource};
 use crate::digest_cache::{DigestCache, FileStamp};
+use crate::outcomes::HashStats;
 use crate::progress::Progress;
 use crate::{ClientError, Result};
 
@@ -40,19 +41,6 @@ pub struct TreeHashOptions {
     pub function: DigestFunction,
     /// Paths relative to the root, `/`-separated, that are outputs rather than inputs.
     pub excluded_outputs: Vec<String>,
-}
-
-/// Counts from one hashing pass.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct HashStats {
-    pub files: u64,
-    pub bytes: u64,
-    pub directories: u64,
-    pub symlinks: u64,
-    /// Files whose contents were read and hashed this time.
-    pub hashed_files: u64,
-    /// Files whose digest came from the digest cache.
-    pub cached_files: u64,
 }
 
 /// A hashed input root: its digest and every blob it references.

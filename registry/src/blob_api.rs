@@ -11,10 +11,10 @@ use kiln_store::{ContentHash, ExpectedDigest};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::auth::Principal;
+use crate::call::{empty_response, Call, DOCKER_CONTENT_DIGEST, DOCKER_UPLOAD_UUID};
 use crate::config::Action;
 use crate::endpoint::{parse_digest, validate_name};
 use crate::error::{upload_range, RegistryError, Result};
-use crate::http::{empty_response, Call, DOCKER_CONTENT_DIGEST, DOCKER_UPLOAD_UUID};
 use crate::RegistryState;
 
 fn upload_location(name: &str, id: &str) -> String {

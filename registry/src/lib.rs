@@ -12,6 +12,7 @@
 
 mod auth;
 mod blob_api;
+mod call;
 mod config;
 pub mod endpoint;
 mod error;
@@ -20,6 +21,7 @@ mod http;
 mod listing_api;
 mod manifest;
 mod manifest_api;
+mod operation;
 mod repository_index;
 mod retention;
 mod tag_policy;

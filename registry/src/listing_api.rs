@@ -5,9 +5,9 @@ use std::sync::Arc;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::Response;
 
+use crate::call::{json_response, next_link, pagination, Call};
 use crate::config::Action;
 use crate::error::Result;
-use crate::http::{json_response, next_link, pagination, Call};
 use crate::RegistryState;
 
 #[derive(serde::Serialize)]

@@ -10,11 +10,11 @@ use bytes::{Bytes, BytesMut};
 use futures::{StreamExt, TryStreamExt};
 use kiln_store::{ContentHash, Digest, DigestFunction, ExpectedDigest};
 
-use crate::endpoint::Reference;
-use crate::error::{RegistryError, Result};
-use crate::http::{
+use crate::call::{
     empty_response, json_response, Call, DOCKER_CONTENT_DIGEST, OCI_FILTERS_APPLIED, OCI_SUBJECT,
 };
+use crate::endpoint::Reference;
+use crate::error::{RegistryError, Result};
 use crate::manifest::{self, OCI_INDEX};
 use crate::repository_index::{now_millis, ManifestPut, ManifestRecord};
 use crate::RegistryState;
