@@ -57,7 +57,7 @@ async fn open_server(config: &KilnConfig, role: MetricsRole) -> anyhow::Result<(
     let storage = Storage::open(&config.data_dir)?;
     let mut servers = Servers::new();
     servers
-        .start_metrics(config, role, MetricsSources::server(&storage))
+        .start_metrics(config, role, MetricsSources::server(&storage, &servers))
         .await?;
     Ok((storage, servers))
 }

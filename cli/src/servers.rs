@@ -57,17 +57,18 @@ fn install_metrics_recorder() -> anyhow::Result<PrometheusHandle> {
 pub struct MetricsSources {
     /// The blob store whose size `kiln_store_bytes` reports, if this process has one.
     pub blobs: Option<Arc<dyn BlobStore>>,
-    /// Whether the process is ready to serve: servers are once their storage is open
-    /// (before they bind), a worker once it is registered with its coordinator.
+    /// Whether the process is ready to serve: servers once every listener is up and
+    /// until shutdown begins ([`Servers::readiness`]), a worker while it is registered
+    /// with its coordinator.
     pub ready: watch::Receiver<bool>,
 }
 
 impl MetricsSources {
-    /// A server process: storage is open before any server binds, so it is ready.
-    pub fn server(storage: &Storage) -> Self {
+    /// A server process, ready as `servers` says.
+    pub fn server(storage: &Storage, servers: &Servers) -> Self {
         MetricsSources {
             blobs: Some(storage.blobs.clone()),
-            ready: watch::channel(true).1,
+            ready: servers.readiness(),
         }
     }
 }
@@ -78,6 +79,9 @@ pub struct Servers {
     shutdown: CancellationToken,
     /// Each listener's bound address, by name, for `--ready-file`.
     addresses: std::collections::BTreeMap<&'static str, SocketAddr>,
+    /// The process's one readiness, which every `/readyz` answers from: set once every
+    /// listener is up (`announce`), cleared when shutdown begins.
+    ready: watch::Sender<bool>,
 }
 
 impl Servers {
@@ -86,11 +90,19 @@ impl Servers {
             tasks: JoinSet::new(),
             shutdown: CancellationToken::new(),
             addresses: Default::default(),
+            ready: watch::channel(false).0,
         }
     }
 
-    /// Every listener is up: writes their addresses to the ready file, if one is asked for.
+    /// The process's readiness, for the probes.
+    pub fn readiness(&self) -> watch::Receiver<bool> {
+        self.ready.subscribe()
+    }
+
+    /// Every listener is up: the process is ready, and their addresses go to the ready
+    /// file if one is asked for.
     pub fn announce(&self, ready_file: Option<&std::path::Path>) -> anyhow::Result<()> {
+        self.ready.send_replace(true);
         match ready_file {
             Some(path) => crate::ready_file::write(path, &self.addresses),
             None => Ok(()),
@@ -148,6 +160,7 @@ impl Servers {
             storage.metadata.clone(),
         )
         .context("opening the registry")?;
+        registry.set_readiness(self.readiness());
         // The registry shares the blob store with the CAS (and a data dir may have served
         // a coordinator before): GC keeps whatever the action cache references.
         registry.set_gc_roots(Arc::new(ActionCacheRoots {
@@ -195,7 +208,7 @@ impl Servers {
             } else {
                 (
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "not ready: not registered with the coordinator\n",
+                    "not ready: starting, shutting down, or (a worker) not registered with its coordinator\n",
                 )
             })
         };
@@ -281,6 +294,8 @@ impl Servers {
             }
             Some(result) = self.tasks.join_next() => Some(result),
         };
+        // Not ready from here on: load balancers stop sending work while streams end.
+        self.ready.send_replace(false);
         // A task that finished its work on purpose (a drained worker) cancelled first.
         let stopped_on_purpose = self.shutdown.is_cancelled();
         self.shutdown.cancel();

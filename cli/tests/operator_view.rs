@@ -591,6 +591,11 @@ fn the_ready_file_names_every_listener() {
         http_get(&format!("http://{}/healthz", addresses["metrics"])).0,
         200
     );
+    // One readiness, answered on both ports.
+    for port in ["metrics", "registry"] {
+        let url = format!("http://{}/readyz", addresses[port]);
+        assert_eq!(http_get(&url).0, 200, "{url}");
+    }
     assert_eq!(
         http_get(&format!("http://{}/v2/", addresses["registry"])).0,
         200

@@ -21,19 +21,35 @@ const API_VERSION: HeaderName = HeaderName::from_static("docker-distribution-api
 
 pub fn router(state: Arc<RegistryState>) -> Router {
     Router::new()
-        // Probes for orchestrators. Outside /v2/, so auth never applies; the metadata and
-        // blob stores are open before the router exists, so serving means ready.
+        // Probes for orchestrators, outside /v2/ so auth never applies. Ready is the
+        // process's readiness when the binary gives one (`Registry::set_readiness`), so
+        // this port and the metrics port agree; else serving means ready.
         .route(
             "/healthz",
             axum::routing::get(|| std::future::ready("ok\n")),
         )
-        .route(
-            "/readyz",
-            axum::routing::get(|| std::future::ready("ready\n")),
-        )
+        .route("/readyz", axum::routing::get(readiness))
         .fallback(handle)
         .with_state(state)
         .layer(axum::middleware::map_response(add_api_version))
+}
+
+async fn readiness(State(state): State<Arc<RegistryState>>) -> Response {
+    let ready = state
+        .readiness
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .as_ref()
+        .is_none_or(|ready| *ready.borrow());
+    if ready {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: starting or shutting down\n",
+        )
+            .into_response()
+    }
 }
 
 async fn add_api_version(mut response: Response) -> Response {

@@ -63,6 +63,8 @@ pub(crate) struct RegistryState {
     /// never lands referring to a blob being collected.
     pub gc_fence: tokio::sync::RwLock<()>,
     pub gc_roots: std::sync::RwLock<Option<Arc<dyn GcRoots>>>,
+    /// What `/readyz` answers from; unset, serving means ready.
+    pub readiness: std::sync::RwLock<Option<tokio::sync::watch::Receiver<bool>>>,
 }
 
 /// A repository and how much it holds.
@@ -105,6 +107,7 @@ impl Registry {
             auth,
             gc_fence: tokio::sync::RwLock::new(()),
             gc_roots: std::sync::RwLock::new(None),
+            readiness: std::sync::RwLock::new(None),
             config,
         };
         Ok(Registry {
@@ -120,6 +123,16 @@ impl Registry {
             .gc_roots
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(roots);
+    }
+
+    /// Makes `/readyz` answer from `ready`, the process's one readiness (so that every
+    /// port's probe says the same: not ready while starting or shutting down).
+    pub fn set_readiness(&self, ready: tokio::sync::watch::Receiver<bool>) {
+        *self
+            .state
+            .readiness
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(ready);
     }
 
     /// The HTTP API as an axum router (for embedding next to other services).

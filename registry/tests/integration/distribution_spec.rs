@@ -17,6 +17,25 @@ async fn health_probes_answer_even_with_auth_on() {
     reg.get("/v2/").await.expect(StatusCode::UNAUTHORIZED);
 }
 
+/// Given the process's readiness, `/readyz` answers from it (the binary gives every port
+/// the same one); the liveness probe does not change.
+#[tokio::test]
+async fn readiness_follows_the_process() {
+    let (_dir, reg) = TestRegistry::start(permissive_config()).await;
+    let (ready, readiness) = tokio::sync::watch::channel(false);
+    reg.registry.set_readiness(readiness);
+    reg.get("/readyz")
+        .await
+        .expect(StatusCode::SERVICE_UNAVAILABLE);
+    reg.get("/healthz").await.expect(StatusCode::OK);
+    ready.send_replace(true);
+    reg.get("/readyz").await.expect(StatusCode::OK);
+    ready.send_replace(false);
+    reg.get("/readyz")
+        .await
+        .expect(StatusCode::SERVICE_UNAVAILABLE);
+}
+
 #[tokio::test]
 async fn base_endpoint_answers_with_the_api_version() {
     let (_dir, reg) = TestRegistry::start(permissive_config()).await;
