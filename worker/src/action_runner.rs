@@ -162,6 +162,8 @@ impl ActionRunner {
         }
     }
 
+    /// One action in `action_dir`, in its phases: prepare (read the Action and Command,
+    /// build the input root), execute, upload the outputs. The caller cleans up.
     async fn run_in(
         &self,
         request: &ActionRequest,
@@ -170,11 +172,72 @@ impl ActionRunner {
         cancel: &CancellationToken,
         progress: &mut Progress,
     ) -> Result<(), WorkerError> {
+        let prepared = self
+            .prepare(request, action_dir, reused_dir, progress)
+            .await?;
+        let (logs, exit) = self
+            .execute(&prepared, action_dir, cancel, progress)
+            .await?;
+        let result = self
+            .upload_outputs(request, action_dir, &prepared.command, logs, exit, progress)
+            .await?;
+        progress.result = Some(result);
+        if exit == CommandExit::TimedOut {
+            return Err(WorkerError::Timeout(prepared.timeout));
+        }
+        Ok(())
+    }
+
+    /// Reads the Action and Command (inline or from the cache and CAS) and builds the
+    /// input root in `exec_root`, with the outputs' parent directories.
+    async fn prepare(
+        &self,
+        request: &ActionRequest,
+        exec_root: &std::path::Path,
+        reused_dir: bool,
+        progress: &mut Progress,
+    ) -> Result<Prepared, WorkerError> {
         let instance = request.instance_name.as_str();
-        let function = request.digest_function();
         progress.metadata.input_fetch_start_timestamp = now();
         // Stage spans end when dropped, early returns included.
         let input_fetch = StageSpan::under_current("input_fetch");
+        let (action, command, input_root) =
+            self.read_action(request, &input_fetch, progress).await?;
+        let working_dir = output_collector::check_paths(exec_root, &command)?;
+        if !reused_dir {
+            std::fs::create_dir(exec_root)
+                .map_err(WorkerError::io("creating the action directory"))?;
+        }
+        // An empty Directory encodes to the empty blob: nothing to fetch or build.
+        if !input_root.is_empty_blob() {
+            let fetched = materialise(&self.cache, &self.cas, instance, input_root, exec_root)
+                .in_stage(&input_fetch)
+                .await?;
+            add(&mut progress.fetched, fetched);
+        }
+        output_collector::create_output_parents(exec_root, &command)?;
+        progress.metadata.input_fetch_completed_timestamp = now();
+        input_fetch.end();
+        let timeout = request
+            .timeout
+            .or_else(|| action.timeout.and_then(|t| duration(&t)))
+            .unwrap_or(self.default_timeout);
+        Ok(Prepared {
+            command,
+            working_dir,
+            timeout,
+        })
+    }
+
+    /// The Action, its Command and its input root's digest.
+    async fn read_action(
+        &self,
+        request: &ActionRequest,
+        input_fetch: &StageSpan,
+        progress: &mut Progress,
+    ) -> Result<(reapi::Action, reapi::Command, Digest), WorkerError> {
+        let instance = request.instance_name.as_str();
+        let function = request.digest_function();
         let action = match inline_message(
             request.inline_action.as_deref(),
             request.action_digest,
@@ -189,7 +252,7 @@ impl ActionRunner {
                     &[request.action_digest],
                     "Action",
                 )
-                .in_stage(&input_fetch)
+                .in_stage(input_fetch)
                 .await?;
                 add(&mut progress.fetched, fetched);
                 actions.pop().expect("one digest, one message")
@@ -205,21 +268,19 @@ impl ActionRunner {
             action.input_root_digest.as_ref(),
             "Action.input_root_digest",
         )?;
-        // An empty Directory encodes to the empty blob: nothing to fetch or build.
-        let empty_input_root = input_root.is_empty_blob();
         let command =
             match inline_message(request.inline_command.as_deref(), command_digest, "Command")? {
                 Some(command) => command,
                 None => {
                     // One round trip for the Command and the input root's top Directory.
                     let mut keys = vec![CacheKey::file(command_digest)];
-                    if !empty_input_root {
+                    if !input_root.is_empty_blob() {
                         keys.push(CacheKey::file(input_root));
                     }
                     let (_, fetched) = self
                         .cache
                         .fetch_missing(&self.cas, instance, &keys)
-                        .in_stage(&input_fetch)
+                        .in_stage(input_fetch)
                         .await?;
                     add(&mut progress.fetched, fetched);
                     let (mut commands, _) = fetch_messages::<reapi::Command>(
@@ -229,7 +290,7 @@ impl ActionRunner {
                         &[command_digest],
                         "Command",
                     )
-                    .in_stage(&input_fetch)
+                    .in_stage(input_fetch)
                     .await?;
                     commands.pop().expect("one digest, one message")
                 }
@@ -239,27 +300,18 @@ impl ActionRunner {
                 "Command.arguments is empty".into(),
             ));
         }
+        Ok((action, command, input_root))
+    }
 
-        let exec_root = action_dir;
-        let working_dir = output_collector::check_paths(exec_root, &command)?;
-        if !reused_dir {
-            std::fs::create_dir(exec_root)
-                .map_err(WorkerError::io("creating the action directory"))?;
-        }
-        if !empty_input_root {
-            let fetched = materialise(&self.cache, &self.cas, instance, input_root, exec_root)
-                .in_stage(&input_fetch)
-                .await?;
-            add(&mut progress.fetched, fetched);
-        }
-        output_collector::create_output_parents(exec_root, &command)?;
-        progress.metadata.input_fetch_completed_timestamp = now();
-        input_fetch.end();
-
-        let timeout = request
-            .timeout
-            .or_else(|| action.timeout.and_then(|t| duration(&t)))
-            .unwrap_or(self.default_timeout);
+    /// Runs the command; returns its logs and how it ended.
+    async fn execute(
+        &self,
+        prepared: &Prepared,
+        exec_root: &std::path::Path,
+        cancel: &CancellationToken,
+        progress: &mut Progress,
+    ) -> Result<(Logs, CommandExit), WorkerError> {
+        let command = &prepared.command;
         let spec = CommandSpec {
             arguments: command.arguments.clone(),
             environment: command
@@ -267,9 +319,9 @@ impl ActionRunner {
                 .iter()
                 .map(|v| (v.name.clone(), v.value.clone()))
                 .collect(),
-            working_dir,
+            working_dir: prepared.working_dir.clone(),
             exec_root: exec_root.to_path_buf(),
-            timeout,
+            timeout: prepared.timeout,
             stdout: Arc::new(log_file(c"stdout")?),
             stderr: Arc::new(log_file(c"stderr")?),
         };
@@ -285,16 +337,34 @@ impl ActionRunner {
         if exit == CommandExit::Cancelled {
             return Err(WorkerError::Cancelled);
         }
+        let logs = Logs {
+            stdout: spec.stdout,
+            stderr: spec.stderr,
+        };
+        Ok((logs, exit))
+    }
 
+    /// Hashes the logs and the outputs the Command names, uploads what the CAS lacks and
+    /// returns the ActionResult.
+    async fn upload_outputs(
+        &self,
+        request: &ActionRequest,
+        exec_root: &std::path::Path,
+        command: &reapi::Command,
+        logs: Logs,
+        exit: CommandExit,
+        progress: &mut Progress,
+    ) -> Result<reapi::ActionResult, WorkerError> {
+        let function = request.digest_function();
         progress.metadata.output_upload_start_timestamp = now();
         let output_upload = StageSpan::under_current("output_upload");
         let (stdout, stderr) = (
-            hash_log(function, &spec.stdout)?,
-            hash_log(function, &spec.stderr)?,
+            hash_log(function, &logs.stdout)?,
+            hash_log(function, &logs.stderr)?,
         );
         let mut blobs = vec![
-            (stdout, BlobSource::Open(spec.stdout.clone())),
-            (stderr, BlobSource::Open(spec.stderr.clone())),
+            (stdout, BlobSource::Open(logs.stdout)),
+            (stderr, BlobSource::Open(logs.stderr)),
         ];
         let mut result = reapi::ActionResult {
             exit_code: exit.exit_code(),
@@ -303,7 +373,7 @@ impl ActionRunner {
             ..Default::default()
         };
         // A timed-out action's outputs may be half-written: report only its logs.
-        if exit != CommandExit::TimedOut && output_collector::wants_outputs(&command) {
+        if exit != CommandExit::TimedOut && output_collector::wants_outputs(command) {
             // Hashing outputs is blocking file I/O; keep it off the async workers.
             let (root, wanted) = (exec_root.to_path_buf(), command.clone());
             let outputs = tokio::task::spawn_blocking(move || {
@@ -318,17 +388,26 @@ impl ActionRunner {
             blobs.extend(outputs.blobs);
         }
         self.cas
-            .upload_missing(instance, blobs)
+            .upload_missing(&request.instance_name, blobs)
             .in_stage(&output_upload)
             .await?;
         progress.metadata.output_upload_completed_timestamp = now();
         output_upload.end();
-        progress.result = Some(result);
-        if exit == CommandExit::TimedOut {
-            return Err(WorkerError::Timeout(timeout));
-        }
-        Ok(())
+        Ok(result)
     }
+}
+
+/// An action ready to run: its Command, where it runs, and for how long at most.
+struct Prepared {
+    command: reapi::Command,
+    working_dir: std::path::PathBuf,
+    timeout: Duration,
+}
+
+/// An action's captured stdout and stderr (in-memory files).
+struct Logs {
+    stdout: Arc<std::fs::File>,
+    stderr: Arc<std::fs::File>,
 }
 
 /// Decodes a message the Assign carried, after checking it against the digest it claims
