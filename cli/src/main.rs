@@ -5,6 +5,7 @@ mod config;
 mod join_token;
 mod key_value;
 mod publish;
+mod publish_bars;
 mod ready_file;
 mod run;
 mod servers;

@@ -184,7 +184,9 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
         provenance,
         tags,
         credentials: CredentialStore::from_environment()?,
-        show_progress: !args.no_progress,
+        progress: kiln_publish::ProgressSink(std::sync::Arc::new(
+            crate::publish_bars::PublishBars::new(!args.no_progress),
+        )),
     };
     let outcome = kiln_publish::publish(request).await?;
     println!("{}", outcome.pinned_reference);

@@ -29,5 +29,6 @@ pub use git_metadata::{branch_tag, GitMetadata, SHORT_SHA_LEN};
 pub use image_config::{Provenance, RuntimeSettings, TargetPlatform, DEFAULT_USER};
 pub use image_reference::ImageReference;
 pub use layer::{build_layer, Compression, LayerBlob};
-pub use publisher::{publish, BlobTransfer, PublishOutcome, PublishRequest};
+pub use progress::{BlobProgress, BlobTransfer, NoProgress, ProgressSink, PublishProgress};
+pub use publisher::{publish, PublishOutcome, PublishRequest};
 pub use registry_client::{BlobSource, MountOutcome, RegistryClient, OCI_MANIFEST};

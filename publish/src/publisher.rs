@@ -12,7 +12,7 @@ use crate::image_config::{
 };
 use crate::image_reference::ImageReference;
 use crate::layer::{build_layer, sha256_digest, Compression, LayerBlob};
-use crate::progress::Progress;
+use crate::progress::{BlobProgress, BlobTransfer, ProgressSink};
 use crate::registry_client::{
     BlobSource, MountOutcome, RegistryClient, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST,
 };
@@ -37,19 +37,8 @@ pub struct PublishRequest {
     /// Tags to push; each is checked against the tag grammar before anything is pushed.
     pub tags: Vec<String>,
     pub credentials: CredentialStore,
-    pub show_progress: bool,
-}
-
-/// What happened to one blob.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BlobTransfer {
-    /// The registry already had it.
-    Existed,
-    /// Mounted from the base image's repository.
-    Mounted,
-    /// Copied from the base image's registry.
-    Copied,
-    Uploaded,
+    /// Where blob transfers are reported (the CLI draws bars; nothing by default).
+    pub progress: ProgressSink,
 }
 
 #[derive(Debug)]
@@ -67,9 +56,10 @@ pub struct PublishOutcome {
     pub tags_refused: Vec<(String, String)>,
 }
 
-/// Builds the image from `request.content` and pushes it with its tags. Everything runs
-/// in one `publish` span whose context goes with every request, so a publish is one
-/// trace across the coordinator and the registry.
+/// Builds the image from `request.content` and pushes it with its tags, in phases:
+/// resolve the target and the base, build the image, push its blobs, then the manifest
+/// and the tags. Everything runs in one `publish` span whose context goes with every
+/// request, so a publish is one trace across the coordinator and the registry.
 #[tracing::instrument(name = "publish", skip_all, fields(repository = %request.repository))]
 pub async fn publish(request: PublishRequest) -> Result<PublishOutcome> {
     kiln_store::validate_repository_name(&request.repository)?;
@@ -82,29 +72,81 @@ pub async fn publish(request: PublishRequest) -> Result<PublishOutcome> {
         request.credentials.for_registry(&request.registry)?,
     )?;
     let base = match &request.base {
-        Some(text) => {
-            let reference = ImageReference::parse(text, &request.registry)?;
-            let client = if reference.registry == request.registry {
-                None
-            } else {
-                Some(RegistryClient::new(
-                    &reference.registry,
-                    request.insecure,
-                    request.credentials.for_registry(&reference.registry)?,
-                )?)
-            };
-            let image = resolve_base(
-                client.as_ref().unwrap_or(&target),
-                &reference,
-                text,
-                &request.runtime.platform,
-            )
-            .await?;
-            Some((reference, client, image))
-        }
+        Some(text) => Some(Base::resolve(&request, &target, text).await?),
         None => None,
     };
+    let image = build_image(&request, base.as_ref().map(|b| &b.image)).await?;
+    let mut blobs = Vec::new();
+    if let Some(base) = &base {
+        blobs.extend(push_base_layers(&request, &target, base).await?);
+    }
+    blobs.extend(push_image_blobs(&request, &target, &image).await?);
+    let (manifest_digest, tags_pushed, tags_refused) =
+        push_manifest_and_tags(&request, &target, &image.manifest_bytes).await?;
+    Ok(PublishOutcome {
+        pinned_reference: format!(
+            "{}/{}@{manifest_digest}",
+            request.registry, request.repository
+        ),
+        manifest_digest,
+        config_digest: image.config_digest,
+        layer_digest: image.layer.digest.clone(),
+        diff_id: image.layer.diff_id.clone(),
+        blobs,
+        tags_pushed,
+        tags_refused,
+    })
+}
 
+/// The base image: where it lives and what it holds.
+struct Base {
+    reference: ImageReference,
+    /// A client for the base's registry when it is not the target's.
+    client: Option<RegistryClient>,
+    image: BaseImage,
+}
+
+impl Base {
+    async fn resolve(
+        request: &PublishRequest,
+        target: &RegistryClient,
+        text: &str,
+    ) -> Result<Self> {
+        let reference = ImageReference::parse(text, &request.registry)?;
+        let client = if reference.registry == request.registry {
+            None
+        } else {
+            Some(RegistryClient::new(
+                &reference.registry,
+                request.insecure,
+                request.credentials.for_registry(&reference.registry)?,
+            )?)
+        };
+        let image = resolve_base(
+            client.as_ref().unwrap_or(target),
+            &reference,
+            text,
+            &request.runtime.platform,
+        )
+        .await?;
+        Ok(Base {
+            reference,
+            client,
+            image,
+        })
+    }
+}
+
+/// The new image, built and not yet pushed.
+struct BuiltImage {
+    layer: LayerBlob,
+    config_digest: String,
+    config_bytes: Vec<u8>,
+    manifest_bytes: Vec<u8>,
+}
+
+/// Builds the new layer (staging action outputs first), the config and the manifest.
+async fn build_image(request: &PublishRequest, base: Option<&BaseImage>) -> Result<BuiltImage> {
     // Action outputs are staged in a temporary directory that lives until the layer is built.
     let staged;
     let content = match &request.content {
@@ -137,74 +179,88 @@ pub async fn publish(request: PublishRequest) -> Result<PublishOutcome> {
         media_type: layer.media_type().to_string(),
         comment: request.content_description.clone(),
     };
-    let base_image = base.as_ref().map(|(_, _, image)| image);
-    let config = build_config(
-        base_image,
-        &request.runtime,
-        &request.provenance,
-        &new_layer,
-    )?;
+    let config = build_config(base, &request.runtime, &request.provenance, &new_layer)?;
     let config_bytes = canonical_json(&config)?;
     let config_digest = sha256_digest(&config_bytes);
     let manifest = build_manifest(
         &config_digest,
         config_bytes.len() as u64,
-        base_image,
+        base,
         &new_layer,
         &request.provenance,
     )?;
-    let manifest_bytes = canonical_json(&manifest)?;
+    Ok(BuiltImage {
+        manifest_bytes: canonical_json(&manifest)?,
+        layer,
+        config_digest,
+        config_bytes,
+    })
+}
 
-    let progress = Progress::new(request.show_progress);
+/// Makes the base's layers present in the target: already there, mounted from the base's
+/// repository, or copied from the base's registry.
+async fn push_base_layers(
+    request: &PublishRequest,
+    target: &RegistryClient,
+    base: &Base,
+) -> Result<Vec<(String, BlobTransfer)>> {
     let repository = &request.repository;
     let mut blobs = Vec::new();
-    if let Some((reference, source_client, image)) = &base {
-        for descriptor in &image.layers {
-            let digest = descriptor.digest().to_string();
-            let bar = progress.blob(&short(&digest), descriptor.size());
-            let transfer = if target.blob_exists(repository, &digest).await? {
-                BlobTransfer::Existed
-            } else {
-                let session = match source_client {
-                    None => {
-                        match target
-                            .mount_blob(repository, &digest, &reference.repository)
-                            .await?
-                        {
-                            MountOutcome::Mounted => None,
-                            MountOutcome::UploadStarted(session) => Some(session),
-                        }
-                    }
-                    Some(_) => Some(target.start_upload(repository).await?),
-                };
-                match session {
-                    None => BlobTransfer::Mounted,
-                    Some(session) => {
-                        let source = BlobSource {
-                            client: source_client.as_ref().unwrap_or(&target),
-                            repository: &reference.repository,
-                        };
-                        target
-                            .copy_blob_from(
-                                source,
-                                repository,
-                                session,
-                                &digest,
-                                descriptor.size(),
-                                &bar,
-                            )
-                            .await?;
-                        BlobTransfer::Copied
+    for descriptor in &base.image.layers {
+        let digest = descriptor.digest().to_string();
+        let progress = BlobProgress::new(&request.progress, &digest, descriptor.size());
+        let transfer = if target.blob_exists(repository, &digest).await? {
+            BlobTransfer::Existed
+        } else {
+            let session = match &base.client {
+                None => {
+                    match target
+                        .mount_blob(repository, &digest, &base.reference.repository)
+                        .await?
+                    {
+                        MountOutcome::Mounted => None,
+                        MountOutcome::UploadStarted(session) => Some(session),
                     }
                 }
+                Some(_) => Some(target.start_upload(repository).await?),
             };
-            finish_bar(&bar, transfer);
-            tracing::info!(%digest, ?transfer, "base layer");
-            blobs.push((digest, transfer));
-        }
+            match session {
+                None => BlobTransfer::Mounted,
+                Some(session) => {
+                    let source = BlobSource {
+                        client: base.client.as_ref().unwrap_or(target),
+                        repository: &base.reference.repository,
+                    };
+                    target
+                        .copy_blob_from(
+                            source,
+                            repository,
+                            session,
+                            &digest,
+                            descriptor.size(),
+                            &progress,
+                        )
+                        .await?;
+                    BlobTransfer::Copied
+                }
+            }
+        };
+        progress.finish(transfer);
+        tracing::info!(%digest, ?transfer, "base layer");
+        blobs.push((digest, transfer));
     }
+    Ok(blobs)
+}
 
-    let bar = progress.blob(&short(&layer.digest), layer.size);
+/// Pushes the new layer and the config, unless the registry has them.
+async fn push_image_blobs(
+    request: &PublishRequest,
+    target: &RegistryClient,
+    image: &BuiltImage,
+) -> Result<Vec<(String, BlobTransfer)>> {
+    let repository = &request.repository;
+    let layer = &image.layer;
+    let progress = BlobProgress::new(&request.progress, &layer.digest, layer.size);
     let transfer = if target.blob_exists(repository, &layer.digest).await? {
         BlobTransfer::Existed
     } else {
@@ -216,35 +272,45 @@ pub async fn publish(request: PublishRequest) -> Result<PublishOutcome> {
                 layer.path(),
                 &layer.digest,
                 layer.size,
-                &bar,
+                &progress,
             )
             .await?;
         BlobTransfer::Uploaded
     };
-    finish_bar(&bar, transfer);
+    progress.finish(transfer);
     tracing::info!(digest = %layer.digest, ?transfer, "layer");
-    blobs.push((layer.digest.clone(), transfer));
+    let mut blobs = vec![(layer.digest.clone(), transfer)];
 
-    let transfer = if target.blob_exists(repository, &config_digest).await? {
+    let transfer = if target.blob_exists(repository, &image.config_digest).await? {
         BlobTransfer::Existed
     } else {
         target
-            .upload_bytes(repository, &config_digest, config_bytes)
+            .upload_bytes(repository, &image.config_digest, image.config_bytes.clone())
             .await?;
         BlobTransfer::Uploaded
     };
-    blobs.push((config_digest.clone(), transfer));
+    blobs.push((image.config_digest.clone(), transfer));
+    Ok(blobs)
+}
 
-    // By digest first: the image lands (and can be pinned) even if every tag is refused.
-    let manifest_digest = sha256_digest(&manifest_bytes);
+/// Pushes the manifest by digest, then under each tag: the image lands (and can be
+/// pinned) even if every tag is refused. Returns the digest, the tags pushed and the
+/// refused ones with the registry's reason.
+async fn push_manifest_and_tags(
+    request: &PublishRequest,
+    target: &RegistryClient,
+    manifest_bytes: &[u8],
+) -> Result<(String, Vec<String>, Vec<(String, String)>)> {
+    let repository = &request.repository;
+    let manifest_digest = sha256_digest(manifest_bytes);
     target
-        .put_manifest(repository, &manifest_digest, OCI_MANIFEST, &manifest_bytes)
+        .put_manifest(repository, &manifest_digest, OCI_MANIFEST, manifest_bytes)
         .await?;
     let mut tags_pushed = Vec::new();
     let mut tags_refused = Vec::new();
     for tag in &request.tags {
         match target
-            .put_manifest(repository, tag, OCI_MANIFEST, &manifest_bytes)
+            .put_manifest(repository, tag, OCI_MANIFEST, manifest_bytes)
             .await
         {
             Ok(_) => {
@@ -257,38 +323,7 @@ pub async fn publish(request: PublishRequest) -> Result<PublishOutcome> {
             }
         }
     }
-    Ok(PublishOutcome {
-        pinned_reference: format!("{}/{repository}@{manifest_digest}", request.registry),
-        manifest_digest,
-        config_digest,
-        layer_digest: layer.digest.clone(),
-        diff_id: layer.diff_id.clone(),
-        blobs,
-        tags_pushed,
-        tags_refused,
-    })
-}
-
-fn short(digest: &str) -> String {
-    digest
-        .split_once(':')
-        .map_or(digest, |(_, hex)| hex)
-        .chars()
-        .take(12)
-        .collect()
-}
-
-fn finish_bar(bar: &indicatif::ProgressBar, transfer: BlobTransfer) {
-    let message = match transfer {
-        BlobTransfer::Existed => "exists",
-        BlobTransfer::Mounted => "mounted",
-        BlobTransfer::Copied => "copied",
-        BlobTransfer::Uploaded => "pushed",
-    };
-    if let Some(total) = bar.length() {
-        bar.set_position(total);
-    }
-    bar.finish_with_message(message);
+    Ok((manifest_digest, tags_pushed, tags_refused))
 }
 
 /// Fetches the base image's manifest and config, choosing the platform's manifest when

@@ -12,6 +12,7 @@ use reqwest::{Method, StatusCode, Url};
 use crate::credentials::Credentials;
 use crate::error::{PublishError, Result};
 use crate::layer::sha256_digest;
+use crate::progress::BlobProgress;
 
 /// Manifest media types kiln reads (and, for the OCI manifest, writes).
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -191,17 +192,18 @@ impl RegistryClient {
         path: &Path,
         digest: &str,
         size: u64,
-        progress: &indicatif::ProgressBar,
+        progress: &BlobProgress,
     ) -> Result<()> {
         let url = with_digest(session, digest);
         let scopes = [repository_scope(repository, "pull,push")];
         let make = || {
             let file = std::fs::File::open(path)
                 .map_err(|e| PublishError::io(format!("opening {}", path.display()), e))?;
-            progress.set_position(0);
+            // Each attempt counts from 0 again.
+            progress.start();
             let progress = progress.clone();
             let stream = tokio_util::io::ReaderStream::new(tokio::fs::File::from_std(file))
-                .inspect_ok(move |chunk| progress.inc(chunk.len() as u64));
+                .inspect_ok(move |chunk| progress.advance(chunk.len() as u64));
             Ok(self
                 .http
                 .put(url.clone())
@@ -238,14 +240,14 @@ impl RegistryClient {
         session: Url,
         digest: &str,
         size: u64,
-        progress: &indicatif::ProgressBar,
+        progress: &BlobProgress,
     ) -> Result<()> {
         let download = source.client.get_blob(source.repository, digest).await?;
         let progress = progress.clone();
         let body = reqwest::Body::wrap_stream(
             download
                 .bytes_stream()
-                .inspect_ok(move |chunk| progress.inc(chunk.len() as u64)),
+                .inspect_ok(move |chunk| progress.advance(chunk.len() as u64)),
         );
         let request = self
             .http

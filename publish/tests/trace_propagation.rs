@@ -65,7 +65,7 @@ fn a_publish_is_one_trace_across_coordinator_and_registry() {
                 }),
                 docker_config: None,
             },
-            show_progress: false,
+            progress: Default::default(),
         }))
         .expect("the image is published");
     assert_eq!(outcome.tags_pushed, ["abc1234"]);

@@ -134,7 +134,7 @@ async fn publish_content(
         provenance: Provenance::default(),
         tags: vec![],
         credentials: CredentialStore::default(),
-        show_progress: false,
+        progress: Default::default(),
     })
     .await
 }

@@ -33,7 +33,7 @@ fn request(registry: &str, repository: &str, content: &Path, tags: &[&str]) -> P
         },
         tags: tags.iter().map(|t| t.to_string()).collect(),
         credentials: CredentialStore::default(),
-        show_progress: false,
+        progress: Default::default(),
     }
 }
 

@@ -34,7 +34,7 @@ fn request(
         },
         tags: tags.iter().map(|t| t.to_string()).collect(),
         credentials,
-        show_progress: false,
+        progress: Default::default(),
     }
 }
 
@@ -204,4 +204,58 @@ async fn refused_tags_are_reported_and_the_others_land() {
         .await
         .unwrap();
     assert!(response.status().is_success());
+}
+
+/// What the progress trait is told: every blob's start and how it ended, and for an
+/// uploaded layer, bytes adding up to its size. The CLI's bars draw from nothing else.
+#[tokio::test]
+async fn progress_reports_every_blob_transfer() {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+
+    use kiln_publish::{BlobTransfer, ProgressSink, PublishProgress};
+
+    #[derive(Default)]
+    struct Recorded {
+        sizes: Mutex<HashMap<String, u64>>,
+        sent: Mutex<HashMap<String, u64>>,
+        finished: Mutex<HashMap<String, BlobTransfer>>,
+    }
+    impl PublishProgress for Recorded {
+        fn blob_started(&self, digest: &str, size: u64) {
+            self.sizes.lock().unwrap().insert(digest.into(), size);
+            self.sent.lock().unwrap().insert(digest.into(), 0);
+        }
+        fn blob_progressed(&self, digest: &str, bytes: u64) {
+            *self.sent.lock().unwrap().entry(digest.into()).or_default() += bytes;
+        }
+        fn blob_finished(&self, digest: &str, transfer: BlobTransfer) {
+            self.finished
+                .lock()
+                .unwrap()
+                .insert(digest.into(), transfer);
+        }
+    }
+
+    let registry = kiln_servers::registry(false).await;
+    let dir = dir_with("reported\n");
+    let recorded = Arc::new(Recorded::default());
+    let mut publishing = request(
+        &registry.address,
+        dir.path(),
+        &["v9.9.9"],
+        CredentialStore::default(),
+    );
+    publishing.progress = ProgressSink(recorded.clone());
+    let outcome = publish(publishing).await.unwrap();
+    let layer = &outcome.layer_digest;
+    let finished = recorded.finished.lock().unwrap();
+    assert_eq!(finished.get(layer), Some(&BlobTransfer::Uploaded));
+    let size = recorded.sizes.lock().unwrap()[layer];
+    assert!(size > 0);
+    assert_eq!(
+        recorded.sent.lock().unwrap()[layer],
+        size,
+        "bytes sent add up"
+    );
 }
