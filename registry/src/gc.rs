@@ -13,7 +13,6 @@ use futures::TryStreamExt;
 use kiln_store::ContentHash;
 
 use crate::error::{RegistryError, Result};
-use crate::repository_index::now_millis;
 use crate::RegistryState;
 
 /// Blobs something outside the registry still needs (e.g. the CAS's live outputs).
@@ -44,7 +43,7 @@ pub async fn run(state: &RegistryState, dry_run: bool) -> Result<GcReport> {
         dry_run,
         ..GcReport::default()
     };
-    let now = now_millis();
+    let now = state.clock.now_millis();
     let upload_cutoff = now.saturating_sub(state.config.gc.upload_ttl_secs.saturating_mul(1000));
     let mut sessions = state.uploads.all();
     while let Some((id, session)) = sessions.try_next().await? {

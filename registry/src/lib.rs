@@ -13,6 +13,7 @@
 mod auth;
 mod blob_api;
 mod call;
+mod clock;
 mod config;
 pub mod endpoint;
 mod error;
@@ -33,6 +34,7 @@ use std::sync::Arc;
 
 use kiln_store::{BlobStore, MetadataStore};
 
+pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{
     Action, AuthConfig, GcConfig, GrantConfig, LimitsConfig, RegistryConfig, RetentionConfig,
     TagPolicyConfig, UserConfig,
@@ -65,6 +67,8 @@ pub(crate) struct RegistryState {
     pub gc_roots: std::sync::RwLock<Option<Arc<dyn GcRoots>>>,
     /// What `/readyz` answers from; unset, serving means ready.
     pub readiness: std::sync::RwLock<Option<tokio::sync::watch::Receiver<bool>>>,
+    /// Where record timestamps and GC/retention cut-offs come from.
+    pub clock: Arc<dyn Clock>,
 }
 
 /// A repository and how much it holds.
@@ -89,6 +93,16 @@ impl Registry {
         blobs: Arc<dyn BlobStore>,
         metadata: Arc<dyn MetadataStore>,
     ) -> Result<Self, RegistryError> {
+        Self::open_with_clock(config, blobs, metadata, Arc::new(SystemClock))
+    }
+
+    /// [`Registry::open`] on a clock of the caller's (tests decide what time it is).
+    pub fn open_with_clock(
+        config: RegistryConfig,
+        blobs: Arc<dyn BlobStore>,
+        metadata: Arc<dyn MetadataStore>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, RegistryError> {
         let policy = TagPolicy::new(&config.tag_policies)?;
         let auth = Authenticator::new(&config.auth)?;
         if config.limits.max_page_size == 0 {
@@ -100,8 +114,9 @@ impl Registry {
             upload_slots: Arc::new(tokio::sync::Semaphore::new(
                 config.limits.max_concurrent_uploads,
             )),
-            index: RepositoryIndex::new(metadata.clone()),
-            uploads: UploadSessions::new(metadata, blobs.clone()),
+            index: RepositoryIndex::new(metadata.clone(), clock.clone()),
+            uploads: UploadSessions::new(metadata, blobs.clone(), clock.clone()),
+            clock,
             blobs,
             policy,
             auth,

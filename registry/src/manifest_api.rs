@@ -16,7 +16,7 @@ use crate::call::{
 use crate::endpoint::Reference;
 use crate::error::{RegistryError, Result};
 use crate::manifest::{self, OCI_INDEX};
-use crate::repository_index::{now_millis, ManifestPut, ManifestRecord};
+use crate::repository_index::{ManifestPut, ManifestRecord};
 use crate::RegistryState;
 
 /// Resolves a reference to a manifest digest and its record.
@@ -199,7 +199,7 @@ pub async fn put(
         children: parsed.children.iter().map(|c| c.hash).collect(),
         // Only the referrers API reads annotations, and only of manifests with a subject.
         annotations: parsed.annotations.filter(|_| subject.is_some()),
-        pushed_at_ms: now_millis(),
+        pushed_at_ms: state.clock.now_millis(),
     };
     state
         .index

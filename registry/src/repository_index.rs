@@ -17,6 +17,7 @@ use kiln_store::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::clock::Clock;
 use crate::error::{RegistryError, Result};
 
 /// Repository name → the time it was created (milliseconds since the epoch).
@@ -62,15 +63,9 @@ pub struct ManifestRecord {
     pub pushed_at_ms: u64,
 }
 
+/// Wall-clock seconds, for token expiry (see [`crate::clock`]).
 pub fn now_secs() -> u64 {
-    now_millis() / 1000
-}
-
-/// Record timestamps are milliseconds, so pushes within one second still order.
-pub fn now_millis() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    crate::clock::wall_clock_millis() / 1000
 }
 
 fn key(repository: &str, item: &str) -> Vec<u8> {
@@ -146,11 +141,17 @@ pub struct ManifestPut<'a> {
 #[derive(Clone)]
 pub struct RepositoryIndex {
     store: Arc<dyn MetadataStore>,
+    /// Record timestamps are its milliseconds, so pushes within one second still order.
+    clock: Arc<dyn Clock>,
 }
 
 impl RepositoryIndex {
-    pub fn new(store: Arc<dyn MetadataStore>) -> Self {
-        RepositoryIndex { store }
+    pub fn new(store: Arc<dyn MetadataStore>, clock: Arc<dyn Clock>) -> Self {
+        RepositoryIndex { store, clock }
+    }
+
+    fn now_millis(&self) -> u64 {
+        self.clock.now_millis()
     }
 
     pub async fn flush(&self) -> Result<()> {
@@ -165,7 +166,7 @@ impl RepositoryIndex {
             batch.put(
                 REPOSITORIES,
                 repository.as_bytes(),
-                millis_value(now_millis()),
+                millis_value(self.now_millis()),
             );
         }
     }
@@ -177,7 +178,7 @@ impl RepositoryIndex {
                 REPOSITORIES,
                 repository.as_bytes(),
                 None,
-                Some(&millis_value(now_millis())),
+                Some(&millis_value(self.now_millis())),
             )
             .await?;
         Ok(())
@@ -219,7 +220,7 @@ impl RepositoryIndex {
             .insert(
                 BLOB_LINKS,
                 &key(repository, &hash.oci()),
-                &millis_value(now_millis()),
+                &millis_value(self.now_millis()),
             )
             .await?;
         Ok(())
@@ -263,7 +264,7 @@ impl RepositoryIndex {
             .insert(
                 OWNED_BLOBS,
                 hash.oci().as_bytes(),
-                &millis_value(now_millis()),
+                &millis_value(self.now_millis()),
             )
             .await?;
         Ok(())
@@ -331,7 +332,7 @@ impl RepositoryIndex {
             batch.put(
                 BLOB_LINKS,
                 key(repository, &digest_text),
-                millis_value(now_millis()),
+                millis_value(self.now_millis()),
             );
             batch.put(MANIFESTS, key(repository, &digest_text), encode(record));
             if let Some(subject) = &record.subject {
@@ -356,7 +357,7 @@ impl RepositoryIndex {
                 batch.expect(TAGS, tag_key.clone(), current);
                 let record = TagRecord {
                     digest,
-                    pushed_at_ms: now_millis(),
+                    pushed_at_ms: self.now_millis(),
                 };
                 batch.put(TAGS, tag_key, encode(&record));
             }

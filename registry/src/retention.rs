@@ -12,7 +12,7 @@ use futures::TryStreamExt;
 use kiln_store::ContentHash;
 
 use crate::error::Result;
-use crate::repository_index::{now_millis, ManifestRecord, TagRecord};
+use crate::repository_index::{ManifestRecord, TagRecord};
 use crate::tag_policy::{classify, TagKind};
 use crate::RegistryState;
 
@@ -117,7 +117,10 @@ async fn plan_repository(
     let Some(grace) = rules.untagged_grace_secs else {
         return Ok(());
     };
-    let cutoff = now_millis().saturating_sub(grace.saturating_mul(1000));
+    let cutoff = state
+        .clock
+        .now_millis()
+        .saturating_sub(grace.saturating_mul(1000));
     let manifests: HashMap<ContentHash, ManifestRecord> =
         state.index.manifests_of(repository).try_collect().await?;
     let tagged: HashSet<ContentHash> = tags

@@ -18,8 +18,8 @@ use kiln_store::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
+use crate::clock::Clock;
 use crate::error::{RegistryError, Result};
-use crate::repository_index::now_millis;
 
 /// Upload id → [`SessionRecord`].
 pub const UPLOADS: Keyspace = Keyspace("registry.uploads");
@@ -49,14 +49,20 @@ pub struct SessionGuard {
 
 pub struct UploadSessions {
     metadata: Arc<dyn MetadataStore>,
+    clock: Arc<dyn Clock>,
     blobs: Arc<dyn BlobStore>,
     slots: dashmap::DashMap<String, Arc<Mutex<Option<OpenWriter>>>>,
 }
 
 impl UploadSessions {
-    pub fn new(metadata: Arc<dyn MetadataStore>, blobs: Arc<dyn BlobStore>) -> Self {
+    pub fn new(
+        metadata: Arc<dyn MetadataStore>,
+        blobs: Arc<dyn BlobStore>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
         UploadSessions {
             metadata,
+            clock,
             blobs,
             slots: dashmap::DashMap::new(),
         }
@@ -65,7 +71,7 @@ impl UploadSessions {
     /// Starts a session and makes it durable, so its id stays valid across a restart.
     pub async fn create(&self, repository: &str) -> Result<String> {
         let id = uuid::Uuid::new_v4().simple().to_string();
-        let now = now_millis();
+        let now = self.clock.now_millis();
         let record = SessionRecord {
             repository: repository.to_string(),
             started_at_ms: now,
@@ -190,7 +196,7 @@ impl UploadSessions {
         let offset = writer.bytes_written();
         if let Some(mut record) = self.record(&session.id).await? {
             record.offset = offset;
-            record.updated_at_ms = now_millis();
+            record.updated_at_ms = self.clock.now_millis();
             self.save(&session.id, &record).await?;
         }
         Ok(offset)

@@ -19,7 +19,9 @@ use hyper::{HeaderMap, Method, StatusCode};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use kiln_registry::{Action, AuthConfig, GrantConfig, Registry, RegistryConfig, UserConfig};
+use kiln_registry::{
+    Action, AuthConfig, GrantConfig, ManualClock, Registry, RegistryConfig, UserConfig,
+};
 use kiln_store::{BlobStore, Digest, DigestFunction, FsBlobStore, SledMetadataStore};
 use serde_json::json;
 
@@ -38,6 +40,8 @@ pub type RequestBody = BoxBody<Bytes, Infallible>;
 pub struct TestRegistry {
     pub addr: SocketAddr,
     pub registry: Registry,
+    /// The registry's clock; it moves only when a test advances it.
+    pub clock: Arc<ManualClock>,
     pub blobs: Arc<FsBlobStore>,
     pub root: PathBuf,
     client: Client<HttpConnector, RequestBody>,
@@ -136,7 +140,10 @@ impl TestRegistry {
         let blobs = Arc::new(FsBlobStore::open(root.join("blobs")).expect("blob store"));
         let metadata =
             Arc::new(SledMetadataStore::open(root.join("metadata")).expect("metadata store"));
-        let registry = Registry::open(config, blobs.clone(), metadata).expect("registry opens");
+        // The tests decide what time it is: GC and retention cut-offs, push order.
+        let clock = Arc::new(ManualClock::new());
+        let registry = Registry::open_with_clock(config, blobs.clone(), metadata, clock.clone())
+            .expect("registry opens");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -154,6 +161,7 @@ impl TestRegistry {
         TestRegistry {
             addr,
             registry,
+            clock,
             blobs,
             root: root.to_path_buf(),
             client: Client::builder(TokioExecutor::new()).build_http(),

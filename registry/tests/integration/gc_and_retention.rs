@@ -141,7 +141,7 @@ async fn idle_upload_sessions_expire() {
     config.gc.upload_ttl_secs = 0;
     let (_dir, reg) = TestRegistry::start(config).await;
     let location = reg.start_upload("idle").await;
-    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    reg.clock.advance(std::time::Duration::from_millis(1));
     let report = reg.registry.run_gc(false).await.unwrap();
     assert_eq!(report.expired_uploads.len(), 1);
     reg.get(&location)
@@ -219,7 +219,7 @@ async fn retention_keeps_the_newest_branch_tags_per_branch() {
         reg.put_manifest("svc", tag, OCI_MANIFEST, &manifest)
             .await
             .expect(StatusCode::CREATED);
-        tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+        reg.clock.advance(std::time::Duration::from_millis(1));
     }
     let dry = reg.registry.run_retention(true).await.unwrap();
     let mut removed: Vec<&str> = dry.deleted_tags.iter().map(|t| t.tag.as_str()).collect();
@@ -283,7 +283,7 @@ async fn retention_deletes_untagged_manifests_but_not_what_survivors_need() {
             .await
             .expect(StatusCode::ACCEPTED);
     }
-    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    reg.clock.advance(std::time::Duration::from_millis(1));
 
     let report = reg.registry.run_retention(false).await.unwrap();
     let deleted: Vec<String> = report
