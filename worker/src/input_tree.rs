@@ -13,6 +13,16 @@ use crate::cas_client::{from_reapi, CasClient};
 use crate::local_cache::{CacheKey, FetchStats, LocalCache};
 use crate::WorkerError;
 
+/// The most files, directories and symlinks one input tree may expand to. A tree is a DAG:
+/// a directory that lists one child twice at every level is `2^depth` paths, so the walk
+/// counts paths, not distinct directories, and stops here rather than at the worker's
+/// memory.
+const MAX_INPUT_NODES: usize = 1_000_000;
+/// The deepest an input tree may nest (paths that deep approach PATH_MAX anyway).
+const MAX_INPUT_DEPTH: usize = 256;
+/// The largest Directory message read into memory.
+const MAX_DIRECTORY_BYTES: u64 = 4 << 20;
+
 /// Fetches (if not cached) and decodes the messages with these digests, in order.
 pub(crate) async fn fetch_messages<M: Message + Default>(
     cache: &LocalCache,
@@ -64,8 +74,20 @@ pub async fn materialise(
 
     // Breadth-first, one batch of Directory fetches per level.
     let mut level: Vec<(PathBuf, Digest)> = vec![(PathBuf::new(), root_digest)];
+    let mut depth = 0;
     while !level.is_empty() {
+        depth += 1;
+        if depth > MAX_INPUT_DEPTH {
+            return Err(WorkerError::InvalidAction(format!(
+                "the input tree is more than {MAX_INPUT_DEPTH} directories deep"
+            )));
+        }
         let digests: Vec<Digest> = level.iter().map(|(_, d)| *d).collect();
+        if let Some(large) = digests.iter().find(|d| d.size > MAX_DIRECTORY_BYTES) {
+            return Err(WorkerError::InvalidAction(format!(
+                "input Directory {large} is larger than {MAX_DIRECTORY_BYTES} bytes"
+            )));
+        }
         let (messages, fetched) =
             fetch_messages::<reapi::Directory>(cache, cas, instance_name, &digests, "Directory")
                 .await?;
@@ -107,6 +129,13 @@ pub async fn materialise(
                 let child_path = claim(&child.name)?;
                 directories.push(child_path.clone());
                 next.push((child_path, digest));
+            }
+            // Checked per directory, so a tree that doubles at each level is refused
+            // before its last level is held in memory.
+            if files.len() + symlinks.len() + directories.len() > MAX_INPUT_NODES {
+                return Err(WorkerError::InvalidAction(format!(
+                    "the input tree expands to more than {MAX_INPUT_NODES} files, directories and symlinks"
+                )));
             }
         }
         level = next;

@@ -160,8 +160,14 @@ impl ActionSpec {
 }
 
 /// Puts the Command, input tree and Action into the CAS; returns the Action's digest.
-#[allow(deprecated)] // output_files and output_directories are what REAPI 2.0 clients send.
 pub async fn put_action(cas: &TestCas, spec: &ActionSpec) -> Digest {
+    let input_root = put_tree(cas, &spec.inputs).await;
+    put_action_on(cas, spec, input_root).await
+}
+
+/// [`put_action`] with an input root already in the CAS (`spec.inputs` is ignored).
+#[allow(deprecated)] // output_files and output_directories are what REAPI 2.0 clients send.
+pub async fn put_action_on(cas: &TestCas, spec: &ActionSpec, input_root: Digest) -> Digest {
     let command = reapi::Command {
         arguments: spec.arguments.clone(),
         environment_variables: spec
@@ -179,7 +185,6 @@ pub async fn put_action(cas: &TestCas, spec: &ActionSpec) -> Digest {
         ..Default::default()
     };
     let command_digest = cas.put_message(&command).await;
-    let input_root = put_tree(cas, &spec.inputs).await;
     let action = reapi::Action {
         command_digest: Some(wire(&command_digest)),
         input_root_digest: Some(wire(&input_root)),

@@ -8,5 +8,6 @@ mod common;
 
 mod action_runner;
 mod input_integrity;
+mod input_limits;
 mod local_cache;
 mod worker_loop;
