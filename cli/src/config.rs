@@ -38,6 +38,9 @@ pub struct KilnConfig {
     /// `kiln worker`'s settings, and those of `kiln up`'s local workers.
     pub worker: kiln_worker::WorkerConfig,
     pub telemetry: TelemetryConfig,
+    /// Serve unauthenticated APIs off loopback (`--allow-unauthenticated`); a flag only.
+    #[serde(skip)]
+    pub allow_unauthenticated: bool,
     /// `KILN_*` variables in the environment that name no setting. Not an error: a user's
     /// shell may hold variables of its own with that prefix (`KILN_BIN`), so `main` warns
     /// once logging is up and goes on. An unknown key in the file stays an error.
@@ -68,6 +71,7 @@ impl Default for KilnConfig {
             registry: Default::default(),
             worker: Default::default(),
             telemetry: Default::default(),
+            allow_unauthenticated: false,
             unknown_variables: Vec::new(),
         }
     }
@@ -104,6 +108,11 @@ pub struct CommonArgs {
     /// OTLP/gRPC collector to export trace spans to [default: OTEL_EXPORTER_OTLP_ENDPOINT, else none].
     #[arg(long, env = "KILN_OTLP_ENDPOINT", global = true, value_name = "URL")]
     pub otlp_endpoint: Option<String>,
+    /// Serve unauthenticated APIs on addresses other than loopback. Without it, a
+    /// coordinator (which has no authentication yet) or a registry without auth refuses to
+    /// bind anything but loopback.
+    #[arg(long, env = "KILN_ALLOW_UNAUTHENTICATED", global = true)]
+    pub allow_unauthenticated: bool,
     /// Once every listener is up, write their bound addresses here as JSON (for port 0).
     #[arg(long, env = "KILN_READY_FILE", global = true, value_name = "PATH")]
     pub ready_file: Option<PathBuf>,
@@ -204,6 +213,7 @@ impl KilnConfig {
         if let Some(v) = &args.otlp_endpoint {
             config.telemetry.otlp_endpoint = Some(v.clone());
         }
+        config.allow_unauthenticated = args.allow_unauthenticated;
         // Resolved once, here: everything below (the worker's sandbox above all) runs with
         // other working directories, where a relative path names nothing.
         config.data_dir = std::path::absolute(&config.data_dir)

@@ -117,6 +117,15 @@ impl Servers {
         storage: &Storage,
         registry: Option<kiln_registry::Registry>,
     ) -> anyhow::Result<SocketAddr> {
+        // Protected mode: the REAPI services have no authentication yet, so anyone who
+        // reaches them can run commands on the workers and read or write every blob.
+        refuse_unprotected(
+            config,
+            config.grpc_addr,
+            "the coordinator's gRPC API",
+            "run commands on the workers and read or write every blob",
+            false,
+        )?;
         let listener = bind(config.grpc_addr, "coordinator").await?;
         let addr = listener.local_addr()?;
         let mut coordinator_config = config.coordinator.clone();
@@ -152,6 +161,13 @@ impl Servers {
         config: &KilnConfig,
         storage: &Storage,
     ) -> anyhow::Result<kiln_registry::Registry> {
+        refuse_unprotected(
+            config,
+            config.registry_addr,
+            "the registry",
+            "pull, push and delete any image",
+            config.registry.auth.enabled,
+        )?;
         let listener = bind(config.registry_addr, "registry").await?;
         self.addresses.insert("registry", listener.local_addr()?);
         let registry = kiln_registry::Registry::open(
@@ -342,6 +358,31 @@ async fn bind_metrics(config: &KilnConfig, role: MetricsRole) -> anyhow::Result<
         }
         bound => bound.with_context(|| format!("metrics: cannot listen on {addr}")),
     }
+}
+
+/// Protected mode: an API without authentication binds only loopback unless the operator
+/// said otherwise (`--allow-unauthenticated`). `/metrics` and the probes are exempt: they
+/// reveal no data and must be reachable by the cluster.
+fn refuse_unprotected(
+    config: &KilnConfig,
+    addr: SocketAddr,
+    what: &str,
+    anyone_could: &str,
+    authenticated: bool,
+) -> anyhow::Result<()> {
+    if authenticated || addr.ip().is_loopback() {
+        return Ok(());
+    }
+    if config.allow_unauthenticated {
+        tracing::warn!(%addr, "serving {what} without authentication off loopback, as --allow-unauthenticated says");
+        return Ok(());
+    }
+    anyhow::bail!(
+        "refusing to serve {what} on {addr}: that is not a loopback address, and without \
+         authentication anyone who reaches it could {anyone_could}. Bind 127.0.0.1, or pass \
+         --allow-unauthenticated (KILN_ALLOW_UNAUTHENTICATED=true) to accept that on a \
+         network you trust."
+    )
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {

@@ -602,3 +602,47 @@ fn the_ready_file_names_every_listener() {
     );
     std::net::TcpStream::connect(&addresses["grpc"]).expect("the gRPC port accepts");
 }
+
+/// Protected mode: a coordinator (no authentication yet) refuses a non-loopback address
+/// unless told otherwise, and says why; with `--allow-unauthenticated` it starts.
+#[test]
+fn an_unauthenticated_server_off_loopback_needs_to_be_allowed() {
+    let data = tempfile::tempdir().unwrap();
+    let base = |extra: &[&str]| {
+        let mut command = Command::new(KILN);
+        command
+            .args(["coordinator", "--grpc-addr", "0.0.0.0:0"])
+            .args(["--metrics-addr", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(data.path())
+            .args(extra)
+            .env_remove("KILN_JOIN_TOKEN")
+            .env_remove("KILN_ALLOW_UNAUTHENTICATED");
+        command
+    };
+    let refused = base(&[]).output().expect("kiln runs");
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("refusing to serve the coordinator's gRPC API on 0.0.0.0:0")
+            && stderr.contains("--allow-unauthenticated"),
+        "{stderr}"
+    );
+
+    let ready = data.path().join("ready.json");
+    let child = base(&["--allow-unauthenticated", "--ready-file"])
+        .arg(&ready)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("kiln starts");
+    let _process = Background(child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ready.exists() {
+        assert!(Instant::now() < deadline, "no ready file within 30 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let addresses: BTreeMap<String, String> =
+        serde_json::from_slice(&std::fs::read(&ready).unwrap()).unwrap();
+    assert!(addresses["grpc"].starts_with("0.0.0.0:"), "{addresses:?}");
+}
