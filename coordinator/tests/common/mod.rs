@@ -66,6 +66,24 @@ impl TestServer {
         self.server.stop().await
     }
 
+    /// Writes `size` zero bytes straight into the server's blob store, a MiB at a time,
+    /// so that the test itself never holds the blob in memory; returns its digest.
+    pub async fn store_zeros(&self, function: DigestFunction, size: u64) -> Digest {
+        use kiln_store::{BlobStore, ExpectedDigest};
+        let chunk = bytes::Bytes::from(vec![0u8; 1 << 20]);
+        let mut hasher = function.hasher();
+        let mut writer = self.blobs.begin_write(function, None).await.unwrap();
+        let mut written = 0;
+        while written < size {
+            let piece = chunk.slice(..(size - written).min(chunk.len() as u64) as usize);
+            hasher.update(&piece);
+            written += piece.len() as u64;
+            writer.write(piece).await.unwrap();
+        }
+        let digest = Digest::new(function, hasher.finalize(), size);
+        writer.commit(ExpectedDigest::Exact(digest)).await.unwrap()
+    }
+
     /// The farm's status, as `kiln status` asks for it.
     pub async fn status(&self) -> FarmStatus {
         AdminClient::new(self.channel.clone())
