@@ -56,6 +56,9 @@ pub struct CoordinatorConfig {
     /// FAILED_PRECONDITION naming the platform. 0 waits forever (for a pool that scales
     /// up from nothing slower than this).
     pub unmatched_platform_timeout_secs: u64,
+    /// A ByteStream upload nobody has written to for this long is abandoned: its kept
+    /// bytes are removed (at start-up, and then periodically).
+    pub upload_ttl_secs: u64,
 }
 
 impl Default for CoordinatorConfig {
@@ -76,6 +79,7 @@ impl Default for CoordinatorConfig {
             max_in_flight: 200_000,
             max_tree_directories: 250_000,
             unmatched_platform_timeout_secs: 600,
+            upload_ttl_secs: 24 * 60 * 60,
         }
     }
 }

@@ -26,6 +26,7 @@ mod scheduler;
 mod secret;
 mod server;
 mod tree;
+mod upload_sweeper;
 mod zstd_codec;
 
 pub use admin::{RegistryCatalog, RepositorySummary};

@@ -113,6 +113,11 @@ impl Coordinator {
         )
         .await?;
         let dispatcher = engine.spawn_dispatcher();
+        let sweeper = crate::upload_sweeper::spawn(
+            self.blobs.clone(),
+            std::time::Duration::from_secs(config.upload_ttl_secs),
+            engine.closed(),
+        );
         let closing = engine.clone();
         // grpc.health.v1: the overall service ("") is SERVING from here on, as are the
         // named services; all turn NOT_SERVING as soon as shutdown starts, so that load
@@ -173,8 +178,10 @@ impl Coordinator {
             .add_service(health_service)
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await?;
-        // The dispatcher holds the stores; they are released once it has stopped.
+        // The dispatcher and the sweeper hold the stores; they are released once both
+        // have stopped.
         let _ = dispatcher.await;
+        let _ = sweeper.await;
         Ok(())
     }
 

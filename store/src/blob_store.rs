@@ -131,6 +131,11 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Total bytes stored. Fallible: a remote backend has to ask.
     async fn stored_bytes(&self) -> Result<u64>;
 
+    /// Removes the kept bytes of named uploads nobody has written to for `idle` (a client
+    /// that went away mid-upload leaves them behind), skipping any with a writer open.
+    /// Returns how many were removed.
+    async fn sweep_uploads(&self, idle: std::time::Duration) -> Result<u64>;
+
     /// Reads a whole blob into memory, checking its size.
     async fn read_all(&self, digest: &Digest) -> Result<Bytes> {
         read_all_streamed(self, digest).await

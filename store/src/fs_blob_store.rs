@@ -355,6 +355,51 @@ impl BlobStore for FsBlobStore {
     async fn stored_bytes(&self) -> Result<u64> {
         Ok(self.inner.stored_bytes.load(Ordering::Relaxed))
     }
+
+    async fn sweep_uploads(&self, idle: std::time::Duration) -> Result<u64> {
+        let dir = self.inner.root.join("uploads");
+        let listed =
+            tokio::task::spawn_blocking(move || -> io::Result<Vec<(String, SystemTime)>> {
+                let mut found = Vec::new();
+                for entry in fs::read_dir(&dir)? {
+                    let entry = entry?;
+                    let modified = entry.metadata()?.modified()?;
+                    if let Some(id) = entry.file_name().to_str() {
+                        found.push((id.to_string(), modified));
+                    }
+                }
+                Ok(found)
+            })
+            .await
+            .map_err(io::Error::other)??;
+        let cutoff = SystemTime::now()
+            .checked_sub(idle)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let mut removed = 0;
+        for (id, modified) in listed {
+            if modified >= cutoff {
+                continue;
+            }
+            // Holding the upload's lock keeps a resuming writer out while it goes; one
+            // that holds it already is in use.
+            let lock = self
+                .inner
+                .upload_locks
+                .entry(id.clone())
+                .or_default()
+                .clone();
+            let Ok(_guard) = lock.try_lock_owned() else {
+                continue;
+            };
+            match tokio::fs::remove_file(self.inner.upload_path(&id)).await {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+            self.inner.upload_locks.remove(&id);
+        }
+        Ok(removed)
+    }
 }
 
 struct WriteState {

@@ -27,8 +27,15 @@ pub struct MemoryBlobStore {
 #[derive(Default)]
 struct Inner {
     blobs: Mutex<HashMap<ContentHash, Stored>>,
-    /// Upload id → the bytes a dropped writer left, and the function they were hashed for.
-    uploads: Mutex<HashMap<String, (DigestFunction, BytesMut)>>,
+    /// Upload id → the bytes a dropped writer left, the function they were hashed for,
+    /// and when they were left.
+    uploads: Mutex<HashMap<String, KeptUpload>>,
+}
+
+struct KeptUpload {
+    function: DigestFunction,
+    data: BytesMut,
+    left: SystemTime,
 }
 
 struct Stored {
@@ -47,7 +54,7 @@ impl Inner {
         self.blobs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn uploads(&self) -> MutexGuard<'_, HashMap<String, (DigestFunction, BytesMut)>> {
+    fn uploads(&self) -> MutexGuard<'_, HashMap<String, KeptUpload>> {
         self.uploads.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -97,11 +104,11 @@ impl BlobStore for MemoryBlobStore {
         let mut data = BytesMut::new();
         if let Some(id) = upload_id {
             check_upload_id(id)?;
-            if let Some((kept_function, kept)) = self.inner.uploads().remove(id) {
+            if let Some(kept) = self.inner.uploads().remove(id) {
                 // A prefix hashed for another function is no prefix of this upload.
-                if kept_function == function {
-                    hasher.update(&kept);
-                    data = kept;
+                if kept.function == function {
+                    hasher.update(&kept.data);
+                    data = kept.data;
                 }
             }
         }
@@ -143,6 +150,17 @@ impl BlobStore for MemoryBlobStore {
             }
         }
         Ok(())
+    }
+
+    async fn sweep_uploads(&self, idle: std::time::Duration) -> Result<u64> {
+        let cutoff = SystemTime::now()
+            .checked_sub(idle)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let mut uploads = self.inner.uploads();
+        let before = uploads.len();
+        // Only dropped writers' bytes are kept here: an open writer holds its own.
+        uploads.retain(|_, kept| kept.left >= cutoff);
+        Ok((before - uploads.len()) as u64)
     }
 
     async fn stored_bytes(&self) -> Result<u64> {
@@ -212,8 +230,12 @@ impl Drop for MemoryBlobWriter {
         // Still open (neither committed nor aborted): a resumable upload keeps its bytes.
         if self.hasher.is_some() {
             if let Some(id) = self.upload_id.take() {
-                let data = std::mem::take(&mut self.data);
-                self.store.uploads().insert(id, (self.function, data));
+                let kept = KeptUpload {
+                    function: self.function,
+                    data: std::mem::take(&mut self.data),
+                    left: SystemTime::now(),
+                };
+                self.store.uploads().insert(id, kept);
             }
         }
     }

@@ -462,3 +462,39 @@ async fn a_closed_compressed_write_resumes_from_the_uncompressed_offset() -> any
     assert!(server.read_blob(blob_name("", &digest)).await? == data);
     server.stop().await
 }
+
+/// A client that goes away mid-upload leaves bytes kept for a resume; once the upload has
+/// been idle for `upload_ttl_secs`, the coordinator's sweep removes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_upload_is_swept_after_its_ttl() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = kiln_coordinator::CoordinatorConfig {
+        upload_ttl_secs: 1,
+        ..Default::default()
+    };
+    let server = TestServer::start_with(dir.path(), config).await?;
+    let data = random_bytes(300_000, 31);
+    let digest = Digest::of_bytes(DigestFunction::Sha256, &data);
+    let name = upload_name("", "8c1f0b5e-0000-4000-8000-0000000000ab", &digest, false);
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let mut client = ByteStreamClient::new(server.new_channel().await?);
+    let call = tokio::spawn(async move { client.write(ReceiverStream::new(rx)).await });
+    for request in write_requests(&name, &data[..100_000], 0, 50_000, false) {
+        tx.send(request).await?;
+    }
+    within(20, wait_for_committed(&server, &name, 100_000)).await?;
+    call.abort();
+    drop(tx);
+    let _ = call.await;
+    // Kept for a resume: the server still reports what it received.
+    assert_eq!(query(&server, &name).await?, (100_000, false));
+    // Swept within a few sweeps of the TTL (every 250 ms here): nothing left to resume.
+    within(20, wait_for_committed(&server, &name, 0)).await?;
+    let uploads = dir.path().join("blobs").join("uploads");
+    assert_eq!(
+        std::fs::read_dir(&uploads)?.count(),
+        0,
+        "the upload's file is gone"
+    );
+    server.stop().await
+}

@@ -20,6 +20,51 @@ pub async fn all(store: &dyn BlobStore) {
     concurrent_writers_of_one_blob_all_succeed(store).await;
     touch_ignores_absent_blobs(store).await;
     upload_ids_are_plain_names(store).await;
+    abandoned_uploads_are_swept_and_open_ones_kept(store).await;
+}
+
+pub async fn abandoned_uploads_are_swept_and_open_ones_kept(store: &dyn BlobStore) {
+    let hour = std::time::Duration::from_secs(3600);
+    let data = content(70_000, 13);
+    let digest = Digest::of_bytes(DigestFunction::Blake3, &data);
+    // A client went away mid-upload: its bytes are kept for a resume.
+    let mut abandoned = store
+        .begin_write(DigestFunction::Blake3, Some("swept-upload"))
+        .await
+        .unwrap();
+    abandoned.write(data.slice(..1000)).await.unwrap();
+    drop(abandoned);
+    // Another is still being written.
+    let mut open = store
+        .begin_write(DigestFunction::Blake3, Some("open-upload"))
+        .await
+        .unwrap();
+    open.write(data.slice(..500)).await.unwrap();
+
+    assert_eq!(
+        store.sweep_uploads(hour).await.unwrap(),
+        0,
+        "nothing is an hour idle"
+    );
+    // Let the clock move past the abandoned upload's last write.
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let swept = store
+        .sweep_uploads(std::time::Duration::from_millis(10))
+        .await
+        .unwrap();
+    assert!(swept >= 1, "the abandoned upload was not swept");
+    let resumed = store
+        .begin_write(DigestFunction::Blake3, Some("swept-upload"))
+        .await
+        .unwrap();
+    assert_eq!(resumed.bytes_written(), 0, "a swept upload starts again");
+    resumed.abort().await.unwrap();
+    // The open writer was left alone and still commits.
+    open.write(data.slice(500..)).await.unwrap();
+    assert_eq!(
+        open.commit(ExpectedDigest::Exact(digest)).await.unwrap(),
+        digest
+    );
 }
 
 pub async fn upload_ids_are_plain_names(store: &dyn BlobStore) {
