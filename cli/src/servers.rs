@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{KilnConfig, MetricsRole};
 use crate::storage::Storage;
 
-/// Bytes of blobs in the blob store, set at each scrape.
+/// Bytes the blob store holds (blobs and kept uploads), set at each scrape.
 const STORE_BYTES: &str = "kiln_store_bytes";
 
 /// Installs the process-wide Prometheus recorder, with real histogram buckets for
@@ -48,7 +48,7 @@ fn install_metrics_recorder() -> anyhow::Result<PrometheusHandle> {
     metrics::describe_gauge!(
         STORE_BYTES,
         metrics::Unit::Bytes,
-        "Bytes of blobs in the blob store, CAS and registry together"
+        "Bytes the blob store holds: blobs of the CAS and the registry together, and kept uploads"
     );
     Ok(handle)
 }

@@ -128,7 +128,8 @@ pub trait BlobStore: Send + Sync + 'static {
     /// an absent blob is not an error.
     async fn touch(&self, hashes: &[ContentHash]) -> Result<()>;
 
-    /// Total bytes stored. Fallible: a remote backend has to ask.
+    /// Total bytes the store holds: its blobs, and the kept bytes of named uploads (what a
+    /// disk or a bucket really holds). Fallible: a remote backend has to ask.
     async fn stored_bytes(&self) -> Result<u64>;
 
     /// Removes the kept bytes of named uploads nobody has written to for `idle` (a client

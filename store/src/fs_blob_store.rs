@@ -353,7 +353,22 @@ impl BlobStore for FsBlobStore {
     }
 
     async fn stored_bytes(&self) -> Result<u64> {
-        Ok(self.inner.stored_bytes.load(Ordering::Relaxed))
+        let blobs = self.inner.stored_bytes.load(Ordering::Relaxed);
+        // Kept uploads are few (they are swept) and live only in `uploads/`: one listing.
+        let dir = self.inner.root.join("uploads");
+        let uploads = tokio::task::spawn_blocking(move || -> io::Result<u64> {
+            let mut total = 0;
+            for entry in fs::read_dir(&dir)? {
+                // A file removed while listing no longer counts.
+                if let Ok(metadata) = entry?.metadata() {
+                    total += metadata.len();
+                }
+            }
+            Ok(total)
+        })
+        .await
+        .map_err(io::Error::other)??;
+        Ok(blobs + uploads)
     }
 
     async fn sweep_uploads(&self, idle: std::time::Duration) -> Result<u64> {

@@ -164,12 +164,19 @@ impl BlobStore for MemoryBlobStore {
     }
 
     async fn stored_bytes(&self) -> Result<u64> {
-        Ok(self
+        let blobs: u64 = self
             .inner
             .blobs()
             .values()
             .map(|stored| stored.data.len() as u64)
-            .sum())
+            .sum();
+        let uploads: u64 = self
+            .inner
+            .uploads()
+            .values()
+            .map(|kept| kept.data.len() as u64)
+            .sum();
+        Ok(blobs + uploads)
     }
 }
 

@@ -33,7 +33,18 @@ pub async fn abandoned_uploads_are_swept_and_open_ones_kept(store: &dyn BlobStor
         .await
         .unwrap();
     abandoned.write(data.slice(..1000)).await.unwrap();
+    let before = store.stored_bytes().await.unwrap();
     drop(abandoned);
+    // The kept bytes count as stored (a dropped writer may append its last bytes in the
+    // background, so wait for them, boundedly).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while store.stored_bytes().await.unwrap() < before + 1000 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "kept upload bytes are not counted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     // Another is still being written.
     let mut open = store
         .begin_write(DigestFunction::Blake3, Some("open-upload"))
