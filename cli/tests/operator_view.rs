@@ -544,13 +544,36 @@ fn kiln_up_stops_on_sigterm_with_its_local_workers() {
     }
 }
 
+/// Starts `command` (its output discarded) and waits, boundedly, for the ready file it was
+/// given; returns the process and the addresses the file names.
+fn start_with_ready_file(
+    command: &mut Command,
+    ready: &Path,
+) -> (Background, BTreeMap<String, String>) {
+    let child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("kiln starts");
+    let process = Background(child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ready.exists() {
+        assert!(Instant::now() < deadline, "no ready file within 30 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let addresses =
+        serde_json::from_slice(&std::fs::read(ready).unwrap()).expect("the ready file is JSON");
+    (process, addresses)
+}
+
 /// `--ready-file`: a server started on port 0 writes every bound address as JSON once its
 /// listeners are up, and each address answers.
 #[test]
 fn the_ready_file_names_every_listener() {
     let data = tempfile::tempdir().unwrap();
     let ready = data.path().join("ready.json");
-    let child = Command::new(KILN)
+    let mut command = Command::new(KILN);
+    command
         .args([
             "up",
             "--workers",
@@ -566,19 +589,8 @@ fn the_ready_file_names_every_listener() {
         .arg(data.path().join("kiln"))
         .arg("--ready-file")
         .arg(&ready)
-        .env_remove("KILN_JOIN_TOKEN")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("kiln starts");
-    let _process = Background(child);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !ready.exists() {
-        assert!(Instant::now() < deadline, "no ready file within 30 s");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let addresses: BTreeMap<String, String> =
-        serde_json::from_slice(&std::fs::read(&ready).unwrap()).expect("the ready file is JSON");
+        .env_remove("KILN_JOIN_TOKEN");
+    let (_process, addresses) = start_with_ready_file(&mut command, &ready);
     assert_eq!(
         addresses.keys().collect::<Vec<_>>(),
         ["grpc", "metrics", "registry"]
@@ -630,19 +642,8 @@ fn an_unauthenticated_server_off_loopback_needs_to_be_allowed() {
     );
 
     let ready = data.path().join("ready.json");
-    let child = base(&["--allow-unauthenticated", "--ready-file"])
-        .arg(&ready)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("kiln starts");
-    let _process = Background(child);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !ready.exists() {
-        assert!(Instant::now() < deadline, "no ready file within 30 s");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let addresses: BTreeMap<String, String> =
-        serde_json::from_slice(&std::fs::read(&ready).unwrap()).unwrap();
+    let mut command = base(&["--allow-unauthenticated", "--ready-file"]);
+    command.arg(&ready);
+    let (_process, addresses) = start_with_ready_file(&mut command, &ready);
     assert!(addresses["grpc"].starts_with("0.0.0.0:"), "{addresses:?}");
 }
