@@ -31,4 +31,4 @@ pub use image_reference::ImageReference;
 pub use layer::{build_layer, Compression, LayerBlob};
 pub use progress::{BlobProgress, BlobTransfer, NoProgress, ProgressSink, PublishProgress};
 pub use publisher::{publish, PublishOutcome, PublishRequest};
-pub use registry_client::{BlobSource, MountOutcome, RegistryClient, OCI_MANIFEST};
+pub use registry_client::{MountOutcome, RegistryClient, SourceRepository, OCI_MANIFEST};

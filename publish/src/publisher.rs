@@ -14,7 +14,7 @@ use crate::image_reference::ImageReference;
 use crate::layer::{build_layer, sha256_digest, Compression, LayerBlob};
 use crate::progress::{BlobProgress, BlobTransfer, ProgressSink};
 use crate::registry_client::{
-    BlobSource, MountOutcome, RegistryClient, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST,
+    MountOutcome, RegistryClient, SourceRepository, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST,
 };
 
 /// Everything one `kiln publish` needs.
@@ -227,7 +227,7 @@ async fn push_base_layers(
             match session {
                 None => BlobTransfer::Mounted,
                 Some(session) => {
-                    let source = BlobSource {
+                    let source = SourceRepository {
                         client: base.client.as_ref().unwrap_or(target),
                         repository: &base.reference.repository,
                     };

@@ -57,7 +57,7 @@ struct AuthState {
 
 /// Where a blob is copied from: a repository in some registry.
 #[derive(Clone, Copy)]
-pub struct BlobSource<'a> {
+pub struct SourceRepository<'a> {
     pub client: &'a RegistryClient,
     pub repository: &'a str,
 }
@@ -235,7 +235,7 @@ impl RegistryClient {
     /// reach) into the upload session `session` of this one.
     pub async fn copy_blob_from(
         &self,
-        source: BlobSource<'_>,
+        source: SourceRepository<'_>,
         repository: &str,
         session: Url,
         digest: &str,
