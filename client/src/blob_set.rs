@@ -1,16 +1,65 @@
-//! The blobs one run may need to upload, and where each one's bytes come from.
+//! The blobs one upload may need to send, and where each one's bytes come from.
 
 use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use kiln_store::{Digest, DigestFunction};
 
-/// Where a blob's bytes are: in memory (protos) or in a file of the working tree.
+use crate::{ClientError, Result};
+
+/// Where a blob's bytes are.
 #[derive(Clone, Debug)]
 pub enum BlobSource {
+    /// In memory (encoded protos).
     Bytes(Bytes),
+    /// A file by path (a working-tree input, an action's output).
     File(PathBuf),
+    /// An open file read from its start, leaving its own offset alone (a worker's
+    /// captured stdout or stderr, which has no path).
+    Open(Arc<File>),
+}
+
+impl BlobSource {
+    /// The whole blob, for a batch upload (callers only do this for small blobs).
+    pub(crate) async fn read_all(&self) -> Result<Vec<u8>> {
+        match self {
+            BlobSource::Bytes(bytes) => Ok(bytes.to_vec()),
+            BlobSource::File(path) => tokio::fs::read(path)
+                .await
+                .map_err(|e| ClientError::io(path, e)),
+            BlobSource::Open(file) => {
+                let mut data = Vec::new();
+                std::io::Read::read_to_end(&mut OpenFileReader::new(file.clone()), &mut data)
+                    .map_err(|e| ClientError::io("a captured log", e))?;
+                Ok(data)
+            }
+        }
+    }
+}
+
+/// Reads a shared open file from its start with positional reads, leaving the file's own
+/// offset alone.
+pub struct OpenFileReader {
+    file: Arc<File>,
+    offset: u64,
+}
+
+impl OpenFileReader {
+    pub fn new(file: Arc<File>) -> Self {
+        OpenFileReader { file, offset: 0 }
+    }
+}
+
+impl std::io::Read for OpenFileReader {
+    fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.file.read_at(buffer, self.offset)?;
+        self.offset += n as u64;
+        Ok(n)
+    }
 }
 
 /// Blobs by digest. Adding the same digest twice keeps the first source.
@@ -54,5 +103,15 @@ impl BlobSet {
 
     pub fn total_bytes(&self) -> u64 {
         self.blobs.keys().map(|d| d.size).sum()
+    }
+}
+
+impl FromIterator<(Digest, BlobSource)> for BlobSet {
+    fn from_iter<I: IntoIterator<Item = (Digest, BlobSource)>>(blobs: I) -> Self {
+        let mut set = BlobSet::new();
+        for (digest, source) in blobs {
+            set.insert(digest, source);
+        }
+        set
     }
 }

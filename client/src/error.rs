@@ -43,6 +43,13 @@ pub enum ClientError {
     #[error("the coordinator sent an invalid response: {0}")]
     InvalidResponse(String),
 
+    /// The CAS served bytes that do not hash to the digest asked for.
+    #[error("the CAS returned corrupt data: expected {expected}, got {actual}")]
+    CorruptBlob {
+        expected: kiln_store::Digest,
+        actual: kiln_store::Digest,
+    },
+
     /// An output path in an ActionResult that would land outside the output directory.
     #[error("refusing output path {path:?}: {reason}")]
     UnsafeOutputPath { path: String, reason: &'static str },
@@ -64,6 +71,12 @@ impl ClientError {
             path: path.into(),
             error,
         }
+    }
+
+    /// Whether a call failed because the server does not hold what it was asked for.
+    pub fn is_not_found(&self) -> bool {
+        self.status()
+            .is_some_and(|s| s.code() == tonic::Code::NotFound)
     }
 
     /// The gRPC status behind this error, if it came from a call.

@@ -4,6 +4,7 @@
 //!   `.gitignore`, with a persistent [`DigestCache`] so unchanged files are not re-read.
 //! - [`RemoteCas`] talks to the CAS, ByteStream and ActionCache services: it uploads only
 //!   the blobs the server is missing (batched or streamed) and reads blobs back verified.
+//!   It is the one REAPI CAS client: the workers use it too.
 //! - [`Executor`] is the Execution service; [`GrpcExecutor`] is the real one, and
 //!   [`execute_to_completion`] follows an operation, resuming with WaitExecution.
 //! - [`remote_run::run`] ties them together for sharded runs, downloads outputs
@@ -13,6 +14,8 @@
 //! tests can reuse the same upload and download code.
 
 mod blob_set;
+mod cas_read;
+mod cas_upload;
 mod digest_cache;
 mod error;
 mod execution;
@@ -26,7 +29,8 @@ mod request_metadata;
 mod run_manifest;
 pub mod tree_hasher;
 
-pub use blob_set::{BlobSet, BlobSource};
+pub use blob_set::{BlobSet, BlobSource, OpenFileReader};
+pub use cas_read::ReadPlan;
 pub use digest_cache::{DigestCache, FileStamp};
 pub use error::{ClientError, Result};
 pub use execution::{

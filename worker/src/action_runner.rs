@@ -8,15 +8,16 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use kiln_client::{BlobSet, BlobSource, NoProgress, OpenFileReader, RemoteCas};
 use kiln_proto::prost::Message;
 use kiln_proto::{protobuf, reapi};
 use kiln_store::{Digest, DigestFunction};
 use kiln_telemetry::{InStage, StageSpan};
 use tokio_util::sync::CancellationToken;
 
-use crate::cas_client::{from_reapi, BlobSource, CasClient, OpenFileReader};
+use crate::cas_connection::CasConnection;
 use crate::command_runner::{CommandExit, CommandRunner, CommandSpec};
-use crate::input_tree::{fetch_messages, materialise};
+use crate::input_tree::{fetch_messages, from_reapi, materialise};
 use crate::local_cache::{CacheKey, FetchStats, LocalCache};
 use crate::output_collector;
 use crate::WorkerError;
@@ -62,7 +63,7 @@ pub struct ActionOutcome {
 
 /// Runs actions on this worker. Cheap to share between concurrent actions.
 pub struct ActionRunner {
-    cas: CasClient,
+    cas: CasConnection,
     cache: Arc<LocalCache>,
     command_runner: Arc<dyn CommandRunner>,
     /// Each action gets a directory of its own under here.
@@ -100,7 +101,7 @@ struct Progress {
 
 impl ActionRunner {
     pub fn new(
-        cas: CasClient,
+        cas: CasConnection,
         cache: Arc<LocalCache>,
         command_runner: Arc<dyn CommandRunner>,
         actions_dir: PathBuf,
@@ -172,14 +173,18 @@ impl ActionRunner {
         cancel: &CancellationToken,
         progress: &mut Progress,
     ) -> Result<(), WorkerError> {
+        let cas = self
+            .cas
+            .for_action(&request.instance_name, request.digest_function())
+            .await?;
         let prepared = self
-            .prepare(request, action_dir, reused_dir, progress)
+            .prepare(&cas, request, action_dir, reused_dir, progress)
             .await?;
         let (logs, exit) = self
             .execute(&prepared, action_dir, cancel, progress)
             .await?;
         let result = self
-            .upload_outputs(request, action_dir, &prepared.command, logs, exit, progress)
+            .upload_outputs(&cas, action_dir, &prepared.command, logs, exit, progress)
             .await?;
         progress.result = Some(result);
         if exit == CommandExit::TimedOut {
@@ -192,17 +197,18 @@ impl ActionRunner {
     /// input root in `exec_root`, with the outputs' parent directories.
     async fn prepare(
         &self,
+        cas: &RemoteCas,
         request: &ActionRequest,
         exec_root: &std::path::Path,
         reused_dir: bool,
         progress: &mut Progress,
     ) -> Result<Prepared, WorkerError> {
-        let instance = request.instance_name.as_str();
         progress.metadata.input_fetch_start_timestamp = now();
         // Stage spans end when dropped, early returns included.
         let input_fetch = StageSpan::under_current("input_fetch");
-        let (action, command, input_root) =
-            self.read_action(request, &input_fetch, progress).await?;
+        let (action, command, input_root) = self
+            .read_action(cas, request, &input_fetch, progress)
+            .await?;
         let working_dir = output_collector::check_paths(exec_root, &command)?;
         if !reused_dir {
             std::fs::create_dir(exec_root)
@@ -210,7 +216,7 @@ impl ActionRunner {
         }
         // An empty Directory encodes to the empty blob: nothing to fetch or build.
         if !input_root.is_empty_blob() {
-            let fetched = materialise(&self.cache, &self.cas, instance, input_root, exec_root)
+            let fetched = materialise(&self.cache, cas, input_root, exec_root)
                 .in_stage(&input_fetch)
                 .await?;
             add(&mut progress.fetched, fetched);
@@ -232,11 +238,11 @@ impl ActionRunner {
     /// The Action, its Command and its input root's digest.
     async fn read_action(
         &self,
+        cas: &RemoteCas,
         request: &ActionRequest,
         input_fetch: &StageSpan,
         progress: &mut Progress,
     ) -> Result<(reapi::Action, reapi::Command, Digest), WorkerError> {
-        let instance = request.instance_name.as_str();
         let function = request.digest_function();
         let action = match inline_message(
             request.inline_action.as_deref(),
@@ -247,8 +253,7 @@ impl ActionRunner {
             None => {
                 let (mut actions, fetched) = fetch_messages::<reapi::Action>(
                     &self.cache,
-                    &self.cas,
-                    instance,
+                    cas,
                     &[request.action_digest],
                     "Action",
                 )
@@ -279,14 +284,13 @@ impl ActionRunner {
                     }
                     let (_, fetched) = self
                         .cache
-                        .fetch_missing(&self.cas, instance, &keys)
+                        .fetch_missing(cas, &keys)
                         .in_stage(input_fetch)
                         .await?;
                     add(&mut progress.fetched, fetched);
                     let (mut commands, _) = fetch_messages::<reapi::Command>(
                         &self.cache,
-                        &self.cas,
-                        instance,
+                        cas,
                         &[command_digest],
                         "Command",
                     )
@@ -348,24 +352,23 @@ impl ActionRunner {
     /// returns the ActionResult.
     async fn upload_outputs(
         &self,
-        request: &ActionRequest,
+        cas: &RemoteCas,
         exec_root: &std::path::Path,
         command: &reapi::Command,
         logs: Logs,
         exit: CommandExit,
         progress: &mut Progress,
     ) -> Result<reapi::ActionResult, WorkerError> {
-        let function = request.digest_function();
+        let function = cas.digest_function();
         progress.metadata.output_upload_start_timestamp = now();
         let output_upload = StageSpan::under_current("output_upload");
         let (stdout, stderr) = (
             hash_log(function, &logs.stdout)?,
             hash_log(function, &logs.stderr)?,
         );
-        let mut blobs = vec![
-            (stdout, BlobSource::Open(logs.stdout)),
-            (stderr, BlobSource::Open(logs.stderr)),
-        ];
+        let mut blobs = BlobSet::new();
+        blobs.insert(stdout, BlobSource::Open(logs.stdout));
+        blobs.insert(stderr, BlobSource::Open(logs.stderr));
         let mut result = reapi::ActionResult {
             exit_code: exit.exit_code(),
             stdout_digest: Some(stdout.to_reapi()),
@@ -385,10 +388,11 @@ impl ActionRunner {
             result.output_files = outputs.output_files;
             result.output_directories = outputs.output_directories;
             result.output_symlinks = outputs.output_symlinks;
-            blobs.extend(outputs.blobs);
+            for (digest, source) in outputs.blobs {
+                blobs.insert(digest, source);
+            }
         }
-        self.cas
-            .upload_missing(&request.instance_name, blobs)
+        cas.upload_missing(&blobs, &NoProgress)
             .in_stage(&output_upload)
             .await?;
         progress.metadata.output_upload_completed_timestamp = now();

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use kiln_client::ClientError;
 use kiln_proto::prost::Message;
 use kiln_proto::{protobuf, rpc};
 use kiln_store::{Digest, StoreError};
@@ -24,9 +25,9 @@ pub enum WorkerError {
     /// Inputs the action names are absent from the CAS.
     #[error("{} input blob(s) are missing from the CAS", .0.len())]
     MissingInputs(Vec<Digest>),
-    /// The CAS served bytes that do not hash to the digest asked for.
-    #[error("the CAS returned corrupt data: expected {expected}, got {actual}")]
-    CorruptBlob { expected: Digest, actual: Digest },
+    /// A CAS call (through kiln-client) failed, or the CAS served corrupt bytes.
+    #[error(transparent)]
+    Cas(#[from] ClientError),
     #[error("invalid action: {0}")]
     InvalidAction(String),
     #[error("output path {path:?} escapes the action directory: {reason}")]
@@ -81,14 +82,10 @@ impl WorkerError {
             WorkerError::Timeout(_) => Code::DeadlineExceeded,
             WorkerError::Cancelled => Code::Cancelled,
             WorkerError::NoFreeSlot => Code::ResourceExhausted,
-            WorkerError::CorruptBlob { .. } => Code::Unavailable,
-            WorkerError::Rpc { status, .. } => match status.code() {
-                // A CAS call the coordinator could not serve right now: worth a retry.
-                Code::Unavailable | Code::ResourceExhausted | Code::DeadlineExceeded => {
-                    Code::Unavailable
-                }
-                _ => Code::Internal,
-            },
+            // Bytes that do not match their digest: another try may get good ones.
+            WorkerError::Cas(ClientError::CorruptBlob { .. }) => Code::Unavailable,
+            WorkerError::Cas(error) => retry_code(error.status()),
+            WorkerError::Rpc { status, .. } => retry_code(Some(status)),
             WorkerError::Config(_)
             | WorkerError::Rejected(_)
             | WorkerError::Protocol(_)
@@ -123,5 +120,16 @@ impl WorkerError {
             message: self.to_string(),
             details,
         }
+    }
+}
+
+/// A call the coordinator could not serve right now is worth a retry elsewhere; any other
+/// failure is the worker's own.
+fn retry_code(status: Option<&tonic::Status>) -> Code {
+    match status.map(tonic::Status::code) {
+        Some(Code::Unavailable | Code::ResourceExhausted | Code::DeadlineExceeded) => {
+            Code::Unavailable
+        }
+        _ => Code::Internal,
     }
 }

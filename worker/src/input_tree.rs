@@ -5,11 +5,11 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
+use kiln_client::RemoteCas;
 use kiln_proto::prost::Message;
 use kiln_proto::reapi;
-use kiln_store::Digest;
+use kiln_store::{Digest, DigestFunction};
 
-use crate::cas_client::{from_reapi, CasClient};
 use crate::local_cache::{CacheKey, FetchStats, LocalCache};
 use crate::WorkerError;
 
@@ -23,16 +23,27 @@ const MAX_INPUT_DEPTH: usize = 256;
 /// The largest Directory message read into memory.
 const MAX_DIRECTORY_BYTES: u64 = 4 << 20;
 
+/// Parses a digest found in an Action, Command or Directory; `what` names the field.
+pub(crate) fn from_reapi(
+    function: DigestFunction,
+    digest: Option<&reapi::Digest>,
+    what: &str,
+) -> Result<Digest, WorkerError> {
+    let digest =
+        digest.ok_or_else(|| WorkerError::InvalidAction(format!("{what} has no digest")))?;
+    Digest::from_reapi(function, digest)
+        .map_err(|e| WorkerError::InvalidAction(format!("{what}: {e}")))
+}
+
 /// Fetches (if not cached) and decodes the messages with these digests, in order.
 pub(crate) async fn fetch_messages<M: Message + Default>(
     cache: &LocalCache,
-    cas: &CasClient,
-    instance_name: &str,
+    cas: &RemoteCas,
     digests: &[Digest],
     what: &str,
 ) -> Result<(Vec<M>, FetchStats), WorkerError> {
     let keys: Vec<CacheKey> = digests.iter().copied().map(CacheKey::file).collect();
-    let (pins, stats) = cache.fetch_missing(cas, instance_name, &keys).await?;
+    let (pins, stats) = cache.fetch_missing(cas, &keys).await?;
     let mut messages = Vec::with_capacity(pins.len());
     for pin in &pins {
         let bytes = cache.read(pin)?;
@@ -61,8 +72,7 @@ fn check_node_name(name: &str) -> Result<(), WorkerError> {
 /// empty). Returns what had to be downloaded.
 pub async fn materialise(
     cache: &LocalCache,
-    cas: &CasClient,
-    instance_name: &str,
+    cas: &RemoteCas,
     root_digest: Digest,
     exec_root: &Path,
 ) -> Result<FetchStats, WorkerError> {
@@ -89,8 +99,7 @@ pub async fn materialise(
             )));
         }
         let (messages, fetched) =
-            fetch_messages::<reapi::Directory>(cache, cas, instance_name, &digests, "Directory")
-                .await?;
+            fetch_messages::<reapi::Directory>(cache, cas, &digests, "Directory").await?;
         stats.blobs += fetched.blobs;
         stats.bytes += fetched.bytes;
         let mut next = Vec::new();
@@ -142,7 +151,7 @@ pub async fn materialise(
     }
 
     let keys: Vec<CacheKey> = files.iter().map(|(_, key)| *key).collect();
-    let (pins, fetched) = cache.fetch_missing(cas, instance_name, &keys).await?;
+    let (pins, fetched) = cache.fetch_missing(cas, &keys).await?;
     stats.blobs += fetched.blobs;
     stats.bytes += fetched.bytes;
 

@@ -3,13 +3,13 @@
 //! - [`run`] is the worker: one `kiln.worker.v1.Workers/Connect` stream, up to `slots`
 //!   actions at once, heartbeats, reconnects, and draining on shutdown.
 //! - [`ActionRunner`] runs one action: inputs from the [`LocalCache`] (fetching only what it
-//!   lacks from the CAS), the command through a [`CommandRunner`] in its own process group
+//!   lacks from the CAS through kiln-client's `RemoteCas`, the one REAPI client), the command through a [`CommandRunner`] in its own process group
 //!   with a timeout and rlimits (under bubblewrap when available), outputs uploaded back.
 //!
 //! The worker talks to the coordinator only over gRPC; it never links the coordinator.
 
 mod action_runner;
-mod cas_client;
+mod cas_connection;
 mod command_runner;
 mod config;
 mod error;
@@ -20,7 +20,7 @@ mod process_spawn;
 mod worker;
 
 pub use action_runner::{ActionOutcome, ActionRequest, ActionRunner};
-pub use cas_client::{BlobSource, CasClient};
+pub use cas_connection::CasConnection;
 pub use command_runner::{CommandExit, CommandRunner, CommandSpec, ProcessRunner, ResourceLimits};
 pub use config::{BubblewrapMode, WorkerConfig};
 pub use error::WorkerError;

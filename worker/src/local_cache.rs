@@ -18,7 +18,8 @@ use std::sync::Mutex;
 use futures::{StreamExt, TryStreamExt};
 use kiln_store::{ContentHash, Digest, DigestFunction};
 
-use crate::cas_client::{CasClient, BATCH_BLOB_LIMIT, BATCH_TOTAL_LIMIT};
+use kiln_client::RemoteCas;
+
 use crate::WorkerError;
 
 /// Concurrent fetches (batches or streams) per `fetch_missing` call.
@@ -292,8 +293,7 @@ impl LocalCache {
     /// as [`WorkerError::MissingInputs`].
     pub async fn fetch_missing<'a>(
         &'a self,
-        cas: &CasClient,
-        instance_name: &str,
+        cas: &RemoteCas,
         keys: &[CacheKey],
     ) -> Result<(Vec<CachePin<'a>>, FetchStats), WorkerError> {
         let mut pins: HashMap<CacheKey, CachePin<'a>> = HashMap::new();
@@ -320,25 +320,14 @@ impl LocalCache {
             }
         }
 
-        let (small, large): (Vec<Digest>, Vec<Digest>) = to_fetch
-            .into_iter()
-            .partition(|d| d.size <= BATCH_BLOB_LIMIT);
-        let mut batches: Vec<Vec<Digest>> = Vec::new();
-        let mut batch_bytes = 0;
-        for digest in small {
-            if batches.is_empty() || batch_bytes + digest.size > BATCH_TOTAL_LIMIT {
-                batches.push(Vec::new());
-                batch_bytes = 0;
-            }
-            batch_bytes += digest.size;
-            batches.last_mut().expect("pushed above").push(digest);
-        }
-        let fetches = batches
+        let plan = cas.plan_reads(to_fetch);
+        let fetches = plan
+            .batches
             .into_iter()
             .map(FetchJob::Batch)
-            .chain(large.into_iter().map(FetchJob::Stream));
+            .chain(plan.streamed.into_iter().map(FetchJob::Stream));
         let outcomes: Vec<FetchOutcome> = futures::stream::iter(fetches)
-            .map(|job| self.run_fetch(cas, instance_name, job))
+            .map(|job| self.run_fetch(cas, job))
             .buffer_unordered(FETCH_CONCURRENCY)
             .try_collect()
             .await?;
@@ -388,17 +377,12 @@ impl LocalCache {
         Ok((ordered, stats))
     }
 
-    async fn run_fetch(
-        &self,
-        cas: &CasClient,
-        instance_name: &str,
-        job: FetchJob,
-    ) -> Result<FetchOutcome, WorkerError> {
+    async fn run_fetch(&self, cas: &RemoteCas, job: FetchJob) -> Result<FetchOutcome, WorkerError> {
         let mut found = Vec::new();
         let mut absent = Vec::new();
         match job {
             FetchJob::Batch(digests) => {
-                for (digest, data) in cas.batch_read(instance_name, &digests).await? {
+                for (digest, data) in cas.read_blobs(&digests).await? {
                     match data {
                         Some(data) => {
                             let temp = self.temp_path();
@@ -413,20 +397,14 @@ impl LocalCache {
             }
             FetchJob::Stream(digest) => {
                 let temp = self.temp_path();
-                let mut file = tokio::fs::File::create(&temp)
-                    .await
-                    .map_err(WorkerError::io("creating a fetched blob"))?;
-                let present = cas.read_to_file(instance_name, &digest, &mut file).await;
-                drop(file);
-                match present {
-                    Ok(true) => found.push((digest, temp)),
-                    Ok(false) => {
-                        let _ = std::fs::remove_file(&temp);
-                        absent.push(digest);
-                    }
+                match cas.read_blob_to_file(&digest, &temp).await {
+                    Ok(()) => found.push((digest, temp)),
                     Err(e) => {
                         let _ = std::fs::remove_file(&temp);
-                        return Err(e);
+                        if !e.is_not_found() {
+                            return Err(e.into());
+                        }
+                        absent.push(digest);
                     }
                 }
             }

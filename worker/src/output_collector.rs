@@ -6,11 +6,11 @@ use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 
+use kiln_client::BlobSource;
 use kiln_proto::prost::Message;
 use kiln_proto::reapi;
 use kiln_store::{Digest, DigestFunction};
 
-use crate::cas_client::BlobSource;
 use crate::WorkerError;
 
 /// The outputs of one action, ready to upload.
@@ -385,7 +385,9 @@ impl Collector {
     fn store_message(&self, message: &impl Message, outputs: &mut CollectedOutputs) -> Digest {
         let bytes = message.encode_to_vec();
         let digest = Digest::of_bytes(self.function, &bytes);
-        outputs.blobs.push((digest, BlobSource::Memory(bytes)));
+        outputs
+            .blobs
+            .push((digest, BlobSource::Bytes(bytes.into())));
         digest
     }
 }

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::action_runner::{ActionOutcome, ActionRequest, ActionRunner};
-use crate::cas_client::CasClient;
+use crate::cas_connection::CasConnection;
 use crate::command_runner::{ProcessRunner, ResourceLimits};
 use crate::local_cache::LocalCache;
 use crate::{WorkerConfig, WorkerError};
@@ -129,7 +129,7 @@ impl Worker {
         let process_runner = ProcessRunner::new(limits, config.use_bubblewrap)?;
         let sandboxed = process_runner.uses_bubblewrap();
         let runner = ActionRunner::new(
-            CasClient::new(cas_channel),
+            CasConnection::new(cas_channel),
             Arc::new(cache),
             Arc::new(process_runner),
             work_dir.join("actions"),

@@ -399,3 +399,58 @@ async fn action_result_outputs_are_downloaded() -> anyhow::Result<()> {
     assert!(!out.path().join("escaped").exists());
     coordinator.stop().await
 }
+
+/// The calls the workers make: uploads from an open file with no path (a captured log),
+/// batched reads that report absent blobs as `None`, streamed reads that report them as
+/// not found, and the same connection rebound to another instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_file_uploads_and_batched_reads_serve_the_worker() -> anyhow::Result<()> {
+    let coordinator = TestCoordinator::start().await?;
+    let cas = coordinator
+        .connect(DigestFunction::Sha256)
+        .await?
+        .for_instance("other", DigestFunction::Blake3)?;
+    assert_eq!(cas.instance_name(), "other");
+    let function = cas.digest_function();
+
+    let mut log = tempfile::tempfile()?;
+    let large: Vec<u8> = (0..5u32 << 20).map(|i| (i % 241) as u8).collect();
+    std::io::Write::write_all(&mut log, &large)?;
+    // The file's own offset is at its end; the upload must read from the start anyway.
+    let large_digest = Digest::of_bytes(function, &large);
+    let mut blobs = BlobSet::new();
+    blobs.insert(large_digest, BlobSource::Open(std::sync::Arc::new(log)));
+    let small = blobs.add_bytes(function, Bytes::from_static(b"small"));
+    let stats = cas.upload_missing(&blobs, &NoProgress).await?;
+    assert_eq!((stats.uploaded_blobs, stats.batched_blobs), (2, 1));
+
+    let absent = Digest::of_bytes(function, b"never uploaded");
+    let absent_large = Digest::of_bytes(function, &vec![7u8; 5 << 20]);
+    let plan = cas.plan_reads(vec![small, absent, large_digest, absent_large]);
+    assert_eq!(plan.batches.concat().len(), 2, "{plan:?}");
+    assert_eq!(plan.streamed.len(), 2, "{plan:?}");
+    let mut read = cas.read_blobs(&plan.batches.concat()).await?;
+    read.sort_by_key(|(digest, _)| *digest == absent);
+    assert_eq!(read[0], (small, Some(Bytes::from_static(b"small"))));
+    assert_eq!(read[1], (absent, None));
+
+    let out = tempfile::tempdir()?;
+    cas.read_blob_to_file(&large_digest, &out.path().join("large"))
+        .await?;
+    assert_eq!(std::fs::read(out.path().join("large"))?, large);
+    let err = cas
+        .read_blob_to_file(&absent_large, &out.path().join("absent"))
+        .await
+        .unwrap_err();
+    assert!(err.is_not_found(), "{err}");
+
+    // Stored under the other instance's digest function only.
+    let sha = cas.for_instance("other", DigestFunction::Sha256)?;
+    assert_eq!(
+        sha.find_missing([Digest::of_bytes(DigestFunction::Sha256, b"small")])
+            .await?
+            .len(),
+        1
+    );
+    coordinator.stop().await
+}

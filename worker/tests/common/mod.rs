@@ -13,7 +13,7 @@ use kiln_proto::reapi;
 use kiln_store::{BlobStore, Digest, DigestFunction, ExpectedDigest};
 use kiln_testkit::{ServedCoordinator, Stores};
 use kiln_worker::{
-    ActionRequest, ActionRunner, BubblewrapMode, CasClient, LocalCache, ProcessRunner,
+    ActionRequest, ActionRunner, BubblewrapMode, CasConnection, LocalCache, ProcessRunner,
     ResourceLimits,
 };
 use tonic::transport::Channel;
@@ -238,7 +238,7 @@ impl TestRunner {
         let work_dir = tempfile::tempdir().unwrap();
         let cache = LocalCache::open(work_dir.path().join("cache"), cache_bytes).unwrap();
         let runner = ActionRunner::new(
-            CasClient::new(cas.channel.clone()),
+            CasConnection::new(cas.channel.clone()),
             Arc::new(cache),
             Arc::new(ProcessRunner::new(limits, mode).unwrap()),
             work_dir.path().join("actions"),

@@ -3,8 +3,9 @@
 use crate::common;
 
 use common::TestCas;
+use kiln_client::{Invocation, RemoteCas};
 use kiln_store::{Digest, DigestFunction};
-use kiln_worker::{CacheKey, CasClient, LocalCache};
+use kiln_worker::{CacheKey, LocalCache};
 
 fn key(data: &[u8]) -> CacheKey {
     CacheKey::file(Digest::of_bytes(DigestFunction::Sha256, data))
@@ -117,7 +118,14 @@ fn reopening_keeps_the_cached_blobs() {
 #[tokio::test]
 async fn fetching_from_the_cas_counts_only_missing_blobs_and_evicts_by_bytes() {
     let cas = TestCas::start(DigestFunction::Sha256).await.unwrap();
-    let client = CasClient::new(cas.channel.clone());
+    let client = RemoteCas::with_channel(
+        cas.channel.clone(),
+        "",
+        DigestFunction::Sha256,
+        Invocation::new(),
+    )
+    .await
+    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let cache = LocalCache::open(dir.path(), 2500).unwrap();
     let mut keys = Vec::new();
@@ -125,15 +133,15 @@ async fn fetching_from_the_cas_counts_only_missing_blobs_and_evicts_by_bytes() {
         let data = vec![byte; 1000];
         keys.push(CacheKey::file(cas.put(&data).await));
     }
-    let (pins, stats) = cache.fetch_missing(&client, "", &keys[..2]).await.unwrap();
+    let (pins, stats) = cache.fetch_missing(&client, &keys[..2]).await.unwrap();
     assert_eq!((stats.blobs, stats.bytes), (2, 2000));
     assert_eq!(std::fs::read(pins[1].path()).unwrap(), vec![2u8; 1000]);
     drop(pins);
-    let (pins, stats) = cache.fetch_missing(&client, "", &keys[..2]).await.unwrap();
+    let (pins, stats) = cache.fetch_missing(&client, &keys[..2]).await.unwrap();
     assert_eq!((stats.blobs, stats.bytes), (0, 0));
     drop(pins);
     // The third blob exceeds the 2500-byte budget: the least recently used one goes.
-    let (pins, stats) = cache.fetch_missing(&client, "", &keys[2..]).await.unwrap();
+    let (pins, stats) = cache.fetch_missing(&client, &keys[2..]).await.unwrap();
     assert_eq!(stats.blobs, 1);
     drop(pins);
     assert!(!cache.contains(&keys[0]));
