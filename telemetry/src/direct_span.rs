@@ -3,7 +3,7 @@
 //!
 //! Why: a `tracing` span carried into OpenTelemetry by `tracing-opentelemetry` (a span
 //! slot, a builder, each field through a visitor, the conversion at close) cost about 3 µs,
-//! an SDK span about 0.7 µs (`BENCHMARKS.md`), and these spans are on every
+//! an SDK span 0.6–1.0 µs (`docs/bench-log.md`), and these spans are on every
 //! manifest GET and every RPC. What runs under one still uses `tracing`: while the span's
 //! context is current ([`DirectSpan::context`] attached around each poll), `tracing` spans
 //! opened without a `tracing` parent become its children, and kiln events logged outside

@@ -148,7 +148,7 @@ where
             // little that the span names do not. Context activation (making each entered
             // span's OpenTelemetry context current) costs on every poll of an instrumented
             // future, about half the execution path's tracing overhead in one interleaved
-            // comparison (BENCHMARKS.md), and nothing in kiln reads the current
+            // comparison (docs/bench-log.md), and nothing in kiln reads the current
             // OpenTelemetry context inside a `tracing` span.
             .with_location(false)
             .with_threads(false)

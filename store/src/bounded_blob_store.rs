@@ -1,0 +1,298 @@
+//! A size limit in front of any [`BlobStore`]: writes past the limit are refused with
+//! [`StoreError::Full`], and a background pass ([`BoundedBlobStore::evict_once`], see
+//! `eviction`) removes the least recently used blobs once the store passes its high
+//! watermark, down to its low one.
+//!
+//! The wrapper is itself a `BlobStore`, so the coordinator and the registry hold it as
+//! they hold any backend and never learn that eviction exists. It keeps two things of its
+//! own:
+//! - **usage**: what the backend reported at the last measurement, plus bytes committed
+//!   since, plus bytes that open writers hold. A write checks this before every chunk,
+//!   so it never waits for an eviction pass: it either fits or is refused at once;
+//! - **recent accesses**: reads, committed writes, FindMissingBlobs hits and touches are
+//!   noted in memory and handed to [`BlobStore::touch`] in batches, so that a read does
+//!   not cost a metadata write, and a blob noted since the last hand-off is never evicted.
+
+mod eviction;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+
+use crate::blob_store::{BlobInfo, BlobStore, BlobWriter, ChunkStream, ExpectedDigest};
+use crate::{ContentHash, Digest, DigestFunction, Result, StoreError};
+
+pub use eviction::{EvictionPolicy, EvictionReport, RetainedBlobs};
+
+/// Accesses noted before they are handed to the backend early, whatever the schedule:
+/// bounds the memory a burst of FindMissingBlobs calls can take.
+const MAX_PENDING_ACCESSES: usize = 100_000;
+
+/// A [`BlobStore`] bounded to [`EvictionPolicy::max_bytes`].
+pub struct BoundedBlobStore {
+    inner: Arc<dyn BlobStore>,
+    policy: EvictionPolicy,
+    shared: Arc<Shared>,
+}
+
+/// What the store and its writers share.
+struct Shared {
+    max_bytes: u64,
+    /// The backend's `stored_bytes` at the last measurement.
+    measured: AtomicU64,
+    /// Bytes committed since that measurement.
+    committed: AtomicU64,
+    /// Bytes that open writers have accepted and not yet committed or dropped.
+    pending: AtomicU64,
+    /// Blobs used since the last hand-off to the backend's `touch`.
+    recent: Mutex<HashSet<ContentHash>>,
+    /// What eviction must keep whatever its age (the registry's blobs).
+    retained: RwLock<Vec<Arc<dyn RetainedBlobs>>>,
+    /// Wakes the eviction loop early (the high watermark was crossed, or a write refused).
+    wake: tokio::sync::Notify,
+    /// One eviction pass at a time.
+    pass: tokio::sync::Mutex<()>,
+}
+
+impl Shared {
+    fn used(&self) -> u64 {
+        self.measured.load(Ordering::Relaxed)
+            + self.committed.load(Ordering::Relaxed)
+            + self.pending.load(Ordering::Relaxed)
+    }
+
+    fn note_used(&self, hashes: impl IntoIterator<Item = ContentHash>) {
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        recent.extend(hashes);
+        if recent.len() > MAX_PENDING_ACCESSES {
+            self.wake.notify_one();
+        }
+    }
+
+    fn was_used_recently(&self, hash: &ContentHash) -> bool {
+        self.recent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(hash)
+    }
+
+    fn take_recent(&self) -> Vec<ContentHash> {
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        recent.drain().collect()
+    }
+}
+
+impl BoundedBlobStore {
+    /// Wraps `inner`, measuring what it holds now.
+    pub async fn new(inner: Arc<dyn BlobStore>, policy: EvictionPolicy) -> Result<Self> {
+        let measured = inner.stored_bytes().await?;
+        let shared = Arc::new(Shared {
+            max_bytes: policy.max_bytes,
+            measured: AtomicU64::new(measured),
+            committed: AtomicU64::new(0),
+            pending: AtomicU64::new(0),
+            recent: Mutex::new(HashSet::new()),
+            retained: RwLock::new(Vec::new()),
+            wake: tokio::sync::Notify::new(),
+            pass: tokio::sync::Mutex::new(()),
+        });
+        metrics::gauge!("kiln_cas_limit_bytes").set(policy.max_bytes as f64);
+        Ok(BoundedBlobStore {
+            inner,
+            policy,
+            shared,
+        })
+    }
+
+    pub fn policy(&self) -> &EvictionPolicy {
+        &self.policy
+    }
+
+    /// The bytes the store holds by its own account (see the module doc).
+    pub fn used_bytes(&self) -> u64 {
+        self.shared.used()
+    }
+
+    /// Adds a source of blobs that eviction must never remove.
+    pub fn retain(&self, retained: Arc<dyn RetainedBlobs>) {
+        self.shared
+            .retained
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(retained);
+    }
+
+    fn wake_if_over_high_watermark(&self) {
+        if self.shared.used() > self.policy.high_bytes() {
+            self.shared.wake.notify_one();
+        }
+    }
+}
+
+#[async_trait]
+impl BlobStore for BoundedBlobStore {
+    async fn size_of(&self, hash: &ContentHash) -> Result<Option<u64>> {
+        let size = self.inner.size_of(hash).await?;
+        if size.is_some() {
+            self.shared.note_used([*hash]);
+        }
+        Ok(size)
+    }
+
+    async fn has_many(&self, digests: &[Digest]) -> Result<Vec<bool>> {
+        let present = self.inner.has_many(digests).await?;
+        // A hit is a promise to the caller (FindMissingBlobs: "no need to upload").
+        self.shared.note_used(
+            digests
+                .iter()
+                .zip(&present)
+                .filter(|(_, present)| **present)
+                .map(|(digest, _)| digest.content_hash()),
+        );
+        Ok(present)
+    }
+
+    async fn read(
+        &self,
+        hash: &ContentHash,
+        offset: u64,
+        limit: Option<u64>,
+    ) -> Result<ChunkStream> {
+        let stream = self.inner.read(hash, offset, limit).await?;
+        self.shared.note_used([*hash]);
+        Ok(stream)
+    }
+
+    async fn begin_write(
+        &self,
+        function: DigestFunction,
+        upload_id: Option<&str>,
+    ) -> Result<Box<dyn BlobWriter>> {
+        let inner = self.inner.begin_write(function, upload_id).await?;
+        self.wake_if_over_high_watermark();
+        Ok(Box::new(BoundedWriter {
+            inner: Some(inner),
+            shared: self.shared.clone(),
+            high_bytes: self.policy.high_bytes(),
+            reserved: 0,
+        }))
+    }
+
+    async fn delete(&self, hash: &ContentHash) -> Result<bool> {
+        let size = self.inner.size_of(hash).await?;
+        let deleted = self.inner.delete(hash).await?;
+        if let (true, Some(size)) = (deleted, size) {
+            saturating_sub(&self.shared.measured, size);
+        }
+        Ok(deleted)
+    }
+
+    fn list(&self) -> BoxStream<'static, Result<BlobInfo>> {
+        self.inner.list()
+    }
+
+    async fn touch(&self, hashes: &[ContentHash]) -> Result<()> {
+        self.shared.note_used(hashes.iter().copied());
+        Ok(())
+    }
+
+    async fn stored_bytes(&self) -> Result<u64> {
+        self.inner.stored_bytes().await
+    }
+
+    async fn sweep_uploads(&self, idle: std::time::Duration) -> Result<u64> {
+        self.inner.sweep_uploads(idle).await
+    }
+}
+
+/// A write that counts its bytes against the limit before the backend sees them.
+struct BoundedWriter {
+    /// `None` once committed or aborted.
+    inner: Option<Box<dyn BlobWriter>>,
+    shared: Arc<Shared>,
+    high_bytes: u64,
+    /// Bytes this writer added to `pending`.
+    reserved: u64,
+}
+
+impl BoundedWriter {
+    fn inner(&mut self) -> &mut Box<dyn BlobWriter> {
+        self.inner.as_mut().expect("a writer is used until it commits or aborts")
+    }
+}
+
+#[async_trait]
+impl BlobWriter for BoundedWriter {
+    async fn write(&mut self, chunk: Bytes) -> Result<()> {
+        let len = chunk.len() as u64;
+        let used = self.shared.used();
+        if used.saturating_add(len) > self.shared.max_bytes {
+            self.shared.wake.notify_one();
+            metrics::counter!("kiln_cas_writes_refused_total").increment(1);
+            return Err(StoreError::Full {
+                limit: self.shared.max_bytes,
+            });
+        }
+        self.shared.pending.fetch_add(len, Ordering::Relaxed);
+        self.reserved += len;
+        if used + len > self.high_bytes {
+            self.shared.wake.notify_one();
+        }
+        self.inner().write(chunk).await
+    }
+
+    fn bytes_written(&self) -> u64 {
+        self.inner.as_ref().map_or(0, |inner| inner.bytes_written())
+    }
+
+    async fn commit(mut self: Box<Self>, expected: ExpectedDigest) -> Result<Digest> {
+        let inner = self.inner.take().expect("committed once");
+        let digest = inner.commit(expected).await?;
+        // A resumed upload's earlier bytes were counted by a measurement already.
+        self.shared
+            .committed
+            .fetch_add(self.reserved, Ordering::Relaxed);
+        self.shared.note_used([digest.content_hash()]);
+        Ok(digest)
+    }
+
+    async fn abort(mut self: Box<Self>) -> Result<()> {
+        let inner = self.inner.take().expect("aborted once");
+        inner.abort().await
+    }
+}
+
+impl Drop for BoundedWriter {
+    fn drop(&mut self) {
+        // Committed bytes moved to `committed`; anything else is gone or kept as an
+        // upload, which the next measurement counts.
+        saturating_sub(&self.shared.pending, self.reserved);
+    }
+}
+
+fn saturating_sub(counter: &AtomicU64, amount: u64) {
+    let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |value| {
+        Some(value.saturating_sub(amount))
+    });
+}
+
+/// The retained sets of every source, as one set; an error from any stops the pass.
+async fn retained_union(sources: Vec<Arc<dyn RetainedBlobs>>) -> Result<HashSet<ContentHash>> {
+    let mut all = HashSet::new();
+    for source in sources {
+        let retained = source.retained().await.map_err(|reason| {
+            StoreError::Io(std::io::Error::other(format!(
+                "cannot tell which blobs to keep: {reason}"
+            )))
+        })?;
+        all.extend(retained);
+    }
+    Ok(all)
+}
+
+#[cfg(test)]
+mod tests;
