@@ -38,6 +38,8 @@ pub struct KilnConfig {
     /// `kiln worker`'s settings, and those of `kiln up`'s local workers.
     pub worker: kiln_worker::WorkerConfig,
     pub telemetry: TelemetryConfig,
+    /// The `[cas]` table: how much the blob store may hold, and how eviction keeps it so.
+    pub cas: CasConfig,
     /// Serve unauthenticated APIs off loopback (`--allow-unauthenticated`); a flag only.
     #[serde(skip)]
     pub allow_unauthenticated: bool,
@@ -46,6 +48,75 @@ pub struct KilnConfig {
     /// once logging is up and goes on. An unknown key in the file stays an error.
     #[serde(skip)]
     pub unknown_variables: Vec<String>,
+}
+
+/// The `[cas]` table. The blob store holds the CAS and the registry's blobs together;
+/// eviction removes only what the registry does not answer for.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CasConfig {
+    /// The most the blob store may hold, with units (`"50GiB"`) or in bytes. Unset: half
+    /// of what the data directory's filesystem has free at start-up plus what the store
+    /// already holds, so that kiln never takes the last half of a laptop's free disk.
+    pub max_bytes: Option<bytesize::ByteSize>,
+    /// Eviction starts above this fraction of `max_bytes`…
+    pub high_watermark: f64,
+    /// …and stops at this one.
+    pub low_watermark: f64,
+    /// Blobs used within this many seconds are never evicted.
+    pub grace_secs: u64,
+    /// Seconds between eviction passes when no write wakes one earlier.
+    pub eviction_interval_secs: u64,
+}
+
+impl Default for CasConfig {
+    fn default() -> Self {
+        let defaults = kiln_store::EvictionPolicy::with_max_bytes(0);
+        CasConfig {
+            max_bytes: None,
+            high_watermark: defaults.high_watermark,
+            low_watermark: defaults.low_watermark,
+            grace_secs: defaults.grace.as_secs(),
+            eviction_interval_secs: defaults.interval.as_secs(),
+        }
+    }
+}
+
+impl CasConfig {
+    /// The eviction policy for a store in `data_dir` that holds `stored` bytes now.
+    pub fn policy(
+        &self,
+        data_dir: &Path,
+        stored: u64,
+    ) -> anyhow::Result<kiln_store::EvictionPolicy> {
+        let (low, high) = (self.low_watermark, self.high_watermark);
+        if !(0.0 < low && low < high && high <= 1.0) {
+            anyhow::bail!(
+                "cas: need 0 < low_watermark < high_watermark <= 1, got {low} and {high}"
+            );
+        }
+        let max_bytes = match self.max_bytes {
+            Some(max) => max.as_u64(),
+            None => {
+                let free = free_bytes(data_dir)
+                    .with_context(|| format!("reading free space under {}", data_dir.display()))?;
+                (free + stored) / 2
+            }
+        };
+        Ok(kiln_store::EvictionPolicy {
+            max_bytes,
+            high_watermark: high,
+            low_watermark: low,
+            grace: std::time::Duration::from_secs(self.grace_secs),
+            interval: std::time::Duration::from_secs(self.eviction_interval_secs.max(1)),
+        })
+    }
+}
+
+/// Bytes an unprivileged process may still write on the filesystem holding `path`.
+fn free_bytes(path: &Path) -> anyhow::Result<u64> {
+    let stat = rustix::fs::statvfs(path)?;
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
 }
 
 /// The `[telemetry]` table: where spans go. The standard `OTEL_*` variables (read by the
@@ -71,6 +142,7 @@ impl Default for KilnConfig {
             registry: Default::default(),
             worker: Default::default(),
             telemetry: Default::default(),
+            cas: Default::default(),
             allow_unauthenticated: false,
             unknown_variables: Vec::new(),
         }
@@ -108,6 +180,10 @@ pub struct CommonArgs {
     /// OTLP/gRPC collector to export trace spans to [default: OTEL_EXPORTER_OTLP_ENDPOINT, else none].
     #[arg(long, env = "KILN_OTLP_ENDPOINT", global = true, value_name = "URL")]
     pub otlp_endpoint: Option<String>,
+    /// The most the blob store may hold, e.g. `50GiB` [default: half of the data
+    /// directory's free space plus what the store holds].
+    #[arg(long, env = "KILN_CAS_MAX_BYTES", global = true, value_name = "SIZE")]
+    pub cas_max_bytes: Option<bytesize::ByteSize>,
     /// Serve unauthenticated APIs on addresses other than loopback. Without it, a
     /// coordinator (which has no authentication yet) or a registry without auth refuses to
     /// bind anything but loopback.
@@ -213,6 +289,9 @@ impl KilnConfig {
         if let Some(v) = &args.otlp_endpoint {
             config.telemetry.otlp_endpoint = Some(v.clone());
         }
+        if let Some(v) = args.cas_max_bytes {
+            config.cas.max_bytes = Some(v);
+        }
         config.allow_unauthenticated = args.allow_unauthenticated;
         // Resolved once, here: everything below (the worker's sandbox above all) runs with
         // other working directories, where a relative path names nothing.
@@ -313,5 +392,52 @@ mod tests {
         ]
         .map(String::from);
         assert!(unknown_variables(names.into_iter(), &[]).is_empty());
+    }
+
+    #[test]
+    fn the_cas_limit_takes_units_from_the_file_and_the_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.toml");
+        std::fs::write(&path, "[cas]\nmax_bytes = \"2GiB\"\ngrace_secs = 60\n").unwrap();
+        let from_file = KilnConfig::from_file(&path).unwrap();
+        let policy = from_file.cas.policy(dir.path(), 0).unwrap();
+        assert_eq!(policy.max_bytes, 2 << 30);
+        assert_eq!(policy.grace.as_secs(), 60);
+
+        let args = CommonArgs {
+            config: Some(path),
+            cas_max_bytes: Some("50MiB".parse().unwrap()),
+            ..Default::default()
+        };
+        let config = KilnConfig::resolve(&args, &[]).unwrap();
+        assert_eq!(
+            config.cas.policy(dir.path(), 0).unwrap().max_bytes,
+            50 << 20
+        );
+    }
+
+    #[test]
+    fn the_default_cas_limit_is_half_of_what_the_disk_offers() {
+        let dir = tempfile::tempdir().unwrap();
+        let free = free_bytes(dir.path()).unwrap();
+        let held = 1 << 30;
+        let policy = CasConfig::default().policy(dir.path(), held).unwrap();
+        // Free space moves between the two readings on a shared machine.
+        let expected = (free + held) / 2;
+        assert!(
+            policy.max_bytes.abs_diff(expected) < expected / 10,
+            "{policy:?}"
+        );
+    }
+
+    #[test]
+    fn watermarks_out_of_order_are_refused() {
+        let cas = CasConfig {
+            high_watermark: 0.5,
+            low_watermark: 0.7,
+            ..Default::default()
+        };
+        let err = cas.policy(Path::new("/"), 0).unwrap_err();
+        assert!(err.to_string().contains("low_watermark"), "{err}");
     }
 }

@@ -155,6 +155,16 @@ impl Servers {
         Ok(addr)
     }
 
+    /// Keeps the blob store within its limit: eviction passes until shutdown.
+    pub fn start_eviction(&mut self, storage: &Storage) {
+        let store = storage.bounded.clone();
+        let shutdown = self.shutdown.clone().cancelled_owned();
+        self.tasks.spawn(async move {
+            store.run_eviction(shutdown).await;
+            Ok(())
+        });
+    }
+
     /// Starts the registry; returns a handle on it for the coordinator's admin API.
     pub async fn start_registry(
         &mut self,
@@ -177,6 +187,8 @@ impl Servers {
         )
         .context("opening the registry")?;
         registry.set_readiness(self.readiness());
+        // Eviction never removes a blob the registry answers for.
+        storage.bounded.retain(Arc::new(registry.clone()));
         // The registry shares the blob store with the CAS (and a data dir may have served
         // a coordinator before): GC keeps whatever the action cache references.
         registry.set_gc_roots(Arc::new(ActionCacheRoots {

@@ -133,6 +133,15 @@ impl RegistryError {
             E::Store(StoreError::NotFound(_)) => {
                 (Some(ErrorCode::BlobUnknown), StatusCode::NOT_FOUND)
             }
+            // No spec code says "full"; the upload is what failed, and 507 says why.
+            E::Store(StoreError::Full { .. }) => (
+                Some(ErrorCode::BlobUploadInvalid),
+                StatusCode::INSUFFICIENT_STORAGE,
+            ),
+            E::Store(StoreError::Io(io)) if io.kind() == std::io::ErrorKind::StorageFull => (
+                Some(ErrorCode::BlobUploadInvalid),
+                StatusCode::INSUFFICIENT_STORAGE,
+            ),
             E::Store(_) | E::Io(_) | E::Internal(_) | E::Config(_) => {
                 (None, StatusCode::INTERNAL_SERVER_ERROR)
             }
@@ -162,7 +171,7 @@ impl IntoResponse for RegistryError {
         // Endpoints outside the spec (a 404 for an unknown path) and internal failures have
         // no spec code; they still get a JSON body so clients can show something.
         let code = code.unwrap_or(ErrorCode::Unsupported);
-        let message = if status.is_server_error() {
+        let message = if status.is_server_error() && status != StatusCode::INSUFFICIENT_STORAGE {
             // Internal details (paths, sled errors) stay in the log.
             "internal server error".to_string()
         } else {

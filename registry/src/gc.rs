@@ -125,3 +125,19 @@ pub async fn run(state: &RegistryState, dry_run: bool) -> Result<GcReport> {
     tracing::debug!(?report, "gc finished");
     Ok(report)
 }
+
+/// Every blob the registry answers for, which the CAS's eviction must keep: the blobs it
+/// wrote or referenced (until this GC lets them go) and every blob linked into a
+/// repository (a layer mounted from the CAS is served from there).
+pub(crate) async fn retained_blobs(state: &RegistryState) -> Result<HashSet<ContentHash>> {
+    let mut retained = HashSet::new();
+    let mut owned = state.index.owned_blobs();
+    while let Some((hash, _)) = owned.try_next().await? {
+        retained.insert(hash);
+    }
+    let mut links = state.index.blob_links();
+    while let Some(link) = links.try_next().await? {
+        retained.insert(link.hash);
+    }
+    Ok(retained)
+}

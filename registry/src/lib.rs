@@ -190,6 +190,13 @@ impl Registry {
         Ok(report)
     }
 
+    /// The blobs the registry answers for (see [`kiln_store::RetainedBlobs`]).
+    pub async fn retained_blobs(
+        &self,
+    ) -> Result<std::collections::HashSet<kiln_store::ContentHash>, RegistryError> {
+        gc::retained_blobs(&self.state).await
+    }
+
     /// The first `limit` repositories with their tag and manifest counts, for `kiln
     /// status`, and whether more exist.
     pub async fn repository_stats(
@@ -269,5 +276,13 @@ where
     loop {
         interval.tick().await;
         job().await;
+    }
+}
+
+/// The CAS's eviction keeps every blob the registry answers for.
+#[async_trait::async_trait]
+impl kiln_store::RetainedBlobs for Registry {
+    async fn retained(&self) -> Result<std::collections::HashSet<kiln_store::ContentHash>, String> {
+        self.retained_blobs().await.map_err(|e| e.to_string())
     }
 }

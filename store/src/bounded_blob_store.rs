@@ -221,7 +221,9 @@ struct BoundedWriter {
 
 impl BoundedWriter {
     fn inner(&mut self) -> &mut Box<dyn BlobWriter> {
-        self.inner.as_mut().expect("a writer is used until it commits or aborts")
+        self.inner
+            .as_mut()
+            .expect("a writer is used until it commits or aborts")
     }
 }
 

@@ -14,6 +14,10 @@ pub enum StoreError {
     NotFound(ContentHash),
     #[error("offset {offset} is past the end of a {size}-byte blob")]
     OffsetOutOfRange { offset: u64, size: u64 },
+    /// The store is at its size limit and eviction cannot free space now (everything left
+    /// is retained or recently used). A client may retry later.
+    #[error("the blob store is full ({limit} bytes); eviction cannot free space now")]
+    Full { limit: u64 },
     #[error(transparent)]
     Metadata(#[from] crate::MetadataError),
     #[error("I/O: {0}")]

@@ -5,7 +5,7 @@
 //! blob visible. An in-memory index of present blobs answers existence checks without a
 //! syscall per digest (FindMissingBlobs asks about thousands at a time).
 
-use std::fs::{self, File, FileTimes, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -339,12 +339,26 @@ impl BlobStore for FsBlobStore {
             return Ok(());
         }
         tokio::task::spawn_blocking(move || {
-            let now = FileTimes::new().set_accessed(SystemTime::now());
+            // By path, access time only: blobs are read-only files, which a non-root
+            // owner cannot open for writing to set times through a handle.
+            let times = rustix::fs::Timestamps {
+                last_access: rustix::fs::Timespec {
+                    tv_sec: 0,
+                    tv_nsec: rustix::fs::UTIME_NOW,
+                },
+                last_modification: rustix::fs::Timespec {
+                    tv_sec: 0,
+                    tv_nsec: rustix::fs::UTIME_OMIT,
+                },
+            };
             for path in paths {
                 // A blob deleted meanwhile is not an error for a touch.
-                if let Ok(file) = File::options().write(true).open(&path) {
-                    let _ = file.set_times(now);
-                }
+                let _ = rustix::fs::utimensat(
+                    rustix::fs::CWD,
+                    &path,
+                    &times,
+                    rustix::fs::AtFlags::empty(),
+                );
             }
         })
         .await

@@ -3,6 +3,8 @@
 //! - [`Digest`] and [`ContentHash`] name blobs by SHA-256 or BLAKE3.
 //! - [`BlobStore`] is the trait every blob backend implements; [`FsBlobStore`] keeps one
 //!   file per blob and makes a blob visible only after it was hashed, checked and fsynced.
+//! - [`BoundedBlobStore`] puts a size limit in front of any backend: writes past it are
+//!   refused, and least recently used blobs are evicted between two watermarks.
 //! - [`MetadataStore`] holds small records (the action cache, tags, sessions):
 //!   [`SledMetadataStore`] embedded, [`MemoryMetadataStore`] for tests. Blobs never go
 //!   there.
@@ -10,6 +12,7 @@
 
 mod action_cache;
 mod blob_store;
+mod bounded_blob_store;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 mod digest;
@@ -22,6 +25,7 @@ mod reapi_names;
 
 pub use action_cache::ActionCache;
 pub use blob_store::{BlobInfo, BlobStore, BlobWriter, ChunkStream, ExpectedDigest};
+pub use bounded_blob_store::{BoundedBlobStore, EvictionPolicy, EvictionReport, RetainedBlobs};
 pub use digest::{ContentHash, Digest, DigestFunction, Hasher};
 pub use error::{Result, StoreError};
 pub use fs_blob_store::FsBlobStore;

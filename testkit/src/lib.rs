@@ -14,7 +14,8 @@ use anyhow::Context;
 use kiln_coordinator::{Coordinator, CoordinatorConfig};
 use kiln_registry::{Registry, RegistryConfig};
 use kiln_store::{
-    BlobStore, FsBlobStore, MemoryBlobStore, MemoryMetadataStore, MetadataStore, SledMetadataStore,
+    BlobStore, BoundedBlobStore, EvictionPolicy, FsBlobStore, MemoryBlobStore, MemoryMetadataStore,
+    MetadataStore, SledMetadataStore,
 };
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -25,6 +26,8 @@ pub enum Stores {
     Memory,
     /// A filesystem blob store and sled under this directory (reopened by a restart).
     OnDisk(PathBuf),
+    /// In memory, with the blob store behind this size limit and eviction policy.
+    Bounded(EvictionPolicy),
 }
 
 /// The stores a server runs on, and the blob store's concrete type where a test needs
@@ -34,17 +37,31 @@ pub struct OpenStores {
     pub metadata: Arc<dyn MetadataStore>,
     /// Set for [`Stores::OnDisk`].
     pub fs_blobs: Option<FsBlobStore>,
+    /// Set for [`Stores::Bounded`]: the same store as `blobs`, for its eviction passes.
+    pub bounded: Option<Arc<BoundedBlobStore>>,
 }
 
 impl Stores {
-    pub fn open(&self) -> anyhow::Result<OpenStores> {
+    pub async fn open(&self) -> anyhow::Result<OpenStores> {
         Ok(match self {
             Stores::Memory => OpenStores {
                 blobs: Arc::new(MemoryBlobStore::new()),
                 metadata: Arc::new(MemoryMetadataStore::new()),
                 fs_blobs: None,
+                bounded: None,
             },
             Stores::OnDisk(dir) => on_disk(dir)?,
+            Stores::Bounded(policy) => {
+                let bounded = Arc::new(
+                    BoundedBlobStore::new(Arc::new(MemoryBlobStore::new()), policy.clone()).await?,
+                );
+                OpenStores {
+                    blobs: bounded.clone(),
+                    metadata: Arc::new(MemoryMetadataStore::new()),
+                    fs_blobs: None,
+                    bounded: Some(bounded),
+                }
+            }
         })
     }
 }
@@ -56,6 +73,7 @@ fn on_disk(dir: &Path) -> anyhow::Result<OpenStores> {
         blobs: Arc::new(fs_blobs.clone()),
         metadata: Arc::new(metadata),
         fs_blobs: Some(fs_blobs),
+        bounded: None,
     })
 }
 
@@ -108,7 +126,7 @@ pub struct ServedCoordinator {
 
 impl ServedCoordinator {
     pub async fn start(config: CoordinatorConfig, stores: Stores) -> anyhow::Result<Self> {
-        let stores = stores.open()?;
+        let stores = stores.open().await?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let coordinator = Coordinator::new(config, stores.blobs.clone(), stores.metadata.clone());
@@ -149,7 +167,7 @@ pub struct ServedRegistry {
 
 impl ServedRegistry {
     pub async fn start(config: RegistryConfig, stores: Stores) -> anyhow::Result<Self> {
-        let stores = stores.open()?;
+        let stores = stores.open().await?;
         let registry = Registry::open(config, stores.blobs.clone(), stores.metadata.clone())?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;

@@ -144,27 +144,8 @@ impl TestServer {
         function: DigestFunction,
         blobs: &[&[u8]],
     ) -> anyhow::Result<Vec<Digest>> {
-        let digests: Vec<Digest> = blobs
-            .iter()
-            .map(|b| Digest::of_bytes(function, b))
-            .collect();
-        let response = self
-            .cas()
-            .batch_update_blobs(BatchUpdateBlobsRequest {
-                instance_name: instance_name.into(),
-                requests: blobs
-                    .iter()
-                    .zip(&digests)
-                    .map(|(data, digest)| batch_update_blobs_request::Request {
-                        digest: Some(wire(digest)),
-                        data: data.to_vec(),
-                        compressor: 0,
-                    })
-                    .collect(),
-                digest_function: function.reapi_value(),
-            })
-            .await?
-            .into_inner();
+        let (request, digests) = batch_update(instance_name, function, blobs);
+        let response = self.cas().batch_update_blobs(request).await?.into_inner();
         for entry in &response.responses {
             let code = entry.status.as_ref().map_or(0, |s| s.code);
             anyhow::ensure!(code == 0, "upload failed: {:?}", entry.status);
@@ -189,6 +170,32 @@ impl TestServer {
         }
         Ok(data)
     }
+}
+
+/// A BatchUpdateBlobs request for `blobs`, and their digests in order.
+pub fn batch_update(
+    instance_name: &str,
+    function: DigestFunction,
+    blobs: &[&[u8]],
+) -> (BatchUpdateBlobsRequest, Vec<Digest>) {
+    let digests: Vec<Digest> = blobs
+        .iter()
+        .map(|b| Digest::of_bytes(function, b))
+        .collect();
+    let request = BatchUpdateBlobsRequest {
+        instance_name: instance_name.into(),
+        requests: blobs
+            .iter()
+            .zip(&digests)
+            .map(|(data, digest)| batch_update_blobs_request::Request {
+                digest: Some(wire(digest)),
+                data: data.to_vec(),
+                compressor: 0,
+            })
+            .collect(),
+        digest_function: function.reapi_value(),
+    };
+    (request, digests)
 }
 
 pub fn wire(digest: &Digest) -> reapi::Digest {

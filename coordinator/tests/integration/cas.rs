@@ -329,26 +329,9 @@ async fn batches_over_the_limit_are_refused_whole() -> anyhow::Result<()> {
     let server = TestServer::start_with(dir.path(), config).await?;
     let function = DigestFunction::Sha256;
     let blobs: Vec<Vec<u8>> = (0..3).map(|i| random_bytes(30 << 10, i)).collect();
-    let digests: Vec<Digest> = blobs
-        .iter()
-        .map(|b| Digest::of_bytes(function, b))
-        .collect();
-    let err = server
-        .cas()
-        .batch_update_blobs(BatchUpdateBlobsRequest {
-            requests: blobs
-                .iter()
-                .zip(&digests)
-                .map(|(data, digest)| batch_update_blobs_request::Request {
-                    digest: Some(wire(digest)),
-                    data: data.clone(),
-                    compressor: 0,
-                })
-                .collect(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let refs: Vec<&[u8]> = blobs.iter().map(Vec::as_slice).collect();
+    let (request, digests) = common::batch_update("", function, &refs);
+    let err = server.cas().batch_update_blobs(request).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(
         err.message().contains("max_batch_total_size_bytes"),
@@ -356,7 +339,6 @@ async fn batches_over_the_limit_are_refused_whole() -> anyhow::Result<()> {
     );
 
     // Two fit; then reading all three at once is over the limit as well.
-    let refs: Vec<&[u8]> = blobs.iter().map(Vec::as_slice).collect();
     server.upload("", function, &refs[..2]).await?;
     server.upload("", function, &refs[2..]).await?;
     let err = server

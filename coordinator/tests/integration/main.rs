@@ -8,6 +8,7 @@ mod common;
 
 mod action_cache;
 mod admin;
+mod bounded_store;
 mod byte_stream;
 mod cas;
 mod execution;

@@ -22,7 +22,10 @@ use hyper_util::rt::TokioExecutor;
 use kiln_registry::{
     Action, AuthConfig, GrantConfig, ManualClock, Registry, RegistryConfig, UserConfig,
 };
-use kiln_store::{BlobStore, Digest, DigestFunction, FsBlobStore, SledMetadataStore};
+use kiln_store::{
+    BlobStore, BoundedBlobStore, Digest, DigestFunction, EvictionPolicy, FsBlobStore,
+    SledMetadataStore,
+};
 use serde_json::json;
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -43,6 +46,8 @@ pub struct TestRegistry {
     /// The registry's clock; it moves only when a test advances it.
     pub clock: Arc<ManualClock>,
     pub blobs: Arc<FsBlobStore>,
+    /// Set by [`TestRegistry::start_bounded`]: the size-limited store the registry uses.
+    pub bounded: Option<Arc<BoundedBlobStore>>,
     pub root: PathBuf,
     client: Client<HttpConnector, RequestBody>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
@@ -138,11 +143,46 @@ impl TestRegistry {
     /// Starts a registry over the storage under `root` (kept across restarts).
     pub async fn start_in(root: &Path, config: RegistryConfig) -> Self {
         let blobs = Arc::new(FsBlobStore::open(root.join("blobs")).expect("blob store"));
+        Self::serve(root, config, blobs.clone(), blobs, None).await
+    }
+
+    /// Starts a registry whose blob store has a size limit, as `kiln up` runs it: the
+    /// registry's blobs are retained from eviction.
+    pub async fn start_bounded(
+        config: RegistryConfig,
+        policy: EvictionPolicy,
+    ) -> (tempfile::TempDir, Self) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let files = Arc::new(FsBlobStore::open(dir.path().join("blobs")).expect("blob store"));
+        let bounded = Arc::new(
+            BoundedBlobStore::new(files.clone(), policy)
+                .await
+                .expect("bounded store"),
+        );
+        let registry = Self::serve(
+            dir.path(),
+            config,
+            bounded.clone(),
+            files,
+            Some(bounded.clone()),
+        )
+        .await;
+        bounded.retain(Arc::new(registry.registry.clone()));
+        (dir, registry)
+    }
+
+    async fn serve(
+        root: &Path,
+        config: RegistryConfig,
+        served: Arc<dyn BlobStore>,
+        blobs: Arc<FsBlobStore>,
+        bounded: Option<Arc<BoundedBlobStore>>,
+    ) -> Self {
         let metadata =
             Arc::new(SledMetadataStore::open(root.join("metadata")).expect("metadata store"));
         // The tests decide what time it is: GC and retention cut-offs, push order.
         let clock = Arc::new(ManualClock::new());
-        let registry = Registry::open_with_clock(config, blobs.clone(), metadata, clock.clone())
+        let registry = Registry::open_with_clock(config, served, metadata, clock.clone())
             .expect("registry opens");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -163,6 +203,7 @@ impl TestRegistry {
             registry,
             clock,
             blobs,
+            bounded,
             root: root.to_path_buf(),
             client: Client::builder(TokioExecutor::new()).build_http(),
             shutdown: Some(tx),

@@ -9,3 +9,4 @@ mod common;
 mod distribution_spec;
 mod gc_and_retention;
 mod policy_and_auth;
+mod storage_limit;

@@ -70,7 +70,9 @@ pub struct EvictionReport {
     pub used_after: u64,
     pub evicted_blobs: u64,
     pub evicted_bytes: u64,
-    /// Candidates spared: retained, or used within the grace period.
+    /// Candidates spared: retained, or used within the grace period or since the last
+    /// pass (accesses reach the backend once per pass, so within one interval they are
+    /// all equally recent).
     pub kept_retained: u64,
     pub kept_in_grace: u64,
 }
@@ -80,7 +82,7 @@ impl BoundedBlobStore {
     /// its high watermark.
     pub async fn evict_once(&self) -> Result<EvictionReport> {
         let _one_pass = self.shared.pass.lock().await;
-        self.hand_accesses_to_backend().await?;
+        let used_since_last_pass = self.hand_accesses_to_backend().await?;
         self.measure().await?;
         let used_before = self.shared.used();
         let mut report = EvictionReport {
@@ -109,7 +111,7 @@ impl BoundedBlobStore {
             }
             if retained.contains(&blob.hash) {
                 report.kept_retained += 1;
-            } else if blob.accessed > grace_cutoff {
+            } else if blob.accessed > grace_cutoff || used_since_last_pass.contains(&blob.hash) {
                 report.kept_in_grace += 1;
             } else {
                 candidates.push((blob.accessed, blob.hash, blob.size));
@@ -160,12 +162,13 @@ impl BoundedBlobStore {
         }
     }
 
-    async fn hand_accesses_to_backend(&self) -> Result<()> {
+    /// Hands the accesses noted since the last pass to the backend; returns them.
+    async fn hand_accesses_to_backend(&self) -> Result<HashSet<ContentHash>> {
         let recent = self.shared.take_recent();
         for chunk in recent.chunks(10_000) {
             self.inner.touch(chunk).await?;
         }
-        Ok(())
+        Ok(recent.into_iter().collect())
     }
 
     /// Replaces the running account with the backend's own figure. Commits that land

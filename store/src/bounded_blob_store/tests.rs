@@ -8,7 +8,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::{BoundedBlobStore, EvictionPolicy, RetainedBlobs};
-use crate::{BlobStore, ContentHash, Digest, DigestFunction, ExpectedDigest, FsBlobStore, StoreError};
+use crate::{
+    BlobStore, ContentHash, Digest, DigestFunction, ExpectedDigest, FsBlobStore, StoreError,
+};
 
 const LIMIT: u64 = 1 << 20;
 
@@ -60,7 +62,7 @@ async fn lru_eviction_keeps_the_working_set_and_retained_blobs_within_the_limit(
     let (_dir, store) = bounded(Duration::ZERO).await;
     let retained_blob = put(store.as_ref(), blob(1, 100_000)).await.unwrap();
     store.retain(Arc::new(Fixed(Mutex::new(HashSet::from([
-        retained_blob.content_hash(),
+        retained_blob.content_hash()
     ])))));
     let working_set: Vec<Digest> = {
         let mut set = Vec::new();
@@ -89,12 +91,21 @@ async fn lru_eviction_keeps_the_working_set_and_retained_blobs_within_the_limit(
         }
         store.evict_once().await.unwrap();
         let on_disk = store.stored_bytes().await.unwrap();
-        assert!(on_disk <= LIMIT, "{on_disk} bytes stored, over the {LIMIT}-byte limit");
+        assert!(
+            on_disk <= LIMIT,
+            "{on_disk} bytes stored, over the {LIMIT}-byte limit"
+        );
     }
     for digest in &working_set {
-        assert!(present(store.as_ref(), digest).await, "working set lost {digest}");
+        assert!(
+            present(store.as_ref(), digest).await,
+            "working set lost {digest}"
+        );
     }
-    assert!(present(store.as_ref(), &retained_blob).await, "retained blob evicted");
+    assert!(
+        present(store.as_ref(), &retained_blob).await,
+        "retained blob evicted"
+    );
     assert!(
         !present(store.as_ref(), &first_cold.unwrap()).await,
         "the oldest unused blob should have gone"
@@ -112,10 +123,18 @@ async fn a_write_past_the_limit_is_refused_and_leaves_nothing() {
     assert!(matches!(err, StoreError::Full { limit: LIMIT }), "{err}");
     let big_digest = Digest::of_bytes(DigestFunction::Sha256, &big);
     assert!(!present(store.as_ref(), &big_digest).await);
-    assert_eq!(store.used_bytes(), 960_000, "the refused write's bytes are released");
+    assert_eq!(
+        store.used_bytes(),
+        960_000,
+        "the refused write's bytes are released"
+    );
     // Everything is within its grace period: a pass frees nothing.
     let report = store.evict_once().await.unwrap();
-    assert_eq!((report.evicted_blobs, report.kept_in_grace), (0, 1), "{report:?}");
+    assert_eq!(
+        (report.evicted_blobs, report.kept_in_grace),
+        (0, 1),
+        "{report:?}"
+    );
     let leftovers: usize = walk(&dir.path().join("tmp"));
     assert_eq!(leftovers, 0, "no temp file is left behind");
 
