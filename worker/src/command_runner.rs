@@ -16,6 +16,7 @@ use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::BubblewrapMode;
+use crate::log_capture::LogCapture;
 use crate::process_spawn::{self, SpawnRequest};
 use crate::WorkerError;
 
@@ -81,6 +82,8 @@ pub struct ResourceLimits {
     pub memory_bytes: Option<u64>,
     /// RLIMIT_FSIZE, when set.
     pub file_bytes: Option<u64>,
+    /// The most of stdout, and of stderr, kept per action; the rest is dropped.
+    pub log_bytes: u64,
 }
 
 /// Runs commands as child processes of the worker.
@@ -155,16 +158,26 @@ impl CommandRunner for ProcessRunner {
     ) -> Result<CommandExit, WorkerError> {
         let argv = self.argv(spec)?;
         let stdin = File::open("/dev/null").map_err(WorkerError::io("opening /dev/null"))?;
-        let mut child = process_spawn::spawn(&SpawnRequest {
+        let mut stdout = LogCapture::start(spec.stdout.clone(), self.limits.log_bytes, "stdout")?;
+        let mut stderr = LogCapture::start(spec.stderr.clone(), self.limits.log_bytes, "stderr")?;
+        let spawned = process_spawn::spawn(&SpawnRequest {
             arguments: &argv,
             environment: &spec.environment,
             working_dir: &spec.working_dir,
             stdin: &stdin,
-            stdout: &spec.stdout,
-            stderr: &spec.stderr,
+            stdout: stdout
+                .writer
+                .as_ref()
+                .expect("a fresh capture has its writer"),
+            stderr: stderr
+                .writer
+                .as_ref()
+                .expect("a fresh capture has its writer"),
             rlimits: &self.rlimits(),
-        })
-        .map_err(|e| {
+        });
+        // The child holds its own copies: the pipes end when the command's processes do.
+        (stdout.writer, stderr.writer) = (None, None);
+        let mut child = spawned.map_err(|e| {
             WorkerError::InvalidAction(format!("cannot start {:?}: {e}", spec.arguments[0]))
         })?;
         // Declared after the child, so it is dropped first: kill, then reap.
@@ -186,6 +199,14 @@ impl CommandRunner for ProcessRunner {
         group.kill();
         if matches!(exit, CommandExit::TimedOut | CommandExit::Cancelled) {
             let _ = child.wait().await;
+        }
+        let (stdout_dropped, stderr_dropped) = tokio::join!(stdout.finish(), stderr.finish());
+        if stdout_dropped + stderr_dropped > 0 {
+            tracing::warn!(
+                stdout_dropped,
+                stderr_dropped,
+                "the action's output passed worker.max_log_bytes and was truncated"
+            );
         }
         Ok(exit)
     }

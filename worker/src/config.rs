@@ -54,6 +54,9 @@ pub struct WorkerConfig {
     /// RLIMIT_FSIZE for actions: the largest file a process may write, in bytes; 0 leaves it
     /// unlimited.
     pub max_file_bytes: u64,
+    /// The most of an action's stdout, and of its stderr, kept; past it the rest is
+    /// dropped and the log ends with a line saying so.
+    pub max_log_bytes: u64,
 }
 
 impl Default for WorkerConfig {
@@ -73,6 +76,7 @@ impl Default for WorkerConfig {
             max_open_files: 8192,
             max_memory_bytes: 0,
             max_file_bytes: 0,
+            max_log_bytes: 64 << 20,
         }
     }
 }

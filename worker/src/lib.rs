@@ -15,6 +15,7 @@ mod config;
 mod error;
 mod input_tree;
 mod local_cache;
+mod log_capture;
 mod output_collector;
 mod process_spawn;
 mod worker;

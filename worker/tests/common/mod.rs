@@ -216,6 +216,7 @@ pub const TEST_LIMITS: ResourceLimits = ResourceLimits {
     open_files: 1000,
     memory_bytes: None,
     file_bytes: None,
+    log_bytes: 64 << 20,
 };
 
 /// An ActionRunner on a temp work dir, talking to `cas` over its socket.

@@ -276,6 +276,7 @@ async fn rlimits_apply_to_the_action() -> anyhow::Result<()> {
         open_files: 123,
         memory_bytes: None,
         file_bytes: Some(4096),
+        ..common::TEST_LIMITS
     };
     let worker = TestRunner::with(&cas, limits, BubblewrapMode::Never, 1 << 30);
     let spec = ActionSpec::shell(
@@ -289,6 +290,38 @@ async fn rlimits_apply_to_the_action() -> anyhow::Result<()> {
     let lines: Vec<&str> = stdout.lines().map(str::trim).collect();
     // RLIMIT_FSIZE stops the write at 4096 bytes (the shell counts in 1024-byte blocks).
     assert_eq!(lines, ["123", "0", "4096"], "{stdout}");
+    Ok(())
+}
+
+/// A command that prints 1 GiB keeps only the cap of it, and the log says it was cut;
+/// stderr has its own cap. The worker never holds the gigabyte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdout_and_stderr_are_capped() -> anyhow::Result<()> {
+    let cas = TestCas::start(DigestFunction::Sha256).await?;
+    let limits = ResourceLimits {
+        log_bytes: 1 << 20,
+        ..common::TEST_LIMITS
+    };
+    let worker = TestRunner::with(&cas, limits, BubblewrapMode::Never, 1 << 30);
+    let spec = ActionSpec::shell(
+        "head -c 1073741824 /dev/zero; head -c 100 /dev/zero | tr '\\0' e >&2; echo done >&2",
+    );
+    let digest = put_action(&cas, &spec).await;
+    let outcome = worker.run(digest).await;
+    assert!(outcome.error.is_none(), "{:?}", outcome.error);
+    let result = outcome.action_result.unwrap();
+    assert_eq!(result.exit_code, 0);
+    let stdout = cas.get(result.stdout_digest.as_ref().unwrap()).await;
+    assert!(stdout[..1 << 20].iter().all(|b| *b == 0));
+    let note = String::from_utf8_lossy(&stdout[1 << 20..]);
+    assert!(
+        note.contains(
+            "stdout truncated: the action wrote 1073741824 bytes; only the first 1048576 are kept"
+        ),
+        "{note}"
+    );
+    let stderr = String::from_utf8(cas.get(result.stderr_digest.as_ref().unwrap()).await)?;
+    assert_eq!(stderr, format!("{}done\n", "e".repeat(100)));
     Ok(())
 }
 
