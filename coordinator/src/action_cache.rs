@@ -21,6 +21,7 @@ use kiln_store::{BlobStore, ContentHash, Digest, DigestFunction, ExpectedDigest}
 use tonic::{Request, Response, Status};
 
 mod stored_result;
+pub(crate) mod trimming;
 
 pub(crate) use stored_result::{referenced_blobs, tree_files, TreeFileIndex};
 
@@ -54,6 +55,11 @@ impl ActionCacheService {
             counters,
             refreshed: DashMap::new(),
         }
+    }
+
+    /// The stored results, for the trimming task.
+    pub(crate) fn results(&self) -> kiln_store::ActionCache {
+        self.results.clone()
     }
 
     /// Looks a result up, counting the hit or miss for the cache hit ratio.
@@ -150,6 +156,7 @@ impl ActionCacheService {
         }
         let hashes: Vec<ContentHash> = referenced.iter().map(Digest::content_hash).collect();
         self.blobs.touch(&hashes).await?;
+        self.results.mark_used(&key.0, &key.1).await?;
         if self.refreshed.len() >= MAX_REMEMBERED_REFRESHES {
             self.refreshed
                 .retain(|_, last| now.duration_since(*last) < interval);

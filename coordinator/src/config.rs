@@ -59,6 +59,9 @@ pub struct CoordinatorConfig {
     /// A ByteStream upload nobody has written to for this long is abandoned: its kept
     /// bytes are removed (at start-up, and then periodically).
     pub upload_ttl_secs: u64,
+    /// The most action-cache entries kept; past it the least recently used go (down to
+    /// 90 % of it), checked at start-up and every minute.
+    pub max_action_cache_entries: u64,
 }
 
 impl Default for CoordinatorConfig {
@@ -80,6 +83,7 @@ impl Default for CoordinatorConfig {
             max_tree_directories: 250_000,
             unmatched_platform_timeout_secs: 600,
             upload_ttl_secs: 24 * 60 * 60,
+            max_action_cache_entries: 1_000_000,
         }
     }
 }

@@ -118,6 +118,16 @@ impl Coordinator {
             std::time::Duration::from_secs(config.upload_ttl_secs),
             engine.closed(),
         );
+        crate::action_cache::trimming::trim_once(
+            &action_cache_service.results(),
+            config.max_action_cache_entries,
+        )
+        .await;
+        let trimmer = crate::action_cache::trimming::spawn(
+            action_cache_service.results(),
+            config.max_action_cache_entries,
+            engine.closed(),
+        );
         let closing = engine.clone();
         // grpc.health.v1: the overall service ("") is SERVING from here on, as are the
         // named services; all turn NOT_SERVING as soon as shutdown starts, so that load
@@ -178,10 +188,11 @@ impl Coordinator {
             .add_service(health_service)
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await?;
-        // The dispatcher and the sweeper hold the stores; they are released once both
-        // have stopped.
+        // The dispatcher, the sweeper and the trimmer hold the stores; they are released
+        // once all have stopped.
         let _ = dispatcher.await;
         let _ = sweeper.await;
+        let _ = trimmer.await;
         Ok(())
     }
 

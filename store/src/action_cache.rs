@@ -1,24 +1,69 @@
 //! The action cache's storage: encoded `ActionResult`s keyed by instance name and action
 //! digest. Instance names are separate namespaces. The coordinator decodes and validates
-//! the results; this layer only keeps them durable.
+//! the results; this layer only keeps them durable, and bounded: every entry has a
+//! last-use stamp, indexed in stamp order, so [`ActionCache::trim`] can remove the least
+//! recently used entries without reading them.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use futures::stream::BoxStream;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 
-use crate::{scan_stream, Digest, DigestFunction, Keyspace, MetadataStore, Result};
+use crate::{scan_stream, Digest, DigestFunction, Keyspace, MetadataStore, Result, WriteBatch};
 
 const ACTION_CACHE: Keyspace = Keyspace("action_cache");
+/// Entry key → its last-use stamp (8 bytes, big-endian).
+const LAST_USE: Keyspace = Keyspace("action_cache.last_use");
+/// Stamp (8 bytes, big-endian) followed by the entry key → empty: the entries in use order.
+const BY_USE: Keyspace = Keyspace("action_cache.by_use");
 
 #[derive(Clone)]
 pub struct ActionCache {
     metadata: Arc<dyn MetadataStore>,
+    /// The last stamp handed out: stamps are microseconds since the epoch, made strictly
+    /// increasing so that no two uses tie.
+    last_stamp: Arc<AtomicU64>,
+}
+
+/// What one [`ActionCache::trim`] found and removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrimReport {
+    pub entries: u64,
+    pub removed: u64,
 }
 
 impl ActionCache {
     pub fn new(metadata: Arc<dyn MetadataStore>) -> Self {
-        ActionCache { metadata }
+        ActionCache {
+            metadata,
+            last_stamp: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn next_stamp(&self) -> u64 {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        let previous = self
+            .last_stamp
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| {
+                Some(now.max(last + 1))
+            })
+            .expect("the update always succeeds");
+        now.max(previous + 1)
+    }
+
+    /// Adds to `batch` what records `key` as used now, replacing its previous stamp.
+    async fn stamp(&self, batch: &mut WriteBatch, key: &[u8]) -> Result<()> {
+        if let Some(previous) = self.metadata.get(LAST_USE, key).await? {
+            batch.delete(BY_USE, [previous.as_slice(), key].concat());
+        }
+        let stamp = self.next_stamp().to_be_bytes();
+        batch.put(LAST_USE, key.to_vec(), stamp.to_vec());
+        batch.put(BY_USE, [stamp.as_slice(), key].concat(), Vec::new());
+        Ok(())
     }
 
     fn key(instance_name: &str, action: &Digest) -> Vec<u8> {
@@ -39,21 +84,71 @@ impl ActionCache {
             .await?)
     }
 
-    /// Stores an encoded result and makes it durable before returning.
+    /// Stores an encoded result, used now, and makes it durable before returning.
     pub async fn put(
         &self,
         instance_name: &str,
         action: &Digest,
         encoded_result: &[u8],
     ) -> Result<()> {
-        self.metadata
-            .insert(
-                ACTION_CACHE,
-                &Self::key(instance_name, action),
-                encoded_result,
-            )
-            .await?;
+        let key = Self::key(instance_name, action);
+        let mut batch = WriteBatch::new();
+        batch.put(ACTION_CACHE, key.clone(), encoded_result.to_vec());
+        self.stamp(&mut batch, &key).await?;
+        self.metadata.apply(batch).await?;
         Ok(self.metadata.flush().await?)
+    }
+
+    /// Records a hit, so that trimming keeps the entry longer. Not flushed: losing a stamp
+    /// in a crash only makes the entry look older.
+    pub async fn mark_used(&self, instance_name: &str, action: &Digest) -> Result<()> {
+        let key = Self::key(instance_name, action);
+        if self.metadata.get(ACTION_CACHE, &key).await?.is_none() {
+            return Ok(());
+        }
+        let mut batch = WriteBatch::new();
+        self.stamp(&mut batch, &key).await?;
+        Ok(self.metadata.apply(batch).await?)
+    }
+
+    /// Removes the least recently used entries until at most `keep` remain, once there are
+    /// more than `max_entries`. Entries stored before stamps existed carry none and are
+    /// not counted until they are used or stored again.
+    pub async fn trim(&self, max_entries: u64, keep: u64) -> Result<TrimReport> {
+        let entries = scan_stream(self.metadata.clone(), BY_USE, Vec::new())
+            .try_fold(0u64, |n, _| async move { Ok(n + 1) })
+            .await?;
+        let mut report = TrimReport {
+            entries,
+            removed: 0,
+        };
+        if entries <= max_entries {
+            return Ok(report);
+        }
+        let mut oldest = scan_stream(self.metadata.clone(), BY_USE, Vec::new());
+        while report.entries - report.removed > keep {
+            let Some((index_key, _)) = oldest.try_next().await? else {
+                break;
+            };
+            let (stamp, key) = index_key.split_at(8.min(index_key.len()));
+            let mut batch = WriteBatch::new();
+            batch.delete(BY_USE, index_key.clone());
+            // A stamp replaced meanwhile (a hit after the scan began) keeps the entry.
+            if self.metadata.get(LAST_USE, key).await?.as_deref() == Some(stamp) {
+                batch.expect(LAST_USE, key.to_vec(), Some(stamp.to_vec()));
+                batch.delete(LAST_USE, key.to_vec());
+                batch.delete(ACTION_CACHE, key.to_vec());
+                report.removed += 1;
+            }
+            match self.metadata.apply(batch).await {
+                Ok(()) => {}
+                // A hit in between fails the expectation: the entry stays, with its new
+                // stamp.
+                Err(crate::MetadataError::Conflict { .. }) => report.removed -= 1,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(report)
     }
 
     /// Every stored result, with its action's digest function, a page at a time (for
@@ -78,9 +173,67 @@ impl ActionCache {
     }
 
     pub async fn remove(&self, instance_name: &str, action: &Digest) -> Result<()> {
-        self.metadata
-            .remove(ACTION_CACHE, &Self::key(instance_name, action))
-            .await?;
-        Ok(())
+        let key = Self::key(instance_name, action);
+        let mut batch = WriteBatch::new();
+        batch.delete(ACTION_CACHE, key.clone());
+        if let Some(stamp) = self.metadata.get(LAST_USE, &key).await? {
+            batch.delete(LAST_USE, key.clone());
+            batch.delete(BY_USE, [stamp.as_slice(), &key].concat());
+        }
+        Ok(self.metadata.apply(batch).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MemoryMetadataStore;
+
+    fn action(n: u8) -> Digest {
+        Digest::of_bytes(DigestFunction::Sha256, &[n])
+    }
+
+    #[tokio::test]
+    async fn trimming_removes_the_least_recently_used_entries() {
+        let cache = ActionCache::new(Arc::new(MemoryMetadataStore::new()));
+        for n in 0..5 {
+            cache.put("", &action(n), &[n]).await.unwrap();
+        }
+        // A hit makes the oldest the newest; a re-put refreshes another.
+        cache.mark_used("", &action(0)).await.unwrap();
+        cache.put("", &action(1), b"again").await.unwrap();
+        let untouched = cache.trim(10, 2).await.unwrap();
+        assert_eq!(
+            untouched,
+            TrimReport {
+                entries: 5,
+                removed: 0
+            }
+        );
+        let report = cache.trim(3, 2).await.unwrap();
+        assert_eq!(
+            report,
+            TrimReport {
+                entries: 5,
+                removed: 3
+            }
+        );
+        for (n, kept) in [(0, true), (1, true), (2, false), (3, false), (4, false)] {
+            assert_eq!(
+                cache.get("", &action(n)).await.unwrap().is_some(),
+                kept,
+                "{n}"
+            );
+        }
+        // The index shrank with the entries: nothing left to trim.
+        assert_eq!(
+            cache.trim(1, 2).await.unwrap(),
+            TrimReport {
+                entries: 2,
+                removed: 0
+            }
+        );
+        cache.remove("", &action(0)).await.unwrap();
+        assert_eq!(cache.trim(0, 0).await.unwrap().entries, 1);
     }
 }

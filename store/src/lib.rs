@@ -23,7 +23,7 @@ mod metadata;
 mod oci_name;
 mod reapi_names;
 
-pub use action_cache::ActionCache;
+pub use action_cache::{ActionCache, TrimReport};
 pub use blob_store::{BlobInfo, BlobStore, BlobWriter, ChunkStream, ExpectedDigest};
 pub use bounded_blob_store::{BoundedBlobStore, EvictionPolicy, EvictionReport, RetainedBlobs};
 pub use digest::{ContentHash, Digest, DigestFunction, Hasher};

@@ -474,3 +474,43 @@ async fn malformed_action_cache_requests_are_invalid_arguments() -> anyhow::Resu
     assert_bad_request(&err, "action_result.output_directories[0].tree_digest");
     server.stop().await
 }
+
+/// Past `max_action_cache_entries`, the least recently used entries go (checked at
+/// start-up, before serving, and every minute): a restart with a smaller bound trims at once, keeping
+/// the entry a hit used last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_is_bounded_least_recently_used_first() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let function = DigestFunction::Sha256;
+    let config = CoordinatorConfig {
+        access_refresh_interval_secs: 0,
+        ..Default::default()
+    };
+    let server = TestServer::start_with(dir.path(), config.clone()).await?;
+    let actions: Vec<Digest> = (0..5u8).map(|n| Digest::of_bytes(function, &[n])).collect();
+    for (n, action) in actions.iter().enumerate() {
+        let result = ActionResult {
+            exit_code: n as i32,
+            ..Default::default()
+        };
+        update(&server, "", action, result).await?;
+    }
+    // A hit on the oldest makes it the most recently used.
+    get(&server, get_request("", &actions[0])).await?;
+    server.stop().await?;
+
+    let bounded = CoordinatorConfig {
+        max_action_cache_entries: 2,
+        ..config
+    };
+    // Trimmed before it serves.
+    let server = TestServer::start_with(dir.path(), bounded).await?;
+    let mut kept = Vec::new();
+    for (n, action) in actions.iter().enumerate() {
+        if get(&server, get_request("", action)).await.is_ok() {
+            kept.push(n);
+        }
+    }
+    assert_eq!(kept, [0, 4], "the hit entry and the newest stay");
+    server.stop().await
+}
