@@ -557,7 +557,7 @@ impl BlobWriter for FsBlobWriter {
             return Err(e);
         }
         let final_path = self.store.blob_path(&actual.content_hash());
-        tokio::task::spawn_blocking(move || -> io::Result<()> {
+        let made_visible = tokio::task::spawn_blocking(move || -> io::Result<()> {
             file.sync_all()?;
             drop(file);
             let dir = final_path.parent().expect("blob paths have a parent");
@@ -570,7 +570,14 @@ impl BlobWriter for FsBlobWriter {
             sync_dir(dir)
         })
         .await
-        .map_err(io::Error::other)??;
+        .map_err(io::Error::other)
+        .and_then(|outcome| outcome);
+        if let Err(e) = made_visible {
+            // fsync, mkdir or rename failed (ENOSPC, EIO): nothing was acknowledged, so
+            // nothing may stay behind, a named upload's file included.
+            let _ = tokio::fs::remove_file(&self.path).await;
+            return Err(e.into());
+        }
         self.store.add_to_index(actual.content_hash(), actual.size);
         Ok(actual)
     }

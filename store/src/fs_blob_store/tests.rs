@@ -42,6 +42,34 @@ async fn a_mismatch_leaves_no_temp_file() {
     assert_eq!(store.list().try_collect::<Vec<_>>().await.unwrap().len(), 0);
 }
 
+/// A commit that fails after the digest checked out (here the blob's directory cannot be
+/// made; ENOSPC or EIO on fsync take the same path) leaves no temp or upload file.
+#[tokio::test]
+async fn a_failed_commit_leaves_no_file() {
+    let (dir, store) = store();
+    let data = pattern(3000);
+    let digest = Digest::of_bytes(DigestFunction::Sha256, &data);
+    let blocked = store.blob_path(&digest.content_hash());
+    let prefix = blocked.parent().unwrap();
+    std::fs::create_dir_all(prefix.parent().unwrap()).unwrap();
+    std::fs::write(prefix, b"a file where the blob's directory belongs").unwrap();
+    assert!(store
+        .put(ExpectedDigest::Exact(digest), data.clone())
+        .await
+        .is_err());
+    let mut writer = store
+        .begin_write(DigestFunction::Sha256, Some("named"))
+        .await
+        .unwrap();
+    writer.write(data).await.unwrap();
+    assert!(writer.commit(ExpectedDigest::Exact(digest)).await.is_err());
+    for leftovers in ["tmp", "uploads"] {
+        let left = std::fs::read_dir(dir.path().join(leftovers)).unwrap().count();
+        assert_eq!(left, 0, "{leftovers}/ keeps {left} file(s)");
+    }
+    assert_eq!(store.stored_bytes().await.unwrap(), 0);
+}
+
 #[tokio::test]
 async fn delete_and_reopen() {
     let (dir, store) = store();
