@@ -7,10 +7,11 @@ use std::sync::Mutex;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use kiln_publish::{BlobTransfer, PublishProgress};
+use kiln_store::ContentHash;
 
 pub struct PublishBars {
     bars: MultiProgress,
-    by_digest: Mutex<HashMap<String, ProgressBar>>,
+    by_digest: Mutex<HashMap<ContentHash, ProgressBar>>,
 }
 
 impl PublishBars {
@@ -27,7 +28,7 @@ impl PublishBars {
         }
     }
 
-    fn bar(&self, digest: &str) -> Option<ProgressBar> {
+    fn bar(&self, digest: &ContentHash) -> Option<ProgressBar> {
         self.by_digest
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -37,17 +38,12 @@ impl PublishBars {
 }
 
 /// `sha256:0123…` as its first 12 hex digits.
-fn short(digest: &str) -> String {
-    digest
-        .split_once(':')
-        .map_or(digest, |(_, hex)| hex)
-        .chars()
-        .take(12)
-        .collect()
+fn short(digest: &ContentHash) -> String {
+    hex::encode(&digest.bytes[..6])
 }
 
 impl PublishProgress for PublishBars {
-    fn blob_started(&self, digest: &str, size: u64) {
+    fn blob_started(&self, digest: &ContentHash, size: u64) {
         if let Some(bar) = self.bar(digest) {
             bar.set_position(0);
             return;
@@ -62,16 +58,16 @@ impl PublishProgress for PublishBars {
         self.by_digest
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(digest.to_string(), bar);
+            .insert(*digest, bar);
     }
 
-    fn blob_progressed(&self, digest: &str, bytes: u64) {
+    fn blob_progressed(&self, digest: &ContentHash, bytes: u64) {
         if let Some(bar) = self.bar(digest) {
             bar.inc(bytes);
         }
     }
 
-    fn blob_finished(&self, digest: &str, transfer: BlobTransfer) {
+    fn blob_finished(&self, digest: &ContentHash, transfer: BlobTransfer) {
         let Some(bar) = self.bar(digest) else { return };
         let message = match transfer {
             BlobTransfer::Existed => "exists",

@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use kiln_store::ContentHash;
+
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
     #[error("{context}: {source}")]
@@ -45,8 +47,16 @@ pub enum PublishError {
     #[error("{what}: digest mismatch, expected {expected}, got {actual}")]
     DigestMismatch {
         what: String,
-        expected: String,
-        actual: String,
+        expected: ContentHash,
+        actual: ContentHash,
+    },
+    /// A digest kiln cannot name a blob by: malformed, or of a function other than
+    /// sha256 and blake3.
+    #[error("{what}: {source}")]
+    InvalidDigest {
+        what: String,
+        #[source]
+        source: kiln_store::StoreError,
     },
     #[error("OCI document: {0}")]
     Oci(#[from] oci_spec::OciSpecError),

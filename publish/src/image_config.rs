@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, UNIX_EPOCH};
 
+use kiln_store::ContentHash;
 use oci_spec::image::{
     Arch, Descriptor, History, ImageConfiguration, ImageManifest, MediaType, Os,
     ANNOTATION_BASE_IMAGE_DIGEST, ANNOTATION_BASE_IMAGE_NAME, ANNOTATION_CREATED,
@@ -14,6 +15,7 @@ use oci_spec::image::{
 use serde::Serialize;
 
 use crate::error::{PublishError, Result};
+use crate::oci_digest::oci_digest;
 
 /// The default user: the conventional unprivileged "nonroot" uid/gid of distroless images.
 pub const DEFAULT_USER: &str = "65532:65532";
@@ -105,7 +107,7 @@ pub struct BaseImage {
     /// As the user named it (`host/repo:tag`), for the base-name annotation.
     pub name: String,
     /// Digest of the platform manifest used.
-    pub manifest_digest: String,
+    pub manifest_digest: ContentHash,
     pub config: ImageConfiguration,
     pub layers: Vec<Descriptor>,
 }
@@ -113,9 +115,9 @@ pub struct BaseImage {
 /// One new layer, as the config and the manifest describe it.
 #[derive(Clone, Debug)]
 pub struct NewLayer {
-    pub digest: String,
+    pub digest: ContentHash,
     pub size: u64,
-    pub diff_id: String,
+    pub diff_id: ContentHash,
     pub media_type: String,
     /// Recorded in the history entry (e.g. "from directory out/").
     pub comment: String,
@@ -162,7 +164,7 @@ pub fn build_config(
     image
         .rootfs_mut()
         .diff_ids_mut()
-        .push(layer.diff_id.clone());
+        .push(layer.diff_id.to_string());
 
     // A base without history keeps none: a partial history would misattribute layers.
     let base_has_layers = base.is_some_and(|b| !b.layers.is_empty());
@@ -198,7 +200,7 @@ fn merge_env(mut env: Vec<String>, overrides: &[String]) -> Result<Vec<String>> 
 
 /// Builds the OCI image manifest: base layers, then the new one.
 pub fn build_manifest(
-    config_digest: &str,
+    config_digest: &ContentHash,
     config_size: u64,
     base: Option<&BaseImage>,
     layer: &NewLayer,
@@ -208,14 +210,14 @@ pub fn build_manifest(
     layers.push(Descriptor::new(
         MediaType::from(layer.media_type.as_str()),
         layer.size,
-        oci_digest(&layer.digest)?,
+        oci_digest(&layer.digest),
     ));
     let mut annotations: HashMap<String, String> = provenance.annotations().into_iter().collect();
     if let Some(base) = base {
         annotations.insert(ANNOTATION_BASE_IMAGE_NAME.into(), base.name.clone());
         annotations.insert(
             ANNOTATION_BASE_IMAGE_DIGEST.into(),
-            base.manifest_digest.clone(),
+            base.manifest_digest.to_string(),
         );
     }
     Ok(oci_spec::image::ImageManifestBuilder::default()
@@ -224,17 +226,11 @@ pub fn build_manifest(
         .config(Descriptor::new(
             MediaType::ImageConfig,
             config_size,
-            oci_digest(config_digest)?,
+            oci_digest(config_digest),
         ))
         .layers(layers)
         .annotations(annotations)
         .build()?)
-}
-
-pub(crate) fn oci_digest(digest: &str) -> Result<oci_spec::image::Digest> {
-    digest
-        .parse()
-        .map_err(|e| PublishError::BaseImage(format!("bad digest {digest:?}: {e}")))
 }
 
 /// JSON with object keys sorted at every level: oci-spec keeps labels and annotations in
@@ -267,11 +263,18 @@ fn sort_keys(value: serde_json::Value) -> serde_json::Value {
 mod tests {
     use super::*;
 
+    /// A SHA-256 hash whose hex is `digit` 64 times.
+    fn hash(digit: char) -> ContentHash {
+        format!("sha256:{}", digit.to_string().repeat(64))
+            .parse()
+            .unwrap()
+    }
+
     fn layer() -> NewLayer {
         NewLayer {
-            digest: format!("sha256:{}", "a".repeat(64)),
+            digest: hash('a'),
             size: 10,
-            diff_id: format!("sha256:{}", "b".repeat(64)),
+            diff_id: hash('b'),
             media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
             comment: "from directory out".into(),
         }
@@ -313,7 +316,7 @@ mod tests {
         assert_eq!(labels[ANNOTATION_SOURCE], "https://example.com/app");
         assert_eq!(labels[ANNOTATION_VERSION], "v1.2.3");
         assert_eq!(labels[ANNOTATION_CREATED], "2023-11-14T22:13:20Z");
-        assert_eq!(json["rootfs"]["diff_ids"][0], layer().diff_id);
+        assert_eq!(json["rootfs"]["diff_ids"][0], layer().diff_id.to_string());
         assert_eq!(json["history"][0]["created_by"], "kiln publish");
     }
 
@@ -330,15 +333,15 @@ mod tests {
         base_config
             .rootfs_mut()
             .diff_ids_mut()
-            .push(format!("sha256:{}", "c".repeat(64)));
+            .push(hash('c').to_string());
         let base = BaseImage {
             name: "127.0.0.1:5000/base:v1".into(),
-            manifest_digest: format!("sha256:{}", "d".repeat(64)),
+            manifest_digest: hash('d'),
             config: base_config,
             layers: vec![Descriptor::new(
                 MediaType::ImageLayerGzip,
                 5,
-                oci_digest(&format!("sha256:{}", "e".repeat(64))).unwrap(),
+                oci_digest(&hash('e')),
             )],
         };
         let settings = RuntimeSettings {
@@ -357,16 +360,13 @@ mod tests {
         // The base had no history, so none is invented for its layer.
         assert!(config.history().is_none());
 
-        let manifest = build_manifest(
-            &format!("sha256:{}", "f".repeat(64)),
-            100,
-            Some(&base),
-            &layer(),
-            &provenance(),
-        )
-        .unwrap();
+        let manifest =
+            build_manifest(&hash('f'), 100, Some(&base), &layer(), &provenance()).unwrap();
         assert_eq!(manifest.layers().len(), 2);
-        assert_eq!(manifest.layers()[1].digest().to_string(), layer().digest);
+        assert_eq!(
+            manifest.layers()[1].digest().to_string(),
+            layer().digest.to_string()
+        );
         let annotations = manifest.annotations().clone().unwrap();
         assert_eq!(annotations[ANNOTATION_BASE_IMAGE_NAME], base.name);
         assert_eq!(annotations[ANNOTATION_CREATED], "2023-11-14T22:13:20Z");

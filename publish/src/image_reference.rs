@@ -1,5 +1,7 @@
 //! Image references as users write them: `[host[:port]/]repository[:tag][@digest]`.
 
+use kiln_store::ContentHash;
+
 use crate::error::{PublishError, Result};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -7,8 +9,24 @@ pub struct ImageReference {
     /// `host[:port]`.
     pub registry: String,
     pub repository: String,
-    /// A tag or a `sha256:` digest.
-    pub reference: String,
+    pub reference: ManifestReference,
+}
+
+/// What names a manifest within a repository, as the `/v2/<name>/manifests/<reference>`
+/// path takes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ManifestReference {
+    Tag(String),
+    Digest(ContentHash),
+}
+
+impl std::fmt::Display for ManifestReference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ManifestReference::Tag(tag) => f.write_str(tag),
+            ManifestReference::Digest(digest) => digest.fmt(f),
+        }
+    }
 }
 
 impl ImageReference {
@@ -40,14 +58,13 @@ impl ImageReference {
         kiln_store::validate_repository_name(repository)
             .map_err(|e| invalid(&format!("bad repository name: {e}")))?;
         let reference = match (digest, tag) {
-            (Some(digest), _) => {
-                oci_spec::image::Digest::try_from(digest)
-                    .map_err(|_| invalid("bad digest after '@'"))?;
-                digest.to_string()
-            }
+            (Some(digest), _) => ManifestReference::Digest(
+                ContentHash::parse_oci(digest)
+                    .map_err(|e| invalid(&format!("bad digest after '@': {e}")))?,
+            ),
             (None, Some(tag)) => {
                 kiln_store::validate_tag(tag)?;
-                tag.to_string()
+                ManifestReference::Tag(tag.to_string())
             }
             (None, None) => return Err(invalid("needs a tag or a digest")),
         };
@@ -61,10 +78,9 @@ impl ImageReference {
 
 impl std::fmt::Display for ImageReference {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let separator = if self.reference.contains(':') {
-            '@'
-        } else {
-            ':'
+        let separator = match self.reference {
+            ManifestReference::Tag(_) => ':',
+            ManifestReference::Digest(_) => '@',
         };
         write!(
             f,
@@ -82,12 +98,12 @@ mod tests {
     fn references_parse() {
         let r = ImageReference::parse("base:v1", "127.0.0.1:5000").unwrap();
         assert_eq!(
+            (r.registry.as_str(), r.repository.as_str(), &r.reference),
             (
-                r.registry.as_str(),
-                r.repository.as_str(),
-                r.reference.as_str()
-            ),
-            ("127.0.0.1:5000", "base", "v1")
+                "127.0.0.1:5000",
+                "base",
+                &ManifestReference::Tag("v1".into())
+            )
         );
         let r = ImageReference::parse("registry.example:443/org/base:1.0", "x").unwrap();
         assert_eq!(r.registry, "registry.example:443");
@@ -95,7 +111,10 @@ mod tests {
         let digest = format!("sha256:{}", "a".repeat(64));
         let r = ImageReference::parse(&format!("localhost/base@{digest}"), "x").unwrap();
         assert_eq!(r.registry, "localhost");
-        assert_eq!(r.reference, digest);
+        assert_eq!(
+            r.reference,
+            ManifestReference::Digest(digest.parse().unwrap())
+        );
         assert_eq!(r.to_string(), format!("localhost/base@{digest}"));
     }
 
@@ -104,6 +123,9 @@ mod tests {
         assert!(ImageReference::parse("base", "x").is_err());
         assert!(ImageReference::parse("Base:v1", "x").is_err());
         assert!(ImageReference::parse("base@sha256:zz", "x").is_err());
+        // Only digests kiln can verify: sha256 and blake3.
+        let sha512 = format!("base@sha512:{}", "a".repeat(128));
+        assert!(ImageReference::parse(&sha512, "x").is_err());
         assert!(ImageReference::parse("base:.bad", "x").is_err());
         // `._` is not one of the grammar's separators.
         assert!(ImageReference::parse("team/a._b:v1", "x").is_err());

@@ -10,7 +10,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest as _, Sha256};
+use kiln_store::{ContentHash, DigestFunction, Hasher};
 
 use crate::error::{PublishError, Result};
 
@@ -50,12 +50,12 @@ impl std::str::FromStr for Compression {
 #[derive(Debug)]
 pub struct LayerBlob {
     file: tempfile::NamedTempFile,
-    /// `sha256:<hex>` of the compressed bytes: the layer's name in the registry.
-    pub digest: String,
+    /// SHA-256 of the compressed bytes: the layer's name in the registry.
+    pub digest: ContentHash,
     /// Size of the compressed bytes.
     pub size: u64,
-    /// `sha256:<hex>` of the uncompressed tar: the image config's rootfs diff_id.
-    pub diff_id: String,
+    /// SHA-256 of the uncompressed tar: the image config's rootfs diff_id.
+    pub diff_id: ContentHash,
     pub compression: Compression,
     /// How many tar entries (files, directories, symlinks) the layer holds.
     pub entries: usize,
@@ -134,7 +134,7 @@ pub fn build_layer(root: &Path, compression: Compression, mtime: u64) -> Result<
 }
 
 struct TarSummary {
-    digest: String,
+    digest: ContentHash,
     entries: usize,
 }
 
@@ -284,7 +284,7 @@ impl<R: Read> Read for ExactReader<R> {
 /// Passes bytes through while computing their SHA-256 and counting them.
 pub(crate) struct HashingWriter<W> {
     inner: W,
-    hasher: Sha256,
+    hasher: Hasher,
     bytes: u64,
 }
 
@@ -292,14 +292,18 @@ impl<W> HashingWriter<W> {
     pub(crate) fn new(inner: W) -> Self {
         HashingWriter {
             inner,
-            hasher: Sha256::new(),
+            // SHA-256, not BLAKE3: every OCI client verifies layers and diff_ids with it.
+            hasher: DigestFunction::Sha256.hasher(),
             bytes: 0,
         }
     }
 
-    /// Returns `sha256:<hex>`, the byte count and the inner writer.
-    pub(crate) fn finish(self) -> (String, u64, W) {
-        let digest = format!("sha256:{}", hex::encode(self.hasher.finalize()));
+    /// Returns the SHA-256 of what was written, the byte count and the inner writer.
+    pub(crate) fn finish(self) -> (ContentHash, u64, W) {
+        let digest = ContentHash {
+            function: self.hasher.function(),
+            bytes: self.hasher.finalize(),
+        };
         (digest, self.bytes, self.inner)
     }
 }
@@ -317,7 +321,12 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
-/// `sha256:<hex>` of a byte string: manifests and configs are named this way.
-pub(crate) fn sha256_digest(bytes: &[u8]) -> String {
-    kiln_store::Digest::of_bytes(kiln_store::DigestFunction::Sha256, bytes).oci()
+/// The SHA-256 of a byte string: manifests and configs are named this way.
+pub(crate) fn sha256_digest(bytes: &[u8]) -> ContentHash {
+    content_hash_of(DigestFunction::Sha256, bytes)
+}
+
+/// The hash of a byte string under `function`.
+pub(crate) fn content_hash_of(function: DigestFunction, bytes: &[u8]) -> ContentHash {
+    kiln_store::Digest::of_bytes(function, bytes).content_hash()
 }

@@ -4,6 +4,8 @@
 
 use std::sync::Arc;
 
+use kiln_store::ContentHash;
+
 /// What happened to one blob.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BlobTransfer {
@@ -18,11 +20,11 @@ pub enum BlobTransfer {
 
 pub trait PublishProgress: Send + Sync {
     /// A blob of `size` bytes starts moving (again, after a retried request).
-    fn blob_started(&self, _digest: &str, _size: u64) {}
+    fn blob_started(&self, _digest: &ContentHash, _size: u64) {}
     /// `bytes` more of it went out.
-    fn blob_progressed(&self, _digest: &str, _bytes: u64) {}
+    fn blob_progressed(&self, _digest: &ContentHash, _bytes: u64) {}
     /// It is in the registry, and this is how it got there.
-    fn blob_finished(&self, _digest: &str, _transfer: BlobTransfer) {}
+    fn blob_finished(&self, _digest: &ContentHash, _transfer: BlobTransfer) {}
 }
 
 /// Reports nothing.
@@ -50,16 +52,16 @@ impl std::fmt::Debug for ProgressSink {
 #[derive(Clone)]
 pub struct BlobProgress {
     sink: Arc<dyn PublishProgress>,
-    digest: String,
+    digest: ContentHash,
     size: u64,
 }
 
 impl BlobProgress {
     /// Announces the blob (`blob_started`) and returns its handle.
-    pub fn new(sink: &ProgressSink, digest: &str, size: u64) -> Self {
+    pub fn new(sink: &ProgressSink, digest: ContentHash, size: u64) -> Self {
         let progress = BlobProgress {
             sink: sink.0.clone(),
-            digest: digest.to_string(),
+            digest,
             size,
         };
         progress.start();

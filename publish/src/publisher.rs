@@ -1,6 +1,7 @@
 //! `publish`: a directory becomes a layer, the layer an image (on a base, if asked), and
 //! the image is pushed and tagged.
 
+use kiln_store::ContentHash;
 use oci_spec::image::{Descriptor, ImageConfiguration, ImageIndex, ImageManifest, MediaType};
 
 use crate::action_outputs::{stage_outputs, LayerContent};
@@ -10,8 +11,9 @@ use crate::image_config::{
     build_config, build_manifest, canonical_json, BaseImage, NewLayer, Provenance, RuntimeSettings,
     TargetPlatform,
 };
-use crate::image_reference::ImageReference;
+use crate::image_reference::{ImageReference, ManifestReference};
 use crate::layer::{build_layer, sha256_digest, Compression, LayerBlob};
+use crate::oci_digest::content_hash;
 use crate::progress::{BlobProgress, BlobTransfer, ProgressSink};
 use crate::registry_client::{
     MountOutcome, RegistryClient, SourceRepository, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST,
@@ -45,12 +47,12 @@ pub struct PublishRequest {
 pub struct PublishOutcome {
     /// `host/repository@sha256:…`, for pinning.
     pub pinned_reference: String,
-    pub manifest_digest: String,
-    pub config_digest: String,
-    pub layer_digest: String,
-    pub diff_id: String,
+    pub manifest_digest: ContentHash,
+    pub config_digest: ContentHash,
+    pub layer_digest: ContentHash,
+    pub diff_id: ContentHash,
     /// Every blob of the image and how it reached the registry, layers first.
-    pub blobs: Vec<(String, BlobTransfer)>,
+    pub blobs: Vec<(ContentHash, BlobTransfer)>,
     pub tags_pushed: Vec<String>,
     /// Tags the registry refused, with its reason; the image itself is pushed.
     pub tags_refused: Vec<(String, String)>,
@@ -90,8 +92,8 @@ pub async fn publish(request: PublishRequest) -> Result<PublishOutcome> {
         ),
         manifest_digest,
         config_digest: image.config_digest,
-        layer_digest: image.layer.digest.clone(),
-        diff_id: image.layer.diff_id.clone(),
+        layer_digest: image.layer.digest,
+        diff_id: image.layer.diff_id,
         blobs,
         tags_pushed,
         tags_refused,
@@ -140,7 +142,7 @@ impl Base {
 /// The new image, built and not yet pushed.
 struct BuiltImage {
     layer: LayerBlob,
-    config_digest: String,
+    config_digest: ContentHash,
     config_bytes: Vec<u8>,
     manifest_bytes: Vec<u8>,
 }
@@ -173,9 +175,9 @@ async fn build_image(request: &PublishRequest, base: Option<&BaseImage>) -> Resu
         "layer built"
     );
     let new_layer = NewLayer {
-        digest: layer.digest.clone(),
+        digest: layer.digest,
         size: layer.size,
-        diff_id: layer.diff_id.clone(),
+        diff_id: layer.diff_id,
         media_type: layer.media_type().to_string(),
         comment: request.content_description.clone(),
     };
@@ -203,12 +205,12 @@ async fn push_base_layers(
     request: &PublishRequest,
     target: &RegistryClient,
     base: &Base,
-) -> Result<Vec<(String, BlobTransfer)>> {
+) -> Result<Vec<(ContentHash, BlobTransfer)>> {
     let repository = &request.repository;
     let mut blobs = Vec::new();
     for descriptor in &base.image.layers {
-        let digest = descriptor.digest().to_string();
-        let progress = BlobProgress::new(&request.progress, &digest, descriptor.size());
+        let digest = content_hash(descriptor.digest(), "base image layer")?;
+        let progress = BlobProgress::new(&request.progress, digest, descriptor.size());
         let transfer = if target.blob_exists(repository, &digest).await? {
             BlobTransfer::Existed
         } else {
@@ -257,10 +259,10 @@ async fn push_image_blobs(
     request: &PublishRequest,
     target: &RegistryClient,
     image: &BuiltImage,
-) -> Result<Vec<(String, BlobTransfer)>> {
+) -> Result<Vec<(ContentHash, BlobTransfer)>> {
     let repository = &request.repository;
     let layer = &image.layer;
-    let progress = BlobProgress::new(&request.progress, &layer.digest, layer.size);
+    let progress = BlobProgress::new(&request.progress, layer.digest, layer.size);
     let transfer = if target.blob_exists(repository, &layer.digest).await? {
         BlobTransfer::Existed
     } else {
@@ -279,7 +281,7 @@ async fn push_image_blobs(
     };
     progress.finish(transfer);
     tracing::info!(digest = %layer.digest, ?transfer, "layer");
-    let mut blobs = vec![(layer.digest.clone(), transfer)];
+    let mut blobs = vec![(layer.digest, transfer)];
 
     let transfer = if target.blob_exists(repository, &image.config_digest).await? {
         BlobTransfer::Existed
@@ -289,7 +291,7 @@ async fn push_image_blobs(
             .await?;
         BlobTransfer::Uploaded
     };
-    blobs.push((image.config_digest.clone(), transfer));
+    blobs.push((image.config_digest, transfer));
     Ok(blobs)
 }
 
@@ -300,17 +302,19 @@ async fn push_manifest_and_tags(
     request: &PublishRequest,
     target: &RegistryClient,
     manifest_bytes: &[u8],
-) -> Result<(String, Vec<String>, Vec<(String, String)>)> {
+) -> Result<(ContentHash, Vec<String>, Vec<(String, String)>)> {
     let repository = &request.repository;
     let manifest_digest = sha256_digest(manifest_bytes);
+    let by_digest = ManifestReference::Digest(manifest_digest);
     target
-        .put_manifest(repository, &manifest_digest, OCI_MANIFEST, manifest_bytes)
+        .put_manifest(repository, &by_digest, OCI_MANIFEST, manifest_bytes)
         .await?;
     let mut tags_pushed = Vec::new();
     let mut tags_refused = Vec::new();
     for tag in &request.tags {
+        let by_tag = ManifestReference::Tag(tag.clone());
         match target
-            .put_manifest(repository, tag, OCI_MANIFEST, manifest_bytes)
+            .put_manifest(repository, &by_tag, OCI_MANIFEST, manifest_bytes)
             .await
         {
             Ok(_) => {
@@ -351,12 +355,13 @@ async fn resolve_base(
                     .unwrap_or_default()
             ))
         })?;
+        let chosen = content_hash(chosen.digest(), "platform manifest")?;
         fetched = client
-            .get_manifest(&reference.repository, chosen.digest().as_ref())
+            .get_manifest(&reference.repository, &ManifestReference::Digest(chosen))
             .await?;
     }
     let manifest = ImageManifest::from_reader(fetched.bytes.as_slice())?;
-    let config_digest = manifest.config().digest().to_string();
+    let config_digest = content_hash(manifest.config().digest(), "base image config")?;
     let config_bytes = client
         .get_blob_bytes(&reference.repository, &config_digest)
         .await?;

@@ -1,18 +1,20 @@
 //! A client for the OCI Distribution API: blob existence checks, monolithic uploads,
-//! cross-repository mounts, manifest reads and writes, and the Docker token flow.
+//! cross-repository mounts, manifest reads and writes. Authentication (the Docker token
+//! flow) is [`crate::registry_auth`]'s.
 
-use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
-use base64::Engine as _;
 use futures::TryStreamExt as _;
-use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
+use kiln_store::ContentHash;
+use reqwest::header::{HeaderMap, ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
 use reqwest::{Method, StatusCode, Url};
 
 use crate::credentials::Credentials;
 use crate::error::{PublishError, Result};
-use crate::layer::sha256_digest;
+use crate::image_reference::ManifestReference;
+use crate::layer::{content_hash_of, sha256_digest};
 use crate::progress::BlobProgress;
+use crate::registry_auth::{repository_scope, AuthenticatedHttp};
 
 /// Manifest media types kiln reads (and, for the OCI manifest, writes).
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -26,7 +28,8 @@ pub struct FetchedManifest {
     pub bytes: Vec<u8>,
     /// From `Content-Type`, or the document's own `mediaType`.
     pub media_type: String,
-    pub digest: String,
+    /// The SHA-256 of `bytes`.
+    pub digest: ContentHash,
 }
 
 /// What a mount request achieved.
@@ -35,24 +38,6 @@ pub enum MountOutcome {
     Mounted,
     /// The registry could not mount and opened an upload session instead.
     UploadStarted(Url),
-}
-
-/// How a registry asked us to authenticate.
-#[derive(Clone, Debug)]
-enum Challenge {
-    Basic,
-    Bearer {
-        realm: String,
-        service: Option<String>,
-        scope: Option<String>,
-    },
-}
-
-#[derive(Default)]
-struct AuthState {
-    challenge: Option<Challenge>,
-    /// Bearer tokens by the scopes they were issued for.
-    tokens: HashMap<String, String>,
 }
 
 /// Where a blob is copied from: a repository in some registry.
@@ -64,16 +49,7 @@ pub struct SourceRepository<'a> {
 
 /// A client for one registry host.
 pub struct RegistryClient {
-    http: reqwest::Client,
-    base: Url,
-    registry: String,
-    credentials: Option<Credentials>,
-    auth: tokio::sync::Mutex<AuthState>,
-}
-
-/// `repository:<name>:<actions>`, the scope grammar of the token flow.
-pub fn repository_scope(repository: &str, actions: &str) -> String {
-    format!("repository:{repository}:{actions}")
+    http: AuthenticatedHttp,
 }
 
 impl RegistryClient {
@@ -100,37 +76,34 @@ impl RegistryClient {
                 reason: format!("not a registry host: {e}"),
             }
         })?;
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("kiln-publish/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(std::time::Duration::from_secs(30))
-            .build()
-            .map_err(|e| PublishError::http(&base, e))?;
         Ok(RegistryClient {
-            http,
-            base,
-            registry: registry.to_string(),
-            credentials,
-            auth: Default::default(),
+            http: AuthenticatedHttp::new(base, registry, credentials)?,
         })
     }
 
     pub fn registry(&self) -> &str {
-        &self.registry
+        self.http.registry()
     }
 
     fn url(&self, path: &str) -> Result<Url> {
-        self.base.join(path).map_err(|e| PublishError::Reference {
-            reference: path.to_string(),
-            reason: e.to_string(),
-        })
+        self.http
+            .base()
+            .join(path)
+            .map_err(|e| PublishError::Reference {
+                reference: path.to_string(),
+                reason: e.to_string(),
+            })
     }
 
     /// Whether `repository` holds the blob `digest`.
-    pub async fn blob_exists(&self, repository: &str, digest: &str) -> Result<bool> {
+    pub async fn blob_exists(&self, repository: &str, digest: &ContentHash) -> Result<bool> {
         let url = self.url(&format!("v2/{repository}/blobs/{digest}"))?;
         let scopes = [repository_scope(repository, "pull")];
         let response = self
-            .send(&scopes, || Ok(self.http.request(Method::HEAD, url.clone())))
+            .http
+            .send(&scopes, || {
+                Ok(self.http.client().request(Method::HEAD, url.clone()))
+            })
             .await?;
         match response.status() {
             status if status.is_success() => Ok(true),
@@ -143,20 +116,25 @@ impl RegistryClient {
     pub async fn mount_blob(
         &self,
         repository: &str,
-        digest: &str,
+        digest: &ContentHash,
         from: &str,
     ) -> Result<MountOutcome> {
         let mut url = self.url(&format!("v2/{repository}/blobs/uploads/"))?;
         url.query_pairs_mut()
-            .append_pair("mount", digest)
+            .append_pair("mount", &digest.to_string())
             .append_pair("from", from);
         let scopes = [
             repository_scope(repository, "pull,push"),
             repository_scope(from, "pull"),
         ];
         let response = self
+            .http
             .send(&scopes, || {
-                Ok(self.http.post(url.clone()).header(CONTENT_LENGTH, 0))
+                Ok(self
+                    .http
+                    .client()
+                    .post(url.clone())
+                    .header(CONTENT_LENGTH, 0))
             })
             .await?;
         match response.status() {
@@ -173,8 +151,13 @@ impl RegistryClient {
         let url = self.url(&format!("v2/{repository}/blobs/uploads/"))?;
         let scopes = [repository_scope(repository, "pull,push")];
         let response = self
+            .http
             .send(&scopes, || {
-                Ok(self.http.post(url.clone()).header(CONTENT_LENGTH, 0))
+                Ok(self
+                    .http
+                    .client()
+                    .post(url.clone())
+                    .header(CONTENT_LENGTH, 0))
             })
             .await?;
         if response.status() != StatusCode::ACCEPTED {
@@ -190,7 +173,7 @@ impl RegistryClient {
         repository: &str,
         session: Url,
         path: &Path,
-        digest: &str,
+        digest: &ContentHash,
         size: u64,
         progress: &BlobProgress,
     ) -> Result<()> {
@@ -206,12 +189,13 @@ impl RegistryClient {
                 .inspect_ok(move |chunk| progress.advance(chunk.len() as u64));
             Ok(self
                 .http
+                .client()
                 .put(url.clone())
                 .header(CONTENT_TYPE, "application/octet-stream")
                 .header(CONTENT_LENGTH, size)
                 .body(reqwest::Body::wrap_stream(stream)))
         };
-        let response = self.send(&scopes, make).await?;
+        let response = self.http.send(&scopes, make).await?;
         if response.status() != StatusCode::CREATED {
             return Err(self.refusal(format!("upload of {digest}"), response).await);
         }
@@ -219,7 +203,12 @@ impl RegistryClient {
     }
 
     /// Uploads small bytes (a config) with POST then PUT.
-    pub async fn upload_bytes(&self, repository: &str, digest: &str, bytes: Vec<u8>) -> Result<()> {
+    pub async fn upload_bytes(
+        &self,
+        repository: &str,
+        digest: &ContentHash,
+        bytes: Vec<u8>,
+    ) -> Result<()> {
         let session = self.start_upload(repository).await?;
         let url = with_digest(session, digest);
         let response = self
@@ -238,7 +227,7 @@ impl RegistryClient {
         source: SourceRepository<'_>,
         repository: &str,
         session: Url,
-        digest: &str,
+        digest: &ContentHash,
         size: u64,
         progress: &BlobProgress,
     ) -> Result<()> {
@@ -251,14 +240,14 @@ impl RegistryClient {
         );
         let request = self
             .http
+            .client()
             .put(with_digest(session, digest))
             .header(CONTENT_TYPE, "application/octet-stream")
             .header(CONTENT_LENGTH, size)
             .body(body);
         // The session's POST already authenticated us; a streamed body cannot be replayed.
         let scopes = [repository_scope(repository, "pull,push")];
-        let request = self.authorize(request, &scopes).await?;
-        let response = self.execute(request).await?;
+        let response = self.http.send_once(request, &scopes).await?;
         if response.status() != StatusCode::CREATED {
             return Err(self.refusal(format!("upload of {digest}"), response).await);
         }
@@ -266,11 +255,16 @@ impl RegistryClient {
     }
 
     /// Starts downloading a blob.
-    pub async fn get_blob(&self, repository: &str, digest: &str) -> Result<reqwest::Response> {
+    pub async fn get_blob(
+        &self,
+        repository: &str,
+        digest: &ContentHash,
+    ) -> Result<reqwest::Response> {
         let url = self.url(&format!("v2/{repository}/blobs/{digest}"))?;
         let scopes = [repository_scope(repository, "pull")];
         let response = self
-            .send(&scopes, || Ok(self.http.get(url.clone())))
+            .http
+            .send(&scopes, || Ok(self.http.client().get(url.clone())))
             .await?;
         if !response.status().is_success() {
             return Err(self.refusal(format!("GET blob {digest}"), response).await);
@@ -279,7 +273,7 @@ impl RegistryClient {
     }
 
     /// Downloads a small blob (a config) and checks its digest.
-    pub async fn get_blob_bytes(&self, repository: &str, digest: &str) -> Result<Vec<u8>> {
+    pub async fn get_blob_bytes(&self, repository: &str, digest: &ContentHash) -> Result<Vec<u8>> {
         let response = self.get_blob(repository, digest).await?;
         let url = response.url().clone();
         let bytes = response
@@ -292,7 +286,11 @@ impl RegistryClient {
     }
 
     /// Fetches a manifest or index by tag or digest.
-    pub async fn get_manifest(&self, repository: &str, reference: &str) -> Result<FetchedManifest> {
+    pub async fn get_manifest(
+        &self,
+        repository: &str,
+        reference: &ManifestReference,
+    ) -> Result<FetchedManifest> {
         let url = self.url(&format!("v2/{repository}/manifests/{reference}"))?;
         let scopes = [repository_scope(repository, "pull")];
         let accept = [
@@ -303,8 +301,9 @@ impl RegistryClient {
         ]
         .join(", ");
         let response = self
+            .http
             .send(&scopes, || {
-                Ok(self.http.get(url.clone()).header(ACCEPT, &accept))
+                Ok(self.http.client().get(url.clone()).header(ACCEPT, &accept))
             })
             .await?;
         if !response.status().is_success() {
@@ -323,8 +322,8 @@ impl RegistryClient {
             .map_err(|e| PublishError::http(&url, e))?
             .to_vec();
         let digest = sha256_digest(&bytes);
-        if reference.contains(':') {
-            check_digest(&format!("manifest {reference}"), reference, &bytes)?;
+        if let ManifestReference::Digest(expected) = reference {
+            check_digest(&format!("manifest {reference}"), expected, &bytes)?;
         }
         let media_type = match content_type {
             Some(media_type) if media_type != "application/json" => media_type,
@@ -345,28 +344,23 @@ impl RegistryClient {
     pub async fn put_manifest(
         &self,
         repository: &str,
-        reference: &str,
+        reference: &ManifestReference,
         media_type: &str,
         bytes: &[u8],
-    ) -> Result<String> {
+    ) -> Result<ContentHash> {
         let url = self.url(&format!("v2/{repository}/manifests/{reference}"))?;
+        let what = format!("manifest {repository}:{reference}");
         let response = self.put_bytes(repository, &url, media_type, bytes).await?;
         if response.status() != StatusCode::CREATED {
-            return Err(self
-                .refusal(format!("manifest {repository}:{reference}"), response)
-                .await);
+            return Err(self.refusal(what, response).await);
         }
         let digest = sha256_digest(bytes);
-        if let Some(answered) = response
-            .headers()
-            .get("docker-content-digest")
-            .and_then(|v| v.to_str().ok())
-        {
+        if let Some(answered) = answered_digest(response.headers(), &what)? {
             if answered != digest {
                 return Err(PublishError::DigestMismatch {
-                    what: format!("manifest {repository}:{reference}"),
+                    what,
                     expected: digest,
-                    actual: answered.to_string(),
+                    actual: answered,
                 });
             }
         }
@@ -382,14 +376,16 @@ impl RegistryClient {
         bytes: &[u8],
     ) -> Result<reqwest::Response> {
         let scopes = [repository_scope(repository, "pull,push")];
-        self.send(&scopes, || {
-            Ok(self
-                .http
-                .put(url.clone())
-                .header(CONTENT_TYPE, content_type)
-                .body(bytes.to_vec()))
-        })
-        .await
+        self.http
+            .send(&scopes, || {
+                Ok(self
+                    .http
+                    .client()
+                    .put(url.clone())
+                    .header(CONTENT_TYPE, content_type)
+                    .body(bytes.to_vec()))
+            })
+            .await
     }
 
     fn location(&self, response: &reqwest::Response) -> Result<Url> {
@@ -404,144 +400,6 @@ impl RegistryClient {
                 message: None,
             })?;
         self.url(location)
-    }
-
-    /// Sends a request built by `make`, authenticating as the registry demands: on a 401
-    /// it reads the challenge, obtains a bearer token for `scopes` (or uses basic auth)
-    /// and sends a fresh request once more.
-    async fn send<F>(&self, scopes: &[String], make: F) -> Result<reqwest::Response>
-    where
-        F: Fn() -> Result<reqwest::RequestBuilder>,
-    {
-        let request = self.authorize(make()?, scopes).await?;
-        let response = self.execute(request).await?;
-        if response.status() != StatusCode::UNAUTHORIZED {
-            return Ok(response);
-        }
-        let Some(challenge) = parse_challenge(response.headers()) else {
-            return Ok(response);
-        };
-        let mut scopes = scopes.to_vec();
-        if let Challenge::Bearer {
-            scope: Some(extra), ..
-        } = &challenge
-        {
-            scopes.push(extra.clone());
-        }
-        {
-            let mut state = self.auth.lock().await;
-            state.challenge = Some(challenge);
-            state.tokens.remove(&scope_key(&scopes));
-        }
-        let request = self.authorize(make()?, &scopes).await?;
-        let response = self.execute(request).await?;
-        if response.status() == StatusCode::UNAUTHORIZED && self.credentials.is_none() {
-            return Err(PublishError::Auth {
-                registry: self.registry.clone(),
-                reason: "the registry requires credentials; set KILN_REGISTRY_USER and \
-                         KILN_REGISTRY_PASSWORD or log in with docker"
-                    .into(),
-            });
-        }
-        Ok(response)
-    }
-
-    /// Sends one request in a client span of its own, whose context the registry's request
-    /// span adopts as its parent.
-    async fn execute(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response> {
-        let mut request = request
-            .build()
-            .map_err(|e| PublishError::http(&self.base, e))?;
-        let (url, method) = (request.url().clone(), request.method().clone());
-        let span = kiln_telemetry::HttpClientSpan::start(
-            &method,
-            url.host_str().unwrap_or_default(),
-            url.port_or_known_default().unwrap_or_default(),
-            request.headers_mut(),
-        );
-        let response = self.http.execute(request).await;
-        span.end(response.as_ref().ok().map(|r| r.status().as_u16()));
-        response.map_err(|e| PublishError::http(&url, e))
-    }
-
-    /// Adds the `Authorization` header the last challenge calls for, fetching a bearer
-    /// token for `scopes` if none is cached.
-    async fn authorize(
-        &self,
-        request: reqwest::RequestBuilder,
-        scopes: &[String],
-    ) -> Result<reqwest::RequestBuilder> {
-        let mut state = self.auth.lock().await;
-        let Some(challenge) = state.challenge.clone() else {
-            return Ok(request);
-        };
-        match challenge {
-            Challenge::Basic => Ok(match &self.credentials {
-                Some(credentials) => request.header(AUTHORIZATION, basic_header(credentials)),
-                None => request,
-            }),
-            Challenge::Bearer { realm, service, .. } => {
-                let key = scope_key(scopes);
-                let token = match state.tokens.get(&key) {
-                    Some(token) => token.clone(),
-                    None => {
-                        let token = self.fetch_token(&realm, service.as_deref(), scopes).await?;
-                        state.tokens.insert(key, token.clone());
-                        token
-                    }
-                };
-                Ok(request.header(AUTHORIZATION, format!("Bearer {token}")))
-            }
-        }
-    }
-
-    /// The Docker token flow: GET the realm with service and scopes, with basic
-    /// credentials when we have them (anonymous tokens otherwise).
-    async fn fetch_token(
-        &self,
-        realm: &str,
-        service: Option<&str>,
-        scopes: &[String],
-    ) -> Result<String> {
-        let auth_error = |reason: String| PublishError::Auth {
-            registry: self.registry.clone(),
-            reason,
-        };
-        let mut url = Url::parse(realm)
-            .map_err(|e| auth_error(format!("token realm {realm:?} is not a URL: {e}")))?;
-        {
-            let mut query = url.query_pairs_mut();
-            if let Some(service) = service {
-                query.append_pair("service", service);
-            }
-            for scope in scopes.iter().collect::<BTreeSet<_>>() {
-                query.append_pair("scope", scope);
-            }
-        }
-        let mut request = self.http.get(url);
-        if let Some(credentials) = &self.credentials {
-            request = request.header(AUTHORIZATION, basic_header(credentials));
-        }
-        let response = self.execute(request).await?;
-        if !response.status().is_success() {
-            return Err(auth_error(format!(
-                "the token service at {realm} answered HTTP {}",
-                response.status().as_u16()
-            )));
-        }
-        #[derive(serde::Deserialize)]
-        struct TokenAnswer {
-            token: Option<String>,
-            access_token: Option<String>,
-        }
-        let answer: TokenAnswer = response
-            .json()
-            .await
-            .map_err(|e| auth_error(format!("unreadable token response: {e}")))?;
-        answer
-            .token
-            .or(answer.access_token)
-            .ok_or_else(|| auth_error("the token response holds no token".into()))
     }
 
     /// Turns an unexpected answer into an error, with the OCI error body's first code.
@@ -574,118 +432,80 @@ impl RegistryClient {
     }
 }
 
-fn scope_key(scopes: &[String]) -> String {
-    scopes
-        .iter()
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .cloned()
-        .collect::<Vec<_>>()
-        .join(" ")
+/// The `Docker-Content-Digest` the registry answered with, if any. The header is
+/// optional, but one that is there and not a digest means the registry is broken, and
+/// ignoring it would hide that.
+fn answered_digest(headers: &HeaderMap, what: &str) -> Result<Option<ContentHash>> {
+    let Some(value) = headers.get("docker-content-digest") else {
+        return Ok(None);
+    };
+    let invalid = |source| PublishError::InvalidDigest {
+        what: format!("the registry's Docker-Content-Digest for {what}"),
+        source,
+    };
+    let text = value.to_str().map_err(|_| {
+        invalid(kiln_store::StoreError::InvalidDigest(format!(
+            "{value:?} is not text"
+        )))
+    })?;
+    text.parse().map(Some).map_err(invalid)
 }
 
-fn basic_header(credentials: &Credentials) -> String {
-    let raw = format!("{}:{}", credentials.username, credentials.password);
-    format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(raw)
-    )
-}
-
-fn with_digest(mut session: Url, digest: &str) -> Url {
-    session.query_pairs_mut().append_pair("digest", digest);
+fn with_digest(mut session: Url, digest: &ContentHash) -> Url {
+    session
+        .query_pairs_mut()
+        .append_pair("digest", &digest.to_string());
     session
 }
 
-fn check_digest(what: &str, expected: &str, bytes: &[u8]) -> Result<()> {
-    let actual = sha256_digest(bytes);
-    if expected.starts_with("sha256:") && actual != expected {
+/// Checks `bytes` against `expected`, hashing them with `expected`'s function.
+fn check_digest(what: &str, expected: &ContentHash, bytes: &[u8]) -> Result<()> {
+    let actual = content_hash_of(expected.function, bytes);
+    if actual != *expected {
         return Err(PublishError::DigestMismatch {
             what: what.to_string(),
-            expected: expected.to_string(),
+            expected: *expected,
             actual,
         });
     }
     Ok(())
 }
 
-/// Parses `WWW-Authenticate: Bearer realm="…",service="…",scope="…"` or `Basic …`.
-fn parse_challenge(headers: &HeaderMap) -> Option<Challenge> {
-    let value = headers
-        .get(reqwest::header::WWW_AUTHENTICATE)?
-        .to_str()
-        .ok()?;
-    let (scheme, params) = value.trim().split_once(' ').unwrap_or((value.trim(), ""));
-    if scheme.eq_ignore_ascii_case("basic") {
-        return Some(Challenge::Basic);
-    }
-    if !scheme.eq_ignore_ascii_case("bearer") {
-        return None;
-    }
-    let params = parse_auth_params(params);
-    Some(Challenge::Bearer {
-        realm: params.get("realm")?.clone(),
-        service: params.get("service").cloned(),
-        scope: params.get("scope").cloned(),
-    })
-}
-
-/// `key="value",key=value` pairs; quoted values may hold commas (scopes do).
-fn parse_auth_params(text: &str) -> HashMap<String, String> {
-    let mut out = HashMap::new();
-    let mut rest = text.trim();
-    while let Some((key, after)) = rest.split_once('=') {
-        let key = key
-            .trim()
-            .trim_start_matches(',')
-            .trim()
-            .to_ascii_lowercase();
-        let (value, remaining) = if let Some(quoted) = after.strip_prefix('"') {
-            match quoted.find('"') {
-                Some(end) => (&quoted[..end], &quoted[end + 1..]),
-                None => (quoted, ""),
-            }
-        } else {
-            match after.find(',') {
-                Some(end) => (&after[..end], &after[end..]),
-                None => (after, ""),
-            }
-        };
-        out.insert(key, value.to_string());
-        rest = remaining.trim_start_matches([',', ' ']);
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn bearer_challenges_parse() {
+    fn answered(value: Option<&str>) -> Result<Option<ContentHash>> {
         let mut headers = HeaderMap::new();
-        headers.insert(
-            reqwest::header::WWW_AUTHENTICATE,
-            r#"Bearer realm="http://127.0.0.1:1/token",service="kiln",scope="repository:app:pull,push""#
-                .parse()
-                .unwrap(),
-        );
-        match parse_challenge(&headers).unwrap() {
-            Challenge::Bearer {
-                realm,
-                service,
-                scope,
-            } => {
-                assert_eq!(realm, "http://127.0.0.1:1/token");
-                assert_eq!(service.as_deref(), Some("kiln"));
-                assert_eq!(scope.as_deref(), Some("repository:app:pull,push"));
-            }
-            other => panic!("expected a bearer challenge, got {other:?}"),
+        if let Some(value) = value {
+            headers.insert("docker-content-digest", value.parse().unwrap());
         }
-        headers.insert(
-            reqwest::header::WWW_AUTHENTICATE,
-            r#"Basic realm="x""#.parse().unwrap(),
-        );
-        assert!(matches!(parse_challenge(&headers), Some(Challenge::Basic)));
+        answered_digest(&headers, "manifest app:v1")
+    }
+
+    #[test]
+    fn docker_content_digest_is_parsed_and_malformed_ones_are_errors() {
+        assert!(answered(None).unwrap().is_none());
+        let digest = sha256_digest(b"manifest");
+        assert_eq!(answered(Some(&digest.to_string())).unwrap(), Some(digest));
+        for malformed in ["sha256:zz", "md5:00", "not a digest"] {
+            let err = answered(Some(malformed)).unwrap_err();
+            assert!(
+                matches!(&err, PublishError::InvalidDigest { what, .. } if what.contains("app:v1")),
+                "{malformed}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn blobs_are_checked_with_their_own_hash_function() {
+        let sha256 = sha256_digest(b"config");
+        assert!(check_digest("blob", &sha256, b"config").is_ok());
+        assert!(matches!(
+            check_digest("blob", &sha256, b"other"),
+            Err(PublishError::DigestMismatch { .. })
+        ));
+        let blake3 = content_hash_of(kiln_store::DigestFunction::Blake3, b"config");
+        assert!(check_digest("blob", &blake3, b"config").is_ok());
     }
 }

@@ -13,7 +13,7 @@ use kiln_publish::{
     build_layer, publish, Compression, CoordinatorSource, CredentialStore, LayerContent,
     Provenance, PublishError, PublishOutcome, PublishRequest, PublishedAction, RuntimeSettings,
 };
-use kiln_store::Digest;
+use kiln_store::{ContentHash, Digest};
 use support::fake_action::{cas, FakeAction, StoredAction, FUNCTION};
 use support::kiln_servers::{self, Running};
 
@@ -106,7 +106,7 @@ impl Servers {
     }
 }
 
-fn layer_digest_of(tree: &Path) -> String {
+fn layer_digest_of(tree: &Path) -> ContentHash {
     build_layer(tree, Compression::Gzip, 0).unwrap().digest
 }
 

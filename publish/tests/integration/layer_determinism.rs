@@ -99,7 +99,7 @@ fn same_content_gives_the_same_digests() {
         // The digest is really the file's.
         let bytes = fs::read(first.path()).unwrap();
         assert_eq!(
-            first.digest,
+            first.digest.to_string(),
             format!(
                 "sha256:{}",
                 hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes))
@@ -148,7 +148,7 @@ fn tar_entries_are_normalised() {
         .read_to_end(&mut tar)
         .unwrap();
     assert_eq!(
-        layer.diff_id,
+        layer.diff_id.to_string(),
         format!(
             "sha256:{}",
             hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&tar))

@@ -6,10 +6,10 @@ use crate::support;
 use std::path::Path;
 
 use kiln_publish::{
-    publish, BlobTransfer, Compression, CredentialStore, LayerContent, Provenance, PublishError,
-    PublishRequest, RegistryClient, RuntimeSettings, TargetPlatform,
+    publish, BlobTransfer, Compression, CredentialStore, LayerContent, ManifestReference,
+    Provenance, PublishError, PublishRequest, RegistryClient, RuntimeSettings, TargetPlatform,
 };
-use kiln_store::NameError;
+use kiln_store::{ContentHash, NameError};
 use support::distribution::Distribution;
 
 fn request(registry: &str, repository: &str, content: &Path, tags: &[&str]) -> PublishRequest {
@@ -68,11 +68,14 @@ async fn get_json(url: &str, accept: &str) -> (serde_json::Value, String, Vec<u8
     (serde_json::from_slice(&bytes).unwrap(), content_type, bytes)
 }
 
-fn sha256(bytes: &[u8]) -> String {
+/// Computed apart from kiln-publish, so that the digests it reports are checked.
+fn sha256(bytes: &[u8]) -> ContentHash {
     format!(
         "sha256:{}",
         hex::encode(<sha2::Sha256 as sha2::Digest>::digest(bytes))
     )
+    .parse()
+    .unwrap()
 }
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -98,8 +101,8 @@ async fn publishes_a_directory_with_tags_and_republishes_identically() {
     assert_eq!(
         outcome.blobs,
         vec![
-            (outcome.layer_digest.clone(), BlobTransfer::Uploaded),
-            (outcome.config_digest.clone(), BlobTransfer::Uploaded)
+            (outcome.layer_digest, BlobTransfer::Uploaded),
+            (outcome.config_digest, BlobTransfer::Uploaded)
         ]
     );
 
@@ -109,10 +112,13 @@ async fn publishes_a_directory_with_tags_and_republishes_identically() {
             get_json(&format!("{base}/manifests/{tag}"), OCI_MANIFEST).await;
         assert_eq!(content_type, OCI_MANIFEST);
         assert_eq!(sha256(&bytes), outcome.manifest_digest);
-        assert_eq!(manifest["config"]["digest"], outcome.config_digest.as_str());
+        assert_eq!(
+            manifest["config"]["digest"],
+            outcome.config_digest.to_string()
+        );
         assert_eq!(
             manifest["layers"][0]["digest"],
-            outcome.layer_digest.as_str()
+            outcome.layer_digest.to_string()
         );
         assert_eq!(
             manifest["annotations"]["org.opencontainers.image.created"],
@@ -140,7 +146,7 @@ async fn publishes_a_directory_with_tags_and_republishes_identically() {
         "https://git.example/org/app"
     );
     assert_eq!(config["created"], "2023-11-14T22:13:20Z");
-    assert_eq!(config["rootfs"]["diff_ids"][0], outcome.diff_id.as_str());
+    assert_eq!(config["rootfs"]["diff_ids"][0], outcome.diff_id.to_string());
     let layer = reqwest::get(format!("{base}/blobs/{}", outcome.layer_digest))
         .await
         .unwrap()
@@ -194,14 +200,8 @@ async fn appends_to_a_base_image_mounting_its_layers() {
     app_request.base = Some("base/os:v1".into());
     app_request.runtime.env = vec!["MODE=prod".into()];
     let app = publish(app_request).await.unwrap();
-    assert_eq!(
-        app.blobs[0],
-        (base.layer_digest.clone(), BlobTransfer::Mounted)
-    );
-    assert_eq!(
-        app.blobs[1],
-        (app.layer_digest.clone(), BlobTransfer::Uploaded)
-    );
+    assert_eq!(app.blobs[0], (base.layer_digest, BlobTransfer::Mounted));
+    assert_eq!(app.blobs[1], (app.layer_digest, BlobTransfer::Uploaded));
 
     let url = format!("http://{}/v2/app", registry.address);
     let (manifest, _, _) = get_json(&format!("{url}/manifests/v2"), OCI_MANIFEST).await;
@@ -213,7 +213,7 @@ async fn appends_to_a_base_image_mounting_its_layers() {
         .collect();
     assert_eq!(
         layers,
-        vec![base.layer_digest.as_str(), app.layer_digest.as_str()]
+        vec![base.layer_digest.to_string(), app.layer_digest.to_string()]
     );
     assert_eq!(
         manifest["annotations"]["org.opencontainers.image.base.name"],
@@ -221,7 +221,7 @@ async fn appends_to_a_base_image_mounting_its_layers() {
     );
     assert_eq!(
         manifest["annotations"]["org.opencontainers.image.base.digest"],
-        base.manifest_digest.as_str()
+        base.manifest_digest.to_string()
     );
     let (config, _, _) = get_json(
         &format!("{url}/blobs/{}", app.config_digest),
@@ -293,7 +293,7 @@ async fn a_base_index_resolves_to_the_platform_manifest() {
     client
         .put_manifest(
             "multi",
-            "index",
+            &ManifestReference::Tag("index".into()),
             "application/vnd.oci.image.index.v1+json",
             &serde_json::to_vec(&index).unwrap(),
         )
@@ -349,7 +349,7 @@ async fn zstd_layers_carry_the_zstd_media_type() {
     );
     assert_eq!(
         manifest["layers"][0]["digest"],
-        outcome.layer_digest.as_str()
+        outcome.layer_digest.to_string()
     );
 }
 

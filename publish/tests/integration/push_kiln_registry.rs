@@ -191,7 +191,7 @@ async fn refused_tags_are_reported_and_the_others_land() {
         response.headers()["docker-content-digest"]
             .to_str()
             .unwrap(),
-        outcome.manifest_digest
+        outcome.manifest_digest.to_string()
     );
     // The refused push still left the image itself, pinned by digest.
     let response = reqwest::Client::new()
@@ -214,26 +214,24 @@ async fn progress_reports_every_blob_transfer() {
     use std::sync::{Arc, Mutex};
 
     use kiln_publish::{BlobTransfer, ProgressSink, PublishProgress};
+    use kiln_store::ContentHash;
 
     #[derive(Default)]
     struct Recorded {
-        sizes: Mutex<HashMap<String, u64>>,
-        sent: Mutex<HashMap<String, u64>>,
-        finished: Mutex<HashMap<String, BlobTransfer>>,
+        sizes: Mutex<HashMap<ContentHash, u64>>,
+        sent: Mutex<HashMap<ContentHash, u64>>,
+        finished: Mutex<HashMap<ContentHash, BlobTransfer>>,
     }
     impl PublishProgress for Recorded {
-        fn blob_started(&self, digest: &str, size: u64) {
-            self.sizes.lock().unwrap().insert(digest.into(), size);
-            self.sent.lock().unwrap().insert(digest.into(), 0);
+        fn blob_started(&self, digest: &ContentHash, size: u64) {
+            self.sizes.lock().unwrap().insert(*digest, size);
+            self.sent.lock().unwrap().insert(*digest, 0);
         }
-        fn blob_progressed(&self, digest: &str, bytes: u64) {
-            *self.sent.lock().unwrap().entry(digest.into()).or_default() += bytes;
+        fn blob_progressed(&self, digest: &ContentHash, bytes: u64) {
+            *self.sent.lock().unwrap().entry(*digest).or_default() += bytes;
         }
-        fn blob_finished(&self, digest: &str, transfer: BlobTransfer) {
-            self.finished
-                .lock()
-                .unwrap()
-                .insert(digest.into(), transfer);
+        fn blob_finished(&self, digest: &ContentHash, transfer: BlobTransfer) {
+            self.finished.lock().unwrap().insert(*digest, transfer);
         }
     }
 
