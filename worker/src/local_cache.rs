@@ -153,6 +153,10 @@ impl Drop for CachePin<'_> {
         if let Some(entry) = index.entries.get_mut(&self.key) {
             entry.pins = entry.pins.saturating_sub(1);
         }
+        // Concurrent actions may have pinned more than the budget; once they let go, the
+        // cache shrinks back to it rather than waiting for the next insert.
+        let victims = index.evict_to(self.cache.capacity);
+        self.cache.remove_files(&victims);
     }
 }
 

@@ -76,7 +76,7 @@ impl Workers for Service {
             .map_err(|_| Status::internal("outbox closed"))?;
         let _ = self.events.send(Event::Registered(register));
         if accepted {
-            *self.outbox.lock().unwrap() = Some(outbox);
+            *self.outbox.lock().unwrap() = Some(outbox.clone());
             let events = self.events.clone();
             let outboxes = self.outbox.clone();
             tokio::spawn(async move {
@@ -89,8 +89,13 @@ impl Workers for Service {
                     };
                     let _ = events.send(event);
                 }
-                // The worker closed its side: close ours, as the protocol asks.
-                outboxes.lock().unwrap().take();
+                // The worker closed its side: close ours, as the protocol asks, unless a
+                // newer connection (a reconnect) has taken its place.
+                let mut current = outboxes.lock().unwrap();
+                if current.as_ref().is_some_and(|o| o.same_channel(&outbox)) {
+                    current.take();
+                }
+                drop(current);
                 let _ = events.send(Event::Disconnected);
             });
         }
@@ -100,6 +105,9 @@ impl Workers for Service {
 
 pub struct TestCoordinator {
     pub addr: SocketAddr,
+    /// The listening socket, held here too: a restart serves on it again, so the port
+    /// is never released for another process to take.
+    listener: std::net::TcpListener,
     events: mpsc::UnboundedReceiver<Event>,
     outbox: Arc<Mutex<Option<Outbox>>>,
     stop: Option<oneshot::Sender<()>>,
@@ -108,17 +116,25 @@ pub struct TestCoordinator {
 
 impl TestCoordinator {
     pub async fn start(join_token: &str) -> Self {
-        Self::start_on("127.0.0.1:0".parse().unwrap(), join_token).await
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        Self::serve_on(listener, join_token)
     }
 
-    /// Serves on `addr` (a port an earlier instance used, to play a restarted coordinator).
-    ///
-    /// The server runs on its own runtime and thread, so that [`TestCoordinator::crash`]
-    /// can drop it together with every connection, as the death of its process would.
-    pub async fn start_on(addr: SocketAddr, join_token: &str) -> Self {
-        let listener = std::net::TcpListener::bind(addr).unwrap();
-        listener.set_nonblocking(true).unwrap();
+    /// Drops the server and every connection, as a crashed coordinator would, with a new
+    /// one already serving on the same listening socket: the worker's reconnection is
+    /// refused by nothing and waits for nobody, and the port is never released.
+    pub async fn restart(mut self, join_token: &str) -> Self {
+        let next = Self::serve_on(self.listener.try_clone().unwrap(), join_token);
+        self.stop_server().await;
+        next
+    }
+
+    /// Serves on `listener` on a runtime and thread of its own, so that stopping it drops
+    /// every connection together, as the death of its process would.
+    fn serve_on(listener: std::net::TcpListener, join_token: &str) -> Self {
         let addr = listener.local_addr().unwrap();
+        let held = listener.try_clone().unwrap();
         let (events_tx, events) = mpsc::unbounded_channel();
         let outbox = Arc::new(Mutex::new(None));
         let service = Service {
@@ -147,6 +163,7 @@ impl TestCoordinator {
         });
         TestCoordinator {
             addr,
+            listener: held,
             events,
             outbox,
             stop: Some(stop),
@@ -156,11 +173,6 @@ impl TestCoordinator {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
-    }
-
-    /// Drops the server and every connection, as a crashed coordinator would.
-    pub async fn crash(mut self) {
-        self.stop_server().await;
     }
 
     async fn stop_server(&mut self) {

@@ -59,13 +59,16 @@ fn pinned_blobs_survive_eviction_and_variants_are_separate_files() {
     let cache = LocalCache::open(dir.path(), 150).unwrap();
     let a = insert(&cache, &[b'a'; 100]);
     let pin = cache.lookup(a).unwrap();
+    // Over budget with `a` pinned: `b`, the only blob free to go, goes once unpinned.
     let b = insert(&cache, &[b'b'; 100]);
     assert!(cache.contains(&a), "pinned");
-    assert!(cache.contains(&b));
+    assert!(!cache.contains(&b), "over budget and unpinned");
     drop(pin);
-    let c = insert(&cache, &[b'c'; 10]);
+    let b = insert(&cache, &[b'b'; 100]);
     assert!(!cache.contains(&a), "unpinned and least recently used");
-    assert!(cache.contains(&c));
+    assert!(cache.contains(&b));
+    let c = insert(&cache, &[b'c'; 10]);
+    assert!(cache.contains(&b) && cache.contains(&c), "within budget");
 
     // The executable variant is its own file with its own mode.
     use std::os::unix::fs::PermissionsExt;
@@ -161,4 +164,54 @@ fn walk(dir: &std::path::Path) -> usize {
             }
         })
         .sum()
+}
+
+/// Concurrent actions fetching through one cache: each gets its own verified bytes, the
+/// cache ends within its byte budget, and its index and its files agree (nothing evicted
+/// is left on disk, nothing on disk is unaccounted for).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_fetches_keep_the_byte_budget() {
+    let cas = TestCas::start(DigestFunction::Sha256).await.unwrap();
+    let client = RemoteCas::with_channel(
+        cas.channel.clone(),
+        "",
+        DigestFunction::Sha256,
+        Invocation::new(),
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = std::sync::Arc::new(LocalCache::open(dir.path(), 10_000).unwrap());
+    let mut actions = Vec::new();
+    for action in 0..8u8 {
+        let mut keys = Vec::new();
+        for blob in 0..5u8 {
+            let data = vec![action * 16 + blob; 1000];
+            keys.push((CacheKey::file(cas.put(&data).await), data));
+        }
+        actions.push(keys);
+    }
+    let mut running = Vec::new();
+    for keys in actions {
+        let (cache, client) = (cache.clone(), client.clone());
+        running.push(tokio::spawn(async move {
+            for _ in 0..3 {
+                let wanted: Vec<CacheKey> = keys.iter().map(|(key, _)| *key).collect();
+                let (pins, _) = cache.fetch_missing(&client, &wanted).await.unwrap();
+                for (pin, (_, data)) in pins.iter().zip(&keys) {
+                    assert_eq!(&std::fs::read(pin.path()).unwrap(), data);
+                }
+            }
+        }));
+    }
+    for action in running {
+        action.await.unwrap();
+    }
+    let summary = cache.summary();
+    assert!(summary.bytes <= 10_000, "{summary:?}");
+    let on_disk = walk(&dir.path().join("files"));
+    assert_eq!(
+        on_disk as u64, summary.blobs,
+        "files on disk vs blobs in the index"
+    );
 }

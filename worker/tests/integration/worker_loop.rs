@@ -207,9 +207,7 @@ async fn a_restarted_coordinator_gets_its_worker_back_and_drain_ends_it() -> any
     let action = put_action(&cas, &ActionSpec::shell("sleep 2; echo survived")).await;
     coordinator.send(assign("lease-a", action, None)).await;
     coordinator.running(&["lease-a"]).await;
-    let addr = coordinator.addr;
-    coordinator.crash().await;
-    let mut coordinator = TestCoordinator::start_on(addr, TOKEN).await;
+    let mut coordinator = coordinator.restart(TOKEN).await;
     let register = coordinator.registered().await;
     let result = coordinator.result().await;
     assert_eq!(result.lease_id, "lease-a");
