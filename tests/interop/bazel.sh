@@ -58,3 +58,29 @@ grep -aq 'google.bytestream.ByteStream/Read' "$WORK/warm.grpclog" || fail "Bazel
 [ "$(cat "$WORKSPACE/bazel-bin/tree/sub/b.txt")" = nested ] || fail "tree/sub/b.txt is wrong"
 
 echo "bazel remote cache: $GENRULES actions, cold build uploaded, warm build $GENRULES/$GENRULES remote cache hits"
+
+log "a CAS smaller than the build's outputs: builds succeed, a rebuild misses but never errs"
+# 6 MiB holds big.bin or the rest, not all of it; no grace, so eviction works at once.
+cat >"$WORK/small-cas.toml" <<'TOML'
+[cas]
+max_bytes = "6MiB"
+grace_secs = 0
+eviction_interval_secs = 1
+TOML
+start_kiln small coordinator --grpc-addr 127.0.0.1:0 --data-dir "$WORK/small-data" \
+    --metrics-addr 127.0.0.1:0 --config "$WORK/small-cas.toml"
+ADDR=$(listen_addr small grpc)
+(cd "$WORKSPACE" && "$BAZEL" --output_user_root="$WORK/bazel-root" --batch clean >/dev/null 2>&1)
+bazel_build small-cold
+(cd "$WORKSPACE" && "$BAZEL" --output_user_root="$WORK/bazel-root" --batch clean >/dev/null 2>&1)
+bazel_build small-rebuild
+SMALL=$(processes_line small-rebuild)
+echo "$SMALL"
+[ "$(cat "$WORKSPACE/bazel-bin/summary.txt")" = "$EXPECTED_SUMMARY" ] || fail "summary.txt is wrong after rebuilding against a small CAS"
+[ "$(sha256sum <"$WORKSPACE/bazel-bin/big.bin" | cut -d' ' -f1)" = "$(tail -n 1 "$WORKSPACE/bazel-bin/summary.txt")" ] \
+    || fail "big.bin is wrong after rebuilding against a small CAS"
+HELD=$(du -sb "$WORK/small-data/cas/blobs" | cut -f1)
+[ "$HELD" -le $((6 << 20)) ] || fail "the small CAS holds $HELD bytes, over its 6 MiB limit"
+grep -q 'evicted least recently used blobs\|RESOURCE_EXHAUSTED\|full' "$WORK/small.log" "$WORK/small-cold.out" "$WORK/small-rebuild.out" \
+    || fail "nothing shows the limit was reached: the test did not test it"
+echo "bazel against a 6 MiB CAS: both builds succeeded with correct outputs; rebuild: $SMALL"
