@@ -64,7 +64,9 @@ async fn a_failed_commit_leaves_no_file() {
     writer.write(data).await.unwrap();
     assert!(writer.commit(ExpectedDigest::Exact(digest)).await.is_err());
     for leftovers in ["tmp", "uploads"] {
-        let left = std::fs::read_dir(dir.path().join(leftovers)).unwrap().count();
+        let left = std::fs::read_dir(dir.path().join(leftovers))
+            .unwrap()
+            .count();
         assert_eq!(left, 0, "{leftovers}/ keeps {left} file(s)");
     }
     assert_eq!(store.stored_bytes().await.unwrap(), 0);
