@@ -6,6 +6,7 @@
 
 pub mod load;
 pub mod reference;
+pub mod seed;
 pub mod span_export;
 
 /// Megabytes (10^6 bytes) per second.

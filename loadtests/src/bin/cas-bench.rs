@@ -8,17 +8,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use clap::Parser;
 use futures::StreamExt;
-use kiln_loadtests::{load, mb_per_s, reference};
+use kiln_loadtests::{load, mb_per_s, reference, seed};
 use kiln_proto::bytestream::{byte_stream_client::ByteStreamClient, ReadRequest, WriteRequest};
 use kiln_proto::reapi::{
     action_cache_client::ActionCacheClient, batch_update_blobs_request,
     capabilities_client::CapabilitiesClient,
-    content_addressable_storage_client::ContentAddressableStorageClient, ActionResult,
-    BatchUpdateBlobsRequest, FindMissingBlobsRequest, GetActionResultRequest,
-    GetCapabilitiesRequest, OutputFile, UpdateActionResultRequest,
+    content_addressable_storage_client::ContentAddressableStorageClient, BatchUpdateBlobsRequest,
+    FindMissingBlobsRequest, GetActionResultRequest, GetCapabilitiesRequest,
 };
 use kiln_store::{Digest, DigestFunction, FsBlobStore, SledMetadataStore};
 use rand::RngCore;
@@ -137,7 +135,7 @@ async fn main() -> anyhow::Result<()> {
         ms(summary.p99)
     );
 
-    let action = seed_action_result(&cas, &channel).await?;
+    let action = seed::action_result(&channel).await?;
     let seconds = Duration::from_secs(args.seconds);
     let ac = ActionCacheClient::new(channel.clone());
     let get = load::closed_loop(args.concurrency, seconds, 10_000_000, move || {
@@ -309,42 +307,4 @@ async fn seed_find_missing(
         );
     }
     Ok(all)
-}
-
-/// Stores an action result whose output is present, and returns the action digest.
-async fn seed_action_result(
-    cas: &ContentAddressableStorageClient<Channel>,
-    channel: &Channel,
-) -> anyhow::Result<kiln_proto::reapi::Digest> {
-    let output = b"an output file".to_vec();
-    let output_digest = Digest::of_bytes(DigestFunction::Sha256, &output).to_reapi();
-    cas.clone()
-        .batch_update_blobs(BatchUpdateBlobsRequest {
-            requests: vec![batch_update_blobs_request::Request {
-                digest: Some(output_digest.clone()),
-                data: output,
-                ..Default::default()
-            }],
-            ..Default::default()
-        })
-        .await?;
-    let action = Digest::of_bytes(DigestFunction::Sha256, b"benchmark action").to_reapi();
-    let result = ActionResult {
-        output_files: vec![OutputFile {
-            path: "out".into(),
-            digest: Some(output_digest),
-            ..Default::default()
-        }],
-        exit_code: 0,
-        ..Default::default()
-    };
-    ActionCacheClient::new(channel.clone())
-        .update_action_result(UpdateActionResultRequest {
-            action_digest: Some(action.clone()),
-            action_result: Some(result),
-            ..Default::default()
-        })
-        .await
-        .context("UpdateActionResult")?;
-    Ok(action)
 }
