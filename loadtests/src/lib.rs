@@ -4,6 +4,7 @@
 //! are shared and noisy, every figure is reported next to a reference measured in the
 //! same run (raw hash speed, loopback TCP), and the ratio is what counts.
 
+pub mod bytestream;
 pub mod load;
 pub mod reference;
 pub mod seed;

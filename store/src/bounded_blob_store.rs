@@ -220,10 +220,10 @@ struct BoundedWriter {
 }
 
 impl BoundedWriter {
-    fn inner(&mut self) -> &mut Box<dyn BlobWriter> {
-        self.inner
-            .as_mut()
-            .expect("a writer is used until it commits or aborts")
+    fn full(&self) -> StoreError {
+        StoreError::Full {
+            limit: self.shared.max_bytes,
+        }
     }
 }
 
@@ -235,16 +235,22 @@ impl BlobWriter for BoundedWriter {
         if used.saturating_add(len) > self.shared.max_bytes {
             self.shared.wake.notify_one();
             metrics::counter!("kiln_cas_writes_refused_total").increment(1);
-            return Err(StoreError::Full {
-                limit: self.shared.max_bytes,
-            });
+            // A refused write keeps nothing, not even a resumable upload's prefix: a
+            // full store must not fill further with uploads no pass can evict.
+            if let Some(inner) = self.inner.take() {
+                let _ = inner.abort().await;
+            }
+            return Err(self.full());
         }
+        let Some(inner) = self.inner.as_mut() else {
+            return Err(self.full());
+        };
         self.shared.pending.fetch_add(len, Ordering::Relaxed);
         self.reserved += len;
         if used + len > self.high_bytes {
             self.shared.wake.notify_one();
         }
-        self.inner().write(chunk).await
+        inner.write(chunk).await
     }
 
     fn bytes_written(&self) -> u64 {
@@ -252,7 +258,9 @@ impl BlobWriter for BoundedWriter {
     }
 
     async fn commit(mut self: Box<Self>, expected: ExpectedDigest) -> Result<Digest> {
-        let inner = self.inner.take().expect("committed once");
+        let Some(inner) = self.inner.take() else {
+            return Err(self.full());
+        };
         let digest = inner.commit(expected).await?;
         // A resumed upload's earlier bytes were counted by a measurement already.
         self.shared
@@ -263,8 +271,10 @@ impl BlobWriter for BoundedWriter {
     }
 
     async fn abort(mut self: Box<Self>) -> Result<()> {
-        let inner = self.inner.take().expect("aborted once");
-        inner.abort().await
+        match self.inner.take() {
+            Some(inner) => inner.abort().await,
+            None => Ok(()),
+        }
     }
 }
 

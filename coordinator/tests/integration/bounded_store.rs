@@ -62,8 +62,7 @@ async fn cached_result(channel: &Channel, action: &Digest) -> Result<ActionResul
 async fn a_full_store_refuses_writes_then_evicts_the_least_recently_used() {
     let policy = EvictionPolicy {
         max_bytes: (1024 * KIB) as u64,
-        // Above it after the refusals: 960 KiB of blobs and the refused ByteStream write's
-        // first chunk, kept for a resume.
+        // 614 KiB: evicting the two oldest 240 KiB blobs gets the store there.
         low_watermark: 0.6,
         grace: Duration::ZERO,
         interval: Duration::from_secs(3600),

@@ -12,13 +12,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use kiln_loadtests::bytestream::write_blob;
 use kiln_loadtests::{load, mb_per_s, seed};
-use kiln_proto::bytestream::{byte_stream_client::ByteStreamClient, WriteRequest};
 use kiln_proto::reapi::{action_cache_client::ActionCacheClient, GetActionResultRequest};
-use kiln_store::{
-    BlobStore, BoundedBlobStore, Digest, DigestFunction, EvictionPolicy, FsBlobStore,
-    SledMetadataStore,
-};
+use kiln_store::{BlobStore, BoundedBlobStore, EvictionPolicy, FsBlobStore, SledMetadataStore};
 use rand::RngCore;
 use tonic::transport::{Channel, Endpoint};
 
@@ -180,29 +177,6 @@ fn random(len: usize) -> bytes::Bytes {
     data.into()
 }
 
-/// Writes one blob through ByteStream.
-async fn write_blob(channel: &Channel, data: bytes::Bytes) -> anyhow::Result<()> {
-    let digest = Digest::of_bytes(DigestFunction::Sha256, &data);
-    let name = kiln_store::ResourceName::write("", digest).to_string();
-    const CHUNK: usize = 1 << 20;
-    let pieces = data.len().div_ceil(CHUNK).max(1);
-    let requests: Vec<WriteRequest> = (0..pieces)
-        .map(|i| {
-            let end = ((i + 1) * CHUNK).min(data.len());
-            WriteRequest {
-                resource_name: if i == 0 { name.clone() } else { String::new() },
-                write_offset: (i * CHUNK) as i64,
-                finish_write: end == data.len(),
-                data: data[i * CHUNK..end].to_vec(),
-            }
-        })
-        .collect();
-    ByteStreamClient::new(channel.clone())
-        .write(futures::stream::iter(requests))
-        .await?;
-    Ok(())
-}
-
 /// Fills a store with cold blobs up to `bytes`.
 async fn fill(server: &Server, bytes: u64) -> anyhow::Result<()> {
     let mut written = 0;
@@ -225,13 +199,11 @@ async fn background_writer(
         let data = random(8 << 20);
         let len = data.len() as u64;
         match write_blob(&channel, data).await {
-            Ok(()) => {
+            Ok(_) => {
                 written.fetch_add(len, Ordering::Relaxed);
             }
             Err(e) => {
-                let full = e
-                    .downcast_ref::<tonic::Status>()
-                    .is_some_and(|s| s.code() == tonic::Code::ResourceExhausted);
+                let full = e.code() == tonic::Code::ResourceExhausted;
                 anyhow::ensure!(full, "background write failed: {e}");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }

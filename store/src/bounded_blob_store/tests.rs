@@ -135,8 +135,19 @@ async fn a_write_past_the_limit_is_refused_and_leaves_nothing() {
         (0, 1),
         "{report:?}"
     );
-    let leftovers: usize = walk(&dir.path().join("tmp"));
-    assert_eq!(leftovers, 0, "no temp file is left behind");
+    // A resumable upload refused for the same reason keeps no prefix either.
+    let mut upload = store
+        .begin_write(DigestFunction::Sha256, Some("refused"))
+        .await
+        .unwrap();
+    upload.write(blob(3, 40_000)).await.unwrap();
+    let err = upload.write(blob(4, 100_000)).await.unwrap_err();
+    assert!(matches!(err, StoreError::Full { .. }), "{err}");
+    drop(upload);
+    for leftovers in ["tmp", "uploads"] {
+        let left = walk(&dir.path().join(leftovers));
+        assert_eq!(left, 0, "{leftovers}/ keeps {left} file(s)");
+    }
 
     store.delete(&kept.content_hash()).await.unwrap();
     put(store.as_ref(), big).await.unwrap();
