@@ -240,6 +240,10 @@ impl BlobWriter for BoundedWriter {
             if let Some(inner) = self.inner.take() {
                 let _ = inner.abort().await;
             }
+            // Its bytes are gone now, not when the writer is dropped: a registry upload
+            // session may keep a refused writer until the session expires.
+            saturating_sub(&self.shared.pending, self.reserved);
+            self.reserved = 0;
             return Err(self.full());
         }
         let Some(inner) = self.inner.as_mut() else {

@@ -93,9 +93,13 @@ async fn main() -> anyhow::Result<()> {
     let grpc_addr = grpc.local_addr()?;
     tokio::spawn(coordinator.serve(grpc, futures::future::pending()));
 
-    // Retention keeps the newest 3 branch tags; GC then collects what they no longer hold.
+    // Retention keeps the newest 3 branch tags and drops untagged manifests after 10 s;
+    // GC then collects what they no longer hold. (With untagged manifests kept, the
+    // registry's images fill the store within minutes and the CAS is refused from then
+    // on: the registry owns its blobs until its own rules let them go.)
     let mut config = RegistryConfig::default();
     config.retention.keep_branch_tags = Some(3);
+    config.retention.untagged_grace_secs = Some(10);
     config.retention.interval_secs = 5;
     config.gc.interval_secs = 5;
     config.gc.grace_secs = 10;

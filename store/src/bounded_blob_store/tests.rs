@@ -143,6 +143,11 @@ async fn a_write_past_the_limit_is_refused_and_leaves_nothing() {
     upload.write(blob(3, 40_000)).await.unwrap();
     let err = upload.write(blob(4, 100_000)).await.unwrap_err();
     assert!(matches!(err, StoreError::Full { .. }), "{err}");
+    assert_eq!(
+        store.used_bytes(),
+        960_000,
+        "a refused writer holds no bytes, even while it is still open"
+    );
     drop(upload);
     for leftovers in ["tmp", "uploads"] {
         let left = walk(&dir.path().join(leftovers));
