@@ -28,6 +28,19 @@ pub struct TestCas {
 }
 
 impl TestCas {
+    /// kiln-client's CAS client on this server's channel (instance "", SHA-256), as the
+    /// worker holds it.
+    pub async fn client(&self) -> kiln_client::RemoteCas {
+        kiln_client::RemoteCas::with_channel(
+            self.channel.clone(),
+            "",
+            DigestFunction::Sha256,
+            kiln_client::Invocation::new(),
+        )
+        .await
+        .expect("the test CAS answers GetCapabilities")
+    }
+
     pub async fn start(function: DigestFunction) -> anyhow::Result<Self> {
         let server = ServedCoordinator::start(CoordinatorConfig::default(), Stores::Memory).await?;
         let url = server.http_url();

@@ -3,7 +3,6 @@
 use crate::common;
 
 use common::TestCas;
-use kiln_client::{Invocation, RemoteCas};
 use kiln_store::{Digest, DigestFunction};
 use kiln_worker::{CacheKey, LocalCache};
 
@@ -121,14 +120,7 @@ fn reopening_keeps_the_cached_blobs() {
 #[tokio::test]
 async fn fetching_from_the_cas_counts_only_missing_blobs_and_evicts_by_bytes() {
     let cas = TestCas::start(DigestFunction::Sha256).await.unwrap();
-    let client = RemoteCas::with_channel(
-        cas.channel.clone(),
-        "",
-        DigestFunction::Sha256,
-        Invocation::new(),
-    )
-    .await
-    .unwrap();
+    let client = cas.client().await;
     let dir = tempfile::tempdir().unwrap();
     let cache = LocalCache::open(dir.path(), 2500).unwrap();
     let mut keys = Vec::new();
@@ -172,14 +164,7 @@ fn walk(dir: &std::path::Path) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_fetches_keep_the_byte_budget() {
     let cas = TestCas::start(DigestFunction::Sha256).await.unwrap();
-    let client = RemoteCas::with_channel(
-        cas.channel.clone(),
-        "",
-        DigestFunction::Sha256,
-        Invocation::new(),
-    )
-    .await
-    .unwrap();
+    let client = cas.client().await;
     let dir = tempfile::tempdir().unwrap();
     let cache = std::sync::Arc::new(LocalCache::open(dir.path(), 10_000).unwrap());
     let mut actions = Vec::new();
