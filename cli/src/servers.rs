@@ -143,6 +143,8 @@ impl Servers {
         if let Some(registry) = registry {
             coordinator = coordinator.with_registry_catalog(Arc::new(RegistryCatalog(registry)));
         }
+        // Eviction never removes what a queued or running action still needs.
+        storage.bounded.retain(coordinator.in_flight_inputs());
         let shutdown = self.shutdown.clone().cancelled_owned();
         self.tasks.spawn(async move {
             coordinator

@@ -34,4 +34,5 @@ pub use cache_references::action_cache_references;
 pub use config::CoordinatorConfig;
 pub use counters::{describe_metrics, names as metric_names, STAGE_BUCKETS};
 pub use error::CoordinatorError;
+pub use execution::InFlightInputs;
 pub use server::Coordinator;

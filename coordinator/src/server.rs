@@ -23,7 +23,9 @@ use crate::byte_stream::ByteStreamService;
 use crate::capabilities::CapabilitiesService;
 use crate::cas::CasService;
 use crate::counters::Counters;
-use crate::execution::{ExecutionEngine, ExecutionService, OperationsService, WorkerService};
+use crate::execution::{
+    ExecutionEngine, ExecutionService, InFlightInputs, OperationsService, WorkerService,
+};
 use crate::{CoordinatorConfig, CoordinatorError};
 
 /// The services grpc.health.v1 reports on by name (besides the overall "").
@@ -59,6 +61,7 @@ pub struct Coordinator {
     blobs: Arc<dyn BlobStore>,
     metadata: Arc<dyn MetadataStore>,
     registry: Option<Arc<dyn RegistryCatalog>>,
+    in_flight_inputs: Arc<InFlightInputs>,
 }
 
 impl Coordinator {
@@ -72,10 +75,17 @@ impl Coordinator {
             blobs,
             metadata,
             registry: None,
+            in_flight_inputs: Arc::default(),
         }
     }
 
     /// Lets the admin API list a registry that runs in the same process.
+    /// The inputs of the operations this coordinator has yet to finish, for a bounded
+    /// blob store to keep (`BoundedBlobStore::retain`).
+    pub fn in_flight_inputs(&self) -> Arc<InFlightInputs> {
+        self.in_flight_inputs.clone()
+    }
+
     pub fn with_registry_catalog(mut self, registry: Arc<dyn RegistryCatalog>) -> Self {
         self.registry = Some(registry);
         self
@@ -112,6 +122,7 @@ impl Coordinator {
             counters.clone(),
         )
         .await?;
+        self.in_flight_inputs.attach(&engine);
         let dispatcher = engine.spawn_dispatcher();
         let sweeper = crate::upload_sweeper::spawn(
             self.blobs.clone(),

@@ -67,6 +67,34 @@ impl TreeWalk {
         Ok(walk)
     }
 
+    /// A walk over several trees at once, each distinct directory visited once across
+    /// all of them. Roots are not read up front: one that is missing is left out like any
+    /// missing subtree.
+    pub(crate) fn over_roots(
+        blobs: Arc<dyn BlobStore>,
+        roots: impl IntoIterator<Item = Digest>,
+        limits: TreeLimits,
+    ) -> Self {
+        let mut seen = HashSet::new();
+        // A root too large to be a Directory message is not read: it cannot be one.
+        let queue = roots
+            .into_iter()
+            .filter(|root| root.size <= limits.max_message_bytes && seen.insert(*root))
+            .collect();
+        TreeWalk {
+            blobs,
+            limits,
+            queue,
+            seen,
+            ready: VecDeque::new(),
+        }
+    }
+
+    /// Every directory digest the walk has found so far, read or not.
+    pub(crate) fn found_directories(&self) -> &HashSet<Digest> {
+        &self.seen
+    }
+
     fn accept(
         &mut self,
         function: kiln_store::DigestFunction,

@@ -35,13 +35,12 @@ const MAX_PENDING_ACCESSES: usize = 100_000;
 /// A [`BlobStore`] bounded to [`EvictionPolicy::max_bytes`].
 pub struct BoundedBlobStore {
     inner: Arc<dyn BlobStore>,
-    policy: EvictionPolicy,
     shared: Arc<Shared>,
 }
 
 /// What the store and its writers share.
 struct Shared {
-    max_bytes: u64,
+    policy: EvictionPolicy,
     /// The backend's `stored_bytes` at the last measurement.
     measured: AtomicU64,
     /// Bytes committed since that measurement.
@@ -90,8 +89,9 @@ impl BoundedBlobStore {
     /// Wraps `inner`, measuring what it holds now.
     pub async fn new(inner: Arc<dyn BlobStore>, policy: EvictionPolicy) -> Result<Self> {
         let measured = inner.stored_bytes().await?;
+        metrics::gauge!("kiln_cas_limit_bytes").set(policy.max_bytes as f64);
         let shared = Arc::new(Shared {
-            max_bytes: policy.max_bytes,
+            policy,
             measured: AtomicU64::new(measured),
             committed: AtomicU64::new(0),
             pending: AtomicU64::new(0),
@@ -100,16 +100,11 @@ impl BoundedBlobStore {
             wake: tokio::sync::Notify::new(),
             pass: tokio::sync::Mutex::new(()),
         });
-        metrics::gauge!("kiln_cas_limit_bytes").set(policy.max_bytes as f64);
-        Ok(BoundedBlobStore {
-            inner,
-            policy,
-            shared,
-        })
+        Ok(BoundedBlobStore { inner, shared })
     }
 
     pub fn policy(&self) -> &EvictionPolicy {
-        &self.policy
+        &self.shared.policy
     }
 
     /// The bytes the store holds by its own account (see the module doc).
@@ -127,7 +122,7 @@ impl BoundedBlobStore {
     }
 
     fn wake_if_over_high_watermark(&self) {
-        if self.shared.used() > self.policy.high_bytes() {
+        if self.shared.used() > self.shared.policy.high_bytes() {
             self.shared.wake.notify_one();
         }
     }
@@ -177,12 +172,13 @@ impl BlobStore for BoundedBlobStore {
         Ok(Box::new(BoundedWriter {
             inner: Some(inner),
             shared: self.shared.clone(),
-            high_bytes: self.policy.high_bytes(),
             reserved: 0,
         }))
     }
 
     async fn delete(&self, hash: &ContentHash) -> Result<bool> {
+        // One more request to the backend, for the account; deletes outside eviction are
+        // the registry GC's and the sweeps', which are rare next to reads and writes.
         let size = self.inner.size_of(hash).await?;
         let deleted = self.inner.delete(hash).await?;
         if let (true, Some(size)) = (deleted, size) {
@@ -214,7 +210,6 @@ struct BoundedWriter {
     /// `None` once committed or aborted.
     inner: Option<Box<dyn BlobWriter>>,
     shared: Arc<Shared>,
-    high_bytes: u64,
     /// Bytes this writer added to `pending`.
     reserved: u64,
 }
@@ -222,7 +217,7 @@ struct BoundedWriter {
 impl BoundedWriter {
     fn full(&self) -> StoreError {
         StoreError::Full {
-            limit: self.shared.max_bytes,
+            limit: self.shared.policy.max_bytes,
         }
     }
 }
@@ -232,7 +227,7 @@ impl BlobWriter for BoundedWriter {
     async fn write(&mut self, chunk: Bytes) -> Result<()> {
         let len = chunk.len() as u64;
         let used = self.shared.used();
-        if used.saturating_add(len) > self.shared.max_bytes {
+        if used.saturating_add(len) > self.shared.policy.max_bytes {
             self.shared.wake.notify_one();
             metrics::counter!("kiln_cas_writes_refused_total").increment(1);
             // A refused write keeps nothing, not even a resumable upload's prefix: a
@@ -251,7 +246,7 @@ impl BlobWriter for BoundedWriter {
         };
         self.shared.pending.fetch_add(len, Ordering::Relaxed);
         self.reserved += len;
-        if used + len > self.high_bytes {
+        if used + len > self.shared.policy.high_bytes() {
             self.shared.wake.notify_one();
         }
         inner.write(chunk).await

@@ -130,6 +130,10 @@ impl ServedCoordinator {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let coordinator = Coordinator::new(config, stores.blobs.clone(), stores.metadata.clone());
+        if let Some(bounded) = &stores.bounded {
+            // As `kiln` wires it: eviction keeps what unfinished operations need.
+            bounded.retain(coordinator.in_flight_inputs());
+        }
         let serving = Serving::spawn(|stopped| {
             coordinator.serve(listener, async {
                 let _ = stopped.await;

@@ -35,9 +35,58 @@ struct Args {
     /// The store's limit, in MiB.
     #[arg(long, default_value_t = 256)]
     limit_mib: u64,
+    /// Blobs used within this many seconds are never evicted.
+    #[arg(long, default_value_t = 5)]
+    grace_secs: u64,
     /// Where the store lives [default: a temporary directory under $TMPDIR].
     #[arg(long)]
     data_dir: Option<std::path::PathBuf>,
+}
+
+/// How often disk use is sampled for the plot.
+const SAMPLE_EVERY: Duration = Duration::from_secs(10);
+
+/// Disk use at one moment of the run.
+struct Sample {
+    seconds: u64,
+    percent: f64,
+    /// CAS writes and pushes refused since the previous sample.
+    refused: u64,
+}
+
+/// A text plot of disk use over the run, one column a sample, with the refusals of each
+/// sample's interval beneath: readable in a terminal and in BENCHMARKS.md alike.
+fn plot(samples: &[Sample]) -> String {
+    const ROWS: [f64; 8] = [100.0, 95.0, 90.0, 80.0, 60.0, 40.0, 20.0, 0.0];
+    let mut out = String::from("disk use, % of the limit (one column per sample)\n");
+    for (i, floor) in ROWS.iter().enumerate() {
+        let ceiling = if i == 0 { f64::INFINITY } else { ROWS[i - 1] };
+        let row: String = samples
+            .iter()
+            .map(|s| match s.percent {
+                p if p >= *floor && p < ceiling => '*',
+                p if p >= ceiling => '|',
+                _ => ' ',
+            })
+            .collect();
+        out.push_str(&format!("{floor:>5.0}% {row}\n"));
+    }
+    let refusals: String = samples
+        .iter()
+        .map(|s| match s.refused {
+            0 => '.',
+            1..=9 => 'r',
+            _ => 'R',
+        })
+        .collect();
+    out.push_str(&format!("refused {refusals}   (. none, r 1-9, R 10+)\n"));
+    let end = samples.last().map_or(0, |s| s.seconds);
+    out.push_str(&format!(
+        "        0 s{:>width$}",
+        format!("{end} s"),
+        width = samples.len().saturating_sub(3)
+    ));
+    out
 }
 
 /// How many of the newest CAS blobs the reader reads from.
@@ -79,7 +128,7 @@ async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir_in(parent)?;
     let files = Arc::new(FsBlobStore::open(dir.path().join("cas"))?);
     let policy = EvictionPolicy {
-        grace: Duration::from_secs(5),
+        grace: Duration::from_secs(args.grace_secs),
         interval: Duration::from_secs(1),
         ..EvictionPolicy::with_max_bytes(limit)
     };
@@ -134,21 +183,23 @@ async fn main() -> anyhow::Result<()> {
     )));
     let pusher = tokio::spawn(image_pusher(client.clone(), tally.clone(), deadline));
 
-    println!("| minute | stored (MiB) | limit (MiB) | of the limit |");
-    println!("|---|---|---|---|");
+    // Disk use against the limit, and the refusals since the previous sample.
+    let mut samples = Vec::new();
     let mut peak = 0;
+    let mut refused_before = 0;
     let started = Instant::now();
     while Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_secs(30)).await;
+        tokio::time::sleep(SAMPLE_EVERY).await;
         let stored = store.stored_bytes().await?;
         peak = peak.max(stored);
-        println!(
-            "| {:.1} | {} | {} | {:.0}% |",
-            started.elapsed().as_secs_f64() / 60.0,
-            stored >> 20,
-            limit >> 20,
-            100.0 * stored as f64 / limit as f64
-        );
+        let refused = tally.cas_refused.load(Ordering::Relaxed)
+            + tally.pushes_refused.load(Ordering::Relaxed);
+        samples.push(Sample {
+            seconds: started.elapsed().as_secs(),
+            percent: 100.0 * stored as f64 / limit as f64,
+            refused: refused - refused_before,
+        });
+        refused_before = refused;
     }
     for task in load {
         task.await?;
@@ -198,6 +249,7 @@ async fn main() -> anyhow::Result<()> {
     );
     println!("| other errors seen by clients | {} |", get(&t.errors));
     println!("| acknowledged pushes lost | {} |", get(&t.lost));
+    println!("\n{}", plot(&samples));
     anyhow::ensure!(get(&t.errors) == 0 && get(&t.lost) == 0, "the soak failed");
     anyhow::ensure!(peak <= limit, "the store passed its limit");
     Ok(())

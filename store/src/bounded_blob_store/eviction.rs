@@ -90,7 +90,7 @@ impl BoundedBlobStore {
             used_after: used_before,
             ..Default::default()
         };
-        if used_before <= self.policy.high_bytes() {
+        if used_before <= self.shared.policy.high_bytes() {
             return Ok(report);
         }
         let sources = self
@@ -101,7 +101,7 @@ impl BoundedBlobStore {
             .clone();
         let retained = retained_union(sources).await?;
         let grace_cutoff = SystemTime::now()
-            .checked_sub(self.policy.grace)
+            .checked_sub(self.shared.policy.grace)
             .unwrap_or(SystemTime::UNIX_EPOCH);
         let mut candidates = Vec::new();
         let mut listed = self.inner.list();
@@ -118,7 +118,7 @@ impl BoundedBlobStore {
             }
         }
         candidates.sort_unstable_by_key(|(accessed, _, _)| *accessed);
-        let target = self.policy.low_bytes();
+        let target = self.shared.policy.low_bytes();
         for (_, hash, size) in candidates {
             if self.shared.used() <= target {
                 break;
@@ -151,7 +151,7 @@ impl BoundedBlobStore {
                     tracing::warn!(error = %e, "eviction pass failed");
                 }
                 tokio::select! {
-                    () = tokio::time::sleep(self.policy.interval) => {}
+                    () = tokio::time::sleep(self.shared.policy.interval) => {}
                     () = self.shared.wake.notified() => {}
                 }
             }
