@@ -184,9 +184,13 @@ pub struct CommonArgs {
     /// directory's free space plus what the store holds].
     #[arg(long, env = "KILN_CAS_MAX_BYTES", global = true, value_name = "SIZE")]
     pub cas_max_bytes: Option<bytesize::ByteSize>,
+    /// Require an API token on every coordinator call but GetCapabilities and health
+    /// (`coordinator.auth.enabled`); `kiln token` makes them.
+    #[arg(long, env = "KILN_COORDINATOR_AUTH", global = true)]
+    pub coordinator_auth: bool,
     /// Serve unauthenticated APIs on addresses other than loopback. Without it, a
-    /// coordinator (which has no authentication yet) or a registry without auth refuses to
-    /// bind anything but loopback.
+    /// coordinator without auth or a registry without auth refuses to bind anything but
+    /// loopback.
     #[arg(long, env = "KILN_ALLOW_UNAUTHENTICATED", global = true)]
     pub allow_unauthenticated: bool,
     /// Once every listener is up, write their bound addresses here as JSON (for port 0).
@@ -205,6 +209,31 @@ pub struct CoordinatorArg {
         value_name = "URL"
     )]
     pub coordinator: String,
+    /// A token for a coordinator whose auth is on, sent as `authorization: Bearer`.
+    #[arg(long, env = "KILN_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    pub token: Option<String>,
+}
+
+impl CoordinatorArg {
+    /// The credentials `--token` / `KILN_TOKEN` give, if any.
+    pub fn credentials(&self) -> anyhow::Result<Option<kiln_client::Credentials>> {
+        self.token
+            .as_deref()
+            .map(|token| {
+                kiln_client::Credentials::bearer(token)
+                    .context("the token has characters a gRPC header cannot carry")
+            })
+            .transpose()
+    }
+
+    /// `message` as a request carrying the credentials.
+    pub fn request<T>(&self, message: T) -> anyhow::Result<tonic::Request<T>> {
+        let mut request = tonic::Request::new(message);
+        if let Some(credentials) = self.credentials()? {
+            credentials.apply(&mut request);
+        }
+        Ok(request)
+    }
 }
 
 /// `KILN_*` variables read outside clap's flag declarations.
@@ -293,6 +322,7 @@ impl KilnConfig {
             config.cas.max_bytes = Some(v);
         }
         config.allow_unauthenticated = args.allow_unauthenticated;
+        config.coordinator.auth.enabled |= args.coordinator_auth;
         // Resolved once, here: everything below (the worker's sandbox above all) runs with
         // other working directories, where a relative path names nothing.
         config.data_dir = std::path::absolute(&config.data_dir)

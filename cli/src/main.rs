@@ -11,6 +11,7 @@ mod run;
 mod servers;
 mod status;
 mod storage;
+mod token;
 
 use std::process::ExitCode;
 
@@ -50,6 +51,9 @@ enum Command {
     Status(status::StatusArgs),
     /// Retire a worker: it takes no new work, finishes what it runs, then leaves.
     Drain(status::DrainArgs),
+    /// Create, list and revoke the API tokens of a coordinator whose auth is on.
+    #[command(subcommand)]
+    Token(token::TokenCommand),
 }
 
 /// Opens the embedded storage and starts `/metrics` and the probes, before any server
@@ -116,7 +120,7 @@ impl Command {
             Command::Worker(_) => "kiln-worker",
             Command::Run(_) => "kiln-run",
             Command::Publish(_) => "kiln-publish",
-            Command::Status(_) | Command::Drain(_) => "kiln-admin",
+            Command::Status(_) | Command::Drain(_) | Command::Token(_) => "kiln-admin",
         }
     }
 }
@@ -189,6 +193,7 @@ async fn run(
         Command::Run(args) => return run::run(args).await,
         Command::Publish(args) => publish::run(*args).await?,
         Command::Status(args) => return status::status(args).await,
+        Command::Token(command) => return token::run(command).await,
         Command::Drain(args) => {
             let token = match config.join_token.clone() {
                 Some(token) => Some(token),

@@ -159,15 +159,18 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
             address: args.target.coordinator.clone(),
             instance_name: args.instance_name.clone(),
             digest_function,
+            credentials: None,
         };
         (
-            LayerContent::from_action(coordinator, action)?,
+            LayerContent::from_action(coordinator, action)?
+                .with_credentials(args.target.credentials()?),
             format!("from action {action}"),
         )
     } else {
         let path = args.from_run.as_ref().expect("clap requires one source");
         (
-            LayerContent::from_run(&args.target.coordinator, path)?,
+            LayerContent::from_run(&args.target.coordinator, path)?
+                .with_credentials(args.target.credentials()?),
             format!("from run {}", path.display()),
         )
     };

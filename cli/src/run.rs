@@ -92,7 +92,8 @@ impl From<DigestFunctionArg> for DigestFunction {
 
 /// Runs `kiln run`. The exit code is the worst shard's (see kiln-client's `remote_run`).
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let invocation = Invocation::new();
+    let credentials = args.target.credentials()?;
+    let invocation = Invocation::new().with_credentials(credentials.clone());
     let cas = RemoteCas::connect(
         &args.target.coordinator,
         &args.instance_name,
@@ -106,7 +107,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             args.target.coordinator
         )
     })?;
-    let executor = GrpcExecutor::new(cas.channel().clone());
+    let executor = GrpcExecutor::new(cas.channel().clone(), credentials);
 
     let mut request = RunRequest::new(&args.input, args.command);
     request.output_dir = args.output_dir;

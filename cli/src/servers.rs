@@ -117,14 +117,14 @@ impl Servers {
         storage: &Storage,
         registry: Option<kiln_registry::Registry>,
     ) -> anyhow::Result<SocketAddr> {
-        // Protected mode: the REAPI services have no authentication yet, so anyone who
-        // reaches them can run commands on the workers and read or write every blob.
+        // Protected mode: without auth, anyone who reaches the REAPI services can run
+        // commands on the workers and read or write every blob.
         refuse_unprotected(
             config,
             config.grpc_addr,
             "the coordinator's gRPC API",
             "run commands on the workers and read or write every blob",
-            false,
+            config.coordinator.auth.enabled,
         )?;
         let listener = bind(config.grpc_addr, "coordinator").await?;
         let addr = listener.local_addr()?;

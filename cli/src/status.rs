@@ -33,7 +33,7 @@ pub struct DrainArgs {
     pub worker_id: String,
 }
 
-async fn connect(target: &CoordinatorArg) -> anyhow::Result<AdminClient<Channel>> {
+pub async fn connect(target: &CoordinatorArg) -> anyhow::Result<AdminClient<Channel>> {
     let channel = kiln_client::endpoint(&target.coordinator)?
         .connect_timeout(Duration::from_secs(5))
         .connect()
@@ -45,7 +45,7 @@ async fn connect(target: &CoordinatorArg) -> anyhow::Result<AdminClient<Channel>
 pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let mut client = connect(&args.target).await?;
     let status = client
-        .get_status(GetStatusRequest {})
+        .get_status(args.target.request(GetStatusRequest {})?)
         .await
         .with_context(|| format!("asking {} for its status", args.target.coordinator))?
         .into_inner();

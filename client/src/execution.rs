@@ -11,7 +11,7 @@ use kiln_proto::reapi::{self, execution_client::ExecutionClient};
 use prost::Message;
 use tonic::transport::Channel;
 
-use crate::request_metadata::request_with;
+use crate::request_metadata::{request_with, Credentials};
 use crate::{ClientError, Result};
 
 /// The updates of one operation, ending with the one that has `done` set.
@@ -37,14 +37,25 @@ pub trait Executor: Send + Sync {
 #[derive(Clone)]
 pub struct GrpcExecutor {
     client: ExecutionClient<kiln_telemetry::TracedChannel>,
+    credentials: Option<Credentials>,
 }
 
 impl GrpcExecutor {
-    pub fn new(channel: Channel) -> Self {
+    /// An executor whose calls carry `credentials`, when the server wants a token.
+    pub fn new(channel: Channel, credentials: Option<Credentials>) -> Self {
         GrpcExecutor {
             client: ExecutionClient::new(kiln_telemetry::traced(channel))
                 .max_decoding_message_size(256 << 20),
+            credentials,
         }
+    }
+
+    fn request<T>(&self, message: T, metadata: &reapi::RequestMetadata) -> tonic::Request<T> {
+        let mut request = request_with(message, metadata);
+        if let Some(credentials) = &self.credentials {
+            credentials.apply(&mut request);
+        }
+        request
     }
 }
 
@@ -58,7 +69,7 @@ impl Executor for GrpcExecutor {
         let stream = self
             .client
             .clone()
-            .execute(request_with(request, metadata))
+            .execute(self.request(request, metadata))
             .await?
             .into_inner();
         Ok(stream.boxed())
@@ -72,7 +83,7 @@ impl Executor for GrpcExecutor {
         let stream = self
             .client
             .clone()
-            .wait_execution(request_with(
+            .wait_execution(self.request(
                 reapi::WaitExecutionRequest {
                     name: operation_name,
                 },

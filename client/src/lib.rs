@@ -42,6 +42,8 @@ pub use progress::{NoProgress, Progress};
 pub use reapi_digest::from_reapi;
 pub use remote_cas::{endpoint, RemoteCas};
 pub use remote_run::{merge_exit_codes, run, RunReport, RunRequest};
-pub use request_metadata::{from_request as request_metadata_of, request_with, Invocation};
+pub use request_metadata::{
+    from_request as request_metadata_of, request_with, Credentials, Invocation,
+};
 pub use run_manifest::{RunManifest, ShardRecord};
 pub use tree_hasher::{hash_tree, InputTree, TreeHashOptions};

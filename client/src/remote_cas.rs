@@ -16,7 +16,7 @@ use kiln_telemetry::{traced, TracedChannel};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::reapi_digest::from_reapi;
-use crate::request_metadata::{request_with, Invocation};
+use crate::request_metadata::Invocation;
 use crate::{ClientError, Result};
 
 /// The batch size used when the server sets no limit, and the most kiln puts in one
@@ -89,13 +89,13 @@ impl RemoteCas {
         function: DigestFunction,
         invocation: Invocation,
     ) -> Result<Self> {
-        let metadata = invocation.metadata("", "");
         let capabilities = CapabilitiesClient::new(traced(channel.clone()))
-            .get_capabilities(request_with(
+            .get_capabilities(invocation.request(
                 reapi::GetCapabilitiesRequest {
                     instance_name: instance_name.to_string(),
                 },
-                &metadata,
+                "",
+                "",
             ))
             .await
             .map_err(|s| ClientError::rpc("GetCapabilities", s))?
@@ -186,7 +186,7 @@ impl RemoteCas {
     }
 
     pub(crate) fn request<T>(&self, message: T) -> tonic::Request<T> {
-        request_with(message, &self.invocation.metadata("", ""))
+        self.invocation.request(message, "", "")
     }
 
     /// The digests among `digests` that the server does not hold. The empty blob is

@@ -25,6 +25,7 @@ pub(crate) mod trimming;
 
 pub(crate) use stored_result::{referenced_blobs, tree_files, TreeFileIndex};
 
+use crate::auth::{authorize, Scope};
 use crate::counters::Counters;
 use crate::rpc_attributes;
 use crate::{reapi_digest, CoordinatorConfig, CoordinatorError};
@@ -369,6 +370,7 @@ impl ActionCache for ActionCacheService {
         request: Request<GetActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
         rpc_attributes::instance(&request.get_ref().instance_name);
+        authorize(&request, Scope::AcRead, &request.get_ref().instance_name)?;
         Ok(Response::new(self.get(request.into_inner()).await?))
     }
 
@@ -377,6 +379,7 @@ impl ActionCache for ActionCacheService {
         request: Request<UpdateActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
         rpc_attributes::instance(&request.get_ref().instance_name);
+        authorize(&request, Scope::AcWrite, &request.get_ref().instance_name)?;
         Ok(Response::new(self.update(request.into_inner()).await?))
     }
 }

@@ -5,12 +5,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use kiln_proto::admin::v1::{
-    admin_server::Admin, CacheStatus, DrainWorkerRequest, DrainWorkerResponse, FarmStatus,
-    GetStatusRequest, RegistryStatus, RepositoryStatus, StorageStatus,
+    admin_server::Admin, CacheStatus, CreateTokenRequest, CreateTokenResponse, DrainWorkerRequest,
+    DrainWorkerResponse, FarmStatus, GetStatusRequest, ListTokensRequest, ListTokensResponse,
+    RegistryStatus, RepositoryStatus, RevokeTokenRequest, RevokeTokenResponse, StorageStatus,
 };
 use kiln_store::BlobStore;
 use tonic::{Request, Response, Status};
 
+use crate::auth::{self, caller_of, TokenStore};
 use crate::counters::Counters;
 use crate::execution::{proto_duration, ExecutionEngine};
 use crate::secret::same_secret;
@@ -41,6 +43,7 @@ pub(crate) struct AdminService {
     counters: Arc<Counters>,
     blobs: Arc<dyn BlobStore>,
     registry: Option<Arc<dyn RegistryCatalog>>,
+    tokens: TokenStore,
     started: Instant,
 }
 
@@ -50,12 +53,14 @@ impl AdminService {
         counters: Arc<Counters>,
         blobs: Arc<dyn BlobStore>,
         registry: Option<Arc<dyn RegistryCatalog>>,
+        tokens: TokenStore,
     ) -> Self {
         AdminService {
             engine,
             counters,
             blobs,
             registry,
+            tokens,
             started: Instant::now(),
         }
     }
@@ -77,6 +82,18 @@ impl AdminService {
             })
             .collect();
         Ok(Some(RegistryStatus { repositories, more }))
+    }
+
+    /// The status (every repository's name among it) and the tokens are an admin's.
+    fn require_admin<T>(request: &Request<T>) -> Result<(), CoordinatorError> {
+        if caller_of(request).is_admin() {
+            Ok(())
+        } else {
+            Err(CoordinatorError::PermissionDenied {
+                scope: auth::Scope::Admin,
+                instance: String::new(),
+            })
+        }
     }
 
     /// DrainWorker needs the join token as a bearer token; with none configured no
@@ -103,8 +120,9 @@ impl AdminService {
 impl Admin for AdminService {
     async fn get_status(
         &self,
-        _request: Request<GetStatusRequest>,
+        request: Request<GetStatusRequest>,
     ) -> Result<Response<FarmStatus>, Status> {
+        Self::require_admin(&request)?;
         let counters = self.counters.snapshot();
         let uptime = self.started.elapsed();
         Ok(Response::new(FarmStatus {
@@ -144,5 +162,32 @@ impl Admin for AdminService {
         Ok(Response::new(DrainWorkerResponse {
             running: running as u32,
         }))
+    }
+
+    async fn create_token(
+        &self,
+        request: Request<CreateTokenRequest>,
+    ) -> Result<Response<CreateTokenResponse>, Status> {
+        Self::require_admin(&request)?;
+        Ok(Response::new(
+            auth::create_token(&self.tokens, request.into_inner()).await?,
+        ))
+    }
+
+    async fn list_tokens(
+        &self,
+        request: Request<ListTokensRequest>,
+    ) -> Result<Response<ListTokensResponse>, Status> {
+        Self::require_admin(&request)?;
+        Ok(Response::new(auth::list_tokens(&self.tokens).await?))
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<RevokeTokenRequest>,
+    ) -> Result<Response<RevokeTokenResponse>, Status> {
+        Self::require_admin(&request)?;
+        auth::revoke_token(&self.tokens, &request.get_ref().id).await?;
+        Ok(Response::new(RevokeTokenResponse {}))
     }
 }

@@ -21,6 +21,7 @@ use kiln_proto::bytestream::{
 use kiln_store::{BlobStore, BlobWriter, Digest, ExpectedDigest};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::{authorize, caller_of, Scope};
 use crate::counters::Counters;
 use crate::rpc_attributes;
 use crate::zstd_codec::{self, StreamingDecoder};
@@ -400,6 +401,9 @@ impl ByteStream for ByteStreamService {
         request: Request<ReadRequest>,
     ) -> Result<Response<Self::ReadStream>, Status> {
         rpc_attributes::resource(&request.get_ref().resource_name);
+        let name = ResourceName::parse_read(&request.get_ref().resource_name)
+            .map_err(CoordinatorError::from)?;
+        authorize(&request, Scope::CasRead, &name.instance_name)?;
         let chunks = self.start_read(request.into_inner()).await?;
         Ok(Response::new(
             chunks
@@ -416,11 +420,15 @@ impl ByteStream for ByteStreamService {
         &self,
         request: Request<Streaming<WriteRequest>>,
     ) -> Result<Response<WriteResponse>, Status> {
+        let caller = caller_of(&request);
         let mut stream = request.into_inner();
         let first = stream.message().await?.ok_or_else(|| {
             CoordinatorError::InvalidArgument("the Write stream was empty".into())
         })?;
         rpc_attributes::resource(&first.resource_name);
+        let name =
+            ResourceName::parse_write(&first.resource_name).map_err(CoordinatorError::from)?;
+        caller.require(Scope::CasWrite, &name.instance_name)?;
         Ok(Response::new(
             ByteStreamService::write(self, first, stream).await?,
         ))
@@ -431,6 +439,9 @@ impl ByteStream for ByteStreamService {
         request: Request<QueryWriteStatusRequest>,
     ) -> Result<Response<QueryWriteStatusResponse>, Status> {
         rpc_attributes::resource(&request.get_ref().resource_name);
+        let name = ResourceName::parse_write(&request.get_ref().resource_name)
+            .map_err(CoordinatorError::from)?;
+        authorize(&request, Scope::CasWrite, &name.instance_name)?;
         Ok(Response::new(
             ByteStreamService::query_write_status(self, request.into_inner()).await?,
         ))

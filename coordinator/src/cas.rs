@@ -18,6 +18,7 @@ use kiln_proto::reapi::{
 use kiln_store::{BlobStore, Digest, DigestFunction, ExpectedDigest};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::{authorize, caller_of, Scope};
 use crate::counters::Counters;
 use crate::error::ok_rpc_status;
 use crate::rpc_attributes;
@@ -232,7 +233,12 @@ impl ContentAddressableStorage for CasService {
         &self,
         request: Request<FindMissingBlobsRequest>,
     ) -> Result<Response<FindMissingBlobsResponse>, Status> {
-        rpc_attributes::instance(&request.get_ref().instance_name);
+        let instance = &request.get_ref().instance_name;
+        rpc_attributes::instance(instance);
+        // Every upload starts with it, so either scope may ask what is missing.
+        if !caller_of(&request).allows(Scope::CasWrite, instance) {
+            authorize(&request, Scope::CasRead, instance)?;
+        }
         rpc_attributes::count("kiln.digests", request.get_ref().blob_digests.len());
         Ok(Response::new(
             self.find_missing(request.into_inner()).await?,
@@ -244,6 +250,7 @@ impl ContentAddressableStorage for CasService {
         request: Request<BatchUpdateBlobsRequest>,
     ) -> Result<Response<BatchUpdateBlobsResponse>, Status> {
         rpc_attributes::instance(&request.get_ref().instance_name);
+        authorize(&request, Scope::CasWrite, &request.get_ref().instance_name)?;
         rpc_attributes::count("kiln.blobs", request.get_ref().requests.len());
         Ok(Response::new(
             self.batch_update(request.into_inner()).await?,
@@ -255,6 +262,7 @@ impl ContentAddressableStorage for CasService {
         request: Request<BatchReadBlobsRequest>,
     ) -> Result<Response<BatchReadBlobsResponse>, Status> {
         rpc_attributes::instance(&request.get_ref().instance_name);
+        authorize(&request, Scope::CasRead, &request.get_ref().instance_name)?;
         rpc_attributes::count("kiln.blobs", request.get_ref().digests.len());
         Ok(Response::new(self.batch_read(request.into_inner()).await?))
     }
@@ -266,6 +274,7 @@ impl ContentAddressableStorage for CasService {
         request: Request<GetTreeRequest>,
     ) -> Result<Response<Self::GetTreeStream>, Status> {
         rpc_attributes::instance(&request.get_ref().instance_name);
+        authorize(&request, Scope::CasRead, &request.get_ref().instance_name)?;
         let pages = self.get_tree_pages(request.into_inner()).await?;
         Ok(Response::new(
             pages.into_stream().map_err(Status::from).boxed(),

@@ -62,6 +62,21 @@ pub struct CoordinatorConfig {
     /// The most action-cache entries kept; past it the least recently used go (down to
     /// 90 % of it), checked at start-up and every minute.
     pub max_action_cache_entries: u64,
+    /// The `[coordinator.auth]` table: who may call the REAPI and admin APIs.
+    pub auth: AuthConfig,
+}
+
+/// Token authentication for the coordinator's APIs (see `auth.rs`). Off by default, so
+/// that `kiln up` on loopback works at once; a coordinator bound off loopback refuses to
+/// start without it unless told `--allow-unauthenticated`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Every call but GetCapabilities, health and the worker protocol needs a token.
+    pub enabled: bool,
+    /// Tokens declared here, by hash (`kiln token generate` prints one with its hash);
+    /// `kiln token create` adds more at run time.
+    pub tokens: Vec<crate::auth::ConfiguredToken>,
 }
 
 impl Default for CoordinatorConfig {
@@ -84,6 +99,7 @@ impl Default for CoordinatorConfig {
             unmatched_platform_timeout_secs: 600,
             upload_ttl_secs: 24 * 60 * 60,
             max_action_cache_entries: 1_000_000,
+            auth: AuthConfig::default(),
         }
     }
 }

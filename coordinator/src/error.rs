@@ -26,6 +26,18 @@ pub enum CoordinatorError {
     MissingBlobs(Vec<Digest>),
     #[error("{0} is not supported by this server")]
     Unimplemented(&'static str),
+    /// No credentials, or credentials that name no valid token. Never says which token.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// A valid token without the scope the call needs: PERMISSION_DENIED with an
+    /// `ErrorInfo` naming the scope (reason `MISSING_SCOPE`).
+    #[error("this call needs the scope {scope} on instance {instance:?}, which the token does not grant")]
+    PermissionDenied {
+        scope: crate::auth::Scope,
+        instance: String,
+    },
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// A bound on what the server holds for clients was reached; retrying later may work.
     #[error("{0}")]
     ResourceExhausted(String),
@@ -109,6 +121,20 @@ impl From<CoordinatorError> for Status {
                 Status::with_error_details(Code::FailedPrecondition, message, details)
             }
             CoordinatorError::Unimplemented(_) => Status::unimplemented(message),
+            CoordinatorError::Unauthenticated(_) => Status::unauthenticated(message),
+            CoordinatorError::PermissionDenied { scope, instance } => Status::with_error_details(
+                Code::PermissionDenied,
+                message,
+                ErrorDetails::with_error_info(
+                    "MISSING_SCOPE",
+                    "kiln",
+                    [
+                        ("scope".to_string(), scope.to_string()),
+                        ("instance".to_string(), instance),
+                    ],
+                ),
+            ),
+            CoordinatorError::FailedPrecondition(_) => Status::failed_precondition(message),
             CoordinatorError::ResourceExhausted(_) => Status::resource_exhausted(message),
             CoordinatorError::Store(store_error) => store_status(store_error, message),
             CoordinatorError::ClientStream(status) => status,

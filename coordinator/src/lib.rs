@@ -11,6 +11,7 @@
 
 mod action_cache;
 mod admin;
+pub mod auth;
 mod byte_stream;
 mod cache_references;
 mod capabilities;
@@ -31,7 +32,7 @@ mod zstd_codec;
 
 pub use admin::{RegistryCatalog, RepositorySummary};
 pub use cache_references::action_cache_references;
-pub use config::CoordinatorConfig;
+pub use config::{AuthConfig, CoordinatorConfig};
 pub use counters::{describe_metrics, names as metric_names, STAGE_BUCKETS};
 pub use error::CoordinatorError;
 pub use execution::InFlightInputs;

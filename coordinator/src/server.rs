@@ -19,6 +19,7 @@ use tonic::transport::Server;
 
 use crate::action_cache::ActionCacheService;
 use crate::admin::{AdminService, RegistryCatalog};
+use crate::auth::{Authenticator, TokenStore};
 use crate::byte_stream::ByteStreamService;
 use crate::capabilities::CapabilitiesService;
 use crate::cas::CasService;
@@ -99,6 +100,13 @@ impl Coordinator {
     ) -> Result<(), CoordinatorError> {
         let limit = self.message_limit();
         let config = self.config;
+        let tokens = TokenStore::new(self.metadata.clone(), &config.auth.tokens)
+            .map_err(|e| CoordinatorError::InvalidArgument(format!("coordinator.auth: {e}")))?;
+        let authenticator = Authenticator::new(
+            tokens.clone(),
+            config.auth.enabled,
+            config.join_token.clone(),
+        );
         let counters = Arc::new(Counters::default());
         let capabilities = CapabilitiesServer::new(CapabilitiesService::new(&config));
         let cas = ContentAddressableStorageServer::new(CasService::new(
@@ -165,6 +173,7 @@ impl Coordinator {
             counters.clone(),
             self.blobs.clone(),
             self.registry,
+            tokens,
         ));
         let action_cache = ActionCacheServer::from_arc(action_cache_service)
             .max_decoding_message_size(limit)
@@ -188,6 +197,7 @@ impl Coordinator {
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME_SIZE)
             .layer(kiln_telemetry::GrpcServerTraceLayer)
+            .layer(authenticator)
             .add_service(capabilities)
             .add_service(cas)
             .add_service(action_cache)

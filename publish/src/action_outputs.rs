@@ -9,7 +9,7 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 
 use kiln_client::output_download::download_outputs;
-use kiln_client::{ClientError, Invocation, RemoteCas, RunManifest};
+use kiln_client::{ClientError, Credentials, Invocation, RemoteCas, RunManifest};
 use kiln_proto::reapi::ActionResult;
 use kiln_store::{Digest, DigestFunction};
 
@@ -22,6 +22,8 @@ pub struct CoordinatorSource {
     pub address: String,
     pub instance_name: String,
     pub digest_function: DigestFunction,
+    /// The token to present, when the coordinator's auth is on.
+    pub credentials: Option<Credentials>,
 }
 
 /// One action whose outputs go into the layer.
@@ -48,6 +50,15 @@ pub enum LayerContent {
 }
 
 impl LayerContent {
+    /// The same content, read from the coordinator with `credentials` (a directory needs
+    /// none).
+    pub fn with_credentials(mut self, credentials: Option<Credentials>) -> Self {
+        if let LayerContent::ActionOutputs { coordinator, .. } = &mut self {
+            coordinator.credentials = credentials;
+        }
+        self
+    }
+
     /// The outputs of the cached action `digest` (`<hex>/<size>`, as Bazel prints it).
     pub fn from_action(coordinator: CoordinatorSource, digest: &str) -> Result<Self> {
         let action =
@@ -115,6 +126,7 @@ impl LayerContent {
                 address: address.to_string(),
                 instance_name: manifest.instance_name,
                 digest_function: function,
+                credentials: None,
             },
             actions,
         })
@@ -141,7 +153,7 @@ pub(crate) async fn stage_outputs(
         &coordinator.address,
         &coordinator.instance_name,
         coordinator.digest_function,
-        Invocation::new(),
+        Invocation::new().with_credentials(coordinator.credentials.clone()),
     )
     .await
     .map_err(|error| coordinator.error(error))?;

@@ -42,6 +42,7 @@ fn a_publish_is_one_trace_across_coordinator_and_registry() {
             address: format!("grpc://{}", coordinator.address),
             instance_name: String::new(),
             digest_function: FUNCTION,
+            credentials: None,
         },
         &stored.action.reapi(),
     )

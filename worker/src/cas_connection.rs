@@ -2,7 +2,7 @@
 //! client `kiln run` uses, probed for the server's limits on first use (a worker may
 //! start before its coordinator answers) and then bound to each action's instance.
 
-use kiln_client::{Invocation, RemoteCas};
+use kiln_client::{Credentials, Invocation, RemoteCas};
 use kiln_store::DigestFunction;
 use tokio::sync::OnceCell;
 use tonic::transport::Channel;
@@ -18,11 +18,16 @@ pub struct CasConnection {
 }
 
 impl CasConnection {
-    pub fn new(channel: Channel) -> Self {
+    /// CAS calls carry the join token: a coordinator whose auth is on lets the pool's
+    /// workers read and write the CAS with it.
+    pub fn new(channel: Channel, join_token: &str) -> Self {
+        let credentials = (!join_token.is_empty())
+            .then(|| Credentials::bearer(join_token))
+            .flatten();
         CasConnection {
             channel,
             probed: OnceCell::new(),
-            invocation: Invocation::new(),
+            invocation: Invocation::new().with_credentials(credentials),
         }
     }
 

@@ -130,7 +130,7 @@ impl Worker {
         let process_runner = ProcessRunner::new(limits, config.use_bubblewrap)?;
         let sandboxed = process_runner.uses_bubblewrap();
         let runner = ActionRunner::new(
-            CasConnection::new(cas_channel),
+            CasConnection::new(cas_channel, &config.join_token),
             Arc::new(cache),
             Arc::new(process_runner),
             work_dir.join("actions"),

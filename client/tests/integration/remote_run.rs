@@ -25,7 +25,7 @@ impl Farm {
     async fn start(function: DigestFunction) -> anyhow::Result<Self> {
         let coordinator = TestCoordinator::start().await?;
         let execution = FakeExecution::start(&coordinator, function).await?;
-        let executor = GrpcExecutor::new(execution.channel().await?);
+        let executor = GrpcExecutor::new(execution.channel().await?, None);
         Ok(Farm {
             coordinator,
             execution,

@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 
 use super::admission::OperationStream;
 use super::ExecutionEngine;
+use crate::auth::{authorize, caller_of, Caller, Scope};
 use crate::CoordinatorError;
 
 /// The REAPI Execution service.
@@ -33,6 +34,7 @@ impl Execution for ExecutionService {
         &self,
         request: Request<ExecuteRequest>,
     ) -> Result<Response<Self::ExecuteStream>, Status> {
+        authorize(&request, Scope::Execute, &request.get_ref().instance_name)?;
         Ok(Response::new(self.engine.execute(request).await?))
     }
 
@@ -40,9 +42,10 @@ impl Execution for ExecutionService {
         &self,
         request: Request<WaitExecutionRequest>,
     ) -> Result<Response<Self::WaitExecutionStream>, Status> {
-        Ok(Response::new(
-            self.engine.subscribe(&request.into_inner().name)?,
-        ))
+        let caller = caller_of(&request);
+        let name = request.into_inner().name;
+        self.engine.may_follow(&caller, &name)?;
+        Ok(Response::new(self.engine.subscribe(&name)?))
     }
 }
 
@@ -61,12 +64,15 @@ impl OperationsService {
 impl Operations for OperationsService {
     async fn list_operations(
         &self,
-        _: Request<ListOperationsRequest>,
+        request: Request<ListOperationsRequest>,
     ) -> Result<Response<ListOperationsResponse>, Status> {
+        let caller = caller_of(&request);
         let state = self.engine.state();
+        // Only the operations of instances the caller may execute on.
         let mut operations: Vec<Operation> = state
             .operations
             .values()
+            .filter(|live| caller.allows(Scope::Execute, &live.record.instance_name))
             .map(|live| live.updates.borrow().clone())
             .collect();
         operations.sort_by(|a, b| a.name.cmp(&b.name));
@@ -80,7 +86,9 @@ impl Operations for OperationsService {
         &self,
         request: Request<GetOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
+        let caller = caller_of(&request);
         let name = request.into_inner().name;
+        self.engine.may_follow(&caller, &name)?;
         let state = self.engine.state();
         match state.operations.get(&name) {
             Some(live) => Ok(Response::new(live.updates.borrow().clone())),
@@ -102,7 +110,10 @@ impl Operations for OperationsService {
         &self,
         request: Request<CancelOperationRequest>,
     ) -> Result<Response<Empty>, Status> {
-        self.engine.cancel(&request.into_inner().name)?;
+        let caller = caller_of(&request);
+        let name = request.into_inner().name;
+        self.engine.may_follow(&caller, &name)?;
+        self.engine.cancel(&name)?;
         // The cancelled operation's record; not flushed, like any finished operation's.
         self.engine.persist().await?;
         Ok(Response::new(Empty {}))
@@ -113,5 +124,21 @@ impl Operations for OperationsService {
         _: Request<WaitOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
         Err(CoordinatorError::Unimplemented("WaitOperation (use WaitExecution)").into())
+    }
+}
+
+impl ExecutionEngine {
+    /// An operation is the business of whoever may execute on its instance: they alone
+    /// may follow, list or cancel it.
+    fn may_follow(&self, caller: &Caller, name: &str) -> Result<(), CoordinatorError> {
+        let instance = match self.state().operations.get(name) {
+            Some(live) => live.record.instance_name.clone(),
+            None => {
+                return Err(CoordinatorError::NotFound(format!(
+                    "no operation named {name:?}"
+                )))
+            }
+        };
+        caller.require(Scope::Execute, &instance)
     }
 }

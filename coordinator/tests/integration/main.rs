@@ -8,6 +8,7 @@ mod common;
 
 mod action_cache;
 mod admin;
+mod auth;
 mod bounded_store;
 mod byte_stream;
 mod cas;

@@ -115,6 +115,7 @@ fn source(address: &str) -> CoordinatorSource {
         address: format!("grpc://{address}"),
         instance_name: String::new(),
         digest_function: FUNCTION,
+        credentials: None,
     }
 }
 

@@ -252,7 +252,7 @@ impl TestRunner {
         let work_dir = tempfile::tempdir().unwrap();
         let cache = LocalCache::open(work_dir.path().join("cache"), cache_bytes).unwrap();
         let runner = ActionRunner::new(
-            CasConnection::new(cas.channel.clone()),
+            CasConnection::new(cas.channel.clone(), ""),
             Arc::new(cache),
             Arc::new(ProcessRunner::new(limits, mode).unwrap()),
             work_dir.path().join("actions"),

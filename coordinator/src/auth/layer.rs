@@ -1,0 +1,166 @@
+//! Authentication for every gRPC call, as a tower layer in front of all services: it
+//! finds the caller's token before any handler runs and hands the handlers a [`Caller`]
+//! to check scopes against (the instance name is in each request's message, which only
+//! the handler decodes).
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures::future::BoxFuture;
+use tower_service::Service;
+
+use super::caller::Caller;
+use super::scope::Scope;
+use super::tokens::{hash_token, now_unix, TokenRecord, TokenStore};
+use crate::secret::same_secret;
+use crate::CoordinatorError;
+
+/// Calls answered without credentials: the capabilities (Bazel 2.1 sends no headers on
+/// GetCapabilities, and they reveal nothing secret), health probes, and the worker
+/// protocol and DrainWorker, which check the join token themselves.
+const OPEN_PREFIXES: &[&str] = &[
+    "/build.bazel.remote.execution.v2.Capabilities/",
+    "/grpc.health.v1.Health/",
+    "/kiln.worker.v1.Workers/",
+    "/kiln.admin.v1.Admin/DrainWorker",
+];
+
+/// Who may call: everyone (auth off: `kiln up` on loopback), or the holders of tokens.
+#[derive(Clone)]
+pub struct Authenticator {
+    tokens: TokenStore,
+    enabled: bool,
+    /// Workers fetch inputs and upload outputs through the CAS with the join token.
+    workers: Option<(String, Arc<TokenRecord>)>,
+}
+
+impl Authenticator {
+    /// The tokens exist either way (an admin may create them before turning auth on);
+    /// they are required only when `enabled`.
+    /// The join token, when set, is a token too: it grants the CAS access workers need
+    /// (`cas:read`, `cas:write`) and nothing else.
+    pub fn new(tokens: TokenStore, enabled: bool, join_token: Option<String>) -> Self {
+        let workers = join_token.map(|token| {
+            let record = TokenRecord {
+                id: "join-token".into(),
+                name: "the pool's workers".into(),
+                scopes: [Scope::CasRead, Scope::CasWrite].into(),
+                instance: None,
+                created_unix: 0,
+                expires_unix: None,
+                configured: true,
+            };
+            (token, Arc::new(record))
+        });
+        Authenticator {
+            tokens,
+            enabled,
+            workers,
+        }
+    }
+
+    pub fn tokens(&self) -> &TokenStore {
+        &self.tokens
+    }
+
+    /// The caller behind `authorization: Bearer <token>`, or why there is none.
+    pub async fn caller(
+        &self,
+        authorization: Option<&http::HeaderValue>,
+    ) -> Result<Caller, CoordinatorError> {
+        if !self.enabled {
+            return Ok(Caller::Open);
+        }
+        let token = authorization
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .map(str::trim)
+            .ok_or_else(|| {
+                CoordinatorError::Unauthenticated(
+                    "this server needs a token: send `authorization: Bearer <token>` \
+                     (Bazel: --remote_header=authorization=Bearer…; kiln: --token or KILN_TOKEN)"
+                        .into(),
+                )
+            })?;
+        if let Some((join_token, workers)) = &self.workers {
+            if same_secret(join_token, token) {
+                return Ok(Caller::Token(workers.clone()));
+            }
+        }
+        let record = self
+            .tokens
+            .lookup(&hash_token(token))
+            .await?
+            .ok_or_else(|| {
+                CoordinatorError::Unauthenticated(
+                    "the token is not valid: unknown or revoked".into(),
+                )
+            })?;
+        if record.expired(now_unix()) {
+            return Err(CoordinatorError::Unauthenticated(format!(
+                "token {} has expired",
+                record.id
+            )));
+        }
+        Ok(Caller::Token(Arc::new(record)))
+    }
+}
+
+impl<S> tower_layer::Layer<S> for Authenticator {
+    type Service = Authenticated<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Authenticated {
+            inner,
+            authenticator: self.clone(),
+        }
+    }
+}
+
+/// A service whose calls carry their [`Caller`], or are refused UNAUTHENTICATED.
+#[derive(Clone)]
+pub struct Authenticated<S> {
+    inner: S,
+    authenticator: Authenticator,
+}
+
+impl<S, B, R> Service<http::Request<B>> for Authenticated<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<R>> + Clone + Send + 'static,
+    S::Future: Send,
+    B: Send + 'static,
+    R: Default,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        // The clone that was polled ready serves this call; the fresh clone waits for the
+        // next one (tower's usual hand-over).
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let authenticator = self.authenticator.clone();
+        Box::pin(async move {
+            let path = request.uri().path();
+            let caller = if OPEN_PREFIXES.iter().any(|open| path.starts_with(open)) {
+                Ok(Caller::Unchecked)
+            } else {
+                authenticator
+                    .caller(request.headers().get(http::header::AUTHORIZATION))
+                    .await
+            };
+            match caller {
+                Ok(caller) => {
+                    request.extensions_mut().insert(caller);
+                    inner.call(request).await
+                }
+                Err(error) => Ok(tonic::Status::from(error).into_http()),
+            }
+        })
+    }
+}
