@@ -3,10 +3,13 @@
 # worker (which reaches the CAS with the join token), an admin token declared in the
 # configuration file (`kiln token generate`), tokens made with `kiln token create`, and
 # `kiln run`, `kiln status` and `kiln token` refused without a token or the right scope,
-# allowed with it; a revoked token stops working at once; protected mode refuses to bind
-# off loopback without auth.
+# allowed with it; a revoked token stops working at once; Bazel 2.1 is refused without
+# `--remote_header=authorization=Bearer …` and sends it on every call but its ByteStream
+# uploads (a Bazel bug fixed in 3.0); protected mode refuses to bind off loopback without
+# auth.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
+install_bazel
 build_kiln
 
 log "protected mode: no auth off loopback is refused, with the reason"
@@ -24,7 +27,8 @@ grep -q "$ADMIN" "$WORK/kiln.toml" && fail "the configuration entry holds the to
 contains '^hash = "' <"$WORK/kiln.toml" || fail "no hash in the generated entry"
 
 JOIN="join-$RANDOM$RANDOM"
-start_kiln coordinator coordinator --config "$WORK/kiln.toml" --coordinator-auth \
+INTEROP_KILN_LOG=info,kiln_coordinator::auth=debug \
+    start_kiln coordinator coordinator --config "$WORK/kiln.toml" --coordinator-auth \
     --grpc-addr 127.0.0.1:0 --metrics-addr 127.0.0.1:0 --data-dir "$WORK/kiln-data" \
     --join-token "$JOIN"
 ADDR="grpc://$(listen_addr coordinator grpc)"
@@ -79,5 +83,36 @@ grep -q "$CI\|$RO" "$WORK/list.out" && fail "kiln token list shows a token"
 as revoke "$ADMIN" token revoke "$CI_ID" || { cat "$WORK/revoke.err" >&2; fail "kiln token revoke"; }
 as run-revoked "$CI" run --no-cache -- cat in.txt && fail "a revoked token still runs actions"
 contains 'not valid' <"$WORK/run-revoked.err" || { cat "$WORK/run-revoked.err" >&2; fail "no reason for the revoked token"; }
+
+log "Bazel 2.1: refused without the header; with it, every call but ByteStream uploads carries it"
+# Bazel 2.1 does not put --remote_header on ByteStream uploads (nor on GetCapabilities):
+# bazelbuild/bazel#10634 fixed that in 3.0. So with a token alone, Bazel 2.1 gets as far as
+# uploading its inputs. The coordinator's debug log shows which calls it refused.
+prepare_bazel_workspace 20
+as create-bazel "$ADMIN" token create --name bazel --scopes cas:read,cas:write,ac:read,execute \
+    || fail "kiln token create (bazel)"
+BAZEL_TOKEN=$(cat "$WORK/create-bazel.out")
+# bazel_build NAME FLAGS... : builds //... remotely; Bazel's output goes to $WORK/NAME.out.
+bazel_build() {
+    local name="$1"; shift
+    (cd "$WORKSPACE" && timeout 300 "$BAZEL" --output_user_root="$WORK/bazel-root" --batch build //... \
+        --remote_executor="$ADDR" --remote_timeout=60 --jobs=8 "$@") >"$WORK/$name.out" 2>&1
+}
+bazel_build bazel-none && fail "Bazel built without a token"
+contains 'UNAUTHENTICATED' <"$WORK/bazel-none.out" || { tail -n 20 "$WORK/bazel-none.out" >&2; fail "Bazel's failure does not say UNAUTHENTICATED"; }
+refusals_before=$(grep -c 'refused a call' "$WORK/coordinator.log" || true)
+bazel_build bazel-token --remote_header=authorization="Bearer $BAZEL_TOKEN" \
+    && fail "Bazel 2.1 built with a token alone: it sends the header on uploads now, so this test must expect success"
+refused=$(tail -n +$((refusals_before + 1)) <(grep 'refused a call' "$WORK/coordinator.log") \
+    | sed 's/.*path=\([^ ]*\).*/\1/' | sort -u | tr '\n' ' ')
+echo "calls refused with the header set: $refused"
+[ -n "$refused" ] || fail "nothing was refused, yet Bazel failed"
+for path in $refused; do
+    case "$path" in
+        /google.bytestream.ByteStream/Write | /google.bytestream.ByteStream/QueryWriteStatus) ;;
+        *) fail "Bazel 2.1 sent no header on $path" ;;
+    esac
+done
+grep -q "$BAZEL_TOKEN" "$WORK/coordinator.log" "$WORK/worker.log" && fail "Bazel's token appears in a server log"
 
 echo "auth: UNAUTHENTICATED without a token, PERMISSION_DENIED without the scope, runs with it; revocation takes effect at once; no token in any log"

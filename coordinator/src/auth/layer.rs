@@ -78,7 +78,7 @@ impl Authenticator {
             .ok_or_else(|| {
                 CoordinatorError::Unauthenticated(
                     "this server needs a token: send `authorization: Bearer <token>` \
-                     (Bazel: --remote_header=authorization=Bearer…; kiln: --token or KILN_TOKEN)"
+                     (Bazel: --remote_header=authorization=Bearer...; kiln: --token or KILN_TOKEN)"
                         .into(),
                 )
             })?;
@@ -159,7 +159,10 @@ where
                     request.extensions_mut().insert(caller);
                     inner.call(request).await
                 }
-                Err(error) => Ok(tonic::Status::from(error).into_http()),
+                Err(error) => {
+                    tracing::debug!(path = %request.uri().path(), %error, "refused a call");
+                    Ok(tonic::Status::from(error).into_http())
+                }
             }
         })
     }
