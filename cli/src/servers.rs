@@ -444,6 +444,10 @@ impl kiln_coordinator::RegistryCatalog for RegistryCatalog {
             .collect();
         Ok((summaries, more))
     }
+
+    async fn owns_blob(&self, hash: &kiln_store::ContentHash) -> Result<bool, String> {
+        self.0.owns_blob(hash).await.map_err(|e| e.to_string())
+    }
 }
 
 /// The registry GC's roots in a process whose store the CAS shares: every blob an

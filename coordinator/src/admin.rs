@@ -32,6 +32,11 @@ pub struct RepositorySummary {
 pub trait RegistryCatalog: Send + Sync {
     /// The first `limit` repositories in name order, and whether there are more.
     async fn repositories(&self, limit: usize) -> Result<(Vec<RepositorySummary>, bool), String>;
+
+    /// Whether the blob was pushed to the registry (an image's layer, config or
+    /// manifest), so that the registry's own access rules, not the CAS's, govern reading
+    /// it. One key lookup: it is asked on CAS reads when auth is on.
+    async fn owns_blob(&self, hash: &kiln_store::ContentHash) -> Result<bool, String>;
 }
 
 /// How many repositories GetStatus lists: a status is read by a person, and a registry

@@ -12,12 +12,14 @@
 
 mod caller;
 mod layer;
+mod registry_blobs;
 mod scope;
 mod token_api;
 mod tokens;
 
 pub use caller::{authorize, caller_of, Caller};
 pub use layer::{Authenticated, Authenticator};
+pub(crate) use registry_blobs::RegistryBlobGuard;
 pub use scope::{parse_scopes, Grant, Scope};
 pub(crate) use token_api::{create as create_token, list as list_tokens, revoke as revoke_token};
 pub use tokens::{generate_token, hash_token, ConfiguredToken, TokenHash, TokenRecord, TokenStore};

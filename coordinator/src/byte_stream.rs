@@ -21,7 +21,7 @@ use kiln_proto::bytestream::{
 use kiln_store::{BlobStore, BlobWriter, Digest, ExpectedDigest};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::auth::{authorize, caller_of, Scope};
+use crate::auth::{authorize, caller_of, RegistryBlobGuard, Scope};
 use crate::counters::Counters;
 use crate::rpc_attributes;
 use crate::zstd_codec::{self, StreamingDecoder};
@@ -38,6 +38,7 @@ pub(crate) struct ByteStreamService {
     /// Bytes accepted so far by the uploads being received right now, so that
     /// QueryWriteStatus answers without waiting for an active writer.
     live_uploads: Arc<DashMap<String, Arc<AtomicU64>>>,
+    registry_blobs: RegistryBlobGuard,
 }
 
 /// The blob store's name for an upload: one per instance, client uuid and blob, in the
@@ -101,12 +102,14 @@ impl ByteStreamService {
         blobs: Arc<dyn BlobStore>,
         config: Arc<CoordinatorConfig>,
         counters: Arc<Counters>,
+        registry_blobs: RegistryBlobGuard,
     ) -> Self {
         ByteStreamService {
             blobs,
             config,
             counters,
             live_uploads: Arc::new(DashMap::new()),
+            registry_blobs,
         }
     }
 
@@ -404,6 +407,9 @@ impl ByteStream for ByteStreamService {
         let name = ResourceName::parse_read(&request.get_ref().resource_name)
             .map_err(CoordinatorError::from)?;
         authorize(&request, Scope::CasRead, &name.instance_name)?;
+        self.registry_blobs
+            .check(&caller_of(&request), &name.digest)
+            .await?;
         let chunks = self.start_read(request.into_inner()).await?;
         Ok(Response::new(
             chunks

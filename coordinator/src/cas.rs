@@ -18,7 +18,7 @@ use kiln_proto::reapi::{
 use kiln_store::{BlobStore, Digest, DigestFunction, ExpectedDigest};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::auth::{authorize, caller_of, Scope};
+use crate::auth::{authorize, caller_of, Caller, RegistryBlobGuard, Scope};
 use crate::counters::Counters;
 use crate::error::ok_rpc_status;
 use crate::rpc_attributes;
@@ -35,6 +35,7 @@ pub(crate) struct CasService {
     blobs: Arc<dyn BlobStore>,
     config: Arc<CoordinatorConfig>,
     counters: Arc<Counters>,
+    registry_blobs: RegistryBlobGuard,
 }
 
 impl CasService {
@@ -42,11 +43,13 @@ impl CasService {
         blobs: Arc<dyn BlobStore>,
         config: Arc<CoordinatorConfig>,
         counters: Arc<Counters>,
+        registry_blobs: RegistryBlobGuard,
     ) -> Self {
         CasService {
             blobs,
             config,
             counters,
+            registry_blobs,
         }
     }
 
@@ -140,6 +143,7 @@ impl CasService {
 
     async fn batch_read(
         &self,
+        caller: &Caller,
         request: BatchReadBlobsRequest,
     ) -> Result<BatchReadBlobsResponse, CoordinatorError> {
         let function = reapi_digest::digest_function(request.digest_function)?;
@@ -154,7 +158,11 @@ impl CasService {
                     digest: Some(wire_digest),
                     ..Default::default()
                 };
-                match self.read_one(&digest, zstd_acceptable).await {
+                let read = match self.registry_blobs.check(caller, &digest).await {
+                    Ok(()) => self.read_one(&digest, zstd_acceptable).await,
+                    Err(e) => Err(e),
+                };
+                match read {
                     Ok((data, compressor)) => {
                         response.data = data;
                         response.compressor = compressor as i32;
@@ -264,7 +272,10 @@ impl ContentAddressableStorage for CasService {
         rpc_attributes::instance(&request.get_ref().instance_name);
         authorize(&request, Scope::CasRead, &request.get_ref().instance_name)?;
         rpc_attributes::count("kiln.blobs", request.get_ref().digests.len());
-        Ok(Response::new(self.batch_read(request.into_inner()).await?))
+        let caller = caller_of(&request);
+        Ok(Response::new(
+            self.batch_read(&caller, request.into_inner()).await?,
+        ))
     }
 
     type GetTreeStream = BoxStream<'static, Result<GetTreeResponse, Status>>;

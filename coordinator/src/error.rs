@@ -38,6 +38,9 @@ pub enum CoordinatorError {
     },
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A CAS read of a blob pushed to the registry, by a token that is not `admin`.
+    #[error("{0} is an image blob of the registry: pull it from the registry, whose access rules govern it (through the CAS it needs the admin scope)")]
+    RegistryBlob(Digest),
     /// A bound on what the server holds for clients was reached; retrying later may work.
     #[error("{0}")]
     ResourceExhausted(String),
@@ -135,6 +138,7 @@ impl From<CoordinatorError> for Status {
                 ),
             ),
             CoordinatorError::FailedPrecondition(_) => Status::failed_precondition(message),
+            CoordinatorError::RegistryBlob(_) => Status::permission_denied(message),
             CoordinatorError::ResourceExhausted(_) => Status::resource_exhausted(message),
             CoordinatorError::Store(store_error) => store_status(store_error, message),
             CoordinatorError::ClientStream(status) => status,

@@ -19,7 +19,7 @@ use tonic::transport::Server;
 
 use crate::action_cache::ActionCacheService;
 use crate::admin::{AdminService, RegistryCatalog};
-use crate::auth::{Authenticator, TokenStore};
+use crate::auth::{Authenticator, RegistryBlobGuard, TokenStore};
 use crate::byte_stream::ByteStreamService;
 use crate::capabilities::CapabilitiesService;
 use crate::cas::CasService;
@@ -109,10 +109,12 @@ impl Coordinator {
         );
         let counters = Arc::new(Counters::default());
         let capabilities = CapabilitiesServer::new(CapabilitiesService::new(&config));
+        let registry_blobs = RegistryBlobGuard::new(self.registry.clone());
         let cas = ContentAddressableStorageServer::new(CasService::new(
             self.blobs.clone(),
             config.clone(),
             counters.clone(),
+            registry_blobs.clone(),
         ))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
@@ -183,10 +185,14 @@ impl Coordinator {
         let workers = WorkersServer::new(WorkerService::new(engine))
             .max_decoding_message_size(limit)
             .max_encoding_message_size(limit);
-        let byte_stream =
-            ByteStreamServer::new(ByteStreamService::new(self.blobs, config, counters))
-                .max_decoding_message_size(limit)
-                .max_encoding_message_size(limit);
+        let byte_stream = ByteStreamServer::new(ByteStreamService::new(
+            self.blobs,
+            config,
+            counters,
+            registry_blobs,
+        ))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
 
         // tonic applies `tcp_nodelay` only to listeners it binds itself; on a listener
         // handed in, TcpIncoming sets it. Without it, Nagle's algorithm can hold a small

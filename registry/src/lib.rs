@@ -197,6 +197,12 @@ impl Registry {
         gc::retained_blobs(&self.state).await
     }
 
+    /// Whether the blob was pushed through the registry (the CAS keeps such blobs from
+    /// readers without the admin scope when its auth is on).
+    pub async fn owns_blob(&self, hash: &kiln_store::ContentHash) -> Result<bool, RegistryError> {
+        self.state.index.owns(hash).await
+    }
+
     /// The first `limit` repositories with their tag and manifest counts, for `kiln
     /// status`, and whether more exist.
     pub async fn repository_stats(

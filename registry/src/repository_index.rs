@@ -283,6 +283,16 @@ impl RepositoryIndex {
         Ok(())
     }
 
+    /// Whether the registry wrote the blob (pushed through the OCI API), as opposed to
+    /// the CAS.
+    pub async fn owns(&self, hash: &ContentHash) -> Result<bool> {
+        Ok(self
+            .store
+            .get(OWNED_BLOBS, hash.oci().as_bytes())
+            .await?
+            .is_some())
+    }
+
     /// Every blob the registry owns, with when it was last written or referenced.
     pub fn owned_blobs(&self) -> BoxStream<'static, Result<(ContentHash, u64)>> {
         scan_stream(self.store.clone(), OWNED_BLOBS, Vec::new())
