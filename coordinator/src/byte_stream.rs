@@ -22,6 +22,7 @@ use kiln_store::{BlobStore, BlobWriter, Digest, ExpectedDigest};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::{authorize, caller_of, RegistryBlobGuard, Scope};
+use crate::client_stream::next_within;
 use crate::counters::Counters;
 use crate::rpc_attributes;
 use crate::zstd_codec::{self, StreamingDecoder};
@@ -111,6 +112,10 @@ impl ByteStreamService {
             live_uploads: Arc::new(DashMap::new()),
             registry_blobs,
         }
+    }
+
+    fn idle_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.config.stream_idle_timeout_secs.max(1))
     }
 
     async fn is_stored(&self, digest: &Digest) -> Result<bool, CoordinatorError> {
@@ -317,14 +322,11 @@ impl ByteStreamService {
             {
                 return Err(WriteError::AlreadyStored);
             }
-            match stream.message().await {
+            match next_within(&mut stream, self.idle_timeout(), "ByteStream Write").await {
                 Ok(Some(next)) => message = next,
                 Ok(None) => return Ok(WriteEnd::Incomplete(committed)),
-                Err(status) => {
-                    return Err(WriteError::Interrupted(CoordinatorError::ClientStream(
-                        status,
-                    )))
-                }
+                // What arrived stays, for the client to resume from.
+                Err(error) => return Err(WriteError::Interrupted(error)),
             }
         }
     }
@@ -428,9 +430,11 @@ impl ByteStream for ByteStreamService {
     ) -> Result<Response<WriteResponse>, Status> {
         let caller = caller_of(&request);
         let mut stream = request.into_inner();
-        let first = stream.message().await?.ok_or_else(|| {
-            CoordinatorError::InvalidArgument("the Write stream was empty".into())
-        })?;
+        let first = next_within(&mut stream, self.idle_timeout(), "ByteStream Write")
+            .await?
+            .ok_or_else(|| {
+                CoordinatorError::InvalidArgument("the Write stream was empty".into())
+            })?;
         rpc_attributes::resource(&first.resource_name);
         let name =
             ResourceName::parse_write(&first.resource_name).map_err(CoordinatorError::from)?;

@@ -62,6 +62,18 @@ pub struct CoordinatorConfig {
     /// The most action-cache entries kept; past it the least recently used go (down to
     /// 90 % of it), checked at start-up and every minute.
     pub max_action_cache_entries: u64,
+    /// A client stream (a ByteStream upload, a worker's connection before it registers)
+    /// that sends nothing for this long is closed with DEADLINE_EXCEEDED.
+    pub stream_idle_timeout_secs: u64,
+    /// A worker must send its Register this soon after connecting.
+    pub register_timeout_secs: u64,
+    /// HTTP/2 streams (concurrent calls) one connection may have open; more are refused
+    /// with REFUSED_STREAM, which gRPC clients retry. Bazel opens up to `--jobs` at once.
+    pub max_concurrent_streams: u32,
+    /// Seconds between HTTP/2 keepalive pings, and how long an unanswered one waits
+    /// before the connection is closed: a peer that vanished frees its streams.
+    pub keepalive_interval_secs: u64,
+    pub keepalive_timeout_secs: u64,
     /// The `[coordinator.auth]` table: who may call the REAPI and admin APIs.
     pub auth: AuthConfig,
 }
@@ -99,6 +111,11 @@ impl Default for CoordinatorConfig {
             unmatched_platform_timeout_secs: 600,
             upload_ttl_secs: 24 * 60 * 60,
             max_action_cache_entries: 1_000_000,
+            stream_idle_timeout_secs: 60,
+            register_timeout_secs: 10,
+            max_concurrent_streams: 1024,
+            keepalive_interval_secs: 30,
+            keepalive_timeout_secs: 20,
             auth: AuthConfig::default(),
         }
     }

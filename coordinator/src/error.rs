@@ -38,6 +38,13 @@ pub enum CoordinatorError {
     },
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The client sent nothing on its stream for too long: DEADLINE_EXCEEDED, so that
+    /// Bazel retries (a ByteStream upload resumes from QueryWriteStatus).
+    #[error("{what}: nothing arrived for {idle:?}; the server closed the stream")]
+    Idle {
+        what: &'static str,
+        idle: std::time::Duration,
+    },
     /// A CAS read of a blob pushed to the registry, by a token that is not `admin`.
     #[error("{0} is an image blob of the registry: pull it from the registry, whose access rules govern it (through the CAS it needs the admin scope)")]
     RegistryBlob(Digest),
@@ -138,6 +145,7 @@ impl From<CoordinatorError> for Status {
                 ),
             ),
             CoordinatorError::FailedPrecondition(_) => Status::failed_precondition(message),
+            CoordinatorError::Idle { .. } => Status::deadline_exceeded(message),
             CoordinatorError::RegistryBlob(_) => Status::permission_denied(message),
             CoordinatorError::ResourceExhausted(_) => Status::resource_exhausted(message),
             CoordinatorError::Store(store_error) => store_status(store_error, message),

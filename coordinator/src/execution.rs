@@ -61,6 +61,8 @@ struct Inner {
     counters: Arc<Counters>,
     join_token: Option<String>,
     heartbeat_interval: Duration,
+    /// How long a new worker stream may go without its Register.
+    register_timeout: Duration,
     limits: AdmissionLimits,
     /// Set once the server is shutting down: worker and operation streams end, so that
     /// graceful shutdown does not wait for clients and workers that never hang up.
@@ -149,6 +151,7 @@ impl ExecutionEngine {
                 counters,
                 join_token: config.join_token.clone(),
                 heartbeat_interval: Duration::from_millis(config.heartbeat_interval_ms),
+                register_timeout: Duration::from_secs(config.register_timeout_secs.max(1)),
                 limits: AdmissionLimits {
                     max_message_bytes: config.max_message_bytes,
                     max_action_timeout: Duration::from_secs(config.max_action_timeout_secs),

@@ -16,6 +16,7 @@ mod byte_stream;
 mod cache_references;
 mod capabilities;
 mod cas;
+mod client_stream;
 mod config;
 mod counters;
 mod error;

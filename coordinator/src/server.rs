@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use kiln_proto::admin::v1::admin_server::AdminServer;
 use kiln_proto::bytestream::byte_stream_server::ByteStreamServer;
@@ -187,7 +188,7 @@ impl Coordinator {
             .max_encoding_message_size(limit);
         let byte_stream = ByteStreamServer::new(ByteStreamService::new(
             self.blobs,
-            config,
+            config.clone(),
             counters,
             registry_blobs,
         ))
@@ -202,6 +203,9 @@ impl Coordinator {
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME_SIZE)
+            .max_concurrent_streams(Some(config.max_concurrent_streams))
+            .http2_keepalive_interval(Some(Duration::from_secs(config.keepalive_interval_secs)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(config.keepalive_timeout_secs)))
             .layer(kiln_telemetry::GrpcServerTraceLayer)
             .layer(authenticator)
             .add_service(capabilities)

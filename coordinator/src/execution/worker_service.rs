@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status, Streaming};
 use std::time::Instant;
 
 use super::{proto_duration, ExecutionEngine, WorkerConnection, WorkerDetails};
+use crate::client_stream::next_within;
 use crate::scheduler::Platform;
 use crate::secret::same_secret;
 
@@ -49,7 +50,13 @@ impl Workers for WorkerService {
     ) -> Result<Response<Self::ConnectStream>, Status> {
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::unbounded_channel();
-        let register = match inbound.message().await? {
+        let first = next_within(
+            &mut inbound,
+            self.engine.inner.register_timeout,
+            "Workers/Connect (waiting for Register)",
+        )
+        .await?;
+        let register = match first {
             Some(WorkerMessage {
                 message: Some(worker_message::Message::Register(register)),
             }) => register,

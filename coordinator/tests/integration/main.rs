@@ -15,3 +15,4 @@ mod cas;
 mod execution;
 mod request_limits;
 mod restart;
+mod slow_clients;
