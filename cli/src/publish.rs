@@ -35,6 +35,10 @@ pub struct PublishArgs {
     /// Use plain HTTP (always the case for loopback registries).
     #[arg(long)]
     pub insecure: bool,
+    /// A host whose token service may receive the registry credentials although it is
+    /// not the registry's host (Docker Hub: `auth.docker.io`); repeatable.
+    #[arg(long = "trust-token-realm", value_name = "HOST")]
+    pub trusted_realm_hosts: Vec<String>,
     /// Put the layer on top of this image (`[host/]repo:tag` or `…@sha256:…`).
     #[arg(long, value_name = "REF")]
     pub base: Option<String>,
@@ -186,7 +190,10 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
         runtime,
         provenance,
         tags,
-        credentials: CredentialStore::from_environment()?,
+        credentials: CredentialStore {
+            trusted_realm_hosts: args.trusted_realm_hosts.clone(),
+            ..CredentialStore::from_environment()?
+        },
         progress: kiln_publish::ProgressSink(std::sync::Arc::new(
             crate::publish_bars::PublishBars::new(!args.no_progress),
         )),

@@ -29,6 +29,9 @@ impl std::fmt::Debug for Credentials {
 pub struct CredentialStore {
     pub explicit: Option<Credentials>,
     pub docker_config: Option<PathBuf>,
+    /// Token-realm hosts the credentials may be sent to besides the registry itself
+    /// (`--trust-token-realm`).
+    pub trusted_realm_hosts: Vec<String>,
 }
 
 impl CredentialStore {
@@ -53,6 +56,7 @@ impl CredentialStore {
         Ok(CredentialStore {
             explicit,
             docker_config,
+            trusted_realm_hosts: Vec::new(),
         })
     }
 

@@ -72,7 +72,8 @@ pub async fn publish(request: PublishRequest) -> Result<PublishOutcome> {
         &request.registry,
         request.insecure,
         request.credentials.for_registry(&request.registry)?,
-    )?;
+    )?
+    .trusting_realm_hosts(request.credentials.trusted_realm_hosts.clone());
     let base = match &request.base {
         Some(text) => Some(Base::resolve(&request, &target, text).await?),
         None => None,
@@ -118,11 +119,14 @@ impl Base {
         let client = if reference.registry == request.registry {
             None
         } else {
-            Some(RegistryClient::new(
-                &reference.registry,
-                request.insecure,
-                request.credentials.for_registry(&reference.registry)?,
-            )?)
+            Some(
+                RegistryClient::new(
+                    &reference.registry,
+                    request.insecure,
+                    request.credentials.for_registry(&reference.registry)?,
+                )?
+                .trusting_realm_hosts(request.credentials.trusted_realm_hosts.clone()),
+            )
         };
         let image = resolve_base(
             client.as_ref().unwrap_or(target),

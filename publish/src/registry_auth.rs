@@ -39,6 +39,8 @@ pub(crate) struct AuthenticatedHttp {
     base: Url,
     registry: String,
     credentials: Option<Credentials>,
+    /// Hosts besides the registry's own whose token realm may receive the credentials.
+    trusted_realm_hosts: Vec<String>,
     auth: tokio::sync::Mutex<AuthState>,
 }
 
@@ -55,8 +57,42 @@ impl AuthenticatedHttp {
             base,
             registry: registry.to_string(),
             credentials,
+            trusted_realm_hosts: Vec::new(),
             auth: Default::default(),
         })
+    }
+
+    /// Lets the credentials go to token realms on these hosts too (Docker Hub's realm is
+    /// `auth.docker.io`, not the registry's host).
+    pub(crate) fn trust_realm_hosts(&mut self, hosts: Vec<String>) {
+        self.trusted_realm_hosts = hosts;
+    }
+
+    /// Whether the credentials may be sent to `realm`: only to the registry's own host
+    /// (or one trusted explicitly), and never in clear text off loopback unless the
+    /// registry itself is plain HTTP by choice. A registry's challenge names the realm, so
+    /// without this a hostile or spoofed registry could collect them.
+    fn check_realm(&self, realm: &Url) -> std::result::Result<(), String> {
+        let host = realm.host_str().unwrap_or_default();
+        let own = self.base.host_str().unwrap_or_default();
+        if host != own && !self.trusted_realm_hosts.iter().any(|h| h == host) {
+            return Err(format!(
+                "the registry sends credentials to a token service on another host ({host}); \
+                 trust it with --trust-token-realm {host} if it is meant to"
+            ));
+        }
+        let loopback = host == "localhost"
+            || host
+                .trim_matches(['[', ']'])
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if realm.scheme() != "https" && !loopback && self.base.scheme() == "https" {
+            return Err(format!(
+                "the token service {realm} is plain HTTP: credentials would cross the network \
+                 in clear text"
+            ));
+        }
+        Ok(())
     }
 
     /// Builds requests; send them with [`Self::send`] or [`Self::send_once`].
@@ -193,8 +229,9 @@ impl AuthenticatedHttp {
                 query.append_pair("scope", scope);
             }
         }
-        let mut request = self.http.get(url);
+        let mut request = self.http.get(url.clone());
         if let Some(credentials) = &self.credentials {
+            self.check_realm(&url).map_err(auth_error)?;
             request = request.header(AUTHORIZATION, basic_header(credentials));
         }
         let response = self.execute(request).await?;
@@ -316,5 +353,49 @@ mod tests {
             r#"Basic realm="x""#.parse().unwrap(),
         );
         assert!(matches!(parse_challenge(&headers), Some(Challenge::Basic)));
+    }
+
+    #[test]
+    fn credentials_go_only_to_the_registrys_own_realm_or_a_trusted_one() {
+        let client = |base: &str| {
+            let credentials = Credentials {
+                username: "u".into(),
+                password: "p".into(),
+            };
+            AuthenticatedHttp::new(Url::parse(base).unwrap(), "r", Some(credentials)).unwrap()
+        };
+        let realm = |url: &str| Url::parse(url).unwrap();
+        let mut https = client("https://registry.example.com/");
+        assert!(https
+            .check_realm(&realm("https://registry.example.com/token"))
+            .is_ok());
+        let foreign = https
+            .check_realm(&realm("https://auth.example.org/token"))
+            .unwrap_err();
+        assert!(
+            foreign.contains("--trust-token-realm auth.example.org"),
+            "{foreign}"
+        );
+        // Plain HTTP off loopback, from an HTTPS registry: refused even on its own host.
+        let clear = https
+            .check_realm(&realm("http://registry.example.com/token"))
+            .unwrap_err();
+        assert!(clear.contains("clear text"), "{clear}");
+        https.trust_realm_hosts(vec!["auth.example.org".into()]);
+        assert!(https
+            .check_realm(&realm("https://auth.example.org/token"))
+            .is_ok());
+        // A loopback registry over plain HTTP, and one the user chose to reach insecurely.
+        let local = client("http://127.0.0.1:5000/");
+        assert!(local
+            .check_realm(&realm("http://127.0.0.1:5000/token"))
+            .is_ok());
+        assert!(local
+            .check_realm(&realm("http://localhost:5000/token"))
+            .is_err());
+        let insecure = client("http://registry.lan:5000/");
+        assert!(insecure
+            .check_realm(&realm("http://registry.lan:5000/token"))
+            .is_ok());
     }
 }

@@ -81,6 +81,12 @@ impl RegistryClient {
         })
     }
 
+    /// Lets credentials go to token realms on `hosts` besides the registry's own.
+    pub fn trusting_realm_hosts(mut self, hosts: Vec<String>) -> Self {
+        self.http.trust_realm_hosts(hosts);
+        self
+    }
+
     pub fn registry(&self) -> &str {
         self.http.registry()
     }

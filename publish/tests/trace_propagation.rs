@@ -65,6 +65,7 @@ fn a_publish_is_one_trace_across_coordinator_and_registry() {
                     password: PASSWORD.into(),
                 }),
                 docker_config: None,
+                ..Default::default()
             },
             progress: Default::default(),
         }))

@@ -3,11 +3,13 @@
 //!
 //! Passwords and tokens never reach a log line: errors name the user at most.
 
+mod password_check;
+
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use argon2::password_hash::{PasswordHash, PasswordVerifier};
-use argon2::Argon2;
+use argon2::password_hash::PasswordHash;
 use axum::http::{header, HeaderMap};
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
@@ -109,6 +111,9 @@ pub struct Authenticator {
     anonymous_pull: Vec<RepositoryPattern>,
     /// SHA-256 of `user:password` → (user, expiry) for recently verified basic auth.
     verified: DashMap<[u8; 32], (String, Instant)>,
+    passwords: password_check::PasswordChecker,
+    /// The realm derived from the address the registry serves on, when none is configured.
+    bound_realm: std::sync::OnceLock<String>,
 }
 
 impl Authenticator {
@@ -156,6 +161,8 @@ impl Authenticator {
                 .map(|p| RepositoryPattern::new(p))
                 .collect::<Result<_>>()?,
             verified: DashMap::new(),
+            passwords: password_check::PasswordChecker::new(),
+            bound_realm: std::sync::OnceLock::new(),
         })
     }
 
@@ -163,21 +170,38 @@ impl Authenticator {
         self.enabled
     }
 
-    fn realm(&self, headers: &HeaderMap) -> String {
-        if !self.realm.is_empty() {
-            return self.realm.clone();
+    /// Settles the token realm for a registry serving on `addr`. The realm is where
+    /// clients send their passwords, so it never comes from a request's Host header: it is
+    /// `auth.realm`, or, on a loopback address only, `http://<addr>/token`. Serving off
+    /// loopback with auth on and no realm configured is refused.
+    pub fn bind_realm(&self, addr: std::net::SocketAddr) -> Result<()> {
+        if !self.enabled || !self.realm.is_empty() {
+            return Ok(());
         }
-        let host = headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .unwrap_or("localhost");
-        format!("http://{host}/token")
+        if !addr.ip().is_loopback() {
+            return Err(RegistryError::Config(format!(
+                "registry.auth.realm must be set when auth is on and the registry serves on \
+                 {addr}: it is where clients send their passwords, e.g. \
+                 https://registry.example.com/token"
+            )));
+        }
+        let _ = self.bound_realm.set(format!("http://{addr}/token"));
+        Ok(())
     }
 
-    fn challenge(&self, headers: &HeaderMap, scope: &Scope, insufficient: bool) -> RegistryError {
+    fn realm(&self) -> &str {
+        if !self.realm.is_empty() {
+            return &self.realm;
+        }
+        self.bound_realm
+            .get()
+            .map_or("http://127.0.0.1/token", String::as_str)
+    }
+
+    fn challenge(&self, scope: &Scope, insufficient: bool) -> RegistryError {
         let mut challenge = format!(
             "Bearer realm=\"{}\",service=\"{}\"",
-            self.realm(headers),
+            self.realm(),
             self.service
         );
         if let Some(scope) = scope.challenge_scope() {
@@ -189,37 +213,36 @@ impl Authenticator {
         RegistryError::Unauthorized { challenge }
     }
 
-    /// Identifies the caller from the `Authorization` header.
-    pub async fn authenticate(&self, headers: &HeaderMap, scope: &Scope) -> Result<Principal> {
+    /// Identifies the caller from the `Authorization` header; `client` is its address,
+    /// against which failed logins count.
+    pub async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        client: Option<IpAddr>,
+        scope: &Scope,
+    ) -> Result<Principal> {
         let Some(value) = headers.get(header::AUTHORIZATION) else {
             return Ok(Principal::Anonymous);
         };
-        let value = value
-            .to_str()
-            .map_err(|_| self.challenge(headers, scope, false))?;
+        let value = value.to_str().map_err(|_| self.challenge(scope, false))?;
         let (scheme, credentials) = value.split_once(' ').unwrap_or((value, ""));
         let credentials = credentials.trim();
         if scheme.eq_ignore_ascii_case("basic") {
-            match self.verify_basic(credentials).await {
+            match self.verify_basic(credentials, client).await? {
                 Some(user) => Ok(Principal::User(user)),
-                None => Err(self.challenge(headers, scope, false)),
+                None => Err(self.challenge(scope, false)),
             }
         } else if scheme.eq_ignore_ascii_case("bearer") {
             self.verify_token(credentials)
                 .map(Principal::Token)
-                .ok_or_else(|| self.challenge(headers, scope, false))
+                .ok_or_else(|| self.challenge(scope, false))
         } else {
-            Err(self.challenge(headers, scope, false))
+            Err(self.challenge(scope, false))
         }
     }
 
     /// Checks that `principal` may do what `scope` says. With auth off, everything is allowed.
-    pub fn authorize(
-        &self,
-        headers: &HeaderMap,
-        principal: &Principal,
-        scope: &Scope,
-    ) -> Result<()> {
+    pub fn authorize(&self, principal: &Principal, scope: &Scope) -> Result<()> {
         if !self.enabled {
             return Ok(());
         }
@@ -233,9 +256,9 @@ impl Authenticator {
             return Ok(());
         }
         match principal {
-            Principal::Anonymous => Err(self.challenge(headers, scope, false)),
+            Principal::Anonymous => Err(self.challenge(scope, false)),
             // The client may ask the token endpoint for a wider token.
-            Principal::Token(_) => Err(self.challenge(headers, scope, true)),
+            Principal::Token(_) => Err(self.challenge(scope, true)),
             Principal::User(user) => Err(RegistryError::Denied(format!(
                 "user {user:?} may not {} here",
                 scope.challenge_scope().unwrap_or_default()
@@ -270,41 +293,39 @@ impl Authenticator {
         })
     }
 
-    /// Verifies `base64(user:password)`; returns the user.
-    async fn verify_basic(&self, encoded: &str) -> Option<String> {
-        let decoded = STANDARD.decode(encoded).ok()?;
-        let text = String::from_utf8(decoded).ok()?;
-        let (user, password) = text.split_once(':')?;
-        let cache_key: [u8; 32] = Sha256::digest(text.as_bytes()).into();
+    /// Verifies `base64(user:password)`; returns the user, or None for wrong credentials.
+    /// An address with too many failed logins gets 429 before any check.
+    async fn verify_basic(&self, encoded: &str, client: Option<IpAddr>) -> Result<Option<String>> {
+        let Some((user, password)) = STANDARD
+            .decode(encoded)
+            .ok()
+            .and_then(|decoded| String::from_utf8(decoded).ok())
+            .and_then(|text| {
+                let (user, password) = text.split_once(':')?;
+                Some((user.to_string(), password.to_string()))
+            })
+        else {
+            return Ok(None);
+        };
+        let cache_key: [u8; 32] = Sha256::digest(format!("{user}:{password}").as_bytes()).into();
         if let Some(entry) = self.verified.get(&cache_key) {
             if entry.1 > Instant::now() {
-                return Some(entry.0.clone());
+                return Ok(Some(entry.0.clone()));
             }
         }
-        let stored = self.users.get(user)?.password_hash.clone();
-        let password = password.to_string();
-        let ok = tokio::task::spawn_blocking(move || {
-            PasswordHash::new(&stored)
-                .map(|hash| {
-                    Argon2::default()
-                        .verify_password(password.as_bytes(), &hash)
-                        .is_ok()
-                })
-                .unwrap_or(false)
-        })
-        .await
-        .unwrap_or(false);
-        if !ok {
-            tracing::info!(user, "basic auth failed");
-            return None;
+        self.passwords.admit(client)?;
+        let stored = self.users.get(&user).map(|u| u.password_hash.as_str());
+        if !self.passwords.verify(client, stored, &password).await {
+            tracing::info!(%user, "basic auth failed");
+            return Ok(None);
         }
         self.verified
             .retain(|_, (_, expiry)| *expiry > Instant::now());
         self.verified.insert(
             cache_key,
-            (user.to_string(), Instant::now() + VERIFIED_CACHE_TTL),
+            (user.clone(), Instant::now() + VERIFIED_CACHE_TTL),
         );
-        Some(user.to_string())
+        Ok(Some(user))
     }
 
     fn sign(&self, payload: &[u8]) -> Vec<u8> {
@@ -329,9 +350,10 @@ impl Authenticator {
     pub async fn issue_token(
         &self,
         headers: &HeaderMap,
+        client: Option<IpAddr>,
         scopes: &[String],
     ) -> Result<TokenResponse> {
-        let principal = match self.authenticate(headers, &Scope::Base).await? {
+        let principal = match self.authenticate(headers, client, &Scope::Base).await? {
             Principal::Token(_) => {
                 return Err(RegistryError::Denied(
                     "the token endpoint takes basic auth or none, not a bearer token".into(),
@@ -399,6 +421,7 @@ impl Authenticator {
 #[cfg(test)]
 mod tests {
     use argon2::password_hash::{PasswordHasher, SaltString};
+    use argon2::Argon2;
 
     use super::*;
     use crate::config::{GrantConfig, UserConfig};
@@ -446,16 +469,17 @@ mod tests {
     async fn basic_auth_and_grants() {
         let auth = authenticator();
         let headers = basic("ci", "s3cret");
-        let principal = auth.authenticate(&headers, &push("team/a")).await.unwrap();
-        assert!(auth
-            .authorize(&headers, &principal, &push("team/a"))
-            .is_ok());
+        let principal = auth
+            .authenticate(&headers, None, &push("team/a"))
+            .await
+            .unwrap();
+        assert!(auth.authorize(&principal, &push("team/a")).is_ok());
         assert!(matches!(
-            auth.authorize(&headers, &principal, &push("other")),
+            auth.authorize(&principal, &push("other")),
             Err(RegistryError::Denied(_))
         ));
         assert!(matches!(
-            auth.authenticate(&basic("ci", "wrong"), &push("team/a"))
+            auth.authenticate(&basic("ci", "wrong"), None, &push("team/a"))
                 .await,
             Err(RegistryError::Unauthorized { .. })
         ));
@@ -467,6 +491,7 @@ mod tests {
         let response = auth
             .issue_token(
                 &basic("ci", "s3cret"),
+                None,
                 &["repository:team/a:pull,push,delete".into()],
             )
             .await
@@ -498,23 +523,22 @@ mod tests {
     #[tokio::test]
     async fn anonymous_pull_is_per_repository() {
         let auth = authenticator();
-        let headers = HeaderMap::new();
         let pull = |name: &str| Scope::Repository {
             name: name.into(),
             actions: vec![Action::Pull],
         };
         assert!(auth
-            .authorize(&headers, &Principal::Anonymous, &pull("public/x"))
+            .authorize(&Principal::Anonymous, &pull("public/x"))
             .is_ok());
         let err = auth
-            .authorize(&headers, &Principal::Anonymous, &pull("team/x"))
+            .authorize(&Principal::Anonymous, &pull("team/x"))
             .unwrap_err();
         let RegistryError::Unauthorized { challenge } = err else {
             panic!("expected a challenge");
         };
         assert!(challenge.contains("scope=\"repository:team/x:pull\""));
         assert!(auth
-            .authorize(&headers, &Principal::Anonymous, &push("public/x"))
+            .authorize(&Principal::Anonymous, &push("public/x"))
             .is_err());
     }
 }

@@ -95,6 +95,11 @@ async fn dispatch(
     request: Request,
 ) -> Result<Response> {
     let (parts, body) = request.into_parts();
+    // Failed logins are counted per client address (see `auth::password_check`).
+    let client = parts
+        .extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|info| info.0.ip());
     let operation = Operation::new(
         endpoint,
         &parts.method,
@@ -105,14 +110,17 @@ async fn dispatch(
     if operation == Operation::Token {
         let token = state
             .auth
-            .issue_token(&parts.headers, &query.all("scope"))
+            .issue_token(&parts.headers, client, &query.all("scope"))
             .await?;
         return Ok(axum::Json(token).into_response());
     }
     let principal = if state.auth.enabled() {
         let scope = operation.scope();
-        let principal = state.auth.authenticate(&parts.headers, &scope).await?;
-        state.auth.authorize(&parts.headers, &principal, &scope)?;
+        let principal = state
+            .auth
+            .authenticate(&parts.headers, client, &scope)
+            .await?;
+        state.auth.authorize(&principal, &scope)?;
         principal
     } else {
         Principal::Anonymous

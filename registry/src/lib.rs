@@ -163,9 +163,13 @@ impl Registry {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), RegistryError> {
         let addr = listener.local_addr()?;
+        self.state.auth.bind_realm(addr)?;
         tracing::info!("registry listening on http://{addr}");
         let maintenance = self.spawn_maintenance();
-        let result = axum::serve(listener, self.router())
+        let service = self
+            .router()
+            .into_make_service_with_connect_info::<std::net::SocketAddr>();
+        let result = axum::serve(listener, service)
             .with_graceful_shutdown(shutdown)
             .await;
         for task in maintenance {

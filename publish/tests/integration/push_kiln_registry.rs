@@ -45,6 +45,7 @@ fn explicit() -> CredentialStore {
             password: PASSWORD.into(),
         }),
         docker_config: None,
+        ..Default::default()
     }
 }
 
@@ -78,6 +79,7 @@ async fn token_flow_with_credentials_and_without() {
             password: "wrong".into(),
         }),
         docker_config: None,
+        ..Default::default()
     };
     let err = publish(request(&registry.address, dir.path(), &["v1.0.0"], wrong))
         .await
@@ -113,6 +115,7 @@ async fn token_flow_with_credentials_and_without() {
     let from_docker = CredentialStore {
         explicit: None,
         docker_config: Some(config),
+        ..Default::default()
     };
     let again = publish(request(
         &registry.address,

@@ -304,3 +304,72 @@ async fn delete_needs_the_delete_scope() {
         .await
         .expect(StatusCode::ACCEPTED);
 }
+
+#[tokio::test]
+async fn the_realm_never_comes_from_the_host_header() {
+    let (_dir, reg) = TestRegistry::start(auth_config()).await;
+    let challenged = reg
+        .send(Method::GET, "/v2/", &[("host", "evil.example:80")], empty())
+        .await
+        .expect_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED");
+    let challenge = challenged.header("www-authenticate").unwrap();
+    assert!(
+        challenge.starts_with(&format!("Bearer realm=\"http://{}/token\"", reg.addr)),
+        "{challenge}"
+    );
+    assert!(!challenge.contains("evil.example"), "{challenge}");
+}
+
+#[tokio::test]
+async fn auth_off_loopback_needs_a_configured_realm() {
+    let registry = kiln_registry::Registry::open(
+        auth_config(),
+        std::sync::Arc::new(kiln_store::MemoryBlobStore::new()),
+        std::sync::Arc::new(kiln_store::MemoryMetadataStore::new()),
+    )
+    .unwrap();
+    // Any non-loopback address this host has; 0.0.0.0 is one.
+    let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let err = registry
+        .serve(listener, std::future::ready(()))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("registry.auth.realm must be set"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn failed_logins_are_limited_per_client_address() {
+    let (_dir, reg) = TestRegistry::start(auth_config()).await;
+    // Unknown users and wrong passwords count alike.
+    for attempt in 0..10 {
+        let user = if attempt % 2 == 0 { "ci" } else { "nobody" };
+        send_as(&reg, &basic(user, "guess"), Method::GET, "/v2/", empty())
+            .await
+            .expect_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED");
+    }
+    // From here on, this address is told to wait, even with the right password...
+    let limited = send_as(
+        &reg,
+        &basic("ci", "ci-secret"),
+        Method::GET,
+        "/v2/",
+        empty(),
+    )
+    .await
+    .expect_error(StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS");
+    let retry_after: u64 = limited.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    // ...on the token endpoint too.
+    send_as(
+        &reg,
+        &basic("ci", "ci-secret"),
+        Method::GET,
+        "/token?service=kiln-registry&scope=repository:team/app:pull",
+        empty(),
+    )
+    .await
+    .expect_error(StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS");
+}
