@@ -6,7 +6,6 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
-use futures::StreamExt;
 use kiln_store::{ContentHash, ExpectedDigest};
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -15,6 +14,7 @@ use crate::call::{empty_response, Call, DOCKER_CONTENT_DIGEST, DOCKER_UPLOAD_UUI
 use crate::config::Action;
 use crate::endpoint::{parse_digest, validate_name};
 use crate::error::{upload_range, RegistryError, Result};
+use crate::request_body::BodyReader;
 use crate::RegistryState;
 
 fn upload_location(name: &str, id: &str) -> String {
@@ -275,10 +275,8 @@ async fn monolithic_upload(
     let _permit = upload_permit(state)?;
     let was_present = state.blobs.size_of(digest).await?.is_some();
     let mut writer = state.blobs.begin_write(digest.function, None).await?;
-    let mut stream = body.into_data_stream();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk
-            .map_err(|e| RegistryError::BlobUploadInvalid(format!("request body failed: {e}")))?;
+    let mut body = BodyReader::new(body, &state.config.limits);
+    while let Some(chunk) = body.next().await? {
         writer.write(chunk).await?;
     }
     writer
@@ -319,7 +317,12 @@ pub async fn patch_upload(
     let mut session = state.uploads.lock(name, id).await?;
     let offset = state
         .uploads
-        .append(&mut session, start, call.body, &upload_location(name, id))
+        .append(
+            &mut session,
+            start,
+            BodyReader::new(call.body, &state.config.limits),
+            &upload_location(name, id),
+        )
         .await?;
     Ok(upload_accepted(StatusCode::ACCEPTED, name, id, offset))
 }
@@ -342,7 +345,12 @@ pub async fn finish_upload(
     let mut session = state.uploads.lock(name, id).await?;
     state
         .uploads
-        .append(&mut session, start, call.body, &upload_location(name, id))
+        .append(
+            &mut session,
+            start,
+            BodyReader::new(call.body, &state.config.limits),
+            &upload_location(name, id),
+        )
         .await?;
     let was_present = state.blobs.size_of(&digest).await?.is_some();
     state.uploads.complete(session, digest).await?;

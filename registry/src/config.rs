@@ -224,6 +224,12 @@ pub struct LimitsConfig {
     pub retry_after_secs: u64,
     /// The most entries one tag-list, catalog or referrers page returns.
     pub max_page_size: usize,
+    /// A request body (an upload, a manifest) that sends nothing for this long is cut
+    /// off with 408, freeing its upload slot.
+    pub body_idle_timeout_secs: u64,
+    /// Past `body_idle_timeout_secs`, a body must average at least this many bytes a
+    /// second (0: no floor), so a client dripping bytes cannot keep a slot either.
+    pub min_body_bytes_per_sec: u64,
 }
 
 impl Default for LimitsConfig {
@@ -233,6 +239,8 @@ impl Default for LimitsConfig {
             max_concurrent_uploads: 64,
             retry_after_secs: 1,
             max_page_size: 10_000,
+            body_idle_timeout_secs: 30,
+            min_body_bytes_per_sec: 16 << 10,
         }
     }
 }

@@ -13,6 +13,9 @@ pub enum RegistryError {
     BlobUnknown(String),
     #[error("blob upload invalid: {0}")]
     BlobUploadInvalid(String),
+    /// A request body too slow to keep its slot: 408, with the upload's code.
+    #[error("request body too slow: {0}")]
+    SlowBody(String),
     #[error("blob upload unknown to registry: {0}")]
     BlobUploadUnknown(String),
     #[error("provided digest did not match uploaded content or is malformed: {0}")]
@@ -91,6 +94,10 @@ impl RegistryError {
         use RegistryError as E;
         match self {
             E::BlobUnknown(_) => (Some(ErrorCode::BlobUnknown), StatusCode::NOT_FOUND),
+            E::SlowBody(_) => (
+                Some(ErrorCode::BlobUploadInvalid),
+                StatusCode::REQUEST_TIMEOUT,
+            ),
             E::BlobUploadInvalid(_) => {
                 (Some(ErrorCode::BlobUploadInvalid), StatusCode::BAD_REQUEST)
             }
@@ -238,3 +245,14 @@ pub(crate) fn upload_range(offset: u64) -> HeaderValue {
 }
 
 pub type Result<T, E = RegistryError> = std::result::Result<T, E>;
+
+impl From<crate::request_body::BodyError> for RegistryError {
+    fn from(error: crate::request_body::BodyError) -> Self {
+        match error {
+            crate::request_body::BodyError::Slow(reason) => RegistryError::SlowBody(reason),
+            crate::request_body::BodyError::Failed(reason) => {
+                RegistryError::BlobUploadInvalid(format!("request body failed: {reason}"))
+            }
+        }
+    }
+}

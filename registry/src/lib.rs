@@ -24,6 +24,7 @@ mod manifest;
 mod manifest_api;
 mod operation;
 mod repository_index;
+mod request_body;
 mod retention;
 mod tag_policy;
 mod upload_session;

@@ -7,16 +7,18 @@ use axum::body::Body;
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::response::Response;
 use bytes::{Bytes, BytesMut};
-use futures::{StreamExt, TryStreamExt};
+use futures::TryStreamExt;
 use kiln_store::{ContentHash, Digest, DigestFunction, ExpectedDigest};
 
 use crate::call::{
     empty_response, json_response, Call, DOCKER_CONTENT_DIGEST, OCI_FILTERS_APPLIED, OCI_SUBJECT,
 };
+use crate::config::LimitsConfig;
 use crate::endpoint::Reference;
 use crate::error::{RegistryError, Result};
 use crate::manifest::{self, OCI_INDEX};
 use crate::repository_index::{ManifestPut, ManifestRecord};
+use crate::request_body::{BodyError, BodyReader};
 use crate::RegistryState;
 
 /// Resolves a reference to a manifest digest and its record.
@@ -76,15 +78,19 @@ pub async fn get(
 }
 
 /// Reads a manifest body, refusing anything over the limit without buffering it.
-async fn read_limited(body: Body, limit: u64, declared: Option<u64>) -> Result<Bytes> {
+async fn read_limited(body: Body, limits: &LimitsConfig, declared: Option<u64>) -> Result<Bytes> {
+    let limit = limits.max_manifest_bytes;
     if let Some(size) = declared.filter(|size| *size > limit) {
         return Err(RegistryError::ManifestTooLarge { size, limit });
     }
     let mut buffer = BytesMut::new();
-    let mut stream = body.into_data_stream();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk
-            .map_err(|e| RegistryError::ManifestInvalid(format!("request body failed: {e}")))?;
+    let mut body = BodyReader::new(body, limits);
+    while let Some(chunk) = body.next().await.map_err(|e| match e {
+        BodyError::Slow(reason) => RegistryError::SlowBody(reason),
+        BodyError::Failed(reason) => {
+            RegistryError::ManifestInvalid(format!("request body failed: {reason}"))
+        }
+    })? {
         buffer.extend_from_slice(&chunk);
         if buffer.len() as u64 > limit {
             return Err(RegistryError::ManifestTooLarge {
@@ -107,7 +113,7 @@ pub async fn put(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok());
-    let body = read_limited(call.body, state.config.limits.max_manifest_bytes, declared).await?;
+    let body = read_limited(call.body, &state.config.limits, declared).await?;
     let function = match reference {
         Reference::Digest(d) => d.function,
         Reference::Tag(_) => DigestFunction::Sha256,

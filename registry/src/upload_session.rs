@@ -8,7 +8,6 @@
 
 use std::sync::Arc;
 
-use axum::body::Body;
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use kiln_store::{
@@ -20,6 +19,7 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use crate::clock::Clock;
 use crate::error::{RegistryError, Result};
+use crate::request_body::BodyReader;
 
 /// Upload id → [`SessionRecord`].
 pub const UPLOADS: Keyspace = Keyspace("registry.uploads");
@@ -167,7 +167,7 @@ impl UploadSessions {
         &self,
         session: &mut SessionGuard,
         expected_start: Option<u64>,
-        body: Body,
+        mut body: BodyReader,
         location: &str,
     ) -> Result<u64> {
         let offset = self.offset(session).await?;
@@ -186,11 +186,7 @@ impl UploadSessions {
             .as_ref()
             .map_or(DigestFunction::Sha256, |w| w.function);
         let writer = self.writer(session, function).await?;
-        let mut stream = body.into_data_stream();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| {
-                RegistryError::BlobUploadInvalid(format!("request body failed: {e}"))
-            })?;
+        while let Some(chunk) = body.next().await? {
             writer.write(chunk).await?;
         }
         let offset = writer.bytes_written();

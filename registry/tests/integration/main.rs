@@ -9,4 +9,5 @@ mod common;
 mod distribution_spec;
 mod gc_and_retention;
 mod policy_and_auth;
+mod slow_clients;
 mod storage_limit;

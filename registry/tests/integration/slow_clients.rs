@@ -1,0 +1,108 @@
+//! Slow uploads cannot hold the registry's upload slots: over raw TCP, clients that send
+//! their headers and part of a body and then stall take every slot; a normal push is
+//! refused (429) while they hold them, they are cut off (408) within the idle timeout,
+//! and the normal push then succeeds.
+
+use std::time::{Duration, Instant};
+
+use crate::common;
+
+use common::*;
+use hyper::{Method, StatusCode};
+use kiln_registry::RegistryConfig;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Opens a monolithic upload of `len` bytes, sends `sent` of them and stalls.
+async fn stalled_upload(reg: &TestRegistry, len: usize, sent: usize) -> TcpStream {
+    let content = vec![7u8; len];
+    let digest = sha256(&content);
+    let mut stream = TcpStream::connect(reg.addr).await.unwrap();
+    let head = format!(
+        "POST /v2/app/blobs/uploads/?digest={digest} HTTP/1.1\r\nHost: {}\r\n\
+         Content-Type: application/octet-stream\r\nContent-Length: {len}\r\n\r\n",
+        reg.addr
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&content[..sent]).await.unwrap();
+    stream
+}
+
+/// A monolithic upload of a small blob, sent at once.
+async fn normal_push(reg: &TestRegistry) -> TestResponse {
+    let data = b"a normal blob";
+    let path = format!("/v2/app/blobs/uploads/?digest={}", sha256(data));
+    reg.send(
+        Method::POST,
+        &path,
+        &[("content-type", "application/octet-stream")],
+        full(&data[..]),
+    )
+    .await
+}
+
+/// The status line's code, once the server answers (or closes).
+async fn status_of(mut stream: TcpStream) -> Option<u16> {
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 1024];
+    while !answer.windows(2).any(|w| w == b"\r\n") {
+        match stream.read(&mut buffer).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => answer.extend_from_slice(&buffer[..n]),
+        }
+    }
+    let line = String::from_utf8_lossy(&answer);
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_uploads_are_cut_off_and_free_their_slots() {
+    let mut config = RegistryConfig::default();
+    config.limits.max_concurrent_uploads = 2;
+    config.limits.body_idle_timeout_secs = 1;
+    let (_dir, reg) = TestRegistry::start(config).await;
+
+    let started = Instant::now();
+    let slow = [
+        stalled_upload(&reg, 1 << 20, 1000).await,
+        stalled_upload(&reg, 1 << 20, 10).await,
+    ];
+    // Both hold a slot: a normal push is told to come back.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    normal_push(&reg)
+        .await
+        .expect_error(StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS");
+    // Each is cut off with 408 within the idle timeout (plus scheduling).
+    for stream in slow {
+        assert_eq!(status_of(stream).await, Some(408));
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    normal_push(&reg).await.expect(StatusCode::CREATED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_drips_is_cut_off_by_the_rate_floor() {
+    let mut config = RegistryConfig::default();
+    config.limits.body_idle_timeout_secs = 1;
+    config.limits.min_body_bytes_per_sec = 1 << 20;
+    let (_dir, reg) = TestRegistry::start(config).await;
+    let mut stream = stalled_upload(&reg, 1 << 20, 100).await;
+    // A byte every 300 ms: never idle for a second, far under the floor.
+    let dripping = async {
+        for _ in 0..30 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            if stream.write_all(&[7]).await.is_err() {
+                break;
+            }
+        }
+        stream
+    };
+    let stream = tokio::time::timeout(Duration::from_secs(15), dripping)
+        .await
+        .unwrap();
+    assert_eq!(status_of(stream).await, Some(408));
+}
