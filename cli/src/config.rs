@@ -40,6 +40,9 @@ pub struct KilnConfig {
     pub telemetry: TelemetryConfig,
     /// The `[cas]` table: how much the blob store may hold, and how eviction keeps it so.
     pub cas: CasConfig,
+    /// The `[tls]` table: the coordinator's gRPC and the registry's HTTP serve TLS with
+    /// these files when `cert` and `key` are set.
+    pub tls: TlsConfig,
     /// Serve unauthenticated APIs off loopback (`--allow-unauthenticated`); a flag only.
     #[serde(skip)]
     pub allow_unauthenticated: bool,
@@ -119,6 +122,32 @@ fn free_bytes(path: &Path) -> anyhow::Result<u64> {
     Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
 }
 
+/// The `[tls]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub client_ca: Option<PathBuf>,
+}
+
+impl TlsConfig {
+    /// The files to serve with, if TLS is on; a certificate needs its key.
+    pub fn files(&self) -> anyhow::Result<Option<kiln_tls::TlsFiles>> {
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => Ok(Some(kiln_tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.client_ca.clone(),
+            })),
+            (None, None) if self.client_ca.is_none() => Ok(None),
+            _ => anyhow::bail!(
+                "tls: set cert and key together (--tls-cert, --tls-key); client_ca needs them too"
+            ),
+        }
+    }
+}
+
 /// The `[telemetry]` table: where spans go. The standard `OTEL_*` variables (read by the
 /// OpenTelemetry SDK itself) work too; an endpoint set here wins over theirs.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -143,6 +172,7 @@ impl Default for KilnConfig {
             worker: Default::default(),
             telemetry: Default::default(),
             cas: Default::default(),
+            tls: Default::default(),
             allow_unauthenticated: false,
             unknown_variables: Vec::new(),
         }
@@ -184,6 +214,15 @@ pub struct CommonArgs {
     /// directory's free space plus what the store holds].
     #[arg(long, env = "KILN_CAS_MAX_BYTES", global = true, value_name = "SIZE")]
     pub cas_max_bytes: Option<bytesize::ByteSize>,
+    /// PEM certificate chain the servers present (TLS on when set with --tls-key).
+    #[arg(long, env = "KILN_TLS_CERT", global = true, value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "KILN_TLS_KEY", global = true, value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA that client certificates must chain to; set, every client needs one (mTLS).
+    #[arg(long, env = "KILN_TLS_CLIENT_CA", global = true, value_name = "PEM")]
+    pub tls_client_ca: Option<PathBuf>,
     /// Require an API token on every coordinator call but GetCapabilities and health
     /// (`coordinator.auth.enabled`); `kiln token` makes them.
     #[arg(long, env = "KILN_COORDINATOR_AUTH", global = true)]
@@ -212,6 +251,42 @@ pub struct CoordinatorArg {
     /// A token for a coordinator whose auth is on, sent as `authorization: Bearer`.
     #[arg(long, env = "KILN_TOKEN", hide_env_values = true, value_name = "TOKEN")]
     pub token: Option<String>,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
+}
+
+/// How a client reaches a `grpcs://` server.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ClientTlsArgs {
+    /// PEM CA certificates to trust for grpcs:// [default: the system's roots].
+    #[arg(long, env = "KILN_CA_CERT", value_name = "PEM")]
+    pub ca_cert: Option<PathBuf>,
+    /// PEM client certificate, for a server that wants mutual TLS.
+    #[arg(
+        long,
+        env = "KILN_CLIENT_CERT",
+        value_name = "PEM",
+        requires = "client_key"
+    )]
+    pub client_cert: Option<PathBuf>,
+    /// PEM key of the client certificate.
+    #[arg(
+        long,
+        env = "KILN_CLIENT_KEY",
+        value_name = "PEM",
+        requires = "client_cert"
+    )]
+    pub client_key: Option<PathBuf>,
+}
+
+impl ClientTlsArgs {
+    pub fn load(&self) -> anyhow::Result<kiln_client::ClientTls> {
+        Ok(kiln_client::ClientTls::from_files(
+            self.ca_cert.as_deref(),
+            self.client_cert.as_deref(),
+            self.client_key.as_deref(),
+        )?)
+    }
 }
 
 impl CoordinatorArg {
@@ -323,6 +398,15 @@ impl KilnConfig {
         }
         config.allow_unauthenticated = args.allow_unauthenticated;
         config.coordinator.auth.enabled |= args.coordinator_auth;
+        for (flag, setting) in [
+            (&args.tls_cert, &mut config.tls.cert),
+            (&args.tls_key, &mut config.tls.key),
+            (&args.tls_client_ca, &mut config.tls.client_ca),
+        ] {
+            if let Some(path) = flag {
+                *setting = Some(path.clone());
+            }
+        }
         // Resolved once, here: everything below (the worker's sandbox above all) runs with
         // other working directories, where a relative path names nothing.
         config.data_dir = std::path::absolute(&config.data_dir)

@@ -83,6 +83,8 @@ struct WorkerArgs {
     /// Where the worker keeps its blob cache and action directories [default: DATA_DIR/worker].
     #[arg(long, env = "KILN_WORK_DIR")]
     work_dir: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    tls: config::ClientTlsArgs,
 }
 
 fn main() -> anyhow::Result<ExitCode> {
@@ -174,6 +176,15 @@ async fn run(
                 worker.slots = slots;
             }
             worker.platform.extend(args.platform);
+            for (flag, setting) in [
+                (args.tls.ca_cert, &mut worker.ca_cert),
+                (args.tls.client_cert, &mut worker.client_cert),
+                (args.tls.client_key, &mut worker.client_key),
+            ] {
+                if flag.is_some() {
+                    *setting = flag;
+                }
+            }
             worker.work_dir = args
                 .work_dir
                 .unwrap_or_else(|| config.data_dir.join("worker"));

@@ -164,17 +164,18 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
             instance_name: args.instance_name.clone(),
             digest_function,
             credentials: None,
+            tls: Default::default(),
         };
         (
             LayerContent::from_action(coordinator, action)?
-                .with_credentials(args.target.credentials()?),
+                .with_credentials(args.target.credentials()?, args.target.tls.load()?),
             format!("from action {action}"),
         )
     } else {
         let path = args.from_run.as_ref().expect("clap requires one source");
         (
             LayerContent::from_run(&args.target.coordinator, path)?
-                .with_credentials(args.target.credentials()?),
+                .with_credentials(args.target.credentials()?, args.target.tls.load()?),
             format!("from run {}", path.display()),
         )
     };

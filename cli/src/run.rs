@@ -94,8 +94,9 @@ impl From<DigestFunctionArg> for DigestFunction {
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let credentials = args.target.credentials()?;
     let invocation = Invocation::new().with_credentials(credentials.clone());
-    let cas = RemoteCas::connect(
+    let cas = RemoteCas::connect_with_tls(
         &args.target.coordinator,
+        &args.target.tls.load()?,
         &args.instance_name,
         args.digest_function.into(),
         invocation,

@@ -124,8 +124,9 @@ impl Servers {
             config.grpc_addr,
             "the coordinator's gRPC API",
             "run commands on the workers and read or write every blob",
-            config.coordinator.auth.enabled,
+            config.coordinator.auth.enabled || config.tls.client_ca.is_some(),
         )?;
+        let tls = config.tls.files()?;
         let listener = bind(config.grpc_addr, "coordinator").await?;
         let addr = listener.local_addr()?;
         let mut coordinator_config = config.coordinator.clone();
@@ -143,6 +144,9 @@ impl Servers {
         if let Some(registry) = registry {
             coordinator = coordinator.with_registry_catalog(Arc::new(RegistryCatalog(registry)));
         }
+        if let Some(files) = &tls {
+            coordinator = coordinator.with_tls(files)?;
+        }
         // Eviction never removes what a queued or running action still needs.
         storage.bounded.retain(coordinator.in_flight_inputs());
         let shutdown = self.shutdown.clone().cancelled_owned();
@@ -153,7 +157,8 @@ impl Servers {
                 .context("coordinator")
         });
         self.addresses.insert("grpc", addr);
-        tracing::info!("coordinator (REAPI over gRPC) listening on grpc://{addr}");
+        let scheme = if tls.is_some() { "grpcs" } else { "grpc" };
+        tracing::info!("coordinator (REAPI over gRPC) listening on {scheme}://{addr}");
         Ok(addr)
     }
 
@@ -178,16 +183,19 @@ impl Servers {
             config.registry_addr,
             "the registry",
             "pull, push and delete any image",
-            config.registry.auth.enabled,
+            config.registry.auth.enabled || config.tls.client_ca.is_some(),
         )?;
         let listener = bind(config.registry_addr, "registry").await?;
         self.addresses.insert("registry", listener.local_addr()?);
-        let registry = kiln_registry::Registry::open(
+        let mut registry = kiln_registry::Registry::open(
             config.registry.clone(),
             storage.blobs.clone(),
             storage.metadata.clone(),
         )
         .context("opening the registry")?;
+        if let Some(files) = config.tls.files()? {
+            registry = registry.with_tls(&files)?;
+        }
         registry.set_readiness(self.readiness());
         // Eviction never removes a blob the registry answers for.
         storage.bounded.retain(Arc::new(registry.clone()));
@@ -272,6 +280,14 @@ impl Servers {
         for index in 0..count {
             let mut worker = config.worker.clone();
             worker.coordinator = format!("http://{coordinator}");
+            if let Some(tls) = &config.tls.cert {
+                // Over TLS too: trust the server's own certificate unless told otherwise
+                // (a self-signed one is its own CA), and expect it to name localhost
+                // unless told another name, since the workers dial 127.0.0.1.
+                worker.coordinator = format!("https://{coordinator}");
+                worker.ca_cert.get_or_insert_with(|| tls.clone());
+                worker.server_name.get_or_insert_with(|| "localhost".into());
+            }
             worker.join_token = config.join_token.clone().unwrap_or_default();
             worker.work_dir = config.data_dir.join("workers").join(index.to_string());
             if worker.slots == 0 {

@@ -34,7 +34,7 @@ pub struct DrainArgs {
 }
 
 pub async fn connect(target: &CoordinatorArg) -> anyhow::Result<AdminClient<Channel>> {
-    let channel = kiln_client::endpoint(&target.coordinator)?
+    let channel = kiln_client::endpoint_with_tls(&target.coordinator, &target.tls.load()?)?
         .connect_timeout(Duration::from_secs(5))
         .connect()
         .await

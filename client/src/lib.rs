@@ -17,6 +17,7 @@ mod blob_set;
 mod cas_read;
 mod cas_upload;
 mod digest_cache;
+mod endpoint;
 mod error;
 mod execution;
 mod outcomes;
@@ -32,6 +33,7 @@ pub mod tree_hasher;
 pub use blob_set::{BlobSet, BlobSource, OpenFileReader};
 pub use cas_read::ReadPlan;
 pub use digest_cache::{DigestCache, FileStamp};
+pub use endpoint::{endpoint, endpoint_with_tls, ClientTls};
 pub use error::{ClientError, Result};
 pub use execution::{
     execute_to_completion, missing_blobs, rpc_status_to_tonic, Executor, GrpcExecutor,
@@ -40,7 +42,7 @@ pub use execution::{
 pub use outcomes::{HashStats, ShardOutcome, ShardResult, UploadStats};
 pub use progress::{NoProgress, Progress};
 pub use reapi_digest::from_reapi;
-pub use remote_cas::{endpoint, RemoteCas};
+pub use remote_cas::RemoteCas;
 pub use remote_run::{merge_exit_codes, run, RunReport, RunRequest};
 pub use request_metadata::{
     from_request as request_metadata_of, request_with, Credentials, Invocation,

@@ -13,8 +13,9 @@ use kiln_proto::reapi::{
 };
 use kiln_store::{Digest, DigestFunction};
 use kiln_telemetry::{traced, TracedChannel};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
+use crate::endpoint::{endpoint_with_tls, ClientTls};
 use crate::reapi_digest::from_reapi;
 use crate::request_metadata::Invocation;
 use crate::{ClientError, Result};
@@ -43,27 +44,6 @@ pub struct RemoteCas {
     pub(crate) max_batch_bytes: u64,
 }
 
-/// Turns `grpc://host:port` (or `http://`) into a tonic endpoint. TLS is not supported yet.
-pub fn endpoint(url: &str) -> Result<Endpoint> {
-    let invalid = |reason: &str| ClientError::InvalidEndpoint {
-        url: url.to_string(),
-        reason: reason.to_string(),
-    };
-    let rest = url
-        .strip_prefix("grpc://")
-        .or_else(|| url.strip_prefix("http://"))
-        .ok_or_else(|| {
-            if url.starts_with("grpcs://") || url.starts_with("https://") {
-                invalid("TLS (grpcs://) is not supported yet; use grpc://")
-            } else {
-                invalid("expected grpc://HOST:PORT")
-            }
-        })?;
-    Endpoint::from_shared(format!("http://{rest}"))
-        .map(|e| e.tcp_nodelay(true))
-        .map_err(|e| invalid(&e.to_string()))
-}
-
 impl RemoteCas {
     /// Connects, asks for the server's capabilities and checks that it accepts
     /// `function`.
@@ -73,7 +53,25 @@ impl RemoteCas {
         function: DigestFunction,
         invocation: Invocation,
     ) -> Result<Self> {
-        let channel = endpoint(url)?
+        Self::connect_with_tls(
+            url,
+            &ClientTls::default(),
+            instance_name,
+            function,
+            invocation,
+        )
+        .await
+    }
+
+    /// [`RemoteCas::connect`] with TLS settings for a `grpcs://` URL.
+    pub async fn connect_with_tls(
+        url: &str,
+        tls: &ClientTls,
+        instance_name: &str,
+        function: DigestFunction,
+        invocation: Invocation,
+    ) -> Result<Self> {
+        let channel = endpoint_with_tls(url, tls)?
             .connect()
             .await
             .map_err(|source| ClientError::Connect {

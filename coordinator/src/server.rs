@@ -64,6 +64,8 @@ pub struct Coordinator {
     metadata: Arc<dyn MetadataStore>,
     registry: Option<Arc<dyn RegistryCatalog>>,
     in_flight_inputs: Arc<InFlightInputs>,
+    /// Set: gRPC over TLS (`grpcs://`).
+    tls: Option<Arc<kiln_tls::rustls::ServerConfig>>,
 }
 
 impl Coordinator {
@@ -78,6 +80,7 @@ impl Coordinator {
             metadata,
             registry: None,
             in_flight_inputs: Arc::default(),
+            tls: None,
         }
     }
 
@@ -86,6 +89,14 @@ impl Coordinator {
     /// blob store to keep (`BoundedBlobStore::retain`).
     pub fn in_flight_inputs(&self) -> Arc<InFlightInputs> {
         self.in_flight_inputs.clone()
+    }
+
+    /// Serves gRPC over TLS with these files (certificates reload as they change).
+    pub fn with_tls(mut self, files: &kiln_tls::TlsFiles) -> Result<Self, CoordinatorError> {
+        let config = kiln_tls::server_config(files, &[b"h2"])
+            .map_err(|e| CoordinatorError::InvalidArgument(e.to_string()))?;
+        self.tls = Some(config);
+        Ok(self)
     }
 
     pub fn with_registry_catalog(mut self, registry: Arc<dyn RegistryCatalog>) -> Self {
@@ -195,11 +206,7 @@ impl Coordinator {
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
 
-        // tonic applies `tcp_nodelay` only to listeners it binds itself; on a listener
-        // handed in, TcpIncoming sets it. Without it, Nagle's algorithm can hold a small
-        // unary response back until the client's delayed ACK.
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-        Server::builder()
+        let router = Server::builder()
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME_SIZE)
@@ -216,9 +223,25 @@ impl Coordinator {
             .add_service(operations)
             .add_service(workers)
             .add_service(admin)
-            .add_service(health_service)
-            .serve_with_incoming_shutdown(incoming, shutdown)
-            .await?;
+            .add_service(health_service);
+        match self.tls {
+            Some(tls) => {
+                let listener = kiln_tls::TlsListener::new(listener, tls)
+                    .map_err(|e| CoordinatorError::Internal(format!("TLS listener: {e}")))?;
+                router
+                    .serve_with_incoming_shutdown(listener.into_stream(), shutdown)
+                    .await?
+            }
+            None => {
+                // tonic applies `tcp_nodelay` only to listeners it binds itself; on a
+                // listener handed in, TcpIncoming sets it. Without it, Nagle's algorithm
+                // can hold a small unary response back until the client's delayed ACK.
+                let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+                router
+                    .serve_with_incoming_shutdown(incoming, shutdown)
+                    .await?
+            }
+        }
         // The dispatcher, the sweeper and the trimmer hold the stores; they are released
         // once all have stopped.
         let _ = dispatcher.await;

@@ -9,7 +9,7 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 
 use kiln_client::output_download::download_outputs;
-use kiln_client::{ClientError, Credentials, Invocation, RemoteCas, RunManifest};
+use kiln_client::{ClientError, ClientTls, Credentials, Invocation, RemoteCas, RunManifest};
 use kiln_proto::reapi::ActionResult;
 use kiln_store::{Digest, DigestFunction};
 
@@ -24,6 +24,8 @@ pub struct CoordinatorSource {
     pub digest_function: DigestFunction,
     /// The token to present, when the coordinator's auth is on.
     pub credentials: Option<Credentials>,
+    /// For a `grpcs://` address: the CA to trust and a client certificate.
+    pub tls: ClientTls,
 }
 
 /// One action whose outputs go into the layer.
@@ -50,11 +52,12 @@ pub enum LayerContent {
 }
 
 impl LayerContent {
-    /// The same content, read from the coordinator with `credentials` (a directory needs
-    /// none).
-    pub fn with_credentials(mut self, credentials: Option<Credentials>) -> Self {
+    /// The same content, read from the coordinator with `credentials` and `tls` (a
+    /// directory needs neither).
+    pub fn with_credentials(mut self, credentials: Option<Credentials>, tls: ClientTls) -> Self {
         if let LayerContent::ActionOutputs { coordinator, .. } = &mut self {
             coordinator.credentials = credentials;
+            coordinator.tls = tls;
         }
         self
     }
@@ -127,6 +130,7 @@ impl LayerContent {
                 instance_name: manifest.instance_name,
                 digest_function: function,
                 credentials: None,
+                tls: ClientTls::default(),
             },
             actions,
         })
@@ -149,8 +153,9 @@ pub(crate) async fn stage_outputs(
     coordinator: &CoordinatorSource,
     actions: &[PublishedAction],
 ) -> Result<StagedOutputs> {
-    let cas = RemoteCas::connect(
+    let cas = RemoteCas::connect_with_tls(
         &coordinator.address,
+        &coordinator.tls,
         &coordinator.instance_name,
         coordinator.digest_function,
         Invocation::new().with_credentials(coordinator.credentials.clone()),

@@ -43,6 +43,7 @@ fn a_publish_is_one_trace_across_coordinator_and_registry() {
             instance_name: String::new(),
             digest_function: FUNCTION,
             credentials: None,
+            tls: Default::default(),
         },
         &stored.action.reapi(),
     )

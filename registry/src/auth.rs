@@ -172,9 +172,9 @@ impl Authenticator {
 
     /// Settles the token realm for a registry serving on `addr`. The realm is where
     /// clients send their passwords, so it never comes from a request's Host header: it is
-    /// `auth.realm`, or, on a loopback address only, `http://<addr>/token`. Serving off
+    /// `auth.realm`, or, on a loopback address only, `<scheme>://<addr>/token`. Serving off
     /// loopback with auth on and no realm configured is refused.
-    pub fn bind_realm(&self, addr: std::net::SocketAddr) -> Result<()> {
+    pub fn bind_realm(&self, scheme: &str, addr: std::net::SocketAddr) -> Result<()> {
         if !self.enabled || !self.realm.is_empty() {
             return Ok(());
         }
@@ -185,7 +185,7 @@ impl Authenticator {
                  https://registry.example.com/token"
             )));
         }
-        let _ = self.bound_realm.set(format!("http://{addr}/token"));
+        let _ = self.bound_realm.set(format!("{scheme}://{addr}/token"));
         Ok(())
     }
 

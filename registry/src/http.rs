@@ -98,8 +98,8 @@ async fn dispatch(
     // Failed logins are counted per client address (see `auth::password_check`).
     let client = parts
         .extensions
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|info| info.0.ip());
+        .get::<axum::extract::ConnectInfo<ClientAddress>>()
+        .map(|info| info.0 .0.ip());
     let operation = Operation::new(
         endpoint,
         &parts.method,
@@ -160,5 +160,27 @@ async fn dispatch(
             blob_api::finish_upload(state, &name, &id, call).await
         }
         Operation::CancelUpload { name, id } => blob_api::cancel_upload(state, &name, &id).await,
+    }
+}
+
+/// The client's address, as connect info for both the plain and the TLS listener (axum
+/// knows it for `TcpListener` alone); failed logins are counted by it.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientAddress(pub std::net::SocketAddr);
+
+impl
+    axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>>
+    for ClientAddress
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        ClientAddress(*stream.remote_addr())
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, kiln_tls::TlsListener>>
+    for ClientAddress
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, kiln_tls::TlsListener>) -> Self {
+        ClientAddress(*stream.remote_addr())
     }
 }

@@ -84,6 +84,8 @@ pub struct RepositoryStats {
 #[derive(Clone)]
 pub struct Registry {
     state: Arc<RegistryState>,
+    /// Set: the registry serves HTTPS (HTTP/1.1 over TLS).
+    tls: Option<Arc<kiln_tls::rustls::ServerConfig>>,
 }
 
 impl Registry {
@@ -128,7 +130,16 @@ impl Registry {
         };
         Ok(Registry {
             state: Arc::new(state),
+            tls: None,
         })
+    }
+
+    /// Serves HTTPS with these files (see kiln-tls: certificates reload as they change).
+    pub fn with_tls(mut self, files: &kiln_tls::TlsFiles) -> Result<Self, RegistryError> {
+        let config = kiln_tls::server_config(files, &[b"http/1.1"])
+            .map_err(|e| RegistryError::Config(e.to_string()))?;
+        self.tls = Some(config);
+        Ok(self)
     }
 
     /// Tells the garbage collector about blobs something outside the registry (the build
@@ -164,15 +175,26 @@ impl Registry {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), RegistryError> {
         let addr = listener.local_addr()?;
-        self.state.auth.bind_realm(addr)?;
-        tracing::info!("registry listening on http://{addr}");
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        self.state.auth.bind_realm(scheme, addr)?;
+        tracing::info!("registry listening on {scheme}://{addr}");
         let maintenance = self.spawn_maintenance();
         let service = self
             .router()
-            .into_make_service_with_connect_info::<std::net::SocketAddr>();
-        let result = axum::serve(listener, service)
-            .with_graceful_shutdown(shutdown)
-            .await;
+            .into_make_service_with_connect_info::<http::ClientAddress>();
+        let result = match &self.tls {
+            Some(config) => {
+                let listener = kiln_tls::TlsListener::new(listener, config.clone())?;
+                axum::serve(listener, service)
+                    .with_graceful_shutdown(shutdown)
+                    .await
+            }
+            None => {
+                axum::serve(listener, service)
+                    .with_graceful_shutdown(shutdown)
+                    .await
+            }
+        };
         for task in maintenance {
             task.abort();
         }

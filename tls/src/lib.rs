@@ -24,6 +24,8 @@ use std::path::PathBuf;
 pub use files::TlsFiles;
 pub use listener::{TlsIncoming, TlsListener, TlsStream, HANDSHAKE_TIMEOUT};
 pub use reload::{ReloadingCertificate, ReloadingClientCa, RELOAD_CHECK_INTERVAL};
+/// The rustls the servers are configured with, for crates that hold its types.
+pub use rustls;
 
 /// What can go wrong setting TLS up. Never carries key material.
 #[derive(Debug, thiserror::Error)]

@@ -22,7 +22,8 @@ pub enum BubblewrapMode {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WorkerConfig {
-    /// The coordinator's gRPC endpoint, e.g. `http://farm:8980` (`grpc://` is accepted too).
+    /// The coordinator's gRPC endpoint, e.g. `grpc://farm:8980`, or `grpcs://farm:8980`
+    /// for TLS.
     pub coordinator: String,
     /// A separate endpoint for the CAS and ByteStream services; empty means the
     /// coordinator's own.
@@ -33,6 +34,13 @@ pub struct WorkerConfig {
     pub platform: Vec<(String, String)>,
     /// The coordinator's join token.
     pub join_token: String,
+    /// For a `grpcs://` coordinator: PEM CAs to trust instead of the system's roots, a
+    /// client certificate and key for mutual TLS, and the name its certificate must carry
+    /// when it is not the URL's host.
+    pub ca_cert: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    pub server_name: Option<String>,
     /// Where the blob cache and the action directories live. On one filesystem, copying
     /// an input from the cache can share its extents (XFS, btrfs). A relative path is
     /// resolved against the working directory once, when the worker starts.
@@ -67,6 +75,10 @@ impl Default for WorkerConfig {
             slots: 0,
             platform: Vec::new(),
             join_token: String::new(),
+            ca_cert: None,
+            client_cert: None,
+            client_key: None,
+            server_name: None,
             work_dir: PathBuf::from("kiln-data/worker"),
             cache_bytes: 10 << 30,
             use_bubblewrap: BubblewrapMode::Auto,
@@ -91,7 +103,8 @@ impl WorkerConfig {
         }
     }
 
-    /// The coordinator URL in the form tonic dials (`grpc://` becomes `http://`).
+    /// The coordinator URL: `grpc://`, `grpcs://`, `http://` or `https://` (a bare
+    /// `host:port` is plain gRPC).
     pub fn coordinator_url(&self) -> String {
         dialable(&self.coordinator)
     }
@@ -99,6 +112,18 @@ impl WorkerConfig {
     /// The CAS endpoint, when it is not the coordinator's.
     pub fn cas_url(&self) -> Option<String> {
         (!self.cas.is_empty()).then(|| dialable(&self.cas))
+    }
+
+    /// The TLS settings for a `grpcs://` coordinator.
+    pub fn client_tls(&self) -> Result<kiln_client::ClientTls, crate::WorkerError> {
+        let mut tls = kiln_client::ClientTls::from_files(
+            self.ca_cert.as_deref(),
+            self.client_cert.as_deref(),
+            self.client_key.as_deref(),
+        )
+        .map_err(|e| crate::WorkerError::Config(e.to_string()))?;
+        tls.server_name = self.server_name.clone();
+        Ok(tls)
     }
 
     pub fn heartbeat_interval(&self) -> Duration {
@@ -111,9 +136,10 @@ impl WorkerConfig {
 }
 
 fn dialable(url: &str) -> String {
-    match url.strip_prefix("grpc://") {
-        Some(rest) => format!("http://{rest}"),
-        None => url.to_string(),
+    if url.contains("://") {
+        url.to_string()
+    } else {
+        format!("http://{url}")
     }
 }
 
@@ -133,7 +159,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.slots, 3);
-        assert_eq!(config.coordinator_url(), "http://farm:8980");
+        assert_eq!(config.coordinator_url(), "grpc://farm:8980");
         assert_eq!(config.platform[1], ("cores".to_string(), "8".to_string()));
         assert_eq!(config.use_bubblewrap, BubblewrapMode::Never);
         assert_eq!(config.cache_bytes, WorkerConfig::default().cache_bytes);

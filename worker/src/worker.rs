@@ -17,7 +17,7 @@ use kiln_store::{Digest, DigestFunction};
 use kiln_telemetry::{InStage, StageSpan};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::action_runner::{ActionOutcome, ActionRequest, ActionRunner};
 use crate::cas_connection::CasConnection;
@@ -106,10 +106,11 @@ impl Worker {
         } else {
             config.worker_id.clone()
         };
+        let tls = config.client_tls()?;
         let endpoint = |url: String| {
-            Endpoint::from_shared(url.clone())
-                .map(|e| e.tcp_nodelay(true).connect_lazy())
-                .map_err(|e| WorkerError::Config(format!("bad coordinator URL {url:?}: {e}")))
+            kiln_client::endpoint_with_tls(&url, &tls)
+                .map(|e| e.connect_lazy())
+                .map_err(|e| WorkerError::Config(format!("coordinator URL {url:?}: {e}")))
         };
         let channel = endpoint(config.coordinator_url())?;
         let cas_channel = match config.cas_url() {

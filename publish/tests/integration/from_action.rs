@@ -116,6 +116,7 @@ fn source(address: &str) -> CoordinatorSource {
         instance_name: String::new(),
         digest_function: FUNCTION,
         credentials: None,
+        tls: Default::default(),
     }
 }
 
