@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# TLS end to end, with certificates made here by openssl:
+# - `kiln up` serving grpcs and https; `kiln run` over grpcs with the CA, refused without;
+# - Bazel 2.1 builds the interop workspace remotely over grpcs (--tls_certificate);
+# - skopeo copies an image in and out over HTTPS with the CA in a cert dir, with the
+#   registry's token auth on;
+# - a `kiln coordinator` with mutual TLS: a `kiln worker` with a client certificate from
+#   the client CA joins, one without (or with a foreign one) is refused;
+# - rotation: the certificate files are replaced and new connections see the new
+#   certificate (openssl s_client), without a restart.
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+install_bazel
+install_debian_packages skopeo umoci openssl python3-venv
+command -v skopeo >/dev/null || fail "skopeo is not installed"
+build_kiln
+
+CERTS="$WORK/certs"
+mkdir -p "$CERTS"
+# ca NAME : a CA certificate and key, $CERTS/NAME.pem and NAME.key.
+ca() {
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+        -subj "/CN=$1" -keyout "$CERTS/$1.key" -out "$CERTS/$1.pem" \
+        -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign" 2>/dev/null
+}
+# issue CA NAME CN [SAN] : a certificate signed by CA, $CERTS/NAME.pem and NAME.key.
+issue() {
+    local ca="$1" name="$2" cn="$3" san="${4:-}"
+    local ext="$CERTS/$name.ext"
+    echo "basicConstraints=critical,CA:FALSE" >"$ext"
+    [ -n "$san" ] && echo "subjectAltName=$san" >>"$ext"
+    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=$cn" \
+        -keyout "$CERTS/$name.key" -out "$CERTS/$name.csr" 2>/dev/null
+    openssl x509 -req -in "$CERTS/$name.csr" -CA "$CERTS/$ca.pem" -CAkey "$CERTS/$ca.key" \
+        -CAcreateserial -days 2 -extfile "$ext" -out "$CERTS/$name.pem" 2>/dev/null
+}
+ca server-ca
+ca client-ca
+ca stranger-ca
+issue server-ca server localhost "DNS:localhost,IP:127.0.0.1"
+issue client-ca worker worker-1
+issue stranger-ca stranger worker-2
+
+log "kiln up over TLS, with registry token auth on"
+PASSWORD=interop-secret
+python3 -m venv "$WORK/venv" >/dev/null && "$WORK/venv/bin/pip" install -q argon2-cffi >/dev/null \
+    || fail "could not install argon2-cffi to hash the registry password"
+HASH=$("$WORK/venv/bin/python" -c 'import argon2,sys; print(argon2.PasswordHasher().hash(sys.argv[1]))' "$PASSWORD")
+# The local workers trust the server's CA (by default they trust the server's own
+# certificate, which only works for a self-signed one).
+cat >"$WORK/kiln.toml" <<TOML
+[worker]
+ca_cert = "$CERTS/server-ca.pem"
+
+[registry.auth]
+enabled = true
+users = [{ name = "ci", password_hash = "$HASH", grants = [{ repositories = "*", actions = ["pull", "push"] }] }]
+TOML
+start_kiln up up --config "$WORK/kiln.toml" --grpc-addr 127.0.0.1:0 --registry-addr 127.0.0.1:0 \
+    --metrics-addr 127.0.0.1:0 --workers 1 --data-dir "$WORK/kiln-data" \
+    --tls-cert "$CERTS/server.pem" --tls-key "$CERTS/server.key"
+GRPC=$(listen_addr up grpc)
+REGISTRY=$(listen_addr up http registry)
+contains "listening on grpcs://$GRPC" <"$WORK/up.log" || fail "the coordinator does not say grpcs"
+
+mkdir -p "$WORK/project" && echo "over tls" >"$WORK/project/in.txt"
+run_over() { (cd "$WORK/project" && timeout 120 "$KILN" run "$@" -- cat in.txt); }
+run_over --coordinator "grpcs://$GRPC" --ca-cert "$CERTS/server-ca.pem" >"$WORK/run.out" 2>"$WORK/run.err" \
+    || { cat "$WORK/run.err" >&2; fail "kiln run over grpcs"; }
+contains '^over tls$' <"$WORK/run.out" || fail "the action's output is missing"
+contains 'executed, exit code 0' <"$WORK/run.err" || fail "the local worker did not run it over TLS"
+run_over --no-cache --coordinator "grpcs://$GRPC" >/dev/null 2>"$WORK/run-noca.err" \
+    && fail "kiln run trusted the server without its CA"
+contains 'certificate' <"$WORK/run-noca.err" || { cat "$WORK/run-noca.err" >&2; fail "no certificate error"; }
+
+log "Bazel 2.1 over grpcs"
+prepare_bazel_workspace 20
+(cd "$WORKSPACE" && timeout 300 "$BAZEL" --output_user_root="$WORK/bazel-root" --batch build //... \
+    --remote_executor="grpcs://$GRPC" --tls_certificate="$CERTS/server-ca.pem" --remote_timeout=60 --jobs=8) \
+    >"$WORK/bazel.out" 2>&1 || { tail -n 30 "$WORK/bazel.out" >&2; fail "Bazel over grpcs"; }
+line=$(grep -E '^INFO: [0-9]+ processes' "$WORK/bazel.out" | tail -n 1)
+echo "bazel over grpcs: $line"
+[[ "$line" =~ ^INFO:\ ([0-9]+)\ processes:\ ([0-9]+)\ remote\.?$ ]] && [ "${BASH_REMATCH[2]}" -eq "$GENRULES" ] \
+    || fail "expected all $GENRULES actions to run remotely: $line"
+
+log "skopeo over HTTPS with the CA, token auth on"
+mkdir -p "$WORK/skopeo-certs"
+cp "$CERTS/server-ca.pem" "$WORK/skopeo-certs/ca.crt"
+LAYOUT="$WORK/layout"
+umoci init --layout "$LAYOUT"
+umoci new --image "$LAYOUT:v1.0.0"
+umoci unpack --rootless --image "$LAYOUT:v1.0.0" "$WORK/bundle"
+echo "hello over https" >"$WORK/bundle/rootfs/hello.txt"
+umoci repack --image "$LAYOUT:v1.0.0" "$WORK/bundle"
+CREDS=(--dest-creds "ci:$PASSWORD" --dest-cert-dir "$WORK/skopeo-certs")
+skopeo copy "${CREDS[@]}" "oci:$LAYOUT:v1.0.0" "docker://$REGISTRY/tls/app:v1.0.0" \
+    || fail "skopeo could not push over HTTPS"
+skopeo copy --src-creds "ci:$PASSWORD" --src-cert-dir "$WORK/skopeo-certs" \
+    "docker://$REGISTRY/tls/app:v1.0.0" "oci:$WORK/pulled:v1.0.0" || fail "skopeo could not pull over HTTPS"
+[ "$(skopeo inspect --raw "oci:$LAYOUT:v1.0.0")" = "$(skopeo inspect --raw "oci:$WORK/pulled:v1.0.0")" ] \
+    || fail "the pulled manifest differs"
+skopeo inspect --creds "ci:$PASSWORD" "docker://$REGISTRY/tls/app:v1.0.0" >/dev/null 2>"$WORK/skopeo-noca.err" \
+    && fail "skopeo trusted the registry without its CA"
+grep -q "$PASSWORD" "$WORK/up.log" && fail "the registry password appears in kiln's log"
+
+log "mutual TLS: a worker with a client certificate joins, others are refused"
+JOIN="join-$RANDOM$RANDOM"
+INTEROP_KILN_LOG=info,kiln_tls=debug start_kiln mtls coordinator --grpc-addr 127.0.0.1:0 \
+    --metrics-addr 127.0.0.1:0 --data-dir "$WORK/mtls-data" --join-token "$JOIN" \
+    --tls-cert "$CERTS/server.pem" --tls-key "$CERTS/server.key" --tls-client-ca "$CERTS/client-ca.pem"
+MTLS=$(listen_addr mtls grpc)
+WORKER_TLS=(--coordinator "grpcs://$MTLS" --ca-cert "$CERTS/server-ca.pem" --join-token "$JOIN" --slots 1)
+start_kiln_worker good "${WORKER_TLS[@]}" --work-dir "$WORK/good" \
+    --client-cert "$CERTS/worker.pem" --client-key "$CERTS/worker.key"
+for who in none stranger; do
+    extra=()
+    [ "$who" = stranger ] && extra=(--client-cert "$CERTS/stranger.pem" --client-key "$CERTS/stranger.key")
+    KILN_LOG=info "$KILN" worker --metrics-addr 127.0.0.1:0 "${WORKER_TLS[@]}" --work-dir "$WORK/$who" \
+        "${extra[@]}" >"$WORK/$who.log" 2>&1 &
+    pid=$!
+    STARTED_PIDS+=("$pid")
+    sleep 3
+    grep -q 'registered with the coordinator' "$WORK/$who.log" && fail "a worker with $who certificate joined"
+    contains 'lost the coordinator' <"$WORK/$who.log" || { cat "$WORK/$who.log" >&2; fail "the $who worker says nothing of its refusal"; }
+    stop_pid "$pid" TERM
+done
+STATUS=$("$KILN" status --coordinator "grpcs://$MTLS" --ca-cert "$CERTS/server-ca.pem" \
+    --client-cert "$CERTS/worker.pem" --client-key "$CERTS/worker.key")
+echo "$STATUS" | contains 'Workers: 1 connected' || { echo "$STATUS" >&2; fail "kiln status over mTLS does not show the one worker"; }
+
+log "rotation: new connections see the new certificate, without a restart"
+serial() { openssl s_client -connect "$1" -servername localhost </dev/null 2>/dev/null | openssl x509 -noout -serial; }
+BEFORE=$(serial "$GRPC")
+issue server-ca server-next localhost "DNS:localhost,IP:127.0.0.1"
+cp "$CERTS/server-next.key" "$CERTS/server.key.new" && mv "$CERTS/server.key.new" "$CERTS/server.key"
+cp "$CERTS/server-next.pem" "$CERTS/server.pem.new" && mv "$CERTS/server.pem.new" "$CERTS/server.pem"
+sleep 3
+AFTER=$(serial "$GRPC")
+AFTER_HTTPS=$(serial "$REGISTRY")
+echo "gRPC certificate: $BEFORE -> $AFTER; registry: $AFTER_HTTPS"
+[ -n "$BEFORE" ] && [ "$BEFORE" != "$AFTER" ] || fail "the coordinator still presents the old certificate"
+[ "$AFTER_HTTPS" = "$AFTER" ] || fail "the registry does not present the new certificate"
+run_over --no-cache --coordinator "grpcs://$GRPC" --ca-cert "$CERTS/server-ca.pem" >/dev/null 2>"$WORK/run2.err" \
+    || { cat "$WORK/run2.err" >&2; fail "kiln run after rotation"; }
+grep -q "BEGIN.*PRIVATE KEY" "$WORK/up.log" "$WORK/mtls.log" && fail "a private key appears in a log"
+
+echo "tls: grpcs and https with kiln run, Bazel 2.1 and skopeo; mTLS workers; rotation without restart"
