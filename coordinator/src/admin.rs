@@ -91,13 +91,15 @@ impl AdminService {
 
     /// The status (every repository's name among it) and the tokens are an admin's.
     fn require_admin<T>(request: &Request<T>) -> Result<(), CoordinatorError> {
-        if caller_of(request).is_admin() {
-            Ok(())
-        } else {
-            Err(CoordinatorError::PermissionDenied {
+        match caller_of(request) {
+            caller if caller.is_admin() => Ok(()),
+            auth::Caller::Anonymous(_) => Err(CoordinatorError::Unauthenticated(
+                "the admin API needs a token with the admin scope".into(),
+            )),
+            _ => Err(CoordinatorError::PermissionDenied {
                 scope: auth::Scope::Admin,
                 instance: String::new(),
-            })
+            }),
         }
     }
 

@@ -11,6 +11,7 @@
 //!   create`) or in the configuration file.
 
 mod caller;
+mod certificates;
 mod layer;
 mod registry_blobs;
 mod scope;
@@ -18,6 +19,7 @@ mod token_api;
 mod tokens;
 
 pub use caller::{authorize, caller_of, Caller};
+pub use certificates::CertificateGrant;
 pub use layer::{Authenticated, Authenticator};
 pub(crate) use registry_blobs::RegistryBlobGuard;
 pub use scope::{parse_scopes, Grant, Scope};

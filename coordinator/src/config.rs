@@ -89,6 +89,15 @@ pub struct AuthConfig {
     /// Tokens declared here, by hash (`kiln token generate` prints one with its hash);
     /// `kiln token create` adds more at run time.
     pub tokens: Vec<crate::auth::ConfiguredToken>,
+    /// With mutual TLS: scopes for client certificates by subject common name, for
+    /// clients that present no token (Bazel 2.1 sends none on its uploads).
+    pub client_certificates: Vec<crate::auth::CertificateGrant>,
+    /// Scopes granted to calls with no credentials at all; empty by default. For old
+    /// clients: Bazel 2.1 sends no header on its ByteStream uploads, so with a token it
+    /// can execute remotely only if `cas:write` is granted here. CAS writes are checked
+    /// against their digest, so they cannot poison anything; they do take room, which the
+    /// CAS's limit bounds.
+    pub anonymous_scopes: Vec<String>,
 }
 
 impl Default for CoordinatorConfig {

@@ -118,7 +118,10 @@ impl Coordinator {
             tokens.clone(),
             config.auth.enabled,
             config.join_token.clone(),
-        );
+            &config.auth.client_certificates,
+            &config.auth.anonymous_scopes,
+        )
+        .map_err(|e| CoordinatorError::InvalidArgument(format!("coordinator.auth: {e}")))?;
         let counters = Arc::new(Counters::default());
         let capabilities = CapabilitiesServer::new(CapabilitiesService::new(&config));
         let registry_blobs = RegistryBlobGuard::new(self.registry.clone());

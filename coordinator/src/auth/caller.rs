@@ -18,6 +18,8 @@ pub enum Caller {
     Unchecked,
     /// The holder of a valid token.
     Token(Arc<TokenRecord>),
+    /// No credentials, where `coordinator.auth.anonymous_scopes` grants some scopes.
+    Anonymous(Arc<TokenRecord>),
 }
 
 impl Caller {
@@ -26,18 +28,23 @@ impl Caller {
         match self {
             Caller::Open => true,
             Caller::Unchecked => false,
-            Caller::Token(record) => record.grant().allows(scope, instance),
+            Caller::Token(record) | Caller::Anonymous(record) => {
+                record.grant().allows(scope, instance)
+            }
         }
     }
 
     pub fn require(&self, scope: Scope, instance: &str) -> Result<(), CoordinatorError> {
-        if self.allows(scope, instance) {
-            Ok(())
-        } else {
-            Err(CoordinatorError::PermissionDenied {
+        match self {
+            _ if self.allows(scope, instance) => Ok(()),
+            // Someone who sent nothing is told to send a token, not that one lacks a scope.
+            Caller::Anonymous(_) => Err(CoordinatorError::Unauthenticated(format!(
+                "{scope} needs a token: send `authorization: Bearer <token>`"
+            ))),
+            _ => Err(CoordinatorError::PermissionDenied {
                 scope,
                 instance: instance.to_string(),
-            })
+            }),
         }
     }
 
@@ -47,6 +54,7 @@ impl Caller {
             Caller::Open => true,
             Caller::Unchecked => false,
             Caller::Token(record) => record.grant().is_admin(),
+            Caller::Anonymous(_) => false,
         }
     }
 }

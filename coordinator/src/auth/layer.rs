@@ -10,7 +10,8 @@ use futures::future::BoxFuture;
 use tower_service::Service;
 
 use super::caller::Caller;
-use super::scope::Scope;
+use super::certificates::{CertificateGrant, CertificateGrants};
+use super::scope::{parse_scopes, Scope};
 use super::tokens::{hash_token, now_unix, TokenRecord, TokenStore};
 use crate::secret::same_secret;
 use crate::CoordinatorError;
@@ -32,6 +33,10 @@ pub struct Authenticator {
     enabled: bool,
     /// Workers fetch inputs and upload outputs through the CAS with the join token.
     workers: Option<(String, Arc<TokenRecord>)>,
+    /// Scopes of mutual-TLS client certificates, by subject CN.
+    certificates: CertificateGrants,
+    /// What a call without credentials may do; none when unset.
+    anonymous: Option<Arc<TokenRecord>>,
 }
 
 impl Authenticator {
@@ -39,7 +44,31 @@ impl Authenticator {
     /// they are required only when `enabled`.
     /// The join token, when set, is a token too: it grants the CAS access workers need
     /// (`cas:read`, `cas:write`) and nothing else.
-    pub fn new(tokens: TokenStore, enabled: bool, join_token: Option<String>) -> Self {
+    pub fn new(
+        tokens: TokenStore,
+        enabled: bool,
+        join_token: Option<String>,
+        certificates: &[CertificateGrant],
+        anonymous_scopes: &[String],
+    ) -> Result<Self, String> {
+        let anonymous = if anonymous_scopes.is_empty() {
+            None
+        } else {
+            let scopes = parse_scopes(&anonymous_scopes.join(","))
+                .map_err(|e| format!("anonymous_scopes: {e}"))?;
+            if scopes.contains(&Scope::Admin) {
+                return Err("anonymous_scopes: admin cannot be granted to anonymous calls".into());
+            }
+            Some(Arc::new(TokenRecord {
+                id: "anonymous".into(),
+                name: "calls without credentials".into(),
+                scopes,
+                instance: None,
+                created_unix: 0,
+                expires_unix: None,
+                configured: true,
+            }))
+        };
         let workers = join_token.map(|token| {
             let record = TokenRecord {
                 id: "join-token".into(),
@@ -52,11 +81,13 @@ impl Authenticator {
             };
             (token, Arc::new(record))
         });
-        Authenticator {
+        Ok(Authenticator {
             tokens,
             enabled,
             workers,
-        }
+            certificates: CertificateGrants::new(certificates)?,
+            anonymous,
+        })
     }
 
     pub fn tokens(&self) -> &TokenStore {
@@ -67,9 +98,18 @@ impl Authenticator {
     pub async fn caller(
         &self,
         authorization: Option<&http::HeaderValue>,
+        extensions: &http::Extensions,
     ) -> Result<Caller, CoordinatorError> {
         if !self.enabled {
             return Ok(Caller::Open);
+        }
+        if authorization.is_none() {
+            if let Some(grant) = self.certificates.of_connection(extensions) {
+                return Ok(Caller::Token(grant));
+            }
+            if let Some(anonymous) = &self.anonymous {
+                return Ok(Caller::Anonymous(anonymous.clone()));
+            }
         }
         let token = authorization
             .and_then(|value| value.to_str().ok())
@@ -151,7 +191,10 @@ where
                 Ok(Caller::Unchecked)
             } else {
                 authenticator
-                    .caller(request.headers().get(http::header::AUTHORIZATION))
+                    .caller(
+                        request.headers().get(http::header::AUTHORIZATION),
+                        request.extensions(),
+                    )
                     .await
             };
             match caller {
