@@ -77,6 +77,11 @@ fn configured(
 }
 
 async fn serve_with_auth() -> (ServedCoordinator, Channel) {
+    serve_with(Vec::new()).await
+}
+
+/// A coordinator with auth on, granting `anonymous` scopes to calls without credentials.
+async fn serve_with(anonymous: Vec<String>) -> (ServedCoordinator, Channel) {
     let config = CoordinatorConfig {
         auth: AuthConfig {
             enabled: true,
@@ -84,6 +89,8 @@ async fn serve_with_auth() -> (ServedCoordinator, Channel) {
                 configured("bootstrap", ADMIN_TOKEN, &["admin"], None),
                 configured("old", EXPIRED_TOKEN, &["cas:read"], Some(1)),
             ],
+            anonymous_scopes: anonymous,
+            ..Default::default()
         },
         ..Default::default()
     };
@@ -542,5 +549,32 @@ async fn operations_are_listed_only_on_instances_the_caller_may_execute_on() {
     let elsewhere = create_token(&channel, &["execute"], "other").await;
     assert_eq!(list(on_ci).await, vec![f.operation.clone()]);
     assert!(list(elsewhere).await.is_empty());
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_scopes_allow_what_they_name_and_ask_for_a_token_otherwise() {
+    let (server, channel) = serve_with(vec!["cas:write".into()]).await;
+    let f = fixture(&channel).await;
+    // No credentials at all: uploads pass (what Bazel 2.1 needs), the rest asks for one.
+    make(Call::Write, &channel, None, "ci", &f).await.unwrap();
+    make(Call::FindMissingBlobs, &channel, None, "ci", &f)
+        .await
+        .unwrap();
+    for call in [Call::Read, Call::Execute, Call::GetStatus] {
+        let refused = make(call, &channel, None, "ci", &f).await.unwrap_err();
+        assert_eq!(
+            refused.code(),
+            Code::Unauthenticated,
+            "{call:?}: {refused:?}"
+        );
+    }
+    // A token still counts as itself: a reader's token does not gain the anonymous write.
+    let reader = create_token(&channel, &["cas:read"], "").await;
+    assert_refused(
+        make(Call::Write, &channel, Some(&reader), "ci", &f).await,
+        Code::PermissionDenied,
+        "a token without cas:write",
+    );
     server.stop().await.unwrap();
 }
