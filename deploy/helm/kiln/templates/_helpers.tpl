@@ -80,7 +80,28 @@ A floating `latest` is refused here so no values file can sneak it in.
 
 {{/* The gRPC address workers dial. */}}
 {{- define "kiln.coordinatorAddress" -}}
-{{- default (printf "grpc://%s-grpc.%s.svc:%d" (include "kiln.fullname" .) .Release.Namespace (int .Values.server.service.grpc.port)) .Values.worker.coordinator }}
+{{- $scheme := ternary "grpcs" "grpc" (not (empty .Values.tls.existingSecret)) }}
+{{- default (printf "%s://%s-grpc.%s.svc:%d" $scheme (include "kiln.fullname" .) .Release.Namespace (int .Values.server.service.grpc.port)) .Values.worker.coordinator }}
+{{- end }}
+
+{{/* The server's TOML: `server.config`, then the auth tokens and anonymous scopes. */}}
+{{- define "kiln.serverConfig" -}}
+{{- with .Values.server.config }}
+{{ . }}
+{{- end }}
+{{- if .Values.auth.anonymousScopes }}
+[coordinator.auth]
+anonymous_scopes = {{ toJson .Values.auth.anonymousScopes }}
+{{- end }}
+{{- range .Values.auth.tokens }}
+[[coordinator.auth.tokens]]
+name = {{ .name | quote }}
+hash = {{ .hash | quote }}
+scopes = {{ toJson .scopes }}
+{{- with .instance }}
+instance = {{ . | quote }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* KILN_JOIN_TOKEN from the Secret; shared by the server and the workers. */}}
