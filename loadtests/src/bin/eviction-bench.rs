@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use kiln_loadtests::bytestream::write_blob;
-use kiln_loadtests::{load, mb_per_s, seed};
+use kiln_loadtests::{load, mb_per_s, median, seed, Rounds};
 use kiln_proto::reapi::{action_cache_client::ActionCacheClient, GetActionResultRequest};
 use kiln_store::{BlobStore, BoundedBlobStore, EvictionPolicy, FsBlobStore, SledMetadataStore};
 use rand::RngCore;
@@ -24,21 +24,8 @@ struct Args {
     /// The limit of the store that evicts, in MiB.
     #[arg(long, default_value_t = 1024)]
     limit_mib: u64,
-    /// Size of each measured ByteStream blob, in MiB.
-    #[arg(long, default_value_t = 64)]
-    blob_mib: usize,
-    /// Measured blobs per write round.
-    #[arg(long, default_value_t = 4)]
-    blobs: usize,
-    /// Seconds per GetActionResult run.
-    #[arg(long, default_value_t = 5)]
-    seconds: u64,
-    /// Concurrent GetActionResult callers.
-    #[arg(long, default_value_t = 32)]
-    concurrency: usize,
-    /// Rounds, each measuring both servers.
-    #[arg(long, default_value_t = 3)]
-    rounds: usize,
+    #[command(flatten)]
+    plan: Rounds,
     /// Where the servers keep their data [default: a temporary directory under $TMPDIR].
     #[arg(long)]
     data_dir: Option<std::path::PathBuf>,
@@ -91,12 +78,13 @@ async fn main() -> anyhow::Result<()> {
 
     let mut writes = [Vec::new(), Vec::new()];
     let mut hits = [Vec::new(), Vec::new()];
-    for round in 0..args.rounds {
+    for round in 0..args.plan.rounds {
         for (i, server) in servers.iter().enumerate() {
-            writes[i].push(write_round(server, args.blob_mib << 20, args.blobs).await?);
+            writes[i].push(write_round(server, args.plan.blob_mib << 20, args.plan.blobs).await?);
         }
         for (i, server) in servers.iter().enumerate() {
-            let summary = get_action_results(server, args.concurrency, args.seconds).await;
+            let summary =
+                get_action_results(server, args.plan.concurrency, args.plan.seconds).await;
             anyhow::ensure!(
                 summary.errors == 0,
                 "{}: {} errors",
@@ -105,7 +93,7 @@ async fn main() -> anyhow::Result<()> {
             );
             hits[i].push(summary.per_second());
         }
-        eprintln!("round {} of {} done", round + 1, args.rounds);
+        eprintln!("round {} of {} done", round + 1, args.plan.rounds);
     }
     stop.store(true, Ordering::Relaxed);
     for task in pressure {
@@ -115,7 +103,7 @@ async fn main() -> anyhow::Result<()> {
     let held = servers[1].store.stored_bytes().await?;
     println!(
         "\n## Eviction active vs idle, {} rounds; limit {} MiB, {} × {} MiB ByteStream writes per round, {} GetActionResult callers for {} s",
-        args.rounds, args.limit_mib, args.blobs, args.blob_mib, args.concurrency, args.seconds
+        args.plan.rounds, args.limit_mib, args.plan.blobs, args.plan.blob_mib, args.plan.concurrency, args.plan.seconds
     );
     println!("| measure | eviction idle | eviction active | active / idle |");
     println!("|---|---|---|---|");
@@ -130,7 +118,7 @@ async fn main() -> anyhow::Result<()> {
         100.0 * h_active / h_idle
     );
     let written = background_bytes[1].load(Ordering::Relaxed)
-        + (args.rounds * args.blobs * (args.blob_mib << 20)) as u64;
+        + (args.plan.rounds * args.plan.blobs * (args.plan.blob_mib << 20)) as u64;
     println!(
         "\nThe evicting store took {} MiB of writes through its {} MiB limit and held {} MiB at the end.",
         written >> 20,
@@ -247,9 +235,4 @@ async fn get_action_results(
         },
     )
     .await
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
 }
