@@ -229,6 +229,7 @@ impl ActionRunner {
             .or_else(|| action.timeout.and_then(|t| duration(&t)))
             .unwrap_or(self.default_timeout);
         Ok(Prepared {
+            network: wants_network(&action, &command),
             command,
             working_dir,
             timeout,
@@ -326,6 +327,7 @@ impl ActionRunner {
             working_dir: prepared.working_dir.clone(),
             exec_root: exec_root.to_path_buf(),
             timeout: prepared.timeout,
+            network: prepared.network,
             stdout: Arc::new(log_file(c"stdout")?),
             stderr: Arc::new(log_file(c"stderr")?),
         };
@@ -406,6 +408,8 @@ struct Prepared {
     command: reapi::Command,
     working_dir: std::path::PathBuf,
     timeout: Duration,
+    /// `network=on`: the sandbox shares the host's network.
+    network: bool,
 }
 
 /// An action's captured stdout and stderr (in-memory files).
@@ -519,4 +523,20 @@ fn make_writable(dir: &std::path::Path) {
             }
         }
     }
+}
+
+/// The platform property an action sets to reach the network from the sandbox.
+pub const NETWORK_PROPERTY: (&str, &str) = ("network", "on");
+
+/// Whether the action asks for the host's network (`network=on` on the Action's platform,
+/// or on the Command's, where Bazel 2.1 puts it).
+fn wants_network(action: &reapi::Action, command: &reapi::Command) -> bool {
+    #[allow(deprecated)]
+    let platforms = [action.platform.as_ref(), command.platform.as_ref()];
+    platforms.into_iter().flatten().any(|platform| {
+        platform
+            .properties
+            .iter()
+            .any(|p| (p.name.as_str(), p.value.as_str()) == NETWORK_PROPERTY)
+    })
 }

@@ -5,7 +5,7 @@
 //! action runner can be exercised with another implementation; [`ProcessRunner`] is the
 //! real one.
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -32,6 +32,9 @@ pub struct CommandSpec {
     /// Where the command starts: `exec_root` joined with the Command's working_directory.
     pub working_dir: PathBuf,
     pub timeout: Duration,
+    /// Whether the sandbox shares the host's network (the platform property
+    /// `network=on`); otherwise the action has only a loopback of its own.
+    pub network: bool,
     /// Open files that receive the command's stdout and stderr (the action runner uses
     /// anonymous in-memory files, so capturing logs creates nothing on disk).
     pub stdout: Arc<File>,
@@ -116,7 +119,7 @@ impl ProcessRunner {
     }
 
     /// argv as started: the command itself, or bubblewrap wrapping it.
-    fn argv<'a>(&'a self, spec: &'a CommandSpec) -> Result<Vec<&'a OsStr>, WorkerError> {
+    fn argv(&self, spec: &CommandSpec) -> Result<Vec<OsString>, WorkerError> {
         if spec.arguments.is_empty() {
             return Err(WorkerError::InvalidAction(
                 "the command has no arguments".into(),
@@ -124,12 +127,16 @@ impl ProcessRunner {
         }
         let command = spec.arguments.iter().map(OsStr::new);
         Ok(match &self.bubblewrap {
-            Some(bwrap) => std::iter::once(bwrap.as_os_str())
-                .chain(bubblewrap_args(&spec.exec_root, &spec.working_dir))
-                .chain([OsStr::new("--")])
-                .chain(command)
+            Some(bwrap) => std::iter::once(bwrap.clone().into_os_string())
+                .chain(bubblewrap_args(
+                    &spec.exec_root,
+                    &spec.working_dir,
+                    spec.network,
+                ))
+                .chain([OsString::from("--")])
+                .chain(command.map(OsString::from))
                 .collect(),
-            None => command.collect(),
+            None => command.map(OsString::from).collect(),
         })
     }
 
@@ -157,6 +164,7 @@ impl CommandRunner for ProcessRunner {
         cancel: &CancellationToken,
     ) -> Result<CommandExit, WorkerError> {
         let argv = self.argv(spec)?;
+        let argv: Vec<&OsStr> = argv.iter().map(OsString::as_os_str).collect();
         let stdin = File::open("/dev/null").map_err(WorkerError::io("opening /dev/null"))?;
         let mut stdout = LogCapture::start(spec.stdout.clone(), self.limits.log_bytes, "stdout")?;
         let mut stderr = LogCapture::start(spec.stderr.clone(), self.limits.log_bytes, "stderr")?;
@@ -233,30 +241,63 @@ impl Drop for ProcessGroup {
     }
 }
 
-/// A read-only view of the host with private /tmp, /dev and /proc, in fresh namespaces
-/// (network excepted: `kiln run` actions such as `cargo test` may need it), with only the
-/// action's own directory writable.
-fn bubblewrap_args<'a>(exec_root: &'a Path, working_dir: &'a Path) -> Vec<&'a OsStr> {
-    let flag = OsStr::new;
-    vec![
-        flag("--ro-bind"),
-        flag("/"),
-        flag("/"),
-        flag("--dev"),
-        flag("/dev"),
-        flag("--proc"),
-        flag("/proc"),
-        flag("--tmpfs"),
-        flag("/tmp"),
-        flag("--bind"),
-        exec_root.as_os_str(),
-        exec_root.as_os_str(),
-        flag("--unshare-all"),
-        flag("--share-net"),
-        flag("--die-with-parent"),
-        flag("--chdir"),
-        working_dir.as_os_str(),
-    ]
+/// The host's system directories an action sees, read-only, where they exist. Nothing
+/// else of the host is there: not `/home`, `/root`, `/var`, `/srv`, nor wherever the
+/// worker keeps its cache, its data directory and other actions' directories.
+const SYSTEM_DIRS: &[&str] = &[
+    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt",
+];
+
+/// The sandbox: a root of its own holding the system directories read-only, private
+/// `/tmp`, `/dev` and `/proc`, and the action's directory as the one writable place; new
+/// user, PID, IPC, UTS, cgroup and network namespaces (the host's network only with
+/// `network`), the unprivileged uid 65534 inside, a new session (no terminal injection),
+/// and death with the worker.
+fn bubblewrap_args(exec_root: &Path, working_dir: &Path, network: bool) -> Vec<OsString> {
+    let mut args: Vec<OsString> = Vec::new();
+    let mut push = |items: &[&OsStr]| args.extend(items.iter().map(|i| i.to_os_string()));
+    for dir in SYSTEM_DIRS {
+        let path = Path::new(dir);
+        match std::fs::symlink_metadata(path) {
+            // Merged /usr: /bin is a link to usr/bin; keep it a link.
+            Ok(meta) if meta.file_type().is_symlink() => {
+                if let Ok(target) = std::fs::read_link(path) {
+                    push(&["--symlink".as_ref(), target.as_os_str(), path.as_os_str()]);
+                }
+            }
+            Ok(_) => push(&["--ro-bind".as_ref(), path.as_os_str(), path.as_os_str()]),
+            Err(_) => {}
+        }
+    }
+    let flags: [&OsStr; 7] = [
+        "--dev".as_ref(),
+        "/dev".as_ref(),
+        "--proc".as_ref(),
+        "/proc".as_ref(),
+        "--tmpfs".as_ref(),
+        "/tmp".as_ref(),
+        "--bind".as_ref(),
+    ];
+    push(&flags);
+    push(&[exec_root.as_os_str(), exec_root.as_os_str()]);
+    // The sandbox's root is a tmpfs of bwrap's; read-only, so /tmp and the action's
+    // directory (mounts of their own) are the only writable places.
+    push(&["--remount-ro".as_ref(), "/".as_ref()]);
+    push(&[
+        "--unshare-all".as_ref(),
+        "--unshare-user".as_ref(),
+        "--uid".as_ref(),
+        "65534".as_ref(),
+        "--gid".as_ref(),
+        "65534".as_ref(),
+        "--new-session".as_ref(),
+        "--die-with-parent".as_ref(),
+    ]);
+    if network {
+        push(&["--share-net".as_ref()]);
+    }
+    push(&["--chdir".as_ref(), working_dir.as_os_str()]);
+    args
 }
 
 /// Finds `bwrap` on PATH and checks that it can create a sandbox on this host (it cannot
@@ -269,7 +310,7 @@ fn working_bubblewrap() -> Result<PathBuf, String> {
         .ok_or_else(|| "bwrap is not installed".to_string())?;
     let root = std::env::temp_dir();
     let status = std::process::Command::new(&bwrap)
-        .args(bubblewrap_args(&root, &root))
+        .args(bubblewrap_args(&root, &root, false))
         .args(["--", "true"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())

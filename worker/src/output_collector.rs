@@ -107,17 +107,53 @@ pub fn create_output_parents(
     command: &reapi::Command,
 ) -> Result<(), WorkerError> {
     let working_dir = check_paths(exec_root, command)?;
-    if working_dir != exec_root {
-        std::fs::create_dir_all(&working_dir)
-            .map_err(WorkerError::io("creating the working directory"))?;
-    }
+    create_dirs_beneath(exec_root, &working_dir, "the working directory")?;
     for (path, _) in requested_paths(command) {
         let full = output_location(exec_root, &command.working_directory, path)
             .map_err(|reason| escape(path, reason))?;
         if let Some(parent) = full.parent() {
-            std::fs::create_dir_all(parent).map_err(WorkerError::io(format!(
-                "creating the parent directory of output {path:?}"
-            )))?;
+            create_dirs_beneath(exec_root, parent, &format!("output {path:?}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Creates `dir` and its missing parents below `root`, one component at a time, refusing
+/// to follow a symlink: the input tree may place one (`out -> /etc`), and the worker,
+/// which creates these directories with its own rights, must never create anything
+/// outside the action's directory. Nothing runs in the directory yet, so nothing can swap
+/// a component between the check and the creation.
+fn create_dirs_beneath(root: &Path, dir: &Path, what: &str) -> Result<(), WorkerError> {
+    let relative = dir
+        .strip_prefix(root)
+        .map_err(|_| WorkerError::InvalidAction(format!("{what} is outside the input root")))?;
+    let mut current = root.to_path_buf();
+    for component in relative.components() {
+        current.push(component);
+        match std::fs::symlink_metadata(&current) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                return Err(WorkerError::InvalidAction(format!(
+                    "{what}: {} is a symlink in the input tree; an output's parent directory \
+                     must be a real directory",
+                    current.strip_prefix(root).unwrap_or(&current).display()
+                )))
+            }
+            Ok(meta) if meta.is_dir() => {}
+            Ok(_) => {
+                return Err(WorkerError::InvalidAction(format!(
+                    "{what}: {} is a file, not a directory",
+                    current.strip_prefix(root).unwrap_or(&current).display()
+                )))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir(&current)
+                    .map_err(WorkerError::io(format!("creating the directory of {what}")))?;
+            }
+            Err(e) => {
+                return Err(WorkerError::io(format!(
+                    "looking at the directory of {what}"
+                ))(e))
+            }
         }
     }
     Ok(())

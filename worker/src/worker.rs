@@ -145,12 +145,10 @@ impl Worker {
             sandboxed,
             join_token: config.join_token.clone(),
             platform: reapi::Platform {
-                properties: config
-                    .platform
-                    .iter()
+                properties: offered_platform(&config.platform)
                     .map(|(name, value)| reapi::platform::Property {
-                        name: name.clone(),
-                        value: value.clone(),
+                        name: name.to_string(),
+                        value: value.to_string(),
                     })
                     .collect(),
             },
@@ -458,4 +456,15 @@ fn default_worker_id() -> String {
     let host = kiln_telemetry::host_name().unwrap_or_else(|| "worker".to_string());
     let suffix = uuid::Uuid::new_v4().simple().to_string();
     format!("{host}-{}", &suffix[..8])
+}
+
+/// The properties the worker offers: the configured ones, and `network=on` (every
+/// worker can give an action the network; the sandbox withholds it unless asked).
+fn offered_platform(configured: &[(String, String)]) -> impl Iterator<Item = (&str, &str)> {
+    let (name, value) = crate::action_runner::NETWORK_PROPERTY;
+    let network = (!configured.iter().any(|(n, _)| n == name)).then_some((name, value));
+    configured
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .chain(network)
 }

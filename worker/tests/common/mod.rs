@@ -159,6 +159,8 @@ pub struct ActionSpec {
     pub output_paths: Vec<String>,
     pub inputs: Vec<Node>,
     pub timeout: Option<Duration>,
+    /// Platform properties on the Action.
+    pub platform: Vec<(String, String)>,
 }
 
 impl ActionSpec {
@@ -204,6 +206,16 @@ pub async fn put_action_on(cas: &TestCas, spec: &ActionSpec, input_root: Digest)
         timeout: spec.timeout.map(|t| kiln_proto::protobuf::Duration {
             seconds: t.as_secs() as i64,
             nanos: t.subsec_nanos() as i32,
+        }),
+        platform: (!spec.platform.is_empty()).then(|| reapi::Platform {
+            properties: spec
+                .platform
+                .iter()
+                .map(|(name, value)| reapi::platform::Property {
+                    name: name.clone(),
+                    value: value.clone(),
+                })
+                .collect(),
         }),
         ..Default::default()
     };

@@ -10,4 +10,5 @@ mod action_runner;
 mod input_integrity;
 mod input_limits;
 mod local_cache;
+mod sandbox_escape;
 mod worker_loop;
