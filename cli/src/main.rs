@@ -85,6 +85,16 @@ struct WorkerArgs {
     work_dir: Option<std::path::PathBuf>,
     #[command(flatten)]
     tls: config::ClientTlsArgs,
+    /// How actions are confined [default: bubblewrap, and the worker refuses to start
+    /// without a working one]. `none` runs them unconfined, as the worker's user.
+    #[arg(long, env = "KILN_SANDBOX", value_enum)]
+    sandbox: Option<SandboxArg>,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum SandboxArg {
+    Bubblewrap,
+    None,
 }
 
 fn main() -> anyhow::Result<ExitCode> {
@@ -176,6 +186,18 @@ async fn run(
                 worker.slots = slots;
             }
             worker.platform.extend(args.platform);
+            // A worker serves strangers' actions: sandboxed unless told otherwise, here
+            // or in the file (`kiln up`'s local workers sandbox when they can).
+            worker.use_bubblewrap = match (args.sandbox, worker.use_bubblewrap) {
+                (Some(SandboxArg::None), _) => {
+                    tracing::warn!("--sandbox none: actions run UNCONFINED, as this worker's user, and can read and change everything it can");
+                    kiln_worker::BubblewrapMode::Never
+                }
+                (Some(SandboxArg::Bubblewrap), _) | (None, kiln_worker::BubblewrapMode::Auto) => {
+                    kiln_worker::BubblewrapMode::Always
+                }
+                (None, configured) => configured,
+            };
             for (flag, setting) in [
                 (args.tls.ca_cert, &mut worker.ca_cert),
                 (args.tls.client_cert, &mut worker.client_cert),

@@ -228,6 +228,9 @@ fn a_worker_is_ready_only_while_registered_with_its_coordinator() {
         work_dir.as_os_str(),
         "--data-dir".as_ref(),
         data.path().as_os_str(),
+        // What is tested is readiness and metrics, on machines without bubblewrap too.
+        "--sandbox".as_ref(),
+        "none".as_ref(),
     ];
     let (_worker, addresses) = spawn_kiln(&args, &[METRICS]);
     let ready = format!("http://{}/readyz", addresses[0]);
@@ -263,6 +266,9 @@ fn a_worker_whose_default_metrics_port_is_taken_serves_on_another() {
         work_dir.as_os_str(),
         "--data-dir".as_ref(),
         data.path().as_os_str(),
+        // What is tested is readiness and metrics, on machines without bubblewrap too.
+        "--sandbox".as_ref(),
+        "none".as_ref(),
     ];
     let (_worker, addresses) = spawn_kiln(&args, &[METRICS]);
     assert_ne!(addresses[0], "127.0.0.1:9092");

@@ -105,11 +105,20 @@ impl ProcessRunner {
             BubblewrapMode::Auto => match working_bubblewrap() {
                 Ok(path) => Some(path),
                 Err(reason) => {
-                    tracing::info!(%reason, "running actions without bubblewrap");
+                    tracing::warn!(
+                        %reason,
+                        "actions run WITHOUT a sandbox: they see the host, other actions and \
+                         this process's files, as this process's user"
+                    );
                     None
                 }
             },
-            BubblewrapMode::Always => Some(working_bubblewrap().map_err(WorkerError::Sandbox)?),
+            BubblewrapMode::Always => Some(working_bubblewrap().map_err(|reason| {
+                WorkerError::Sandbox(format!(
+                    "{reason}; install bubblewrap, or pass --sandbox none to run actions \
+                     unconfined"
+                ))
+            })?),
         };
         Ok(ProcessRunner { limits, bubblewrap })
     }
