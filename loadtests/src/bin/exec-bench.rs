@@ -38,6 +38,9 @@ struct Args {
     /// Small actions for the kiln-versus-local comparison.
     #[arg(long, default_value_t = 200)]
     small: usize,
+    /// Run actions under the bubblewrap sandbox (as `kiln worker` does by default).
+    #[arg(long)]
+    sandbox: bool,
     /// Export every span over OTLP/gRPC to a receiver in this process.
     #[arg(long)]
     otlp: bool,
@@ -251,7 +254,11 @@ async fn main() -> anyhow::Result<()> {
             slots: args.slots,
             join_token: "bench".into(),
             work_dir: dir.path().join(format!("worker-{index}")),
-            use_bubblewrap: kiln_worker::BubblewrapMode::Never,
+            use_bubblewrap: if args.sandbox {
+                kiln_worker::BubblewrapMode::Always
+            } else {
+                kiln_worker::BubblewrapMode::Never
+            },
             worker_id: format!("bench-{index}"),
             ..Default::default()
         };
