@@ -1,6 +1,7 @@
-//! Secrets never reach spans or logs. A coordinator with a join token, a worker holding
-//! it, a worker holding a wrong one, a client sending a bearer token and an operator
-//! draining a worker run in one test, each as its own traced "process" that exports every
+//! Secrets never reach spans or logs. A coordinator with a join token and token auth on, a
+//! worker holding the join token (which it also presents on its CAS calls), a worker
+//! holding a wrong one, a client sending a valid bearer token and then a wrong one, and an
+//! operator draining a worker run in one test, each as its own traced "process" that exports every
 //! span to an in-process OTLP receiver and keeps its log lines at `trace` in memory. No
 //! token may appear in any span or any log line.
 //!
@@ -12,7 +13,8 @@ use common::traces::{
     execute_request, response_of, traced_execute, upload_traced_action, TracedWorker, SPANS_TIMEOUT,
 };
 use common::{finish, TestServer};
-use kiln_coordinator::CoordinatorConfig;
+use kiln_coordinator::auth::{hash_token, ConfiguredToken};
+use kiln_coordinator::{AuthConfig, CoordinatorConfig};
 use kiln_proto::admin::v1::admin_client::AdminClient;
 use kiln_proto::admin::v1::DrainWorkerRequest;
 use kiln_telemetry::receiver::{named, recorded_secrets, CapturedLogs, TraceCollector};
@@ -52,8 +54,23 @@ fn tokens_stay_out_of_spans_and_logs() {
     let (admin, admin_logs) = process("kiln-admin");
 
     let dir = tempfile::tempdir().unwrap();
+    // Auth on: the client's bearer token is looked up, a wrong one refused, and the
+    // worker reaches the CAS with the join token as its bearer token.
     let config = CoordinatorConfig {
         join_token: Some(JOIN_TOKEN.into()),
+        auth: AuthConfig {
+            enabled: true,
+            tokens: vec![ConfiguredToken {
+                name: "client".into(),
+                hash: hex::encode(hash_token(BEARER_TOKEN)),
+                scopes: vec!["execute".into(), "ac:read".into()],
+                instance: None,
+                expires_unix: None,
+            }],
+            // The test's own uploads carry no token.
+            anonymous_scopes: vec!["cas:read".into(), "cas:write".into()],
+            ..Default::default()
+        },
         ..CoordinatorConfig::default()
     };
     let server = coordinator
@@ -86,12 +103,23 @@ fn tokens_stay_out_of_spans_and_logs() {
     );
     let action = coordinator.block_on(upload_traced_action(&server));
     let channel = server.channel.clone();
-    let (ran, cached) = client.block_on(async move {
+    let (ran, cached, refused) = client.block_on(async move {
         let execute = || with_bearer(execute_request(&action), BEARER_TOKEN);
         let ran = finish(traced_execute(channel.clone(), execute()).await).await;
-        let cached = finish(traced_execute(channel, execute()).await).await;
-        (response_of(&ran), response_of(&cached))
+        let cached = finish(traced_execute(channel.clone(), execute()).await).await;
+        let wrong = with_bearer(execute_request(&action), WRONG_TOKEN);
+        let refused = kiln_proto::reapi::execution_client::ExecutionClient::new(
+            kiln_telemetry::traced(channel),
+        )
+        .execute(wrong)
+        .await
+        .map(drop);
+        (response_of(&ran), response_of(&cached), refused)
     });
+    assert_eq!(
+        refused.expect_err("a wrong token executes nothing").code(),
+        Code::Unauthenticated
+    );
     assert_eq!(ran.result.expect("a result").exit_code, 0);
     assert!(cached.cached_result, "the second Execute hits the cache");
 
