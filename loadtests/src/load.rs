@@ -118,3 +118,34 @@ where
         p99: Duration::from_micros(histogram.value_at_quantile(0.99)),
     }
 }
+
+/// GetActionResult hits for `action` from `concurrency` callers for `seconds`, each call
+/// carrying `token` when one is given.
+pub async fn get_action_results(
+    channel: &tonic::transport::Channel,
+    token: Option<&'static str>,
+    action: kiln_proto::reapi::Digest,
+    concurrency: usize,
+    seconds: u64,
+) -> LoadSummary {
+    use kiln_proto::reapi::{action_cache_client::ActionCacheClient, GetActionResultRequest};
+    let ac = ActionCacheClient::new(channel.clone());
+    closed_loop(
+        concurrency,
+        Duration::from_secs(seconds),
+        10_000_000,
+        move || {
+            let mut ac = ac.clone();
+            let message = GetActionResultRequest {
+                action_digest: Some(action.clone()),
+                ..Default::default()
+            };
+            async move {
+                ac.get_action_result(crate::request(message, token))
+                    .await
+                    .map(|_| ())
+            }
+        },
+    )
+    .await
+}

@@ -151,6 +151,13 @@ impl ServedCoordinator {
         format!("http://{}", self.addr)
     }
 
+    /// A gRPC channel to the server, connected.
+    pub async fn channel(&self) -> anyhow::Result<tonic::transport::Channel> {
+        Ok(tonic::transport::Channel::from_shared(self.http_url())?
+            .connect()
+            .await?)
+    }
+
     /// `grpc://127.0.0.1:PORT`, as kiln's own clients take it.
     pub fn grpc_url(&self) -> String {
         format!("grpc://{}", self.addr)

@@ -75,11 +75,7 @@ async fn serve_bounded(low_watermark: f64) -> (ServedCoordinator, Arc<BoundedBlo
         .await
         .unwrap();
     let store = server.stores.bounded.clone().unwrap();
-    let channel = Channel::from_shared(server.http_url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = server.channel().await.unwrap();
     (server, store, channel)
 }
 

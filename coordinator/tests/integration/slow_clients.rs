@@ -32,11 +32,7 @@ async fn serve() -> (ServedCoordinator, Channel) {
     let server = ServedCoordinator::start(config, Stores::Memory)
         .await
         .unwrap();
-    let channel = Channel::from_shared(server.http_url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = server.channel().await.unwrap();
     (server, channel)
 }
 

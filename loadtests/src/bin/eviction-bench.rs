@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use kiln_loadtests::bytestream::write_blob;
 use kiln_loadtests::{load, mb_per_s, median, seed, Rounds};
-use kiln_proto::reapi::{action_cache_client::ActionCacheClient, GetActionResultRequest};
 use kiln_store::{BlobStore, BoundedBlobStore, EvictionPolicy, FsBlobStore, SledMetadataStore};
 use rand::RngCore;
 use tonic::transport::{Channel, Endpoint};
@@ -220,19 +219,5 @@ async fn get_action_results(
     let action = seed::action_result(&server.channel)
         .await
         .expect("the result can be stored again");
-    let ac = ActionCacheClient::new(server.channel.clone());
-    load::closed_loop(
-        concurrency,
-        Duration::from_secs(seconds),
-        10_000_000,
-        move || {
-            let mut ac = ac.clone();
-            let request = GetActionResultRequest {
-                action_digest: Some(action.clone()),
-                ..Default::default()
-            };
-            async move { ac.get_action_result(request).await.map(|_| ()) }
-        },
-    )
-    .await
+    load::get_action_results(&server.channel, None, action, concurrency, seconds).await
 }

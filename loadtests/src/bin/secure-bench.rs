@@ -9,15 +9,14 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use clap::Parser;
 use kiln_client::ClientTls;
 use kiln_coordinator::auth::{hash_token, ConfiguredToken};
 use kiln_coordinator::{AuthConfig, Coordinator, CoordinatorConfig};
 use kiln_loadtests::bytestream::{read_blob_as, write_blob_as};
-use kiln_loadtests::{load, mb_per_s, median, request, seed, Rounds};
-use kiln_proto::reapi::{action_cache_client::ActionCacheClient, GetActionResultRequest};
+use kiln_loadtests::{load, mb_per_s, median, seed, Rounds};
 use kiln_store::{MemoryBlobStore, MemoryMetadataStore};
 use kiln_tls::test_certs::TestCa;
 use rand::RngCore;
@@ -201,24 +200,5 @@ async fn get_action_results(
     seconds: u64,
 ) -> anyhow::Result<load::LoadSummary> {
     let action = seed::action_result_as(&server.channel, server.token).await?;
-    let ac = ActionCacheClient::new(server.channel.clone());
-    let token = server.token;
-    Ok(load::closed_loop(
-        concurrency,
-        Duration::from_secs(seconds),
-        10_000_000,
-        move || {
-            let mut ac = ac.clone();
-            let message = GetActionResultRequest {
-                action_digest: Some(action.clone()),
-                ..Default::default()
-            };
-            async move {
-                ac.get_action_result(request(message, token))
-                    .await
-                    .map(|_| ())
-            }
-        },
-    )
-    .await)
+    Ok(load::get_action_results(&server.channel, server.token, action, concurrency, seconds).await)
 }
