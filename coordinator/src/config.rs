@@ -67,6 +67,9 @@ pub struct CoordinatorConfig {
     pub stream_idle_timeout_secs: u64,
     /// A worker must send its Register this soon after connecting.
     pub register_timeout_secs: u64,
+    /// Open connections one client address may have; more are closed at once (0: no
+    /// limit). A Bazel client uses a few; a host opening thousands is not a client.
+    pub max_connections_per_address: usize,
     /// HTTP/2 streams (concurrent calls) one connection may have open; more are refused
     /// with REFUSED_STREAM, which gRPC clients retry. Bazel opens up to `--jobs` at once.
     pub max_concurrent_streams: u32,
@@ -123,6 +126,7 @@ impl Default for CoordinatorConfig {
             stream_idle_timeout_secs: 60,
             register_timeout_secs: 10,
             max_concurrent_streams: 1024,
+            max_connections_per_address: 256,
             keepalive_interval_secs: 30,
             keepalive_timeout_secs: 20,
             auth: AuthConfig::default(),

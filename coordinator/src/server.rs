@@ -15,7 +15,6 @@ use kiln_proto::reapi::{
 use kiln_proto::worker::v1::workers_server::WorkersServer;
 use kiln_store::{BlobStore, MetadataStore};
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
 use crate::action_cache::ActionCacheService;
@@ -227,21 +226,23 @@ impl Coordinator {
             .add_service(workers)
             .add_service(admin)
             .add_service(health_service);
+        // kiln-tls's listeners set TCP_NODELAY (Nagle's algorithm would hold a small
+        // unary response back until the client's delayed ACK) and cap connections per
+        // client address.
+        let limit = kiln_tls::ConnectionLimit::new(config.max_connections_per_address);
+        let listening = |e: std::io::Error| CoordinatorError::Internal(format!("listener: {e}"));
         match self.tls {
             Some(tls) => {
-                let listener = kiln_tls::TlsListener::new(listener, tls)
-                    .map_err(|e| CoordinatorError::Internal(format!("TLS listener: {e}")))?;
+                let listener =
+                    kiln_tls::TlsListener::new(listener, tls, limit).map_err(listening)?;
                 router
                     .serve_with_incoming_shutdown(listener.into_stream(), shutdown)
                     .await?
             }
             None => {
-                // tonic applies `tcp_nodelay` only to listeners it binds itself; on a
-                // listener handed in, TcpIncoming sets it. Without it, Nagle's algorithm
-                // can hold a small unary response back until the client's delayed ACK.
-                let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+                let listener = kiln_tls::PlainListener::new(listener, limit).map_err(listening)?;
                 router
-                    .serve_with_incoming_shutdown(incoming, shutdown)
+                    .serve_with_incoming_shutdown(listener.into_stream(), shutdown)
                     .await?
             }
         }

@@ -224,6 +224,9 @@ pub struct LimitsConfig {
     pub retry_after_secs: u64,
     /// The most entries one tag-list, catalog or referrers page returns.
     pub max_page_size: usize,
+    /// Open connections one client address may have; more are closed at once (0: no
+    /// limit). Docker and containerd pull with a handful each.
+    pub max_connections_per_address: usize,
     /// A request body (an upload, a manifest) that sends nothing for this long is cut
     /// off with 408, freeing its upload slot.
     pub body_idle_timeout_secs: u64,
@@ -239,6 +242,7 @@ impl Default for LimitsConfig {
             max_concurrent_uploads: 64,
             retry_after_secs: 1,
             max_page_size: 10_000,
+            max_connections_per_address: 256,
             body_idle_timeout_secs: 30,
             min_body_bytes_per_sec: 16 << 10,
         }

@@ -163,24 +163,19 @@ async fn dispatch(
     }
 }
 
-/// The client's address, as connect info for both the plain and the TLS listener (axum
-/// knows it for `TcpListener` alone); failed logins are counted by it.
+/// The client's address, as connect info for kiln's listeners (axum knows it for its own
+/// `TcpListener` alone); failed logins are counted by it.
 #[derive(Clone, Copy, Debug)]
 pub struct ClientAddress(pub std::net::SocketAddr);
 
-impl
-    axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>>
-    for ClientAddress
+impl<Io>
+    axum::extract::connect_info::Connected<
+        axum::serve::IncomingStream<'_, kiln_tls::ServerListener<Io>>,
+    > for ClientAddress
+where
+    kiln_tls::ServerListener<Io>: axum::serve::Listener<Addr = std::net::SocketAddr>,
 {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
-        ClientAddress(*stream.remote_addr())
-    }
-}
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, kiln_tls::TlsListener>>
-    for ClientAddress
-{
-    fn connect_info(stream: axum::serve::IncomingStream<'_, kiln_tls::TlsListener>) -> Self {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, kiln_tls::ServerListener<Io>>) -> Self {
         ClientAddress(*stream.remote_addr())
     }
 }

@@ -182,14 +182,17 @@ impl Registry {
         let service = self
             .router()
             .into_make_service_with_connect_info::<http::ClientAddress>();
+        let limit =
+            kiln_tls::ConnectionLimit::new(self.state.config.limits.max_connections_per_address);
         let result = match &self.tls {
             Some(config) => {
-                let listener = kiln_tls::TlsListener::new(listener, config.clone())?;
+                let listener = kiln_tls::TlsListener::new(listener, config.clone(), limit)?;
                 axum::serve(listener, service)
                     .with_graceful_shutdown(shutdown)
                     .await
             }
             None => {
+                let listener = kiln_tls::PlainListener::new(listener, limit)?;
                 axum::serve(listener, service)
                     .with_graceful_shutdown(shutdown)
                     .await

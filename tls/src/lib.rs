@@ -1,5 +1,6 @@
-//! TLS for kiln's servers: the coordinator's gRPC and the registry's HTTP share one set of
-//! files (`[tls]`: `cert`, `key`, optionally `client_ca` for mutual TLS).
+//! The listeners of kiln's servers: TLS, and a limit on connections per client address.
+//! The coordinator's gRPC and the registry's HTTP share one set of files (`[tls]`:
+//! `cert`, `key`, optionally `client_ca` for mutual TLS).
 //!
 //! - **rustls on ring**: pure Rust and C-free but for ring's assembly, so no cmake or
 //!   aws-lc build on two cores; AES-GCM and ChaCha20 are fast at the rates kiln serves.
@@ -13,6 +14,7 @@
 //! - **Handshakes off the accept loop** ([`TlsListener`]): each runs in a task of its own
 //!   with a deadline, so a client that connects and says nothing delays nobody.
 
+mod connection_limit;
 mod files;
 mod listener;
 mod reload;
@@ -21,8 +23,11 @@ pub mod test_certs;
 
 use std::path::PathBuf;
 
+pub use connection_limit::{AddressSlot, ConnectionLimit, Limited};
 pub use files::TlsFiles;
-pub use listener::{TlsIncoming, TlsListener, TlsStream, HANDSHAKE_TIMEOUT};
+pub use listener::{
+    Incoming, PlainListener, PlainStream, ServerListener, TlsListener, TlsStream, HANDSHAKE_TIMEOUT,
+};
 pub use reload::{ReloadingCertificate, ReloadingClientCa, RELOAD_CHECK_INTERVAL};
 /// The rustls the servers are configured with, for crates that hold its types.
 pub use rustls;

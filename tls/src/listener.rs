@@ -1,6 +1,8 @@
-//! Accepting TLS connections without letting slow handshakes hold up the others.
+//! Accepting connections for kiln's servers: at most so many per client address, and,
+//! with TLS, handshakes that cannot hold up the others.
 
 use std::fmt;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -12,6 +14,8 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
+use crate::connection_limit::{ConnectionLimit, Limited};
+
 /// A client must finish its handshake within this; one that connects and says nothing
 /// is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -19,15 +23,24 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// queued, so a flood of idle connections cannot take the memory of a queue.
 const MAX_PENDING_HANDSHAKES: usize = 1024;
 
-pub type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
+/// A TLS session, holding its place under the connection limit.
+pub type TlsStream = Limited<tokio_rustls::server::TlsStream<TcpStream>>;
+/// A plain connection, holding its place under the connection limit.
+pub type PlainStream = Limited<TcpStream>;
 
-/// A TCP listener whose connections come out as finished TLS sessions: each handshake
-/// runs in a task of its own, under [`HANDSHAKE_TIMEOUT`].
-pub struct TlsListener {
+/// A TCP listener whose connections come out admitted (under the per-address limit) and,
+/// for TLS, with the handshake done: each handshake runs in a task of its own, under
+/// [`HANDSHAKE_TIMEOUT`].
+pub struct ServerListener<Io> {
     local_addr: SocketAddr,
-    accepted: mpsc::Receiver<(TlsStream, SocketAddr)>,
+    accepted: mpsc::Receiver<(Io, SocketAddr)>,
     _accepting: AbortOnDrop,
 }
+
+/// The listener for TLS sessions.
+pub type TlsListener = ServerListener<TlsStream>;
+/// The listener for plain connections.
+pub type PlainListener = ServerListener<PlainStream>;
 
 /// Stops the accept loop when the listener goes.
 struct AbortOnDrop(JoinHandle<()>);
@@ -39,10 +52,47 @@ impl Drop for AbortOnDrop {
 }
 
 impl TlsListener {
-    pub fn new(listener: TcpListener, config: Arc<rustls::ServerConfig>) -> std::io::Result<Self> {
+    pub fn new(
+        listener: TcpListener,
+        config: Arc<rustls::ServerConfig>,
+        limit: ConnectionLimit,
+    ) -> std::io::Result<Self> {
+        let acceptor = TlsAcceptor::from(config);
+        ServerListener::accepting(listener, limit, move |tcp| {
+            let acceptor = acceptor.clone();
+            async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(result) => result,
+                    Err(_) => Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "TLS handshake timed out",
+                    )),
+                }
+            }
+        })
+    }
+}
+
+impl PlainListener {
+    pub fn new(listener: TcpListener, limit: ConnectionLimit) -> std::io::Result<Self> {
+        ServerListener::accepting(listener, limit, |tcp| std::future::ready(Ok(tcp)))
+    }
+}
+
+impl<Io: Send + 'static> ServerListener<Limited<Io>> {
+    /// Accepts on `listener`, admits each connection under `limit`, and hands it over
+    /// once `establish` (the handshake, or nothing) is done.
+    fn accepting<F, Fut>(
+        listener: TcpListener,
+        limit: ConnectionLimit,
+        establish: F,
+    ) -> std::io::Result<Self>
+    where
+        F: Fn(TcpStream) -> Fut + Send + 'static,
+        Fut: Future<Output = std::io::Result<Io>> + Send + 'static,
+    {
         let local_addr = listener.local_addr()?;
         let (sessions, accepted) = mpsc::channel(64);
-        let acceptor = TlsAcceptor::from(config);
         let accepting = tokio::spawn(async move {
             let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
             loop {
@@ -55,70 +105,78 @@ impl TlsListener {
                         continue;
                     }
                 };
+                let Some(slot) = limit.admit(peer.ip()) else {
+                    tracing::debug!(%peer, "too many connections from this address; closed");
+                    continue;
+                };
                 let Ok(permit) = pending.clone().try_acquire_owned() else {
-                    tracing::debug!(%peer, "too many TLS handshakes in progress; closed");
+                    tracing::debug!(%peer, "too many handshakes in progress; closed");
                     continue;
                 };
                 // Nagle's algorithm would hold small gRPC frames back.
                 let _ = tcp.set_nodelay(true);
-                let (acceptor, sessions) = (acceptor.clone(), sessions.clone());
+                let (connection, sessions) = (establish(tcp), sessions.clone());
                 tokio::spawn(async move {
                     let _permit = permit;
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(session)) => {
-                            let _ = sessions.send((session, peer)).await;
+                    match connection.await {
+                        Ok(io) => {
+                            let _ = sessions.send((Limited::new(io, slot), peer)).await;
                         }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                        Err(e) => tracing::debug!(%peer, error = %e, "connection set-up failed"),
                     }
                 });
             }
         });
-        Ok(TlsListener {
+        Ok(ServerListener {
             local_addr,
             accepted,
             _accepting: AbortOnDrop(accepting),
         })
     }
+}
 
+impl<Io> ServerListener<Io> {
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }
 
-    /// The sessions as a stream, for `tonic`'s `serve_with_incoming`.
-    pub fn into_stream(self) -> TlsIncoming {
-        TlsIncoming(self)
+    /// The connections as a stream, for `tonic`'s `serve_with_incoming`.
+    pub fn into_stream(self) -> Incoming<Io> {
+        Incoming(self)
     }
 
-    async fn next_session(&mut self) -> (TlsStream, SocketAddr) {
+    async fn next_connection(&mut self) -> (Io, SocketAddr) {
         match self.accepted.recv().await {
-            Some(session) => session,
+            Some(connection) => connection,
             // The accept loop never ends by itself; if it did, serve nothing more.
             None => std::future::pending().await,
         }
     }
 }
 
-/// [`TlsListener`] as a `Stream` of sessions.
-pub struct TlsIncoming(TlsListener);
+/// [`ServerListener`] as a `Stream` of connections.
+pub struct Incoming<Io>(ServerListener<Io>);
 
-impl futures::Stream for TlsIncoming {
-    type Item = std::io::Result<TlsStream>;
+impl<Io> futures::Stream for Incoming<Io> {
+    type Item = std::io::Result<Io>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         self.0
             .accepted
             .poll_recv(cx)
-            .map(|session| session.map(|(stream, _)| Ok(stream)))
+            .map(|connection| connection.map(|(io, _)| Ok(io)))
     }
 }
 
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream;
+impl<Io> axum::serve::Listener for ServerListener<Io>
+where
+    Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    type Io = Io;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        self.next_session().await
+        self.next_connection().await
     }
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
@@ -126,8 +184,8 @@ impl axum::serve::Listener for TlsListener {
     }
 }
 
-impl fmt::Debug for TlsListener {
+impl<Io> fmt::Debug for ServerListener<Io> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "TlsListener({})", self.local_addr)
+        write!(f, "ServerListener({})", self.local_addr)
     }
 }

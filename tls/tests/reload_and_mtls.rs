@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kiln_tls::test_certs::{Issued, TestCa};
-use kiln_tls::{server_config, TlsFiles, TlsListener, RELOAD_CHECK_INTERVAL};
+use kiln_tls::{server_config, ConnectionLimit, TlsFiles, TlsListener, RELOAD_CHECK_INTERVAL};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 async fn serve(files: &TlsFiles) -> std::net::SocketAddr {
     let config = server_config(files, &[b"http/1.1"]).unwrap();
     let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mut listener = TlsListener::new(tcp, config).unwrap();
+    let mut listener = TlsListener::new(tcp, config, ConnectionLimit::new(0)).unwrap();
     let addr = listener.local_addr();
     tokio::spawn(async move {
         loop {

@@ -1,7 +1,8 @@
 //! Slow uploads cannot hold the registry's upload slots: over raw TCP, clients that send
 //! their headers and part of a body and then stall take every slot; a normal push is
 //! refused (429) while they hold them, they are cut off (408) within the idle timeout,
-//! and the normal push then succeeds.
+//! and the normal push then succeeds. One address cannot hold more than its share of
+//! connections either.
 
 use std::time::{Duration, Instant};
 
@@ -105,4 +106,31 @@ async fn a_body_that_drips_is_cut_off_by_the_rate_floor() {
         .await
         .unwrap();
     assert_eq!(status_of(stream).await, Some(408));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_limited_per_client_address() {
+    let mut config = RegistryConfig::default();
+    config.limits.max_connections_per_address = 2;
+    let (_dir, reg) = TestRegistry::start(config).await;
+    let held: Vec<TcpStream> =
+        futures::future::join_all((0..2).map(|_| TcpStream::connect(reg.addr)))
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+    // The third is closed without an answer; HTTP on it finds the door shut.
+    let mut third = TcpStream::connect(reg.addr).await.unwrap();
+    let _ = third
+        .write_all(format!("GET /v2/ HTTP/1.1\r\nHost: {}\r\n\r\n", reg.addr).as_bytes())
+        .await;
+    let mut buffer = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(5), third.read(&mut buffer))
+        .await
+        .expect("closed, not left hanging");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    // Once one closes, a new connection is served.
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    normal_push(&reg).await.expect(StatusCode::CREATED);
 }
