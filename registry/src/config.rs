@@ -224,6 +224,9 @@ pub struct LimitsConfig {
     pub retry_after_secs: u64,
     /// The most entries one tag-list, catalog or referrers page returns.
     pub max_page_size: usize,
+    /// A request's headers must arrive within this many seconds of the connection (or of
+    /// the previous response) or the connection is closed: slowloris gets nowhere.
+    pub header_read_timeout_secs: u64,
     /// Open connections one client address may have; more are closed at once (0: no
     /// limit). Docker and containerd pull with a handful each.
     pub max_connections_per_address: usize,
@@ -242,6 +245,7 @@ impl Default for LimitsConfig {
             max_concurrent_uploads: 64,
             retry_after_secs: 1,
             max_page_size: 10_000,
+            header_read_timeout_secs: 30,
             max_connections_per_address: 256,
             body_idle_timeout_secs: 30,
             min_body_bytes_per_sec: 16 << 10,

@@ -167,15 +167,3 @@ async fn dispatch(
 /// `TcpListener` alone); failed logins are counted by it.
 #[derive(Clone, Copy, Debug)]
 pub struct ClientAddress(pub std::net::SocketAddr);
-
-impl<Io>
-    axum::extract::connect_info::Connected<
-        axum::serve::IncomingStream<'_, kiln_tls::ServerListener<Io>>,
-    > for ClientAddress
-where
-    kiln_tls::ServerListener<Io>: axum::serve::Listener<Addr = std::net::SocketAddr>,
-{
-    fn connect_info(stream: axum::serve::IncomingStream<'_, kiln_tls::ServerListener<Io>>) -> Self {
-        ClientAddress(*stream.remote_addr())
-    }
-}

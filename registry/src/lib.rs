@@ -26,6 +26,7 @@ mod operation;
 mod repository_index;
 mod request_body;
 mod retention;
+mod serving;
 mod tag_policy;
 mod upload_session;
 mod usage_metrics;
@@ -179,29 +180,22 @@ impl Registry {
         self.state.auth.bind_realm(scheme, addr)?;
         tracing::info!("registry listening on {scheme}://{addr}");
         let maintenance = self.spawn_maintenance();
-        let service = self
-            .router()
-            .into_make_service_with_connect_info::<http::ClientAddress>();
-        let limit =
-            kiln_tls::ConnectionLimit::new(self.state.config.limits.max_connections_per_address);
-        let result = match &self.tls {
+        let limits = &self.state.config.limits;
+        let limit = kiln_tls::ConnectionLimit::new(limits.max_connections_per_address);
+        let headers = std::time::Duration::from_secs(limits.header_read_timeout_secs.max(1));
+        match &self.tls {
             Some(config) => {
                 let listener = kiln_tls::TlsListener::new(listener, config.clone(), limit)?;
-                axum::serve(listener, service)
-                    .with_graceful_shutdown(shutdown)
-                    .await
+                serving::serve(listener, self.router(), headers, shutdown).await
             }
             None => {
                 let listener = kiln_tls::PlainListener::new(listener, limit)?;
-                axum::serve(listener, service)
-                    .with_graceful_shutdown(shutdown)
-                    .await
+                serving::serve(listener, self.router(), headers, shutdown).await
             }
-        };
+        }
         for task in maintenance {
             task.abort();
         }
-        result?;
         Ok(())
     }
 

@@ -134,3 +134,39 @@ async fn connections_are_limited_per_client_address() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     normal_push(&reg).await.expect(StatusCode::CREATED);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_sent_a_byte_at_a_time_are_cut_off() {
+    let mut config = RegistryConfig::default();
+    config.limits.header_read_timeout_secs = 1;
+    let (_dir, reg) = TestRegistry::start(config).await;
+    let mut slow = TcpStream::connect(reg.addr).await.unwrap();
+    slow.write_all(b"GET /v2/ HTTP/1.1\r\n").await.unwrap();
+    let started = std::time::Instant::now();
+    // A header line every 300 ms, for up to 10 s: never silent, never finished.
+    let mut closed_after = None;
+    for i in 0..33 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if slow
+            .write_all(format!("X-Slow-{i}: y\r\n").as_bytes())
+            .await
+            .is_err()
+        {
+            closed_after = Some(started.elapsed());
+            break;
+        }
+        let mut buffer = [0u8; 256];
+        if let Ok(Ok(read)) =
+            tokio::time::timeout(Duration::from_millis(1), slow.read(&mut buffer)).await
+        {
+            if read == 0 || String::from_utf8_lossy(&buffer[..read]).starts_with("HTTP/1.1 408") {
+                closed_after = Some(started.elapsed());
+                break;
+            }
+        }
+    }
+    let closed_after = closed_after.expect("the server never cut the slow headers off");
+    assert!(closed_after < Duration::from_secs(4), "{closed_after:?}");
+    // Meanwhile and after, normal requests are served.
+    normal_push(&reg).await.expect(StatusCode::CREATED);
+}
