@@ -218,6 +218,11 @@ impl CommandRunner for ProcessRunner {
             let _ = child.wait().await;
         }
         let (stdout_dropped, stderr_dropped) = tokio::join!(stdout.finish(), stderr.finish());
+        if self.bubblewrap.is_some() && exit == CommandExit::Exited(1) {
+            if let Some(reason) = bubblewrap_failure(&spec.stderr) {
+                return Err(WorkerError::SandboxSetup(reason));
+            }
+        }
         if stdout_dropped + stderr_dropped > 0 {
             tracing::warn!(
                 stdout_dropped,
@@ -307,6 +312,19 @@ fn bubblewrap_args(exec_root: &Path, working_dir: &Path, network: bool) -> Vec<O
     }
     push(&["--chdir".as_ref(), working_dir.as_os_str()]);
     args
+}
+
+/// bwrap's own complaint, when it could not set the sandbox up: it then exits with 1
+/// before the command ran, its message first on stderr as `bwrap: …`. An action that
+/// prints such a line and exits 1 itself would be taken for one, and tried again: a
+/// retry, never a wrong result.
+fn bubblewrap_failure(stderr: &File) -> Option<String> {
+    use std::os::unix::fs::FileExt;
+    let mut start = [0u8; 512];
+    let read = stderr.read_at(&mut start, 0).ok()?;
+    let text = String::from_utf8_lossy(&start[..read]);
+    let line = text.lines().next()?;
+    line.starts_with("bwrap: ").then(|| line.to_string())
 }
 
 /// Finds `bwrap` on PATH and checks that it can create a sandbox on this host (it cannot

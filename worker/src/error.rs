@@ -46,6 +46,10 @@ pub enum WorkerError {
     NoFreeSlot,
     #[error("sandbox: {0}")]
     Sandbox(String),
+    /// bubblewrap could not set an action's sandbox up: the worker's fault, not the
+    /// action's, so UNAVAILABLE (another worker, or a later try, may manage).
+    #[error("the sandbox could not start: {0}")]
+    SandboxSetup(String),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -80,6 +84,7 @@ impl WorkerError {
                 StoreError::InvalidDigest(_) | StoreError::UnsupportedDigestFunction(_),
             ) => Code::InvalidArgument,
             WorkerError::Timeout(_) => Code::DeadlineExceeded,
+            WorkerError::SandboxSetup(_) => Code::Unavailable,
             WorkerError::Cancelled => Code::Cancelled,
             WorkerError::NoFreeSlot => Code::ResourceExhausted,
             // Bytes that do not match their digest: another try may get good ones.

@@ -167,3 +167,48 @@ async fn an_output_parent_through_a_symlink_is_refused() {
         "the worker created a directory outside"
     );
 }
+
+/// bubblewrap failing to build the sandbox is the worker's failure (UNAVAILABLE, to be
+/// tried again), not the action's exit code 1.
+#[tokio::test]
+#[ignore = "needs bubblewrap; `cargo test -- --ignored` runs it (.ci/run does)"]
+async fn a_sandbox_that_cannot_start_is_an_infrastructure_error() {
+    use kiln_worker::{CommandRunner, CommandSpec, ProcessRunner, WorkerError};
+    let runner = ProcessRunner::new(common::TEST_LIMITS, BubblewrapMode::Always).unwrap();
+    // The directory to bind into the sandbox is not there.
+    let missing = std::path::PathBuf::from("/nonexistent/kiln-action");
+    let dir = tempfile::tempdir().unwrap();
+    let log = || std::sync::Arc::new(tempfile::tempfile().unwrap());
+    let spec = CommandSpec {
+        arguments: vec!["true".into()],
+        environment: vec![("PATH".into(), "/usr/bin:/bin".into())],
+        exec_root: missing,
+        working_dir: dir.path().to_path_buf(),
+        timeout: Duration::from_secs(10),
+        network: false,
+        stdout: log(),
+        stderr: log(),
+    };
+    let error = runner
+        .run(&spec, &tokio_util::sync::CancellationToken::new())
+        .await
+        .expect_err("the sandbox cannot start without its directory");
+    assert!(matches!(error, WorkerError::SandboxSetup(_)), "{error:?}");
+    assert_eq!(error.code(), tonic::Code::Unavailable);
+    assert!(error.to_string().contains("bwrap:"), "{error}");
+
+    // An action that fails on its own is still its own exit code.
+    let own = CommandSpec {
+        arguments: vec!["sh".into(), "-c".into(), "echo failing >&2; exit 1".into()],
+        exec_root: dir.path().to_path_buf(),
+        working_dir: dir.path().to_path_buf(),
+        stdout: log(),
+        stderr: log(),
+        ..spec
+    };
+    let exit = runner
+        .run(&own, &tokio_util::sync::CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(exit.exit_code(), 1);
+}
