@@ -85,6 +85,8 @@ pub struct ResourceLimits {
     pub memory_bytes: Option<u64>,
     /// RLIMIT_FSIZE, when set.
     pub file_bytes: Option<u64>,
+    /// RLIMIT_CPU (seconds), when set.
+    pub cpu_secs: Option<u64>,
     /// The most of stdout, and of stderr, kept per action; the rest is dropped.
     pub log_bytes: u64,
 }
@@ -149,17 +151,30 @@ impl ProcessRunner {
         })
     }
 
-    fn rlimits(&self) -> Vec<(libc::__rlimit_resource_t, u64)> {
+    fn rlimits(&self) -> Vec<(libc::__rlimit_resource_t, libc::rlimit)> {
         let limits = self.limits;
+        let both = |value: u64| libc::rlimit {
+            rlim_cur: value as libc::rlim_t,
+            rlim_max: value as libc::rlim_t,
+        };
         let mut rlimits = vec![
-            (libc::RLIMIT_CORE, 0),
-            (libc::RLIMIT_NOFILE, limits.open_files),
+            (libc::RLIMIT_CORE, both(0)),
+            (libc::RLIMIT_NOFILE, both(limits.open_files)),
         ];
         if let Some(bytes) = limits.memory_bytes {
-            rlimits.push((libc::RLIMIT_AS, bytes));
+            rlimits.push((libc::RLIMIT_AS, both(bytes)));
         }
         if let Some(bytes) = limits.file_bytes {
-            rlimits.push((libc::RLIMIT_FSIZE, bytes));
+            rlimits.push((libc::RLIMIT_FSIZE, both(bytes)));
+        }
+        if let Some(seconds) = limits.cpu_secs {
+            // SIGXCPU at the soft limit, which names the cause; SIGKILL a second later
+            // for a process that ignores it. (Equal limits would send only SIGKILL.)
+            let limit = libc::rlimit {
+                rlim_cur: seconds as libc::rlim_t,
+                rlim_max: seconds.saturating_add(1) as libc::rlim_t,
+            };
+            rlimits.push((libc::RLIMIT_CPU, limit));
         }
         rlimits
     }
@@ -222,6 +237,11 @@ impl CommandRunner for ProcessRunner {
             if let Some(reason) = bubblewrap_failure(&spec.stderr) {
                 return Err(WorkerError::SandboxSetup(reason));
             }
+        }
+        if let Some(note) = limit_note(exit) {
+            // REAPI's ActionResult has no field for it: the log says it, last.
+            use std::io::Write;
+            let _ = (&*spec.stderr).write_all(note.as_bytes());
         }
         if stdout_dropped + stderr_dropped > 0 {
             tracing::warn!(
@@ -312,6 +332,25 @@ fn bubblewrap_args(exec_root: &Path, working_dir: &Path, network: bool) -> Vec<O
     }
     push(&["--chdir".as_ref(), working_dir.as_os_str()]);
     args
+}
+
+/// What a limit did to the action, for the end of its stderr: a process killed by the
+/// signal a limit sends (or by SIGKILL, which the kernel's OOM killer uses) says so,
+/// rather than leaving the user an exit code of 152 to decode. (With bubblewrap, the
+/// action's own exit status is what bwrap reports: a signal shows as 128+n there.)
+fn limit_note(exit: CommandExit) -> Option<String> {
+    let signal = match exit {
+        CommandExit::Signalled(signal) => signal,
+        CommandExit::Exited(code) if code > 128 => code - 128,
+        _ => return None,
+    };
+    let what = match signal {
+        libc::SIGXCPU => "exceeded its CPU time limit (worker.max_cpu_secs)",
+        libc::SIGXFSZ => "wrote a file past its size limit (worker.max_file_bytes)",
+        libc::SIGKILL => "was killed with SIGKILL (out of memory, or killed from outside)",
+        _ => return None,
+    };
+    Some(format!("\nkiln: the action {what}\n"))
 }
 
 /// bwrap's own complaint, when it could not set the sandbox up: it then exits with 1

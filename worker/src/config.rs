@@ -62,6 +62,9 @@ pub struct WorkerConfig {
     /// RLIMIT_FSIZE for actions: the largest file a process may write, in bytes; 0 leaves it
     /// unlimited.
     pub max_file_bytes: u64,
+    /// RLIMIT_CPU for actions: CPU seconds per process; 0 leaves it unlimited. A process
+    /// past it gets SIGXCPU, and the action's stderr ends with a line saying so.
+    pub max_cpu_secs: u64,
     /// The most of an action's stdout, and of its stderr, kept; past it the rest is
     /// dropped and the log ends with a line saying so.
     pub max_log_bytes: u64,
@@ -88,6 +91,7 @@ impl Default for WorkerConfig {
             max_open_files: 8192,
             max_memory_bytes: 0,
             max_file_bytes: 0,
+            max_cpu_secs: 0,
             max_log_bytes: 64 << 20,
         }
     }

@@ -35,8 +35,8 @@ pub(crate) struct SpawnRequest<'a> {
     pub stdin: &'a File,
     pub stdout: &'a File,
     pub stderr: &'a File,
-    /// (resource, limit) pairs applied with setrlimit, soft and hard alike.
-    pub rlimits: &'a [(libc::__rlimit_resource_t, u64)],
+    /// (resource, soft and hard limits) applied with setrlimit.
+    pub rlimits: &'a [(libc::__rlimit_resource_t, libc::rlimit)],
 }
 
 /// A started child in its own process group (its pid is the group id).
@@ -136,20 +136,7 @@ pub(crate) fn spawn(request: &SpawnRequest<'_>) -> io::Result<SpawnedChild> {
             stdio[1].as_raw_fd(),
             stdio[2].as_raw_fd(),
         ],
-        rlimits: request
-            .rlimits
-            .iter()
-            .map(|&(resource, value)| {
-                let value = value as libc::rlim_t;
-                (
-                    resource,
-                    libc::rlimit {
-                        rlim_cur: value,
-                        rlim_max: value,
-                    },
-                )
-            })
-            .collect(),
+        rlimits: request.rlimits.to_vec(),
         errno: 0,
     };
     let mut stack = vec![0u8; CHILD_STACK_BYTES];

@@ -126,6 +126,7 @@ impl Worker {
             open_files: config.max_open_files,
             memory_bytes: (config.max_memory_bytes > 0).then_some(config.max_memory_bytes),
             file_bytes: (config.max_file_bytes > 0).then_some(config.max_file_bytes),
+            cpu_secs: (config.max_cpu_secs > 0).then_some(config.max_cpu_secs),
             log_bytes: config.max_log_bytes,
         };
         let process_runner = ProcessRunner::new(limits, config.use_bubblewrap)?;

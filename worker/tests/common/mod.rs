@@ -241,6 +241,7 @@ pub const TEST_LIMITS: ResourceLimits = ResourceLimits {
     open_files: 1000,
     memory_bytes: None,
     file_bytes: None,
+    cpu_secs: None,
     log_bytes: 64 << 20,
 };
 
