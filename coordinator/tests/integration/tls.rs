@@ -8,7 +8,7 @@ use std::time::Duration;
 use kiln_coordinator::CoordinatorConfig;
 use kiln_proto::reapi::{capabilities_client::CapabilitiesClient, GetCapabilitiesRequest};
 use kiln_testkit::{ServedCoordinator, Stores};
-use kiln_tls::test_certs::{Issued, TestCa};
+use kiln_tls::test_certs::{Issued, MutualTls, TestCa};
 use kiln_tls::{TlsFiles, RELOAD_CHECK_INTERVAL};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
@@ -78,26 +78,20 @@ async fn reapi_over_tls_works_with_the_ca_and_not_without_it() {
 #[tokio::test]
 async fn mutual_tls_admits_only_certificates_from_the_client_ca() {
     let dir = tempfile::tempdir().unwrap();
-    let server_ca = TestCa::new("server CA");
-    let client_ca = TestCa::new("client CA");
-    let files = TlsFiles {
-        client_ca: Some(client_ca.write(dir.path())),
-        ..server_ca
-            .issue("kiln", &["localhost"])
-            .server_files(dir.path())
-    };
-    let server = serve(&files).await;
+    let mtls = MutualTls::new(dir.path(), &["localhost"]);
+    let (server_ca, client_ca) = (&mtls.server_ca, &mtls.client_ca);
+    let server = serve(&mtls.files).await;
 
     let client = client_ca.issue("ci", &[]);
-    get_capabilities(server.addr, Some(&server_ca), Some(&client))
+    get_capabilities(server.addr, Some(server_ca), Some(&client))
         .await
         .expect("a certificate from the client CA");
-    assert!(get_capabilities(server.addr, Some(&server_ca), None)
+    assert!(get_capabilities(server.addr, Some(server_ca), None)
         .await
         .is_err());
     let foreign = TestCa::new("foreign CA").issue("ci", &[]);
     assert!(
-        get_capabilities(server.addr, Some(&server_ca), Some(&foreign))
+        get_capabilities(server.addr, Some(server_ca), Some(&foreign))
             .await
             .is_err()
     );

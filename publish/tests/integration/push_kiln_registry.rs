@@ -12,8 +12,7 @@ use kiln_publish::{
     publish, Compression, CredentialStore, Credentials, LayerContent, Provenance, PublishError,
     PublishRequest, RegistryTls, RuntimeSettings,
 };
-use kiln_tls::test_certs::{Issued, TestCa};
-use kiln_tls::TlsFiles;
+use kiln_tls::test_certs::{Issued, MutualTls, TestCa};
 use support::kiln_servers::{self, PASSWORD, USER};
 
 fn request(
@@ -268,15 +267,9 @@ async fn progress_reports_every_blob_transfer() {
 #[tokio::test]
 async fn publishing_over_https_needs_the_ca_and_for_mutual_tls_a_client_certificate() {
     let certs = tempfile::tempdir().unwrap();
-    let server_ca = TestCa::new("server CA");
-    let client_ca = TestCa::new("client CA");
-    let files = TlsFiles {
-        client_ca: Some(client_ca.write(certs.path())),
-        ..server_ca
-            .issue("kiln", &["127.0.0.1"])
-            .server_files(certs.path())
-    };
-    let registry = kiln_servers::registry_over_tls(&files).await;
+    let mtls = MutualTls::new(certs.path(), &["127.0.0.1"]);
+    let (server_ca, client_ca) = (&mtls.server_ca, &mtls.client_ca);
+    let registry = kiln_servers::registry_over_tls(&mtls.files).await;
     let dir = dir_with("over https\n");
     let release_job = client_ca.issue("release-job", &[]);
     let over_https = |ca: Option<&TestCa>, identity: Option<&Issued>| {
@@ -303,12 +296,12 @@ async fn publishing_over_https_needs_the_ca_and_for_mutual_tls_a_client_certific
         request
     };
 
-    let outcome = publish(over_https(Some(&server_ca), Some(&release_job)))
+    let outcome = publish(over_https(Some(server_ca), Some(&release_job)))
         .await
         .expect("the CA and a client certificate from the client CA");
     assert_eq!(outcome.tags_pushed, vec!["v1.0.0"]);
 
-    let err = publish(over_https(Some(&server_ca), None))
+    let err = publish(over_https(Some(server_ca), None))
         .await
         .unwrap_err();
     assert!(matches!(err, PublishError::Http { .. }), "{err}");
@@ -317,7 +310,7 @@ async fn publishing_over_https_needs_the_ca_and_for_mutual_tls_a_client_certific
         .unwrap_err();
     assert!(matches!(err, PublishError::Http { .. }), "{err}");
     let err = publish(over_https(
-        Some(&server_ca),
+        Some(server_ca),
         Some(&server_ca.issue("stranger", &[])),
     ))
     .await

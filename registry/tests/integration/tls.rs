@@ -4,7 +4,7 @@
 use kiln_registry::RegistryConfig;
 use kiln_store::{Digest, DigestFunction};
 use kiln_testkit::{ServedRegistry, Stores};
-use kiln_tls::test_certs::{Issued, TestCa};
+use kiln_tls::test_certs::{Issued, MutualTls, TestCa};
 use kiln_tls::TlsFiles;
 
 async fn serve(files: &TlsFiles) -> ServedRegistry {
@@ -81,28 +81,22 @@ async fn a_blob_goes_in_and_out_over_https_with_the_ca_and_not_without_it() {
 #[tokio::test]
 async fn mutual_tls_admits_only_certificates_from_the_client_ca() {
     let dir = tempfile::tempdir().unwrap();
-    let server_ca = TestCa::new("server CA");
-    let client_ca = TestCa::new("client CA");
-    let files = TlsFiles {
-        client_ca: Some(client_ca.write(dir.path())),
-        ..server_ca
-            .issue("kiln", &["localhost"])
-            .server_files(dir.path())
-    };
-    let registry = serve(&files).await;
+    let mtls = MutualTls::new(dir.path(), &["localhost"]);
+    let (server_ca, client_ca) = (&mtls.server_ca, &mtls.client_ca);
+    let registry = serve(&mtls.files).await;
 
     let publisher = client_ca.issue("release-job", &[]);
-    let admitted = client(&registry, Some(&server_ca), Some(&publisher))
+    let admitted = client(&registry, Some(server_ca), Some(&publisher))
         .get(url(&registry, "/v2/"))
         .send()
         .await
         .unwrap();
     assert_eq!(admitted.status(), reqwest::StatusCode::OK);
 
-    let without = client(&registry, Some(&server_ca), None);
+    let without = client(&registry, Some(server_ca), None);
     assert!(without.get(url(&registry, "/v2/")).send().await.is_err());
     let foreign = TestCa::new("foreign CA").issue("release-job", &[]);
-    let with_foreign = client(&registry, Some(&server_ca), Some(&foreign));
+    let with_foreign = client(&registry, Some(server_ca), Some(&foreign));
     assert!(with_foreign
         .get(url(&registry, "/v2/"))
         .send()
