@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use kiln_publish::{
     Compression, CoordinatorSource, CredentialStore, GitMetadata, LayerContent, Provenance,
-    PublishRequest, RuntimeSettings, TargetPlatform, DEFAULT_USER,
+    PublishRequest, RegistryTls, RuntimeSettings, TargetPlatform, DEFAULT_USER,
 };
 use kiln_store::DigestFunction;
 
@@ -29,10 +29,16 @@ pub struct PublishArgs {
     /// Publish the outputs of every action in this run manifest (written by `kiln run`).
     #[arg(long, value_name = "FILE")]
     pub from_run: Option<PathBuf>,
-    /// Registry to push to.
-    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:5000")]
+    /// Registry to push to. Loopback registries are plain HTTP unless written
+    /// `https://HOST:PORT`; --ca-cert, --client-cert and --client-key apply to the
+    /// registry as to the coordinator (kiln serves both with one certificate).
+    #[arg(
+        long,
+        value_name = "[https://]HOST:PORT",
+        default_value = "127.0.0.1:5000"
+    )]
     pub registry: String,
-    /// Use plain HTTP (always the case for loopback registries).
+    /// Use plain HTTP (always the case for loopback registries not written `https://`).
     #[arg(long)]
     pub insecure: bool,
     /// A host whose token service may receive the registry credentials although it is
@@ -180,9 +186,17 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
         )
     };
 
+    let (registry, force_https) = registry_address(&args.registry);
+    if force_https && args.insecure {
+        bail!("--insecure contradicts an https:// registry");
+    }
     let request = PublishRequest {
-        registry: args.registry.clone(),
-        insecure: args.insecure,
+        registry: registry.to_string(),
+        insecure: args.insecure || args.registry.starts_with("http://"),
+        registry_tls: RegistryTls {
+            force_https,
+            client: args.target.tls.load()?,
+        },
         repository: args.repo.clone(),
         content,
         content_description,
@@ -202,10 +216,10 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
     let outcome = kiln_publish::publish(request).await?;
     println!("{}", outcome.pinned_reference);
     for tag in &outcome.tags_pushed {
-        eprintln!("tagged {}/{}:{tag}", args.registry, args.repo);
+        eprintln!("tagged {registry}/{}:{tag}", args.repo);
     }
     for (tag, reason) in &outcome.tags_refused {
-        eprintln!("refused {}/{}:{tag}: {reason}", args.registry, args.repo);
+        eprintln!("refused {registry}/{}:{tag}: {reason}", args.repo);
     }
     if !outcome.tags_refused.is_empty() {
         bail!(
@@ -216,4 +230,14 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// `--registry` as `host[:port]`, and whether it was written `https://` (which a loopback
+/// registry, plain HTTP otherwise, needs to be reached over TLS).
+fn registry_address(text: &str) -> (&str, bool) {
+    let (address, https) = match text.strip_prefix("https://") {
+        Some(rest) => (rest, true),
+        None => (text.strip_prefix("http://").unwrap_or(text), false),
+    };
+    (address.trim_end_matches('/'), https)
 }

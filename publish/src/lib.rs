@@ -23,6 +23,7 @@ mod progress;
 mod publisher;
 mod registry_auth;
 mod registry_client;
+mod registry_tls;
 
 pub use action_outputs::{CoordinatorSource, LayerContent, PublishedAction};
 pub use credentials::{docker_config_credentials, CredentialStore, Credentials};
@@ -34,3 +35,4 @@ pub use layer::{build_layer, Compression, LayerBlob};
 pub use progress::{BlobProgress, BlobTransfer, NoProgress, ProgressSink, PublishProgress};
 pub use publisher::{publish, PublishOutcome, PublishRequest};
 pub use registry_client::{MountOutcome, RegistryClient, SourceRepository, OCI_MANIFEST};
+pub use registry_tls::RegistryTls;

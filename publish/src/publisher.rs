@@ -18,6 +18,7 @@ use crate::progress::{BlobProgress, BlobTransfer, ProgressSink};
 use crate::registry_client::{
     MountOutcome, RegistryClient, SourceRepository, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST,
 };
+use crate::registry_tls::RegistryTls;
 
 /// Everything one `kiln publish` needs.
 #[derive(Debug)]
@@ -26,6 +27,8 @@ pub struct PublishRequest {
     pub registry: String,
     /// Plain HTTP even for non-loopback hosts.
     pub insecure: bool,
+    /// HTTPS to the registry (a base image on another registry gets the defaults).
+    pub registry_tls: RegistryTls,
     pub repository: String,
     /// What becomes the new layer.
     pub content: LayerContent,
@@ -68,10 +71,11 @@ pub async fn publish(request: PublishRequest) -> Result<PublishOutcome> {
     for tag in &request.tags {
         kiln_store::validate_tag(tag)?;
     }
-    let target = RegistryClient::new(
+    let target = RegistryClient::new_with_tls(
         &request.registry,
         request.insecure,
         request.credentials.for_registry(&request.registry)?,
+        &request.registry_tls,
     )?
     .trusting_realm_hosts(request.credentials.trusted_realm_hosts.clone());
     let base = match &request.base {

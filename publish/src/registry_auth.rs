@@ -9,6 +9,7 @@ use reqwest::{StatusCode, Url};
 
 use crate::credentials::Credentials;
 use crate::error::{PublishError, Result};
+use crate::registry_tls::RegistryTls;
 
 /// `repository:<name>:<actions>`, the scope grammar of the token flow.
 pub(crate) fn repository_scope(repository: &str, actions: &str) -> String {
@@ -46,10 +47,17 @@ pub(crate) struct AuthenticatedHttp {
 
 impl AuthenticatedHttp {
     /// A client for `registry` (`host[:port]`), reached at `base`.
-    pub(crate) fn new(base: Url, registry: &str, credentials: Option<Credentials>) -> Result<Self> {
-        let http = reqwest::Client::builder()
+    pub(crate) fn new(
+        base: Url,
+        registry: &str,
+        credentials: Option<Credentials>,
+        tls: &RegistryTls,
+    ) -> Result<Self> {
+        let builder = reqwest::Client::builder()
             .user_agent(concat!("kiln-publish/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(std::time::Duration::from_secs(30))
+            .connect_timeout(std::time::Duration::from_secs(30));
+        let http = tls
+            .configure(builder)?
             .build()
             .map_err(|e| PublishError::http(&base, e))?;
         Ok(AuthenticatedHttp {
@@ -362,7 +370,13 @@ mod tests {
                 username: "u".into(),
                 password: "p".into(),
             };
-            AuthenticatedHttp::new(Url::parse(base).unwrap(), "r", Some(credentials)).unwrap()
+            AuthenticatedHttp::new(
+                Url::parse(base).unwrap(),
+                "r",
+                Some(credentials),
+                &RegistryTls::default(),
+            )
+            .unwrap()
         };
         let realm = |url: &str| Url::parse(url).unwrap();
         let mut https = client("https://registry.example.com/");

@@ -15,6 +15,7 @@ use crate::image_reference::ManifestReference;
 use crate::layer::{content_hash_of, sha256_digest};
 use crate::progress::BlobProgress;
 use crate::registry_auth::{repository_scope, AuthenticatedHttp};
+use crate::registry_tls::RegistryTls;
 
 /// Manifest media types kiln reads (and, for the OCI manifest, writes).
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -56,6 +57,17 @@ impl RegistryClient {
     /// A client for `registry` (`host[:port]`). Plain HTTP is used with `insecure` and for
     /// loopback hosts; everything else is HTTPS.
     pub fn new(registry: &str, insecure: bool, credentials: Option<Credentials>) -> Result<Self> {
+        Self::new_with_tls(registry, insecure, credentials, &RegistryTls::default())
+    }
+
+    /// [`Self::new`], reaching the registry over HTTPS as `tls` says (on loopback too with
+    /// `force_https`).
+    pub fn new_with_tls(
+        registry: &str,
+        insecure: bool,
+        credentials: Option<Credentials>,
+        tls: &RegistryTls,
+    ) -> Result<Self> {
         let host = registry
             .rsplit_once(':')
             .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
@@ -65,7 +77,9 @@ impl RegistryClient {
                 .trim_matches(['[', ']'])
                 .parse::<std::net::IpAddr>()
                 .is_ok_and(|ip| ip.is_loopback());
-        let scheme = if insecure || loopback {
+        let scheme = if tls.force_https {
+            "https"
+        } else if insecure || loopback {
             "http"
         } else {
             "https"
@@ -77,7 +91,7 @@ impl RegistryClient {
             }
         })?;
         Ok(RegistryClient {
-            http: AuthenticatedHttp::new(base, registry, credentials)?,
+            http: AuthenticatedHttp::new(base, registry, credentials, tls)?,
         })
     }
 

@@ -52,6 +52,7 @@ fn a_publish_is_one_trace_across_coordinator_and_registry() {
         .block_on(publish(PublishRequest {
             registry: registry.address.clone(),
             insecure: false,
+            registry_tls: Default::default(),
             repository: "traced/app".into(),
             content,
             content_description: "from an action".into(),

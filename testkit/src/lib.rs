@@ -17,6 +17,7 @@ use kiln_store::{
     BlobStore, BoundedBlobStore, EvictionPolicy, FsBlobStore, MemoryBlobStore, MemoryMetadataStore,
     MetadataStore, SledMetadataStore,
 };
+use kiln_tls::TlsFiles;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -126,10 +127,23 @@ pub struct ServedCoordinator {
 
 impl ServedCoordinator {
     pub async fn start(config: CoordinatorConfig, stores: Stores) -> anyhow::Result<Self> {
+        Self::start_with_tls(config, stores, None).await
+    }
+
+    /// [`Self::start`], serving `grpcs` with `tls` when it is given.
+    pub async fn start_with_tls(
+        config: CoordinatorConfig,
+        stores: Stores,
+        tls: Option<&TlsFiles>,
+    ) -> anyhow::Result<Self> {
         let stores = stores.open().await?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let coordinator = Coordinator::new(config, stores.blobs.clone(), stores.metadata.clone());
+        let mut coordinator =
+            Coordinator::new(config, stores.blobs.clone(), stores.metadata.clone());
+        if let Some(files) = tls {
+            coordinator = coordinator.with_tls(files)?;
+        }
         if let Some(bounded) = &stores.bounded {
             // As `kiln` wires it: eviction keeps what unfinished operations need.
             bounded.retain(coordinator.in_flight_inputs());
@@ -178,8 +192,20 @@ pub struct ServedRegistry {
 
 impl ServedRegistry {
     pub async fn start(config: RegistryConfig, stores: Stores) -> anyhow::Result<Self> {
+        Self::start_with_tls(config, stores, None).await
+    }
+
+    /// [`Self::start`], serving `https` with `tls` when it is given.
+    pub async fn start_with_tls(
+        config: RegistryConfig,
+        stores: Stores,
+        tls: Option<&TlsFiles>,
+    ) -> anyhow::Result<Self> {
         let stores = stores.open().await?;
-        let registry = Registry::open(config, stores.blobs.clone(), stores.metadata.clone())?;
+        let mut registry = Registry::open(config, stores.blobs.clone(), stores.metadata.clone())?;
+        if let Some(files) = tls {
+            registry = registry.with_tls(files)?;
+        }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let serving_registry = registry.clone();

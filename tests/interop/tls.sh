@@ -4,10 +4,11 @@
 # - Bazel 2.1 builds the interop workspace remotely over grpcs (--tls_certificate);
 # - skopeo copies an image in and out over HTTPS with the CA in a cert dir, and docker
 #   logs in, pushes, pulls and runs one, with the registry's token auth on;
+#   `kiln publish --registry https://… --ca-cert` pushes one, and is refused without the CA;
 # - a `kiln coordinator` with mutual TLS and auth: a `kiln worker` with a client
 #   certificate from the client CA joins, one without (or with a foreign one) is refused;
 #   certificates map to scopes by subject CN (Bazel 2.1 has no client-certificate
-#   flags, so this is for kiln's own clients and newer Bazels);
+#   flags, so this is for kiln's own clients and newer Bazels); `kiln drain` over mTLS;
 # - rotation: the certificate files are replaced and new connections see the new
 #   certificate (openssl s_client), without a restart.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -137,6 +138,20 @@ docker pull "$REGISTRY/tls/docker:v1.0.0" >/dev/null || fail "docker pull over H
 rm -rf "$CERTS_D"
 grep -q "$PASSWORD" "$WORK/up.log" && fail "the registry password appears in kiln's log"
 
+log "kiln publish over HTTPS (--registry https://, --ca-cert)"
+mkdir -p "$WORK/publish-src" && echo "published over https" >"$WORK/publish-src/hello.txt"
+publish_over() {
+    KILN_REGISTRY_USER=ci KILN_REGISTRY_PASSWORD="$PASSWORD" timeout 120 "$KILN" publish --no-progress \
+        --repo tls/published --from "$WORK/publish-src" --tag v1.0.0 "$@"
+}
+publish_over --registry "https://$REGISTRY" --ca-cert "$CERTS/server-ca.pem" >"$WORK/publish.out" 2>"$WORK/publish.err" \
+    || { cat "$WORK/publish.err" >&2; fail "kiln publish over HTTPS"; }
+skopeo inspect --creds "ci:$PASSWORD" --cert-dir "$WORK/skopeo-certs" "docker://$REGISTRY/tls/published:v1.0.0" >/dev/null \
+    || fail "the image kiln publish pushed over HTTPS is not in the registry"
+publish_over --registry "https://$REGISTRY" >/dev/null 2>"$WORK/publish-noca.err" \
+    && fail "kiln publish trusted the registry without its CA"
+contains 'certificate' <"$WORK/publish-noca.err" || { cat "$WORK/publish-noca.err" >&2; fail "no certificate error from kiln publish"; }
+
 log "mutual TLS with auth: certificates are identities; a worker with one joins, others are refused"
 JOIN="join-$RANDOM$RANDOM"
 # Client certificates map to scopes by subject CN, for clients that send no token.
@@ -172,6 +187,13 @@ echo "$STATUS" | contains 'Workers: 1 connected' || { echo "$STATUS" >&2; fail "
     --client-cert "$CERTS/nobody.pem" --client-key "$CERTS/nobody.key" >/dev/null 2>"$WORK/nobody.err" \
     && fail "a certificate that maps to no scopes read the status"
 contains 'needs a token' <"$WORK/nobody.err" || { cat "$WORK/nobody.err" >&2; fail "no UNAUTHENTICATED for an unmapped certificate"; }
+WORKER_ID=$("$KILN" status --json --coordinator "grpcs://$MTLS" --ca-cert "$CERTS/server-ca.pem" \
+    --client-cert "$CERTS/operator.pem" --client-key "$CERTS/operator.key" \
+    | python3 -c 'import json,sys; print(json.load(sys.stdin)["workers"][0]["id"])')
+"$KILN" drain --coordinator "grpcs://$MTLS" --ca-cert "$CERTS/server-ca.pem" --join-token "$JOIN" \
+    --client-cert "$CERTS/operator.pem" --client-key "$CERTS/operator.key" "$WORKER_ID" >"$WORK/drain.out" 2>&1 \
+    || { cat "$WORK/drain.out" >&2; fail "kiln drain over mTLS"; }
+contains 'is draining' <"$WORK/drain.out" || { cat "$WORK/drain.out" >&2; fail "kiln drain did not drain $WORKER_ID"; }
 
 log "rotation: new connections see the new certificate, without a restart"
 serial() { openssl s_client -connect "$1" -servername localhost </dev/null 2>/dev/null | openssl x509 -noout -serial; }
@@ -189,4 +211,4 @@ run_over --no-cache --coordinator "grpcs://$GRPC" --ca-cert "$CERTS/server-ca.pe
     || { cat "$WORK/run2.err" >&2; fail "kiln run after rotation"; }
 grep -q "BEGIN.*PRIVATE KEY" "$WORK/up.log" "$WORK/mtls.log" && fail "a private key appears in a log"
 
-echo "tls: grpcs and https with kiln run, Bazel 2.1, skopeo and docker; mTLS workers; rotation without restart"
+echo "tls: grpcs and https with kiln run, Bazel 2.1, skopeo, docker and kiln publish; mTLS workers, status and drain; rotation without restart"

@@ -88,3 +88,28 @@ impl Issued {
         }
     }
 }
+
+/// A server with mutual TLS: a CA for its certificate, a CA for its clients', and the
+/// files that serve them.
+pub struct MutualTls {
+    pub server_ca: TestCa,
+    pub client_ca: TestCa,
+    pub files: TlsFiles,
+}
+
+impl MutualTls {
+    /// Two fresh CAs, and files under `dir` for a server certificate naming `names`.
+    pub fn new(dir: &Path, names: &[&str]) -> Self {
+        let server_ca = TestCa::new("server CA");
+        let client_ca = TestCa::new("client CA");
+        let files = TlsFiles {
+            client_ca: Some(client_ca.write(dir)),
+            ..server_ca.issue("kiln", names).server_files(dir)
+        };
+        MutualTls {
+            server_ca,
+            client_ca,
+            files,
+        }
+    }
+}

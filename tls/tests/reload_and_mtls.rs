@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use kiln_tls::test_certs::{Issued, TestCa};
+use kiln_tls::test_certs::{Issued, MutualTls, TestCa};
 use kiln_tls::{server_config, ConnectionLimit, TlsFiles, TlsListener, RELOAD_CHECK_INTERVAL};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -93,22 +93,16 @@ async fn the_certificate_follows_its_files_and_a_broken_one_is_ignored() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_needs_a_certificate_from_the_client_ca() {
     let dir = tempfile::tempdir().unwrap();
-    let server_ca = TestCa::new("server CA");
-    let client_ca = TestCa::new("client CA");
-    let files = TlsFiles {
-        client_ca: Some(client_ca.write(dir.path())),
-        ..server_ca
-            .issue("kiln", &["localhost"])
-            .server_files(dir.path())
-    };
-    let addr = serve(&files).await;
+    let mtls = MutualTls::new(dir.path(), &["localhost"]);
+    let (server_ca, client_ca) = (&mtls.server_ca, &mtls.client_ca);
+    let addr = serve(&mtls.files).await;
 
     let worker = client_ca.issue("worker-1", &[]);
-    assert!(connect(addr, &server_ca, Some(&worker)).await.is_ok());
-    assert!(connect(addr, &server_ca, None).await.is_err());
+    assert!(connect(addr, server_ca, Some(&worker)).await.is_ok());
+    assert!(connect(addr, server_ca, None).await.is_err());
     // Signed by another CA (here, the server's): refused too.
     let stranger = server_ca.issue("stranger", &[]);
-    assert!(connect(addr, &server_ca, Some(&stranger)).await.is_err());
+    assert!(connect(addr, server_ca, Some(&stranger)).await.is_err());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,3 +16,4 @@ mod execution;
 mod request_limits;
 mod restart;
 mod slow_clients;
+mod tls;

@@ -1,9 +1,9 @@
 //! What TLS and token auth cost (issue 13): GetActionResult req/s and ByteStream write and
-//! read MB/s against a coordinator serving plaintext without auth, and against the same
-//! coordinator serving TLS (rustls, ring, ECDSA P-256 from a CA made here) with every
-//! call carrying a token that is looked up in the metadata store. Both run in this
-//! process over memory stores, so the disk does not hide what the crypto costs; rounds
-//! alternate between them, and the medians are compared.
+//! read MB/s against a coordinator serving plaintext without auth, against the same
+//! coordinator serving TLS (rustls, ring, ECDSA P-256 from a CA made here) without auth,
+//! and serving TLS with every call carrying a token that is looked up in the metadata
+//! store. All three run in this process over memory stores, so the disk does not hide
+//! what the crypto costs; rounds alternate between them, and the medians are compared.
 //!
 //! `cargo run --release -p kiln-loadtests --bin secure-bench`
 
@@ -47,13 +47,14 @@ async fn main() -> anyhow::Result<()> {
         .server_files(dir.path());
     let servers = [
         Server::plain().await?,
-        Server::secure(&files, ca.pem()).await?,
+        Server::secure(&files, ca.pem(), None).await?,
+        Server::secure(&files, ca.pem(), Some(TOKEN)).await?,
     ];
 
-    let mut writes = [Vec::new(), Vec::new()];
-    let mut reads = [Vec::new(), Vec::new()];
-    let mut hits = [Vec::new(), Vec::new()];
-    let mut p99 = [Vec::new(), Vec::new()];
+    let mut writes: [Vec<f64>; 3] = Default::default();
+    let mut reads: [Vec<f64>; 3] = Default::default();
+    let mut hits: [Vec<f64>; 3] = Default::default();
+    let mut p99: [Vec<f64>; 3] = Default::default();
     for round in 0..args.plan.rounds {
         for (i, server) in servers.iter().enumerate() {
             let (write, read) =
@@ -77,24 +78,25 @@ async fn main() -> anyhow::Result<()> {
     }
 
     println!(
-        "\n## TLS + token auth against plaintext without auth, {} rounds; {} × {} MiB ByteStream writes and reads per round, {} GetActionResult callers for {} s",
+        "\n## TLS, and TLS + token auth, against plaintext without auth, {} rounds; {} × {} MiB ByteStream writes and reads per round, {} GetActionResult callers for {} s",
         args.plan.rounds, args.plan.blobs, args.plan.blob_mib, args.plan.concurrency, args.plan.seconds
     );
-    println!("| measure | plaintext, no auth | TLS + token | TLS+token / plaintext |");
-    println!("|---|---|---|---|");
+    println!("| measure | plaintext, no auth | TLS | TLS + token | TLS / plaintext | TLS+token / plaintext |");
+    println!("|---|---|---|---|---|---|");
     for (label, figures) in [
         ("ByteStream write, MB/s (median)", &mut writes),
         ("ByteStream read, MB/s (median)", &mut reads),
         ("GetActionResult, req/s (median)", &mut hits),
     ] {
-        let (plain, secure) = (median(&mut figures[0]), median(&mut figures[1]));
+        let [plain, tls, secure] = figures.each_mut().map(|f| median(f));
         println!(
-            "| {label} | {plain:.0} | {secure:.0} | {:.0}% |",
+            "| {label} | {plain:.0} | {tls:.0} | {secure:.0} | {:.0}% | {:.0}% |",
+            100.0 * tls / plain,
             100.0 * secure / plain
         );
     }
-    let (plain, secure) = (median(&mut p99[0]), median(&mut p99[1]));
-    println!("| GetActionResult p99, ms (median) | {plain:.2} | {secure:.2} | — |");
+    let [plain, tls, secure] = p99.each_mut().map(|f| median(f));
+    println!("| GetActionResult p99, ms (median) | {plain:.2} | {tls:.2} | {secure:.2} | — | — |");
     Ok(())
 }
 
@@ -118,10 +120,15 @@ impl Server {
         })
     }
 
-    async fn secure(files: &kiln_tls::TlsFiles, ca_pem: &str) -> anyhow::Result<Self> {
+    /// TLS, with token auth on when a token is given.
+    async fn secure(
+        files: &kiln_tls::TlsFiles,
+        ca_pem: &str,
+        token: Option<&'static str>,
+    ) -> anyhow::Result<Self> {
         let config = CoordinatorConfig {
             auth: AuthConfig {
-                enabled: true,
+                enabled: token.is_some(),
                 tokens: vec![ConfiguredToken {
                     name: "benchmark".into(),
                     hash: hex::encode(hash_token(TOKEN)),
@@ -153,9 +160,13 @@ impl Server {
             .connect()
             .await?;
         Ok(Server {
-            name: "TLS + token",
+            name: if token.is_some() {
+                "TLS + token"
+            } else {
+                "TLS"
+            },
             channel,
-            token: Some(TOKEN),
+            token,
         })
     }
 }

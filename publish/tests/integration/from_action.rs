@@ -127,6 +127,7 @@ async fn publish_content(
     publish(PublishRequest {
         registry: registry.to_string(),
         insecure: false,
+        registry_tls: Default::default(),
         repository: "app".into(),
         content,
         content_description: "from actions".into(),

@@ -16,6 +16,7 @@ fn request(registry: &str, repository: &str, content: &Path, tags: &[&str]) -> P
     PublishRequest {
         registry: registry.to_string(),
         insecure: false,
+        registry_tls: Default::default(),
         repository: repository.to_string(),
         content: LayerContent::Directory(content.to_path_buf()),
         content_description: "from a directory".into(),

@@ -1,16 +1,18 @@
 //! Publishing to kiln's own registry: the Docker token flow with credentials from the
 //! environment's equivalent and from docker's config.json, and tag policy refusals that
-//! leave the other tags in place.
+//! leave the other tags in place; HTTPS with a CA and mutual TLS.
 
 use crate::support;
 
 use std::path::Path;
 
 use base64::Engine as _;
+use kiln_client::ClientTls;
 use kiln_publish::{
     publish, Compression, CredentialStore, Credentials, LayerContent, Provenance, PublishError,
-    PublishRequest, RuntimeSettings,
+    PublishRequest, RegistryTls, RuntimeSettings,
 };
+use kiln_tls::test_certs::{Issued, MutualTls, TestCa};
 use support::kiln_servers::{self, PASSWORD, USER};
 
 fn request(
@@ -22,6 +24,7 @@ fn request(
     PublishRequest {
         registry: registry.to_string(),
         insecure: false,
+        registry_tls: Default::default(),
         repository: "app".into(),
         content: LayerContent::Directory(content.to_path_buf()),
         content_description: "test content".into(),
@@ -259,4 +262,58 @@ async fn progress_reports_every_blob_transfer() {
         size,
         "bytes sent add up"
     );
+}
+
+#[tokio::test]
+async fn publishing_over_https_needs_the_ca_and_for_mutual_tls_a_client_certificate() {
+    let certs = tempfile::tempdir().unwrap();
+    let mtls = MutualTls::new(certs.path(), &["127.0.0.1"]);
+    let (server_ca, client_ca) = (&mtls.server_ca, &mtls.client_ca);
+    let registry = kiln_servers::registry_over_tls(&mtls.files).await;
+    let dir = dir_with("over https\n");
+    let release_job = client_ca.issue("release-job", &[]);
+    let over_https = |ca: Option<&TestCa>, identity: Option<&Issued>| {
+        let mut request = request(
+            &registry.address,
+            dir.path(),
+            &["v1.0.0"],
+            CredentialStore::default(),
+        );
+        request.registry_tls = RegistryTls {
+            // A loopback registry is plain HTTP unless told otherwise.
+            force_https: true,
+            client: ClientTls {
+                ca_pem: ca.map(|ca| ca.pem().as_bytes().to_vec()),
+                identity_pem: identity.map(|i| {
+                    (
+                        i.cert_pem.clone().into_bytes(),
+                        i.key_pem.clone().into_bytes(),
+                    )
+                }),
+                server_name: None,
+            },
+        };
+        request
+    };
+
+    let outcome = publish(over_https(Some(server_ca), Some(&release_job)))
+        .await
+        .expect("the CA and a client certificate from the client CA");
+    assert_eq!(outcome.tags_pushed, vec!["v1.0.0"]);
+
+    let err = publish(over_https(Some(server_ca), None))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PublishError::Http { .. }), "{err}");
+    let err = publish(over_https(None, Some(&release_job)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PublishError::Http { .. }), "{err}");
+    let err = publish(over_https(
+        Some(server_ca),
+        Some(&server_ca.issue("stranger", &[])),
+    ))
+    .await
+    .unwrap_err();
+    assert!(matches!(err, PublishError::Http { .. }), "{err}");
 }

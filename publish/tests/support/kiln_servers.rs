@@ -3,6 +3,7 @@
 use argon2::password_hash::{PasswordHasher, SaltString};
 use kiln_registry::{Action, GrantConfig, RegistryConfig, UserConfig};
 use kiln_testkit::{ServedCoordinator, ServedRegistry, Stores};
+use kiln_tls::TlsFiles;
 
 pub const USER: &str = "ci";
 pub const PASSWORD: &str = "s3cret-pass";
@@ -39,6 +40,18 @@ pub async fn registry(auth: bool) -> Running {
         }];
     }
     let registry = ServedRegistry::start(config, Stores::Memory).await.unwrap();
+    Running {
+        address: registry.addr.to_string(),
+        _server: Served::Registry(registry),
+    }
+}
+
+/// The kiln registry without auth, serving HTTPS with `tls`.
+pub async fn registry_over_tls(tls: &TlsFiles) -> Running {
+    let registry =
+        ServedRegistry::start_with_tls(RegistryConfig::default(), Stores::Memory, Some(tls))
+            .await
+            .unwrap();
     Running {
         address: registry.addr.to_string(),
         _server: Served::Registry(registry),

@@ -11,3 +11,4 @@ mod gc_and_retention;
 mod policy_and_auth;
 mod slow_clients;
 mod storage_limit;
+mod tls;
