@@ -241,6 +241,10 @@ impl CommandRunner for ProcessRunner {
                 .as_ref()
                 .expect("a fresh capture has its writer"),
             rlimits: &self.rlimits(uid.is_some()),
+            identity: self
+                .bubblewrap
+                .as_ref()
+                .and_then(|bwrap| bwrap.starts_as(uid.as_ref().map(UidLease::uid))),
         });
         // The child holds its own copies: the pipes end when the command's processes do.
         (stdout.writer, stderr.writer) = (None, None);

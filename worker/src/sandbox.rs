@@ -5,16 +5,19 @@
 //! place; it has new PID, IPC, UTS, cgroup and network namespaces (the host's network
 //! only with `network=on`), a new session, and dies with the worker.
 //!
-//! A worker running as root builds the sandbox as root (so bwrap reaches the action's
-//! directory wherever the work dir is) and starts the command through `setpriv` as a host
-//! uid of the action's own, with no capabilities: a uid that owns nothing but the action's
-//! directory, so root-only files in the system directories (`/etc/shadow`, keys, a config
-//! file holding the join token) stay unreadable, and RLIMIT_NPROC, counted per uid,
-//! bounds this action alone. A worker running as another user cannot change uid: bwrap
-//! then makes a user namespace in which the action is uid 65534, mapped to the worker's.
+//! A worker running as root gives each action a host uid of its own, one that owns
+//! nothing but the action's directory, so root-only files in the system directories
+//! (`/etc/shadow`, keys, a config file holding the join token) stay unreadable, and
+//! RLIMIT_NPROC, counted per uid, bounds this action alone. Where root may mount (a host),
+//! bwrap builds the sandbox as root, so it reaches the action's directory wherever the
+//! work dir is, and `setpriv` starts the command as the uid without capabilities;
+//! elsewhere (a container) bwrap starts as the uid, in a user namespace. A worker running
+//! as another user cannot change uid: bwrap then makes a user namespace in which the
+//! action is uid 65534, mapped to the worker's.
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,36 +38,61 @@ const UID_IN_USER_NAMESPACE: &str = "65534";
 /// A working `bwrap`, and how actions get a uid of their own.
 pub(crate) struct Bubblewrap {
     path: PathBuf,
-    /// `setpriv` and the pool of host uids, for a worker running as root.
-    uid_switch: Option<(PathBuf, UidPool)>,
+    /// How, and from which pool of host uids, for a worker running as root.
+    own_uid: Option<(OwnUid, UidPool)>,
+}
+
+/// How a root worker starts an action as a host uid of its own.
+#[derive(Clone, Debug)]
+enum OwnUid {
+    /// bwrap builds the sandbox as root, without a user namespace, and this `setpriv`
+    /// starts the command as the uid with no capabilities. Needs CAP_SYS_ADMIN (a host,
+    /// or a privileged container).
+    Setpriv(PathBuf),
+    /// bwrap starts as the uid and maps it to 65534 in a user namespace: for root without
+    /// CAP_SYS_ADMIN (a container whose seccomp profile allows user namespaces). The
+    /// uid must then be able to reach the action's directory (every directory above it
+    /// searchable by others).
+    UserNamespace,
 }
 
 impl Bubblewrap {
-    /// Finds `bwrap` (and, as root, `setpriv`) on PATH and checks that a trial action
-    /// runs in a sandbox here and can write its directory: bwrap cannot work in some
-    /// containers, nor as another user than root without user namespaces.
+    /// Finds `bwrap` on PATH and checks that a trial action runs in a sandbox here and can
+    /// write its directory. As root, it tries setpriv, then a user namespace; as another
+    /// user, a user namespace of that user's.
     pub(crate) fn find(uid_base: u32) -> Result<Self, String> {
-        let bwrap = on_path("bwrap").ok_or("bwrap is not installed")?;
+        let path = on_path("bwrap").ok_or("bwrap is not installed")?;
         // SAFETY: geteuid has no preconditions.
-        let uid_switch = if unsafe { libc::geteuid() } == 0 {
-            let setpriv = on_path("setpriv").ok_or(
-                "setpriv (util-linux), which starts actions as their own uid, is not installed",
-            )?;
-            Some((setpriv, UidPool::new(uid_base)))
-        } else {
-            None
-        };
-        let bubblewrap = Bubblewrap {
-            path: bwrap,
-            uid_switch,
-        };
-        bubblewrap.try_once().map_err(|reason| {
-            format!(
-                "{} cannot build a sandbox here: {reason}",
-                bubblewrap.path.display()
-            )
-        })?;
-        Ok(bubblewrap)
+        if unsafe { libc::geteuid() } != 0 {
+            let bubblewrap = Bubblewrap {
+                path,
+                own_uid: None,
+            };
+            return bubblewrap
+                .try_once()
+                .map(|()| bubblewrap)
+                .map_err(|reason| format!("bwrap cannot build a sandbox here: {reason}"));
+        }
+        let mut failures = Vec::new();
+        let ways = on_path("setpriv")
+            .map(OwnUid::Setpriv)
+            .into_iter()
+            .chain([OwnUid::UserNamespace]);
+        for way in ways {
+            let bubblewrap = Bubblewrap {
+                path: path.clone(),
+                own_uid: Some((way.clone(), UidPool::new(uid_base))),
+            };
+            match bubblewrap.try_once() {
+                Ok(()) => return Ok(bubblewrap),
+                Err(reason) => failures.push(format!("{way:?}: {reason}")),
+            }
+        }
+        Err(format!(
+            "bwrap cannot build a sandbox here as uid {uid_base} ({}); it needs \
+             CAP_SYS_ADMIN with setpriv (util-linux) installed, or user namespaces",
+            failures.join("; ")
+        ))
     }
 
     /// Runs `touch` in a sandbox around a fresh temporary directory, as an action would.
@@ -79,17 +107,23 @@ impl Bubblewrap {
         std::fs::create_dir(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         let uid = self.lease_uid();
         let outcome = (|| {
-            if let Some(uid) = &uid {
-                hand_over(&dir, uid.uid()).map_err(|e| e.to_string())?;
+            let uid = uid.as_ref().map(UidLease::uid);
+            if let Some(uid) = uid {
+                hand_over(&dir, uid).map_err(|e| e.to_string())?;
             }
             let argv = self.argv(
                 &dir,
                 &dir,
                 false,
-                uid.as_ref().map(UidLease::uid),
+                uid,
                 ["touch".as_ref(), "trial".as_ref()].into_iter(),
             );
-            let output = std::process::Command::new(&argv[0])
+            let mut command = std::process::Command::new(&argv[0]);
+            if let Some(uid) = self.starts_as(uid) {
+                // std drops root's supplementary groups too.
+                command.uid(uid).gid(uid);
+            }
+            let output = command
                 .args(&argv[1..])
                 .current_dir(&dir)
                 .stdin(Stdio::null())
@@ -110,7 +144,7 @@ impl Bubblewrap {
         outcome
     }
 
-    /// bwrap's argv around `command`, started as host uid `uid` when one is given.
+    /// bwrap's argv around `command`, for an action of host uid `uid` when one is given.
     pub(crate) fn argv<'a>(
         &self,
         exec_root: &Path,
@@ -119,15 +153,19 @@ impl Bubblewrap {
         uid: Option<u32>,
         command: impl Iterator<Item = &'a OsStr>,
     ) -> Vec<OsString> {
+        let setpriv = match (&self.own_uid, uid) {
+            (Some((OwnUid::Setpriv(setpriv), _)), Some(uid)) => Some((setpriv, uid)),
+            _ => None,
+        };
         let mut argv = vec![self.path.clone().into_os_string()];
         argv.extend(bubblewrap_args(
             exec_root,
             working_dir,
             network,
-            uid.is_none(),
+            setpriv.is_none(),
         ));
         argv.push("--".into());
-        if let (Some(uid), Some((setpriv, _))) = (uid, &self.uid_switch) {
+        if let Some((setpriv, uid)) = setpriv {
             argv.push(setpriv.clone().into_os_string());
             argv.extend(
                 [
@@ -145,10 +183,19 @@ impl Bubblewrap {
         argv
     }
 
+    /// The uid bwrap itself must start as, for an action of host uid `uid`: the action's
+    /// when bwrap maps it into a user namespace; none when bwrap starts as the worker.
+    pub(crate) fn starts_as(&self, uid: Option<u32>) -> Option<u32> {
+        match self.own_uid {
+            Some((OwnUid::UserNamespace, _)) => uid,
+            _ => None,
+        }
+    }
+
     /// A host uid no other running action has, given back when the lease is dropped;
     /// none when the worker is not root (its actions then run as its own uid).
     pub(crate) fn lease_uid(&self) -> Option<UidLease<'_>> {
-        self.uid_switch.as_ref().map(|(_, pool)| pool.lease())
+        self.own_uid.as_ref().map(|(_, pool)| pool.lease())
     }
 }
 
@@ -159,23 +206,24 @@ fn on_path(program: &str) -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
-/// Host uids `base..`, one per action running at once.
+/// Host uids `base..`, one per action running at once in this process: the indices are
+/// shared by every worker of the process (`kiln up` runs several), so no two running
+/// actions share a uid, nor its RLIMIT_NPROC count.
 struct UidPool {
     base: u32,
-    in_use: Mutex<Vec<bool>>,
 }
+
+/// Which indices of the uid pools are taken.
+static UIDS_IN_USE: Mutex<Vec<bool>> = Mutex::new(Vec::new());
 
 impl UidPool {
     fn new(base: u32) -> Self {
-        UidPool {
-            base,
-            in_use: Mutex::new(Vec::new()),
-        }
+        UidPool { base }
     }
 
     fn lease(&self) -> UidLease<'_> {
         // A list of flags holds no invariant a panicking holder could break.
-        let mut in_use = self.in_use.lock().unwrap_or_else(|e| e.into_inner());
+        let mut in_use = UIDS_IN_USE.lock().unwrap_or_else(|e| e.into_inner());
         let index = match in_use.iter().position(|used| !used) {
             Some(free) => free,
             None => {
@@ -202,7 +250,7 @@ impl UidLease<'_> {
 
 impl Drop for UidLease<'_> {
     fn drop(&mut self) {
-        let mut in_use = self.pool.in_use.lock().unwrap_or_else(|e| e.into_inner());
+        let mut in_use = UIDS_IN_USE.lock().unwrap_or_else(|e| e.into_inner());
         in_use[self.index] = false;
     }
 }
