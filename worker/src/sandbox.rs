@@ -369,15 +369,16 @@ fn provided_by_sandbox(dir: &Path) -> bool {
         || SYSTEM_DIRS.iter().any(|system| dir.starts_with(system))
 }
 
-/// bwrap's own complaint, when it could not set the sandbox up: it then exits with 1
-/// before the command ran, its message first on stderr as `bwrap: …`. An action that
-/// prints such a line and exits 1 itself would be taken for one, and tried again: a
-/// retry, never a wrong result.
+/// bwrap's own complaint, when it could not set the sandbox up, or setpriv's, when it
+/// could not take the action's uid: either exits with 1 before the command ran, its
+/// message first on stderr as `bwrap: …` or `setpriv: …`. An action that prints such a
+/// line and exits 1 itself would be taken for one, and tried again: a retry, never a
+/// wrong result.
 pub(crate) fn setup_failure(stderr: &File) -> Option<String> {
     use std::os::unix::fs::FileExt;
     let mut start = [0u8; 512];
     let read = stderr.read_at(&mut start, 0).ok()?;
     let text = String::from_utf8_lossy(&start[..read]);
     let line = text.lines().next()?;
-    line.starts_with("bwrap: ").then(|| line.to_string())
+    (line.starts_with("bwrap: ") || line.starts_with("setpriv: ")).then(|| line.to_string())
 }

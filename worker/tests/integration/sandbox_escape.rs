@@ -31,6 +31,15 @@ async fn run(cas: &TestCas, runner: &TestRunner, spec: &ActionSpec) -> (i32, Str
     (result.exit_code, String::from_utf8(stdout).unwrap())
 }
 
+/// Whether a running action's directory under `actions` holds its secret.
+fn neighbour_secret_exists(actions: &std::path::Path) -> bool {
+    std::fs::read_dir(actions).is_ok_and(|entries| {
+        entries
+            .flatten()
+            .any(|entry| entry.path().join("running-secret.txt").exists())
+    })
+}
+
 #[tokio::test]
 #[ignore = "needs bubblewrap; `cargo test -- --ignored` runs it (.ci/run does)"]
 async fn an_action_sees_neither_other_actions_nor_the_cache_nor_the_host() {
@@ -78,6 +87,7 @@ async fn an_action_sees_neither_other_actions_nor_the_cache_nor_the_host() {
         "ls -A {work}/actions | wc -l; \
          test -e {work}/cache && echo cache-visible; \
          test -e {other}/secret.txt && echo other-visible; \
+         find / -name running-secret.txt 2>/dev/null | grep -q . && echo running-visible; \
          {data_tests} \
          test -e /proc/{worker} && echo worker-visible; \
          ls /proc | grep -c '^[0-9]'; id -u; stat -c %u .; \
@@ -85,10 +95,24 @@ async fn an_action_sees_neither_other_actions_nor_the_cache_nor_the_host() {
         other = other.display(),
         worker = std::process::id(),
     );
-    let (code, stdout) = run(&cas, &runner, &ActionSpec::shell(&script)).await;
+    // Probed while another action runs, its secret on the host's disk meanwhile.
+    let neighbour = ActionSpec::shell("echo secret > running-secret.txt; sleep 4");
+    let actions = runner.work_dir.path().join("actions");
+    let probe = async {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !neighbour_secret_exists(&actions) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the neighbour never ran"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        run(&cas, &runner, &ActionSpec::shell(&script)).await
+    };
+    let ((code, stdout), _) = tokio::join!(probe, run(&cas, &runner, &neighbour));
     assert_eq!(code, 0, "{stdout}");
     let lines: Vec<&str> = stdout.lines().collect();
-    // Only its own directory, nothing of the cache, the other action or the data dir.
+    // Only its own directory, nothing of the cache, the other actions or the data dir.
     assert_eq!(lines[0], "1", "{stdout}");
     assert!(!stdout.contains("visible"), "{stdout}");
     // Its own PID namespace: a handful of processes, the worker not among them.
