@@ -188,15 +188,15 @@ async fn run(
             worker.platform.extend(args.platform);
             // A worker serves strangers' actions: sandboxed unless told otherwise, here
             // or in the file (`kiln up`'s local workers sandbox when they can).
-            worker.use_bubblewrap = match (args.sandbox, worker.use_bubblewrap) {
-                (Some(SandboxArg::None), _) => {
-                    tracing::warn!("--sandbox none: actions run UNCONFINED, as this worker's user, and can read and change everything it can");
-                    kiln_worker::BubblewrapMode::Never
+            worker.sandbox = match (args.sandbox, worker.sandbox) {
+                (Some(SandboxArg::None), _) | (None, kiln_worker::SandboxMode::None) => {
+                    tracing::warn!("sandbox none: actions run UNCONFINED, as this worker's user, and can read and change everything it can");
+                    kiln_worker::SandboxMode::None
                 }
-                (Some(SandboxArg::Bubblewrap), _) | (None, kiln_worker::BubblewrapMode::Auto) => {
-                    kiln_worker::BubblewrapMode::Always
+                (Some(SandboxArg::Bubblewrap), _)
+                | (None, kiln_worker::SandboxMode::Auto | kiln_worker::SandboxMode::Bubblewrap) => {
+                    kiln_worker::SandboxMode::Bubblewrap
                 }
-                (None, configured) => configured,
             };
             for (flag, setting) in [
                 (args.tls.ca_cert, &mut worker.ca_cert),

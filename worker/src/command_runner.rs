@@ -7,17 +7,17 @@
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::BubblewrapMode;
+use crate::config::{SandboxMode, DEFAULT_SANDBOX_UID_BASE};
 use crate::log_capture::LogCapture;
 use crate::process_spawn::{self, SpawnRequest};
+use crate::sandbox::{self, Bubblewrap, UidLease};
 use crate::WorkerError;
 
 /// One command to run.
@@ -87,24 +87,46 @@ pub struct ResourceLimits {
     pub file_bytes: Option<u64>,
     /// RLIMIT_CPU (seconds), when set.
     pub cpu_secs: Option<u64>,
+    /// RLIMIT_NPROC, when set; applied only in the sandbox, where the action has a uid of
+    /// its own (the limit counts a uid's processes, and root ignores it).
+    pub processes: Option<u64>,
     /// The most of stdout, and of stderr, kept per action; the rest is dropped.
     pub log_bytes: u64,
+}
+
+/// How a [`ProcessRunner`] confines actions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SandboxSettings {
+    pub mode: SandboxMode,
+    /// The first host uid sandboxed actions run as (`worker.sandbox_uid_base`).
+    pub uid_base: u32,
+}
+
+impl SandboxSettings {
+    /// `mode` with the default uid range.
+    pub fn new(mode: SandboxMode) -> Self {
+        SandboxSettings {
+            mode,
+            uid_base: DEFAULT_SANDBOX_UID_BASE,
+        }
+    }
 }
 
 /// Runs commands as child processes of the worker.
 pub struct ProcessRunner {
     limits: ResourceLimits,
-    /// The `bwrap` binary, when actions are sandboxed.
-    bubblewrap: Option<PathBuf>,
+    /// bubblewrap, when actions are sandboxed.
+    bubblewrap: Option<Bubblewrap>,
 }
 
 impl ProcessRunner {
-    /// Decides on bubblewrap per `mode`: `Auto` uses it when `bwrap` is on PATH and a
-    /// trial sandbox starts; `Always` fails without a working one.
-    pub fn new(limits: ResourceLimits, mode: BubblewrapMode) -> Result<Self, WorkerError> {
-        let bubblewrap = match mode {
-            BubblewrapMode::Never => None,
-            BubblewrapMode::Auto => match working_bubblewrap() {
+    /// Decides on bubblewrap per the mode: `Auto` uses it when `bwrap` is on PATH and a
+    /// trial sandbox starts; `Bubblewrap` fails without a working one.
+    pub fn new(limits: ResourceLimits, sandbox: &SandboxSettings) -> Result<Self, WorkerError> {
+        let working_bubblewrap = || Bubblewrap::find(sandbox.uid_base);
+        let bubblewrap = match sandbox.mode {
+            SandboxMode::None => None,
+            SandboxMode::Auto => match working_bubblewrap() {
                 Ok(path) => Some(path),
                 Err(reason) => {
                     tracing::warn!(
@@ -115,7 +137,7 @@ impl ProcessRunner {
                     None
                 }
             },
-            BubblewrapMode::Always => Some(working_bubblewrap().map_err(|reason| {
+            SandboxMode::Bubblewrap => Some(working_bubblewrap().map_err(|reason| {
                 WorkerError::Sandbox(format!(
                     "{reason}; install bubblewrap, or pass --sandbox none to run actions \
                      unconfined"
@@ -129,8 +151,8 @@ impl ProcessRunner {
         self.bubblewrap.is_some()
     }
 
-    /// argv as started: the command itself, or bubblewrap wrapping it.
-    fn argv(&self, spec: &CommandSpec) -> Result<Vec<OsString>, WorkerError> {
+    /// argv as started: the command itself, or bubblewrap wrapping it (started as `uid`).
+    fn argv(&self, spec: &CommandSpec, uid: Option<u32>) -> Result<Vec<OsString>, WorkerError> {
         if spec.arguments.is_empty() {
             return Err(WorkerError::InvalidAction(
                 "the command has no arguments".into(),
@@ -138,20 +160,19 @@ impl ProcessRunner {
         }
         let command = spec.arguments.iter().map(OsStr::new);
         Ok(match &self.bubblewrap {
-            Some(bwrap) => std::iter::once(bwrap.clone().into_os_string())
-                .chain(bubblewrap_args(
-                    &spec.exec_root,
-                    &spec.working_dir,
-                    spec.network,
-                ))
-                .chain([OsString::from("--")])
-                .chain(command.map(OsString::from))
-                .collect(),
+            Some(bwrap) => bwrap.argv(
+                &spec.exec_root,
+                &spec.working_dir,
+                spec.network,
+                uid,
+                command,
+            ),
             None => command.map(OsString::from).collect(),
         })
     }
 
-    fn rlimits(&self) -> Vec<(libc::__rlimit_resource_t, libc::rlimit)> {
+    /// The rlimits; RLIMIT_NPROC only for an action with a uid of its own (`own_uid`).
+    fn rlimits(&self, own_uid: bool) -> Vec<(libc::__rlimit_resource_t, libc::rlimit)> {
         let limits = self.limits;
         let both = |value: u64| libc::rlimit {
             rlim_cur: value as libc::rlim_t,
@@ -176,6 +197,9 @@ impl ProcessRunner {
             };
             rlimits.push((libc::RLIMIT_CPU, limit));
         }
+        if let (Some(processes), true) = (limits.processes, own_uid) {
+            rlimits.push((libc::RLIMIT_NPROC, both(processes)));
+        }
         rlimits
     }
 }
@@ -187,15 +211,26 @@ impl CommandRunner for ProcessRunner {
         spec: &CommandSpec,
         cancel: &CancellationToken,
     ) -> Result<CommandExit, WorkerError> {
-        let argv = self.argv(spec)?;
+        // Declared first, so it is given back last, after the processes are killed.
+        let uid = self.bubblewrap.as_ref().and_then(Bubblewrap::lease_uid);
+        if let Some(uid) = &uid {
+            sandbox::hand_over(&spec.exec_root, uid.uid())?;
+        }
+        let argv = self.argv(spec, uid.as_ref().map(UidLease::uid))?;
         let argv: Vec<&OsStr> = argv.iter().map(OsString::as_os_str).collect();
+        // bwrap enters the working directory itself, inside the sandbox; one it cannot
+        // enter is then its failure, reported as such.
+        let start_in = match &self.bubblewrap {
+            Some(_) => &spec.exec_root,
+            None => &spec.working_dir,
+        };
         let stdin = File::open("/dev/null").map_err(WorkerError::io("opening /dev/null"))?;
         let mut stdout = LogCapture::start(spec.stdout.clone(), self.limits.log_bytes, "stdout")?;
         let mut stderr = LogCapture::start(spec.stderr.clone(), self.limits.log_bytes, "stderr")?;
         let spawned = process_spawn::spawn(&SpawnRequest {
             arguments: &argv,
             environment: &spec.environment,
-            working_dir: &spec.working_dir,
+            working_dir: start_in,
             stdin: &stdin,
             stdout: stdout
                 .writer
@@ -205,7 +240,11 @@ impl CommandRunner for ProcessRunner {
                 .writer
                 .as_ref()
                 .expect("a fresh capture has its writer"),
-            rlimits: &self.rlimits(),
+            rlimits: &self.rlimits(uid.is_some()),
+            identity: self
+                .bubblewrap
+                .as_ref()
+                .and_then(|bwrap| bwrap.starts_as(uid.as_ref().map(UidLease::uid))),
         });
         // The child holds its own copies: the pipes end when the command's processes do.
         (stdout.writer, stderr.writer) = (None, None);
@@ -234,7 +273,7 @@ impl CommandRunner for ProcessRunner {
         }
         let (stdout_dropped, stderr_dropped) = tokio::join!(stdout.finish(), stderr.finish());
         if self.bubblewrap.is_some() && exit == CommandExit::Exited(1) {
-            if let Some(reason) = bubblewrap_failure(&spec.stderr) {
+            if let Some(reason) = sandbox::setup_failure(&spec.stderr) {
                 return Err(WorkerError::SandboxSetup(reason));
             }
         }
@@ -275,65 +314,6 @@ impl Drop for ProcessGroup {
     }
 }
 
-/// The host's system directories an action sees, read-only, where they exist. Nothing
-/// else of the host is there: not `/home`, `/root`, `/var`, `/srv`, nor wherever the
-/// worker keeps its cache, its data directory and other actions' directories.
-const SYSTEM_DIRS: &[&str] = &[
-    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt",
-];
-
-/// The sandbox: a root of its own holding the system directories read-only, private
-/// `/tmp`, `/dev` and `/proc`, and the action's directory as the one writable place; new
-/// user, PID, IPC, UTS, cgroup and network namespaces (the host's network only with
-/// `network`), the unprivileged uid 65534 inside, a new session (no terminal injection),
-/// and death with the worker.
-fn bubblewrap_args(exec_root: &Path, working_dir: &Path, network: bool) -> Vec<OsString> {
-    let mut args: Vec<OsString> = Vec::new();
-    let mut push = |items: &[&OsStr]| args.extend(items.iter().map(|i| i.to_os_string()));
-    for dir in SYSTEM_DIRS {
-        let path = Path::new(dir);
-        match std::fs::symlink_metadata(path) {
-            // Merged /usr: /bin is a link to usr/bin; keep it a link.
-            Ok(meta) if meta.file_type().is_symlink() => {
-                if let Ok(target) = std::fs::read_link(path) {
-                    push(&["--symlink".as_ref(), target.as_os_str(), path.as_os_str()]);
-                }
-            }
-            Ok(_) => push(&["--ro-bind".as_ref(), path.as_os_str(), path.as_os_str()]),
-            Err(_) => {}
-        }
-    }
-    let flags: [&OsStr; 7] = [
-        "--dev".as_ref(),
-        "/dev".as_ref(),
-        "--proc".as_ref(),
-        "/proc".as_ref(),
-        "--tmpfs".as_ref(),
-        "/tmp".as_ref(),
-        "--bind".as_ref(),
-    ];
-    push(&flags);
-    push(&[exec_root.as_os_str(), exec_root.as_os_str()]);
-    // The sandbox's root is a tmpfs of bwrap's; read-only, so /tmp and the action's
-    // directory (mounts of their own) are the only writable places.
-    push(&["--remount-ro".as_ref(), "/".as_ref()]);
-    push(&[
-        "--unshare-all".as_ref(),
-        "--unshare-user".as_ref(),
-        "--uid".as_ref(),
-        "65534".as_ref(),
-        "--gid".as_ref(),
-        "65534".as_ref(),
-        "--new-session".as_ref(),
-        "--die-with-parent".as_ref(),
-    ]);
-    if network {
-        push(&["--share-net".as_ref()]);
-    }
-    push(&["--chdir".as_ref(), working_dir.as_os_str()]);
-    args
-}
-
 /// What a limit did to the action, for the end of its stderr: a process killed by the
 /// signal a limit sends (or by SIGKILL, which the kernel's OOM killer uses) says so,
 /// rather than leaving the user an exit code of 152 to decode. (With bubblewrap, the
@@ -351,44 +331,4 @@ fn limit_note(exit: CommandExit) -> Option<String> {
         _ => return None,
     };
     Some(format!("\nkiln: the action {what}\n"))
-}
-
-/// bwrap's own complaint, when it could not set the sandbox up: it then exits with 1
-/// before the command ran, its message first on stderr as `bwrap: …`. An action that
-/// prints such a line and exits 1 itself would be taken for one, and tried again: a
-/// retry, never a wrong result.
-fn bubblewrap_failure(stderr: &File) -> Option<String> {
-    use std::os::unix::fs::FileExt;
-    let mut start = [0u8; 512];
-    let read = stderr.read_at(&mut start, 0).ok()?;
-    let text = String::from_utf8_lossy(&start[..read]);
-    let line = text.lines().next()?;
-    line.starts_with("bwrap: ").then(|| line.to_string())
-}
-
-/// Finds `bwrap` on PATH and checks that it can create a sandbox on this host (it cannot
-/// in some containers without user namespaces).
-fn working_bubblewrap() -> Result<PathBuf, String> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let bwrap = std::env::split_paths(&path)
-        .map(|dir| dir.join("bwrap"))
-        .find(|candidate| candidate.is_file())
-        .ok_or_else(|| "bwrap is not installed".to_string())?;
-    let root = std::env::temp_dir();
-    let status = std::process::Command::new(&bwrap)
-        .args(bubblewrap_args(&root, &root, false))
-        .args(["--", "true"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map_err(|e| format!("cannot run {}: {e}", bwrap.display()))?;
-    if status.success() {
-        Ok(bwrap)
-    } else {
-        Err(format!(
-            "{} cannot create a sandbox here ({status})",
-            bwrap.display()
-        ))
-    }
 }

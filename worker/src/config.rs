@@ -6,18 +6,27 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// Whether actions run under bubblewrap (`bwrap`).
+/// How actions are confined (`worker.sandbox`). The values of the key's old name,
+/// `use_bubblewrap` (`always`, `never`), are still accepted.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum BubblewrapMode {
-    /// Use bubblewrap when `bwrap` is installed and works on this host.
+pub enum SandboxMode {
+    /// bubblewrap when `bwrap` is installed and works on this host, unconfined otherwise
+    /// (with a warning).
     #[default]
     Auto,
-    /// Always use it; the worker refuses to start without a working `bwrap`.
-    Always,
-    /// Never use it: actions run directly, only in their own directory and process group.
-    Never,
+    /// Always bubblewrap; the worker refuses to start without a working `bwrap`.
+    #[serde(alias = "always")]
+    Bubblewrap,
+    /// No sandbox: actions run directly, only in their own directory and process group,
+    /// as the worker's user.
+    #[serde(alias = "never")]
+    None,
 }
+
+/// The first of the host uids (and gids) sandboxed actions run as, one per action
+/// running at once: a range no account and no file on a usual host has.
+pub const DEFAULT_SANDBOX_UID_BASE: u32 = 1_600_000_000;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -47,8 +56,13 @@ pub struct WorkerConfig {
     pub work_dir: PathBuf,
     /// The local blob cache's budget in bytes; least-recently-used blobs go beyond it.
     pub cache_bytes: u64,
-    /// Whether to sandbox actions with bubblewrap.
-    pub use_bubblewrap: BubblewrapMode,
+    /// How actions are confined: `auto`, `bubblewrap` or `none` (old name:
+    /// `use_bubblewrap`).
+    #[serde(alias = "use_bubblewrap")]
+    pub sandbox: SandboxMode,
+    /// Sandboxed actions run as host uid and gid `sandbox_uid_base + n`, n counting the
+    /// actions running at once: uids that own nothing outside the action's directory.
+    pub sandbox_uid_base: u32,
     /// The worker's name in the pool. Empty means `<hostname>-<random>`.
     pub worker_id: String,
     /// Seconds between heartbeats, unless the coordinator asks for another interval.
@@ -65,6 +79,10 @@ pub struct WorkerConfig {
     /// RLIMIT_CPU for actions: CPU seconds per process; 0 leaves it unlimited. A process
     /// past it gets SIGXCPU, and the action's stderr ends with a line saying so.
     pub max_cpu_secs: u64,
+    /// RLIMIT_NPROC for sandboxed actions: the most processes (threads included) an action
+    /// runs at once; 0 leaves it unlimited. Unsandboxed actions run as the worker's user,
+    /// whose processes all count, and root is exempt: there it is not applied.
+    pub max_processes: u64,
     /// The most of an action's stdout, and of its stderr, kept; past it the rest is
     /// dropped and the log ends with a line saying so.
     pub max_log_bytes: u64,
@@ -84,7 +102,8 @@ impl Default for WorkerConfig {
             server_name: None,
             work_dir: PathBuf::from("kiln-data/worker"),
             cache_bytes: 10 << 30,
-            use_bubblewrap: BubblewrapMode::Auto,
+            sandbox: SandboxMode::Auto,
+            sandbox_uid_base: DEFAULT_SANDBOX_UID_BASE,
             worker_id: String::new(),
             heartbeat_interval_secs: 1,
             default_timeout_secs: 3600,
@@ -92,6 +111,7 @@ impl Default for WorkerConfig {
             max_memory_bytes: 0,
             max_file_bytes: 0,
             max_cpu_secs: 0,
+            max_processes: 1024,
             max_log_bytes: 64 << 20,
         }
     }
@@ -158,15 +178,22 @@ mod tests {
             coordinator = "grpc://farm:8980"
             slots = 3
             platform = [["OSFamily", "linux"], ["cores", "8"]]
-            use_bubblewrap = "never"
+            sandbox = "none"
             "#,
         )
         .unwrap();
         assert_eq!(config.slots, 3);
         assert_eq!(config.coordinator_url(), "grpc://farm:8980");
         assert_eq!(config.platform[1], ("cores".to_string(), "8".to_string()));
-        assert_eq!(config.use_bubblewrap, BubblewrapMode::Never);
+        assert_eq!(config.sandbox, SandboxMode::None);
+        assert_eq!(config.max_processes, 1024);
         assert_eq!(config.cache_bytes, WorkerConfig::default().cache_bytes);
+
+        // The key's old name and values.
+        let old: WorkerConfig = toml::from_str(r#"use_bubblewrap = "always""#).unwrap();
+        assert_eq!(old.sandbox, SandboxMode::Bubblewrap);
+        let old: WorkerConfig = toml::from_str(r#"use_bubblewrap = "never""#).unwrap();
+        assert_eq!(old.sandbox, SandboxMode::None);
 
         let err = toml::from_str::<WorkerConfig>("slot = 1").unwrap_err();
         assert!(err.to_string().contains("unknown field"), "{err}");

@@ -18,12 +18,15 @@ mod local_cache;
 mod log_capture;
 mod output_collector;
 mod process_spawn;
+mod sandbox;
 mod worker;
 
 pub use action_runner::{ActionOutcome, ActionRequest, ActionRunner};
 pub use cas_connection::CasConnection;
-pub use command_runner::{CommandExit, CommandRunner, CommandSpec, ProcessRunner, ResourceLimits};
-pub use config::{BubblewrapMode, WorkerConfig};
+pub use command_runner::{
+    CommandExit, CommandRunner, CommandSpec, ProcessRunner, ResourceLimits, SandboxSettings,
+};
+pub use config::{SandboxMode, WorkerConfig, DEFAULT_SANDBOX_UID_BASE};
 pub use error::WorkerError;
 pub use input_tree::materialise;
 pub use local_cache::{CacheKey, CachePin, CacheSummary, FetchStats, LocalCache};

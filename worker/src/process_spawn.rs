@@ -6,7 +6,7 @@
 //! but only when no `pre_exec` hook is set, and actions need one for their rlimits. So
 //! this does what `posix_spawn` does inside glibc: `clone(CLONE_VM | CLONE_VFORK)` on a
 //! stack of its own, with a child that only makes async-signal-safe system calls
-//! (process group, rlimits, working directory, stdio, signal dispositions) before
+//! (process group, rlimits, working directory, stdio, uid, signal dispositions) before
 //! `execve`. The parent thread sleeps until the child has exec'd or failed. The child is
 //! waited for through a pidfd, so nothing else in the process can reap it by mistake.
 
@@ -37,6 +37,9 @@ pub(crate) struct SpawnRequest<'a> {
     pub stderr: &'a File,
     /// (resource, soft and hard limits) applied with setrlimit.
     pub rlimits: &'a [(libc::__rlimit_resource_t, libc::rlimit)],
+    /// The uid and gid (one number, no supplementary groups) the child takes just before
+    /// execve, when it is not to keep this process's.
+    pub identity: Option<u32>,
 }
 
 /// A started child in its own process group (its pid is the group id).
@@ -54,6 +57,7 @@ struct ChildPlan {
     working_dir: CString,
     stdio: [libc::c_int; 3],
     rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)>,
+    identity: Option<u32>,
     /// Set by the child when it fails before execve.
     errno: libc::c_int,
 }
@@ -137,6 +141,7 @@ pub(crate) fn spawn(request: &SpawnRequest<'_>) -> io::Result<SpawnedChild> {
             stdio[2].as_raw_fd(),
         ],
         rlimits: request.rlimits.to_vec(),
+        identity: request.identity,
         errno: 0,
     };
     let mut stack = vec![0u8; CHILD_STACK_BYTES];
@@ -237,6 +242,18 @@ extern "C" fn child_main(plan: *mut libc::c_void) -> libc::c_int {
         }
         for (target, source) in plan.stdio.into_iter().enumerate() {
             if libc::dup2(source, target as libc::c_int) < 0 {
+                return fail(plan);
+            }
+        }
+        // Raw system calls: glibc's set*id wrappers would change every thread of the
+        // parent, whose memory (and thread list) this child shares.
+        if let Some(id) = plan.identity {
+            let id = libc::c_long::from(id);
+            let no_groups = std::ptr::null::<libc::gid_t>();
+            if libc::syscall(libc::SYS_setgroups, 0 as libc::c_long, no_groups) != 0
+                || libc::syscall(libc::SYS_setresgid, id, id, id) != 0
+                || libc::syscall(libc::SYS_setresuid, id, id, id) != 0
+            {
                 return fail(plan);
             }
         }

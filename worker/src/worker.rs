@@ -21,7 +21,7 @@ use tonic::transport::Channel;
 
 use crate::action_runner::{ActionOutcome, ActionRequest, ActionRunner};
 use crate::cas_connection::CasConnection;
-use crate::command_runner::{ProcessRunner, ResourceLimits};
+use crate::command_runner::{ProcessRunner, ResourceLimits, SandboxSettings};
 use crate::local_cache::LocalCache;
 use crate::{WorkerConfig, WorkerError};
 
@@ -127,9 +127,16 @@ impl Worker {
             memory_bytes: (config.max_memory_bytes > 0).then_some(config.max_memory_bytes),
             file_bytes: (config.max_file_bytes > 0).then_some(config.max_file_bytes),
             cpu_secs: (config.max_cpu_secs > 0).then_some(config.max_cpu_secs),
+            processes: (config.max_processes > 0).then_some(config.max_processes),
             log_bytes: config.max_log_bytes,
         };
-        let process_runner = ProcessRunner::new(limits, config.use_bubblewrap)?;
+        let process_runner = ProcessRunner::new(
+            limits,
+            &SandboxSettings {
+                mode: config.sandbox,
+                uid_base: config.sandbox_uid_base,
+            },
+        )?;
         let sandboxed = process_runner.uses_bubblewrap();
         let runner = ActionRunner::new(
             CasConnection::new(cas_channel, &config.join_token),

@@ -12,7 +12,7 @@ use kiln_proto::reapi::execution_client::ExecutionClient;
 use kiln_proto::reapi::{ExecuteRequest, ExecuteResponse};
 use kiln_store::{Digest, DigestFunction};
 use kiln_telemetry::receiver::TracedRuntime;
-use kiln_worker::{BubblewrapMode, WorkerConfig, WorkerError};
+use kiln_worker::{SandboxMode, WorkerConfig, WorkerError};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
@@ -44,7 +44,7 @@ impl TracedWorker {
             slots: 1,
             join_token: join_token.into(),
             work_dir,
-            use_bubblewrap: BubblewrapMode::Never,
+            sandbox: SandboxMode::None,
             worker_id: worker_id.into(),
             ..WorkerConfig::default()
         };

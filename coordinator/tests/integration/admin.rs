@@ -13,7 +13,7 @@ use kiln_proto::reapi::{
     GetActionResultRequest,
 };
 use kiln_store::{Digest, DigestFunction};
-use kiln_worker::{BubblewrapMode, WorkerConfig};
+use kiln_worker::{SandboxMode, WorkerConfig};
 use tonic::Code;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient};
@@ -116,7 +116,7 @@ async fn status_counts_exactly_the_work_done_and_lists_workers() {
         slots: 2,
         join_token: TOKEN.into(),
         work_dir: work_dir.path().to_path_buf(),
-        use_bubblewrap: BubblewrapMode::Never,
+        sandbox: SandboxMode::None,
         worker_id: "builder-1".into(),
         ..WorkerConfig::default()
     };

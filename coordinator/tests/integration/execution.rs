@@ -23,7 +23,7 @@ use kiln_proto::worker::v1::{
     workers_client::WorkersClient,
 };
 use kiln_store::{Digest, DigestFunction};
-use kiln_worker::{BubblewrapMode, WorkerConfig, WorkerError};
+use kiln_worker::{SandboxMode, WorkerConfig, WorkerError};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
@@ -137,7 +137,7 @@ impl RealWorker {
             slots,
             join_token: token.into(),
             work_dir: work_dir.path().to_path_buf(),
-            use_bubblewrap: BubblewrapMode::Never,
+            sandbox: SandboxMode::None,
             worker_id: id.into(),
             ..WorkerConfig::default()
         };

@@ -254,10 +254,10 @@ async fn main() -> anyhow::Result<()> {
             slots: args.slots,
             join_token: "bench".into(),
             work_dir: dir.path().join(format!("worker-{index}")),
-            use_bubblewrap: if args.sandbox {
-                kiln_worker::BubblewrapMode::Always
+            sandbox: if args.sandbox {
+                kiln_worker::SandboxMode::Bubblewrap
             } else {
-                kiln_worker::BubblewrapMode::Never
+                kiln_worker::SandboxMode::None
             },
             worker_id: format!("bench-{index}"),
             ..Default::default()

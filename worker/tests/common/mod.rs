@@ -13,8 +13,8 @@ use kiln_proto::reapi;
 use kiln_store::{BlobStore, Digest, DigestFunction, ExpectedDigest};
 use kiln_testkit::{ServedCoordinator, Stores};
 use kiln_worker::{
-    ActionRequest, ActionRunner, BubblewrapMode, CasConnection, LocalCache, ProcessRunner,
-    ResourceLimits,
+    ActionRequest, ActionRunner, CasConnection, LocalCache, ProcessRunner, ResourceLimits,
+    SandboxMode, SandboxSettings,
 };
 use tonic::transport::Channel;
 
@@ -242,6 +242,7 @@ pub const TEST_LIMITS: ResourceLimits = ResourceLimits {
     memory_bytes: None,
     file_bytes: None,
     cpu_secs: None,
+    processes: None,
     log_bytes: 64 << 20,
 };
 
@@ -253,21 +254,23 @@ pub struct TestRunner {
 
 impl TestRunner {
     pub fn new(cas: &TestCas) -> Self {
-        Self::with(cas, TEST_LIMITS, BubblewrapMode::Never, 1 << 30)
+        Self::with(cas, TEST_LIMITS, SandboxMode::None, 1 << 30)
     }
 
     pub fn with(
         cas: &TestCas,
         limits: ResourceLimits,
-        mode: BubblewrapMode,
+        mode: SandboxMode,
         cache_bytes: u64,
     ) -> Self {
         let work_dir = tempfile::tempdir().unwrap();
         let cache = LocalCache::open(work_dir.path().join("cache"), cache_bytes).unwrap();
+        let process_runner = ProcessRunner::new(limits, &SandboxSettings::new(mode))
+            .unwrap_or_else(|e| panic!("{e} (apt-get install -y bubblewrap)"));
         let runner = ActionRunner::new(
             CasConnection::new(cas.channel.clone(), ""),
             Arc::new(cache),
-            Arc::new(ProcessRunner::new(limits, mode).unwrap()),
+            Arc::new(process_runner),
             work_dir.path().join("actions"),
             "test-worker".to_string(),
             Duration::from_secs(60),

@@ -9,7 +9,7 @@ use common::{put_action, request, ActionSpec, Node, TestCas, TestRunner};
 use kiln_proto::prost::Message;
 use kiln_proto::reapi;
 use kiln_store::{Digest, DigestFunction};
-use kiln_worker::{BubblewrapMode, ResourceLimits, WorkerError};
+use kiln_worker::{ResourceLimits, SandboxMode, WorkerError};
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
@@ -278,7 +278,7 @@ async fn rlimits_apply_to_the_action() -> anyhow::Result<()> {
         file_bytes: Some(4096),
         ..common::TEST_LIMITS
     };
-    let worker = TestRunner::with(&cas, limits, BubblewrapMode::Never, 1 << 30);
+    let worker = TestRunner::with(&cas, limits, SandboxMode::None, 1 << 30);
     let spec = ActionSpec::shell(
         "ulimit -n; ulimit -c; head -c 10000 /dev/zero > big 2>/dev/null; wc -c < big",
     );
@@ -302,7 +302,7 @@ async fn an_action_past_its_cpu_limit_is_told_so() -> anyhow::Result<()> {
         cpu_secs: Some(1),
         ..common::TEST_LIMITS
     };
-    let worker = TestRunner::with(&cas, limits, BubblewrapMode::Never, 1 << 30);
+    let worker = TestRunner::with(&cas, limits, SandboxMode::None, 1 << 30);
     let spec = ActionSpec {
         timeout: Some(std::time::Duration::from_secs(30)),
         ..ActionSpec::shell("echo spinning >&2; while :; do :; done")
@@ -329,7 +329,7 @@ async fn stdout_and_stderr_are_capped() -> anyhow::Result<()> {
         log_bytes: 1 << 20,
         ..common::TEST_LIMITS
     };
-    let worker = TestRunner::with(&cas, limits, BubblewrapMode::Never, 1 << 30);
+    let worker = TestRunner::with(&cas, limits, SandboxMode::None, 1 << 30);
     let spec = ActionSpec::shell(
         "head -c 1073741824 /dev/zero; head -c 100 /dev/zero | tr '\\0' e >&2; echo done >&2",
     );
@@ -541,10 +541,7 @@ async fn inputs_are_read_only_copies_and_the_action_directory_is_removed() -> an
 #[ignore = "needs bubblewrap; `cargo test -- --ignored` runs it (.ci/run does)"]
 async fn bubblewrap_confines_writes_to_the_action_directory() -> anyhow::Result<()> {
     let cas = TestCas::start(DigestFunction::Sha256).await?;
-    if let Err(e) = kiln_worker::ProcessRunner::new(common::TEST_LIMITS, BubblewrapMode::Always) {
-        panic!("bubblewrap is not usable here ({e}); apt-get install -y bubblewrap");
-    }
-    let worker = TestRunner::with(&cas, common::TEST_LIMITS, BubblewrapMode::Always, 1 << 30);
+    let worker = TestRunner::with(&cas, common::TEST_LIMITS, SandboxMode::Bubblewrap, 1 << 30);
     // Outside /tmp, which the sandbox replaces with its own.
     let outside = tempfile::tempdir_in("/var/tmp")?;
     let mut spec = ActionSpec::shell(&format!(

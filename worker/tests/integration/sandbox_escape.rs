@@ -1,22 +1,25 @@
 //! The sandbox, from inside an action: each way out must fail. An action cannot see other
 //! actions, the worker's cache or anything of the host outside the system directories;
 //! cannot write outside its directory and /tmp; has no network unless its platform says
-//! `network=on`; leaves nothing running past its timeout, whatever it did to escape its
-//! process group; and cannot have the worker create an output's parent through a symlink.
+//! `network=on`; runs as a uid that owns nothing but its directory, with only its
+//! Command's environment; leaves nothing running past its timeout, whatever it did to
+//! escape its process group; cannot go past its memory and process limits; and cannot
+//! have the worker create an output's parent through a symlink.
 //! They need bubblewrap: `cargo test -- --ignored` runs them (.ci/run does).
 
 use std::time::Duration;
 
 use kiln_store::DigestFunction;
-use kiln_worker::BubblewrapMode;
+use kiln_worker::{ResourceLimits, SandboxMode, DEFAULT_SANDBOX_UID_BASE};
 
 use crate::common::{self, put_action, ActionSpec, Node, TestCas, TestRunner};
 
 async fn sandboxed(cas: &TestCas) -> TestRunner {
-    if let Err(e) = kiln_worker::ProcessRunner::new(common::TEST_LIMITS, BubblewrapMode::Always) {
-        panic!("bubblewrap is not usable here ({e}); apt-get install -y bubblewrap");
-    }
-    TestRunner::with(cas, common::TEST_LIMITS, BubblewrapMode::Always, 1 << 30)
+    sandboxed_with(cas, common::TEST_LIMITS)
+}
+
+fn sandboxed_with(cas: &TestCas, limits: ResourceLimits) -> TestRunner {
+    TestRunner::with(cas, limits, SandboxMode::Bubblewrap, 1 << 30)
 }
 
 /// Runs `spec`; returns its exit code and stdout.
@@ -26,6 +29,15 @@ async fn run(cas: &TestCas, runner: &TestRunner, spec: &ActionSpec) -> (i32, Str
     let result = outcome.action_result.unwrap();
     let stdout = cas.get(result.stdout_digest.as_ref().unwrap()).await;
     (result.exit_code, String::from_utf8(stdout).unwrap())
+}
+
+/// Whether a running action's directory under `actions` holds its secret.
+fn neighbour_secret_exists(actions: &std::path::Path) -> bool {
+    std::fs::read_dir(actions).is_ok_and(|entries| {
+        entries
+            .flatten()
+            .any(|entry| entry.path().join("running-secret.txt").exists())
+    })
 }
 
 #[tokio::test]
@@ -50,30 +62,164 @@ async fn an_action_sees_neither_other_actions_nor_the_cache_nor_the_host() {
         .join("another-action");
     std::fs::create_dir_all(&other).unwrap();
     std::fs::write(other.join("secret.txt"), "other action").unwrap();
-    let data_dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    std::fs::write(data_dir.path().join("join-token"), "token").unwrap();
+    // Data directories wherever they may be: /var/tmp, /tmp (the sandbox has its own),
+    // and next to this crate (under /work on CI).
+    let data_dirs = [
+        tempfile::tempdir_in("/var/tmp").unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap(),
+    ];
+    for dir in &data_dirs {
+        std::fs::write(dir.path().join("join-token"), "token").unwrap();
+    }
+    let data_tests: String = data_dirs
+        .iter()
+        .map(|d| {
+            format!(
+                "test -e {}/join-token && echo data-visible; ",
+                d.path().display()
+            )
+        })
+        .collect();
 
     let work = runner.work_dir.path().display().to_string();
     let script = format!(
         "ls -A {work}/actions | wc -l; \
          test -e {work}/cache && echo cache-visible; \
          test -e {other}/secret.txt && echo other-visible; \
-         test -e {data}/join-token && echo data-visible; \
+         find / -name running-secret.txt 2>/dev/null | grep -q . && echo running-visible; \
+         {data_tests} \
          test -e /proc/{worker} && echo worker-visible; \
-         ls /proc | grep -c '^[0-9]'; id -u",
+         ls /proc | grep -c '^[0-9]'; id -u; stat -c %u .; \
+         cat /etc/shadow >/dev/null 2>&1 && echo shadow-visible; true",
         other = other.display(),
-        data = data_dir.path().display(),
         worker = std::process::id(),
     );
-    let (code, stdout) = run(&cas, &runner, &ActionSpec::shell(&script)).await;
+    // Probed while another action runs, its secret on the host's disk meanwhile.
+    let neighbour = ActionSpec::shell("echo secret > running-secret.txt; sleep 4");
+    let actions = runner.work_dir.path().join("actions");
+    let probe = async {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !neighbour_secret_exists(&actions) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the neighbour never ran"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        run(&cas, &runner, &ActionSpec::shell(&script)).await
+    };
+    let ((code, stdout), _) = tokio::join!(probe, run(&cas, &runner, &neighbour));
     assert_eq!(code, 0, "{stdout}");
     let lines: Vec<&str> = stdout.lines().collect();
-    // Only its own directory, nothing of the cache, the other action or the data dir.
+    // Only its own directory, nothing of the cache, the other actions or the data dir.
     assert_eq!(lines[0], "1", "{stdout}");
     assert!(!stdout.contains("visible"), "{stdout}");
     // Its own PID namespace: a handful of processes, the worker not among them.
     assert!(lines[1].parse::<u32>().unwrap() <= 4, "{stdout}");
-    assert_eq!(lines[2], "65534", "{stdout}");
+    // A uid of its own (the test runs as root, as CI does), which owns its directory and
+    // nothing else: root's files, /etc/shadow among them, stay closed.
+    // (Inside a user namespace, when bwrap starts as the uid as in a container, the uid
+    // shows as 65534 there.)
+    let uid: u32 = lines[2].parse().unwrap();
+    assert!(uid >= DEFAULT_SANDBOX_UID_BASE || uid == 65534, "{stdout}");
+    assert_eq!(lines[3], lines[2], "{stdout}");
+    assert!(
+        std::path::Path::new("/etc/shadow").exists(),
+        "the host has no /etc/shadow to test with"
+    );
+}
+
+/// The join token lives in the worker's environment (KILN_JOIN_TOKEN) or a file only root
+/// reads; an action sees neither, and its environment is exactly its Command's.
+#[tokio::test]
+#[ignore = "needs bubblewrap; `cargo test -- --ignored` runs it (.ci/run does)"]
+async fn the_workers_environment_and_join_token_are_out_of_reach() {
+    let cas = TestCas::start(DigestFunction::Sha256).await.unwrap();
+    let runner = sandboxed(&cas).await;
+    // A process of the host holding a token in its environment, as a worker would.
+    let token = format!("{}", std::process::id() as u64 * 7919);
+    let mut holder = std::process::Command::new("sleep")
+        .arg("60")
+        .env("KILN_JOIN_TOKEN", format!("join-{token}"))
+        .spawn()
+        .unwrap();
+    // The script spells the token so that its own command line does not contain it.
+    let script = format!(
+        "t=join-; grep -l \"$t{token}\" /proc/*/environ 2>/dev/null; \
+         cat /proc/{holder}/environ 2>/dev/null; echo; env",
+        holder = holder.id(),
+    );
+    let spec = ActionSpec {
+        environment: vec![
+            ("PATH".into(), "/usr/bin:/bin".into()),
+            ("ONLY_MINE".into(), "yes".into()),
+        ],
+        ..ActionSpec::shell(&script)
+    };
+    let (code, stdout) = run(&cas, &runner, &spec).await;
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    assert_eq!(code, 0, "{stdout}");
+    assert!(!stdout.contains(&format!("join-{token}")), "{stdout}");
+    assert!(!stdout.contains("KILN"), "{stdout}");
+    let variables: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.contains('='))
+        .map(|l| l.split('=').next().unwrap())
+        .collect();
+    assert!(variables.contains(&"ONLY_MINE"), "{stdout}");
+    // The shell adds PWD; nothing of the worker's (HOME, USER, CARGO_*) is there.
+    for variable in variables {
+        assert!(
+            ["PATH", "ONLY_MINE", "PWD"].contains(&variable),
+            "{variable} leaked into the action: {stdout}"
+        );
+    }
+}
+
+/// RLIMIT_AS and RLIMIT_NPROC hold inside the sandbox: an allocation past the memory
+/// limit fails (smaller ones work), and a bounded fork bomb stops at the process limit
+/// with the shell saying why on the action's stderr.
+#[tokio::test]
+#[ignore = "needs bubblewrap; `cargo test -- --ignored` runs it (.ci/run does)"]
+async fn memory_and_process_limits_hold() {
+    let cas = TestCas::start(DigestFunction::Sha256).await.unwrap();
+    let runner = sandboxed_with(
+        &cas,
+        ResourceLimits {
+            memory_bytes: Some(256 << 20),
+            processes: Some(16),
+            ..common::TEST_LIMITS
+        },
+    );
+    // One 300 MB line, which sort must hold whole; then a 10 MB one, which fits.
+    let memory = "head -c 300000000 /dev/zero | sort >/dev/null; echo big $?; \
+                  head -c 10000000 /dev/zero | sort >/dev/null; echo small $?";
+    let outcome = runner
+        .run(put_action(&cas, &ActionSpec::shell(memory)).await)
+        .await;
+    assert!(outcome.error.is_none(), "{:?}", outcome.error);
+    let result = outcome.action_result.unwrap();
+    let stdout = String::from_utf8(cas.get(result.stdout_digest.as_ref().unwrap()).await).unwrap();
+    let stderr = String::from_utf8(cas.get(result.stderr_digest.as_ref().unwrap()).await).unwrap();
+    assert_eq!(stdout, "big 2\nsmall 0\n", "{stderr}");
+    assert!(stderr.contains("memory exhausted"), "{stderr}");
+
+    // 100 sleepers wanted, 16 processes allowed (the shell, sandbox and sleepers).
+    let fork_bomb = "i=0; while [ $i -lt 100 ]; do sleep 30 & i=$((i+1)); done; echo all started";
+    let spec = ActionSpec {
+        timeout: Some(Duration::from_secs(20)),
+        ..ActionSpec::shell(fork_bomb)
+    };
+    let outcome = runner.run(put_action(&cas, &spec).await).await;
+    assert!(outcome.error.is_none(), "{:?}", outcome.error);
+    let result = outcome.action_result.unwrap();
+    let stdout = String::from_utf8(cas.get(result.stdout_digest.as_ref().unwrap()).await).unwrap();
+    let stderr = String::from_utf8(cas.get(result.stderr_digest.as_ref().unwrap()).await).unwrap();
+    assert_ne!(result.exit_code, 0, "{stdout}{stderr}");
+    assert!(!stdout.contains("all started"), "{stdout}");
+    assert!(stderr.contains("Cannot fork"), "{stderr}");
 }
 
 #[tokio::test]
@@ -173,17 +319,20 @@ async fn an_output_parent_through_a_symlink_is_refused() {
 #[tokio::test]
 #[ignore = "needs bubblewrap; `cargo test -- --ignored` runs it (.ci/run does)"]
 async fn a_sandbox_that_cannot_start_is_an_infrastructure_error() {
-    use kiln_worker::{CommandRunner, CommandSpec, ProcessRunner, WorkerError};
-    let runner = ProcessRunner::new(common::TEST_LIMITS, BubblewrapMode::Always).unwrap();
-    // The directory to bind into the sandbox is not there.
-    let missing = std::path::PathBuf::from("/nonexistent/kiln-action");
+    use kiln_worker::{CommandRunner, CommandSpec, ProcessRunner, SandboxSettings, WorkerError};
+    let runner = ProcessRunner::new(
+        common::TEST_LIMITS,
+        &SandboxSettings::new(SandboxMode::Bubblewrap),
+    )
+    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let log = || std::sync::Arc::new(tempfile::tempfile().unwrap());
     let spec = CommandSpec {
         arguments: vec!["true".into()],
         environment: vec![("PATH".into(), "/usr/bin:/bin".into())],
-        exec_root: missing,
-        working_dir: dir.path().to_path_buf(),
+        exec_root: dir.path().to_path_buf(),
+        // bwrap cannot enter it inside the sandbox.
+        working_dir: dir.path().join("missing"),
         timeout: Duration::from_secs(10),
         network: false,
         stdout: log(),
@@ -192,7 +341,7 @@ async fn a_sandbox_that_cannot_start_is_an_infrastructure_error() {
     let error = runner
         .run(&spec, &tokio_util::sync::CancellationToken::new())
         .await
-        .expect_err("the sandbox cannot start without its directory");
+        .expect_err("the sandbox cannot start in a missing directory");
     assert!(matches!(error, WorkerError::SandboxSetup(_)), "{error:?}");
     assert_eq!(error.code(), tonic::Code::Unavailable);
     assert!(error.to_string().contains("bwrap:"), "{error}");

@@ -10,7 +10,7 @@ use common::{put_action, wire, ActionSpec, TestCas};
 use kiln_proto::worker::v1 as proto;
 use kiln_proto::worker::v1::coordinator_message::Message as ToWorker;
 use kiln_store::{Digest, DigestFunction};
-use kiln_worker::{BubblewrapMode, WorkerConfig, WorkerError};
+use kiln_worker::{SandboxMode, WorkerConfig, WorkerError};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::Code;
@@ -33,7 +33,7 @@ impl RunningWorker {
             platform: vec![("OSFamily".into(), "linux".into())],
             join_token: join_token.into(),
             work_dir: work_dir.path().to_path_buf(),
-            use_bubblewrap: BubblewrapMode::Never,
+            sandbox: SandboxMode::None,
             worker_id: "loop-worker".into(),
             ..WorkerConfig::default()
         };

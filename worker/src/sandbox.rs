@@ -1,0 +1,384 @@
+//! The bubblewrap sandbox an action runs in, and the host uid it runs as.
+//!
+//! Inside, the action sees a root of its own holding the host's system directories
+//! read-only, private `/tmp`, `/dev` and `/proc`, and its own directory, the one writable
+//! place; it has new PID, IPC, UTS, cgroup and network namespaces (the host's network
+//! only with `network=on`), a new session, and dies with the worker.
+//!
+//! A worker running as root gives each action a host uid of its own, one that owns
+//! nothing but the action's directory, so root-only files in the system directories
+//! (`/etc/shadow`, keys, a config file holding the join token) stay unreadable, and
+//! RLIMIT_NPROC, counted per uid, bounds this action alone. Where root may mount (a host),
+//! bwrap builds the sandbox as root, so it reaches the action's directory wherever the
+//! work dir is, and `setpriv` starts the command as the uid without capabilities;
+//! elsewhere (a container) bwrap starts as the uid, in a user namespace. A worker running
+//! as another user cannot change uid: bwrap then makes a user namespace in which the
+//! action is uid 65534, mapped to the worker's.
+
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use crate::WorkerError;
+
+/// The host's system directories an action sees, read-only, where they exist. Nothing
+/// else of the host is there: not `/home`, `/root`, `/var`, `/srv`, nor wherever the
+/// worker keeps its cache, its data directory and other actions' directories.
+const SYSTEM_DIRS: &[&str] = &[
+    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt",
+];
+
+/// The uid and gid an action has inside a user namespace (`nobody`).
+const UID_IN_USER_NAMESPACE: &str = "65534";
+
+/// A working `bwrap`, and how actions get a uid of their own.
+pub(crate) struct Bubblewrap {
+    path: PathBuf,
+    /// How, and from which pool of host uids, for a worker running as root.
+    own_uid: Option<(OwnUid, UidPool)>,
+}
+
+/// How a root worker starts an action as a host uid of its own.
+#[derive(Clone, Debug)]
+enum OwnUid {
+    /// bwrap builds the sandbox as root, without a user namespace, and this `setpriv`
+    /// starts the command as the uid with no capabilities. Needs CAP_SYS_ADMIN (a host,
+    /// or a privileged container).
+    Setpriv(PathBuf),
+    /// bwrap starts as the uid and maps it to 65534 in a user namespace: for root without
+    /// CAP_SYS_ADMIN (a container whose seccomp profile allows user namespaces). The
+    /// uid must then be able to reach the action's directory (every directory above it
+    /// searchable by others).
+    UserNamespace,
+}
+
+impl Bubblewrap {
+    /// Finds `bwrap` on PATH and checks that a trial action runs in a sandbox here and can
+    /// write its directory. As root, it tries setpriv, then a user namespace; as another
+    /// user, a user namespace of that user's.
+    pub(crate) fn find(uid_base: u32) -> Result<Self, String> {
+        let path = on_path("bwrap").ok_or("bwrap is not installed")?;
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            let bubblewrap = Bubblewrap {
+                path,
+                own_uid: None,
+            };
+            return bubblewrap
+                .try_once()
+                .map(|()| bubblewrap)
+                .map_err(|reason| format!("bwrap cannot build a sandbox here: {reason}"));
+        }
+        let mut failures = Vec::new();
+        let ways = on_path("setpriv")
+            .map(OwnUid::Setpriv)
+            .into_iter()
+            .chain([OwnUid::UserNamespace]);
+        for way in ways {
+            let bubblewrap = Bubblewrap {
+                path: path.clone(),
+                own_uid: Some((way.clone(), UidPool::new(uid_base))),
+            };
+            match bubblewrap.try_once() {
+                Ok(()) => return Ok(bubblewrap),
+                Err(reason) => failures.push(format!("{way:?}: {reason}")),
+            }
+        }
+        Err(format!(
+            "bwrap cannot build a sandbox here as uid {uid_base} ({}); it needs \
+             CAP_SYS_ADMIN with setpriv (util-linux) installed, or user namespaces",
+            failures.join("; ")
+        ))
+    }
+
+    /// Runs `touch` in a sandbox around a fresh temporary directory, as an action would.
+    fn try_once(&self) -> Result<(), String> {
+        static TRIALS: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "kiln-sandbox-trial-{}-{}",
+            std::process::id(),
+            TRIALS.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let uid = self.lease_uid();
+        let outcome = (|| {
+            let uid = uid.as_ref().map(UidLease::uid);
+            if let Some(uid) = uid {
+                hand_over(&dir, uid).map_err(|e| e.to_string())?;
+            }
+            let argv = self.argv(
+                &dir,
+                &dir,
+                false,
+                uid,
+                ["touch".as_ref(), "trial".as_ref()].into_iter(),
+            );
+            let mut command = std::process::Command::new(&argv[0]);
+            if let Some(uid) = self.starts_as(uid) {
+                // std drops root's supplementary groups too.
+                command.uid(uid).gid(uid);
+            }
+            let output = command
+                .args(&argv[1..])
+                .current_dir(&dir)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .output()
+                .map_err(|e| format!("cannot run it: {e}"))?;
+            if output.status.success() && dir.join("trial").exists() {
+                return Ok(());
+            }
+            Err(format!(
+                "{}: {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            ))
+        })();
+        let _ = std::fs::remove_dir_all(&dir);
+        outcome
+    }
+
+    /// bwrap's argv around `command`, for an action of host uid `uid` when one is given.
+    pub(crate) fn argv<'a>(
+        &self,
+        exec_root: &Path,
+        working_dir: &Path,
+        network: bool,
+        uid: Option<u32>,
+        command: impl Iterator<Item = &'a OsStr>,
+    ) -> Vec<OsString> {
+        let setpriv = match (&self.own_uid, uid) {
+            (Some((OwnUid::Setpriv(setpriv), _)), Some(uid)) => Some((setpriv, uid)),
+            _ => None,
+        };
+        let mut argv = vec![self.path.clone().into_os_string()];
+        argv.extend(bubblewrap_args(
+            exec_root,
+            working_dir,
+            network,
+            setpriv.is_none(),
+        ));
+        argv.push("--".into());
+        if let Some((setpriv, uid)) = setpriv {
+            argv.push(setpriv.clone().into_os_string());
+            argv.extend(
+                [
+                    format!("--reuid={uid}"),
+                    format!("--regid={uid}"),
+                    "--clear-groups".into(),
+                    "--inh-caps=-all".into(),
+                    "--bounding-set=-all".into(),
+                    "--".into(),
+                ]
+                .map(OsString::from),
+            );
+        }
+        argv.extend(command.map(OsString::from));
+        argv
+    }
+
+    /// The uid bwrap itself must start as, for an action of host uid `uid`: the action's
+    /// when bwrap maps it into a user namespace; none when bwrap starts as the worker.
+    pub(crate) fn starts_as(&self, uid: Option<u32>) -> Option<u32> {
+        match self.own_uid {
+            Some((OwnUid::UserNamespace, _)) => uid,
+            _ => None,
+        }
+    }
+
+    /// A host uid no other running action has, given back when the lease is dropped;
+    /// none when the worker is not root (its actions then run as its own uid).
+    pub(crate) fn lease_uid(&self) -> Option<UidLease<'_>> {
+        self.own_uid.as_ref().map(|(_, pool)| pool.lease())
+    }
+}
+
+fn on_path(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| candidate.is_file())
+}
+
+/// Host uids `base..`, one per action running at once in this process: the indices are
+/// shared by every worker of the process (`kiln up` runs several), so no two running
+/// actions share a uid, nor its RLIMIT_NPROC count.
+struct UidPool {
+    base: u32,
+}
+
+/// Which indices of the uid pools are taken.
+static UIDS_IN_USE: Mutex<Vec<bool>> = Mutex::new(Vec::new());
+
+impl UidPool {
+    fn new(base: u32) -> Self {
+        UidPool { base }
+    }
+
+    fn lease(&self) -> UidLease<'_> {
+        // A list of flags holds no invariant a panicking holder could break.
+        let mut in_use = UIDS_IN_USE.lock().unwrap_or_else(|e| e.into_inner());
+        let index = match in_use.iter().position(|used| !used) {
+            Some(free) => free,
+            None => {
+                in_use.push(false);
+                in_use.len() - 1
+            }
+        };
+        in_use[index] = true;
+        UidLease { pool: self, index }
+    }
+}
+
+/// One action's host uid (also its gid).
+pub(crate) struct UidLease<'a> {
+    pool: &'a UidPool,
+    index: usize,
+}
+
+impl UidLease<'_> {
+    pub(crate) fn uid(&self) -> u32 {
+        self.pool.base.saturating_add(self.index as u32)
+    }
+}
+
+impl Drop for UidLease<'_> {
+    fn drop(&mut self) {
+        let mut in_use = UIDS_IN_USE.lock().unwrap_or_else(|e| e.into_inner());
+        in_use[self.index] = false;
+    }
+}
+
+/// Gives `dir` and everything in it to `uid` (and the gid of the same number), so that
+/// the action can write its own directory and nothing else. Symlinks are changed, never
+/// followed. Nothing runs in the directory yet, so nothing can swap an entry meanwhile.
+pub(crate) fn hand_over(dir: &Path, uid: u32) -> Result<(), WorkerError> {
+    let give = |path: &Path| {
+        std::os::unix::fs::lchown(path, Some(uid), Some(uid)).map_err(WorkerError::io(format!(
+            "giving {} to the action",
+            path.display()
+        )))
+    };
+    give(dir)?;
+    let listing = || WorkerError::io("listing the action's directory");
+    for entry in std::fs::read_dir(dir).map_err(listing())? {
+        let entry = entry.map_err(listing())?;
+        if entry.file_type().map_err(listing())?.is_dir() {
+            hand_over(&entry.path(), uid)?;
+        } else {
+            give(&entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// The sandbox's arguments, before `--` and the command.
+fn bubblewrap_args(
+    exec_root: &Path,
+    working_dir: &Path,
+    network: bool,
+    user_namespace: bool,
+) -> Vec<OsString> {
+    let mut args: Vec<OsString> = Vec::new();
+    let mut push = |items: &[&OsStr]| args.extend(items.iter().map(|i| i.to_os_string()));
+    for dir in SYSTEM_DIRS {
+        let path = Path::new(dir);
+        match std::fs::symlink_metadata(path) {
+            // Merged /usr: /bin is a link to usr/bin; keep it a link.
+            Ok(meta) if meta.file_type().is_symlink() => {
+                if let Ok(target) = std::fs::read_link(path) {
+                    push(&["--symlink".as_ref(), target.as_os_str(), path.as_os_str()]);
+                }
+            }
+            Ok(_) => push(&["--ro-bind".as_ref(), path.as_os_str(), path.as_os_str()]),
+            Err(_) => {}
+        }
+    }
+    push(&[
+        "--dev".as_ref(),
+        "/dev".as_ref(),
+        "--proc".as_ref(),
+        "/proc".as_ref(),
+        // Built by root, for an action of another uid: open to all, sticky.
+        "--perms".as_ref(),
+        "1777".as_ref(),
+        "--tmpfs".as_ref(),
+        "/tmp".as_ref(),
+    ]);
+    // bwrap would make the directories above the action's with the host's modes, which
+    // may close them to the action's uid (a 0700 home, a temporary directory): made first,
+    // open to all (they hold nothing but the way to the action's directory).
+    let mut ancestors: Vec<&Path> = exec_root
+        .ancestors()
+        .skip(1)
+        .filter(|dir| !provided_by_sandbox(dir))
+        .collect();
+    ancestors.reverse();
+    for dir in ancestors {
+        push(&[
+            "--perms".as_ref(),
+            "0755".as_ref(),
+            "--dir".as_ref(),
+            dir.as_os_str(),
+        ]);
+    }
+    push(&[
+        "--bind".as_ref(),
+        exec_root.as_os_str(),
+        exec_root.as_os_str(),
+        // The sandbox's root is a tmpfs of bwrap's; read-only, so /tmp and the action's
+        // directory (mounts of their own) are the only writable places.
+        "--remount-ro".as_ref(),
+        "/".as_ref(),
+        "--unshare-pid".as_ref(),
+        "--unshare-ipc".as_ref(),
+        "--unshare-uts".as_ref(),
+        "--unshare-cgroup-try".as_ref(),
+        "--new-session".as_ref(),
+        "--die-with-parent".as_ref(),
+    ]);
+    if user_namespace {
+        push(&[
+            "--unshare-user".as_ref(),
+            "--uid".as_ref(),
+            UID_IN_USER_NAMESPACE.as_ref(),
+            "--gid".as_ref(),
+            UID_IN_USER_NAMESPACE.as_ref(),
+        ]);
+    }
+    if !network {
+        push(&["--unshare-net".as_ref()]);
+    }
+    push(&["--chdir".as_ref(), working_dir.as_os_str()]);
+    args
+}
+
+/// Whether the sandbox has `dir` already, where bwrap must not make or change it: the
+/// root, the mounts it makes (`/tmp`, `/dev`, `/proc`; what is below `/tmp` is not
+/// there), and all of the read-only system directories.
+fn provided_by_sandbox(dir: &Path) -> bool {
+    ["/", "/tmp", "/dev", "/proc"]
+        .iter()
+        .any(|mount| dir == Path::new(mount))
+        || SYSTEM_DIRS.iter().any(|system| dir.starts_with(system))
+}
+
+/// bwrap's own complaint, when it could not set the sandbox up, or setpriv's, when it
+/// could not take the action's uid: either exits with 1 before the command ran, its
+/// message first on stderr as `bwrap: …` or `setpriv: …`. An action that prints such a
+/// line and exits 1 itself would be taken for one, and tried again: a retry, never a
+/// wrong result.
+pub(crate) fn setup_failure(stderr: &File) -> Option<String> {
+    use std::os::unix::fs::FileExt;
+    let mut start = [0u8; 512];
+    let read = stderr.read_at(&mut start, 0).ok()?;
+    let text = String::from_utf8_lossy(&start[..read]);
+    let line = text.lines().next()?;
+    (line.starts_with("bwrap: ") || line.starts_with("setpriv: ")).then(|| line.to_string())
+}
