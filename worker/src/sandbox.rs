@@ -38,6 +38,8 @@ const UID_IN_USER_NAMESPACE: &str = "65534";
 /// A working `bwrap`, and how actions get a uid of their own.
 pub(crate) struct Bubblewrap {
     path: PathBuf,
+    /// The arguments that show the system directories: looked up once, not per action.
+    system_dirs: Vec<OsString>,
     /// How, and from which pool of host uids, for a worker running as root.
     own_uid: Option<(OwnUid, UidPool)>,
 }
@@ -66,6 +68,7 @@ impl Bubblewrap {
         if unsafe { libc::geteuid() } != 0 {
             let bubblewrap = Bubblewrap {
                 path,
+                system_dirs: system_dir_args(),
                 own_uid: None,
             };
             return bubblewrap
@@ -81,6 +84,7 @@ impl Bubblewrap {
         for way in ways {
             let bubblewrap = Bubblewrap {
                 path: path.clone(),
+                system_dirs: system_dir_args(),
                 own_uid: Some((way.clone(), UidPool::new(uid_base))),
             };
             match bubblewrap.try_once() {
@@ -158,6 +162,7 @@ impl Bubblewrap {
             _ => None,
         };
         let mut argv = vec![self.path.clone().into_os_string()];
+        argv.extend(self.system_dirs.iter().cloned());
         argv.extend(bubblewrap_args(
             exec_root,
             working_dir,
@@ -278,13 +283,9 @@ pub(crate) fn hand_over(dir: &Path, uid: u32) -> Result<(), WorkerError> {
     Ok(())
 }
 
-/// The sandbox's arguments, before `--` and the command.
-fn bubblewrap_args(
-    exec_root: &Path,
-    working_dir: &Path,
-    network: bool,
-    user_namespace: bool,
-) -> Vec<OsString> {
+/// The arguments that show the host's system directories read-only, as they are on this
+/// host (which exist, which are links).
+fn system_dir_args() -> Vec<OsString> {
     let mut args: Vec<OsString> = Vec::new();
     let mut push = |items: &[&OsStr]| args.extend(items.iter().map(|i| i.to_os_string()));
     for dir in SYSTEM_DIRS {
@@ -300,6 +301,19 @@ fn bubblewrap_args(
             Err(_) => {}
         }
     }
+    args
+}
+
+/// The rest of the sandbox's arguments, after the system directories and before `--`
+/// and the command.
+fn bubblewrap_args(
+    exec_root: &Path,
+    working_dir: &Path,
+    network: bool,
+    user_namespace: bool,
+) -> Vec<OsString> {
+    let mut args: Vec<OsString> = Vec::new();
+    let mut push = |items: &[&OsStr]| args.extend(items.iter().map(|i| i.to_os_string()));
     push(&[
         "--dev".as_ref(),
         "/dev".as_ref(),

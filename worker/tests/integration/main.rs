@@ -6,6 +6,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod action_limits;
 mod action_runner;
 mod input_integrity;
 mod input_limits;
