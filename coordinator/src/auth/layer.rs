@@ -152,7 +152,7 @@ impl<S> tower_layer::Layer<S> for Authenticator {
     fn layer(&self, inner: S) -> Self::Service {
         Authenticated {
             inner,
-            authenticator: self.clone(),
+            authenticator: Arc::new(self.clone()),
         }
     }
 }
@@ -161,7 +161,8 @@ impl<S> tower_layer::Layer<S> for Authenticator {
 #[derive(Clone)]
 pub struct Authenticated<S> {
     inner: S,
-    authenticator: Authenticator,
+    /// Shared: each call takes a reference, not a copy of the join token and the stores.
+    authenticator: Arc<Authenticator>,
 }
 
 impl<S, B, R> Service<http::Request<B>> for Authenticated<S>
