@@ -129,6 +129,8 @@ pub struct TlsConfig {
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
     pub client_ca: Option<PathBuf>,
+    /// Serve `/metrics`, `/healthz` and `/readyz` over TLS with the same certificate.
+    pub metrics: bool,
 }
 
 impl TlsConfig {
@@ -144,6 +146,22 @@ impl TlsConfig {
             _ => anyhow::bail!(
                 "tls: set cert and key together (--tls-cert, --tls-key); client_ca needs them too"
             ),
+        }
+    }
+
+    /// The files `/metrics` serves with when `metrics` is set: the servers' certificate,
+    /// but no client CA, since kubelet's HTTPS probes and most scrapers present no
+    /// client certificate (the endpoints reveal no data; TLS keeps scrapes private).
+    pub fn metrics_files(&self) -> anyhow::Result<Option<kiln_tls::TlsFiles>> {
+        if !self.metrics {
+            return Ok(None);
+        }
+        match self.files()? {
+            Some(files) => Ok(Some(kiln_tls::TlsFiles {
+                client_ca: None,
+                ..files
+            })),
+            None => anyhow::bail!("tls.metrics (--tls-metrics) needs tls.cert and tls.key"),
         }
     }
 }
@@ -223,6 +241,10 @@ pub struct CommonArgs {
     /// PEM CA that client certificates must chain to; set, every client needs one (mTLS).
     #[arg(long, env = "KILN_TLS_CLIENT_CA", global = true, value_name = "PEM")]
     pub tls_client_ca: Option<PathBuf>,
+    /// Serve /metrics, /healthz and /readyz over TLS too, with --tls-cert (no client
+    /// certificate asked for: probes and scrapers rarely have one).
+    #[arg(long, env = "KILN_TLS_METRICS", global = true)]
+    pub tls_metrics: bool,
     /// Require an API token on every coordinator call but GetCapabilities and health
     /// (`coordinator.auth.enabled`); `kiln token` makes them.
     #[arg(long, env = "KILN_COORDINATOR_AUTH", global = true)]
@@ -398,6 +420,7 @@ impl KilnConfig {
         }
         config.allow_unauthenticated = args.allow_unauthenticated;
         config.coordinator.auth.enabled |= args.coordinator_auth;
+        config.tls.metrics |= args.tls_metrics;
         for (flag, setting) in [
             (&args.tls_cert, &mut config.tls.cert),
             (&args.tls_key, &mut config.tls.key),

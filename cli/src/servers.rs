@@ -17,6 +17,9 @@ use crate::storage::Storage;
 
 /// Bytes the blob store holds (blobs and kept uploads), set at each scrape.
 const STORE_BYTES: &str = "kiln_store_bytes";
+/// Open TLS connections per client address on `/metrics`: a scraper and the probes need
+/// a handful; the bound keeps handshakes from one address from piling up.
+const METRICS_CONNECTIONS_PER_ADDRESS: usize = 32;
 
 /// Installs the process-wide Prometheus recorder, with real histogram buckets for
 /// kiln's histograms (the exporter's default would render them as summaries, which
@@ -257,16 +260,40 @@ impl Servers {
                 axum::routing::get(|| std::future::ready("ok\n")),
             )
             .route("/readyz", axum::routing::get(readiness));
+        let scheme = match config.tls.metrics_files()? {
+            Some(files) => {
+                let tls = kiln_tls::server_config(&files, &[b"http/1.1"])?;
+                let limit = kiln_tls::ConnectionLimit::new(METRICS_CONNECTIONS_PER_ADDRESS);
+                self.spawn_http(
+                    "metrics server",
+                    kiln_tls::TlsListener::new(listener, tls, limit)?,
+                    app,
+                );
+                "https"
+            }
+            None => {
+                self.spawn_http("metrics server", listener, app);
+                "http"
+            }
+        };
+        self.addresses.insert("metrics", addr);
+        tracing::info!("metrics and health listening on {scheme}://{addr}");
+        Ok(addr)
+    }
+
+    /// Serves `app` on `listener` until shutdown.
+    fn spawn_http<L>(&mut self, what: &'static str, listener: L, app: axum::Router)
+    where
+        L: axum::serve::Listener,
+        L::Addr: std::fmt::Debug,
+    {
         let shutdown = self.shutdown.clone().cancelled_owned();
         self.tasks.spawn(async move {
             axum::serve(listener, app)
                 .with_graceful_shutdown(shutdown)
                 .await
-                .context("metrics server")
+                .context(what)
         });
-        self.addresses.insert("metrics", addr);
-        tracing::info!("metrics and health listening on http://{addr}");
-        Ok(addr)
     }
 
     /// Starts `count` workers in this process, each with its own work directory, joining

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # TLS end to end, with certificates made here by openssl:
-# - `kiln up` serving grpcs and https; `kiln run` over grpcs with the CA, refused without;
+# - `kiln up` serving grpcs, https and /metrics over https (--tls-metrics); `kiln run`
+#   over grpcs with the CA, refused without;
 # - Bazel 2.1 builds the interop workspace remotely over grpcs (--tls_certificate);
 # - skopeo copies an image in and out over HTTPS with the CA in a cert dir, and docker
 #   logs in, pushes, pulls and runs one, with the registry's token auth on;
@@ -65,10 +66,17 @@ users = [{ name = "ci", password_hash = "$HASH", grants = [{ repositories = "*",
 TOML
 start_kiln up up --config "$WORK/kiln.toml" --grpc-addr 127.0.0.1:0 --registry-addr 127.0.0.1:0 \
     --metrics-addr 127.0.0.1:0 --workers 1 --data-dir "$WORK/kiln-data" \
-    --tls-cert "$CERTS/server.pem" --tls-key "$CERTS/server.key"
+    --tls-cert "$CERTS/server.pem" --tls-key "$CERTS/server.key" --tls-metrics
 GRPC=$(listen_addr up grpc)
 REGISTRY=$(listen_addr up http registry)
+METRICS=$(listen_addr up http)
 contains "listening on grpcs://$GRPC" <"$WORK/up.log" || fail "the coordinator does not say grpcs"
+
+# /metrics over HTTPS (--tls-metrics) with the same certificate; plain HTTP is not answered.
+curl -sf --cacert "$CERTS/server-ca.pem" "https://localhost:${METRICS##*:}/metrics" >"$WORK/metrics.txt" \
+    || fail "/metrics over HTTPS with the CA"
+contains '^kiln_queue_depth' <"$WORK/metrics.txt" || fail "/metrics over HTTPS has no kiln_queue_depth"
+curl -sf "http://$METRICS/metrics" >/dev/null 2>&1 && fail "/metrics answered plain HTTP under --tls-metrics"
 
 mkdir -p "$WORK/project" && echo "over tls" >"$WORK/project/in.txt"
 run_over() { (cd "$WORK/project" && timeout 120 "$KILN" run "$@" -- cat in.txt); }
@@ -211,4 +219,4 @@ run_over --no-cache --coordinator "grpcs://$GRPC" --ca-cert "$CERTS/server-ca.pe
     || { cat "$WORK/run2.err" >&2; fail "kiln run after rotation"; }
 grep -q "BEGIN.*PRIVATE KEY" "$WORK/up.log" "$WORK/mtls.log" && fail "a private key appears in a log"
 
-echo "tls: grpcs and https with kiln run, Bazel 2.1, skopeo, docker and kiln publish; mTLS workers, status and drain; rotation without restart"
+echo "tls: grpcs and https with kiln run, /metrics over https, Bazel 2.1, skopeo, docker and kiln publish; mTLS workers, status and drain; rotation without restart"

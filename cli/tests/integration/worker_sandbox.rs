@@ -1,12 +1,10 @@
 //! `kiln worker` runs strangers' actions, so it refuses to start when it cannot sandbox
 //! them, and says how to go on; `--sandbox none` starts it, unconfined, with a warning.
 
-mod support;
-
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use support::KILN;
+use crate::support::KILN;
 
 #[test]
 fn a_worker_without_bubblewrap_refuses_to_start_unless_told_none() {
@@ -42,7 +40,7 @@ fn a_worker_without_bubblewrap_refuses_to_start_unless_told_none() {
     assert!(message.contains("--sandbox none"), "{message}");
 
     // Unconfined on request: it starts (and keeps trying to reach the coordinator).
-    let mut unconfined = support::Background(worker(Some("none")));
+    let mut unconfined = crate::support::Background(worker(Some("none")));
     std::thread::sleep(Duration::from_secs(2));
     assert!(
         unconfined.0.try_wait().unwrap().is_none(),

@@ -2,15 +2,13 @@
 //! the CAS by a token that is not `admin`, whatever scopes it has: the real `kiln up`,
 //! an image blob pushed over HTTP, and ByteStream / BatchReadBlobs calls with tokens.
 
-mod support;
-
+use crate::support::*;
 use kiln_proto::bytestream::{byte_stream_client::ByteStreamClient, ReadRequest};
 use kiln_proto::reapi::{
     content_addressable_storage_client::ContentAddressableStorageClient, BatchReadBlobsRequest,
     BatchUpdateBlobsRequest,
 };
 use kiln_store::{Digest, DigestFunction, ResourceName};
-use support::*;
 use tonic::transport::Channel;
 use tonic::{Code, Request};
 

@@ -1,6 +1,5 @@
 //! What the binary's integration tests share: `kiln` processes in the background on
 //! loopback ports the OS picks, and small HTTP helpers for the registry and /metrics.
-#![allow(dead_code)] // each test binary uses its own share of these
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;

@@ -3,14 +3,12 @@
 //! a blob pulled over HTTP), and then `kiln status`, `kiln status --json`, `/metrics`,
 //! `/readyz` and `kiln drain` must all tell exactly that story.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::*;
+use crate::support::*;
 
 /// The samples of a Prometheus text exposition, keyed by `name{labels}` as printed.
 fn scrape(metrics_addr: &str) -> BTreeMap<String, f64> {

@@ -1,0 +1,8 @@
+//! The kiln binary's integration tests, one binary: each file is a module, and each test
+//! drives real `kiln` processes on loopback.
+
+mod operator_view;
+mod registry_blobs;
+mod support;
+mod tls_metrics;
+mod worker_sandbox;
