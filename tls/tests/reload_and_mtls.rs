@@ -1,6 +1,7 @@
 //! TLS sessions over real sockets: the certificate served follows its files without a
 //! restart (a broken replacement keeps the old one), mutual TLS refuses clients without
-//! a certificate from the client CA, and a client that never handshakes delays nobody.
+//! a certificate from the client CA, a client that never handshakes delays nobody, and
+//! the server's cipher preference wins.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,13 +33,20 @@ async fn serve(files: &TlsFiles) -> std::net::SocketAddr {
     addr
 }
 
-/// Connects trusting `ca`, optionally with a client certificate; returns the server's
-/// certificate after one byte went there and back.
+/// What a client saw of a session.
+struct Session {
+    /// The server's certificate, DER.
+    certificate: Vec<u8>,
+    suite: rustls::CipherSuite,
+}
+
+/// Connects trusting `ca`, optionally with a client certificate, and sends one byte there
+/// and back.
 async fn connect(
     addr: std::net::SocketAddr,
     ca: &TestCa,
     client: Option<&Issued>,
-) -> std::io::Result<Vec<u8>> {
+) -> std::io::Result<Session> {
     let mut roots = rustls::RootCertStore::empty();
     roots
         .add(CertificateDer::from_pem_slice(ca.pem().as_bytes()).unwrap())
@@ -66,7 +74,10 @@ async fn connect(
     let mut echo = [0u8; 1];
     session.read_exact(&mut echo).await?;
     let (_, connection) = session.get_ref();
-    Ok(connection.peer_certificates().unwrap()[0].to_vec())
+    Ok(Session {
+        certificate: connection.peer_certificates().unwrap()[0].to_vec(),
+        suite: connection.negotiated_cipher_suite().unwrap().suite(),
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -76,18 +87,27 @@ async fn the_certificate_follows_its_files_and_a_broken_one_is_ignored() {
     let first = ca.issue("kiln", &["localhost"]);
     let files = first.server_files(dir.path());
     let addr = serve(&files).await;
-    assert_eq!(connect(addr, &ca, None).await.unwrap(), first.der);
+    assert_eq!(
+        connect(addr, &ca, None).await.unwrap().certificate,
+        first.der
+    );
 
     // Rotated in place: new connections get the new certificate, without a restart.
     let second = ca.issue("kiln", &["localhost"]);
     second.write(dir.path(), "server");
     tokio::time::sleep(RELOAD_CHECK_INTERVAL + Duration::from_millis(500)).await;
-    assert_eq!(connect(addr, &ca, None).await.unwrap(), second.der);
+    assert_eq!(
+        connect(addr, &ca, None).await.unwrap().certificate,
+        second.der
+    );
 
     // A replacement that does not parse: the last good certificate stays.
     std::fs::write(&files.cert, "not a certificate").unwrap();
     tokio::time::sleep(RELOAD_CHECK_INTERVAL + Duration::from_millis(500)).await;
-    assert_eq!(connect(addr, &ca, None).await.unwrap(), second.der);
+    assert_eq!(
+        connect(addr, &ca, None).await.unwrap().certificate,
+        second.der
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -116,10 +136,25 @@ async fn a_client_that_never_handshakes_delays_nobody() {
     )
     .await;
     let started = std::time::Instant::now();
-    assert_eq!(connect(addr, &ca, None).await.unwrap(), issued.der);
+    assert_eq!(
+        connect(addr, &ca, None).await.unwrap().certificate,
+        issued.der
+    );
     assert!(
         started.elapsed() < Duration::from_secs(2),
         "{:?}",
         started.elapsed()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aes_128_gcm_wins_over_the_clients_preference() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("test CA");
+    let addr = serve(&ca.issue("kiln", &["localhost"]).server_files(dir.path())).await;
+    // rustls's client, like tonic's, offers AES-256-GCM first.
+    let offered = rustls::crypto::ring::default_provider().cipher_suites[0].suite();
+    assert_eq!(offered, rustls::CipherSuite::TLS13_AES_256_GCM_SHA384);
+    let session = connect(addr, &ca, None).await.unwrap();
+    assert_eq!(session.suite, rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
 }
