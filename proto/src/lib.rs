@@ -16,6 +16,10 @@ pub use prost;
 pub mod worker {
     pub mod v1 {
         tonic::include_proto!("kiln.worker.v1");
+
+        /// The `Any` type URL of [`ContainerImageUsed`] in auxiliary metadata.
+        pub const CONTAINER_IMAGE_USED_TYPE_URL: &str =
+            "type.googleapis.com/kiln.worker.v1.ContainerImageUsed";
     }
 }
 

@@ -42,8 +42,8 @@ pub enum PublishError {
     },
     #[error("authentication with {registry} failed: {reason}")]
     Auth { registry: String, reason: String },
-    #[error("base image: {0}")]
-    BaseImage(String),
+    #[error("image: {0}")]
+    Image(String),
     #[error("{what}: digest mismatch, expected {expected}, got {actual}")]
     DigestMismatch {
         what: String,

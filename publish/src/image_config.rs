@@ -101,9 +101,10 @@ impl Provenance {
     }
 }
 
-/// The base image a layer goes on top of.
+/// An image resolved to its platform manifest: the base a layer goes on top of, or the
+/// root filesystem an action runs in.
 #[derive(Clone, Debug)]
-pub struct BaseImage {
+pub struct ResolvedImage {
     /// As the user named it (`host/repo:tag`), for the base-name annotation.
     pub name: String,
     /// Digest of the platform manifest used.
@@ -126,7 +127,7 @@ pub struct NewLayer {
 /// Builds the image configuration: the base's (if any) with the new layer appended and
 /// the runtime settings and provenance applied.
 pub fn build_config(
-    base: Option<&BaseImage>,
+    base: Option<&ResolvedImage>,
     settings: &RuntimeSettings,
     provenance: &Provenance,
     layer: &NewLayer,
@@ -202,7 +203,7 @@ fn merge_env(mut env: Vec<String>, overrides: &[String]) -> Result<Vec<String>> 
 pub fn build_manifest(
     config_digest: &ContentHash,
     config_size: u64,
-    base: Option<&BaseImage>,
+    base: Option<&ResolvedImage>,
     layer: &NewLayer,
     provenance: &Provenance,
 ) -> Result<ImageManifest> {
@@ -334,7 +335,7 @@ mod tests {
             .rootfs_mut()
             .diff_ids_mut()
             .push(hash('c').to_string());
-        let base = BaseImage {
+        let base = ResolvedImage {
             name: "127.0.0.1:5000/base:v1".into(),
             manifest_digest: hash('d'),
             config: base_config,

@@ -2,22 +2,20 @@
 //! the image is pushed and tagged.
 
 use kiln_store::ContentHash;
-use oci_spec::image::{Descriptor, ImageConfiguration, ImageIndex, ImageManifest, MediaType};
 
 use crate::action_outputs::{stage_outputs, LayerContent};
 use crate::credentials::CredentialStore;
 use crate::error::{PublishError, Result};
 use crate::image_config::{
-    build_config, build_manifest, canonical_json, BaseImage, NewLayer, Provenance, RuntimeSettings,
-    TargetPlatform,
+    build_config, build_manifest, canonical_json, NewLayer, Provenance, ResolvedImage,
+    RuntimeSettings,
 };
 use crate::image_reference::{ImageReference, ManifestReference};
+use crate::image_resolution::resolve_image;
 use crate::layer::{build_layer, sha256_digest, Compression, LayerBlob};
 use crate::oci_digest::content_hash;
 use crate::progress::{BlobProgress, BlobTransfer, ProgressSink};
-use crate::registry_client::{
-    MountOutcome, RegistryClient, SourceRepository, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST,
-};
+use crate::registry_client::{MountOutcome, RegistryClient, SourceRepository, OCI_MANIFEST};
 use crate::registry_tls::RegistryTls;
 
 /// Everything one `kiln publish` needs.
@@ -110,7 +108,7 @@ struct Base {
     reference: ImageReference,
     /// A client for the base's registry when it is not the target's.
     client: Option<RegistryClient>,
-    image: BaseImage,
+    image: ResolvedImage,
 }
 
 impl Base {
@@ -132,7 +130,7 @@ impl Base {
                 .trusting_realm_hosts(request.credentials.trusted_realm_hosts.clone()),
             )
         };
-        let image = resolve_base(
+        let image = resolve_image(
             client.as_ref().unwrap_or(target),
             &reference,
             text,
@@ -156,7 +154,7 @@ struct BuiltImage {
 }
 
 /// Builds the new layer (staging action outputs first), the config and the manifest.
-async fn build_image(request: &PublishRequest, base: Option<&BaseImage>) -> Result<BuiltImage> {
+async fn build_image(request: &PublishRequest, base: Option<&ResolvedImage>) -> Result<BuiltImage> {
     // Action outputs are staged in a temporary directory that lives until the layer is built.
     let staged;
     let content = match &request.content {
@@ -336,91 +334,4 @@ async fn push_manifest_and_tags(
         }
     }
     Ok((manifest_digest, tags_pushed, tags_refused))
-}
-
-/// Fetches the base image's manifest and config, choosing the platform's manifest when
-/// the reference names an index.
-async fn resolve_base(
-    client: &RegistryClient,
-    reference: &ImageReference,
-    name: &str,
-    platform: &TargetPlatform,
-) -> Result<BaseImage> {
-    let mut fetched = client
-        .get_manifest(&reference.repository, &reference.reference)
-        .await?;
-    if fetched.media_type == OCI_INDEX || fetched.media_type == DOCKER_MANIFEST_LIST {
-        let index = ImageIndex::from_reader(fetched.bytes.as_slice())?;
-        let chosen = pick_platform(index.manifests(), platform).ok_or_else(|| {
-            PublishError::BaseImage(format!(
-                "{name} has no manifest for {}/{}{}",
-                platform.os,
-                platform.architecture,
-                platform
-                    .variant
-                    .as_ref()
-                    .map(|v| format!("/{v}"))
-                    .unwrap_or_default()
-            ))
-        })?;
-        let chosen = content_hash(chosen.digest(), "platform manifest")?;
-        fetched = client
-            .get_manifest(&reference.repository, &ManifestReference::Digest(chosen))
-            .await?;
-    }
-    let manifest = ImageManifest::from_reader(fetched.bytes.as_slice())?;
-    let config_digest = content_hash(manifest.config().digest(), "base image config")?;
-    let config_bytes = client
-        .get_blob_bytes(&reference.repository, &config_digest)
-        .await?;
-    let config = ImageConfiguration::from_reader(config_bytes.as_slice())?;
-    let (os, arch) = (config.os().to_string(), config.architecture().to_string());
-    if os != platform.os || arch != platform.architecture {
-        return Err(PublishError::BaseImage(format!(
-            "{name} is {os}/{arch}, but the image is for {}/{}",
-            platform.os, platform.architecture
-        )));
-    }
-    let layers = manifest
-        .layers()
-        .iter()
-        .cloned()
-        .map(as_oci_layer)
-        .collect();
-    Ok(BaseImage {
-        name: name.to_string(),
-        manifest_digest: fetched.digest,
-        config,
-        layers,
-    })
-}
-
-fn pick_platform<'a>(
-    manifests: &'a [Descriptor],
-    platform: &TargetPlatform,
-) -> Option<&'a Descriptor> {
-    manifests.iter().find(|descriptor| {
-        descriptor.platform().as_ref().is_some_and(|p| {
-            p.os().to_string() == platform.os
-                && p.architecture().to_string() == platform.architecture
-                && (platform.variant.is_none() || p.variant() == &platform.variant)
-        })
-    })
-}
-
-/// Docker's layer media types name the same bytes as OCI's; the manifest kiln writes is
-/// OCI, so its layers say so too.
-fn as_oci_layer(mut descriptor: Descriptor) -> Descriptor {
-    let oci = match descriptor.media_type().as_ref() {
-        "application/vnd.docker.image.rootfs.diff.tar.gzip" => Some(MediaType::ImageLayerGzip),
-        "application/vnd.docker.image.rootfs.diff.tar" => Some(MediaType::ImageLayer),
-        "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => {
-            Some(MediaType::ImageLayerNonDistributableGzip)
-        }
-        _ => None,
-    };
-    if let Some(media_type) = oci {
-        descriptor.set_media_type(media_type);
-    }
-    descriptor
 }

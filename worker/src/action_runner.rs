@@ -15,8 +15,10 @@ use kiln_store::{Digest, DigestFunction};
 use kiln_telemetry::{InStage, StageSpan};
 use tokio_util::sync::CancellationToken;
 
+use crate::action_platform::{image_used, wanted_image, wants_network};
 use crate::cas_connection::CasConnection;
 use crate::command_runner::{CommandExit, CommandRunner, CommandSpec};
+use crate::container_image::{ImageRoot, ImageStore};
 use crate::input_tree::{fetch_messages, from_reapi, materialise};
 use crate::local_cache::{CacheKey, FetchStats, LocalCache};
 use crate::output_collector;
@@ -73,6 +75,8 @@ pub struct ActionRunner {
     spare_dirs: Mutex<Vec<PathBuf>>,
     worker_id: String,
     default_timeout: Duration,
+    /// Root filesystems of container images, when this worker runs actions in them.
+    images: Option<Arc<ImageStore>>,
 }
 
 /// The most empty action directories kept for reuse.
@@ -122,7 +126,14 @@ impl ActionRunner {
             spare_dirs: Mutex::new(Vec::new()),
             worker_id,
             default_timeout,
+            images: None,
         })
+    }
+
+    /// Runs actions that name a `container-image` in that image's root filesystem.
+    pub fn with_images(mut self, images: Arc<ImageStore>) -> Self {
+        self.images = Some(images);
+        self
     }
 
     pub fn cache(&self) -> &LocalCache {
@@ -222,6 +233,22 @@ impl ActionRunner {
             add(&mut progress.fetched, fetched);
         }
         output_collector::create_output_parents(exec_root, &command)?;
+        let image = match wanted_image(&action, &command) {
+            Some(text) => {
+                let images = self
+                    .images
+                    .as_ref()
+                    .ok_or_else(|| WorkerError::ImageUnavailable {
+                        image: text.to_string(),
+                        reason: "this worker does not run container images (it has no sandbox)"
+                            .into(),
+                    })?;
+                let root = images.root_for(text).await?;
+                progress.metadata.auxiliary_metadata.push(image_used(&root));
+                Some(root)
+            }
+            None => None,
+        };
         progress.metadata.input_fetch_completed_timestamp = now();
         input_fetch.end();
         let timeout = request
@@ -230,6 +257,7 @@ impl ActionRunner {
             .unwrap_or(self.default_timeout);
         Ok(Prepared {
             network: wants_network(&action, &command),
+            image,
             command,
             working_dir,
             timeout,
@@ -328,6 +356,7 @@ impl ActionRunner {
             exec_root: exec_root.to_path_buf(),
             timeout: prepared.timeout,
             network: prepared.network,
+            image_root: prepared.image.as_ref().map(|image| image.rootfs.clone()),
             stdout: Arc::new(log_file(c"stdout")?),
             stderr: Arc::new(log_file(c"stderr")?),
         };
@@ -410,6 +439,8 @@ struct Prepared {
     timeout: Duration,
     /// `network=on`: the sandbox shares the host's network.
     network: bool,
+    /// The container image the action runs in, held in the cache until it ends.
+    image: Option<ImageRoot>,
 }
 
 /// An action's captured stdout and stderr (in-memory files).
@@ -523,20 +554,4 @@ fn make_writable(dir: &std::path::Path) {
             }
         }
     }
-}
-
-/// The platform property an action sets to reach the network from the sandbox.
-pub const NETWORK_PROPERTY: (&str, &str) = ("network", "on");
-
-/// Whether the action asks for the host's network (`network=on` on the Action's platform,
-/// or on the Command's, where Bazel 2.1 puts it).
-fn wants_network(action: &reapi::Action, command: &reapi::Command) -> bool {
-    #[allow(deprecated)]
-    let platforms = [action.platform.as_ref(), command.platform.as_ref()];
-    platforms.into_iter().flatten().any(|platform| {
-        platform
-            .properties
-            .iter()
-            .any(|p| (p.name.as_str(), p.value.as_str()) == NETWORK_PROPERTY)
-    })
 }

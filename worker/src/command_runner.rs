@@ -35,6 +35,9 @@ pub struct CommandSpec {
     /// Whether the sandbox shares the host's network (the platform property
     /// `network=on`); otherwise the action has only a loopback of its own.
     pub network: bool,
+    /// The container image's root filesystem the action runs in, instead of the host's
+    /// system directories (sandboxed runners only).
+    pub image_root: Option<PathBuf>,
     /// Open files that receive the command's stdout and stderr (the action runner uses
     /// anonymous in-memory files, so capturing logs creates nothing on disk).
     pub stdout: Arc<File>,
@@ -159,16 +162,20 @@ impl ProcessRunner {
             ));
         }
         let command = spec.arguments.iter().map(OsStr::new);
-        Ok(match &self.bubblewrap {
-            Some(bwrap) => bwrap.argv(
+        match (&self.bubblewrap, &spec.image_root) {
+            (Some(bwrap), image_root) => bwrap.argv(
                 &spec.exec_root,
                 &spec.working_dir,
                 spec.network,
                 uid,
+                image_root.as_deref(),
                 command,
             ),
-            None => command.map(OsString::from).collect(),
-        })
+            (None, None) => Ok(command.map(OsString::from).collect()),
+            (None, Some(_)) => Err(WorkerError::Sandbox(
+                "an unsandboxed worker cannot run an action in a container image".into(),
+            )),
+        }
     }
 
     /// The rlimits; RLIMIT_NPROC only for an action with a uid of its own (`own_uid`).

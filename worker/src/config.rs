@@ -86,6 +86,12 @@ pub struct WorkerConfig {
     /// The most of an action's stdout, and of its stderr, kept; past it the rest is
     /// dropped and the log ends with a line saying so.
     pub max_log_bytes: u64,
+    /// The budget of unpacked container-image roots (`container-image`), least recently
+    /// used first out; an image larger than this is refused.
+    pub image_cache_bytes: u64,
+    /// A docker `config.json` (a Kubernetes pull secret's `.dockerconfigjson`) with the
+    /// credentials for the registries images come from.
+    pub registry_auth_file: Option<PathBuf>,
 }
 
 impl Default for WorkerConfig {
@@ -113,6 +119,8 @@ impl Default for WorkerConfig {
             max_cpu_secs: 0,
             max_processes: 1024,
             max_log_bytes: 64 << 20,
+            image_cache_bytes: 10 << 30,
+            registry_auth_file: None,
         }
     }
 }

@@ -50,6 +50,10 @@ pub enum WorkerError {
     /// action's, so UNAVAILABLE (another worker, or a later try, may manage).
     #[error("the sandbox could not start: {0}")]
     SandboxSetup(String),
+    /// The action's `container-image` cannot be had: missing, unreachable, not matching
+    /// its digest, or too large. Another worker would fare no better.
+    #[error("container image {image}: {reason}")]
+    ImageUnavailable { image: String, reason: String },
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -74,9 +78,9 @@ impl WorkerError {
     /// The gRPC code REAPI prescribes for this failure.
     pub fn code(&self) -> Code {
         match self {
-            WorkerError::MissingInputs(_) | WorkerError::OutputWrongType { .. } => {
-                Code::FailedPrecondition
-            }
+            WorkerError::MissingInputs(_)
+            | WorkerError::OutputWrongType { .. }
+            | WorkerError::ImageUnavailable { .. } => Code::FailedPrecondition,
             WorkerError::InvalidAction(_) | WorkerError::OutputPathEscapes { .. } => {
                 Code::InvalidArgument
             }

@@ -5,13 +5,17 @@
 //! - [`ActionRunner`] runs one action: inputs from the [`LocalCache`] (fetching only what it
 //!   lacks from the CAS through kiln-client's `RemoteCas`, the one REAPI client), the command through a [`CommandRunner`] in its own process group
 //!   with a timeout and rlimits (under bubblewrap when available), outputs uploaded back.
+//! - [`ImageStore`] keeps the root filesystems of the container images actions name
+//!   (`container-image`), pulled through kiln-publish's registry client.
 //!
 //! The worker talks to the coordinator only over gRPC; it never links the coordinator.
 
+mod action_platform;
 mod action_runner;
 mod cas_connection;
 mod command_runner;
 mod config;
+mod container_image;
 mod error;
 mod input_tree;
 mod local_cache;
@@ -27,6 +31,7 @@ pub use command_runner::{
     CommandExit, CommandRunner, CommandSpec, ProcessRunner, ResourceLimits, SandboxSettings,
 };
 pub use config::{SandboxMode, WorkerConfig, DEFAULT_SANDBOX_UID_BASE};
+pub use container_image::{ImageRoot, ImageSettings, ImageStore, CONTAINER_IMAGE_PROPERTY};
 pub use error::WorkerError;
 pub use input_tree::materialise;
 pub use local_cache::{CacheKey, CachePin, CacheSummary, FetchStats, LocalCache};

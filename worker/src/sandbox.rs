@@ -25,6 +25,10 @@ use std::sync::Mutex;
 
 use crate::WorkerError;
 
+mod image_root;
+
+use image_root::HostSetpriv;
+
 /// The host's system directories an action sees, read-only, where they exist. Nothing
 /// else of the host is there: not `/home`, `/root`, `/var`, `/srv`, nor wherever the
 /// worker keeps its cache, its data directory and other actions' directories.
@@ -50,7 +54,7 @@ enum OwnUid {
     /// bwrap builds the sandbox as root, without a user namespace, and this `setpriv`
     /// starts the command as the uid with no capabilities. Needs CAP_SYS_ADMIN (a host,
     /// or a privileged container).
-    Setpriv(PathBuf),
+    Setpriv(PathBuf, Option<HostSetpriv>),
     /// bwrap starts as the uid and maps it to 65534 in a user namespace: for root without
     /// CAP_SYS_ADMIN (a container whose seccomp profile allows user namespaces). The
     /// uid must then be able to reach the action's directory (every directory above it
@@ -78,7 +82,16 @@ impl Bubblewrap {
         }
         let mut failures = Vec::new();
         let ways = on_path("setpriv")
-            .map(OwnUid::Setpriv)
+            .map(|setpriv| {
+                // Inside an image, setpriv needs the host's loader; without one, image
+                // actions fail with a sandbox error and host actions are unaffected.
+                let in_image = HostSetpriv::new(&setpriv)
+                    .inspect_err(
+                        |e| tracing::warn!(error = %e, "image actions cannot drop to their uid"),
+                    )
+                    .ok();
+                OwnUid::Setpriv(setpriv, in_image)
+            })
             .into_iter()
             .chain([OwnUid::UserNamespace]);
         for way in ways {
@@ -115,13 +128,16 @@ impl Bubblewrap {
             if let Some(uid) = uid {
                 hand_over(&dir, uid).map_err(|e| e.to_string())?;
             }
-            let argv = self.argv(
-                &dir,
-                &dir,
-                false,
-                uid,
-                ["touch".as_ref(), "trial".as_ref()].into_iter(),
-            );
+            let argv = self
+                .argv(
+                    &dir,
+                    &dir,
+                    false,
+                    uid,
+                    None,
+                    ["touch".as_ref(), "trial".as_ref()].into_iter(),
+                )
+                .map_err(|e| e.to_string())?;
             let mut command = std::process::Command::new(&argv[0]);
             if let Some(uid) = self.starts_as(uid) {
                 // std drops root's supplementary groups too.
@@ -148,30 +164,62 @@ impl Bubblewrap {
         outcome
     }
 
-    /// bwrap's argv around `command`, for an action of host uid `uid` when one is given.
+    /// bwrap's argv around `command`, for an action of host uid `uid` when one is given,
+    /// in the host's system directories or, with `image_root`, in that root filesystem.
     pub(crate) fn argv<'a>(
         &self,
         exec_root: &Path,
         working_dir: &Path,
         network: bool,
         uid: Option<u32>,
+        image_root: Option<&Path>,
         command: impl Iterator<Item = &'a OsStr>,
-    ) -> Vec<OsString> {
+    ) -> Result<Vec<OsString>, WorkerError> {
         let setpriv = match (&self.own_uid, uid) {
-            (Some((OwnUid::Setpriv(setpriv), _)), Some(uid)) => Some((setpriv, uid)),
+            (Some((OwnUid::Setpriv(path, in_image), _)), Some(uid)) => Some((path, in_image, uid)),
             _ => None,
         };
         let mut argv = vec![self.path.clone().into_os_string()];
-        argv.extend(self.system_dirs.iter().cloned());
+        let mut setpriv_start: Vec<OsString> = Vec::new();
+        let (sandbox_root, sandbox_dir) = match image_root {
+            None => {
+                argv.extend(self.system_dirs.iter().cloned());
+                if let Some((path, _, _)) = setpriv {
+                    setpriv_start.push(path.clone().into_os_string());
+                }
+                (exec_root.to_path_buf(), working_dir.to_path_buf())
+            }
+            Some(root) => {
+                argv.extend(image_root::root_args(root).map_err(|e| {
+                    WorkerError::SandboxSetup(format!(
+                        "reading the image root {}: {e}",
+                        root.display()
+                    ))
+                })?);
+                if let Some((_, in_image, _)) = setpriv {
+                    let host = in_image.as_ref().ok_or_else(|| {
+                        WorkerError::SandboxSetup(
+                            "setpriv cannot run inside an image here (no host loader found)".into(),
+                        )
+                    })?;
+                    argv.extend(host.binds().iter().cloned());
+                    setpriv_start.extend(host.prefix().iter().cloned());
+                }
+                let inside = PathBuf::from(image_root::EXEC_ROOT);
+                let relative = working_dir.strip_prefix(exec_root).unwrap_or(Path::new(""));
+                (inside.clone(), inside.join(relative))
+            }
+        };
         argv.extend(bubblewrap_args(
             exec_root,
-            working_dir,
+            &sandbox_root,
+            &sandbox_dir,
             network,
             setpriv.is_none(),
         ));
         argv.push("--".into());
-        if let Some((setpriv, uid)) = setpriv {
-            argv.push(setpriv.clone().into_os_string());
+        if let Some((_, _, uid)) = setpriv {
+            argv.extend(setpriv_start);
             argv.extend(
                 [
                     format!("--reuid={uid}"),
@@ -185,7 +233,7 @@ impl Bubblewrap {
             );
         }
         argv.extend(command.map(OsString::from));
-        argv
+        Ok(argv)
     }
 
     /// The uid bwrap itself must start as, for an action of host uid `uid`: the action's
@@ -304,11 +352,12 @@ fn system_dir_args() -> Vec<OsString> {
     args
 }
 
-/// The rest of the sandbox's arguments, after the system directories and before `--`
-/// and the command.
+/// The rest of the sandbox's arguments, after the root's and before `--` and the
+/// command: `exec_root` appears at `sandbox_root`, and the command starts in `sandbox_dir`.
 fn bubblewrap_args(
     exec_root: &Path,
-    working_dir: &Path,
+    sandbox_root: &Path,
+    sandbox_dir: &Path,
     network: bool,
     user_namespace: bool,
 ) -> Vec<OsString> {
@@ -328,7 +377,7 @@ fn bubblewrap_args(
     // bwrap would make the directories above the action's with the host's modes, which
     // may close them to the action's uid (a 0700 home, a temporary directory): made first,
     // open to all (they hold nothing but the way to the action's directory).
-    let mut ancestors: Vec<&Path> = exec_root
+    let mut ancestors: Vec<&Path> = sandbox_root
         .ancestors()
         .skip(1)
         .filter(|dir| !provided_by_sandbox(dir))
@@ -345,7 +394,7 @@ fn bubblewrap_args(
     push(&[
         "--bind".as_ref(),
         exec_root.as_os_str(),
-        exec_root.as_os_str(),
+        sandbox_root.as_os_str(),
         // The sandbox's root is a tmpfs of bwrap's; read-only, so /tmp and the action's
         // directory (mounts of their own) are the only writable places.
         "--remount-ro".as_ref(),
@@ -369,7 +418,7 @@ fn bubblewrap_args(
     if !network {
         push(&["--unshare-net".as_ref()]);
     }
-    push(&["--chdir".as_ref(), working_dir.as_os_str()]);
+    push(&["--chdir".as_ref(), sandbox_dir.as_os_str()]);
     args
 }
 
@@ -394,5 +443,9 @@ pub(crate) fn setup_failure(stderr: &File) -> Option<String> {
     let read = stderr.read_at(&mut start, 0).ok()?;
     let text = String::from_utf8_lossy(&start[..read]);
     let line = text.lines().next()?;
-    (line.starts_with("bwrap: ") || line.starts_with("setpriv: ")).then(|| line.to_string())
+    // A command that is not there (in the image, say) is the action's own failure.
+    let command_missing =
+        line.starts_with("bwrap: execvp ") || line.starts_with("setpriv: failed to execute");
+    ((line.starts_with("bwrap: ") || line.starts_with("setpriv: ")) && !command_missing)
+        .then(|| line.to_string())
 }

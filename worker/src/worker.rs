@@ -22,6 +22,7 @@ use tonic::transport::Channel;
 use crate::action_runner::{ActionOutcome, ActionRequest, ActionRunner};
 use crate::cas_connection::CasConnection;
 use crate::command_runner::{ProcessRunner, ResourceLimits, SandboxSettings};
+use crate::container_image::{ImageSettings, ImageStore, CONTAINER_IMAGE_PROPERTY};
 use crate::local_cache::LocalCache;
 use crate::{WorkerConfig, WorkerError};
 
@@ -138,7 +139,7 @@ impl Worker {
             },
         )?;
         let sandboxed = process_runner.uses_bubblewrap();
-        let runner = ActionRunner::new(
+        let mut runner = ActionRunner::new(
             CasConnection::new(cas_channel, &config.join_token),
             Arc::new(cache),
             Arc::new(process_runner),
@@ -146,6 +147,18 @@ impl Worker {
             worker_id.clone(),
             config.default_timeout(),
         )?;
+        // Images need the sandbox: it is what puts their root in place of the host's.
+        if sandboxed {
+            let images = ImageStore::open(
+                work_dir.join("images"),
+                ImageSettings {
+                    max_bytes: config.image_cache_bytes,
+                    auth_file: config.registry_auth_file.clone(),
+                    tls: registry_tls(&tls),
+                },
+            )?;
+            runner = runner.with_images(images);
+        }
         let (results_tx, results_rx) = mpsc::unbounded_channel();
         Ok(Worker {
             worker_id,
@@ -153,7 +166,7 @@ impl Worker {
             sandboxed,
             join_token: config.join_token.clone(),
             platform: reapi::Platform {
-                properties: offered_platform(&config.platform)
+                properties: offered_platform(&config.platform, sandboxed)
                     .map(|(name, value)| reapi::platform::Property {
                         name: name.to_string(),
                         value: value.to_string(),
@@ -466,13 +479,35 @@ fn default_worker_id() -> String {
     format!("{host}-{}", &suffix[..8])
 }
 
-/// The properties the worker offers: the configured ones, and `network=on` (every
-/// worker can give an action the network; the sandbox withholds it unless asked).
-fn offered_platform(configured: &[(String, String)]) -> impl Iterator<Item = (&str, &str)> {
-    let (name, value) = crate::action_runner::NETWORK_PROPERTY;
-    let network = (!configured.iter().any(|(n, _)| n == name)).then_some((name, value));
+/// The properties the worker offers: the configured ones, `network=on` (every worker
+/// can give an action the network; the sandbox withholds it unless asked), and, when
+/// sandboxed, `container-image=*` (any image).
+fn offered_platform(
+    configured: &[(String, String)],
+    sandboxed: bool,
+) -> impl Iterator<Item = (&str, &str)> {
+    let unless_configured = |(name, value): (&'static str, &'static str)| {
+        (!configured.iter().any(|(n, _)| n == name)).then_some((name, value))
+    };
+    let network = unless_configured(crate::action_platform::NETWORK_PROPERTY);
+    let images = sandboxed
+        .then(|| unless_configured((CONTAINER_IMAGE_PROPERTY, "*")))
+        .flatten();
     configured
         .iter()
         .map(|(n, v)| (n.as_str(), v.as_str()))
         .chain(network)
+        .chain(images)
+}
+
+/// Registries serving images over HTTPS are trusted as the coordinator is: the worker's CA
+/// (the system roots without one), and its client certificate for mutual TLS.
+fn registry_tls(coordinator: &kiln_client::ClientTls) -> kiln_publish::RegistryTls {
+    kiln_publish::RegistryTls {
+        force_https: false,
+        client: kiln_client::ClientTls {
+            server_name: None,
+            ..coordinator.clone()
+        },
+    }
 }

@@ -3,6 +3,9 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+/// An offered value that satisfies any wanted value of its property.
+pub const ANY_VALUE: &str = "*";
+
 /// A set of platform properties. A name may carry several values (a worker can offer
 /// `OSFamily=linux` and `container-image=a` and `container-image=b`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -37,9 +40,10 @@ impl Platform {
 
     /// Whether a worker offering `self` can run an action that requires `required`.
     ///
-    /// Every required property must be offered. A value that parses as a number on both
-    /// sides is a minimum (`cores=4` runs on a worker with `cores=8`); anything else must
-    /// match exactly.
+    /// Every required property must be offered. An offered `*` takes any value (a worker
+    /// that can run any image offers `container-image=*`). A value that parses as a number
+    /// on both sides is a minimum (`cores=4` runs on a worker with `cores=8`); anything
+    /// else must match exactly.
     pub fn satisfies(&self, required: &Platform) -> bool {
         required.properties.iter().all(|(name, wanted)| {
             let Some(offered) = self.properties.get(name) else {
@@ -53,6 +57,9 @@ impl Platform {
 }
 
 fn value_satisfies(offered: &str, wanted: &str) -> bool {
+    if offered == ANY_VALUE {
+        return true;
+    }
     match (offered.parse::<f64>(), wanted.parse::<f64>()) {
         (Ok(offered), Ok(wanted)) => offered >= wanted,
         _ => offered == wanted,
@@ -97,5 +104,16 @@ mod tests {
         assert!(worker.satisfies(&Platform::new([("image", "b")])));
         assert!(!worker.satisfies(&Platform::new([("image", "c")])));
         assert_eq!(worker.to_string(), "image=a,image=b");
+    }
+
+    #[test]
+    fn an_offered_star_takes_any_value_of_its_property_only() {
+        let worker = Platform::new([("container-image", "*"), ("OSFamily", "linux")]);
+        assert!(worker.satisfies(&Platform::new([(
+            "container-image",
+            "docker://registry:5000/gcc@sha256:00"
+        )])));
+        assert!(worker.satisfies(&Platform::default()));
+        assert!(!worker.satisfies(&Platform::new([("gpu", "1")])));
     }
 }

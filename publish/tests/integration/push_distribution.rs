@@ -317,7 +317,7 @@ async fn a_base_index_resolves_to_the_platform_manifest() {
     };
     let err = publish(arm64).await.unwrap_err();
     assert!(
-        matches!(&err, PublishError::BaseImage(m) if m.contains("linux/amd64")),
+        matches!(&err, PublishError::Image(m) if m.contains("linux/amd64")),
         "{err}"
     );
 

@@ -8,6 +8,7 @@ mod common;
 
 mod action_limits;
 mod action_runner;
+mod container_image;
 mod input_integrity;
 mod input_limits;
 mod local_cache;

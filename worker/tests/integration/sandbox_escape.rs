@@ -335,6 +335,7 @@ async fn a_sandbox_that_cannot_start_is_an_infrastructure_error() {
         working_dir: dir.path().join("missing"),
         timeout: Duration::from_secs(10),
         network: false,
+        image_root: None,
         stdout: log(),
         stderr: log(),
     };

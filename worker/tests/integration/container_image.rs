@@ -1,0 +1,231 @@
+//! Actions in container images: a busybox image (Debian's static busybox) published to
+//! kiln's own registry with kiln-publish, then named by an action's `container-image`
+//! by digest and by tag. The action sees the image's files and not the host's; the
+//! ActionResult records the manifest digest a tag resolved to; a cached image needs no
+//! registry; a wrong digest, a missing image and an unreachable registry fail with
+//! FAILED_PRECONDITION naming the image. They need bubblewrap and busybox-static:
+//! `cargo test -- --ignored` runs them (.ci/run does).
+
+use std::path::Path;
+
+use kiln_proto::prost::Message;
+use kiln_publish::{
+    publish, Compression, CredentialStore, LayerContent, Provenance, PublishRequest,
+    RuntimeSettings,
+};
+use kiln_registry::RegistryConfig;
+use kiln_store::DigestFunction;
+use kiln_testkit::{ServedRegistry, Stores};
+use kiln_worker::{ImageSettings, ImageStore, SandboxMode, WorkerError, CONTAINER_IMAGE_PROPERTY};
+
+use crate::common::{self, put_action, ActionSpec, TestCas, TestRunner};
+
+const BUSYBOX: &str = "/bin/busybox";
+const MARKER: &str = "this file is in the image, not on the host";
+
+/// A root filesystem of busybox and its applets as links, and a marker file.
+fn busybox_root(dir: &Path) {
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::create_dir_all(dir.join("etc")).unwrap();
+    std::fs::copy(BUSYBOX, bin.join("busybox"))
+        .unwrap_or_else(|e| panic!("{BUSYBOX}: {e} (apt-get install -y busybox-static)"));
+    for applet in ["sh", "cat", "ls", "echo", "test", "id"] {
+        std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
+    }
+    std::fs::write(dir.join("etc/marker"), MARKER).unwrap();
+}
+
+/// Publishes the busybox root as `toolchains/busybox:v1.0.0`; returns the manifest digest.
+async fn publish_busybox(registry: &str, root: &Path) -> String {
+    let outcome = publish(PublishRequest {
+        registry: registry.to_string(),
+        insecure: false,
+        registry_tls: Default::default(),
+        repository: "toolchains/busybox".into(),
+        content: LayerContent::Directory(root.to_path_buf()),
+        content_description: "busybox".into(),
+        base: None,
+        compression: Compression::Gzip,
+        runtime: RuntimeSettings::default(),
+        provenance: Provenance {
+            created_epoch: 1_700_000_000,
+            ..Default::default()
+        },
+        tags: vec!["v1.0.0".into()],
+        credentials: CredentialStore::default(),
+        progress: Default::default(),
+    })
+    .await
+    .expect("publish the busybox image");
+    outcome.manifest_digest.to_string()
+}
+
+fn runner_with_images(cas: &TestCas) -> TestRunner {
+    let TestRunner { runner, work_dir } =
+        TestRunner::with(cas, common::TEST_LIMITS, SandboxMode::Bubblewrap, 1 << 30);
+    let images = ImageStore::open(
+        work_dir.path().join("images"),
+        ImageSettings {
+            max_bytes: 64 << 20,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    TestRunner {
+        runner: runner.with_images(images),
+        work_dir,
+    }
+}
+
+/// kiln's registry holding the busybox image, a CAS, and a sandboxed runner with images.
+struct Setup {
+    registry: ServedRegistry,
+    /// The registry's `host:port`.
+    host: String,
+    /// The image's manifest digest.
+    digest: String,
+    cas: TestCas,
+    runner: TestRunner,
+}
+
+impl Setup {
+    async fn start() -> Self {
+        let registry = ServedRegistry::start(RegistryConfig::default(), Stores::Memory)
+            .await
+            .unwrap();
+        let host = registry.addr.to_string();
+        let root = tempfile::tempdir().unwrap();
+        busybox_root(root.path());
+        let digest = publish_busybox(&host, root.path()).await;
+        let cas = TestCas::start(DigestFunction::Sha256).await.unwrap();
+        let runner = runner_with_images(&cas);
+        Setup {
+            registry,
+            host,
+            digest,
+            cas,
+            runner,
+        }
+    }
+}
+
+fn in_image(image: &str, script: &str) -> ActionSpec {
+    ActionSpec {
+        platform: vec![(CONTAINER_IMAGE_PROPERTY.into(), image.into())],
+        output_files: vec!["out.txt".into()],
+        ..ActionSpec::shell(script)
+    }
+}
+
+/// The image a result says its action ran in: (reference, manifest digest).
+fn image_used(result: &kiln_proto::reapi::ActionResult) -> (String, String) {
+    let metadata = result.execution_metadata.as_ref().unwrap();
+    let any = metadata
+        .auxiliary_metadata
+        .iter()
+        .find(|any| any.type_url == kiln_proto::worker::v1::CONTAINER_IMAGE_USED_TYPE_URL)
+        .expect("the result records its image");
+    let used = kiln_proto::worker::v1::ContainerImageUsed::decode(any.value.as_slice()).unwrap();
+    (used.image, used.manifest_digest)
+}
+
+#[tokio::test]
+#[ignore = "needs bubblewrap and busybox-static; `cargo test -- --ignored` runs it (.ci/run does)"]
+async fn an_action_runs_in_its_image_by_digest_and_by_tag() {
+    let Setup {
+        registry,
+        host,
+        digest,
+        cas,
+        runner,
+    } = Setup::start().await;
+
+    // The image's files are there; the host's (a Rust toolchain, /usr) are not.
+    let script = "cat /etc/marker; test -e /usr/bin/env && echo host-visible; \
+                  test -e /bin/bash && echo host-bash; id -u; echo made-inside > out.txt";
+    let by_digest = format!("docker://{host}/toolchains/busybox@{digest}");
+    let outcome = runner
+        .run(put_action(&cas, &in_image(&by_digest, script)).await)
+        .await;
+    assert!(outcome.error.is_none(), "{:?}", outcome.error);
+    let result = outcome.action_result.unwrap();
+    let stdout = String::from_utf8(cas.get(result.stdout_digest.as_ref().unwrap()).await).unwrap();
+    let stderr = String::from_utf8(cas.get(result.stderr_digest.as_ref().unwrap()).await).unwrap();
+    assert_eq!(result.exit_code, 0, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.starts_with(MARKER), "{stdout}");
+    assert!(
+        !stdout.contains("host-"),
+        "the host shows through: {stdout}"
+    );
+    assert!(
+        !stdout.contains("\n0\n"),
+        "the action runs as root: {stdout}"
+    );
+    assert_eq!(result.output_files.len(), 1);
+    assert_eq!(
+        cas.get(result.output_files[0].digest.as_ref().unwrap())
+            .await,
+        b"made-inside\n"
+    );
+    assert_eq!(image_used(&result), (by_digest.clone(), digest.clone()));
+
+    // By tag: resolved to the same manifest, and recorded as such.
+    let by_tag = format!("docker://{host}/toolchains/busybox:v1.0.0");
+    let outcome = runner
+        .run(put_action(&cas, &in_image(&by_tag, "cat /etc/marker > out.txt")).await)
+        .await;
+    assert!(outcome.error.is_none(), "{:?}", outcome.error);
+    let result = outcome.action_result.unwrap();
+    assert_eq!(result.exit_code, 0);
+    assert_eq!(image_used(&result), (by_tag, digest.clone()));
+
+    // Cached: with the registry gone, the image by digest still runs.
+    registry.stop().await.unwrap();
+    let outcome = runner
+        .run(put_action(&cas, &in_image(&by_digest, "echo again > out.txt")).await)
+        .await;
+    assert!(
+        outcome.error.is_none(),
+        "a cached image needed its registry: {:?}",
+        outcome.error
+    );
+    assert_eq!(outcome.action_result.unwrap().exit_code, 0);
+}
+
+#[tokio::test]
+#[ignore = "needs bubblewrap and busybox-static; `cargo test -- --ignored` runs it (.ci/run does)"]
+async fn a_wrong_digest_a_missing_image_and_no_registry_fail_naming_the_image() {
+    // The registry keeps serving: a wrong digest and a missing image are its answers.
+    let Setup {
+        registry: _serving,
+        host,
+        cas,
+        runner,
+        ..
+    } = Setup::start().await;
+
+    let wrong = format!(
+        "docker://{host}/toolchains/busybox@sha256:{}",
+        "0".repeat(64)
+    );
+    let missing = format!("docker://{host}/toolchains/absent:v1");
+    let unreachable = "docker://127.0.0.1:9/toolchains/busybox:v1.0.0".to_string();
+    for image in [wrong, missing, unreachable] {
+        let outcome = runner
+            .run(put_action(&cas, &in_image(&image, "true")).await)
+            .await;
+        let error = outcome.error.expect("the action must fail");
+        assert!(
+            matches!(&error, WorkerError::ImageUnavailable { image: named, .. } if *named == image),
+            "{error}"
+        );
+        assert_eq!(error.code(), tonic::Code::FailedPrecondition, "{error}");
+        // The registry's own answer, where there is a registry.
+        let answered = ["MANIFEST_UNKNOWN", "NAME_UNKNOWN"]
+            .iter()
+            .any(|code| error.to_string().contains(code));
+        assert_eq!(answered, !image.contains(":9/"), "{error}");
+        assert!(outcome.action_result.is_none());
+    }
+}
