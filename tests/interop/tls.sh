@@ -75,7 +75,7 @@ contains "listening on grpcs://$GRPC" <"$WORK/up.log" || fail "the coordinator d
 # /metrics over HTTPS (--tls-metrics) with the same certificate; plain HTTP is not answered.
 curl -sf --cacert "$CERTS/server-ca.pem" "https://localhost:${METRICS##*:}/metrics" >"$WORK/metrics.txt" \
     || fail "/metrics over HTTPS with the CA"
-contains '^kiln_queue_depth' <"$WORK/metrics.txt" || fail "/metrics over HTTPS has no kiln_queue_depth"
+contains '^kiln_store_bytes' <"$WORK/metrics.txt" || fail "/metrics over HTTPS has no kiln_store_bytes"
 curl -sf "http://$METRICS/metrics" >/dev/null 2>&1 && fail "/metrics answered plain HTTP under --tls-metrics"
 
 mkdir -p "$WORK/project" && echo "over tls" >"$WORK/project/in.txt"

@@ -51,7 +51,7 @@ fn metrics_serve_https_with_the_servers_certificate_and_no_client_certificate() 
             assert_eq!(response.status(), 200, "/{path}");
             let body = response.text().await.unwrap();
             if path == "metrics" {
-                assert!(body.contains("kiln_queue_depth"), "{body}");
+                assert!(body.contains("kiln_store_bytes"), "{body}");
             }
         }
         // Plain HTTP gets no answer, and a client that does not trust the CA is refused.
