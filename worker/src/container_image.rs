@@ -159,9 +159,12 @@ impl ImageStore {
             .await
             .map_err(unavailable)?;
         self.insert(digest.hex(), bytes);
+        // Pinned before making room, so the new root is not the one that goes.
+        let root = self
+            .pin(text, &digest)
+            .ok_or_else(|| unavailable("gone as soon as unpacked".into()))?;
         self.make_room();
-        self.pin(text, &digest)
-            .ok_or_else(|| unavailable("evicted as soon as unpacked".into()))
+        Ok(root)
     }
 
     fn client(&self, reference: &ImageReference) -> Result<RegistryClient, String> {
@@ -223,6 +226,10 @@ impl ImageStore {
         for index in 0..image.layers.len() {
             let _ = std::fs::remove_file(staging.path().join(format!("layer-{index}")));
         }
+        // The root reaches the disk before it is marked complete: after a power loss, a
+        // marked root holds every byte it was unpacked with (one syncfs, not an fsync per
+        // file).
+        sync_filesystem(staging.path()).map_err(|e| format!("syncing the root: {e}"))?;
         std::fs::write(staging.path().join(COMPLETE_MARKER), unpacked.to_string())
             .map_err(|e| e.to_string())?;
         let staged = staging.keep();
@@ -343,6 +350,17 @@ async fn download_checked(
         return Err(format!(
             "got {received} bytes with digest {actual}, expected {size} bytes with {expected}"
         ));
+    }
+    Ok(())
+}
+
+/// Flushes the filesystem holding `path` (syncfs(2)).
+fn sync_filesystem(path: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let dir = std::fs::File::open(path)?;
+    // SAFETY: the descriptor is open for the duration of the call.
+    if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }

@@ -4,7 +4,8 @@
 //! ActionResult records the manifest digest a tag resolved to; a cached image needs no
 //! registry; a wrong digest, a missing image and an unreachable registry fail with
 //! FAILED_PRECONDITION naming the image. They need bubblewrap and busybox-static:
-//! `cargo test -- --ignored` runs them (.ci/run does).
+//! `cargo test -- --ignored` runs them (.ci/run does). The image cache's budget is tested
+//! without a sandbox, in the plain run.
 
 use std::path::Path;
 
@@ -38,7 +39,15 @@ fn busybox_root(dir: &Path) {
 
 /// Publishes the busybox root as `toolchains/busybox:v1.0.0`; returns the manifest digest.
 async fn publish_busybox(registry: &str, root: &Path) -> String {
-    let outcome = publish(PublishRequest {
+    let outcome = publish(busybox_request(registry, root))
+        .await
+        .expect("publish the busybox image");
+    outcome.manifest_digest.to_string()
+}
+
+/// The request that publishes `root` as `toolchains/busybox:v1.0.0`.
+fn busybox_request(registry: &str, root: &Path) -> PublishRequest {
+    PublishRequest {
         registry: registry.to_string(),
         insecure: false,
         registry_tls: Default::default(),
@@ -55,10 +64,7 @@ async fn publish_busybox(registry: &str, root: &Path) -> String {
         tags: vec!["v1.0.0".into()],
         credentials: CredentialStore::default(),
         progress: Default::default(),
-    })
-    .await
-    .expect("publish the busybox image");
-    outcome.manifest_digest.to_string()
+    }
 }
 
 fn runner_with_images(cas: &TestCas) -> TestRunner {
@@ -228,4 +234,99 @@ async fn a_wrong_digest_a_missing_image_and_no_registry_fail_naming_the_image() 
         assert_eq!(answered, !image.contains(":9/"), "{error}");
         assert!(outcome.action_result.is_none());
     }
+}
+
+/// Publishes a directory of one `bytes`-sized file as `cache/NAME:v1.0.0`; returns its
+/// reference by digest.
+async fn publish_sized(registry: &str, name: &str, bytes: usize) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..bytes).map(|i| (i * 7 + name.len()) as u8).collect();
+    std::fs::write(dir.path().join(name), data).unwrap();
+    let outcome = publish(PublishRequest {
+        repository: format!("cache/{name}"),
+        content: LayerContent::Directory(dir.path().to_path_buf()),
+        ..busybox_request(registry, dir.path())
+    })
+    .await
+    .unwrap();
+    format!(
+        "docker://{registry}/cache/{name}@{}",
+        outcome.manifest_digest
+    )
+}
+
+#[tokio::test]
+async fn the_image_cache_keeps_to_its_budget_but_never_drops_a_root_in_use() {
+    let registry = ServedRegistry::start(RegistryConfig::default(), Stores::Memory)
+        .await
+        .unwrap();
+    let host = registry.addr.to_string();
+    let mib = 1 << 20;
+    let [a, b, c] = [
+        publish_sized(&host, "a", mib).await,
+        publish_sized(&host, "b", mib).await,
+        publish_sized(&host, "c", mib).await,
+    ];
+    let too_big = publish_sized(&host, "big", 3 * mib).await;
+    let dir = tempfile::tempdir().unwrap();
+    let limit = 3 * mib as u64 / 2;
+    let store = ImageStore::open(
+        dir.path().join("images"),
+        ImageSettings {
+            max_bytes: limit,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+
+    // Two roots in use at once: over the budget, and both kept while they run.
+    let root_a = store.root_for(&a).await.unwrap();
+    let root_b = store.root_for(&b).await.unwrap();
+    assert!(root_a.rootfs.join("a").exists() && root_b.rootfs.join("b").exists());
+    assert_eq!(store.held_bytes(), 2 * mib as u64);
+    let (path_a, path_b) = (root_a.rootfs.clone(), root_b.rootfs.clone());
+    drop(root_a);
+    drop(root_b);
+
+    // A third once they ended: the least recently used go until it fits.
+    let root_c = store.root_for(&c).await.unwrap();
+    assert!(root_c.rootfs.join("c").exists());
+    assert!(
+        !path_a.exists() && !path_b.exists(),
+        "idle roots past the budget stayed"
+    );
+    assert!(
+        store.held_bytes() <= limit,
+        "{} > {limit}",
+        store.held_bytes()
+    );
+
+    // Larger than the whole budget: refused, naming the image.
+    let refused = store.root_for(&too_big).await.err().expect("refused");
+    assert!(
+        matches!(&refused, WorkerError::ImageUnavailable { image, reason }
+            if *image == too_big && reason.contains("image cache")),
+        "{refused}"
+    );
+    drop(root_c);
+
+    // A restart finds the complete root again, and needs no registry for it.
+    registry.stop().await.unwrap();
+    drop(store);
+    let reopened = ImageStore::open(
+        dir.path().join("images"),
+        ImageSettings {
+            max_bytes: limit,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(reopened.held_bytes(), mib as u64);
+    assert!(reopened
+        .root_for(&c)
+        .await
+        .unwrap()
+        .rootfs
+        .join("c")
+        .exists());
 }
