@@ -5,7 +5,11 @@
 //! store. All three run in this process over memory stores, so the disk does not hide
 //! what the crypto costs; rounds alternate between them, and the medians are compared.
 //!
-//! `cargo run --release -p kiln-loadtests --bin secure-bench`
+//! `cargo run --release -p kiln-loadtests --bin secure-bench [-- --split-cores]`
+//!
+//! With `--split-cores` the servers run in a child process pinned to CPU 0 and the
+//! client stays on CPU 1, as if on two one-core machines: each end pays its own half of
+//! the cipher, as a server with clients elsewhere does.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,7 +30,23 @@ use tonic::transport::Channel;
 struct Args {
     #[command(flatten)]
     plan: Rounds,
+    /// The servers in a child process pinned to CPU 0 and this client on CPU 1: what a
+    /// server serves when its clients are elsewhere (by default both ends share both cores,
+    /// so every byte's encryption and decryption compete).
+    #[arg(long)]
+    split_cores: bool,
+    /// Internal (--split-cores): serve the three coordinators with the TLS files in DIR,
+    /// print their addresses, and serve until stdin closes.
+    #[arg(long, hide = true, value_name = "DIR")]
+    serve_only: Option<std::path::PathBuf>,
 }
+
+/// The three coordinators: plaintext without auth, TLS, TLS with token auth.
+const KINDS: [(&str, bool, Option<&str>); 3] = [
+    ("plaintext", false, None),
+    ("TLS", true, None),
+    ("TLS + token", true, Some(TOKEN)),
+];
 
 const TOKEN: &str = "kiln_benchmark0000000000000000000000000000000000000000000000000000000";
 
@@ -37,19 +57,37 @@ struct Server {
     token: Option<&'static str>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.split_cores && args.serve_only.is_none() {
+        pin_to_cpu(1)?;
+    }
+    // Built after pinning, so the runtime's threads are as many as the CPUs left.
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(dir) = &args.serve_only {
+        return serve_only(&server_files(dir)).await;
+    }
     let dir = tempfile::tempdir()?;
     let ca = TestCa::new("benchmark CA");
     let files = ca
         .issue("localhost", &["localhost", "127.0.0.1"])
         .server_files(dir.path());
-    let servers = [
-        Server::plain().await?,
-        Server::secure(&files, ca.pem(), None).await?,
-        Server::secure(&files, ca.pem(), Some(TOKEN)).await?,
-    ];
+    let (addresses, _child) = if args.split_cores {
+        let (addresses, child) = spawn_pinned_servers(dir.path())?;
+        (addresses, Some(child))
+    } else {
+        (start_servers(&files).await?, None)
+    };
+    let mut servers = Vec::new();
+    for ((name, tls, token), addr) in KINDS.into_iter().zip(addresses) {
+        servers.push(Server::connect(name, addr, tls.then(|| ca.pem()), token).await?);
+    }
 
     let mut writes: [Vec<f64>; 3] = Default::default();
     let mut reads: [Vec<f64>; 3] = Default::default();
@@ -78,8 +116,9 @@ async fn main() -> anyhow::Result<()> {
     }
 
     println!(
-        "\n## TLS, and TLS + token auth, against plaintext without auth, {} rounds; {} × {} MiB ByteStream writes and reads per round, {} GetActionResult callers for {} s",
-        args.plan.rounds, args.plan.blobs, args.plan.blob_mib, args.plan.concurrency, args.plan.seconds
+        "\n## TLS, and TLS + token auth, against plaintext without auth, {} rounds; {} × {} MiB ByteStream writes and reads per round, {} GetActionResult callers for {} s; {}",
+        args.plan.rounds, args.plan.blobs, args.plan.blob_mib, args.plan.concurrency, args.plan.seconds,
+        if args.split_cores { "servers on CPU 0, client on CPU 1" } else { "both ends on both cores" }
     );
     println!("| measure | plaintext, no auth | TLS | TLS + token | TLS / plaintext | TLS+token / plaintext |");
     println!("|---|---|---|---|---|---|");
@@ -101,31 +140,41 @@ async fn main() -> anyhow::Result<()> {
 }
 
 impl Server {
-    async fn plain() -> anyhow::Result<Self> {
-        let addr = serve(Coordinator::new(
-            CoordinatorConfig::default(),
-            Arc::new(MemoryBlobStore::new()),
-            Arc::new(MemoryMetadataStore::new()),
-        ))
-        .await?;
-        let channel = kiln_client::endpoint(&format!("grpc://{addr}"))?
+    /// A channel to the coordinator at `addr`: TLS trusting `ca_pem` when given.
+    async fn connect(
+        name: &'static str,
+        addr: SocketAddr,
+        ca_pem: Option<&str>,
+        token: Option<&'static str>,
+    ) -> anyhow::Result<Self> {
+        let endpoint = match ca_pem {
+            None => kiln_client::endpoint(&format!("grpc://{addr}"))?,
+            Some(pem) => {
+                let tls = ClientTls {
+                    ca_pem: Some(pem.as_bytes().to_vec()),
+                    server_name: Some("localhost".into()),
+                    ..Default::default()
+                };
+                kiln_client::endpoint_with_tls(&format!("grpcs://{addr}"), &tls)?
+            }
+        };
+        let channel = endpoint
             .initial_stream_window_size(Some(16 << 20))
             .initial_connection_window_size(Some(32 << 20))
             .connect()
             .await?;
         Ok(Server {
-            name: "plaintext",
+            name,
             channel,
-            token: None,
+            token,
         })
     }
+}
 
-    /// TLS, with token auth on when a token is given.
-    async fn secure(
-        files: &kiln_tls::TlsFiles,
-        ca_pem: &str,
-        token: Option<&'static str>,
-    ) -> anyhow::Result<Self> {
+/// The three coordinators of [`KINDS`], each over memory stores, serving in this process.
+async fn start_servers(files: &kiln_tls::TlsFiles) -> anyhow::Result<Vec<SocketAddr>> {
+    let mut addresses = Vec::new();
+    for (_, tls, token) in KINDS {
         let config = CoordinatorConfig {
             auth: AuthConfig {
                 enabled: token.is_some(),
@@ -142,33 +191,73 @@ impl Server {
             },
             ..Default::default()
         };
-        let coordinator = Coordinator::new(
+        let mut coordinator = Coordinator::new(
             config,
             Arc::new(MemoryBlobStore::new()),
             Arc::new(MemoryMetadataStore::new()),
-        )
-        .with_tls(files)?;
-        let addr = serve(coordinator).await?;
-        let tls = ClientTls {
-            ca_pem: Some(ca_pem.as_bytes().to_vec()),
-            server_name: Some("localhost".into()),
-            ..Default::default()
-        };
-        let channel = kiln_client::endpoint_with_tls(&format!("grpcs://{addr}"), &tls)?
-            .initial_stream_window_size(Some(16 << 20))
-            .initial_connection_window_size(Some(32 << 20))
-            .connect()
-            .await?;
-        Ok(Server {
-            name: if token.is_some() {
-                "TLS + token"
-            } else {
-                "TLS"
-            },
-            channel,
-            token,
-        })
+        );
+        if tls {
+            coordinator = coordinator.with_tls(files)?;
+        }
+        addresses.push(serve(coordinator).await?);
     }
+    Ok(addresses)
+}
+
+/// The TLS files [`TestCa::server_files`] wrote in `dir`.
+fn server_files(dir: &std::path::Path) -> kiln_tls::TlsFiles {
+    kiln_tls::TlsFiles {
+        cert: dir.join("server.pem"),
+        key: dir.join("server.key"),
+        client_ca: None,
+    }
+}
+
+/// `--serve-only`: the servers, their addresses on stdout, until stdin closes.
+async fn serve_only(files: &kiln_tls::TlsFiles) -> anyhow::Result<()> {
+    let addresses = start_servers(files).await?;
+    let line: Vec<String> = addresses.iter().map(ToString::to_string).collect();
+    println!("{}", line.join(" "));
+    tokio::task::spawn_blocking(|| std::io::copy(&mut std::io::stdin(), &mut std::io::sink()))
+        .await??;
+    Ok(())
+}
+
+/// This benchmark again as `--serve-only` on CPU 0; returns the servers' addresses and
+/// the child, which ends when its stdin (held by the child handle) closes.
+fn spawn_pinned_servers(
+    dir: &std::path::Path,
+) -> anyhow::Result<(Vec<SocketAddr>, std::process::Child)> {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new("taskset")
+        .args(["-c", "0"])
+        .arg(std::env::current_exe()?)
+        .arg("--serve-only")
+        .arg(dir)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
+    let addresses = line
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<Vec<SocketAddr>, _>>()?;
+    anyhow::ensure!(addresses.len() == 3, "the server process printed {line:?}");
+    Ok((addresses, child))
+}
+
+/// Pins this process (its threads to come) to one CPU.
+fn pin_to_cpu(cpu: usize) -> anyhow::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; the calls only read and write it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+    }
+    Ok(())
 }
 
 async fn serve(coordinator: Coordinator) -> anyhow::Result<SocketAddr> {
