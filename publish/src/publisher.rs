@@ -44,6 +44,34 @@ pub struct PublishRequest {
     pub progress: ProgressSink,
 }
 
+impl PublishRequest {
+    /// A request to publish `dir` as `registry/repository` with `tags`, and defaults for
+    /// the rest: no base, gzip, no runtime settings, created at the epoch (reproducible),
+    /// no credentials. Set fields on the result for anything else.
+    pub fn directory(
+        registry: &str,
+        repository: &str,
+        dir: &std::path::Path,
+        tags: &[&str],
+    ) -> Self {
+        PublishRequest {
+            registry: registry.to_string(),
+            insecure: false,
+            registry_tls: RegistryTls::default(),
+            repository: repository.to_string(),
+            content: LayerContent::Directory(dir.to_path_buf()),
+            content_description: format!("directory {}", dir.display()),
+            base: None,
+            compression: Compression::Gzip,
+            runtime: RuntimeSettings::default(),
+            provenance: Provenance::default(),
+            tags: tags.iter().map(|tag| tag.to_string()).collect(),
+            credentials: CredentialStore::default(),
+            progress: ProgressSink::default(),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct PublishOutcome {
     /// `host/repository@sha256:…`, for pinning.

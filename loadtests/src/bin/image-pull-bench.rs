@@ -18,10 +18,7 @@ use std::time::Instant;
 use anyhow::ensure;
 use clap::Parser;
 use kiln_loadtests::median;
-use kiln_publish::{
-    publish, Compression, CredentialStore, LayerContent, Provenance, PublishRequest,
-    RuntimeSettings,
-};
+use kiln_publish::{publish, PublishRequest};
 use kiln_registry::{Registry, RegistryConfig};
 use kiln_store::{MemoryBlobStore, MemoryMetadataStore};
 use kiln_worker::{ImageSettings, ImageStore};
@@ -57,24 +54,12 @@ async fn main() -> anyhow::Result<()> {
 
     let content = tempfile::tempdir()?;
     let bytes = generate_tree(content.path(), args.files)?;
-    let published = publish(PublishRequest {
-        registry: host.clone(),
-        insecure: false,
-        registry_tls: Default::default(),
-        repository: "bench/toolchain".into(),
-        content: LayerContent::Directory(content.path().to_path_buf()),
-        content_description: "generated toolchain".into(),
-        base: None,
-        compression: Compression::Gzip,
-        runtime: RuntimeSettings::default(),
-        provenance: Provenance {
-            created_epoch: 1_700_000_000,
-            ..Default::default()
-        },
-        tags: vec!["v1.0.0".into()],
-        credentials: CredentialStore::default(),
-        progress: Default::default(),
-    })
+    let published = publish(PublishRequest::directory(
+        &host,
+        "bench/toolchain",
+        content.path(),
+        &["v1.0.0"],
+    ))
     .await?;
     let reference = format!("{host}/bench/toolchain@{}", published.manifest_digest);
     eprintln!(

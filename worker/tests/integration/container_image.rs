@@ -10,10 +10,7 @@
 use std::path::Path;
 
 use kiln_proto::prost::Message;
-use kiln_publish::{
-    publish, Compression, CredentialStore, LayerContent, Provenance, PublishRequest,
-    RuntimeSettings,
-};
+use kiln_publish::{publish, PublishRequest};
 use kiln_registry::RegistryConfig;
 use kiln_store::DigestFunction;
 use kiln_testkit::{ServedRegistry, Stores};
@@ -47,24 +44,7 @@ async fn publish_busybox(registry: &str, root: &Path) -> String {
 
 /// The request that publishes `root` as `toolchains/busybox:v1.0.0`.
 fn busybox_request(registry: &str, root: &Path) -> PublishRequest {
-    PublishRequest {
-        registry: registry.to_string(),
-        insecure: false,
-        registry_tls: Default::default(),
-        repository: "toolchains/busybox".into(),
-        content: LayerContent::Directory(root.to_path_buf()),
-        content_description: "busybox".into(),
-        base: None,
-        compression: Compression::Gzip,
-        runtime: RuntimeSettings::default(),
-        provenance: Provenance {
-            created_epoch: 1_700_000_000,
-            ..Default::default()
-        },
-        tags: vec!["v1.0.0".into()],
-        credentials: CredentialStore::default(),
-        progress: Default::default(),
-    }
+    PublishRequest::directory(registry, "toolchains/busybox", root, &["v1.0.0"])
 }
 
 fn runner_with_images(cas: &TestCas) -> TestRunner {
@@ -242,11 +222,13 @@ async fn publish_sized(registry: &str, name: &str, bytes: usize) -> String {
     let dir = tempfile::tempdir().unwrap();
     let data: Vec<u8> = (0..bytes).map(|i| (i * 7 + name.len()) as u8).collect();
     std::fs::write(dir.path().join(name), data).unwrap();
-    let outcome = publish(PublishRequest {
-        repository: format!("cache/{name}"),
-        content: LayerContent::Directory(dir.path().to_path_buf()),
-        ..busybox_request(registry, dir.path())
-    })
+    let repository = format!("cache/{name}");
+    let outcome = publish(PublishRequest::directory(
+        registry,
+        &repository,
+        dir.path(),
+        &["v1.0.0"],
+    ))
     .await
     .unwrap();
     format!(
