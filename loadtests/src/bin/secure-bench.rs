@@ -204,7 +204,7 @@ async fn start_servers(files: &kiln_tls::TlsFiles) -> anyhow::Result<Vec<SocketA
     Ok(addresses)
 }
 
-/// The TLS files [`TestCa::server_files`] wrote in `dir`.
+/// The TLS files [`kiln_tls::test_certs::Issued::server_files`] wrote in `dir`.
 fn server_files(dir: &std::path::Path) -> kiln_tls::TlsFiles {
     kiln_tls::TlsFiles {
         cert: dir.join("server.pem"),
