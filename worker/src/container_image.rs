@@ -14,6 +14,7 @@ mod unpack;
 
 use std::collections::HashMap;
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -231,6 +232,10 @@ impl ImageStore {
         // file).
         sync_filesystem(staging.path()).map_err(|e| format!("syncing the root: {e}"))?;
         std::fs::write(staging.path().join(COMPLETE_MARKER), unpacked.to_string())
+            .map_err(|e| e.to_string())?;
+        // tempfile made it 0700; an action started as its own uid (bwrap in a user
+        // namespace, in a container) must be able to reach the root below it.
+        std::fs::set_permissions(staging.path(), std::fs::Permissions::from_mode(0o755))
             .map_err(|e| e.to_string())?;
         let staged = staging.keep();
         std::fs::rename(&staged, self.dir.join(digest.hex())).map_err(|e| {

@@ -273,6 +273,13 @@ async fn the_image_cache_keeps_to_its_budget_but_never_drops_a_root_in_use() {
     // A third once they ended: the least recently used go until it fits.
     let root_c = store.root_for(&c).await.unwrap();
     assert!(root_c.rootfs.join("c").exists());
+    // Reachable by an action's own uid, not only by the worker's.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(root_c.rootfs.parent().unwrap())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o005, 0o005, "the root's directory is {mode:o}");
     assert!(
         !path_a.exists() && !path_b.exists(),
         "idle roots past the budget stayed"
