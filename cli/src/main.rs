@@ -1,6 +1,7 @@
 //! `kiln`: the one binary. Servers (`up`, `coordinator`) and, as they land, the worker
 //! and the client commands.
 
+mod client_args;
 mod config;
 mod join_token;
 mod key_value;
@@ -84,7 +85,7 @@ struct WorkerArgs {
     #[arg(long, env = "KILN_WORK_DIR")]
     work_dir: Option<std::path::PathBuf>,
     #[command(flatten)]
-    tls: config::ClientTlsArgs,
+    tls: client_args::ClientTlsArgs,
     /// How actions are confined [default: bubblewrap, and the worker refuses to start
     /// without a working one]. `none` runs them unconfined, as the worker's user.
     #[arg(long, env = "KILN_SANDBOX", value_enum)]

@@ -11,7 +11,7 @@ use kiln_publish::{
 };
 use kiln_store::DigestFunction;
 
-use crate::config::CoordinatorArg;
+use crate::client_args::CoordinatorArg;
 use crate::key_value::parse_key_value;
 
 #[derive(Debug, clap::Args)]

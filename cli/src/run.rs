@@ -19,7 +19,7 @@ use kiln_client::{
 };
 use kiln_store::DigestFunction;
 
-use crate::config::CoordinatorArg;
+use crate::client_args::CoordinatorArg;
 use crate::key_value::parse_key_value;
 
 /// Run a command remotely: hash the input tree, upload what is missing, execute (one

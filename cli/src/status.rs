@@ -13,7 +13,7 @@ use kiln_proto::admin::v1::{
 use serde::Serialize;
 use tonic::transport::Channel;
 
-use crate::config::CoordinatorArg;
+use crate::client_args::CoordinatorArg;
 
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {

@@ -11,7 +11,7 @@ use anyhow::Context;
 use kiln_coordinator::auth::{generate_token, hash_token, parse_scopes};
 use kiln_proto::admin::v1::{CreateTokenRequest, ListTokensRequest, RevokeTokenRequest, TokenInfo};
 
-use crate::config::CoordinatorArg;
+use crate::client_args::CoordinatorArg;
 use crate::status::connect;
 
 #[derive(Debug, clap::Subcommand)]
