@@ -73,6 +73,13 @@ pub enum PublishError {
     RunManifest(kiln_client::ClientError),
     #[error("action {action}: {reason}")]
     Action { action: String, reason: String },
+    /// A document the registry sent is larger than kiln reads whole into memory.
+    #[error("{what} from {url} is larger than the {limit} bytes kiln accepts")]
+    TooLarge {
+        what: String,
+        url: String,
+        limit: u64,
+    },
 }
 
 impl PublishError {

@@ -23,6 +23,12 @@ pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 
+/// The most of a manifest or index read into memory: distribution's and containerd's
+/// limit. A registry (any registry an action names) sending more is refused.
+pub const MAX_MANIFEST_BYTES: u64 = 4 << 20;
+/// The most of a small blob (an image config) read into memory.
+pub const MAX_SMALL_BLOB_BYTES: u64 = 8 << 20;
+
 /// A registry's answer to a manifest GET.
 #[derive(Debug)]
 pub struct FetchedManifest {
@@ -295,13 +301,9 @@ impl RegistryClient {
     /// Downloads a small blob (a config) and checks its digest.
     pub async fn get_blob_bytes(&self, repository: &str, digest: &ContentHash) -> Result<Vec<u8>> {
         let response = self.get_blob(repository, digest).await?;
-        let url = response.url().clone();
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| PublishError::http(&url, e))?
-            .to_vec();
-        check_digest(&format!("blob {digest}"), digest, &bytes)?;
+        let what = format!("blob {digest}");
+        let bytes = read_capped(response, MAX_SMALL_BLOB_BYTES, &what).await?;
+        check_digest(&what, digest, &bytes)?;
         Ok(bytes)
     }
 
@@ -336,11 +338,12 @@ impl RegistryClient {
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(|v| v.split(';').next().unwrap_or(v).trim().to_string());
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| PublishError::http(&url, e))?
-            .to_vec();
+        let bytes = read_capped(
+            response,
+            MAX_MANIFEST_BYTES,
+            &format!("manifest {repository}:{reference}"),
+        )
+        .await?;
         let digest = sha256_digest(&bytes);
         if let ManifestReference::Digest(expected) = reference {
             check_digest(&format!("manifest {reference}"), expected, &bytes)?;
@@ -489,6 +492,35 @@ fn check_digest(what: &str, expected: &ContentHash, bytes: &[u8]) -> Result<()> 
         });
     }
     Ok(())
+}
+
+/// A response's body, refused past `limit` bytes before more than that is held: the
+/// declared length is checked first, and the bytes as they arrive.
+async fn read_capped(mut response: reqwest::Response, limit: u64, what: &str) -> Result<Vec<u8>> {
+    let url = response.url().clone();
+    let too_large = || PublishError::TooLarge {
+        what: what.to_string(),
+        url: url.to_string(),
+        limit,
+    };
+    if response
+        .content_length()
+        .is_some_and(|length| length > limit)
+    {
+        return Err(too_large());
+    }
+    let mut bytes = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| PublishError::http(&url, e))?
+    {
+        if bytes.len() as u64 + chunk.len() as u64 > limit {
+            return Err(too_large());
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(bytes)
 }
 
 #[cfg(test)]

@@ -89,6 +89,9 @@ pub struct WorkerConfig {
     /// The budget of unpacked container-image roots (`container-image`), least recently
     /// used first out; an image larger than this is refused.
     pub image_cache_bytes: u64,
+    /// The longest resolving, pulling and unpacking an image may take, in seconds; past
+    /// it the action fails with FAILED_PRECONDITION.
+    pub image_pull_timeout_secs: u64,
     /// A docker `config.json` (a Kubernetes pull secret's `.dockerconfigjson`) with the
     /// credentials for the registries images come from.
     pub registry_auth_file: Option<PathBuf>,
@@ -120,6 +123,7 @@ impl Default for WorkerConfig {
             max_processes: 1024,
             max_log_bytes: 64 << 20,
             image_cache_bytes: 10 << 30,
+            image_pull_timeout_secs: 600,
             registry_auth_file: None,
         }
     }

@@ -17,6 +17,7 @@ use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use kiln_publish::{
     CredentialStore, ImageReference, ManifestReference, RegistryClient, RegistryTls, TargetPlatform,
@@ -31,17 +32,35 @@ pub const CONTAINER_IMAGE_PROPERTY: &str = "container-image";
 const DOCKER_SCHEME: &str = "docker://";
 /// A root whose unpacking finished; a directory without it is a leftover.
 const COMPLETE_MARKER: &str = "complete";
+/// The most layers an image may have (Docker's own limit is 125): each is a file open
+/// at once while the root is unpacked.
+pub const MAX_LAYERS: usize = 128;
 
 /// Where images come from and how much of them the worker keeps.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct ImageSettings {
     /// The most bytes of unpacked roots kept.
     pub max_bytes: u64,
+    /// The longest resolving an image, and pulling and unpacking it, may take: a
+    /// registry that stalls (any registry an action names) fails the action instead of
+    /// holding the pull that other actions wait behind.
+    pub pull_timeout: Duration,
     /// A docker `config.json` (what a Kubernetes pull secret holds) with credentials
     /// per registry.
     pub auth_file: Option<PathBuf>,
     /// HTTPS settings: a CA to trust instead of the system roots.
     pub tls: RegistryTls,
+}
+
+impl Default for ImageSettings {
+    fn default() -> Self {
+        ImageSettings {
+            max_bytes: 10 << 30,
+            pull_timeout: Duration::from_secs(600),
+            auth_file: None,
+            tls: RegistryTls::default(),
+        }
+    }
 }
 
 /// The unpacked roots under a directory of the worker's.
@@ -111,10 +130,11 @@ impl ImageStore {
                 .map_err(WorkerError::io("reading the image cache"))?
                 .path();
             let key = path.file_name().and_then(|n| n.to_str()).map(str::to_owned);
-            match (key, std::fs::read_to_string(path.join(COMPLETE_MARKER))) {
-                (Some(key), Ok(bytes)) if bytes.trim().parse::<u64>().is_ok() => {
-                    state.add(key, bytes.trim().parse().unwrap_or(0));
-                }
+            let size = std::fs::read_to_string(path.join(COMPLETE_MARKER))
+                .ok()
+                .and_then(|text| text.trim().parse::<u64>().ok());
+            match (key, size) {
+                (Some(key), Some(bytes)) => state.add(key, bytes),
                 _ => remove_tree(&path),
             }
         }
@@ -143,10 +163,13 @@ impl ImageStore {
         let client = self
             .client(&reference)
             .map_err(|e| unavailable(e.to_string()))?;
-        let image =
-            kiln_publish::resolve_image(&client, &reference, text, &TargetPlatform::default())
-                .await
-                .map_err(|e| unavailable(e.to_string()))?;
+        let platform = TargetPlatform::default();
+        let resolving = kiln_publish::resolve_image(&client, &reference, text, &platform);
+        let image = self
+            .within_deadline("resolving it", resolving)
+            .await
+            .map_err(unavailable)?
+            .map_err(|e| unavailable(e.to_string()))?;
         let digest = image.manifest_digest;
         if let Some(root) = self.pin(text, &digest) {
             return Ok(root);
@@ -155,9 +178,11 @@ impl ImageStore {
         if let Some(root) = self.pin(text, &digest) {
             return Ok(root);
         }
+        let fetching = self.fetch_and_unpack(&client, &reference.repository, &image, &digest);
         let bytes = self
-            .fetch_and_unpack(&client, &reference.repository, &image, &digest)
+            .within_deadline("pulling and unpacking it", fetching)
             .await
+            .and_then(|fetched| fetched)
             .map_err(unavailable)?;
         self.insert(digest.hex(), bytes);
         // Pinned before making room, so the new root is not the one that goes.
@@ -166,6 +191,18 @@ impl ImageStore {
             .ok_or_else(|| unavailable("gone as soon as unpacked".into()))?;
         self.make_room();
         Ok(root)
+    }
+
+    /// `work`, unless it outlasts the pull timeout.
+    async fn within_deadline<T>(
+        &self,
+        what: &str,
+        work: impl std::future::Future<Output = T>,
+    ) -> Result<T, String> {
+        let deadline = self.settings.pull_timeout;
+        tokio::time::timeout(deadline, work).await.map_err(|_| {
+            format!("{what} took longer than {deadline:?} (worker.image_pull_timeout_secs)")
+        })
     }
 
     fn client(&self, reference: &ImageReference) -> Result<RegistryClient, String> {
@@ -189,6 +226,12 @@ impl ImageStore {
         image: &kiln_publish::ResolvedImage,
         digest: &ContentHash,
     ) -> Result<u64, String> {
+        if image.layers.len() > MAX_LAYERS {
+            return Err(format!(
+                "it has {} layers, more than the {MAX_LAYERS} a worker unpacks",
+                image.layers.len()
+            ));
+        }
         let declared: u64 = image.layers.iter().map(|layer| layer.size()).sum();
         if declared > self.settings.max_bytes {
             return Err(format!(
@@ -223,7 +266,7 @@ impl ImageStore {
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("unpacking: {e}"))?
         };
-        // Only the root stays; the layer files go with the staging directory's rename.
+        // Only the root stays: the layer files are removed before the directory moves.
         for index in 0..image.layers.len() {
             let _ = std::fs::remove_file(staging.path().join(format!("layer-{index}")));
         }

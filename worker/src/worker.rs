@@ -153,6 +153,7 @@ impl Worker {
                 work_dir.join("images"),
                 ImageSettings {
                     max_bytes: config.image_cache_bytes,
+                    pull_timeout: Duration::from_secs(config.image_pull_timeout_secs),
                     auth_file: config.registry_auth_file.clone(),
                     tls: registry_tls(&tls),
                 },

@@ -319,3 +319,82 @@ async fn the_image_cache_keeps_to_its_budget_but_never_drops_a_root_in_use() {
         .join("c")
         .exists());
 }
+
+/// A "registry" on loopback that answers every connection with `head` and then `body_bytes`
+/// zeros (never, with `None`: it accepts and says nothing). Returns its address.
+async fn hostile_registry(head: &'static str, body_bytes: Option<usize>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut request = [0u8; 4096];
+                let _ = socket.read(&mut request).await;
+                let Some(bytes) = body_bytes else {
+                    // Hold the connection, answer nothing.
+                    tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+                    return;
+                };
+                let _ = socket.write_all(head.as_bytes()).await;
+                let zeros = vec![b' '; 64 << 10];
+                let mut sent = 0;
+                while sent < bytes {
+                    let n = zeros.len().min(bytes - sent);
+                    if socket.write_all(&zeros[..n]).await.is_err() {
+                        return;
+                    }
+                    sent += n;
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_registry_that_stalls_or_sends_an_endless_manifest_is_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ImageStore::open(
+        dir.path().join("images"),
+        ImageSettings {
+            pull_timeout: std::time::Duration::from_secs(1),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let silent = hostile_registry("", None).await;
+    let declared = hostile_registry(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\nContent-Length: 104857600\r\n\r\n",
+        Some(100 << 20),
+    )
+    .await;
+    let undeclared = hostile_registry(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\nConnection: close\r\n\r\n",
+        Some(100 << 20),
+    )
+    .await;
+    let cases = [
+        (silent, "took longer than 1s"),
+        (declared, "larger than the 4194304 bytes"),
+        (undeclared, "larger than the 4194304 bytes"),
+    ];
+    for (host, expected) in cases {
+        let image = format!("docker://{host}/hostile/image:v1.0.0");
+        let started = std::time::Instant::now();
+        let error = store.root_for(&image).await.err().expect("refused");
+        assert!(
+            matches!(&error, WorkerError::ImageUnavailable { image: named, reason }
+                if *named == image && reason.contains(expected)),
+            "{error}"
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "{image}: {:?}",
+            started.elapsed()
+        );
+    }
+}
