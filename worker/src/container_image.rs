@@ -259,7 +259,11 @@ impl ImageStore {
             let rootfs = rootfs.clone();
             tokio::task::spawn_blocking(move || {
                 std::fs::create_dir(&rootfs)?;
-                unpack::unpack_layers(&rootfs, layers, limit)
+                let limits = unpack::Limits {
+                    bytes: limit,
+                    entries: unpack::MAX_ENTRIES,
+                };
+                unpack::unpack_layers(&rootfs, layers, limits)
                     .map_err(|e| std::io::Error::other(e.to_string()))
             })
             .await

@@ -6,8 +6,9 @@
 //! An image is anyone's upload, so unpacking trusts nothing in it: paths stay inside the
 //! root (the `tar` crate refuses `..` and writes through no symlink), device nodes and
 //! FIFOs are skipped (the sandbox has its own `/dev`), setuid and setgid bits are dropped
-//! (the root sits on the worker's disk, owned by the worker), and the bytes written are
-//! counted against a limit.
+//! (the root sits on the worker's disk, owned by the worker), and the bytes written and
+//! the entries made are counted against limits (a layer of empty entries compresses to
+//! almost nothing, yet each costs an inode and memory here).
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -24,6 +25,8 @@ const OPAQUE_WHITEOUT: &str = ".wh..wh..opq";
 pub enum UnpackError {
     #[error("the unpacked image is larger than the image cache's {limit} bytes")]
     TooLarge { limit: u64 },
+    #[error("the image has more than {limit} entries")]
+    TooManyEntries { limit: u64 },
     #[error("layer {layer}: {source}")]
     Layer {
         layer: usize,
@@ -32,26 +35,51 @@ pub enum UnpackError {
     },
 }
 
+/// The most an image may unpack to.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Bytes of regular files.
+    pub bytes: u64,
+    /// Entries of every kind, whiteouts included, over all layers.
+    pub entries: u64,
+}
+
+/// Entries per image: as many paths as an input tree may have (`MAX_INPUT_NODES`).
+pub const MAX_ENTRIES: u64 = 1_000_000;
+
+/// What has been unpacked so far.
+#[derive(Default)]
+struct Unpacked {
+    bytes: u64,
+    entries: u64,
+}
+
 /// Applies `layers` (open files, lowest first) to `root`; returns the bytes of the
 /// regular files written.
-pub fn unpack_layers(root: &Path, layers: Vec<File>, limit: u64) -> Result<u64, UnpackError> {
-    let mut written = 0;
+pub fn unpack_layers(root: &Path, layers: Vec<File>, limits: Limits) -> Result<u64, UnpackError> {
+    let mut unpacked = Unpacked::default();
     for (index, layer) in layers.into_iter().enumerate() {
         let layer_error = |source| UnpackError::Layer {
             layer: index,
             source,
         };
         let reader = decompressed(layer).map_err(layer_error)?;
-        written = apply_layer(root, reader, written, limit).map_err(|e| match e {
-            ApplyError::TooLarge => UnpackError::TooLarge { limit },
+        apply_layer(root, reader, &mut unpacked, limits).map_err(|e| match e {
+            ApplyError::TooLarge => UnpackError::TooLarge {
+                limit: limits.bytes,
+            },
+            ApplyError::TooManyEntries => UnpackError::TooManyEntries {
+                limit: limits.entries,
+            },
             ApplyError::Io(source) => layer_error(source),
         })?;
     }
-    Ok(written)
+    Ok(unpacked.bytes)
 }
 
 enum ApplyError {
     TooLarge,
+    TooManyEntries,
     Io(std::io::Error),
 }
 
@@ -78,9 +106,9 @@ fn decompressed(mut layer: File) -> std::io::Result<Box<dyn Read>> {
 fn apply_layer(
     root: &Path,
     reader: Box<dyn Read>,
-    mut written: u64,
-    limit: u64,
-) -> Result<u64, ApplyError> {
+    unpacked: &mut Unpacked,
+    limits: Limits,
+) -> Result<(), ApplyError> {
     let mut archive = tar::Archive::new(reader);
     archive.set_preserve_permissions(true);
     archive.set_preserve_ownerships(false);
@@ -91,6 +119,10 @@ fn apply_layer(
     let mut added: HashSet<PathBuf> = HashSet::new();
     for entry in archive.entries()? {
         let mut entry = entry?;
+        unpacked.entries += 1;
+        if unpacked.entries > limits.entries {
+            return Err(ApplyError::TooManyEntries);
+        }
         let Some(path) = relative_path(&entry.path()?) else {
             continue;
         };
@@ -110,8 +142,8 @@ fn apply_layer(
         match entry.header().entry_type() {
             EntryType::Block | EntryType::Char | EntryType::Fifo => continue,
             EntryType::Regular | EntryType::Continuous => {
-                written = written.saturating_add(entry.size());
-                if written > limit {
+                unpacked.bytes = unpacked.bytes.saturating_add(entry.size());
+                if unpacked.bytes > limits.bytes {
                     return Err(ApplyError::TooLarge);
                 }
             }
@@ -130,7 +162,7 @@ fn apply_layer(
         drop_special_bits(&target, entry.header().entry_type())?;
         added.insert(path);
     }
-    Ok(written)
+    Ok(())
 }
 
 /// `path` as a relative path of normal components (leading `/` and `./` removed), or
@@ -275,7 +307,7 @@ mod tests {
                 ("etc/keep", Some("upper")),
             ],
         );
-        let written = unpack_layers(&root, vec![lower, upper], 1 << 20).unwrap();
+        let written = unpack_layers(&root, vec![lower, upper], limits(1 << 20)).unwrap();
         assert_eq!(written, 5 * 5);
         assert_eq!(
             std::fs::read_to_string(root.join("etc/keep")).unwrap(),
@@ -310,7 +342,7 @@ mod tests {
             "big.tar",
             &[("a", Some(&big)), ("b", Some(&big))],
         );
-        let refused = unpack_layers(&root, vec![layer], 6000);
+        let refused = unpack_layers(&root, vec![layer], limits(6000));
         assert!(
             matches!(refused, Err(UnpackError::TooLarge { limit: 6000 })),
             "{refused:?}"
@@ -335,11 +367,40 @@ mod tests {
         builder.into_inner().unwrap();
         let upper = layer(dir.path(), "upper.tar", &[("escape/.wh.victim", Some(""))]);
         std::fs::create_dir(&root).unwrap();
-        let refused = unpack_layers(&root, vec![File::open(&path).unwrap(), upper], 1 << 20);
+        let refused = unpack_layers(
+            &root,
+            vec![File::open(&path).unwrap(), upper],
+            limits(1 << 20),
+        );
         assert!(refused.is_err());
         assert_eq!(
             std::fs::read_to_string(outside.join("victim")).unwrap(),
             "host"
+        );
+    }
+
+    fn limits(bytes: u64) -> Limits {
+        Limits {
+            bytes,
+            entries: MAX_ENTRIES,
+        }
+    }
+
+    #[test]
+    fn an_image_of_too_many_entries_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        let lower = layer(dir.path(), "lower.tar", &[("a", None), ("b", None)]);
+        let upper = layer(dir.path(), "upper.tar", &[("c", Some(""))]);
+        let limits = Limits {
+            bytes: 1 << 20,
+            entries: 2,
+        };
+        let refused = unpack_layers(&root, vec![lower, upper], limits);
+        assert!(
+            matches!(refused, Err(UnpackError::TooManyEntries { limit: 2 })),
+            "{refused:?}"
         );
     }
 
