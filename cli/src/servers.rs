@@ -264,15 +264,11 @@ impl Servers {
             Some(files) => {
                 let tls = kiln_tls::server_config(&files, &[b"http/1.1"])?;
                 let limit = kiln_tls::ConnectionLimit::new(METRICS_CONNECTIONS_PER_ADDRESS);
-                self.spawn_http(
-                    "metrics server",
-                    kiln_tls::TlsListener::new(listener, tls, limit)?,
-                    app,
-                );
+                self.spawn_metrics_server(kiln_tls::TlsListener::new(listener, tls, limit)?, app);
                 "https"
             }
             None => {
-                self.spawn_http("metrics server", listener, app);
+                self.spawn_metrics_server(listener, app);
                 "http"
             }
         };
@@ -281,8 +277,8 @@ impl Servers {
         Ok(addr)
     }
 
-    /// Serves `app` on `listener` until shutdown.
-    fn spawn_http<L>(&mut self, what: &'static str, listener: L, app: axum::Router)
+    /// Serves the metrics `app` on `listener`, plain or TLS, until shutdown.
+    fn spawn_metrics_server<L>(&mut self, listener: L, app: axum::Router)
     where
         L: axum::serve::Listener,
         L::Addr: std::fmt::Debug,
@@ -292,7 +288,7 @@ impl Servers {
             axum::serve(listener, app)
                 .with_graceful_shutdown(shutdown)
                 .await
-                .context(what)
+                .context("metrics server")
         });
     }
 

@@ -10,8 +10,8 @@ use crate::image_reference::{ImageReference, ManifestReference};
 use crate::oci_digest::content_hash;
 use crate::registry_client::{RegistryClient, DOCKER_MANIFEST_LIST, OCI_INDEX};
 
-/// Fetches the base image's manifest and config, choosing the platform's manifest when
-/// the reference names an index.
+/// Fetches an image's manifest and config, choosing `platform`'s manifest when the
+/// reference names an index; `name` is the image as the user wrote it, for errors.
 pub async fn resolve_image(
     client: &RegistryClient,
     reference: &ImageReference,
@@ -41,7 +41,7 @@ pub async fn resolve_image(
             .await?;
     }
     let manifest = ImageManifest::from_reader(fetched.bytes.as_slice())?;
-    let config_digest = content_hash(manifest.config().digest(), "base image config")?;
+    let config_digest = content_hash(manifest.config().digest(), "image config")?;
     let config_bytes = client
         .get_blob_bytes(&reference.repository, &config_digest)
         .await?;
