@@ -170,6 +170,11 @@ fn store_status(error: StoreError, message: String) -> Status {
         StoreError::Io(io) if io.kind() == std::io::ErrorKind::StorageFull => {
             Status::resource_exhausted(message)
         }
+        // The object store is down or throttling past its retries: the client retries.
+        StoreError::Unavailable(_) => {
+            tracing::warn!(%message, "blob backend unavailable");
+            Status::unavailable(message)
+        }
         StoreError::Io(_) | StoreError::Metadata(_) => {
             tracing::error!(%message, "storage error");
             Status::internal(message)

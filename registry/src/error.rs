@@ -149,6 +149,8 @@ impl RegistryError {
                 Some(ErrorCode::BlobUploadInvalid),
                 StatusCode::INSUFFICIENT_STORAGE,
             ),
+            // The object store is down: 503, which every client retries.
+            E::Store(StoreError::Unavailable(_)) => (None, StatusCode::SERVICE_UNAVAILABLE),
             E::Store(_) | E::Io(_) | E::Internal(_) | E::Config(_) => {
                 (None, StatusCode::INTERNAL_SERVER_ERROR)
             }
@@ -178,7 +180,12 @@ impl IntoResponse for RegistryError {
         // Endpoints outside the spec (a 404 for an unknown path) and internal failures have
         // no spec code; they still get a JSON body so clients can show something.
         let code = code.unwrap_or(ErrorCode::Unsupported);
-        let message = if status.is_server_error() && status != StatusCode::INSUFFICIENT_STORAGE {
+        // A full store and an unreachable object store say so: the client can act on it.
+        let says_why = [
+            StatusCode::INSUFFICIENT_STORAGE,
+            StatusCode::SERVICE_UNAVAILABLE,
+        ];
+        let message = if status.is_server_error() && !says_why.contains(&status) {
             // Internal details (paths, sled errors) stay in the log.
             "internal server error".to_string()
         } else {

@@ -161,7 +161,7 @@ pub trait BlobStore: Send + Sync + 'static {
 
 /// How many bytes a read of `limit` (or the rest) from `offset` of a `size`-byte blob
 /// returns; an offset past the end is out of range, one at the end reads nothing.
-pub(crate) fn read_len(size: u64, offset: u64, limit: Option<u64>) -> Result<u64> {
+pub fn read_len(size: u64, offset: u64, limit: Option<u64>) -> Result<u64> {
     if offset > size {
         return Err(StoreError::OffsetOutOfRange { offset, size });
     }
@@ -169,7 +169,7 @@ pub(crate) fn read_len(size: u64, offset: u64, limit: Option<u64>) -> Result<u64
 }
 
 /// Upload ids name files and object keys, so they are `[A-Za-z0-9_-]+` in every backend.
-pub(crate) fn check_upload_id(id: &str) -> Result<()> {
+pub fn check_upload_id(id: &str) -> Result<()> {
     if id.is_empty()
         || !id
             .bytes()

@@ -18,6 +18,10 @@ pub enum StoreError {
     /// is retained or recently used). A client may retry later.
     #[error("the blob store is full ({limit} bytes); eviction cannot free space now")]
     Full { limit: u64 },
+    /// A remote backend (an object store) could not be reached or failed after its
+    /// retries. Says what failed, never credentials; the client may retry later.
+    #[error("the blob backend is unavailable: {0}")]
+    Unavailable(String),
     #[error(transparent)]
     Metadata(#[from] crate::MetadataError),
     #[error("I/O: {0}")]

@@ -24,7 +24,9 @@ mod oci_name;
 mod reapi_names;
 
 pub use action_cache::{ActionCache, TrimReport};
-pub use blob_store::{BlobInfo, BlobStore, BlobWriter, ChunkStream, ExpectedDigest};
+pub use blob_store::{
+    check_upload_id, read_len, BlobInfo, BlobStore, BlobWriter, ChunkStream, ExpectedDigest,
+};
 pub use bounded_blob_store::{BoundedBlobStore, EvictionPolicy, EvictionReport, RetainedBlobs};
 pub use digest::{ContentHash, Digest, DigestFunction, Hasher};
 pub use error::{Result, StoreError};

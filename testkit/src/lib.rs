@@ -5,6 +5,10 @@
 //! A dev-dependency only, of integration tests only: a crate's own unit tests cannot use
 //! it without compiling that crate twice.
 
+mod garage;
+
+pub use garage::{garage_binary, Garage, GARAGE_BUCKET};
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

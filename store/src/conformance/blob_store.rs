@@ -21,6 +21,104 @@ pub async fn all(store: &dyn BlobStore) {
     touch_ignores_absent_blobs(store).await;
     upload_ids_are_plain_names(store).await;
     abandoned_uploads_are_swept_and_open_ones_kept(store).await;
+    a_reader_during_a_write_sees_nothing_until_the_commit(store).await;
+    large_blobs_stream_resume_and_fail_whole(store).await;
+}
+
+/// What a concurrent reader sees of a blob being written: nothing, until the commit has
+/// checked it, then all of it.
+pub async fn a_reader_during_a_write_sees_nothing_until_the_commit(store: &dyn BlobStore) {
+    let data = content(200_000, 15);
+    let digest = Digest::of_bytes(DigestFunction::Sha256, &data);
+    let hash = digest.content_hash();
+    let mut writer = store
+        .begin_write(DigestFunction::Sha256, None)
+        .await
+        .unwrap();
+    writer.write(data.slice(..150_000)).await.unwrap();
+    assert_eq!(store.size_of(&hash).await.unwrap(), None);
+    assert_eq!(store.has_many(&[digest]).await.unwrap(), [false]);
+    assert!(matches!(
+        store.read(&hash, 0, None).await,
+        Err(StoreError::NotFound(_))
+    ));
+    writer.write(data.slice(150_000..)).await.unwrap();
+    writer.commit(ExpectedDigest::Exact(digest)).await.unwrap();
+    assert_eq!(store.has_many(&[digest]).await.unwrap(), [true]);
+    assert_eq!(store.read_all(&digest).await.unwrap(), data);
+}
+
+/// Blobs larger than any backend's in-memory buffer or upload part (20 MiB): written in
+/// pieces, read in ranges across part boundaries, resumed mid-way, and refused whole on
+/// a mismatch.
+pub async fn large_blobs_stream_resume_and_fail_whole(store: &dyn BlobStore) {
+    let data = content(20 << 20 | 777, 16);
+    let write_all = |function, upload_id: Option<&'static str>, from: usize| {
+        let data = data.clone();
+        async move {
+            let mut writer = store.begin_write(function, upload_id).await.unwrap();
+            assert_eq!(writer.bytes_written(), from as u64);
+            for piece in data[from..].chunks(1 << 20) {
+                writer.write(Bytes::copy_from_slice(piece)).await.unwrap();
+            }
+            writer
+        }
+    };
+    let digest = Digest::of_bytes(DigestFunction::Blake3, &data);
+    let writer = write_all(DigestFunction::Blake3, None, 0).await;
+    assert_eq!(
+        writer.commit(ExpectedDigest::Exact(digest)).await.unwrap(),
+        digest
+    );
+    assert_eq!(store.read_all(&digest).await.unwrap(), data);
+    let (offset, limit) = ((8 << 20) - 1000, 3 << 20);
+    assert_eq!(
+        read_range(store, &digest.content_hash(), offset, Some(limit)).await,
+        &data[offset as usize..(offset + limit) as usize]
+    );
+
+    // Resumed after 12 MiB and a dropped writer, under an OCI expectation (any size).
+    let digest = Digest::of_bytes(DigestFunction::Sha256, &data);
+    let id = "conformance-large-upload";
+    let mut first = store
+        .begin_write(DigestFunction::Sha256, Some(id))
+        .await
+        .unwrap();
+    for piece in data[..12 << 20].chunks(1 << 20) {
+        first.write(Bytes::copy_from_slice(piece)).await.unwrap();
+    }
+    drop(first);
+    let resumed_at = store
+        .begin_write(DigestFunction::Sha256, Some(id))
+        .await
+        .unwrap()
+        .bytes_written() as usize;
+    assert!(resumed_at == 12 << 20 || resumed_at == 0, "{resumed_at}");
+    let rest = write_all(DigestFunction::Sha256, Some(id), resumed_at).await;
+    let expected = ExpectedDigest::Hash(digest.content_hash());
+    assert_eq!(rest.commit(expected).await.unwrap(), digest);
+    assert_eq!(store.read_all(&digest).await.unwrap(), data);
+
+    // A large write that does not match leaves nothing under either name.
+    let other = content(20 << 20, 17);
+    let claimed = Digest::of_bytes(DigestFunction::Sha256, b"not this");
+    let mut writer = store
+        .begin_write(DigestFunction::Sha256, None)
+        .await
+        .unwrap();
+    for piece in other.chunks(1 << 20) {
+        writer.write(Bytes::copy_from_slice(piece)).await.unwrap();
+    }
+    assert!(matches!(
+        writer.commit(ExpectedDigest::Exact(claimed)).await,
+        Err(StoreError::DigestMismatch { .. })
+    ));
+    for hash in [
+        claimed.content_hash(),
+        Digest::of_bytes(DigestFunction::Sha256, &other).content_hash(),
+    ] {
+        assert_eq!(store.size_of(&hash).await.unwrap(), None);
+    }
 }
 
 pub async fn abandoned_uploads_are_swept_and_open_ones_kept(store: &dyn BlobStore) {

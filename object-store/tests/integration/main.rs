@@ -1,0 +1,5 @@
+//! The object store on a real Garage on loopback. `#[ignore]`d in the plain test run
+//! (Garage is not part of the Rust toolchain); `.ci/run` installs Garage and runs them.
+
+mod conformance;
+mod support;
