@@ -495,14 +495,18 @@ async fn capabilities_are_open_and_expired_or_revoked_tokens_are_refused() {
         .unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
 
-    // A token that lives one second.
+    // A token that lives a few seconds. Expiry is kept in whole seconds, so it lasts
+    // between LIFETIME - 1 and LIFETIME: with one second, a fresh token expired whenever
+    // the clock's second turned over between its creation and its use.
+    const LIFETIME: u64 = 3;
+    let created = std::time::Instant::now();
     let brief = admin
         .create_token(CreateTokenRequest {
             name: "brief".into(),
             scopes: vec!["cas:read".into()],
             instance: String::new(),
             valid_for: Some(kiln_proto::protobuf::Duration {
-                seconds: 1,
+                seconds: LIFETIME as i64,
                 nanos: 0,
             }),
         })
@@ -510,11 +514,13 @@ async fn capabilities_are_open_and_expired_or_revoked_tokens_are_refused() {
         .unwrap()
         .into_inner()
         .token;
-    assert_allowed(
-        make(Call::Read, &channel, Some(&brief), "ci", &f).await,
-        "a fresh token",
-    );
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let fresh = make(Call::Read, &channel, Some(&brief), "ci", &f).await;
+    // Only asserted while the token cannot yet have expired, so that a busy machine does
+    // not fail it.
+    if created.elapsed() < Duration::from_secs(LIFETIME - 1) {
+        assert_allowed(fresh, "a fresh token");
+    }
+    tokio::time::sleep(Duration::from_secs(LIFETIME) + Duration::from_millis(100)).await;
     assert_refused(
         make(Call::Read, &channel, Some(&brief), "ci", &f).await,
         Code::Unauthenticated,

@@ -355,17 +355,21 @@ async fn writing_a_blob_that_exists_answers_early_with_its_size() -> anyhow::Res
     server.stop().await
 }
 
-/// Polls QueryWriteStatus until it reports `expected` bytes.
+/// Polls QueryWriteStatus until it reports `expected` bytes, for up to 15 s: a deadline
+/// in time, since a count of polls (200 of 25 ms) ended about when a 4 s TTL's sweep
+/// (up to TTL + TTL / 4 after the last write) is due.
 async fn wait_for_committed(server: &TestServer, name: &str, expected: i64) -> anyhow::Result<()> {
-    let mut last = (0, false);
-    for _ in 0..200 {
-        last = query(server, name).await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let last = query(server, name).await?;
         if last.0 == expected {
             return Ok(());
         }
+        if std::time::Instant::now() >= deadline {
+            anyhow::bail!("committed size stayed at {last:?}, expected {expected}");
+        }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    anyhow::bail!("committed size stayed at {last:?}, expected {expected}")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -497,7 +501,7 @@ async fn an_abandoned_upload_is_swept_after_its_ttl() -> anyhow::Result<()> {
     if last_write.elapsed() < std::time::Duration::from_secs(TTL_SECS) {
         assert_eq!(kept, (100_000, false));
     }
-    // Swept within a few sweeps of the TTL (every 250 ms here): nothing left to resume.
+    // Swept within a sweep of the TTL (every TTL / 4 = 1 s here): nothing left to resume.
     within(20, wait_for_committed(&server, &name, 0)).await?;
     let uploads = dir.path().join("blobs").join("uploads");
     assert_eq!(

@@ -904,7 +904,9 @@ async fn error_too_many_requests_with_retry_after() {
         tx.send(pattern(10, 1)).await.unwrap();
         // The held request is now streaming and owns the only upload slot.
         let mut refused = None;
-        for _ in 0..50 {
+        // Bounded in time, not in tries: 50 tries of 20 ms were about a second.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::time::Instant::now() < deadline {
             let response = reg.send(Method::PATCH, &second, &[], full("y")).await;
             if response.status == StatusCode::TOO_MANY_REQUESTS {
                 refused = Some(response);

@@ -58,9 +58,13 @@ async fn status_of(mut stream: TcpStream) -> Option<u16> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_uploads_are_cut_off_and_free_their_slots() {
+    // The normal push below must come after the server took both slots and before it
+    // cuts the stalled uploads off: a second for the first, two more for the second, as
+    // a busy machine needs (with 200 ms and a 1 s timeout, either could miss).
+    const IDLE_SECS: u64 = 3;
     let mut config = RegistryConfig::default();
     config.limits.max_concurrent_uploads = 2;
-    config.limits.body_idle_timeout_secs = 1;
+    config.limits.body_idle_timeout_secs = IDLE_SECS;
     let (_dir, reg) = TestRegistry::start(config).await;
 
     let started = Instant::now();
@@ -69,7 +73,7 @@ async fn stalled_uploads_are_cut_off_and_free_their_slots() {
         stalled_upload(&reg, 1 << 20, 10).await,
     ];
     // Both hold a slot: a normal push is told to come back.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     normal_push(&reg)
         .await
         .expect_error(StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS");
@@ -78,7 +82,7 @@ async fn stalled_uploads_are_cut_off_and_free_their_slots() {
         assert_eq!(status_of(stream).await, Some(408));
     }
     assert!(
-        started.elapsed() < Duration::from_secs(5),
+        started.elapsed() < Duration::from_secs(IDLE_SECS + 5),
         "{:?}",
         started.elapsed()
     );
@@ -129,10 +133,37 @@ async fn connections_are_limited_per_client_address() {
         .await
         .expect("closed, not left hanging");
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
-    // Once one closes, a new connection is served.
+    // Once one closes, a new connection is served: as soon as the server has seen it go,
+    // which a busy machine may take a while to do.
     drop(held);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    normal_push(&reg).await.expect(StatusCode::CREATED);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match push_on_a_new_connection(&reg).await {
+            Some(201) => break,
+            None if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            other => panic!("a new connection after the others closed: {other:?}"),
+        }
+    }
+}
+
+/// [`normal_push`] over a connection of its own; the status, or `None` when the server
+/// closes the connection without answering.
+async fn push_on_a_new_connection(reg: &TestRegistry) -> Option<u16> {
+    let data = b"a normal blob";
+    let mut stream = TcpStream::connect(reg.addr).await.ok()?;
+    let head = format!(
+        "POST /v2/app/blobs/uploads/?digest={} HTTP/1.1\r\nHost: {}\r\n\
+         Content-Type: application/octet-stream\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n",
+        sha256(data),
+        reg.addr,
+        data.len()
+    );
+    stream.write_all(head.as_bytes()).await.ok()?;
+    stream.write_all(data).await.ok()?;
+    status_of(stream).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

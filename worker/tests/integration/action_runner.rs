@@ -198,18 +198,21 @@ async fn a_timeout_kills_the_whole_process_group() -> anyhow::Result<()> {
         "sleep 30 & echo $! > {} ; echo started; wait",
         pid_file.display()
     ));
-    spec.timeout = Some(Duration::from_secs(1));
+    // Long enough for the shell to start the sleep and write its logs and pid first on a
+    // busy machine (what is checked below), far short of the sleep's 30 s.
+    let timeout = Duration::from_secs(3);
+    spec.timeout = Some(timeout);
     let digest = put_action(&cas, &spec).await;
     let started = Instant::now();
     let outcome = worker.run(digest).await;
     assert!(
-        started.elapsed() < Duration::from_secs(10),
+        started.elapsed() < timeout + Duration::from_secs(9),
         "{:?}",
         started.elapsed()
     );
     let error = outcome.error.expect("a timeout error");
     assert!(
-        matches!(error, WorkerError::Timeout(t) if t == Duration::from_secs(1)),
+        matches!(error, WorkerError::Timeout(t) if t == timeout),
         "{error}"
     );
     assert_eq!(error.to_rpc_status().code, Code::DeadlineExceeded as i32);

@@ -80,6 +80,16 @@ fn assign(lease_id: &str, action: Digest, timeout: Option<Duration>) -> ToWorker
     })
 }
 
+/// An action that runs until the test creates `gate` (at most a minute), then prints
+/// `message`: it is still running whenever the test needs it to be, however slow the
+/// machine (a fixed `sleep` once decided that instead).
+fn gated(gate: &std::path::Path, message: &str) -> ActionSpec {
+    ActionSpec::shell(&format!(
+        "i=0; while [ ! -e '{}' ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; echo {message}",
+        gate.display()
+    ))
+}
+
 fn code(result: &proto::LeaseResult) -> Code {
     Code::from(result.status.as_ref().expect("a status").code)
 }
@@ -159,7 +169,9 @@ async fn a_worker_registers_runs_assignments_and_drains_on_shutdown() -> anyhow:
     assert_eq!(code(&result), Code::Cancelled);
 
     // Shutdown drains: the running action finishes and reports, new work is refused.
-    let finishing = put_action(&cas, &ActionSpec::shell("sleep 1; echo finished")).await;
+    let gates = tempfile::tempdir()?;
+    let gate = gates.path().join("finish");
+    let finishing = put_action(&cas, &gated(&gate, "finished")).await;
     coordinator.send(assign("lease-4", finishing, None)).await;
     coordinator.running(&["lease-4"]).await;
     worker.shut_down();
@@ -173,6 +185,7 @@ async fn a_worker_registers_runs_assignments_and_drains_on_shutdown() -> anyhow:
     let refused = coordinator.result().await;
     assert_eq!(refused.lease_id, "lease-5");
     assert_eq!(code(&refused), Code::ResourceExhausted);
+    std::fs::write(&gate, "")?;
     let finished = coordinator.result().await;
     assert_eq!(finished.lease_id, "lease-4");
     assert_eq!(code(&finished), Code::Ok);
@@ -204,17 +217,21 @@ async fn a_restarted_coordinator_gets_its_worker_back_and_drain_ends_it() -> any
 
     // A lease still running when the coordinator dies is announced on re-registration,
     // and its result is delivered on the new stream.
-    let action = put_action(&cas, &ActionSpec::shell("sleep 2; echo survived")).await;
+    let gates = tempfile::tempdir()?;
+    let gate = gates.path().join("finish");
+    let action = put_action(&cas, &gated(&gate, "survived")).await;
     coordinator.send(assign("lease-a", action, None)).await;
     coordinator.running(&["lease-a"]).await;
     let mut coordinator = coordinator.restart(TOKEN).await;
     let register = coordinator.registered().await;
+    std::fs::write(&gate, "")?;
     let result = coordinator.result().await;
     assert_eq!(result.lease_id, "lease-a");
     assert_eq!(code(&result), Code::Ok);
     let stdout = result.action_result.unwrap().stdout_digest.unwrap();
     assert_eq!(cas.get(&stdout).await, b"survived\n");
-    // Reconnecting takes ~100 ms, well inside the action's 2 s.
+    // The action was still running when the worker registered again: it waits for the
+    // gate, opened only after that.
     assert_eq!(register.running_lease_ids, ["lease-a"]);
 
     // Drain from the coordinator ends the worker cleanly once it is idle.
