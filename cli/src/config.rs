@@ -39,7 +39,10 @@ pub struct KilnConfig {
     pub worker: kiln_worker::WorkerConfig,
     pub telemetry: TelemetryConfig,
     /// The `[cas]` table: how much the blob store may hold, and how eviction keeps it so.
+    /// With an object store, it bounds the local tier in front of it.
     pub cas: CasConfig,
+    /// The `[storage]` table: where blobs live.
+    pub storage: crate::storage_config::StorageConfig,
     /// The `[tls]` table: the coordinator's gRPC and the registry's HTTP serve TLS with
     /// these files when `cert` and `key` are set.
     pub tls: TlsConfig,
@@ -190,6 +193,7 @@ impl Default for KilnConfig {
             worker: Default::default(),
             telemetry: Default::default(),
             cas: Default::default(),
+            storage: Default::default(),
             tls: Default::default(),
             allow_unauthenticated: false,
             unknown_variables: Vec::new(),
@@ -232,6 +236,8 @@ pub struct CommonArgs {
     /// directory's free space plus what the store holds].
     #[arg(long, env = "KILN_CAS_MAX_BYTES", global = true, value_name = "SIZE")]
     pub cas_max_bytes: Option<bytesize::ByteSize>,
+    #[command(flatten)]
+    pub storage: crate::storage_config::StorageArgs,
     /// PEM certificate chain the servers present (TLS on when set with --tls-key).
     #[arg(long, env = "KILN_TLS_CERT", global = true, value_name = "PEM")]
     pub tls_cert: Option<PathBuf>,
@@ -344,6 +350,7 @@ impl KilnConfig {
         if let Some(v) = args.cas_max_bytes {
             config.cas.max_bytes = Some(v);
         }
+        args.storage.apply(&mut config.storage)?;
         config.allow_unauthenticated = args.allow_unauthenticated;
         config.coordinator.auth.enabled |= args.coordinator_auth;
         config.tls.metrics |= args.tls_metrics;

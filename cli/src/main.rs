@@ -12,6 +12,7 @@ mod run;
 mod servers;
 mod status;
 mod storage;
+mod storage_config;
 mod token;
 
 use std::process::ExitCode;
@@ -60,7 +61,7 @@ enum Command {
 /// Opens the embedded storage and starts `/metrics` and the probes, before any server
 /// starts recording.
 async fn open_server(config: &KilnConfig, role: MetricsRole) -> anyhow::Result<(Storage, Servers)> {
-    let storage = Storage::open(&config.data_dir, &config.cas).await?;
+    let storage = Storage::open(&config.data_dir, &config.cas, &config.storage).await?;
     let mut servers = Servers::new();
     servers
         .start_metrics(config, role, MetricsSources::server(&storage, &servers))

@@ -200,8 +200,11 @@ impl Servers {
             registry = registry.with_tls(&files)?;
         }
         registry.set_readiness(self.readiness());
-        // Eviction never removes a blob the registry answers for.
-        storage.bounded.retain(Arc::new(registry.clone()));
+        // Eviction never removes a blob the registry answers for (a local tier in front of
+        // a bucket may: the bucket keeps it).
+        if storage.bounded_is_authoritative {
+            storage.bounded.retain(Arc::new(registry.clone()));
+        }
         // The registry shares the blob store with the CAS (and a data dir may have served
         // a coordinator before): GC keeps whatever the action cache references.
         registry.set_gc_roots(Arc::new(ActionCacheRoots {

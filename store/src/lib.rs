@@ -5,6 +5,8 @@
 //!   file per blob and makes a blob visible only after it was hashed, checked and fsynced.
 //! - [`BoundedBlobStore`] puts a size limit in front of any backend: writes past it are
 //!   refused, and least recently used blobs are evicted between two watermarks.
+//! - [`TieredBlobStore`] puts a fast local store in front of a slow shared one (an
+//!   object store): writes go through, reads fill the fast tier.
 //! - [`MetadataStore`] holds small records (the action cache, tags, sessions):
 //!   [`SledMetadataStore`] embedded, [`MemoryMetadataStore`] for tests. Blobs never go
 //!   there.
@@ -22,6 +24,7 @@ mod memory_blob_store;
 mod metadata;
 mod oci_name;
 mod reapi_names;
+mod tiered_blob_store;
 
 pub use action_cache::{ActionCache, TrimReport};
 pub use blob_store::{
@@ -43,6 +46,7 @@ pub use reapi_names::{
     missing_blob_subject, parse_missing_blob_subject, Compression, ResourceName, ResourceNameError,
     MISSING_VIOLATION,
 };
+pub use tiered_blob_store::TieredBlobStore;
 
 /// Both conformance suites on each of this crate's backends.
 #[cfg(test)]
@@ -55,6 +59,15 @@ mod conformance_tests {
     async fn fs_blob_store_conforms() {
         let dir = tempfile::tempdir().unwrap();
         let store = crate::FsBlobStore::open(dir.path()).unwrap();
+        conformance::blob_store::all(&store).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tiered_blob_store_conforms() {
+        let dir = tempfile::tempdir().unwrap();
+        let fast = crate::FsBlobStore::open(dir.path()).unwrap();
+        let slow = crate::MemoryBlobStore::new();
+        let store = crate::TieredBlobStore::new(Arc::new(fast), Arc::new(slow));
         conformance::blob_store::all(&store).await;
     }
 

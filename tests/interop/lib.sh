@@ -23,7 +23,16 @@ cleanup() {
     done
     if [ "${KEEP_WORK:-0}" != 1 ]; then rm -rf "$WORK"; fi
 }
-trap cleanup EXIT
+on_exit() {
+    local status=$?
+    # On object storage, a script that passed must have put its blobs in the bucket.
+    if [ "$status" -eq 0 ] && [ -n "${GARAGE_CONFIG:-}" ]; then
+        garage_holds_objects || status=1
+    fi
+    cleanup
+    exit "$status"
+}
+trap on_exit EXIT
 
 log() { printf '\n== %s\n' "$*" >&2; }
 fail() { printf 'FAIL: %s\n' "$*" >&2; exit 1; }
@@ -213,3 +222,66 @@ prepare_bazel_workspace() {
     GENRULES=$(grep -c '' <(cd "$WORKSPACE" && "$BAZEL" --output_user_root="$WORK/bazel-root" --batch query 'kind(genrule, //...)' 2>/dev/null))
     [ "$GENRULES" -ge "$1" ] || fail "the workspace should hold at least $1 genrules, found $GENRULES"
 }
+
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# start_garage : one Garage node (an S3-compatible object store) on free loopback ports
+# under $WORK/garage, with the bucket `kiln` and a key allowed on it, and exports what
+# makes every kiln this script starts keep its blobs there (KILN_STORAGE_BACKEND=s3,
+# KILN_S3_*, AWS_*). Sets GARAGE and GARAGE_CONFIG.
+start_garage() {
+    local dir="$WORK/garage" s3 rpc id i
+    GARAGE="$(command -v garage || echo "$HOME/.cargo/bin/garage")"
+    [ -x "$GARAGE" ] || fail "garage is not installed: cargo install garage --version 2.5.0 --locked"
+    mkdir -p "$dir"
+    s3=$(free_port) rpc=$(free_port)
+    GARAGE_CONFIG="$dir/garage.toml"
+    cat >"$GARAGE_CONFIG" <<TOML
+metadata_dir = "$dir/meta"
+data_dir = "$dir/data"
+db_engine = "sqlite"
+replication_factor = 1
+rpc_bind_addr = "127.0.0.1:$rpc"
+rpc_public_addr = "127.0.0.1:$rpc"
+rpc_secret = "$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')"
+[s3_api]
+s3_region = "garage"
+api_bind_addr = "127.0.0.1:$s3"
+root_domain = ".s3.garage.localhost"
+TOML
+    "$GARAGE" -c "$GARAGE_CONFIG" server >"$WORK/garage.log" 2>&1 &
+    STARTED_PIDS+=("$!")
+    for i in $(seq 1 100); do
+        id=$("$GARAGE" -c "$GARAGE_CONFIG" node id -q 2>/dev/null | cut -d@ -f1) && [ -n "$id" ] && break
+        sleep 0.2
+    done
+    [ -n "$id" ] || { cat "$WORK/garage.log" >&2; fail "garage did not start"; }
+    local key_id=GK6b696c6e2d696e7465726f70 secret
+    secret="$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')"
+    {
+        "$GARAGE" -c "$GARAGE_CONFIG" layout assign -z z0 -c 1G "$id"
+        "$GARAGE" -c "$GARAGE_CONFIG" layout apply --version 1
+        "$GARAGE" -c "$GARAGE_CONFIG" key import --yes -n kiln "$key_id" "$secret"
+        "$GARAGE" -c "$GARAGE_CONFIG" bucket create kiln
+        "$GARAGE" -c "$GARAGE_CONFIG" bucket allow --read --write --owner kiln --key kiln
+    } >>"$WORK/garage.log" 2>&1 || { cat "$WORK/garage.log" >&2; fail "setting up garage"; }
+    export KILN_STORAGE_BACKEND=s3 KILN_S3_BUCKET=kiln KILN_S3_ENDPOINT="http://127.0.0.1:$s3" \
+        KILN_S3_REGION=garage AWS_ACCESS_KEY_ID="$key_id" AWS_SECRET_ACCESS_KEY="$secret"
+    log "garage on 127.0.0.1:$s3: kiln keeps its blobs in bucket kiln"
+}
+
+# Whether the bucket holds any object (what a script on object storage wrote went there).
+garage_holds_objects() {
+    local objects
+    objects=$("$GARAGE" -c "$GARAGE_CONFIG" bucket info kiln | awk '/^Objects:/ { print $2 }')
+    printf '\n== the bucket holds %s objects\n' "${objects:-?}" >&2
+    [ "${objects:-0}" -gt 0 ] || { echo "FAIL: nothing reached the bucket" >&2; return 1; }
+}
+
+# KILN_INTEROP_STORAGE=s3 runs a script with every kiln on a Garage bucket
+# (tests/interop/object_storage.sh does that for the scripts that matter).
+if [ "${KILN_INTEROP_STORAGE:-fs}" = s3 ]; then
+    start_garage
+fi

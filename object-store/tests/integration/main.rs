@@ -2,4 +2,5 @@
 //! (Garage is not part of the Rust toolchain); `.ci/run` installs Garage and runs them.
 
 mod conformance;
+mod replicas;
 mod support;

@@ -1,0 +1,57 @@
+//! Two stores on one bucket, as two kiln replicas are: what one writes or keeps, the other
+//! reads or resumes.
+
+use bytes::Bytes;
+use kiln_store::{BlobStore, Digest, DigestFunction, ExpectedDigest};
+use kiln_testkit::Garage;
+
+use crate::support::open_store;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Garage (.ci/run installs it)"]
+async fn an_upload_begun_on_one_replica_completes_on_the_other() {
+    let garage = Garage::start().expect("garage starts");
+    let (a, b) = (
+        open_store(&garage, "replicas").await,
+        open_store(&garage, "replicas").await,
+    );
+    let data: Bytes = (0..(10 << 20) + 123).map(|i| (i % 251) as u8).collect();
+    let digest = Digest::of_bytes(DigestFunction::Sha256, &data);
+    let id = "8c1f0b5e-replicas";
+
+    // Three requests of one upload, alternating replicas; each replica's writer goes away
+    // after its piece, as a request handler's does.
+    let pieces = [0..3 << 20, 3 << 20..9 << 20, 9 << 20..data.len()];
+    for (index, piece) in pieces.iter().enumerate() {
+        let replica: &dyn BlobStore = if index % 2 == 0 { &a } else { &b };
+        let mut writer = replica
+            .begin_write(DigestFunction::Sha256, Some(id))
+            .await
+            .unwrap();
+        assert_eq!(writer.bytes_written(), piece.start as u64, "piece {index}");
+        writer.write(data.slice(piece.clone())).await.unwrap();
+        if index + 1 == pieces.len() {
+            let expected = ExpectedDigest::Hash(digest.content_hash());
+            assert_eq!(writer.commit(expected).await.unwrap(), digest);
+        } else {
+            drop(writer);
+            // The dropped writer keeps its bytes in the background; the next request
+            // (on the other replica) must see them, so wait until they are listed.
+            wait_until_kept(replica, piece.end as u64).await;
+        }
+    }
+    for replica in [&a, &b] {
+        assert_eq!(replica.read_all(&digest).await.unwrap(), data);
+    }
+}
+
+async fn wait_until_kept(store: &dyn BlobStore, bytes: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while store.stored_bytes().await.unwrap() < bytes {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "upload bytes not kept"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
