@@ -280,8 +280,8 @@ garage_holds_objects() {
     [ "${objects:-0}" -gt 0 ] || { echo "FAIL: nothing reached the bucket" >&2; return 1; }
 }
 
-# KILN_INTEROP_STORAGE=s3 runs a script with every kiln on a Garage bucket
+# INTEROP_STORAGE=s3 runs a script with every kiln on a Garage bucket
 # (tests/interop/object_storage.sh does that for the scripts that matter).
-if [ "${KILN_INTEROP_STORAGE:-fs}" = s3 ]; then
+if [ "${INTEROP_STORAGE:-fs}" = s3 ]; then
     start_garage
 fi

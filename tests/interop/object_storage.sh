@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Interop on object storage: the clients' scripts again, with every kiln keeping its blobs
-# in a real Garage bucket (KILN_INTEROP_STORAGE=s3, see lib.sh) behind its local tier:
+# in a real Garage bucket (INTEROP_STORAGE=s3, see lib.sh) behind its local tier:
 # - bazel_remote.sh: Bazel's remote cache and remote execution on a farm;
 # - registry.sh: skopeo, oras-py, then docker, containerd, podman and buildah;
 # - publish.sh: kiln run, kiln publish, then ctr and docker run the image.
@@ -15,5 +15,5 @@ if ! command -v garage >/dev/null && [ ! -x "$HOME/.cargo/bin/garage" ]; then
 fi
 for script in bazel_remote.sh registry.sh publish.sh; do
     echo "== $script on Garage"
-    KILN_INTEROP_STORAGE=s3 bash "tests/interop/$script"
+    INTEROP_STORAGE=s3 bash "tests/interop/$script"
 done

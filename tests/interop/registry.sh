@@ -30,6 +30,7 @@ install_oci_clients() {
 install_oci_clients
 choose_registry_binary
 start_registry reg1 R1
+REG1_PID=$LAST_PID
 start_registry reg2 R2
 [ -n "$R1" ] && [ -n "$R2" ] || fail "registries did not report their addresses"
 log "registries on $R1 and $R2"
@@ -167,7 +168,6 @@ print("oras-py: artifact, chunked upload and referrer OK")
 PY
 
 log "crash safety: kill -9, restart on the same data, pull what was acknowledged"
-REG1_PID="${STARTED_PIDS[0]}"
 kill -9 "$REG1_PID"
 wait "$REG1_PID" 2>/dev/null || true
 start_registry reg1-restarted R1 "$WORK/reg1"

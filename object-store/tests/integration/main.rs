@@ -2,5 +2,6 @@
 //! (Garage is not part of the Rust toolchain); `.ci/run` installs Garage and runs them.
 
 mod conformance;
+mod outage;
 mod replicas;
 mod support;
