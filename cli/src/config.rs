@@ -115,6 +115,7 @@ impl CasConfig {
             low_watermark: low,
             grace: std::time::Duration::from_secs(self.grace_secs),
             interval: std::time::Duration::from_secs(self.eviction_interval_secs.max(1)),
+            max_age: None,
         })
     }
 }

@@ -151,7 +151,10 @@ impl Servers {
             coordinator = coordinator.with_tls(files)?;
         }
         // Eviction never removes what a queued or running action still needs.
-        storage.bounded.retain(coordinator.in_flight_inputs());
+        let in_flight = coordinator.in_flight_inputs();
+        for store in &storage.bounded {
+            store.retain(in_flight.clone());
+        }
         let shutdown = self.shutdown.clone().cancelled_owned();
         self.tasks.spawn(async move {
             coordinator
@@ -167,12 +170,14 @@ impl Servers {
 
     /// Keeps the blob store within its limit: eviction passes until shutdown.
     pub fn start_eviction(&mut self, storage: &Storage) {
-        let store = storage.bounded.clone();
-        let shutdown = self.shutdown.clone().cancelled_owned();
-        self.tasks.spawn(async move {
-            store.run_eviction(shutdown).await;
-            Ok(())
-        });
+        for store in &storage.bounded {
+            let store = store.clone();
+            let shutdown = self.shutdown.clone().cancelled_owned();
+            self.tasks.spawn(async move {
+                store.run_eviction(shutdown).await;
+                Ok(())
+            });
+        }
     }
 
     /// Starts the registry; returns a handle on it for the coordinator's admin API.
@@ -200,11 +205,9 @@ impl Servers {
             registry = registry.with_tls(&files)?;
         }
         registry.set_readiness(self.readiness());
-        // Eviction never removes a blob the registry answers for (a local tier in front of
-        // a bucket may: the bucket keeps it).
-        if storage.bounded_is_authoritative {
-            storage.bounded.retain(Arc::new(registry.clone()));
-        }
+        // Eviction never removes a blob the registry answers for from the store that holds
+        // the only copy (a local tier in front of a bucket may: the bucket keeps it).
+        storage.authoritative.retain(Arc::new(registry.clone()));
         // The registry shares the blob store with the CAS (and a data dir may have served
         // a coordinator before): GC keeps whatever the action cache references.
         registry.set_gc_roots(Arc::new(ActionCacheRoots {

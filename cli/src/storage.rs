@@ -4,25 +4,31 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
-use kiln_object_store::{ObjectBlobStore, ObjectStoreOptions};
+use kiln_object_store::{ObjectBlobStore, ObjectStoreOptions, S3Settings};
 use kiln_store::{
-    BlobStore, BoundedBlobStore, FsBlobStore, MetadataStore, SledMetadataStore, TieredBlobStore,
+    BlobStore, BoundedBlobStore, EvictionPolicy, FsBlobStore, MetadataStore, SledMetadataStore,
+    TieredBlobStore,
 };
 
 use crate::config::CasConfig;
 use crate::storage_config::StorageConfig;
 
+/// How often the bucket is listed for blobs past their age: a listing of a large bucket
+/// is thousands of requests.
+const BUCKET_EVICTION_INTERVAL: Duration = Duration::from_secs(3600);
+
 pub struct Storage {
     /// What the servers hold, as any `BlobStore`.
     pub blobs: Arc<dyn BlobStore>,
-    /// The bounded filesystem store, for its eviction loop and what it must retain: the
-    /// whole blob store, or the local tier in front of the bucket.
-    pub bounded: Arc<BoundedBlobStore>,
-    /// Whether `bounded` holds the only copy of a blob. A local tier does not, so the
-    /// registry's blobs need not be kept in it.
-    pub bounded_is_authoritative: bool,
+    /// Every bounded store, each with its own eviction loop: the filesystem store (the
+    /// whole blob store, or the local tier), then the bucket's.
+    pub bounded: Vec<Arc<BoundedBlobStore>>,
+    /// The one that holds the only copy of each blob: its eviction must keep what the
+    /// registry answers for (a local tier need not: the bucket keeps it).
+    pub authoritative: Arc<BoundedBlobStore>,
     pub metadata: Arc<dyn MetadataStore>,
 }
 
@@ -41,36 +47,59 @@ impl Storage {
             held = %bytesize::ByteSize::b(stored),
             "blob store limit (cas.max_bytes)"
         );
-        let bounded = Arc::new(BoundedBlobStore::new(Arc::new(files), policy).await?);
+        let local = Arc::new(BoundedBlobStore::new(Arc::new(files), policy.clone()).await?);
         let metadata = SledMetadataStore::open(data_dir.join("metadata"))
             .with_context(|| format!("opening the metadata store in {}", data_dir.display()))?;
-        let (blobs, bounded_is_authoritative): (Arc<dyn BlobStore>, bool) = match backend {
-            StorageConfig::Fs => (bounded.clone(), true),
+        let metadata: Arc<dyn MetadataStore> = Arc::new(metadata);
+        match backend {
+            StorageConfig::Fs => Ok(Storage {
+                blobs: local.clone(),
+                bounded: vec![local.clone()],
+                authoritative: local,
+                metadata,
+            }),
             StorageConfig::S3(settings) => {
-                let client = kiln_object_store::connect_s3(settings)
-                    .context("configuring the S3 client ([storage])")?;
-                let options = ObjectStoreOptions {
-                    prefix: settings.prefix.clone(),
-                    ..Default::default()
-                };
-                let bucket = ObjectBlobStore::open(client, options)
-                    .await
-                    .with_context(|| format!("opening bucket {:?}", settings.bucket))?;
-                tracing::info!(
-                    bucket = %settings.bucket,
-                    endpoint = settings.endpoint.as_deref().unwrap_or("AWS"),
-                    prefix = %settings.prefix,
-                    "blobs in S3, with a local tier in the data directory"
-                );
-                let tiered = TieredBlobStore::new(bounded.clone(), Arc::new(bucket));
-                (Arc::new(tiered), false)
+                let bucket = Arc::new(open_bucket(settings, &policy).await?);
+                let tiered = TieredBlobStore::new(local.clone(), bucket.clone());
+                Ok(Storage {
+                    blobs: Arc::new(tiered),
+                    bounded: vec![local, bucket.clone()],
+                    authoritative: bucket,
+                    metadata,
+                })
             }
-        };
-        Ok(Storage {
-            blobs,
-            bounded,
-            bounded_is_authoritative,
-            metadata: Arc::new(metadata),
-        })
+        }
     }
+}
+
+/// The bucket, with no size limit and eviction by age (`evict_unused_after_days`), within
+/// the same grace as the local store.
+async fn open_bucket(
+    settings: &S3Settings,
+    local: &EvictionPolicy,
+) -> anyhow::Result<BoundedBlobStore> {
+    let client =
+        kiln_object_store::connect_s3(settings).context("configuring the S3 client ([storage])")?;
+    let options = ObjectStoreOptions {
+        prefix: settings.prefix.clone(),
+        ..Default::default()
+    };
+    let bucket = ObjectBlobStore::open(client, options)
+        .await
+        .with_context(|| format!("opening bucket {:?}", settings.bucket))?;
+    let days = settings.evict_unused_after_days;
+    tracing::info!(
+        bucket = %settings.bucket,
+        endpoint = settings.endpoint.as_deref().unwrap_or("AWS"),
+        prefix = %settings.prefix,
+        evict_unused_after_days = days,
+        "blobs in S3, with a local tier in the data directory"
+    );
+    let policy = EvictionPolicy {
+        max_age: (days > 0).then(|| Duration::from_secs(days * 86_400)),
+        interval: BUCKET_EVICTION_INTERVAL,
+        grace: local.grace,
+        ..EvictionPolicy::with_max_bytes(u64::MAX)
+    };
+    Ok(BoundedBlobStore::labelled(Arc::new(bucket), policy, "bucket").await?)
 }

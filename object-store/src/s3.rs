@@ -55,6 +55,14 @@ pub struct S3Settings {
     pub request_timeout_secs: u64,
     #[serde(default = "default_retry_timeout_secs")]
     pub retry_timeout_secs: u64,
+    /// Blobs nobody has used for this many days are deleted from the bucket (0: never),
+    /// except what the registry references. Uses are recorded in the bucket itself.
+    #[serde(default = "default_evict_unused_after_days")]
+    pub evict_unused_after_days: u64,
+}
+
+fn default_evict_unused_after_days() -> u64 {
+    30
 }
 
 fn default_region() -> String {
@@ -81,6 +89,7 @@ impl S3Settings {
             secret_access_key: None,
             request_timeout_secs: default_request_timeout_secs(),
             retry_timeout_secs: default_retry_timeout_secs(),
+            evict_unused_after_days: default_evict_unused_after_days(),
         }
     }
 }

@@ -40,6 +40,8 @@ pub struct BoundedBlobStore {
 
 /// What the store and its writers share.
 struct Shared {
+    /// The `store` label of this store's metrics.
+    label: &'static str,
     policy: EvictionPolicy,
     /// The backend's `stored_bytes` at the last measurement.
     measured: AtomicU64,
@@ -86,11 +88,22 @@ impl Shared {
 }
 
 impl BoundedBlobStore {
-    /// Wraps `inner`, measuring what it holds now.
+    /// Wraps `inner`, measuring what it holds now. Its metrics carry `store="local"`.
     pub async fn new(inner: Arc<dyn BlobStore>, policy: EvictionPolicy) -> Result<Self> {
+        Self::labelled(inner, policy, "local").await
+    }
+
+    /// [`BoundedBlobStore::new`] with metrics labelled `store=label`, for a second bounded
+    /// store in one process (an object store behind the local one).
+    pub async fn labelled(
+        inner: Arc<dyn BlobStore>,
+        policy: EvictionPolicy,
+        label: &'static str,
+    ) -> Result<Self> {
         let measured = inner.stored_bytes().await?;
-        metrics::gauge!("kiln_cas_limit_bytes").set(policy.max_bytes as f64);
+        metrics::gauge!("kiln_cas_limit_bytes", "store" => label).set(policy.max_bytes as f64);
         let shared = Arc::new(Shared {
+            label,
             policy,
             measured: AtomicU64::new(measured),
             committed: AtomicU64::new(0),
@@ -229,7 +242,8 @@ impl BlobWriter for BoundedWriter {
         let used = self.shared.used();
         if used.saturating_add(len) > self.shared.policy.max_bytes {
             self.shared.wake.notify_one();
-            metrics::counter!("kiln_cas_writes_refused_total").increment(1);
+            metrics::counter!("kiln_cas_writes_refused_total", "store" => self.shared.label)
+                .increment(1);
             // A refused write keeps nothing, not even a resumable upload's prefix: a
             // full store must not fill further with uploads no pass can evict.
             if let Some(inner) = self.inner.take() {

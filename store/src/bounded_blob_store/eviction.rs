@@ -28,6 +28,10 @@ pub struct EvictionPolicy {
     /// How often a pass runs when nothing wakes it earlier; accesses are handed to the
     /// backend at the same rhythm.
     pub interval: Duration,
+    /// Blobs unused for longer than this are evicted whatever the store's size (an
+    /// object store, which has room but should not keep what nobody uses). With it set,
+    /// every pass lists the store, so its interval should be long.
+    pub max_age: Option<Duration>,
 }
 
 impl EvictionPolicy {
@@ -40,6 +44,7 @@ impl EvictionPolicy {
             low_watermark: 0.8,
             grace: Duration::from_secs(600),
             interval: Duration::from_secs(10),
+            max_age: None,
         }
     }
 
@@ -79,7 +84,7 @@ pub struct EvictionReport {
 
 impl BoundedBlobStore {
     /// Hands recent accesses to the backend, measures the store, and evicts if it is over
-    /// its high watermark.
+    /// its high watermark, or anything older than the policy's `max_age`.
     pub async fn evict_once(&self) -> Result<EvictionReport> {
         let _one_pass = self.shared.pass.lock().await;
         let used_since_last_pass = self.hand_accesses_to_backend().await?;
@@ -90,7 +95,8 @@ impl BoundedBlobStore {
             used_after: used_before,
             ..Default::default()
         };
-        if used_before <= self.shared.policy.high_bytes() {
+        let over_limit = used_before > self.shared.policy.high_bytes();
+        if !over_limit && self.shared.policy.max_age.is_none() {
             return Ok(report);
         }
         let sources = self
@@ -100,9 +106,15 @@ impl BoundedBlobStore {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let retained = retained_union(sources).await?;
-        let grace_cutoff = SystemTime::now()
+        let now = SystemTime::now();
+        let grace_cutoff = now
             .checked_sub(self.shared.policy.grace)
             .unwrap_or(SystemTime::UNIX_EPOCH);
+        let age_cutoff = self
+            .shared
+            .policy
+            .max_age
+            .and_then(|age| now.checked_sub(age));
         let mut candidates = Vec::new();
         let mut listed = self.inner.list();
         while let Some(blob) = listed.try_next().await? {
@@ -119,8 +131,11 @@ impl BoundedBlobStore {
         }
         candidates.sort_unstable_by_key(|(accessed, _, _)| *accessed);
         let target = self.shared.policy.low_bytes();
-        for (_, hash, size) in candidates {
-            if self.shared.used() <= target {
+        for (accessed, hash, size) in candidates {
+            // Oldest first: the expired ones go whatever the size, then the rest only
+            // while the store is above its low watermark.
+            let expired = age_cutoff.is_some_and(|cutoff| accessed < cutoff);
+            if !expired && self.shared.used() <= target {
                 break;
             }
             // Used since it was listed: it stays (the next pass sees its new time).
@@ -135,9 +150,14 @@ impl BoundedBlobStore {
             }
         }
         report.used_after = self.shared.used();
-        metrics::counter!("kiln_cas_evicted_blobs_total").increment(report.evicted_blobs);
-        metrics::counter!("kiln_cas_evicted_bytes_total").increment(report.evicted_bytes);
-        tracing::info!(?report, "evicted least recently used blobs");
+        let label = self.shared.label;
+        metrics::counter!("kiln_cas_evicted_blobs_total", "store" => label)
+            .increment(report.evicted_blobs);
+        metrics::counter!("kiln_cas_evicted_bytes_total", "store" => label)
+            .increment(report.evicted_bytes);
+        if report.evicted_blobs > 0 || over_limit {
+            tracing::info!(?report, "evicted least recently used blobs");
+        }
         Ok(report)
     }
 
@@ -178,7 +198,8 @@ impl BoundedBlobStore {
         let stored = self.inner.stored_bytes().await?;
         self.shared.measured.store(stored, Ordering::Relaxed);
         saturating_sub(&self.shared.committed, committed_before);
-        metrics::gauge!("kiln_cas_used_bytes").set(self.shared.used() as f64);
+        metrics::gauge!("kiln_cas_used_bytes", "store" => self.shared.label)
+            .set(self.shared.used() as f64);
         Ok(())
     }
 }

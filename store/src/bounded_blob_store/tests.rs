@@ -191,3 +191,34 @@ fn stop_signal() -> (
 fn walk(dir: &std::path::Path) -> usize {
     std::fs::read_dir(dir).map_or(0, |entries| entries.count())
 }
+
+/// With `max_age`, a store far below its limit still lets go of what nobody has used for
+/// that long (an object store's eviction), and keeps what is retained or recently used.
+#[tokio::test]
+async fn blobs_unused_past_max_age_are_evicted_whatever_the_size() {
+    let policy = EvictionPolicy {
+        grace: Duration::ZERO,
+        max_age: Some(Duration::from_millis(150)),
+        ..EvictionPolicy::with_max_bytes(u64::MAX / 2)
+    };
+    let store = BoundedBlobStore::new(Arc::new(crate::MemoryBlobStore::new()), policy)
+        .await
+        .unwrap();
+    let old = put(&store, blob(1, 1000)).await.unwrap();
+    let retained = put(&store, blob(2, 1000)).await.unwrap();
+    store.retain(Arc::new(Fixed(Mutex::new(HashSet::from([
+        retained.content_hash()
+    ])))));
+    // The first pass hands the writes' accesses over; both are recent.
+    assert_eq!(store.evict_once().await.unwrap().evicted_blobs, 0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let fresh = put(&store, blob(3, 1000)).await.unwrap();
+    let report = store.evict_once().await.unwrap();
+    assert_eq!(report.evicted_blobs, 1, "{report:?}");
+    assert!(!present(&store, &old).await, "unused past max_age");
+    assert!(
+        present(&store, &retained).await,
+        "retained whatever its age"
+    );
+    assert!(present(&store, &fresh).await, "used since the last pass");
+}

@@ -1,0 +1,210 @@
+//! `kiln up` on a Garage bucket, killed with SIGKILL in the middle of a large ByteStream
+//! write and a chunked registry upload: afterwards no object under a content key is
+//! anything but a verified blob, and a second kiln on the same bucket takes the uploads
+//! from where the bucket says they are.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use futures::TryStreamExt;
+use kiln_proto::bytestream::byte_stream_client::ByteStreamClient;
+use kiln_proto::bytestream::{QueryWriteStatusRequest, WriteRequest};
+use kiln_store::{ContentHash, Digest, DigestFunction, ResourceName};
+use kiln_testkit::{Garage, GARAGE_BUCKET};
+use object_store::path::Path as ObjectPath;
+use object_store::ObjectStore;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::support::*;
+
+const PREFIX: &str = "crash";
+
+fn config(garage: &Garage, dir: &Path) -> std::path::PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join("kiln.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[storage]\nbackend = \"s3\"\nbucket = \"{GARAGE_BUCKET}\"\nendpoint = \"{}\"\n\
+             region = \"{}\"\nprefix = \"{PREFIX}\"\naccess_key_id = \"{}\"\n\
+             secret_access_key = \"{}\"\n",
+            garage.endpoint(0),
+            garage.region(),
+            garage.access_key_id(),
+            garage.secret_access_key()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn start(garage: &Garage, dir: &Path) -> Farm {
+    let config = config(garage, dir);
+    Farm::start_with(
+        &dir.join("data"),
+        0,
+        &["--config".as_ref(), config.as_os_str()],
+    )
+}
+
+/// The bucket, read directly.
+fn bucket(garage: &Garage) -> Arc<dyn ObjectStore> {
+    let mut settings = kiln_object_store::S3Settings::new(GARAGE_BUCKET);
+    settings.endpoint = Some(garage.endpoint(0));
+    settings.region = garage.region().into();
+    settings.access_key_id = Some(garage.access_key_id().into());
+    settings.secret_access_key = Some(kiln_object_store::SecretString::new(
+        garage.secret_access_key(),
+    ));
+    kiln_object_store::connect_s3(&settings).unwrap()
+}
+
+/// Every object under `cas/` hashes to its own name.
+async fn every_content_key_is_verified(bucket: &dyn ObjectStore) -> usize {
+    let root = ObjectPath::from(format!("{PREFIX}/cas"));
+    let keys: Vec<_> = bucket.list(Some(&root)).try_collect().await.unwrap();
+    for meta in &keys {
+        let parts: Vec<_> = meta.location.parts().collect();
+        let [.., function, hex] = parts.as_slice() else {
+            panic!("odd key {}", meta.location)
+        };
+        let function = DigestFunction::from_name(function.as_ref()).unwrap();
+        let named = ContentHash::parse_hex(function, hex.as_ref()).unwrap();
+        let data = bucket
+            .get(&meta.location)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        let actual = Digest::of_bytes(function, &data).content_hash();
+        assert_eq!(actual, named, "{} holds other bytes", meta.location);
+    }
+    keys.len()
+}
+
+fn write_request(name: &str, offset: u64, data: &[u8], finish: bool) -> WriteRequest {
+    WriteRequest {
+        resource_name: if offset == 0 {
+            name.to_string()
+        } else {
+            String::new()
+        },
+        write_offset: offset as i64,
+        finish_write: finish,
+        data: data.to_vec(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Garage (.ci/run installs it)"]
+async fn a_kill_mid_upload_leaves_no_partial_blob_and_another_kiln_takes_over() {
+    let garage = Garage::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let farm = start(&garage, &dir.path().join("first"));
+
+    let data: Vec<u8> = (0..40 << 20).map(|i: u32| (i % 253) as u8).collect();
+    let digest = Digest::of_bytes(DigestFunction::Sha256, &data);
+    let name = ResourceName::write("", digest).to_string();
+
+    // A ByteStream write that has sent 24 MiB (multipart parts are in flight) and stalls.
+    let channel = tonic::transport::Channel::from_shared(farm.grpc.replace("grpc://", "http://"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (requests, received) = tokio::sync::mpsc::channel(8);
+    let mut client = ByteStreamClient::new(channel);
+    let call = tokio::spawn(async move { client.write(ReceiverStream::new(received)).await });
+    let chunk = 1 << 20;
+    for offset in (0..24 << 20).step_by(chunk) {
+        let piece = &data[offset..offset + chunk];
+        requests
+            .send(write_request(&name, offset as u64, piece, false))
+            .await
+            .unwrap();
+    }
+    // A chunked registry upload that has sent its first 12 MiB.
+    let http = reqwest::Client::new();
+    let started = http
+        .post(format!("http://{}/v2/crash/blobs/uploads/", farm.registry))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(started.status(), 202);
+    let location = started.headers()["location"].to_str().unwrap().to_string();
+    let patched = http
+        .patch(format!("http://{}{location}", farm.registry))
+        .header("content-type", "application/octet-stream")
+        .body(data[..12 << 20].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(patched.status(), 202);
+    // Let the bytes reach the bucket's staging area, then SIGKILL.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    drop(farm);
+    let _ = call.await;
+
+    let bucket = bucket(&garage);
+    assert_eq!(
+        bucket
+            .head(&ObjectPath::from(format!(
+                "{PREFIX}/cas/sha256/{}",
+                digest.hex()
+            )))
+            .await
+            .map(|_| ())
+            .map_err(|e| matches!(e, object_store::Error::NotFound { .. })),
+        Err(true),
+        "nothing is visible under the blob's name"
+    );
+    every_content_key_is_verified(bucket.as_ref()).await;
+
+    // Another kiln on the bucket (a replica, or this one restarted elsewhere): the
+    // ByteStream upload resumes where the bucket says, and completes.
+    let farm = start(&garage, &dir.path().join("second"));
+    let channel = tonic::transport::Channel::from_shared(farm.grpc.replace("grpc://", "http://"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = ByteStreamClient::new(channel);
+    let status = client
+        .query_write_status(QueryWriteStatusRequest {
+            resource_name: name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let resume_at = status.committed_size as usize;
+    assert!(!status.complete);
+    let rest: Vec<WriteRequest> = (resume_at..data.len())
+        .step_by(chunk)
+        .map(|offset| {
+            let end = (offset + chunk).min(data.len());
+            let mut request =
+                write_request(&name, offset as u64, &data[offset..end], end == data.len());
+            request.resource_name = name.clone();
+            request
+        })
+        .collect();
+    let written = client
+        .write(futures::stream::iter(rest))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(written.committed_size as usize, data.len());
+    let stored = bucket
+        .get(&ObjectPath::from(format!(
+            "{PREFIX}/cas/sha256/{}",
+            digest.hex()
+        )))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert!(stored == data, "the completed upload is the blob");
+    assert!(every_content_key_is_verified(bucket.as_ref()).await >= 1);
+}
