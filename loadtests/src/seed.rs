@@ -54,3 +54,42 @@ pub async fn action_result_as(
         .await?;
     Ok(action)
 }
+
+/// Stores 5,000 small blobs and returns 10,000 digests of which those 5,000 are present.
+pub async fn find_missing_digests(
+    cas: &ContentAddressableStorageClient<Channel>,
+) -> anyhow::Result<Vec<kiln_proto::reapi::Digest>> {
+    let mut all = Vec::with_capacity(10_000);
+    for batch in 0..10 {
+        let requests: Vec<batch_update_blobs_request::Request> = (0..500)
+            .map(|i| {
+                let data = format!("find-missing blob {batch}-{i}").into_bytes();
+                let digest = Digest::of_bytes(DigestFunction::Sha256, &data);
+                all.push(digest.to_reapi());
+                batch_update_blobs_request::Request {
+                    digest: Some(digest.to_reapi()),
+                    data,
+                    ..Default::default()
+                }
+            })
+            .collect();
+        let response = cas
+            .clone()
+            .batch_update_blobs(BatchUpdateBlobsRequest {
+                requests,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        anyhow::ensure!(response
+            .responses
+            .iter()
+            .all(|r| r.status.as_ref().is_none_or(|s| s.code == 0)));
+    }
+    for i in 0..5_000 {
+        all.push(
+            Digest::of_bytes(DigestFunction::Sha256, format!("absent {i}").as_bytes()).to_reapi(),
+        );
+    }
+    Ok(all)
+}

@@ -168,12 +168,16 @@ struct TieredWriter {
 #[async_trait]
 impl BlobWriter for TieredWriter {
     async fn write(&mut self, chunk: Bytes) -> Result<()> {
-        if let Some(fast) = &mut self.fast {
-            if fast.write(chunk.clone()).await.is_err() {
-                self.fast = None;
-            }
+        // Both tiers at once: the local disk's write and the bucket's upload overlap.
+        let slow = &mut self.slow;
+        let Some(fast) = &mut self.fast else {
+            return slow.write(chunk).await;
+        };
+        let (copied, written) = futures::join!(fast.write(chunk.clone()), slow.write(chunk));
+        if copied.is_err() {
+            self.fast = None;
         }
-        self.slow.write(chunk).await
+        written
     }
 
     fn bytes_written(&self) -> u64 {
@@ -181,13 +185,16 @@ impl BlobWriter for TieredWriter {
     }
 
     async fn commit(self: Box<Self>, expected: ExpectedDigest) -> Result<Digest> {
-        let digest = self.slow.commit(expected).await?;
-        if let Some(fast) = self.fast {
-            if let Err(error) = fast.commit(expected).await {
-                tracing::debug!(%error, "filling the local tier");
-            }
+        let Some(fast) = self.fast else {
+            return self.slow.commit(expected).await;
+        };
+        // Together: a tier copy whose bucket commit fails is harmless (its bytes were
+        // verified; the bucket still says "missing", so clients upload again).
+        let (copied, committed) = futures::join!(fast.commit(expected), self.slow.commit(expected));
+        if let Err(error) = copied {
+            tracing::debug!(%error, "filling the local tier");
         }
-        Ok(digest)
+        committed
     }
 
     async fn abort(self: Box<Self>) -> Result<()> {

@@ -6,8 +6,10 @@
 //! it without compiling that crate twice.
 
 mod garage;
+mod postgres;
 
 pub use garage::{garage_binary, Garage, GARAGE_BUCKET};
+pub use postgres::Postgres;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -6,21 +6,19 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::Parser;
-use futures::StreamExt;
-use kiln_loadtests::{load, mb_per_s, reference, seed};
-use kiln_proto::bytestream::{byte_stream_client::ByteStreamClient, ReadRequest, WriteRequest};
+use kiln_loadtests::{load, reference, seed};
+use kiln_proto::bytestream::byte_stream_client::ByteStreamClient;
 use kiln_proto::reapi::{
-    action_cache_client::ActionCacheClient, batch_update_blobs_request,
-    capabilities_client::CapabilitiesClient,
-    content_addressable_storage_client::ContentAddressableStorageClient, BatchUpdateBlobsRequest,
-    FindMissingBlobsRequest, GetActionResultRequest, GetCapabilitiesRequest,
+    action_cache_client::ActionCacheClient, capabilities_client::CapabilitiesClient,
+    content_addressable_storage_client::ContentAddressableStorageClient, FindMissingBlobsRequest,
+    GetActionResultRequest, GetCapabilitiesRequest,
 };
 use kiln_store::{Digest, DigestFunction, FsBlobStore, SledMetadataStore};
 use rand::RngCore;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 #[derive(Parser)]
 struct Args {
@@ -86,8 +84,13 @@ async fn main() -> anyhow::Result<()> {
         (DigestFunction::Blake3, raw_b3),
     ] {
         let digest = Digest::of_bytes(function, &data);
-        let (write, read) =
-            bytestream_round_trip(&bytestream, &data, digest, args.chunk_kib << 10).await?;
+        let (write, read) = kiln_loadtests::bytestream::round_trip(
+            &bytestream,
+            &data,
+            digest,
+            args.chunk_kib << 10,
+        )
+        .await?;
         println!(
             "| {function} | {write:.0} | {:.0}% | {:.0}% | {read:.0} | {:.0}% |",
             100.0 * write / raw,
@@ -97,7 +100,7 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let cas = ContentAddressableStorageClient::new(channel.clone());
-    let digests = seed_find_missing(&cas).await?;
+    let digests = seed::find_missing_digests(&cas).await?;
     let request = FindMissingBlobsRequest {
         blob_digests: digests,
         ..Default::default()
@@ -194,117 +197,4 @@ async fn start_in_process(dir: &std::path::Path) -> anyhow::Result<SocketAddr> {
     let addr = listener.local_addr()?;
     tokio::spawn(coordinator.serve(listener, futures::future::pending()));
     Ok(addr)
-}
-
-/// Writes `data` through ByteStream, reads it back, and returns (write, read) MB/s.
-async fn bytestream_round_trip(
-    client: &ByteStreamClient<Channel>,
-    data: &bytes::Bytes,
-    digest: Digest,
-    chunk: usize,
-) -> anyhow::Result<(f64, f64)> {
-    let segment = match digest.function {
-        DigestFunction::Sha256 => String::new(),
-        DigestFunction::Blake3 => "blake3/".to_string(),
-    };
-    let upload = format!(
-        "uploads/{}/blobs/{segment}{}",
-        uuid::Uuid::new_v4(),
-        digest.reapi()
-    );
-    let chunks: Vec<WriteRequest> = data
-        .chunks(chunk)
-        .enumerate()
-        .map(|(i, piece)| WriteRequest {
-            resource_name: if i == 0 {
-                upload.clone()
-            } else {
-                String::new()
-            },
-            write_offset: (i * chunk) as i64,
-            finish_write: (i + 1) * chunk >= data.len(),
-            data: piece.to_vec(),
-        })
-        .collect();
-    let start = Instant::now();
-    let committed = client
-        .clone()
-        .write(futures::stream::iter(chunks))
-        .await?
-        .into_inner()
-        .committed_size;
-    let write = mb_per_s(data.len() as u64, start.elapsed());
-    anyhow::ensure!(
-        committed == data.len() as i64,
-        "committed {committed} of {}",
-        data.len()
-    );
-
-    let start = Instant::now();
-    let mut stream = client
-        .clone()
-        .read(ReadRequest {
-            resource_name: format!("blobs/{segment}{}", digest.reapi()),
-            read_offset: 0,
-            read_limit: 0,
-        })
-        .await?
-        .into_inner();
-    let mut hasher = digest.function.hasher();
-    let mut received = 0u64;
-    let mut pieces = Vec::new();
-    while let Some(response) = stream.next().await {
-        let piece = response?.data;
-        received += piece.len() as u64;
-        pieces.push(piece);
-    }
-    let read = mb_per_s(received, start.elapsed());
-    // Checked after the clock stops: the benchmark measures the server, not our hashing.
-    for piece in &pieces {
-        hasher.update(piece);
-    }
-    anyhow::ensure!(
-        hasher.finalize() == digest.hash && received == digest.size,
-        "read back different bytes"
-    );
-    Ok((write, read))
-}
-
-/// Stores 5,000 small blobs and returns 10,000 digests of which those 5,000 are present.
-async fn seed_find_missing(
-    cas: &ContentAddressableStorageClient<Channel>,
-) -> anyhow::Result<Vec<kiln_proto::reapi::Digest>> {
-    let mut all = Vec::with_capacity(10_000);
-    for batch in 0..10 {
-        let requests: Vec<batch_update_blobs_request::Request> = (0..500)
-            .map(|i| {
-                let data = format!("find-missing blob {batch}-{i}").into_bytes();
-                let digest = Digest::of_bytes(DigestFunction::Sha256, &data);
-                all.push(digest.to_reapi());
-                batch_update_blobs_request::Request {
-                    digest: Some(digest.to_reapi()),
-                    data,
-                    ..Default::default()
-                }
-            })
-            .collect();
-        let response = cas
-            .clone()
-            .batch_update_blobs(BatchUpdateBlobsRequest {
-                requests,
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
-        anyhow::ensure!(response
-            .responses
-            .iter()
-            .all(|r| r.status.as_ref().is_none_or(|s| s.code == 0)));
-    }
-    for i in 0..5_000 {
-        all.push(
-            Digest::of_bytes(DigestFunction::Sha256, format!("absent {i}").as_bytes()).to_reapi(),
-        );
-    }
-    Ok(all)
 }

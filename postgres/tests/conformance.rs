@@ -1,0 +1,97 @@
+//! The MetadataStore contract on a real PostgreSQL, and what only a shared database can
+//! show: two stores (two replicas) racing on one key. `#[ignore]`d in the plain run
+//! (PostgreSQL is not part of the Rust toolchain); `.ci/run` installs it and runs them.
+
+use std::sync::Arc;
+
+use kiln_postgres::{PostgresMetadataStore, PostgresSettings};
+use kiln_store::{Keyspace, MetadataError, MetadataStore, WriteBatch};
+use kiln_testkit::Postgres;
+
+async fn connect(postgres: &Postgres) -> PostgresMetadataStore {
+    PostgresMetadataStore::connect(&PostgresSettings::new(postgres.url()))
+        .await
+        .expect("connects and migrates")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL (.ci/run installs it)"]
+async fn the_postgres_store_conforms() {
+    let postgres = Postgres::start().unwrap();
+    let store = connect(&postgres).await;
+    kiln_store::conformance::metadata_store::all(Arc::new(store)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL (.ci/run installs it)"]
+async fn two_replicas_racing_on_one_key_never_both_win() {
+    const SPACE: Keyspace = Keyspace("race");
+    let postgres = Postgres::start().unwrap();
+    // Two pools, as two kiln processes would have; migrations race too.
+    let (a, b) = tokio::join!(connect(&postgres), connect(&postgres));
+    let stores = [Arc::new(a), Arc::new(b)];
+
+    // Compare-and-swap from absent: of 32 racers on each key, exactly one wins.
+    for round in 0..20u32 {
+        let key = format!("cas-{round}");
+        let racers = (0..32u32).map(|i| {
+            let store = stores[i as usize % 2].clone();
+            let key = key.clone();
+            tokio::spawn(async move {
+                store
+                    .compare_and_swap(SPACE, key.as_bytes(), None, Some(&i.to_be_bytes()))
+                    .await
+                    .unwrap()
+                    .is_ok()
+            })
+        });
+        let wins = futures::future::join_all(racers)
+            .await
+            .into_iter()
+            .filter(|won| *won.as_ref().unwrap())
+            .count();
+        assert_eq!(wins, 1, "round {round}");
+    }
+
+    // An immutable tag: batches that expect it absent and create it, from both replicas
+    // at once. One succeeds; every other one is a Conflict, never a silent overwrite.
+    for round in 0..10u32 {
+        let tag = format!("v1.{round}.0");
+        let pushes = (0..16u32).map(|i| {
+            let store = stores[i as usize % 2].clone();
+            let tag = tag.clone();
+            tokio::spawn(async move {
+                let mut batch = WriteBatch::new();
+                batch.expect(SPACE, tag.as_bytes(), None);
+                batch.put(SPACE, tag.as_bytes(), i.to_be_bytes());
+                batch.put(
+                    SPACE,
+                    format!("log-{tag}-{i}").into_bytes(),
+                    b"pushed".to_vec(),
+                );
+                store.apply(batch).await
+            })
+        });
+        let mut won = Vec::new();
+        for (i, outcome) in futures::future::join_all(pushes)
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            match outcome.unwrap() {
+                Ok(()) => won.push(i as u32),
+                Err(MetadataError::Conflict { .. }) => {}
+                Err(other) => panic!("round {round}: {other}"),
+            }
+        }
+        assert_eq!(won.len(), 1, "round {round}: {won:?}");
+        let stored = stores[0].get(SPACE, tag.as_bytes()).await.unwrap();
+        assert_eq!(stored, Some(won[0].to_be_bytes().to_vec()));
+        // The winner's other write landed with it; no loser's did.
+        let logs = stores[1]
+            .scan(SPACE, format!("log-{tag}-").as_bytes(), None, 100)
+            .await
+            .unwrap();
+        assert_eq!(logs.len(), 1, "round {round}");
+    }
+}
