@@ -43,6 +43,9 @@ pub struct KilnConfig {
     pub cas: CasConfig,
     /// The `[storage]` table: where blobs live.
     pub storage: crate::storage_config::StorageConfig,
+    /// The `[metadata]` table: where the action cache, the registry index, operations,
+    /// sessions and tokens live.
+    pub metadata: crate::storage_config::MetadataConfig,
     /// The `[tls]` table: the coordinator's gRPC and the registry's HTTP serve TLS with
     /// these files when `cert` and `key` are set.
     pub tls: TlsConfig,
@@ -195,6 +198,7 @@ impl Default for KilnConfig {
             telemetry: Default::default(),
             cas: Default::default(),
             storage: Default::default(),
+            metadata: Default::default(),
             tls: Default::default(),
             allow_unauthenticated: false,
             unknown_variables: Vec::new(),
@@ -352,6 +356,7 @@ impl KilnConfig {
             config.cas.max_bytes = Some(v);
         }
         args.storage.apply(&mut config.storage)?;
+        args.storage.apply_metadata(&mut config.metadata);
         config.allow_unauthenticated = args.allow_unauthenticated;
         config.coordinator.auth.enabled |= args.coordinator_auth;
         config.tls.metrics |= args.tls_metrics;

@@ -61,7 +61,13 @@ enum Command {
 /// Opens the embedded storage and starts `/metrics` and the probes, before any server
 /// starts recording.
 async fn open_server(config: &KilnConfig, role: MetricsRole) -> anyhow::Result<(Storage, Servers)> {
-    let storage = Storage::open(&config.data_dir, &config.cas, &config.storage).await?;
+    let storage = Storage::open(
+        &config.data_dir,
+        &config.cas,
+        &config.storage,
+        &config.metadata,
+    )
+    .await?;
     let mut servers = Servers::new();
     servers
         .start_metrics(config, role, MetricsSources::server(&storage, &servers))

@@ -195,8 +195,14 @@ impl Servers {
         )?;
         let listener = bind(config.registry_addr, "registry").await?;
         self.addresses.insert("registry", listener.local_addr()?);
+        let mut registry_config = config.registry.clone();
+        // With shared metadata, replicas answer for one another's upload sessions.
+        registry_config.shared_upload_sessions = matches!(
+            config.metadata,
+            crate::storage_config::MetadataConfig::Postgres(_)
+        );
         let mut registry = kiln_registry::Registry::open(
-            config.registry.clone(),
+            registry_config,
             storage.blobs.clone(),
             storage.metadata.clone(),
         )

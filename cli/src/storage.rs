@@ -8,13 +8,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use kiln_object_store::{ObjectBlobStore, ObjectStoreOptions, S3Settings};
+use kiln_postgres::PostgresMetadataStore;
 use kiln_store::{
     BlobStore, BoundedBlobStore, EvictionPolicy, FsBlobStore, MetadataStore, SledMetadataStore,
     TieredBlobStore,
 };
 
 use crate::config::CasConfig;
-use crate::storage_config::StorageConfig;
+use crate::storage_config::{MetadataConfig, StorageConfig};
 
 /// How often the bucket is listed for blobs past their age: a listing of a large bucket
 /// is thousands of requests.
@@ -37,6 +38,7 @@ impl Storage {
         data_dir: &Path,
         cas: &CasConfig,
         backend: &StorageConfig,
+        metadata: &MetadataConfig,
     ) -> anyhow::Result<Self> {
         let files = FsBlobStore::open(data_dir.join("cas"))
             .with_context(|| format!("opening the blob store in {}", data_dir.display()))?;
@@ -48,9 +50,7 @@ impl Storage {
             "blob store limit (cas.max_bytes)"
         );
         let local = Arc::new(BoundedBlobStore::new(Arc::new(files), policy.clone()).await?);
-        let metadata = SledMetadataStore::open(data_dir.join("metadata"))
-            .with_context(|| format!("opening the metadata store in {}", data_dir.display()))?;
-        let metadata: Arc<dyn MetadataStore> = Arc::new(metadata);
+        let metadata = open_metadata(data_dir, metadata).await?;
         match backend {
             StorageConfig::Fs => Ok(Storage {
                 blobs: local.clone(),
@@ -70,6 +70,23 @@ impl Storage {
             }
         }
     }
+}
+
+async fn open_metadata(
+    data_dir: &Path,
+    config: &MetadataConfig,
+) -> anyhow::Result<Arc<dyn MetadataStore>> {
+    Ok(match config {
+        MetadataConfig::Sled => Arc::new(
+            SledMetadataStore::open(data_dir.join("metadata"))
+                .with_context(|| format!("opening the metadata store in {}", data_dir.display()))?,
+        ),
+        MetadataConfig::Postgres(settings) => Arc::new(
+            PostgresMetadataStore::connect(settings)
+                .await
+                .context("opening the metadata store in PostgreSQL ([metadata])")?,
+        ),
+    })
 }
 
 /// The bucket, with no size limit and eviction by age (`evict_unused_after_days`), within

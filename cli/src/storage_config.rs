@@ -1,6 +1,8 @@
-//! Where blobs live: the `[storage]` table, and the flags and variables over it.
+//! Where blobs and metadata live: the `[storage]` and `[metadata]` tables, and the flags
+//! and variables over them.
 
 use kiln_object_store::S3Settings;
+use kiln_postgres::PostgresSettings;
 use serde::Deserialize;
 
 /// The `[storage]` table: `backend = "fs"` (the default: files under the data directory)
@@ -12,6 +14,17 @@ pub enum StorageConfig {
     #[default]
     Fs,
     S3(S3Settings),
+}
+
+/// The `[metadata]` table: `backend = "sled"` (the default: embedded, under the data
+/// directory) or `backend = "postgres"` with a `url` ([`PostgresSettings`]), which
+/// replicas share.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(tag = "backend", rename_all = "lowercase")]
+pub enum MetadataConfig {
+    #[default]
+    Sled,
+    Postgres(PostgresSettings),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -37,9 +50,24 @@ pub struct StorageArgs {
     /// Keys are made under this prefix of the bucket.
     #[arg(long, env = "KILN_S3_PREFIX", global = true)]
     pub s3_prefix: Option<String>,
+    /// Metadata in this PostgreSQL database (`postgres://user@host/db`) instead of the
+    /// embedded sled; the password comes from `[metadata] password_file` or PGPASSWORD.
+    #[arg(long, env = "KILN_POSTGRES_URL", global = true, value_name = "URL")]
+    pub postgres_url: Option<String>,
 }
 
 impl StorageArgs {
+    /// Lays the metadata flag over what the file said.
+    pub fn apply_metadata(&self, config: &mut MetadataConfig) {
+        let Some(url) = &self.postgres_url else {
+            return;
+        };
+        match config {
+            MetadataConfig::Postgres(settings) => settings.url = url.clone(),
+            MetadataConfig::Sled => *config = MetadataConfig::Postgres(PostgresSettings::new(url)),
+        }
+    }
+
     /// Lays the flags over what the file said.
     pub fn apply(&self, config: &mut StorageConfig) -> anyhow::Result<()> {
         match self.storage_backend {
@@ -104,6 +132,28 @@ mod tests {
         assert_eq!(
             toml::from_str::<StorageConfig>("backend = \"fs\"\n").unwrap(),
             StorageConfig::Fs
+        );
+    }
+
+    #[test]
+    fn metadata_moves_to_postgres_by_file_or_flag() {
+        let file: MetadataConfig = toml::from_str(
+            "backend = \"postgres\"\nurl = \"postgres://kiln@db/kiln\"\npassword_file = \"/run/secrets/pg\"\n",
+        )
+        .unwrap();
+        let MetadataConfig::Postgres(settings) = &file else {
+            panic!("{file:?}")
+        };
+        assert_eq!(settings.pool_size, 16);
+        let mut config = MetadataConfig::Sled;
+        StorageArgs {
+            postgres_url: Some("postgres://kiln@other/kiln".into()),
+            ..Default::default()
+        }
+        .apply_metadata(&mut config);
+        assert_eq!(
+            config,
+            MetadataConfig::Postgres(PostgresSettings::new("postgres://kiln@other/kiln"))
         );
     }
 

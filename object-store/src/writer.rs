@@ -254,6 +254,19 @@ impl BlobWriter for ObjectBlobWriter {
         digest
     }
 
+    async fn suspend(mut self: Box<Self>) -> Result<u64> {
+        self.finished = true;
+        let kept = self.bytes_written();
+        if self.resumable.is_some() {
+            // Saved before returning, so the next request may land on any replica.
+            self.save_own().await?;
+        } else {
+            self.discard_own().await;
+        }
+        self.release_upload();
+        Ok(kept)
+    }
+
     async fn abort(mut self: Box<Self>) -> Result<()> {
         self.finished = true;
         self.discard_own().await;

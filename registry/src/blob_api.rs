@@ -303,6 +303,7 @@ fn upload_accepted(status: StatusCode, name: &str, id: &str, offset: u64) -> Res
 pub async fn upload_status(state: &Arc<RegistryState>, name: &str, id: &str) -> Result<Response> {
     let mut session = state.uploads.lock(name, id).await?;
     let offset = state.uploads.offset(&mut session).await?;
+    state.uploads.release(session).await?;
     Ok(upload_accepted(StatusCode::NO_CONTENT, name, id, offset))
 }
 
@@ -324,6 +325,7 @@ pub async fn patch_upload(
             &upload_location(name, id),
         )
         .await?;
+    state.uploads.release(session).await?;
     Ok(upload_accepted(StatusCode::ACCEPTED, name, id, offset))
 }
 

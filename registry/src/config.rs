@@ -25,6 +25,12 @@ pub struct RegistryConfig {
     /// Whether clients may delete manifests, tags and blobs. When false, DELETE gets
     /// 405 UNSUPPORTED, as the spec allows.
     pub deletes_enabled: bool,
+    /// Set by the binary when replicas share metadata and blobs: an upload session's
+    /// bytes are saved at the end of every request, so that the next request of the
+    /// session may land on another replica. (Otherwise the open writer stays in this
+    /// process between requests, and a chunked upload hashes each byte once.)
+    #[serde(skip)]
+    pub shared_upload_sessions: bool,
 }
 
 impl Default for RegistryConfig {
@@ -36,6 +42,7 @@ impl Default for RegistryConfig {
             gc: GcConfig::default(),
             limits: LimitsConfig::default(),
             deletes_enabled: true,
+            shared_upload_sessions: false,
         }
     }
 }

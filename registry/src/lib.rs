@@ -119,7 +119,8 @@ impl Registry {
                 config.limits.max_concurrent_uploads,
             )),
             index: RepositoryIndex::new(metadata.clone(), clock.clone()),
-            uploads: UploadSessions::new(metadata, blobs.clone(), clock.clone()),
+            uploads: UploadSessions::new(metadata, blobs.clone(), clock.clone())
+                .shared(config.shared_upload_sessions),
             clock,
             blobs,
             policy,

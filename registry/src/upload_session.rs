@@ -52,6 +52,8 @@ pub struct UploadSessions {
     clock: Arc<dyn Clock>,
     blobs: Arc<dyn BlobStore>,
     slots: dashmap::DashMap<String, Arc<Mutex<Option<OpenWriter>>>>,
+    /// Whether the next request of a session may land on another replica.
+    shared: bool,
 }
 
 impl UploadSessions {
@@ -65,7 +67,27 @@ impl UploadSessions {
             clock,
             blobs,
             slots: dashmap::DashMap::new(),
+            shared: false,
         }
+    }
+
+    /// Saves each session's bytes at the end of every request (see
+    /// `RegistryConfig::shared_upload_sessions`).
+    pub fn shared(mut self, shared: bool) -> Self {
+        self.shared = shared;
+        self
+    }
+
+    /// Ends a request's hold on its session. With shared sessions the writer is
+    /// suspended, its bytes saved where any replica can resume them; otherwise it stays
+    /// open here for the session's next request.
+    pub async fn release(&self, mut session: SessionGuard) -> Result<()> {
+        if self.shared {
+            if let Some(open) = session.slot.take() {
+                open.writer.suspend().await?;
+            }
+        }
+        Ok(())
     }
 
     /// Starts a session and makes it durable, so its id stays valid across a restart.

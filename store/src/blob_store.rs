@@ -79,6 +79,16 @@ pub trait BlobWriter: Send {
 
     /// Discards the partial data, including a resumable upload's file.
     async fn abort(self: Box<Self>) -> Result<()>;
+
+    /// Ends this writer but keeps what it received for a later resume under its upload
+    /// id, durably and visibly to every process sharing the store before it returns (a
+    /// dropped writer may finish keeping its bytes in the background). Returns how many
+    /// bytes a resume will start after. Without an upload id, the same as a drop.
+    async fn suspend(self: Box<Self>) -> Result<u64> {
+        let kept = self.bytes_written();
+        drop(self);
+        Ok(kept)
+    }
 }
 
 /// A content-addressed blob store.

@@ -289,6 +289,14 @@ impl BlobWriter for BoundedWriter {
             None => Ok(()),
         }
     }
+
+    async fn suspend(mut self: Box<Self>) -> Result<u64> {
+        // The kept bytes leave `pending` on drop, as a dropped writer's do.
+        match self.inner.take() {
+            Some(inner) => inner.suspend().await,
+            None => Err(self.full()),
+        }
+    }
 }
 
 impl Drop for BoundedWriter {

@@ -203,6 +203,14 @@ impl BlobWriter for TieredWriter {
         }
         self.slow.abort().await
     }
+
+    async fn suspend(self: Box<Self>) -> Result<u64> {
+        // The resume may happen anywhere; the tier copies only whole writes.
+        if let Some(fast) = self.fast {
+            let _ = fast.abort().await;
+        }
+        self.slow.suspend().await
+    }
 }
 
 /// Drains a stream, for the tests' reads.

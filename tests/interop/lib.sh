@@ -15,12 +15,16 @@ STARTED_PIDS=()
 
 # Newest first: a daemon started on top of another (dockerd on containerd, a client on a
 # server) stops while what it depends on still answers.
-cleanup() {
+stop_started() {
     local i pid
     for ((i = ${#STARTED_PIDS[@]} - 1; i >= 0; i--)); do
         pid="${STARTED_PIDS[$i]}"
         [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
     done
+    STARTED_PIDS=()
+}
+cleanup() {
+    stop_started
     if [ "${KEEP_WORK:-0}" != 1 ]; then rm -rf "$WORK"; fi
 }
 on_exit() {
@@ -29,6 +33,9 @@ on_exit() {
     if [ "$status" -eq 0 ] && [ -n "${GARAGE_CONFIG:-}" ]; then
         garage_holds_objects || status=1
     fi
+    # kiln first (it holds connections), then PostgreSQL, then the files.
+    stop_started
+    if [ -n "${POSTGRES_STOP:-}" ]; then "${POSTGRES_STOP[@]}" >/dev/null 2>&1 || true; fi
     cleanup
     exit "$status"
 }
@@ -280,8 +287,39 @@ garage_holds_objects() {
     [ "${objects:-0}" -gt 0 ] || { echo "FAIL: nothing reached the bucket" >&2; return 1; }
 }
 
+# start_postgres : a throwaway PostgreSQL cluster (Debian's initdb and pg_ctl) on a free
+# loopback port under $WORK/postgres, user kiln with trust authentication, and exports
+# KILN_POSTGRES_URL so every kiln this script starts keeps its metadata there. Under root
+# the cluster belongs to the postgres system user (PostgreSQL refuses root). Sets
+# POSTGRES_URL.
+start_postgres() {
+    local bin dir="$WORK/postgres" port as=()
+    bin="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)"
+    [ -x "$bin/initdb" ] || fail "PostgreSQL is not installed (Debian's postgresql package)"
+    mkdir -p "$dir"
+    if [ "$(id -u)" = 0 ]; then
+        chown postgres "$dir"
+        chmod o+x "$WORK"  # for the postgres user to reach its directory
+        as=(runuser -u postgres --)
+    fi
+    port=$(free_port)
+    "${as[@]}" "$bin/initdb" -D "$dir/data" -U kiln --auth=trust --no-sync -E UTF8 >"$WORK/postgres.log" 2>&1 \
+        || { cat "$WORK/postgres.log" >&2; fail "initdb"; }
+    "${as[@]}" "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w \
+        -o "-p $port -c listen_addresses=127.0.0.1 -k $dir" start >>"$WORK/postgres.log" 2>&1 \
+        || { cat "$WORK/postgres.log" "$dir/server.log" >&2; fail "pg_ctl start"; }
+    POSTGRES_STOP=("${as[@]}" "$bin/pg_ctl" -D "$dir/data" -m immediate stop)
+    POSTGRES_URL="postgres://kiln@127.0.0.1:$port/postgres"
+    export KILN_POSTGRES_URL="$POSTGRES_URL"
+    log "postgres on 127.0.0.1:$port: kiln keeps its metadata there"
+}
+
 # INTEROP_STORAGE=s3 runs a script with every kiln on a Garage bucket
 # (tests/interop/object_storage.sh does that for the scripts that matter).
 if [ "${INTEROP_STORAGE:-fs}" = s3 ]; then
     start_garage
+fi
+# INTEROP_METADATA=postgres runs a script with every kiln's metadata in PostgreSQL.
+if [ "${INTEROP_METADATA:-sled}" = postgres ]; then
+    start_postgres
 fi

@@ -20,6 +20,11 @@ use crate::support::*;
 const PREFIX: &str = "crash";
 
 fn config(garage: &Garage, dir: &Path) -> std::path::PathBuf {
+    config_with(garage, dir, "")
+}
+
+/// The bucket's settings, and `more` after them.
+fn config_with(garage: &Garage, dir: &Path, more: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(dir).unwrap();
     let path = dir.join("kiln.toml");
     std::fs::write(
@@ -32,7 +37,7 @@ fn config(garage: &Garage, dir: &Path) -> std::path::PathBuf {
             garage.region(),
             garage.access_key_id(),
             garage.secret_access_key()
-        ),
+        ) + more,
     )
     .unwrap();
     path
@@ -207,4 +212,107 @@ async fn a_kill_mid_upload_leaves_no_partial_blob_and_another_kiln_takes_over() 
         .unwrap();
     assert!(stored == data, "the completed upload is the blob");
     assert!(every_content_key_is_verified(bucket.as_ref()).await >= 1);
+}
+
+/// Two `kiln registry` replicas on one bucket and one PostgreSQL: a chunked upload whose
+/// requests alternate between them completes, and the blob reads back from either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Garage and PostgreSQL (.ci/run installs them)"]
+async fn a_chunked_upload_alternating_between_replicas_completes() {
+    let garage = Garage::start().unwrap();
+    let postgres = kiln_testkit::Postgres::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let metadata = format!(
+        "[metadata]\nbackend = \"postgres\"\nurl = \"{}\"\n",
+        postgres.url()
+    );
+    let replicas: Vec<(Background, String)> = ["a", "b"]
+        .iter()
+        .map(|name| {
+            let config = config_with(&garage, &dir.path().join(name), &metadata);
+            let data = dir.path().join(name).join("data");
+            let args: Vec<&std::ffi::OsStr> = vec![
+                "registry".as_ref(),
+                "--registry-addr".as_ref(),
+                "127.0.0.1:0".as_ref(),
+                "--metrics-addr".as_ref(),
+                "127.0.0.1:0".as_ref(),
+                "--data-dir".as_ref(),
+                data.as_os_str(),
+                "--config".as_ref(),
+                config.as_os_str(),
+            ];
+            let (process, mut addresses) = spawn_kiln(&args, &[REGISTRY]);
+            (process, addresses.remove(0))
+        })
+        .collect();
+    let replica = |i: usize| &replicas[i % 2].1;
+
+    let data: Vec<u8> = (0..(20 << 20) + 4321)
+        .map(|i: u32| (i % 241) as u8)
+        .collect();
+    let digest = Digest::of_bytes(DigestFunction::Sha256, &data);
+    let http = reqwest::Client::new();
+    let started = http
+        .post(format!("http://{}/v2/ha/blobs/uploads/", replica(0)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(started.status(), 202);
+    let location = started.headers()["location"].to_str().unwrap().to_string();
+    let pieces = [0..(6 << 20), (6 << 20)..(13 << 20), (13 << 20)..data.len()];
+    for (i, piece) in pieces.iter().enumerate() {
+        let url = format!("http://{}{location}", replica(i));
+        // The other replica reports the offset this one will continue from.
+        let status = http
+            .get(format!("http://{}{location}", replica(i + 1)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(status.status(), 204);
+        let range = status.headers()["range"].to_str().unwrap().to_string();
+        let expected = if piece.start == 0 {
+            "0-0".to_string()
+        } else {
+            format!("0-{}", piece.start - 1)
+        };
+        assert_eq!(range, expected, "piece {i}");
+        let patched = http
+            .patch(url)
+            .header("content-type", "application/octet-stream")
+            .header(
+                "content-range",
+                format!("{}-{}", piece.start, piece.end - 1),
+            )
+            .body(data[piece.clone()].to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            patched.status(),
+            202,
+            "piece {i}: {}",
+            patched.text().await.unwrap()
+        );
+    }
+    let finished = http
+        .put(format!("http://{}{location}", replica(1)))
+        .query(&[("digest", digest.oci())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(finished.status(), 201, "{}", finished.text().await.unwrap());
+    for i in 0..2 {
+        let pulled = http
+            .get(format!(
+                "http://{}/v2/ha/blobs/{}",
+                replica(i),
+                digest.oci()
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(pulled.status(), 200);
+        assert!(pulled.bytes().await.unwrap() == data, "replica {i}");
+    }
 }

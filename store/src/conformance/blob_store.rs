@@ -23,6 +23,35 @@ pub async fn all(store: &dyn BlobStore) {
     abandoned_uploads_are_swept_and_open_ones_kept(store).await;
     a_reader_during_a_write_sees_nothing_until_the_commit(store).await;
     large_blobs_stream_resume_and_fail_whole(store).await;
+    a_suspended_upload_resumes_with_every_byte(store).await;
+}
+
+/// `suspend` keeps every byte for the next writer of the upload, wherever it runs.
+pub async fn a_suspended_upload_resumes_with_every_byte(store: &dyn BlobStore) {
+    let data = content(90_000, 18);
+    let digest = Digest::of_bytes(DigestFunction::Sha256, &data);
+    let id = "conformance-suspended";
+    let mut offset = 0;
+    for piece in data.chunks(40_000) {
+        let mut writer = store
+            .begin_write(DigestFunction::Sha256, Some(id))
+            .await
+            .unwrap();
+        assert_eq!(writer.bytes_written(), offset);
+        writer.write(Bytes::copy_from_slice(piece)).await.unwrap();
+        offset = writer.suspend().await.unwrap();
+    }
+    assert_eq!(offset, data.len() as u64);
+    let writer = store
+        .begin_write(DigestFunction::Sha256, Some(id))
+        .await
+        .unwrap();
+    assert_eq!(writer.bytes_written(), offset);
+    assert_eq!(
+        writer.commit(ExpectedDigest::Exact(digest)).await.unwrap(),
+        digest
+    );
+    assert_eq!(store.read_all(&digest).await.unwrap(), data);
 }
 
 /// What a concurrent reader sees of a blob being written: nothing, until the commit has
