@@ -149,3 +149,42 @@ pub async fn get_action_results(
     )
     .await
 }
+
+/// FindMissingBlobs for `digests` (of which `present` are stored), called in sequence
+/// for `seconds` or 500 calls; a call that reports another number missing is an error.
+pub async fn find_missing_blobs(
+    channel: &tonic::transport::Channel,
+    digests: Vec<kiln_proto::reapi::Digest>,
+    present: usize,
+    seconds: u64,
+) -> LoadSummary {
+    use kiln_proto::reapi::{
+        content_addressable_storage_client::ContentAddressableStorageClient,
+        FindMissingBlobsRequest,
+    };
+    let cas = ContentAddressableStorageClient::new(channel.clone());
+    let wanted = digests.len() - present;
+    let request = FindMissingBlobsRequest {
+        blob_digests: digests,
+        ..Default::default()
+    };
+    closed_loop(1, Duration::from_secs(seconds), 500, move || {
+        let (mut cas, request) = (cas.clone(), request.clone());
+        async move {
+            let missing = cas
+                .find_missing_blobs(request)
+                .await?
+                .into_inner()
+                .missing_blob_digests
+                .len();
+            if missing == wanted {
+                Ok(())
+            } else {
+                Err(tonic::Status::internal(format!(
+                    "{missing} missing, wanted {wanted}"
+                )))
+            }
+        }
+    })
+    .await
+}

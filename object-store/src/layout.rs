@@ -49,14 +49,7 @@ impl Layout {
 
     /// The blob a `cas/` key names; `None` for anything else found there.
     pub fn parse_content(&self, path: &Path) -> Option<ContentHash> {
-        let parts: Vec<_> = path.prefix_match(&self.content_root())?.collect();
-        match parts.as_slice() {
-            [function, hex] => {
-                let function = DigestFunction::from_name(function.as_ref())?;
-                ContentHash::parse_hex(function, hex.as_ref()).ok()
-            }
-            _ => None,
-        }
+        hash_under(&self.content_root(), path)
     }
 
     pub fn staging_root(&self) -> Path {
@@ -105,14 +98,19 @@ impl Layout {
     }
 
     pub fn parse_touched(&self, path: &Path) -> Option<ContentHash> {
-        let parts: Vec<_> = path.prefix_match(&self.touched_root())?.collect();
-        match parts.as_slice() {
-            [function, hex] => {
-                let function = DigestFunction::from_name(function.as_ref())?;
-                ContentHash::parse_hex(function, hex.as_ref()).ok()
-            }
-            _ => None,
+        hash_under(&self.touched_root(), path)
+    }
+}
+
+/// The hash a `<root>/<function>/<hex>` key names.
+fn hash_under(root: &Path, path: &Path) -> Option<ContentHash> {
+    let parts: Vec<_> = path.prefix_match(root)?.collect();
+    match parts.as_slice() {
+        [function, hex] => {
+            let function = DigestFunction::from_name(function.as_ref())?;
+            ContentHash::parse_hex(function, hex.as_ref()).ok()
         }
+        _ => None,
     }
 }
 

@@ -221,13 +221,7 @@ impl BlobWriter for ObjectBlobWriter {
                     self.sink = Sink::Multipart(parts);
                 }
             }
-            Sink::Multipart(parts) => {
-                parts
-                    .wait_for_capacity(PARTS_IN_FLIGHT)
-                    .await
-                    .map_err(|e| store_error("uploading a part", None, e))?;
-                parts.put(chunk);
-            }
+            Sink::Multipart(parts) => put_part(parts, chunk).await?,
         }
         Ok(())
     }
@@ -316,6 +310,17 @@ impl Drop for ObjectBlobWriter {
     }
 }
 
+/// Hands `chunk` to a multipart upload once fewer than `PARTS_IN_FLIGHT` parts are in
+/// flight, which bounds a writer's memory.
+async fn put_part(parts: &mut WriteMultipart, chunk: Bytes) -> Result<()> {
+    parts
+        .wait_for_capacity(PARTS_IN_FLIGHT)
+        .await
+        .map_err(|e| store_error("uploading a part", None, e))?;
+    parts.put(chunk);
+    Ok(())
+}
+
 /// Writes a sink's bytes to `target` (nothing for an empty buffer).
 async fn save(inner: &Inner, target: &Path, sink: Sink) -> Result<()> {
     match sink {
@@ -366,11 +371,7 @@ async fn assemble(
             {
                 hasher.update(&chunk);
                 size += chunk.len() as u64;
-                parts
-                    .wait_for_capacity(PARTS_IN_FLIGHT)
-                    .await
-                    .map_err(|e| store_error("uploading a part", None, e))?;
-                parts.put(chunk);
+                put_part(&mut parts, chunk).await?;
             }
         }
         Ok(())

@@ -13,8 +13,8 @@ use kiln_loadtests::{load, reference, seed};
 use kiln_proto::bytestream::byte_stream_client::ByteStreamClient;
 use kiln_proto::reapi::{
     action_cache_client::ActionCacheClient, capabilities_client::CapabilitiesClient,
-    content_addressable_storage_client::ContentAddressableStorageClient, FindMissingBlobsRequest,
-    GetActionResultRequest, GetCapabilitiesRequest,
+    content_addressable_storage_client::ContentAddressableStorageClient, GetActionResultRequest,
+    GetCapabilitiesRequest,
 };
 use kiln_store::{Digest, DigestFunction, FsBlobStore, SledMetadataStore};
 use rand::RngCore;
@@ -101,32 +101,7 @@ async fn main() -> anyhow::Result<()> {
 
     let cas = ContentAddressableStorageClient::new(channel.clone());
     let digests = seed::find_missing_digests(&cas).await?;
-    let request = FindMissingBlobsRequest {
-        blob_digests: digests,
-        ..Default::default()
-    };
-    let summary = load::closed_loop(1, Duration::from_secs(args.seconds.max(10)), 500, {
-        let cas = cas.clone();
-        move || {
-            let (mut cas, request) = (cas.clone(), request.clone());
-            async move {
-                let missing = cas
-                    .find_missing_blobs(request)
-                    .await?
-                    .into_inner()
-                    .missing_blob_digests
-                    .len();
-                if missing == 5_000 {
-                    Ok(())
-                } else {
-                    Err(tonic::Status::internal(format!(
-                        "{missing} missing, wanted 5000"
-                    )))
-                }
-            }
-        }
-    })
-    .await;
+    let summary = load::find_missing_blobs(&channel, digests, 5_000, args.seconds.max(10)).await;
     println!("\n## FindMissingBlobs, 10,000 digests (half present), sequential");
     println!("| calls | errors | p50 | p99 |");
     println!("|---|---|---|---|");

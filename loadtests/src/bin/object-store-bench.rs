@@ -12,7 +12,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use clap::Parser;
@@ -23,7 +23,6 @@ use kiln_object_store::{
 };
 use kiln_proto::bytestream::byte_stream_client::ByteStreamClient;
 use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
-use kiln_proto::reapi::FindMissingBlobsRequest;
 use kiln_store::{
     BlobStore, Digest, DigestFunction, FsBlobStore, MemoryMetadataStore, TieredBlobStore,
 };
@@ -232,29 +231,7 @@ async fn main() -> anyhow::Result<()> {
 
     let cas = ContentAddressableStorageClient::new(cold.clone());
     let digests = seed::find_missing_digests(&cas).await?;
-    let request = FindMissingBlobsRequest {
-        blob_digests: digests,
-        ..Default::default()
-    };
-    let summary = load::closed_loop(1, Duration::from_secs(10), 500, move || {
-        let (mut cas, request) = (cas.clone(), request.clone());
-        async move {
-            let missing = cas
-                .find_missing_blobs(request)
-                .await?
-                .into_inner()
-                .missing_blob_digests
-                .len();
-            if missing == 5_000 {
-                Ok(())
-            } else {
-                Err(tonic::Status::internal(format!(
-                    "{missing} missing, wanted 5000"
-                )))
-            }
-        }
-    })
-    .await;
+    let summary = load::find_missing_blobs(&cold, digests, 5_000, 10).await;
     println!("\n## FindMissingBlobs on the bucket, 10,000 digests (half present), sequential\n");
     println!("| calls | errors | p50 | p99 | goal p99 < 10 ms |");
     println!("|---|---|---|---|---|");
