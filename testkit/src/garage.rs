@@ -123,6 +123,11 @@ impl Garage {
         SECRET
     }
 
+    /// The process id of node `index` while it runs (for CPU accounting in benchmarks).
+    pub fn pid(&self, index: usize) -> Option<u32> {
+        self.nodes[index].process.as_ref().map(Child::id)
+    }
+
     /// Kills node `index` with SIGKILL, as a crash would.
     pub fn kill(&mut self, index: usize) -> anyhow::Result<()> {
         if let Some(mut process) = self.nodes[index].process.take() {

@@ -12,7 +12,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::Parser;
@@ -144,6 +144,48 @@ async fn registry_round_trip(registry: SocketAddr, data: &Bytes) -> anyhow::Resu
     Ok((push, pull))
 }
 
+/// User plus system CPU time of another process so far, from /proc.
+fn cpu_of(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command's closing parenthesis; utime and stime are the 12th and
+    // 13th of those, in clock ticks (100 a second on Linux).
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<u64> = after
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    let ticks = fields.get(11).unwrap_or(&0) + fields.get(12).unwrap_or(&0);
+    Duration::from_millis(ticks * 10)
+}
+
+/// CPU used by this process (kiln in process, and the client) and by Garage over a span.
+struct CpuSpan {
+    started: Instant,
+    here: Duration,
+    garage: Duration,
+    garage_pid: u32,
+}
+
+impl CpuSpan {
+    fn start(garage_pid: u32) -> Self {
+        CpuSpan {
+            started: Instant::now(),
+            here: load::process_cpu_time(),
+            garage: cpu_of(garage_pid),
+            garage_pid,
+        }
+    }
+
+    /// (wall, CPU here, CPU in Garage), in seconds.
+    fn stop(&self) -> (f64, f64, f64) {
+        (
+            self.started.elapsed().as_secs_f64(),
+            (load::process_cpu_time() - self.here).as_secs_f64(),
+            (cpu_of(self.garage_pid) - self.garage).as_secs_f64(),
+        )
+    }
+}
+
 fn random(mib: usize, round: usize) -> Bytes {
     let mut data = vec![0u8; mib << 20];
     rand::rng().fill_bytes(&mut data);
@@ -171,16 +213,25 @@ async fn main() -> anyhow::Result<()> {
     let registry = serve_registry(Arc::new(bucket_store(&garage, "registry").await?)).await?;
 
     let mut figures: [Vec<f64>; 12] = Default::default();
+    let garage_pid = garage.pid(0).expect("garage runs");
+    // (wall, CPU here, CPU in Garage) of each round's direct and cold round trips.
+    let mut cpu: [Vec<(f64, f64, f64)>; 2] = Default::default();
     for round in 0..args.rounds {
         let data = random(args.blob_mib, round);
         let digest = Digest::of_bytes(DigestFunction::Sha256, &data);
+        let span = CpuSpan::start(garage_pid);
         let (w, r) = direct(raw.as_ref(), &format!("direct/{round}"), &data).await?;
+        cpu[0].push(span.stop());
         figures[0].push(w);
         figures[1].push(r);
         for (index, channel) in [&cold, &tiered, &files].into_iter().enumerate() {
             let client = ByteStreamClient::new(channel.clone()).max_decoding_message_size(64 << 20);
+            let span = CpuSpan::start(garage_pid);
             let (w, r) =
                 kiln_loadtests::bytestream::round_trip(&client, &data, digest, 1 << 20).await?;
+            if index == 0 {
+                cpu[1].push(span.stop());
+            }
             figures[2 + 2 * index].push(w);
             figures[3 + 2 * index].push(r);
         }
@@ -228,6 +279,26 @@ async fn main() -> anyhow::Result<()> {
         ratio(reg_w, small_w),
         ratio(reg_r, small_r)
     );
+
+    println!(
+        "\n## Where the CPU went: one write and one read of {} MiB, each round\n",
+        args.blob_mib
+    );
+    println!("| path | wall s | CPU s, kiln + client | CPU s, Garage | cores busy (of 2) | CPU s per GB moved |");
+    println!("|---|---|---|---|---|---|");
+    let moved_gb = 2.0 * (args.blob_mib << 20) as f64 / 1e9;
+    for (name, spans) in [
+        ("object_store direct", &cpu[0]),
+        ("kiln ByteStream, bucket only", &cpu[1]),
+    ] {
+        for (wall, here, garage_cpu) in spans {
+            println!(
+                "| {name} | {wall:.2} | {here:.2} | {garage_cpu:.2} | {:.2} | {:.2} |",
+                (here + garage_cpu) / wall,
+                (here + garage_cpu) / moved_gb
+            );
+        }
+    }
 
     let cas = ContentAddressableStorageClient::new(cold.clone());
     let digests = seed::find_missing_digests(&cas).await?;
