@@ -316,3 +316,203 @@ async fn a_chunked_upload_alternating_between_replicas_completes() {
         assert!(pulled.bytes().await.unwrap() == data, "replica {i}");
     }
 }
+
+/// Writes `data` in one ByteStream call; the call's status on failure.
+async fn bytestream_write(
+    channel: &tonic::transport::Channel,
+    data: &[u8],
+) -> Result<(), tonic::Status> {
+    let digest = Digest::of_bytes(DigestFunction::Sha256, data);
+    let name = ResourceName::write("", digest).to_string();
+    let request = write_request(&name, 0, data, true);
+    ByteStreamClient::new(channel.clone())
+        .write(futures::stream::iter([request]))
+        .await
+        .map(drop)
+}
+
+/// Garage stopped under a running `kiln up`: ByteStream answers UNAVAILABLE and the
+/// registry 503, each saying why, promptly; once Garage is back the same kiln serves
+/// again, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Garage (.ci/run installs it)"]
+async fn a_bucket_outage_is_unavailable_then_heals_without_a_restart() {
+    let mut garage = Garage::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_with(&garage, dir.path(), "retry_timeout_secs = 2\n");
+    let farm = Farm::start_with(
+        &dir.path().join("data"),
+        0,
+        &["--config".as_ref(), config.as_os_str()],
+    );
+    let channel = tonic::transport::Channel::from_shared(farm.grpc.replace("grpc://", "http://"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    bytestream_write(&channel, b"before the outage")
+        .await
+        .unwrap();
+
+    garage.kill(0).unwrap();
+    let started = std::time::Instant::now();
+    let refused = bytestream_write(&channel, b"during the outage")
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains("object store"),
+        "{}",
+        refused.message()
+    );
+    let blob = b"a layer pushed during the outage".to_vec();
+    let digest = Digest::of_bytes(DigestFunction::Sha256, &blob);
+    let push = || {
+        reqwest::Client::new()
+            .post(format!(
+                "http://{}/v2/outage/blobs/uploads/?digest={}",
+                farm.registry,
+                digest.oci()
+            ))
+            .header("content-type", "application/octet-stream")
+            .body(blob.clone())
+            .send()
+    };
+    let pushed = push().await.unwrap();
+    assert_eq!(pushed.status(), 503);
+    let body = pushed.text().await.unwrap();
+    assert!(
+        body.contains("\"errors\"") && body.contains("unavailable"),
+        "{body}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "refusing took {:?}",
+        started.elapsed()
+    );
+
+    garage.restart(0).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while let Err(status) = bytestream_write(&channel, b"after the outage").await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still refused: {status:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    assert_eq!(push().await.unwrap().status(), 201);
+}
+
+/// A three-node Garage (every object on every node) loses a node to SIGKILL while clients
+/// push images and write ByteStream blobs through `kiln up`: clients see at most
+/// retries, and every acknowledged write reads back whole afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Garage (.ci/run installs it)"]
+async fn acknowledged_writes_survive_a_garage_node_killed_mid_push() {
+    let mut garage = Garage::start_cluster(3).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&garage, dir.path());
+    let farm = Farm::start_with(
+        &dir.path().join("data"),
+        0,
+        &["--config".as_ref(), config.as_os_str()],
+    );
+    let channel = tonic::transport::Channel::from_shared(farm.grpc.replace("grpc://", "http://"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let registry = farm.registry.clone();
+    // Blob i of writer w: mixed sizes, some past the 8 MiB multipart threshold.
+    let blob = |w: usize, i: usize| -> Vec<u8> {
+        let len = if i % 3 == 2 {
+            (9 << 20) + i
+        } else {
+            200_000 + i
+        };
+        (0..len)
+            .map(|n| (n as u8) ^ (w as u8 * 17) ^ (i as u8))
+            .collect()
+    };
+    let writers = (0..6).map(|w| {
+        let (channel, registry) = (channel.clone(), registry.clone());
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let mut retries = 0;
+            let mut written = Vec::new();
+            for i in 0..6 {
+                let data = blob(w, i);
+                let digest = Digest::of_bytes(DigestFunction::Sha256, &data);
+                // Even writers use ByteStream, odd ones push to the registry; a failure
+                // is retried, as clients do, a bounded number of times.
+                let mut attempt = 0;
+                loop {
+                    let ok = if w % 2 == 0 {
+                        bytestream_write(&channel, &data).await.is_ok()
+                    } else {
+                        http.post(format!(
+                            "http://{registry}/v2/faults/blobs/uploads/?digest={}",
+                            digest.oci()
+                        ))
+                        .body(data.clone())
+                        .send()
+                        .await
+                        .is_ok_and(|r| r.status() == 201)
+                    };
+                    if ok {
+                        break;
+                    }
+                    attempt += 1;
+                    retries += 1;
+                    assert!(attempt < 10, "writer {w} blob {i} never went through");
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+                written.push((digest, data));
+            }
+            (written, retries)
+        })
+    });
+    let writers: Vec<_> = writers.collect();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    garage.kill(2).unwrap();
+    let mut acknowledged = Vec::new();
+    let mut retries = 0;
+    for writer in writers {
+        let (written, retried) = writer.await.unwrap();
+        acknowledged.extend(written);
+        retries += retried;
+    }
+    eprintln!(
+        "{} writes acknowledged, {retries} retries",
+        acknowledged.len()
+    );
+    assert_eq!(acknowledged.len(), 36);
+    let http = reqwest::Client::new();
+    for (digest, data) in &acknowledged {
+        let pulled = http
+            .get(format!(
+                "http://{registry}/v2/faults/blobs/{}",
+                digest.oci()
+            ))
+            .send()
+            .await
+            .unwrap();
+        // ByteStream blobs are not linked into the repository: read them by their name
+        // in the bucket instead.
+        if pulled.status() == 200 {
+            assert!(pulled.bytes().await.unwrap() == *data, "{digest}");
+        } else {
+            let stored = bucket(&garage)
+                .get(&ObjectPath::from(format!(
+                    "{PREFIX}/cas/sha256/{}",
+                    digest.hex()
+                )))
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            assert!(stored == *data, "{digest}");
+        }
+    }
+}
