@@ -170,8 +170,9 @@ fn store_status(error: StoreError, message: String) -> Status {
         StoreError::Io(io) if io.kind() == std::io::ErrorKind::StorageFull => {
             Status::resource_exhausted(message)
         }
-        // The object store is down or throttling past its retries: the client retries.
-        StoreError::Unavailable(_) => {
+        // The object store or the database is down: the client retries.
+        StoreError::Unavailable(_)
+        | StoreError::Metadata(kiln_store::MetadataError::Unavailable(_)) => {
             tracing::warn!(%message, "blob backend unavailable");
             Status::unavailable(message)
         }

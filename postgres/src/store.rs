@@ -26,6 +26,16 @@ fn backend(what: &str, error: impl std::fmt::Display) -> MetadataError {
     MetadataError::Backend(format!("postgres: {what}: {error}"))
 }
 
+/// A driver error as the store's: a lost or refused connection (no SQLSTATE) is
+/// `Unavailable`, which clients retry; anything the server answered is `Backend`.
+fn failed(what: &str, error: tokio_postgres::Error) -> MetadataError {
+    if error.is_closed() || error.code().is_none() {
+        MetadataError::Unavailable(format!("postgres: {what}: {error}"))
+    } else {
+        backend(what, error)
+    }
+}
+
 /// Whether PostgreSQL aborted a transaction for a concurrent one, which a retry resolves.
 fn is_contention(error: &tokio_postgres::Error) -> bool {
     matches!(
@@ -97,7 +107,7 @@ impl PostgresMetadataStore {
         self.pool
             .get()
             .await
-            .map_err(|e| backend("getting a connection", e))
+            .map_err(|e| MetadataError::Unavailable(format!("postgres: getting a connection: {e}")))
     }
 
     /// One attempt at a batch; `Ok(Err(error))` when PostgreSQL aborted it for a
@@ -151,7 +161,7 @@ impl PostgresMetadataStore {
             Ok(Ok(())) => Ok(Ok(())),
             Ok(Err(conflict)) => Err(conflict),
             Err(error) if is_contention(&error) => Ok(Err(error)),
-            Err(error) => Err(backend("applying a batch", error)),
+            Err(error) => Err(failed("applying a batch", error)),
         }
     }
 }
@@ -164,11 +174,11 @@ async fn read_value(
     let statement = client
         .prepare_cached("SELECT value FROM kiln_metadata WHERE keyspace = $1 AND key = $2")
         .await
-        .map_err(|e| backend("get", e))?;
+        .map_err(|e| failed("get", e))?;
     Ok(client
         .query_opt(&statement, &[&space.0, &key])
         .await
-        .map_err(|e| backend("get", e))?
+        .map_err(|e| failed("get", e))?
         .map(|row| row.get(0)))
 }
 
@@ -227,11 +237,11 @@ impl MetadataStore for PostgresMetadataStore {
                  SELECT value FROM old",
             )
             .await
-            .map_err(|e| backend("insert", e))?;
+            .map_err(|e| failed("insert", e))?;
         Ok(client
             .query_opt(&statement, &[&space.0, &key, &value])
             .await
-            .map_err(|e| backend("insert", e))?
+            .map_err(|e| failed("insert", e))?
             .map(|row| row.get(0)))
     }
 
@@ -242,11 +252,11 @@ impl MetadataStore for PostgresMetadataStore {
                 "DELETE FROM kiln_metadata WHERE keyspace = $1 AND key = $2 RETURNING value",
             )
             .await
-            .map_err(|e| backend("remove", e))?;
+            .map_err(|e| failed("remove", e))?;
         Ok(client
             .query_opt(&statement, &[&space.0, &key])
             .await
-            .map_err(|e| backend("remove", e))?
+            .map_err(|e| failed("remove", e))?
             .map(|row| row.get(0)))
     }
 
@@ -260,7 +270,7 @@ impl MetadataStore for PostgresMetadataStore {
         // One connection throughout: a second one from the pool while holding this could
         // wait forever when every connection is held by a racer doing the same.
         let client = self.client().await?;
-        let failed = |e| backend("compare-and-swap", e);
+        let on_error = |e| failed("compare-and-swap", e);
         let changed = match (expected, new) {
             (None, Some(new)) => {
                 let statement = client
@@ -269,7 +279,7 @@ impl MetadataStore for PostgresMetadataStore {
                          ON CONFLICT (keyspace, key) DO NOTHING",
                     )
                     .await
-                    .map_err(failed)?;
+                    .map_err(on_error)?;
                 client.execute(&statement, &[&space.0, &key, &new]).await
             }
             (Some(expected), Some(new)) => {
@@ -279,7 +289,7 @@ impl MetadataStore for PostgresMetadataStore {
                          WHERE keyspace = $1 AND key = $2 AND value = $4",
                     )
                     .await
-                    .map_err(failed)?;
+                    .map_err(on_error)?;
                 client
                     .execute(&statement, &[&space.0, &key, &new, &expected])
                     .await
@@ -291,7 +301,7 @@ impl MetadataStore for PostgresMetadataStore {
                          WHERE keyspace = $1 AND key = $2 AND value = $3",
                     )
                     .await
-                    .map_err(failed)?;
+                    .map_err(on_error)?;
                 client
                     .execute(&statement, &[&space.0, &key, &expected])
                     .await
@@ -299,7 +309,7 @@ impl MetadataStore for PostgresMetadataStore {
             // Nothing to write: succeeds exactly when the key is absent.
             (None, None) => Ok(0),
         }
-        .map_err(failed)?;
+        .map_err(on_error)?;
         if changed == 1 {
             return Ok(Ok(()));
         }
@@ -345,13 +355,13 @@ impl MetadataStore for PostgresMetadataStore {
                  ORDER BY key LIMIT $5",
             )
             .await
-            .map_err(|e| backend("scan", e))?;
+            .map_err(|e| failed("scan", e))?;
         let end = prefix_end(prefix);
         let limit = limit.min(MAX_SCAN_PAGE) as i64;
         let rows = client
             .query(&statement, &[&space.0, &prefix, &after, &end, &limit])
             .await
-            .map_err(|e| backend("scan", e))?;
+            .map_err(|e| failed("scan", e))?;
         Ok(rows
             .into_iter()
             .map(|row| (row.get(0), row.get(1)))

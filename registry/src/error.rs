@@ -149,8 +149,11 @@ impl RegistryError {
                 Some(ErrorCode::BlobUploadInvalid),
                 StatusCode::INSUFFICIENT_STORAGE,
             ),
-            // The object store is down: 503, which every client retries.
-            E::Store(StoreError::Unavailable(_)) => (None, StatusCode::SERVICE_UNAVAILABLE),
+            // The object store or the database is down: 503, which every client retries.
+            E::Store(StoreError::Unavailable(_))
+            | E::Store(StoreError::Metadata(kiln_store::MetadataError::Unavailable(_))) => {
+                (None, StatusCode::SERVICE_UNAVAILABLE)
+            }
             E::Store(_) | E::Io(_) | E::Internal(_) | E::Config(_) => {
                 (None, StatusCode::INTERNAL_SERVER_ERROR)
             }

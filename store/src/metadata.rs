@@ -35,6 +35,10 @@ pub enum MetadataError {
     /// The engine failed (its message, for the log).
     #[error("metadata backend: {0}")]
     Backend(String),
+    /// The database could not be reached (a shared backend down or restarting); the
+    /// client may retry.
+    #[error("the metadata store is unavailable: {0}")]
+    Unavailable(String),
     #[error("metadata I/O: {0}")]
     Io(#[from] std::io::Error),
     /// A [`WriteBatch`]'s expectation did not hold; nothing was written. The caller reads
