@@ -166,7 +166,9 @@ fn store_status(error: StoreError, message: String) -> Status {
         StoreError::NotFound(_) => Status::not_found(message),
         StoreError::OffsetOutOfRange { .. } => Status::out_of_range(message),
         // The store's limit or the disk: retryable once eviction (or an operator) frees room.
-        StoreError::Full { .. } => Status::resource_exhausted(message),
+        StoreError::Full { .. } | StoreError::LimitExceeded(_) => {
+            Status::resource_exhausted(message)
+        }
         StoreError::Io(io) if io.kind() == std::io::ErrorKind::StorageFull => {
             Status::resource_exhausted(message)
         }

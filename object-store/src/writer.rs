@@ -19,7 +19,7 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures::TryStreamExt;
 use kiln_store::{
-    check_upload_id, BlobWriter, Digest, DigestFunction, ExpectedDigest, Hasher, Result,
+    check_upload_id, BlobWriter, Digest, DigestFunction, ExpectedDigest, Hasher, Result, StoreError,
 };
 use object_store::path::Path;
 use object_store::{PutPayload, WriteMultipart};
@@ -33,6 +33,8 @@ use crate::object_blob_store::{store_error, Inner};
 const PART_BYTES: usize = 8 << 20;
 /// Parts in flight per writer: bounds a writer's memory to about this many parts.
 const PARTS_IN_FLIGHT: usize = 4;
+/// The most pieces one resumable upload may be kept in (one per writer that went away).
+const MAX_SEGMENTS: usize = 1_000;
 /// S3's limit for a single server-side copy; larger blobs are assembled instead.
 const MAX_COPY_BYTES: u64 = 5 << 30;
 
@@ -414,6 +416,14 @@ async fn kept_segments(
         })
         .try_collect()
         .await?;
+    // Each request of a chunked upload across replicas keeps a piece, and the commit
+    // reads them all back: bound how many one upload may leave.
+    if found.len() > MAX_SEGMENTS {
+        return Err(StoreError::LimitExceeded(format!(
+            "upload {upload_id} is kept in more than {MAX_SEGMENTS} pieces; start it again \
+             with fewer, larger chunks"
+        )));
+    }
     found.sort_by_key(|(key, _, _)| key.start);
     let mut kept = Vec::new();
     let mut end = 0;

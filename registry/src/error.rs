@@ -137,6 +137,9 @@ impl RegistryError {
             | E::Store(StoreError::DigestMismatch { .. }) => {
                 (Some(ErrorCode::DigestInvalid), StatusCode::BAD_REQUEST)
             }
+            E::Store(StoreError::LimitExceeded(_)) => {
+                (Some(ErrorCode::BlobUploadInvalid), StatusCode::BAD_REQUEST)
+            }
             E::Store(StoreError::NotFound(_)) => {
                 (Some(ErrorCode::BlobUnknown), StatusCode::NOT_FOUND)
             }

@@ -18,6 +18,10 @@ pub enum StoreError {
     /// is retained or recently used). A client may retry later.
     #[error("the blob store is full ({limit} bytes); eviction cannot free space now")]
     Full { limit: u64 },
+    /// A request went past a bound the store keeps (e.g. the pieces one resumable upload
+    /// may be kept in); the client must start over rather than retry as is.
+    #[error("{0}")]
+    LimitExceeded(String),
     /// A remote backend (an object store) could not be reached or failed after its
     /// retries. Says what failed, never credentials; the client may retry later.
     #[error("the blob backend is unavailable: {0}")]

@@ -55,3 +55,39 @@ async fn wait_until_kept(store: &dyn BlobStore, bytes: u64) {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// An upload may be kept in at most 1,000 pieces (one per request across replicas): past
+/// that a resume is refused, rather than a commit reading back any number of objects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Garage (.ci/run installs it)"]
+async fn an_upload_in_too_many_pieces_is_refused() {
+    use futures::StreamExt;
+    let garage = Garage::start().expect("garage starts");
+    let store = open_store(&garage, "pieces").await;
+    let bucket = kiln_object_store::connect_s3(&crate::support::settings(&garage, 0, "")).unwrap();
+    // 1,001 one-byte pieces, contiguous from 0, as 1,001 requests would leave them.
+    futures::stream::iter(0..1_001u64)
+        .map(|start| {
+            let bucket = bucket.clone();
+            async move {
+                let key = format!("pieces/uploads/many/sha256-{start:016x}");
+                bucket
+                    .put(&key.as_str().into(), Bytes::from_static(b"x").into())
+                    .await
+                    .unwrap();
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<()>>()
+        .await;
+    match store
+        .begin_write(DigestFunction::Sha256, Some("many"))
+        .await
+    {
+        Err(kiln_store::StoreError::LimitExceeded(message)) => {
+            assert!(message.contains("1000 pieces"), "{message}")
+        }
+        Err(other) => panic!("expected LimitExceeded, got {other}"),
+        Ok(_) => panic!("a resume over 1,000 pieces was accepted"),
+    }
+}

@@ -187,13 +187,22 @@ impl TestCoordinator {
         }
     }
 
+    /// Sends `message` on the worker's current stream. A worker between two connections
+    /// (it may reconnect once more after a restart, seen in CI on a loaded machine) is
+    /// waited for, up to 20 s, rather than failing the test.
     pub async fn send(&self, message: ToWorker) {
-        let outbox = self
-            .outbox
-            .lock()
-            .unwrap()
-            .clone()
-            .expect("a registered worker");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let outbox = loop {
+            // The guard is dropped before any panic, so the lock is never poisoned.
+            let current = self.outbox.lock().unwrap().clone();
+            match current {
+                Some(outbox) => break outbox,
+                None if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                None => panic!("no registered worker within 20 s"),
+            }
+        };
         outbox
             .send(Ok(proto::CoordinatorMessage {
                 message: Some(message),
