@@ -217,19 +217,21 @@ async fn a_restarted_coordinator_gets_its_worker_back_and_drain_ends_it() -> any
 
     // A lease still running when the coordinator dies is announced on re-registration,
     // and its result is delivered on the new stream.
-    let action = put_action(&cas, &ActionSpec::shell("sleep 2; echo survived")).await;
+    let gates = tempfile::tempdir()?;
+    let gate = gates.path().join("finish");
+    let action = put_action(&cas, &gated(&gate, "survived")).await;
     coordinator.send(assign("lease-a", action, None)).await;
     coordinator.running(&["lease-a"]).await;
     let mut coordinator = coordinator.restart(TOKEN).await;
     let register = coordinator.registered().await;
+    std::fs::write(&gate, "")?;
     let result = coordinator.result().await;
     assert_eq!(result.lease_id, "lease-a");
     assert_eq!(code(&result), Code::Ok);
     let stdout = result.action_result.unwrap().stdout_digest.unwrap();
     assert_eq!(cas.get(&stdout).await, b"survived\n");
-    // Reconnecting takes ~100 ms, well inside the action's 2 s. (A gate file opened after
-    // the re-registration was tried instead of the sleep and failed once in CI: the
-    // stream was gone when Drain was sent. Not yet understood, so the sleep stays.)
+    // The action was still running when the worker registered again: it waits for the
+    // gate, opened only after that.
     assert_eq!(register.running_lease_ids, ["lease-a"]);
 
     // Drain from the coordinator ends the worker cleanly once it is idle.
