@@ -5,6 +5,8 @@
 //! - `staging/<uuid>`: a large write's bytes while it is checked; copied to `cas/` after.
 //! - `uploads/<id>/<function>-<start>`: what a resumable upload kept, one object per
 //!   writer that went away, named by its offset (16 hex digits) so a listing sorts them.
+//! - `multipart/<uuid>`: the key and id of a multipart upload in progress, so a sweep can
+//!   abort one whose process died (`tracked_upload`).
 //! - `touched/<function>/<hex>`: an empty marker whose modification time is the blob's
 //!   last use, shared by every replica (see `access_times`).
 
@@ -87,6 +89,15 @@ impl Layout {
             function: DigestFunction::from_name(function)?,
             start: u64::from_str_radix(start, 16).ok()?,
         })
+    }
+
+    pub fn multipart_root(&self) -> Path {
+        self.under(&["multipart"])
+    }
+
+    /// A new marker of an in-progress multipart upload (see `tracked_upload`).
+    pub fn multipart_marker(&self) -> Path {
+        self.under(&["multipart", &uuid::Uuid::new_v4().simple().to_string()])
     }
 
     pub fn touched_root(&self) -> Path {

@@ -15,6 +15,8 @@ use kiln_store::{
 use object_store::path::Path;
 use object_store::{GetOptions, GetRange, ObjectStore};
 
+use crate::tracked_upload::Bucket;
+
 use crate::access_marks::AccessMarks;
 use crate::layout::Layout;
 use crate::presence::PresenceIndex;
@@ -52,7 +54,7 @@ pub struct ObjectBlobStore {
 }
 
 pub(crate) struct Inner {
-    pub store: Arc<dyn ObjectStore>,
+    pub store: Arc<dyn Bucket>,
     pub layout: Layout,
     pub presence: PresenceIndex,
     pub marks: AccessMarks,
@@ -77,10 +79,14 @@ pub(crate) fn store_error(
 impl ObjectBlobStore {
     /// Opens the store on `store`, listing what it holds to fill the presence index, and
     /// keeps that index fresh in the background for as long as the store is alive.
-    pub async fn open(store: Arc<dyn ObjectStore>, options: ObjectStoreOptions) -> Result<Self> {
+    pub async fn open(store: Arc<dyn Bucket>, options: ObjectStoreOptions) -> Result<Self> {
         let layout = Layout::new(&options.prefix);
         let inner = Arc::new(Inner {
-            marks: AccessMarks::new(store.clone(), layout.clone(), options.touch_interval),
+            marks: AccessMarks::new(
+                store.clone() as Arc<dyn ObjectStore>,
+                layout.clone(),
+                options.touch_interval,
+            ),
             store,
             layout,
             presence: PresenceIndex::new(options.presence_ttl),
@@ -273,7 +279,9 @@ impl BlobStore for ObjectBlobStore {
     }
 
     fn list(&self) -> BoxStream<'static, Result<BlobInfo>> {
-        self.inner.marks.list_with_access_times(&self.inner.store)
+        self.inner
+            .marks
+            .list_with_access_times(&(self.inner.store.clone() as Arc<dyn ObjectStore>))
     }
 
     async fn touch(&self, hashes: &[ContentHash]) -> Result<()> {

@@ -4,7 +4,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use object_store::aws::AmazonS3Builder;
-use object_store::{BackoffConfig, ClientOptions, ObjectStore, RetryConfig};
+use object_store::{BackoffConfig, ClientOptions, RetryConfig};
+
+use crate::tracked_upload::Bucket;
 use serde::Deserialize;
 
 /// A credential: deserialised like a string, never printed.
@@ -96,7 +98,7 @@ impl S3Settings {
 
 /// A client for the bucket. Nothing is sent yet: the store's first listing is the first
 /// request, and says whether the bucket and credentials work.
-pub fn connect_s3(settings: &S3Settings) -> Result<Arc<dyn ObjectStore>, object_store::Error> {
+pub fn connect_s3(settings: &S3Settings) -> Result<Arc<dyn Bucket>, object_store::Error> {
     let mut builder = AmazonS3Builder::from_env()
         .with_bucket_name(&settings.bucket)
         .with_region(&settings.region);

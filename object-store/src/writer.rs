@@ -27,6 +27,7 @@ use tokio::sync::OwnedMutexGuard;
 
 use crate::layout::SegmentKey;
 use crate::object_blob_store::{store_error, Inner};
+use crate::tracked_upload;
 
 /// The size of one multipart part (S3 wants at least 5 MiB) and of the in-memory buffer
 /// below which a blob is written with a single PUT.
@@ -212,12 +213,10 @@ impl BlobWriter for ObjectBlobWriter {
             Sink::Buffer(buffer) => {
                 buffer.extend_from_slice(&chunk);
                 if buffer.len() >= PART_BYTES {
-                    let upload = self
-                        .inner
-                        .store
-                        .put_multipart(&self.target)
-                        .await
-                        .map_err(|e| store_error("starting an upload", None, e))?;
+                    let upload =
+                        tracked_upload::start(&self.inner.store, &self.inner.layout, &self.target)
+                            .await
+                            .map_err(|e| store_error("starting an upload", None, e))?;
                     let mut parts = WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
                     parts.put(buffer.split().freeze());
                     self.sink = Sink::Multipart(parts);
@@ -350,9 +349,7 @@ async fn assemble(
     function: DigestFunction,
 ) -> Result<Digest> {
     let content = inner.layout.content(&expected.content_hash());
-    let upload = inner
-        .store
-        .put_multipart(&content)
+    let upload = tracked_upload::start(&inner.store, &inner.layout, &content)
         .await
         .map_err(|e| store_error("starting an upload", None, e))?;
     let mut parts = WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
@@ -483,6 +480,23 @@ pub(crate) async fn sweep_uploads(inner: &Inner, idle: Duration, now: SystemTime
         .await?;
     for path in &stale {
         delete_quietly(inner, path).await;
+    }
+    // Multipart uploads whose process died before completing or aborting them.
+    let orphans: Vec<Path> = inner
+        .store
+        .list(Some(&inner.layout.multipart_root()))
+        .map_err(|e| store_error("listing multipart uploads", None, e))
+        .try_filter_map(|meta| async move {
+            let written: SystemTime = meta.last_modified.into();
+            Ok((written < cutoff).then_some(meta.location))
+        })
+        .try_collect()
+        .await?;
+    for marker in &orphans {
+        match tracked_upload::abort_recorded(inner.store.as_ref(), marker).await {
+            Ok(()) => swept += 1,
+            Err(error) => tracing::warn!(%error, "aborting an abandoned multipart upload"),
+        }
     }
     Ok(swept)
 }

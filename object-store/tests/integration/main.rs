@@ -2,6 +2,7 @@
 //! (Garage is not part of the Rust toolchain); `.ci/run` installs Garage and runs them.
 
 mod conformance;
+mod crash;
 mod faults;
 mod outage;
 mod replicas;
