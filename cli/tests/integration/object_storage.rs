@@ -19,10 +19,6 @@ use crate::support::*;
 
 const PREFIX: &str = "crash";
 
-fn config(garage: &Garage, dir: &Path) -> std::path::PathBuf {
-    config_with(garage, dir, "")
-}
-
 /// The bucket's settings, and `more` after them.
 fn config_with(garage: &Garage, dir: &Path, more: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(dir).unwrap();
@@ -43,13 +39,21 @@ fn config_with(garage: &Garage, dir: &Path, more: &str) -> std::path::PathBuf {
     path
 }
 
-fn start(garage: &Garage, dir: &Path) -> Farm {
-    let config = config(garage, dir);
-    Farm::start_with(
+/// `kiln up` (no workers) on the bucket, with `more` settings in `[storage]`, and a gRPC
+/// channel to it.
+async fn start(garage: &Garage, dir: &Path, more: &str) -> (Farm, tonic::transport::Channel) {
+    let config = config_with(garage, dir, more);
+    let farm = Farm::start_with(
         &dir.join("data"),
         0,
         &["--config".as_ref(), config.as_os_str()],
-    )
+    );
+    let channel = tonic::transport::Channel::from_shared(farm.grpc.replace("grpc://", "http://"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    (farm, channel)
 }
 
 /// The bucket, read directly.
@@ -106,18 +110,13 @@ fn write_request(name: &str, offset: u64, data: &[u8], finish: bool) -> WriteReq
 async fn a_kill_mid_upload_leaves_no_partial_blob_and_another_kiln_takes_over() {
     let garage = Garage::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let farm = start(&garage, &dir.path().join("first"));
+    let (farm, channel) = start(&garage, &dir.path().join("first"), "").await;
 
     let data: Vec<u8> = (0..40 << 20).map(|i: u32| (i % 253) as u8).collect();
     let digest = Digest::of_bytes(DigestFunction::Sha256, &data);
     let name = ResourceName::write("", digest).to_string();
 
     // A ByteStream write that has sent 24 MiB (multipart parts are in flight) and stalls.
-    let channel = tonic::transport::Channel::from_shared(farm.grpc.replace("grpc://", "http://"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
     let (requests, received) = tokio::sync::mpsc::channel(8);
     let mut client = ByteStreamClient::new(channel);
     let call = tokio::spawn(async move { client.write(ReceiverStream::new(received)).await });
@@ -168,12 +167,8 @@ async fn a_kill_mid_upload_leaves_no_partial_blob_and_another_kiln_takes_over() 
 
     // Another kiln on the bucket (a replica, or this one restarted elsewhere): the
     // ByteStream upload resumes where the bucket says, and completes.
-    let farm = start(&garage, &dir.path().join("second"));
-    let channel = tonic::transport::Channel::from_shared(farm.grpc.replace("grpc://", "http://"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    // Kept alive to the end of the test: dropping it kills the process.
+    let (_second, channel) = start(&garage, &dir.path().join("second"), "").await;
     let mut client = ByteStreamClient::new(channel);
     let status = client
         .query_write_status(QueryWriteStatusRequest {
@@ -339,17 +334,7 @@ async fn bytestream_write(
 async fn a_bucket_outage_is_unavailable_then_heals_without_a_restart() {
     let mut garage = Garage::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = config_with(&garage, dir.path(), "retry_timeout_secs = 2\n");
-    let farm = Farm::start_with(
-        &dir.path().join("data"),
-        0,
-        &["--config".as_ref(), config.as_os_str()],
-    );
-    let channel = tonic::transport::Channel::from_shared(farm.grpc.replace("grpc://", "http://"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let (farm, channel) = start(&garage, dir.path(), "retry_timeout_secs = 2\n").await;
     bytestream_write(&channel, b"before the outage")
         .await
         .unwrap();
@@ -411,17 +396,7 @@ async fn a_bucket_outage_is_unavailable_then_heals_without_a_restart() {
 async fn acknowledged_writes_survive_a_garage_node_killed_mid_push() {
     let mut garage = Garage::start_cluster(3).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = config(&garage, dir.path());
-    let farm = Farm::start_with(
-        &dir.path().join("data"),
-        0,
-        &["--config".as_ref(), config.as_os_str()],
-    );
-    let channel = tonic::transport::Channel::from_shared(farm.grpc.replace("grpc://", "http://"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let (farm, channel) = start(&garage, dir.path(), "").await;
     let registry = farm.registry.clone();
     // Blob i of writer w: mixed sizes, some past the 8 MiB multipart threshold.
     let blob = |w: usize, i: usize| -> Vec<u8> {
