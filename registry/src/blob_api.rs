@@ -77,10 +77,11 @@ fn chunk_start(headers: &HeaderMap) -> Result<Option<u64>> {
         return Ok(None);
     };
     if let Some(length) = content_length(headers)? {
-        if length != end - start + 1 {
+        // In u128: `0-18446744073709551615` covers one byte more than u64 holds.
+        let covered = u128::from(end - start) + 1;
+        if u128::from(length) != covered {
             return Err(RegistryError::SizeInvalid(format!(
-                "Content-Range {start}-{end} covers {} bytes but Content-Length is {length}",
-                end - start + 1
+                "Content-Range {start}-{end} covers {covered} bytes but Content-Length is {length}"
             )));
         }
     }
@@ -397,6 +398,16 @@ mod tests {
         headers.insert(header::CONTENT_LENGTH, "10".parse().unwrap());
         assert_eq!(chunk_start(&headers).unwrap(), Some(10));
         headers.insert(header::CONTENT_LENGTH, "9".parse().unwrap());
+        assert!(matches!(
+            chunk_start(&headers),
+            Err(RegistryError::SizeInvalid(_))
+        ));
+        // Found by fuzz/http_range: the length of this range overflowed u64.
+        headers.insert(
+            header::CONTENT_RANGE,
+            "0-18446744073709551615".parse().unwrap(),
+        );
+        headers.insert(header::CONTENT_LENGTH, "0".parse().unwrap());
         assert!(matches!(
             chunk_start(&headers),
             Err(RegistryError::SizeInvalid(_))
