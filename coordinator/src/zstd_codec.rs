@@ -14,7 +14,7 @@ use crate::CoordinatorError;
 
 /// Decoded output is handed on in pieces of at most this size, so that a small, highly
 /// compressed message cannot balloon in memory.
-const DECODED_CHUNK: usize = 1 << 20;
+pub const DECODED_CHUNK: usize = 1 << 20;
 
 fn corrupt(e: std::io::Error) -> CoordinatorError {
     CoordinatorError::InvalidArgument(format!("data is not valid zstd: {e}"))
@@ -81,12 +81,12 @@ pub(crate) fn compress_chunks(
 }
 
 /// A streaming zstd decoder for compressed uploads.
-pub(crate) struct StreamingDecoder {
+pub struct StreamingDecoder {
     decoder: zstd::stream::raw::Decoder<'static>,
 }
 
 impl StreamingDecoder {
-    pub(crate) fn new() -> Result<Self, CoordinatorError> {
+    pub fn new() -> Result<Self, CoordinatorError> {
         let decoder = zstd::stream::raw::Decoder::new()
             .map_err(|e| CoordinatorError::Internal(format!("zstd decoder: {e}")))?;
         Ok(StreamingDecoder { decoder })
@@ -94,7 +94,7 @@ impl StreamingDecoder {
 
     /// Decodes from `input[*consumed..]` until one output piece is full or the input is
     /// used up, advancing `consumed`. Call until it returns `None` to drain `input`.
-    pub(crate) fn decode_next(
+    pub fn decode_next(
         &mut self,
         input: &[u8],
         consumed: &mut usize,
@@ -121,7 +121,7 @@ impl StreamingDecoder {
 }
 
 /// Decompresses a batch entry whose uncompressed size is known, refusing to produce more.
-pub(crate) fn decompress(data: &[u8], uncompressed_size: u64) -> Result<Vec<u8>, CoordinatorError> {
+pub fn decompress(data: &[u8], uncompressed_size: u64) -> Result<Vec<u8>, CoordinatorError> {
     zstd::bulk::decompress(data, uncompressed_size as usize).map_err(corrupt)
 }
 

@@ -54,7 +54,7 @@ fn content_length(headers: &HeaderMap) -> Result<Option<u64>> {
 }
 
 /// The `Content-Range` of a chunk, `<start>-<end>` inclusive.
-fn content_range(headers: &HeaderMap) -> Result<Option<(u64, u64)>> {
+pub(crate) fn content_range(headers: &HeaderMap) -> Result<Option<(u64, u64)>> {
     let Some(value) = headers.get(header::CONTENT_RANGE) else {
         return Ok(None);
     };
@@ -72,7 +72,7 @@ fn content_range(headers: &HeaderMap) -> Result<Option<(u64, u64)>> {
 }
 
 /// Checks a chunk's Content-Range against its Content-Length, returning where it starts.
-fn chunk_start(headers: &HeaderMap) -> Result<Option<u64>> {
+pub(crate) fn chunk_start(headers: &HeaderMap) -> Result<Option<u64>> {
     let Some((start, end)) = content_range(headers)? else {
         return Ok(None);
     };
@@ -160,7 +160,7 @@ pub async fn get(
 /// A single `bytes=` range within a blob of `size` bytes, inclusive. Anything this does
 /// not understand (multiple ranges, other units) is ignored and the whole blob is sent,
 /// as RFC 9110 allows; a range past the end is 416.
-fn requested_range(headers: &HeaderMap, size: u64) -> Result<Option<(u64, u64)>> {
+pub(crate) fn requested_range(headers: &HeaderMap, size: u64) -> Result<Option<(u64, u64)>> {
     let Some(spec) = headers
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok())

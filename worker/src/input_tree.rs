@@ -3,6 +3,7 @@
 //! (never hardlinked: see `local_cache`).
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::path::{Path, PathBuf};
 
 use kiln_client::RemoteCas;
@@ -68,19 +69,33 @@ fn check_node_name(name: &str) -> Result<(), WorkerError> {
     Ok(())
 }
 
-/// Builds the input tree rooted at `root_digest` in `exec_root` (which must exist and be
-/// empty). Returns what had to be downloaded.
-pub async fn materialise(
-    cache: &LocalCache,
-    cas: &RemoteCas,
-    root_digest: Digest,
-    exec_root: &Path,
-) -> Result<FetchStats, WorkerError> {
+/// What an input tree expands to: every path is relative to the action root, made of
+/// names `check_node_name` accepted, and named once; parents come before children.
+#[derive(Debug, Default)]
+pub struct InputPlan {
+    pub files: Vec<(PathBuf, CacheKey)>,
+    pub symlinks: Vec<(PathBuf, String)>,
+    pub directories: Vec<PathBuf>,
+    /// What fetching the Directory messages downloaded.
+    pub stats: FetchStats,
+}
+
+/// Walks the tree rooted at `root_digest`, asking `fetch` for the Directory messages of
+/// each level at once, and checks it as it goes (names, duplicates, depth, size). Apart
+/// from `materialise`, so that the checks can be exercised without a CAS.
+pub async fn plan<F, Fut>(root_digest: Digest, mut fetch: F) -> Result<InputPlan, WorkerError>
+where
+    F: FnMut(Vec<Digest>) -> Fut,
+    Fut: Future<Output = Result<(Vec<reapi::Directory>, FetchStats), WorkerError>>,
+{
     let function = root_digest.function;
-    let mut stats = FetchStats::default();
-    let mut files: Vec<(PathBuf, CacheKey)> = Vec::new();
-    let mut symlinks: Vec<(PathBuf, String)> = Vec::new();
-    let mut directories: Vec<PathBuf> = Vec::new();
+    let mut plan = InputPlan::default();
+    let InputPlan {
+        files,
+        symlinks,
+        directories,
+        stats,
+    } = &mut plan;
 
     // Breadth-first, one batch of Directory fetches per level.
     let mut level: Vec<(PathBuf, Digest)> = vec![(PathBuf::new(), root_digest)];
@@ -98,8 +113,7 @@ pub async fn materialise(
                 "input Directory {large} is larger than {MAX_DIRECTORY_BYTES} bytes"
             )));
         }
-        let (messages, fetched) =
-            fetch_messages::<reapi::Directory>(cache, cas, &digests, "Directory").await?;
+        let (messages, fetched) = fetch(digests).await?;
         stats.blobs += fetched.blobs;
         stats.bytes += fetched.bytes;
         let mut next = Vec::new();
@@ -149,6 +163,26 @@ pub async fn materialise(
         }
         level = next;
     }
+    Ok(plan)
+}
+
+/// Builds the input tree rooted at `root_digest` in `exec_root` (which must exist and be
+/// empty). Returns what had to be downloaded.
+pub async fn materialise(
+    cache: &LocalCache,
+    cas: &RemoteCas,
+    root_digest: Digest,
+    exec_root: &Path,
+) -> Result<FetchStats, WorkerError> {
+    let InputPlan {
+        files,
+        symlinks,
+        directories,
+        mut stats,
+    } = plan(root_digest, |digests| async move {
+        fetch_messages::<reapi::Directory>(cache, cas, &digests, "Directory").await
+    })
+    .await?;
 
     let keys: Vec<CacheKey> = files.iter().map(|(_, key)| *key).collect();
     let (pins, fetched) = cache.fetch_missing(cas, &keys).await?;
