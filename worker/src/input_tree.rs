@@ -21,6 +21,10 @@ use crate::WorkerError;
 const MAX_INPUT_NODES: usize = 1_000_000;
 /// The deepest an input tree may nest (paths that deep approach PATH_MAX anyway).
 const MAX_INPUT_DEPTH: usize = 256;
+/// The most bytes all planned paths may take together. Names are unbounded, so a small
+/// DAG repeating long names at every level reaches `MAX_INPUT_NODES` paths of kilobytes
+/// each: gigabytes held by the worker before anything is created.
+const MAX_INPUT_PATH_BYTES: usize = 256 << 20;
 /// The largest Directory message read into memory.
 const MAX_DIRECTORY_BYTES: u64 = 4 << 20;
 
@@ -100,6 +104,7 @@ where
     // Breadth-first, one batch of Directory fetches per level.
     let mut level: Vec<(PathBuf, Digest)> = vec![(PathBuf::new(), root_digest)];
     let mut depth = 0;
+    let mut path_bytes = 0usize;
     while !level.is_empty() {
         depth += 1;
         if depth > MAX_INPUT_DEPTH {
@@ -122,7 +127,9 @@ where
             let mut claim = |name: &str| {
                 check_node_name(name)?;
                 if names.insert(name.to_string()) {
-                    Ok(path.join(name))
+                    let joined = path.join(name);
+                    path_bytes += joined.as_os_str().len();
+                    Ok(joined)
                 } else {
                     Err(WorkerError::InvalidAction(format!(
                         "{name:?} appears twice in input directory {}",
@@ -158,6 +165,11 @@ where
             if files.len() + symlinks.len() + directories.len() > MAX_INPUT_NODES {
                 return Err(WorkerError::InvalidAction(format!(
                     "the input tree expands to more than {MAX_INPUT_NODES} files, directories and symlinks"
+                )));
+            }
+            if path_bytes > MAX_INPUT_PATH_BYTES {
+                return Err(WorkerError::InvalidAction(format!(
+                    "the input tree's paths take more than {MAX_INPUT_PATH_BYTES} bytes"
                 )));
             }
         }
@@ -208,4 +220,32 @@ pub async fn materialise(
         )))?;
     }
     Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by fuzz/input_tree: a directory listing itself twice under long names is a
+    /// few hundred bytes, and expanded to paths of gigabytes before the node limit.
+    #[tokio::test]
+    async fn a_tree_of_long_repeated_names_is_refused_by_its_path_bytes() {
+        let itself = Digest::of_bytes(DigestFunction::Sha256, b"any").to_reapi();
+        let child = |name: char| reapi::DirectoryNode {
+            name: name.to_string().repeat(4000),
+            digest: Some(itself.clone()),
+        };
+        let directory = reapi::Directory {
+            directories: vec![child('x'), child('y')],
+            ..Default::default()
+        };
+        let root = Digest::of_bytes(DigestFunction::Sha256, b"root");
+        let refused = plan(root, |digests| {
+            let level = vec![directory.clone(); digests.len()];
+            async move { Ok((level, FetchStats::default())) }
+        })
+        .await
+        .unwrap_err();
+        assert!(refused.to_string().contains("bytes"), "{refused}");
+    }
 }
