@@ -5,7 +5,8 @@
 #
 #   fuzz/run-briefly.sh [seconds per target, default 20]
 #
-# One fuzz process at a time, niced: CI machines are small and shared.
+# One fuzz process at a time, niced: CI machines are small and shared. The per-input
+# timeout is generous: input_tree's largest trees (1M paths) take ~10 s under ASan.
 set -euo pipefail
 
 seconds="${1:-20}"
@@ -31,15 +32,20 @@ for target in $(cargo +nightly fuzz list --fuzz-dir "$here"); do
     # A scratch corpus (what is found here is not meant for the repository) and working
     # directory: with -jobs, libFuzzer writes its log to fuzz-0.log there.
     scratch="$(mktemp -d)"
+    mkdir "$scratch/corpus"
     echo "== $target (${seconds}s)"
-    if ! (cd "$scratch" && nice -n 19 cargo +nightly fuzz run --fuzz-dir "$here" -a \
-        --target-dir "$target_dir" "$target" "$scratch" "$corpus" -- \
+    status=0
+    (cd "$scratch" && nice -n 19 cargo +nightly fuzz run --fuzz-dir "$here" -a \
+        --target-dir "$target_dir" "$target" "$scratch/corpus" "$corpus" -- \
         -max_total_time="$seconds" -jobs=1 -workers=1 \
-        -rss_limit_mb=2048 -malloc_limit_mb=1024 -timeout=10 -print_final_stats=1 \
-        >/dev/null 2>&1); then
+        -rss_limit_mb=2048 -malloc_limit_mb=1024 -timeout=60 -print_final_stats=1 \
+        >/dev/null 2>&1) || status=$?
+    if [ "$status" -ne 0 ]; then
         failed+=("$target")
+        tail -n 40 "$scratch"/fuzz-0.log 2>/dev/null || true
+    else
+        grep -aE '^(#[0-9]+.*DONE|Done )' "$scratch"/fuzz-0.log 2>/dev/null || true
     fi
-    tail -n 12 "$scratch"/fuzz-0.log 2>/dev/null || true
     rm -rf "$scratch"
 done
 
