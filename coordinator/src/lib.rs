@@ -31,6 +31,13 @@ mod tree;
 mod upload_sweeper;
 mod zstd_codec;
 
+/// Entry points for the fuzz targets in `fuzz/`; not an API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::zstd_codec::{decompress, StreamingDecoder, DECODED_CHUNK};
+}
+
 pub use admin::{RegistryCatalog, RepositorySummary};
 pub use cache_references::action_cache_references;
 pub use config::{AuthConfig, CoordinatorConfig};

@@ -14,7 +14,7 @@ use crate::CoordinatorError;
 
 /// Decoded output is handed on in pieces of at most this size, so that a small, highly
 /// compressed message cannot balloon in memory.
-const DECODED_CHUNK: usize = 1 << 20;
+pub const DECODED_CHUNK: usize = 1 << 20;
 
 fn corrupt(e: std::io::Error) -> CoordinatorError {
     CoordinatorError::InvalidArgument(format!("data is not valid zstd: {e}"))
@@ -81,24 +81,36 @@ pub(crate) fn compress_chunks(
 }
 
 /// A streaming zstd decoder for compressed uploads.
-pub(crate) struct StreamingDecoder {
+pub struct StreamingDecoder {
     decoder: zstd::stream::raw::Decoder<'static>,
+    /// The last call stopped with its output piece full, so zstd may hold more output,
+    /// which a call with no new input must still drain.
+    output_pending: bool,
 }
 
 impl StreamingDecoder {
-    pub(crate) fn new() -> Result<Self, CoordinatorError> {
+    pub fn new() -> Result<Self, CoordinatorError> {
         let decoder = zstd::stream::raw::Decoder::new()
             .map_err(|e| CoordinatorError::Internal(format!("zstd decoder: {e}")))?;
-        Ok(StreamingDecoder { decoder })
+        Ok(StreamingDecoder {
+            decoder,
+            output_pending: false,
+        })
     }
 
     /// Decodes from `input[*consumed..]` until one output piece is full or the input is
     /// used up, advancing `consumed`. Call until it returns `None` to drain `input`.
-    pub(crate) fn decode_next(
+    pub fn decode_next(
         &mut self,
         input: &[u8],
         consumed: &mut usize,
     ) -> Result<Option<Bytes>, CoordinatorError> {
+        // zstd fails a stream after 16 calls in a row that neither read nor write ("no
+        // forward progress"), and ByteStream allows any number of empty messages: with
+        // no input left and nothing pending, there is nothing to ask zstd.
+        if *consumed == input.len() && !self.output_pending {
+            return Ok(None);
+        }
         let mut out = Vec::with_capacity(DECODED_CHUNK);
         loop {
             let mut in_buffer = InBuffer::around(&input[*consumed..]);
@@ -113,6 +125,7 @@ impl StreamingDecoder {
             // With room left in the output and the input used up, zstd has flushed all
             // it can until more input arrives.
             if output_full || *consumed == input.len() || !made_progress {
+                self.output_pending = output_full;
                 break;
             }
         }
@@ -121,7 +134,7 @@ impl StreamingDecoder {
 }
 
 /// Decompresses a batch entry whose uncompressed size is known, refusing to produce more.
-pub(crate) fn decompress(data: &[u8], uncompressed_size: u64) -> Result<Vec<u8>, CoordinatorError> {
+pub fn decompress(data: &[u8], uncompressed_size: u64) -> Result<Vec<u8>, CoordinatorError> {
     zstd::bulk::decompress(data, uncompressed_size as usize).map_err(corrupt)
 }
 
@@ -147,6 +160,26 @@ mod tests {
                 decoded.extend_from_slice(&piece);
             }
             assert_eq!(consumed, message.len());
+        }
+        assert_eq!(decoded, plain);
+    }
+
+    #[test]
+    fn empty_messages_anywhere_in_a_stream_are_accepted() {
+        // Found by fuzz/zstd_decode: sixteen empty messages in a row within a frame made
+        // zstd fail the stream for lack of progress.
+        let plain: Vec<u8> = (0..100_000u32).map(|i| (i % 13) as u8).collect();
+        let compressed = zstd::bulk::compress(&plain, 3).unwrap();
+        let mut decoder = StreamingDecoder::new().unwrap();
+        let mut decoded = Vec::new();
+        let empty: &[u8] = &[];
+        for message in compressed.chunks(5) {
+            for input in std::iter::repeat_n(empty, 20).chain([message]) {
+                let mut consumed = 0;
+                while let Some(piece) = decoder.decode_next(input, &mut consumed).unwrap() {
+                    decoded.extend_from_slice(&piece);
+                }
+            }
         }
         assert_eq!(decoded, plain);
     }

@@ -296,15 +296,7 @@ impl Authenticator {
     /// Verifies `base64(user:password)`; returns the user, or None for wrong credentials.
     /// An address with too many failed logins gets 429 before any check.
     async fn verify_basic(&self, encoded: &str, client: Option<IpAddr>) -> Result<Option<String>> {
-        let Some((user, password)) = STANDARD
-            .decode(encoded)
-            .ok()
-            .and_then(|decoded| String::from_utf8(decoded).ok())
-            .and_then(|text| {
-                let (user, password) = text.split_once(':')?;
-                Some((user.to_string(), password.to_string()))
-            })
-        else {
+        let Some((user, password)) = decode_basic(encoded) else {
             return Ok(None);
         };
         let cache_key: [u8; 32] = Sha256::digest(format!("{user}:{password}").as_bytes()).into();
@@ -332,6 +324,16 @@ impl Authenticator {
         let mut mac = HmacSha256::new_from_slice(&self.key).expect("HMAC takes any key length");
         mac.update(payload);
         mac.finalize().into_bytes().to_vec()
+    }
+
+    /// `base64url(payload).base64url(HMAC(payload))`, what `verify_token` accepts.
+    fn encode_token(&self, claims: &TokenClaims) -> String {
+        let payload = serde_json::to_vec(claims).expect("claims serialise");
+        format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(&payload),
+            URL_SAFE_NO_PAD.encode(self.sign(&payload))
+        )
     }
 
     fn verify_token(&self, token: &str) -> Option<TokenClaims> {
@@ -394,12 +396,7 @@ impl Authenticator {
             exp: now_secs() + self.token_ttl,
             access,
         };
-        let payload = serde_json::to_vec(&claims).expect("claims serialise");
-        let token = format!(
-            "{}.{}",
-            URL_SAFE_NO_PAD.encode(&payload),
-            URL_SAFE_NO_PAD.encode(self.sign(&payload))
-        );
+        let token = self.encode_token(&claims);
         Ok(TokenResponse {
             access_token: token.clone(),
             token,
@@ -416,6 +413,31 @@ impl Authenticator {
             other => other.clone(),
         }
     }
+}
+
+/// The user and password of Basic credentials (`base64(user:password)`), or None when
+/// they are not that shape.
+fn decode_basic(encoded: &str) -> Option<(String, String)> {
+    let text = String::from_utf8(STANDARD.decode(encoded).ok()?).ok()?;
+    let (user, password) = text.split_once(':')?;
+    Some((user.to_string(), password.to_string()))
+}
+
+/// Entry points for the fuzz targets in `fuzz/`; not an API.
+#[cfg(feature = "fuzzing")]
+impl Authenticator {
+    pub fn fuzz_encode_token(&self, claims: &TokenClaims) -> String {
+        self.encode_token(claims)
+    }
+
+    pub fn fuzz_verify_token(&self, token: &str) -> Option<TokenClaims> {
+        self.verify_token(token)
+    }
+}
+
+#[cfg(feature = "fuzzing")]
+pub fn fuzz_decode_basic(encoded: &str) -> Option<(String, String)> {
+    decode_basic(encoded)
 }
 
 #[cfg(test)]

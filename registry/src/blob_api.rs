@@ -54,7 +54,7 @@ fn content_length(headers: &HeaderMap) -> Result<Option<u64>> {
 }
 
 /// The `Content-Range` of a chunk, `<start>-<end>` inclusive.
-fn content_range(headers: &HeaderMap) -> Result<Option<(u64, u64)>> {
+pub(crate) fn content_range(headers: &HeaderMap) -> Result<Option<(u64, u64)>> {
     let Some(value) = headers.get(header::CONTENT_RANGE) else {
         return Ok(None);
     };
@@ -72,15 +72,16 @@ fn content_range(headers: &HeaderMap) -> Result<Option<(u64, u64)>> {
 }
 
 /// Checks a chunk's Content-Range against its Content-Length, returning where it starts.
-fn chunk_start(headers: &HeaderMap) -> Result<Option<u64>> {
+pub(crate) fn chunk_start(headers: &HeaderMap) -> Result<Option<u64>> {
     let Some((start, end)) = content_range(headers)? else {
         return Ok(None);
     };
     if let Some(length) = content_length(headers)? {
-        if length != end - start + 1 {
+        // In u128: `0-18446744073709551615` covers one byte more than u64 holds.
+        let covered = u128::from(end - start) + 1;
+        if u128::from(length) != covered {
             return Err(RegistryError::SizeInvalid(format!(
-                "Content-Range {start}-{end} covers {} bytes but Content-Length is {length}",
-                end - start + 1
+                "Content-Range {start}-{end} covers {covered} bytes but Content-Length is {length}"
             )));
         }
     }
@@ -159,7 +160,7 @@ pub async fn get(
 /// A single `bytes=` range within a blob of `size` bytes, inclusive. Anything this does
 /// not understand (multiple ranges, other units) is ignored and the whole blob is sent,
 /// as RFC 9110 allows; a range past the end is 416.
-fn requested_range(headers: &HeaderMap, size: u64) -> Result<Option<(u64, u64)>> {
+pub(crate) fn requested_range(headers: &HeaderMap, size: u64) -> Result<Option<(u64, u64)>> {
     let Some(spec) = headers
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok())
@@ -397,6 +398,16 @@ mod tests {
         headers.insert(header::CONTENT_LENGTH, "10".parse().unwrap());
         assert_eq!(chunk_start(&headers).unwrap(), Some(10));
         headers.insert(header::CONTENT_LENGTH, "9".parse().unwrap());
+        assert!(matches!(
+            chunk_start(&headers),
+            Err(RegistryError::SizeInvalid(_))
+        ));
+        // Found by fuzz/http_range: the length of this range overflowed u64.
+        headers.insert(
+            header::CONTENT_RANGE,
+            "0-18446744073709551615".parse().unwrap(),
+        );
+        headers.insert(header::CONTENT_LENGTH, "0".parse().unwrap());
         assert!(matches!(
             chunk_start(&headers),
             Err(RegistryError::SizeInvalid(_))

@@ -17,6 +17,9 @@ mod clock;
 mod config;
 pub mod endpoint;
 mod error;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod gc;
 mod http;
 mod listing_api;

@@ -10,7 +10,7 @@
 //! Anything wrong with the image (missing, unreachable, a bad digest, too large) fails
 //! the action with FAILED_PRECONDITION naming it: another worker would fare no better.
 
-mod unpack;
+pub(crate) mod unpack;
 
 use std::collections::HashMap;
 use std::io::Write;

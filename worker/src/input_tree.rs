@@ -3,6 +3,7 @@
 //! (never hardlinked: see `local_cache`).
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::path::{Path, PathBuf};
 
 use kiln_client::RemoteCas;
@@ -20,6 +21,10 @@ use crate::WorkerError;
 const MAX_INPUT_NODES: usize = 1_000_000;
 /// The deepest an input tree may nest (paths that deep approach PATH_MAX anyway).
 const MAX_INPUT_DEPTH: usize = 256;
+/// The most bytes all planned paths may take together. Names are unbounded, so a small
+/// DAG repeating long names at every level reaches `MAX_INPUT_NODES` paths of kilobytes
+/// each: gigabytes held by the worker before anything is created.
+const MAX_INPUT_PATH_BYTES: usize = 256 << 20;
 /// The largest Directory message read into memory.
 const MAX_DIRECTORY_BYTES: u64 = 4 << 20;
 
@@ -68,23 +73,38 @@ fn check_node_name(name: &str) -> Result<(), WorkerError> {
     Ok(())
 }
 
-/// Builds the input tree rooted at `root_digest` in `exec_root` (which must exist and be
-/// empty). Returns what had to be downloaded.
-pub async fn materialise(
-    cache: &LocalCache,
-    cas: &RemoteCas,
-    root_digest: Digest,
-    exec_root: &Path,
-) -> Result<FetchStats, WorkerError> {
+/// What an input tree expands to: every path is relative to the action root, made of
+/// names `check_node_name` accepted, and named once; parents come before children.
+#[derive(Debug, Default)]
+pub struct InputPlan {
+    pub files: Vec<(PathBuf, CacheKey)>,
+    pub symlinks: Vec<(PathBuf, String)>,
+    pub directories: Vec<PathBuf>,
+    /// What fetching the Directory messages downloaded.
+    pub stats: FetchStats,
+}
+
+/// Walks the tree rooted at `root_digest`, asking `fetch` for the Directory messages of
+/// each level at once, and checks it as it goes (names, duplicates, depth, size). Apart
+/// from `materialise`, so that the checks can be exercised without a CAS.
+pub async fn plan<F, Fut>(root_digest: Digest, mut fetch: F) -> Result<InputPlan, WorkerError>
+where
+    F: FnMut(Vec<Digest>) -> Fut,
+    Fut: Future<Output = Result<(Vec<reapi::Directory>, FetchStats), WorkerError>>,
+{
     let function = root_digest.function;
-    let mut stats = FetchStats::default();
-    let mut files: Vec<(PathBuf, CacheKey)> = Vec::new();
-    let mut symlinks: Vec<(PathBuf, String)> = Vec::new();
-    let mut directories: Vec<PathBuf> = Vec::new();
+    let mut plan = InputPlan::default();
+    let InputPlan {
+        files,
+        symlinks,
+        directories,
+        stats,
+    } = &mut plan;
 
     // Breadth-first, one batch of Directory fetches per level.
     let mut level: Vec<(PathBuf, Digest)> = vec![(PathBuf::new(), root_digest)];
     let mut depth = 0;
+    let mut path_bytes = 0usize;
     while !level.is_empty() {
         depth += 1;
         if depth > MAX_INPUT_DEPTH {
@@ -98,8 +118,7 @@ pub async fn materialise(
                 "input Directory {large} is larger than {MAX_DIRECTORY_BYTES} bytes"
             )));
         }
-        let (messages, fetched) =
-            fetch_messages::<reapi::Directory>(cache, cas, &digests, "Directory").await?;
+        let (messages, fetched) = fetch(digests).await?;
         stats.blobs += fetched.blobs;
         stats.bytes += fetched.bytes;
         let mut next = Vec::new();
@@ -108,7 +127,9 @@ pub async fn materialise(
             let mut claim = |name: &str| {
                 check_node_name(name)?;
                 if names.insert(name.to_string()) {
-                    Ok(path.join(name))
+                    let joined = path.join(name);
+                    path_bytes += joined.as_os_str().len();
+                    Ok(joined)
                 } else {
                     Err(WorkerError::InvalidAction(format!(
                         "{name:?} appears twice in input directory {}",
@@ -146,9 +167,34 @@ pub async fn materialise(
                     "the input tree expands to more than {MAX_INPUT_NODES} files, directories and symlinks"
                 )));
             }
+            if path_bytes > MAX_INPUT_PATH_BYTES {
+                return Err(WorkerError::InvalidAction(format!(
+                    "the input tree's paths take more than {MAX_INPUT_PATH_BYTES} bytes"
+                )));
+            }
         }
         level = next;
     }
+    Ok(plan)
+}
+
+/// Builds the input tree rooted at `root_digest` in `exec_root` (which must exist and be
+/// empty). Returns what had to be downloaded.
+pub async fn materialise(
+    cache: &LocalCache,
+    cas: &RemoteCas,
+    root_digest: Digest,
+    exec_root: &Path,
+) -> Result<FetchStats, WorkerError> {
+    let InputPlan {
+        files,
+        symlinks,
+        directories,
+        mut stats,
+    } = plan(root_digest, |digests| async move {
+        fetch_messages::<reapi::Directory>(cache, cas, &digests, "Directory").await
+    })
+    .await?;
 
     let keys: Vec<CacheKey> = files.iter().map(|(_, key)| *key).collect();
     let (pins, fetched) = cache.fetch_missing(cas, &keys).await?;
@@ -174,4 +220,32 @@ pub async fn materialise(
         )))?;
     }
     Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by fuzz/input_tree: a directory listing itself twice under long names is a
+    /// few hundred bytes, and expanded to paths of gigabytes before the node limit.
+    #[tokio::test]
+    async fn a_tree_of_long_repeated_names_is_refused_by_its_path_bytes() {
+        let itself = Digest::of_bytes(DigestFunction::Sha256, b"any").to_reapi();
+        let child = |name: char| reapi::DirectoryNode {
+            name: name.to_string().repeat(4000),
+            digest: Some(itself.clone()),
+        };
+        let directory = reapi::Directory {
+            directories: vec![child('x'), child('y')],
+            ..Default::default()
+        };
+        let root = Digest::of_bytes(DigestFunction::Sha256, b"root");
+        let refused = plan(root, |digests| {
+            let level = vec![directory.clone(); digests.len()];
+            async move { Ok((level, FetchStats::default())) }
+        })
+        .await
+        .unwrap_err();
+        assert!(refused.to_string().contains("bytes"), "{refused}");
+    }
 }

@@ -17,6 +17,23 @@ mod command_runner;
 mod config;
 mod container_image;
 mod error;
+/// Entry points for the fuzz targets in `fuzz/`; not an API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::container_image::unpack::{unpack_layers, Limits, UnpackError};
+    pub use crate::input_tree::{plan as plan_input_tree, InputPlan};
+    pub use crate::output_collector::check_paths;
+
+    /// Where output `path` lies, lexically, as `check_paths` resolves it.
+    pub fn output_location(
+        exec_root: &std::path::Path,
+        working_directory: &str,
+        path: &str,
+    ) -> Result<std::path::PathBuf, String> {
+        crate::output_collector::output_location(exec_root, working_directory, path)
+    }
+}
 mod input_tree;
 mod local_cache;
 mod log_capture;

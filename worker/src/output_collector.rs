@@ -63,7 +63,7 @@ fn join_inside(base: &Path, relative: &str) -> Result<PathBuf, String> {
 }
 
 /// Where output `path` (relative to the working directory) lies, lexically.
-fn output_location(
+pub(crate) fn output_location(
     exec_root: &Path,
     working_directory: &str,
     path: &str,

@@ -136,7 +136,12 @@ fn apply_layer(
             continue;
         }
         if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
-            remove_any(&root.join(parent).join(hidden))?;
+            // `.wh.`, `.wh..` and `.wh...` would name the directory itself or its parent
+            // (at the top, the root or the directory holding it): nothing a lower layer
+            // made, so they remove nothing.
+            if !matches!(hidden, "" | "." | "..") {
+                remove_any(&root.join(parent).join(hidden))?;
+            }
             continue;
         }
         match entry.header().entry_type() {
@@ -329,6 +334,30 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o7777, 0o755, "setuid dropped");
+    }
+
+    #[test]
+    fn whiteouts_of_dot_and_dot_dot_remove_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::write(dir.path().join("beside-the-root"), "kept").unwrap();
+        let lower = layer(dir.path(), "lower.tar", &[("a/", None), ("a/f", Some("x"))]);
+        // Found by fuzz/layer_unpack: `/.wh...` removed the directory holding the root.
+        let upper = layer(
+            dir.path(),
+            "upper.tar",
+            &[
+                (".wh...", Some("")),
+                (".wh..", Some("")),
+                (".wh.", Some("")),
+                ("a/.wh...", Some("")),
+                ("a/.wh..", Some("")),
+            ],
+        );
+        unpack_layers(&root, vec![lower, upper], limits(1 << 20)).unwrap();
+        assert!(dir.path().join("beside-the-root").exists());
+        assert_eq!(std::fs::read_to_string(root.join("a/f")).unwrap(), "x");
     }
 
     #[test]
