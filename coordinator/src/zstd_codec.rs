@@ -80,6 +80,9 @@ pub(crate) fn compress_chunks(
     ReceiverStream::new(rx)
 }
 
+/// The largest window a compressed upload may use: 16 MiB.
+const MAX_WINDOW_LOG: u32 = 24;
+
 /// A streaming zstd decoder for compressed uploads.
 pub struct StreamingDecoder {
     decoder: zstd::stream::raw::Decoder<'static>,
@@ -90,8 +93,14 @@ pub struct StreamingDecoder {
 
 impl StreamingDecoder {
     pub fn new() -> Result<Self, CoordinatorError> {
-        let decoder = zstd::stream::raw::Decoder::new()
-            .map_err(|e| CoordinatorError::Internal(format!("zstd decoder: {e}")))?;
+        let internal = |e| CoordinatorError::Internal(format!("zstd decoder: {e}"));
+        let mut decoder = zstd::stream::raw::Decoder::new().map_err(internal)?;
+        // A frame's header names the window the decoder must hold; zstd's default cap is
+        // 128 MiB, which a few hostile bytes per upload could claim. Clients compress
+        // with far smaller windows (8 MiB up to level 19).
+        decoder
+            .set_parameter(zstd::stream::raw::DParameter::WindowLogMax(MAX_WINDOW_LOG))
+            .map_err(internal)?;
         Ok(StreamingDecoder {
             decoder,
             output_pending: false,
@@ -182,6 +191,40 @@ mod tests {
             }
         }
         assert_eq!(decoded, plain);
+    }
+
+    #[test]
+    fn a_frame_that_wants_a_huge_window_is_refused() {
+        let plain = vec![5u8; 1 << 20];
+        let compressed = zstd::stream::encode_all(&plain[..], 3).unwrap();
+        // The default window is accepted...
+        let mut decoder = StreamingDecoder::new().unwrap();
+        let mut consumed = 0;
+        while decoder
+            .decode_next(&compressed, &mut consumed)
+            .unwrap()
+            .is_some()
+        {}
+        // ...and one that declares a 128 MiB window (as a hostile or an --ultra client may,
+        // in a few bytes) is not.
+        let mut large = Vec::new();
+        {
+            let mut writer = zstd::stream::Encoder::new(&mut large, 3).unwrap();
+            writer.window_log(27).unwrap();
+            writer.include_contentsize(false).unwrap();
+            std::io::Write::write_all(&mut writer, &plain).unwrap();
+            writer.finish().unwrap();
+        }
+        let mut decoder = StreamingDecoder::new().unwrap();
+        let mut consumed = 0;
+        let refused = loop {
+            match decoder.decode_next(&large, &mut consumed) {
+                Ok(Some(_)) => continue,
+                Ok(None) => break None,
+                Err(error) => break Some(error),
+            }
+        };
+        assert!(refused.is_some(), "a 128 MiB window was accepted");
     }
 
     #[test]
