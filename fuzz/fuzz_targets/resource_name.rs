@@ -4,18 +4,8 @@
 #![no_main]
 
 use arbitrary::Arbitrary;
-use kiln_store::{Compression, Digest, DigestFunction, ResourceName};
+use kiln_store::{Compression, Digest, DigestFunction, ResourceName, RESERVED_SEGMENTS};
 use libfuzzer_sys::fuzz_target;
-
-const RESERVED: [&str; 7] = [
-    "blobs",
-    "uploads",
-    "actions",
-    "actionResults",
-    "operations",
-    "capabilities",
-    "compressed-blobs",
-];
 
 #[derive(Arbitrary, Debug)]
 enum Input<'a> {
@@ -66,7 +56,7 @@ fuzz_target!(|input: Input| match input {
         // REAPI forbids these segments in instance names (a parser cannot tell them from
         // the resource's own), and kiln's upload ids are UUIDs, one segment.
         let instance_name = instance_name.join("/");
-        if instance_name.split('/').any(|s| RESERVED.contains(&s))
+        if instance_name.split('/').any(|s| RESERVED_SEGMENTS.contains(&s))
             || upload_uuid.is_some_and(|u| u.is_empty() || u.contains('/'))
         {
             return;

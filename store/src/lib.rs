@@ -44,7 +44,7 @@ pub use oci_name::{
 };
 pub use reapi_names::{
     missing_blob_subject, parse_missing_blob_subject, Compression, ResourceName, ResourceNameError,
-    MISSING_VIOLATION,
+    MISSING_VIOLATION, RESERVED_SEGMENTS,
 };
 pub use tiered_blob_store::TieredBlobStore;
 

@@ -16,7 +16,9 @@ use std::fmt;
 
 use crate::{Digest, DigestFunction};
 
-const RESERVED: [&str; 7] = [
+/// Path segments that end an instance name in a resource name (an instance name cannot
+/// contain them).
+pub const RESERVED_SEGMENTS: [&str; 7] = [
     "blobs",
     "uploads",
     "actions",
@@ -94,7 +96,7 @@ impl ResourceName {
         let segments: Vec<&str> = name.split('/').collect();
         let keyword_at = segments
             .iter()
-            .position(|s| RESERVED.contains(s))
+            .position(|s| RESERVED_SEGMENTS.contains(s))
             .ok_or_else(|| invalid(name, "no blobs/, compressed-blobs/ or uploads/ segment"))?;
         let instance_name = segments[..keyword_at].join("/");
         let mut rest = segments[keyword_at..].iter().copied();

@@ -68,6 +68,23 @@ fn bucket(garage: &Garage) -> Arc<dyn ObjectStore> {
     kiln_object_store::connect_s3(&settings).unwrap()
 }
 
+/// Where kiln keeps a SHA-256 blob in the bucket.
+fn content_key(digest: &Digest) -> ObjectPath {
+    ObjectPath::from(format!("{PREFIX}/cas/sha256/{}", digest.hex()))
+}
+
+/// A blob read straight from the bucket, bypassing kiln.
+async fn read_from_bucket(bucket: &dyn ObjectStore, digest: &Digest) -> Vec<u8> {
+    bucket
+        .get(&content_key(digest))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec()
+}
+
 /// Every object under `cas/` hashes to its own name.
 async fn every_content_key_is_verified(bucket: &dyn ObjectStore) -> usize {
     let root = ObjectPath::from(format!("{PREFIX}/cas"));
@@ -153,10 +170,7 @@ async fn a_kill_mid_upload_leaves_no_partial_blob_and_another_kiln_takes_over() 
     let bucket = bucket(&garage);
     assert_eq!(
         bucket
-            .head(&ObjectPath::from(format!(
-                "{PREFIX}/cas/sha256/{}",
-                digest.hex()
-            )))
+            .head(&content_key(&digest))
             .await
             .map(|_| ())
             .map_err(|e| matches!(e, object_store::Error::NotFound { .. })),
@@ -195,16 +209,7 @@ async fn a_kill_mid_upload_leaves_no_partial_blob_and_another_kiln_takes_over() 
         .unwrap()
         .into_inner();
     assert_eq!(written.committed_size as usize, data.len());
-    let stored = bucket
-        .get(&ObjectPath::from(format!(
-            "{PREFIX}/cas/sha256/{}",
-            digest.hex()
-        )))
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let stored = read_from_bucket(bucket.as_ref(), &digest).await;
     assert!(stored == data, "the completed upload is the blob");
     assert!(every_content_key_is_verified(bucket.as_ref()).await >= 1);
 }
@@ -477,16 +482,7 @@ async fn acknowledged_writes_survive_a_garage_node_killed_mid_push() {
         if pulled.status() == 200 {
             assert!(pulled.bytes().await.unwrap() == *data, "{digest}");
         } else {
-            let stored = bucket(&garage)
-                .get(&ObjectPath::from(format!(
-                    "{PREFIX}/cas/sha256/{}",
-                    digest.hex()
-                )))
-                .await
-                .unwrap()
-                .bytes()
-                .await
-                .unwrap();
+            let stored = read_from_bucket(bucket(&garage).as_ref(), digest).await;
             assert!(stored == *data, "{digest}");
         }
     }
