@@ -29,6 +29,7 @@ pub mod remote_run;
 mod request_metadata;
 mod run_manifest;
 pub mod tree_hasher;
+pub mod tree_layout;
 
 pub use blob_set::{BlobSet, BlobSource, OpenFileReader};
 pub use cas_read::ReadPlan;

@@ -9,7 +9,6 @@
 //! - Each output directory is built complete in a temporary sibling, then swapped in,
 //!   so it holds exactly the action's tree (no stale files from an earlier run).
 
-use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
@@ -20,6 +19,7 @@ use kiln_store::Digest;
 
 use crate::reapi_digest::from_reapi;
 use crate::remote_cas::RemoteCas;
+use crate::tree_layout::{self, TreeLimits};
 use crate::{ClientError, Result};
 
 const DOWNLOAD_CONCURRENCY: usize = 8;
@@ -220,75 +220,26 @@ async fn write_tree_atomically(cas: &RemoteCas, path: &Path, tree: &reapi::Tree)
 }
 
 /// Creates the directories and symlinks of `tree` under `root` and returns the files
-/// still to download.
+/// still to download. Nothing is created unless the whole Tree plans cleanly.
 fn lay_out_tree(
     cas: &RemoteCas,
     root: &Path,
     tree: &reapi::Tree,
 ) -> Result<Vec<(Digest, PathBuf, bool)>> {
-    let function = cas.digest_function();
-    let children: HashMap<Digest, &reapi::Directory> = tree
-        .children
-        .iter()
-        .map(|child| {
-            (
-                Digest::of_bytes(function, &prost::Message::encode_to_vec(child)),
-                child,
-            )
-        })
-        .collect();
-    let root_directory = tree
-        .root
-        .as_ref()
-        .ok_or_else(|| ClientError::InvalidResponse("an output Tree has no root".into()))?;
-    let mut files = Vec::new();
-    let mut pending = vec![(root.to_path_buf(), root_directory, 0usize)];
-    while let Some((dir_path, directory, depth)) = pending.pop() {
-        // A Tree is a DAG by construction, but a malicious one could still be huge;
-        // REAPI paths are bounded in practice by the filesystem's own limits.
-        if depth > 512 {
-            return Err(ClientError::InvalidResponse(
-                "an output Tree is nested too deeply".into(),
-            ));
-        }
-        for file in &directory.files {
-            let name = checked_name(&file.name)?;
-            let digest = from_reapi(function, file.digest.as_ref(), &format!("tree file {name}"))?;
-            files.push((digest, dir_path.join(name), file.is_executable));
-        }
-        for symlink in &directory.symlinks {
-            let name = checked_name(&symlink.name)?;
-            let link = dir_path.join(name);
-            std::os::unix::fs::symlink(&symlink.target, &link)
-                .map_err(|e| ClientError::io(&link, e))?;
-        }
-        for child in &directory.directories {
-            let name = checked_name(&child.name)?;
-            let digest = from_reapi(
-                function,
-                child.digest.as_ref(),
-                &format!("tree directory {name}"),
-            )?;
-            let child_directory = children.get(&digest).ok_or_else(|| {
-                ClientError::InvalidResponse(format!("an output Tree lacks directory {digest}"))
-            })?;
-            let child_path = dir_path.join(name);
-            std::fs::create_dir(&child_path).map_err(|e| ClientError::io(&child_path, e))?;
-            pending.push((child_path, child_directory, depth + 1));
-        }
+    let layout = tree_layout::plan(cas.digest_function(), tree, TreeLimits::OUTPUT)?;
+    for directory in &layout.directories {
+        let path = root.join(directory);
+        std::fs::create_dir(&path).map_err(|e| ClientError::io(&path, e))?;
     }
-    Ok(files)
-}
-
-/// A name inside a Directory must be exactly one path component.
-fn checked_name(name: &str) -> Result<&str> {
-    if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0') {
-        return Err(ClientError::UnsafeOutputPath {
-            path: name.to_string(),
-            reason: "a name in an output tree must be a single path component",
-        });
+    for (link, target) in &layout.symlinks {
+        let path = root.join(link);
+        std::os::unix::fs::symlink(target, &path).map_err(|e| ClientError::io(&path, e))?;
     }
-    Ok(name)
+    Ok(layout
+        .files
+        .into_iter()
+        .map(|(path, digest, executable)| (digest, root.join(path), executable))
+        .collect())
 }
 
 #[cfg(test)]

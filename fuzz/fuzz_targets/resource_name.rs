@@ -56,7 +56,9 @@ fuzz_target!(|input: Input| match input {
         // REAPI forbids these segments in instance names (a parser cannot tell them from
         // the resource's own), and kiln's upload ids are UUIDs, one segment.
         let instance_name = instance_name.join("/");
-        if instance_name.split('/').any(|s| RESERVED_SEGMENTS.contains(&s))
+        if instance_name
+            .split('/')
+            .any(|s| RESERVED_SEGMENTS.contains(&s))
             || upload_uuid.is_some_and(|u| u.is_empty() || u.contains('/'))
         {
             return;

@@ -1,8 +1,11 @@
 //! Helpers the fuzz targets share. Each target in `fuzz_targets/` checks invariants of one
 //! network-facing parser; see docs/FUZZING.md.
 
-use std::path::{Component, Path};
+use std::collections::HashSet;
+use std::path::{Component, Path, PathBuf};
 
+use arbitrary::Arbitrary;
+use kiln_proto::reapi::{Directory, DirectoryNode, FileNode, SymlinkNode};
 use kiln_store::{Digest, DigestFunction};
 
 /// Runs a future that never waits on I/O (the targets' fetches answer from memory).
@@ -31,6 +34,27 @@ pub fn assert_plain_relative(path: &Path) {
         "{} is not a plain relative path",
         path.display()
     );
+}
+
+/// Panics unless a planned tree's paths are plain relative names (so they stay beneath
+/// any root), each named once, every directory and leaf after its parent directory.
+/// Returns how many paths there were.
+pub fn assert_planned_tree<'a>(
+    directories: &'a [PathBuf],
+    leaves: impl Iterator<Item = &'a PathBuf>,
+) -> usize {
+    let mut seen: HashSet<&Path> = HashSet::new();
+    for path in directories.iter().chain(leaves) {
+        assert_plain_relative(path);
+        let parent = path.parent().unwrap();
+        assert!(
+            parent.as_os_str().is_empty() || seen.contains(parent),
+            "{} before its parent",
+            path.display()
+        );
+        assert!(seen.insert(path), "{} twice", path.display());
+    }
+    seen.len()
 }
 
 /// Panics unless `path` lies strictly beneath `root`, lexically, with no `.`/`..` left.
@@ -65,4 +89,52 @@ pub fn make_removable(dir: &Path) {
             make_removable(&entry.path());
         }
     }
+}
+
+/// One entry of a generated REAPI Directory message.
+#[derive(Arbitrary, Debug)]
+pub enum Entry {
+    File {
+        name: String,
+        executable: bool,
+    },
+    Symlink {
+        name: String,
+        target: String,
+    },
+    /// A child directory, named by an index whose meaning the target gives.
+    Directory {
+        name: String,
+        child: u8,
+    },
+}
+
+/// The Directory message listing `entries`: each file's digest is `file_digest(name)`,
+/// each directory's `child_digest(child)`.
+pub fn directory_message(
+    entries: &[Entry],
+    file_digest: impl Fn(&str) -> Digest,
+    child_digest: impl Fn(u8) -> Digest,
+) -> Directory {
+    let mut directory = Directory::default();
+    for entry in entries {
+        match entry {
+            Entry::File { name, executable } => directory.files.push(FileNode {
+                name: name.clone(),
+                digest: Some(file_digest(name).to_reapi()),
+                is_executable: *executable,
+                ..Default::default()
+            }),
+            Entry::Symlink { name, target } => directory.symlinks.push(SymlinkNode {
+                name: name.clone(),
+                target: target.clone(),
+                ..Default::default()
+            }),
+            Entry::Directory { name, child } => directory.directories.push(DirectoryNode {
+                name: name.clone(),
+                digest: Some(child_digest(*child).to_reapi()),
+            }),
+        }
+    }
+    directory
 }

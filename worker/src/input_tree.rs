@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 
+use kiln_client::tree_layout::TreeLimits;
 use kiln_client::RemoteCas;
 use kiln_proto::prost::Message;
 use kiln_proto::reapi;
@@ -14,17 +15,17 @@ use kiln_store::{Digest, DigestFunction};
 use crate::local_cache::{CacheKey, FetchStats, LocalCache};
 use crate::WorkerError;
 
-/// The most files, directories and symlinks one input tree may expand to. A tree is a DAG:
-/// a directory that lists one child twice at every level is `2^depth` paths, so the walk
-/// counts paths, not distinct directories, and stops here rather than at the worker's
-/// memory.
-const MAX_INPUT_NODES: usize = 1_000_000;
-/// The deepest an input tree may nest (paths that deep approach PATH_MAX anyway).
-const MAX_INPUT_DEPTH: usize = 256;
-/// The most bytes all planned paths may take together. Names are unbounded, so a small
-/// DAG repeating long names at every level reaches `MAX_INPUT_NODES` paths of kilobytes
-/// each: gigabytes held by the worker before anything is created.
-const MAX_INPUT_PATH_BYTES: usize = 256 << 20;
+/// How far the walk of one action's input tree may go before it is refused. A tree is a
+/// DAG: a directory that lists one child twice at every level is `2^depth` paths, so the
+/// walk counts paths, not distinct directories, and stops at `nodes` rather than at the
+/// worker's memory. Names are unbounded, so a small DAG repeating long names at every
+/// level reaches `nodes` paths of kilobytes each: `path_bytes` bounds what the worker
+/// holds before anything is created. Paths nested `depth` deep approach PATH_MAX anyway.
+pub(crate) const ACTION_TREE_LIMITS: TreeLimits = TreeLimits {
+    nodes: 1_000_000,
+    depth: 256,
+    path_bytes: 256 << 20,
+};
 /// The largest Directory message read into memory.
 const MAX_DIRECTORY_BYTES: u64 = 4 << 20;
 
@@ -85,9 +86,13 @@ pub struct InputPlan {
 }
 
 /// Walks the tree rooted at `root_digest`, asking `fetch` for the Directory messages of
-/// each level at once, and checks it as it goes (names, duplicates, depth, size). Apart
-/// from `materialise`, so that the checks can be exercised without a CAS.
-pub async fn plan<F, Fut>(root_digest: Digest, mut fetch: F) -> Result<InputPlan, WorkerError>
+/// each level at once, and checks it as it goes (names, duplicates, `limits`, message
+/// size). Apart from `materialise`, so that the checks can be exercised without a CAS.
+pub async fn plan<F, Fut>(
+    root_digest: Digest,
+    limits: TreeLimits,
+    mut fetch: F,
+) -> Result<InputPlan, WorkerError>
 where
     F: FnMut(Vec<Digest>) -> Fut,
     Fut: Future<Output = Result<(Vec<reapi::Directory>, FetchStats), WorkerError>>,
@@ -107,9 +112,10 @@ where
     let mut path_bytes = 0usize;
     while !level.is_empty() {
         depth += 1;
-        if depth > MAX_INPUT_DEPTH {
+        if depth > limits.depth {
             return Err(WorkerError::InvalidAction(format!(
-                "the input tree is more than {MAX_INPUT_DEPTH} directories deep"
+                "the input tree is more than {} directories deep",
+                limits.depth
             )));
         }
         let digests: Vec<Digest> = level.iter().map(|(_, d)| *d).collect();
@@ -162,14 +168,16 @@ where
             }
             // Checked per directory, so a tree that doubles at each level is refused
             // before its last level is held in memory.
-            if files.len() + symlinks.len() + directories.len() > MAX_INPUT_NODES {
+            if files.len() + symlinks.len() + directories.len() > limits.nodes {
                 return Err(WorkerError::InvalidAction(format!(
-                    "the input tree expands to more than {MAX_INPUT_NODES} files, directories and symlinks"
+                    "the input tree expands to more than {} files, directories and symlinks",
+                    limits.nodes
                 )));
             }
-            if path_bytes > MAX_INPUT_PATH_BYTES {
+            if path_bytes > limits.path_bytes {
                 return Err(WorkerError::InvalidAction(format!(
-                    "the input tree's paths take more than {MAX_INPUT_PATH_BYTES} bytes"
+                    "the input tree's paths take more than {} bytes",
+                    limits.path_bytes
                 )));
             }
         }
@@ -191,7 +199,7 @@ pub async fn materialise(
         symlinks,
         directories,
         mut stats,
-    } = plan(root_digest, |digests| async move {
+    } = plan(root_digest, ACTION_TREE_LIMITS, |digests| async move {
         fetch_messages::<reapi::Directory>(cache, cas, &digests, "Directory").await
     })
     .await?;
@@ -240,7 +248,7 @@ mod tests {
             ..Default::default()
         };
         let root = Digest::of_bytes(DigestFunction::Sha256, b"root");
-        let refused = plan(root, |digests| {
+        let refused = plan(root, ACTION_TREE_LIMITS, |digests| {
             let level = vec![directory.clone(); digests.len()];
             async move { Ok((level, FetchStats::default())) }
         })

@@ -24,6 +24,7 @@ pub mod fuzzing {
     pub use crate::container_image::unpack::{unpack_layers, Limits, UnpackError};
     pub use crate::input_tree::{plan as plan_input_tree, InputPlan};
     pub use crate::output_collector::check_paths;
+    pub use kiln_client::tree_layout::TreeLimits;
 
     /// Where output `path` lies, lexically, as `check_paths` resolves it.
     pub fn output_location(

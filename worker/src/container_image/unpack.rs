@@ -44,7 +44,7 @@ pub struct Limits {
     pub entries: u64,
 }
 
-/// Entries per image: as many paths as an input tree may have (`MAX_INPUT_NODES`).
+/// Entries per image: as many paths as an input tree may have (`ACTION_TREE_LIMITS`).
 pub const MAX_ENTRIES: u64 = 1_000_000;
 
 /// What has been unpacked so far.
