@@ -10,11 +10,15 @@
 #   setpriv      bwrap as root, no user namespace, setpriv to the action's uid (a host)
 #   uid-userns   bwrap as the action's uid, mapped to 65534 in a user namespace (a
 #                container without CAP_SYS_ADMIN)
+#   warm         nsenter into a sandbox built once, as the action's uid (kiln's warm
+#                sandboxes join the namespaces in the spawn child itself, without
+#                nsenter's extra exec: this is an upper bound of their cost)
 set -euo pipefail
 runs=${1:-100}
 uid=1600000000
 dir=$(mktemp -d /tmp/kiln-sandbox-cost.XXXXXX)
-trap 'rm -rf "$dir"' EXIT
+holder=""
+trap '[ -n "$holder" ] && kill "$holder"; rm -rf "$dir"' EXIT
 chmod 711 "$dir"
 mkdir -p "$dir/actions/a"
 chown "$uid:$uid" "$dir/actions/a"
@@ -27,6 +31,18 @@ common=(--ro-bind /usr /usr --symlink usr/bin /bin --symlink usr/sbin /sbin
     --unshare-pid --unshare-ipc --unshare-uts --unshare-cgroup-try --new-session
     --die-with-parent --unshare-net --chdir "$dir/actions/a")
 userns=(--unshare-user --uid 65534 --gid 65534)
+# A warm sandbox: the same mounts and namespaces, held open by a process of its own.
+warm=("${common[@]}")
+for i in "${!warm[@]}"; do
+    case "${warm[$i]}" in --new-session | --die-with-parent) unset 'warm[i]' ;; esac
+done
+bwrap "${warm[@]}" -- /bin/sleep infinity &
+holder=$!
+for _ in $(seq 100); do
+    init=$(cat "/proc/$holder/task/$holder/children" 2>/dev/null | tr -d ' ')
+    [ -n "$init" ] && break
+    sleep 0.01
+done
 setpriv=(setpriv "--reuid=$uid" "--regid=$uid" --clear-groups --inh-caps=-all --bounding-set=-all --)
 
 run_kind() {
@@ -36,10 +52,12 @@ run_kind() {
         setpriv) bwrap "${common[@]}" -- "${setpriv[@]}" /bin/true ;;
         uid-userns) setpriv "--reuid=$uid" "--regid=$uid" --clear-groups \
             bwrap "${common[@]}" "${userns[@]}" -- /bin/true ;;
+        warm) nsenter -t "$init" -m -u -i -n -p -C -S "$uid" -G "$uid" \
+            --wd="$dir/actions/a" /bin/true ;;
     esac
 }
 
-kinds=(none root-userns setpriv uid-userns)
+kinds=(none root-userns setpriv uid-userns warm)
 declare -A times
 for _ in $(seq "$runs"); do
     for kind in "${kinds[@]}"; do

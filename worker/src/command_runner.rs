@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{SandboxMode, DEFAULT_SANDBOX_UID_BASE};
 use crate::log_capture::LogCapture;
 use crate::process_spawn::{self, SpawnRequest};
-use crate::sandbox::{self, Bubblewrap, UidLease};
+use crate::sandbox::{self, Bubblewrap, UidLease, WarmPool};
 use crate::WorkerError;
 
 /// One command to run.
@@ -156,11 +156,6 @@ impl ProcessRunner {
 
     /// argv as started: the command itself, or bubblewrap wrapping it (started as `uid`).
     fn argv(&self, spec: &CommandSpec, uid: Option<u32>) -> Result<Vec<OsString>, WorkerError> {
-        if spec.arguments.is_empty() {
-            return Err(WorkerError::InvalidAction(
-                "the command has no arguments".into(),
-            ));
-        }
         let command = spec.arguments.iter().map(OsStr::new);
         match (&self.bubblewrap, &spec.image_root) {
             (Some(bwrap), image_root) => bwrap.argv(
@@ -218,26 +213,141 @@ impl CommandRunner for ProcessRunner {
         spec: &CommandSpec,
         cancel: &CancellationToken,
     ) -> Result<CommandExit, WorkerError> {
+        if spec.arguments.is_empty() {
+            return Err(WorkerError::InvalidAction(
+                "the command has no arguments".into(),
+            ));
+        }
+        let warm = self
+            .bubblewrap
+            .as_ref()
+            .and_then(Bubblewrap::warm_pool)
+            .filter(|_| spec.image_root.is_none() && !spec.network);
+        match warm {
+            Some(pool) => self.run_warm(pool, spec, cancel).await,
+            None => self.run_cold(spec, cancel).await,
+        }
+    }
+}
+
+/// How to start an action's process.
+struct Launch<'a> {
+    argv: Vec<OsString>,
+    working_dir: &'a std::path::Path,
+    /// Whether the action has a host uid of its own (RLIMIT_NPROC then applies).
+    own_uid: bool,
+    identity: Option<u32>,
+    enter: Option<libc::c_int>,
+}
+
+impl ProcessRunner {
+    /// In a sandbox built for this action (or none).
+    async fn run_cold(
+        &self,
+        spec: &CommandSpec,
+        cancel: &CancellationToken,
+    ) -> Result<CommandExit, WorkerError> {
         // Declared first, so it is given back last, after the processes are killed.
-        let uid = self.bubblewrap.as_ref().and_then(Bubblewrap::lease_uid);
+        let uid = match &self.bubblewrap {
+            Some(bwrap) => bwrap.lease_uid()?,
+            None => None,
+        };
         if let Some(uid) = &uid {
             sandbox::hand_over(&spec.exec_root, uid.uid())?;
         }
         let argv = self.argv(spec, uid.as_ref().map(UidLease::uid))?;
-        let argv: Vec<&OsStr> = argv.iter().map(OsString::as_os_str).collect();
         // bwrap enters the working directory itself, inside the sandbox; one it cannot
         // enter is then its failure, reported as such.
-        let start_in = match &self.bubblewrap {
+        let working_dir = match &self.bubblewrap {
             Some(_) => &spec.exec_root,
             None => &spec.working_dir,
         };
+        let launch = Launch {
+            argv,
+            working_dir,
+            own_uid: uid.is_some(),
+            identity: self
+                .bubblewrap
+                .as_ref()
+                .and_then(|bwrap| bwrap.starts_as(uid.as_ref().map(UidLease::uid))),
+            enter: None,
+        };
+        self.execute(launch, spec, cancel).await
+    }
+
+    /// In a warm sandbox: the action's directory is renamed into its slot for the run,
+    /// and back once nothing of the action is left running.
+    async fn run_warm(
+        &self,
+        pool: &WarmPool,
+        spec: &CommandSpec,
+        cancel: &CancellationToken,
+    ) -> Result<CommandExit, WorkerError> {
+        let parent = spec.exec_root.parent().ok_or_else(|| {
+            WorkerError::SandboxSetup("the action's directory has no parent".into())
+        })?;
+        let sandbox = pool.take(parent)?;
+        let inside = sandbox.exec_root();
+        std::fs::rename(&spec.exec_root, &inside).map_err(WorkerError::io(
+            "moving the action's directory into its sandbox",
+        ))?;
+        let relative = spec
+            .working_dir
+            .strip_prefix(&spec.exec_root)
+            .unwrap_or(std::path::Path::new(""));
+        let working_dir = inside.join(relative);
+        let run = async {
+            sandbox::hand_over(&inside, sandbox.uid())?;
+            let launch = Launch {
+                argv: spec.arguments.iter().map(OsString::from).collect(),
+                working_dir: &working_dir,
+                own_uid: true,
+                identity: Some(sandbox.uid()),
+                enter: Some(sandbox.namespaces()),
+            };
+            self.execute(launch, spec, cancel).await
+        };
+        let outcome = run.await;
+        // Nothing of the action may write to its directory once it is back.
+        let swept = sandbox.sweep().await;
+        let moved_back = std::fs::rename(&inside, &spec.exec_root);
+        match (swept, moved_back) {
+            (Ok(reusable), Ok(())) => pool.give_back(sandbox, reusable),
+            (swept, moved_back) => {
+                // Dropping the sandbox ends every process in it.
+                drop(sandbox);
+                let problems: Vec<String> = [
+                    swept.err().map(|e| format!("killing what it left: {e}")),
+                    moved_back
+                        .err()
+                        .map(|e| format!("moving its directory back: {e}")),
+                ]
+                .into_iter()
+                .flatten()
+                .collect();
+                return Err(WorkerError::SandboxSetup(format!(
+                    "ending the action in its warm sandbox: {}",
+                    problems.join("; ")
+                )));
+            }
+        }
+        outcome
+    }
+
+    async fn execute(
+        &self,
+        launch: Launch<'_>,
+        spec: &CommandSpec,
+        cancel: &CancellationToken,
+    ) -> Result<CommandExit, WorkerError> {
+        let argv: Vec<&OsStr> = launch.argv.iter().map(OsString::as_os_str).collect();
         let stdin = File::open("/dev/null").map_err(WorkerError::io("opening /dev/null"))?;
         let mut stdout = LogCapture::start(spec.stdout.clone(), self.limits.log_bytes, "stdout")?;
         let mut stderr = LogCapture::start(spec.stderr.clone(), self.limits.log_bytes, "stderr")?;
         let spawned = process_spawn::spawn(&SpawnRequest {
             arguments: &argv,
             environment: &spec.environment,
-            working_dir: start_in,
+            working_dir: launch.working_dir,
             stdin: &stdin,
             stdout: stdout
                 .writer
@@ -247,16 +357,22 @@ impl CommandRunner for ProcessRunner {
                 .writer
                 .as_ref()
                 .expect("a fresh capture has its writer"),
-            rlimits: &self.rlimits(uid.is_some()),
-            identity: self
-                .bubblewrap
-                .as_ref()
-                .and_then(|bwrap| bwrap.starts_as(uid.as_ref().map(UidLease::uid))),
+            rlimits: &self.rlimits(launch.own_uid),
+            identity: launch.identity,
+            enter: launch.enter,
         });
         // The child holds its own copies: the pipes end when the command's processes do.
         (stdout.writer, stderr.writer) = (None, None);
-        let mut child = spawned.map_err(|e| {
-            WorkerError::InvalidAction(format!("cannot start {:?}: {e}", spec.arguments[0]))
+        let mut child = spawned.map_err(|e| match launch.enter {
+            // Not the action's fault: entering its sandbox failed.
+            Some(_) if !e.is_exec() => WorkerError::SandboxSetup(format!(
+                "starting the action in its warm sandbox: {}: {}",
+                e.step, e.source
+            )),
+            _ => WorkerError::InvalidAction(format!(
+                "cannot start {:?}: {}",
+                spec.arguments[0], e.source
+            )),
         })?;
         // Declared after the child, so it is dropped first: kill, then reap.
         let group = ProcessGroup(child.id());
@@ -279,7 +395,7 @@ impl CommandRunner for ProcessRunner {
             let _ = child.wait().await;
         }
         let (stdout_dropped, stderr_dropped) = tokio::join!(stdout.finish(), stderr.finish());
-        if self.bubblewrap.is_some() && exit == CommandExit::Exited(1) {
+        if self.bubblewrap.is_some() && launch.enter.is_none() && exit == CommandExit::Exited(1) {
             if let Some(reason) = sandbox::setup_failure(&spec.stderr) {
                 return Err(WorkerError::SandboxSetup(reason));
             }

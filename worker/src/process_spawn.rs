@@ -9,6 +9,11 @@
 //! (process group, rlimits, working directory, stdio, uid, signal dispositions) before
 //! `execve`. The parent thread sleeps until the child has exec'd or failed. The child is
 //! waited for through a pidfd, so nothing else in the process can reap it by mistake.
+//!
+//! A child may also start inside a warm sandbox (`SpawnRequest::enter`): a first clone
+//! joins the sandbox's namespaces with `setns`, then clones the child proper with
+//! `CLONE_PARENT`, so that it is born in the sandbox's PID namespace yet is this
+//! process's child, and exits.
 
 use std::ffi::{CString, OsStr};
 use std::fs::File;
@@ -40,7 +45,18 @@ pub(crate) struct SpawnRequest<'a> {
     /// The uid and gid (one number, no supplementary groups) the child takes just before
     /// execve, when it is not to keep this process's.
     pub identity: Option<u32>,
+    /// A pidfd of a process whose mount, UTS, IPC, network, PID and cgroup namespaces the
+    /// child joins; it then also cannot gain privileges by exec (no_new_privs).
+    pub enter: Option<libc::c_int>,
 }
+
+/// The namespaces a child joins with `SpawnRequest::enter`.
+const ENTERED_NAMESPACES: libc::c_int = libc::CLONE_NEWNS
+    | libc::CLONE_NEWUTS
+    | libc::CLONE_NEWIPC
+    | libc::CLONE_NEWNET
+    | libc::CLONE_NEWPID
+    | libc::CLONE_NEWCGROUP;
 
 /// A started child in its own process group (its pid is the group id).
 pub(crate) struct SpawnedChild {
@@ -58,8 +74,38 @@ struct ChildPlan {
     stdio: [libc::c_int; 3],
     rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)>,
     identity: Option<u32>,
-    /// Set by the child when it fails before execve.
+    /// The pidfd whose namespaces to join, and the stack the child proper runs on then.
+    enter: Option<(libc::c_int, usize)>,
+    /// The child proper, when an intermediate started it: its pid and pidfd.
+    entered_child: (libc::pid_t, libc::c_int),
+    /// Set by the child when it fails before execve, with the step that failed.
     errno: libc::c_int,
+    failed_step: &'static str,
+}
+
+/// Why a child did not start: the step that failed (`execve` when the program could not
+/// be run, a set-up step such as `setns` or `chdir` otherwise) and its error.
+#[derive(Debug)]
+pub(crate) struct SpawnError {
+    pub step: &'static str,
+    pub source: io::Error,
+}
+
+/// The parent's own failures, before the child exists.
+impl From<io::Error> for SpawnError {
+    fn from(source: io::Error) -> Self {
+        SpawnError {
+            step: "preparing",
+            source,
+        }
+    }
+}
+
+impl SpawnError {
+    /// Whether the program itself could not be run (missing, not executable).
+    pub(crate) fn is_exec(&self) -> bool {
+        self.step == "execve"
+    }
 }
 
 fn c_string(bytes: &[u8], what: &str) -> io::Result<CString> {
@@ -96,8 +142,8 @@ fn program_candidates(
 }
 
 /// Starts the child. Errors before `execve` (no such program, a failed chdir) come back
-/// as the child's errno, like `Command::spawn`'s.
-pub(crate) fn spawn(request: &SpawnRequest<'_>) -> io::Result<SpawnedChild> {
+/// as the child's errno, like `Command::spawn`'s, with the step that failed.
+pub(crate) fn spawn(request: &SpawnRequest<'_>) -> Result<SpawnedChild, SpawnError> {
     let (program, _) = request
         .arguments
         .split_first()
@@ -142,65 +188,182 @@ pub(crate) fn spawn(request: &SpawnRequest<'_>) -> io::Result<SpawnedChild> {
         ],
         rlimits: request.rlimits.to_vec(),
         identity: request.identity,
+        enter: None,
+        entered_child: (-1, -1),
         errno: 0,
+        failed_step: "",
     };
-    let mut stack = vec![0u8; CHILD_STACK_BYTES];
-    // The stack grows down; the top must be 16-byte aligned.
-    let top = (stack.as_mut_ptr() as usize + CHILD_STACK_BYTES) & !15;
+    let mut entered_stack = Vec::new();
+    let (entry, flags) = match request.enter {
+        None => (
+            child_main as ChildEntry,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD | libc::SIGCHLD,
+        ),
+        Some(pidfd) => {
+            entered_stack = vec![0u8; CHILD_STACK_BYTES];
+            let entered_top = stack_top(&mut entered_stack);
+            plan.enter = Some((pidfd, entered_top));
+            // CLONE_FILES: the child proper's pidfd lands in this process's table.
+            (
+                intermediate_main as ChildEntry,
+                libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_FILES | libc::SIGCHLD,
+            )
+        }
+    };
     let mut pidfd: libc::c_int = -1;
-    // SAFETY: all signals are blocked around clone so that no handler of this process
-    // runs on the child's borrowed memory before it has reset the dispositions; the old
-    // mask is restored right after. `plan`, `stack` and the CStrings the plan points into
-    // outlive the child's use of them: CLONE_VFORK suspends this thread until the child
-    // has exec'd or exited. The child runs only `child_main`.
+    // SAFETY: `plan` and the CStrings it points into outlive the child's use of them
+    // (vfork). The child runs only `child_main` (or `intermediate_main`, which suspends
+    // in turn until the child proper has exec'd or exited), and so only system calls.
+    let cloned = unsafe {
+        clone_suspended(
+            entry,
+            (&mut plan as *mut ChildPlan).cast(),
+            flags,
+            &mut pidfd,
+        )
+    };
+    drop((entered_stack, stdio));
+    let pid = match cloned {
+        Ok(pid) => pid,
+        Err(clone_error) if clone_error.raw_os_error() == Some(libc::EINVAL) => {
+            return Err(SpawnError::from(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("starting actions needs Linux 5.2 or later (clone with CLONE_PIDFD): {clone_error}"),
+            )));
+        }
+        Err(clone_error) => return Err(clone_error.into()),
+    };
+    let (pid, pidfd) = if plan.enter.is_some() {
+        // The intermediate has exited (vfork); collect it. The child proper, if it was
+        // started, is ours through CLONE_PARENT.
+        // SAFETY: waitpid on our own child with a valid status pointer; the intermediate
+        // wrote `entered_child` before it exited.
+        unsafe {
+            let mut status = 0;
+            libc::waitpid(pid, &mut status, 0);
+            std::ptr::read_volatile(&plan.entered_child)
+        }
+    } else {
+        (pid, pidfd)
+    };
+    // SAFETY: the child is gone or exec'd; it wrote `errno` (if at all) before that.
+    let child_errno = unsafe { std::ptr::read_volatile(&plan.errno) };
+    if child_errno != 0 || pid < 0 {
+        if pid > 0 {
+            // It has exited already; collect it so no zombie is left.
+            // SAFETY: waitpid on our own child with a valid status pointer; the pidfd,
+            // if any, is ours to close.
+            unsafe {
+                let mut status = 0;
+                libc::waitpid(pid, &mut status, 0);
+                libc::close(pidfd);
+            }
+        }
+        return Err(SpawnError {
+            step: plan.failed_step,
+            source: io::Error::from_raw_os_error(child_errno),
+        });
+    }
+    // SAFETY: clone stored a new pidfd that nothing else owns.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    // SAFETY: the OwnedFd is open and stays the same descriptor for as long as the
+    // AsyncFd owns it.
+    let pidfd = unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
+        .map_err(|e| SpawnError::from(e.into_parts().1))?;
+    Ok(SpawnedChild {
+        pid,
+        pidfd,
+        reaped: false,
+    })
+}
+
+/// The entry point of a child made by `clone_suspended`.
+pub(crate) type ChildEntry = extern "C" fn(*mut libc::c_void) -> libc::c_int;
+
+/// The 16-byte aligned top of `stack` (stacks grow down).
+fn stack_top(stack: &mut [u8]) -> usize {
+    (stack.as_mut_ptr() as usize + stack.len()) & !15
+}
+
+/// Runs `entry(arg)` in a child that shares this process's memory (`CLONE_VM |
+/// CLONE_VFORK` among `flags`), on a stack of its own, and returns its pid once it has
+/// exec'd or exited. Every signal is blocked around the clone, so no handler of this
+/// process runs on the child's borrowed memory before the child has reset them; the
+/// thread's mask is restored right after. `pidfd` receives a pidfd with `CLONE_PIDFD`.
+///
+/// # Safety
+/// `entry` must only make system calls (no allocation, no locks: it shares the parent's
+/// heap and threads' locks), and `arg` must point to what `entry` expects.
+pub(crate) unsafe fn clone_suspended(
+    entry: ChildEntry,
+    arg: *mut libc::c_void,
+    flags: libc::c_int,
+    pidfd: &mut libc::c_int,
+) -> io::Result<libc::pid_t> {
+    let mut stack = vec![0u8; CHILD_STACK_BYTES];
+    let top = stack_top(&mut stack);
+    // SAFETY: the caller vouches for `entry` and `arg`; the stack and `pidfd` outlive the
+    // child's use of them, since CLONE_VFORK suspends this thread until it is done.
     let (pid, clone_error) = unsafe {
         let mut all: libc::sigset_t = std::mem::zeroed();
         let mut previous: libc::sigset_t = std::mem::zeroed();
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut previous);
         let pid = libc::clone(
-            child_main,
+            entry,
             top as *mut libc::c_void,
-            libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD | libc::SIGCHLD,
-            (&mut plan as *mut ChildPlan).cast(),
-            &mut pidfd as *mut libc::c_int,
+            flags,
+            arg,
+            pidfd as *mut libc::c_int,
         );
         let clone_error = io::Error::last_os_error();
         libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut());
         (pid, clone_error)
     };
-    drop((stack, stdio));
+    drop(stack);
     if pid < 0 {
-        if clone_error.raw_os_error() == Some(libc::EINVAL) {
-            return Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                format!("starting actions needs Linux 5.2 or later (clone with CLONE_PIDFD): {clone_error}"),
-            ));
-        }
         return Err(clone_error);
     }
-    // SAFETY: clone stored a new pidfd that nothing else owns.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
-    // SAFETY: the child is gone or exec'd; it wrote `errno` (if at all) before that.
-    let child_errno = unsafe { std::ptr::read_volatile(&plan.errno) };
-    if child_errno != 0 {
-        // It has exited already; collect it so no zombie is left.
-        // SAFETY: waitpid on our own child with a valid status pointer.
-        unsafe {
-            let mut status = 0;
-            libc::waitpid(pid, &mut status, 0);
+    Ok(pid)
+}
+
+/// With `SpawnRequest::enter`: joins the sandbox's namespaces, starts the child proper (in
+/// its PID namespace, as a child of the spawning process), and exits once that has
+/// exec'd or failed. Like `child_main`, it only makes system calls.
+extern "C" fn intermediate_main(plan: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `plan` is the parent's ChildPlan, alive while the parent waits (vfork).
+    let plan = unsafe { &mut *(plan as *mut ChildPlan) };
+    let Some((pidfd, stack_top)) = plan.enter else {
+        return 127;
+    };
+    // SAFETY: system calls on a pidfd the parent holds open and a stack it owns for as
+    // long as this vfork chain runs; CLONE_PIDFD writes the new descriptor into the plan.
+    unsafe {
+        if libc::setns(pidfd, ENTERED_NAMESPACES) != 0 {
+            plan.errno = *libc::__errno_location();
+            plan.failed_step = "setns";
+            libc::_exit(127);
         }
-        return Err(io::Error::from_raw_os_error(child_errno));
+        let mut child_pidfd: libc::c_int = -1;
+        let pid = libc::clone(
+            child_main,
+            stack_top as *mut libc::c_void,
+            libc::CLONE_VM
+                | libc::CLONE_VFORK
+                | libc::CLONE_PARENT
+                | libc::CLONE_PIDFD
+                | libc::SIGCHLD,
+            (plan as *mut ChildPlan).cast(),
+            &mut child_pidfd as *mut libc::c_int,
+        );
+        if pid < 0 {
+            plan.errno = *libc::__errno_location();
+            plan.failed_step = "clone";
+            libc::_exit(127);
+        }
+        plan.entered_child = (pid, child_pidfd);
+        libc::_exit(0)
     }
-    // SAFETY: the OwnedFd is open and stays the same descriptor for as long as the
-    // AsyncFd owns it.
-    let pidfd = unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
-        .map_err(|e| e.into_parts().1)?;
-    Ok(SpawnedChild {
-        pid,
-        pidfd,
-        reaped: false,
-    })
 }
 
 /// The child between clone and execve. It shares the parent's memory, so it only reads
@@ -225,24 +388,44 @@ extern "C" fn child_main(plan: *mut libc::c_void) -> libc::c_int {
                 libc::sigaction(signal, &default, std::ptr::null_mut());
             }
         }
-        let fail = |plan: &mut ChildPlan| -> libc::c_int {
+        let fail = |plan: &mut ChildPlan, step: &'static str| -> libc::c_int {
             plan.errno = *libc::__errno_location();
+            plan.failed_step = step;
             libc::_exit(127)
         };
         if libc::setpgid(0, 0) != 0 {
-            return fail(plan);
+            return fail(plan, "setpgid");
+        }
+        // No terminal of the worker's within reach (`kiln up` in a shell has one): give up
+        // the controlling terminal, which a process that leads no session does alone. Not
+        // a session of its own: with the scheduler's autogroups on, each session is a
+        // scheduling group, whose making and unmaking cut sandboxed throughput to a
+        // fifth beside any background load.
+        let tty = libc::open(
+            c"/dev/tty".as_ptr(),
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        );
+        if tty >= 0 {
+            let detached = libc::ioctl(tty, libc::TIOCNOTTY) == 0;
+            libc::close(tty);
+            if !detached {
+                return fail(plan, "detaching from the terminal");
+            }
+        }
+        if plan.enter.is_some() && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            return fail(plan, "no_new_privs");
         }
         for (resource, limit) in &plan.rlimits {
             if libc::setrlimit(*resource, limit) != 0 {
-                return fail(plan);
+                return fail(plan, "setrlimit");
             }
         }
         if libc::chdir(plan.working_dir.as_ptr()) != 0 {
-            return fail(plan);
+            return fail(plan, "chdir");
         }
         for (target, source) in plan.stdio.into_iter().enumerate() {
             if libc::dup2(source, target as libc::c_int) < 0 {
-                return fail(plan);
+                return fail(plan, "dup2");
             }
         }
         // Raw system calls: glibc's set*id wrappers would change every thread of the
@@ -254,7 +437,7 @@ extern "C" fn child_main(plan: *mut libc::c_void) -> libc::c_int {
                 || libc::syscall(libc::SYS_setresgid, id, id, id) != 0
                 || libc::syscall(libc::SYS_setresuid, id, id, id) != 0
             {
-                return fail(plan);
+                return fail(plan, "setresuid");
             }
         }
         let mut empty: libc::sigset_t = std::mem::zeroed();
@@ -273,6 +456,7 @@ extern "C" fn child_main(plan: *mut libc::c_void) -> libc::c_int {
                 _ => break,
             }
         }
+        plan.failed_step = "execve";
         plan.errno = if saw_eacces && matches!(error, libc::ENOENT | libc::ENOTDIR) {
             libc::EACCES
         } else {

@@ -14,6 +14,10 @@
 //! elsewhere (a container) bwrap starts as the uid, in a user namespace. A worker running
 //! as another user cannot change uid: bwrap then makes a user namespace in which the
 //! action is uid 65534, mapped to the worker's.
+//!
+//! Where bwrap builds sandboxes as root, actions on the host's system directories without
+//! the network run in warm sandboxes instead, built once and entered per action
+//! (`warm_pool`).
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
@@ -21,13 +25,18 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 
 use crate::WorkerError;
 
 mod image_root;
+mod uid_pool;
+mod warm_pool;
 
 use image_root::HostSetpriv;
+pub(crate) use uid_pool::UidLease;
+use uid_pool::UidPool;
+use warm_pool::BwrapUse;
+pub(crate) use warm_pool::WarmPool;
 
 /// The host's system directories an action sees, read-only, where they exist. Nothing
 /// else of the host is there: not `/home`, `/root`, `/var`, `/srv`, nor wherever the
@@ -46,6 +55,8 @@ pub(crate) struct Bubblewrap {
     system_dirs: Vec<OsString>,
     /// How, and from which pool of host uids, for a worker running as root.
     own_uid: Option<(OwnUid, UidPool)>,
+    /// Warm sandboxes, where bwrap runs as root (`OwnUid::Setpriv`).
+    warm: Option<WarmPool>,
 }
 
 /// How a root worker starts an action as a host uid of its own.
@@ -74,6 +85,7 @@ impl Bubblewrap {
                 path,
                 system_dirs: system_dir_args(),
                 own_uid: None,
+                warm: None,
             };
             return bubblewrap
                 .try_once()
@@ -95,10 +107,13 @@ impl Bubblewrap {
             .into_iter()
             .chain([OwnUid::UserNamespace]);
         for way in ways {
+            let warm = matches!(way, OwnUid::Setpriv(..))
+                .then(|| WarmPool::new(path.clone(), system_dir_args(), UidPool::new(uid_base)));
             let bubblewrap = Bubblewrap {
                 path: path.clone(),
                 system_dirs: system_dir_args(),
                 own_uid: Some((way.clone(), UidPool::new(uid_base))),
+                warm,
             };
             match bubblewrap.try_once() {
                 Ok(()) => return Ok(bubblewrap),
@@ -122,7 +137,7 @@ impl Bubblewrap {
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-        let uid = self.lease_uid();
+        let uid = self.lease_uid().map_err(|e| e.to_string())?;
         let outcome = (|| {
             let uid = uid.as_ref().map(UidLease::uid);
             if let Some(uid) = uid {
@@ -214,8 +229,10 @@ impl Bubblewrap {
             exec_root,
             &sandbox_root,
             &sandbox_dir,
-            network,
-            setpriv.is_none(),
+            BwrapUse::Action {
+                network,
+                user_namespace: setpriv.is_none(),
+            },
         ));
         argv.push("--".into());
         if let Some((_, _, uid)) = setpriv {
@@ -247,8 +264,16 @@ impl Bubblewrap {
 
     /// A host uid no other running action has, given back when the lease is dropped;
     /// none when the worker is not root (its actions then run as its own uid).
-    pub(crate) fn lease_uid(&self) -> Option<UidLease<'_>> {
-        self.own_uid.as_ref().map(|(_, pool)| pool.lease())
+    pub(crate) fn lease_uid(&self) -> Result<Option<UidLease>, WorkerError> {
+        self.own_uid
+            .as_ref()
+            .map(|(_, pool)| pool.lease())
+            .transpose()
+    }
+
+    /// The warm sandboxes, where actions can use them.
+    pub(crate) fn warm_pool(&self) -> Option<&WarmPool> {
+        self.warm.as_ref()
     }
 }
 
@@ -257,55 +282,6 @@ fn on_path(program: &str) -> Option<PathBuf> {
     std::env::split_paths(&path)
         .map(|dir| dir.join(program))
         .find(|candidate| candidate.is_file())
-}
-
-/// Host uids `base..`, one per action running at once in this process: the indices are
-/// shared by every worker of the process (`kiln up` runs several), so no two running
-/// actions share a uid, nor its RLIMIT_NPROC count.
-struct UidPool {
-    base: u32,
-}
-
-/// Which indices of the uid pools are taken.
-static UIDS_IN_USE: Mutex<Vec<bool>> = Mutex::new(Vec::new());
-
-impl UidPool {
-    fn new(base: u32) -> Self {
-        UidPool { base }
-    }
-
-    fn lease(&self) -> UidLease<'_> {
-        // A list of flags holds no invariant a panicking holder could break.
-        let mut in_use = UIDS_IN_USE.lock().unwrap_or_else(|e| e.into_inner());
-        let index = match in_use.iter().position(|used| !used) {
-            Some(free) => free,
-            None => {
-                in_use.push(false);
-                in_use.len() - 1
-            }
-        };
-        in_use[index] = true;
-        UidLease { pool: self, index }
-    }
-}
-
-/// One action's host uid (also its gid).
-pub(crate) struct UidLease<'a> {
-    pool: &'a UidPool,
-    index: usize,
-}
-
-impl UidLease<'_> {
-    pub(crate) fn uid(&self) -> u32 {
-        self.pool.base.saturating_add(self.index as u32)
-    }
-}
-
-impl Drop for UidLease<'_> {
-    fn drop(&mut self) {
-        let mut in_use = UIDS_IN_USE.lock().unwrap_or_else(|e| e.into_inner());
-        in_use[self.index] = false;
-    }
 }
 
 /// Gives `dir` and everything in it to `uid` (and the gid of the same number), so that
@@ -358,8 +334,7 @@ fn bubblewrap_args(
     exec_root: &Path,
     sandbox_root: &Path,
     sandbox_dir: &Path,
-    network: bool,
-    user_namespace: bool,
+    sandbox: BwrapUse<'_>,
 ) -> Vec<OsString> {
     let mut args: Vec<OsString> = Vec::new();
     let mut push = |items: &[&OsStr]| args.extend(items.iter().map(|i| i.to_os_string()));
@@ -368,12 +343,17 @@ fn bubblewrap_args(
         "/dev".as_ref(),
         "--proc".as_ref(),
         "/proc".as_ref(),
-        // Built by root, for an action of another uid: open to all, sticky.
-        "--perms".as_ref(),
-        "1777".as_ref(),
-        "--tmpfs".as_ref(),
-        "/tmp".as_ref(),
     ]);
+    match sandbox {
+        // Built by root, for an action of another uid: open to all, sticky.
+        BwrapUse::Action { .. } => push(&[
+            "--perms".as_ref(),
+            "1777".as_ref(),
+            "--tmpfs".as_ref(),
+            "/tmp".as_ref(),
+        ]),
+        BwrapUse::Warm(tmp) => push(&["--bind".as_ref(), tmp.as_os_str(), "/tmp".as_ref()]),
+    }
     // bwrap would make the directories above the action's with the host's modes, which
     // may close them to the action's uid (a 0700 home, a temporary directory): made first,
     // open to all (they hold nothing but the way to the action's directory).
@@ -403,20 +383,29 @@ fn bubblewrap_args(
         "--unshare-ipc".as_ref(),
         "--unshare-uts".as_ref(),
         "--unshare-cgroup-try".as_ref(),
-        "--new-session".as_ref(),
-        "--die-with-parent".as_ref(),
     ]);
-    if user_namespace {
-        push(&[
-            "--unshare-user".as_ref(),
-            "--uid".as_ref(),
-            UID_IN_USER_NAMESPACE.as_ref(),
-            "--gid".as_ref(),
-            UID_IN_USER_NAMESPACE.as_ref(),
-        ]);
-    }
-    if !network {
-        push(&["--unshare-net".as_ref()]);
+    match sandbox {
+        BwrapUse::Action {
+            network,
+            user_namespace,
+        } => {
+            push(&["--new-session".as_ref(), "--die-with-parent".as_ref()]);
+            if user_namespace {
+                push(&[
+                    "--unshare-user".as_ref(),
+                    "--uid".as_ref(),
+                    UID_IN_USER_NAMESPACE.as_ref(),
+                    "--gid".as_ref(),
+                    UID_IN_USER_NAMESPACE.as_ref(),
+                ]);
+            }
+            if !network {
+                push(&["--unshare-net".as_ref()]);
+            }
+        }
+        // The holder's end is tied to a pipe, not to the thread that started it (which
+        // --die-with-parent would be); actions entering it start sessions of their own.
+        BwrapUse::Warm(_) => push(&["--unshare-net".as_ref()]),
     }
     push(&["--chdir".as_ref(), sandbox_dir.as_os_str()]);
     args
