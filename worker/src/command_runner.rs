@@ -154,6 +154,14 @@ impl ProcessRunner {
         self.bubblewrap.is_some()
     }
 
+    /// How actions are confined, in words: which sandbox, and which uid actions have.
+    pub fn sandbox_description(&self) -> &'static str {
+        self.bubblewrap.as_ref().map_or(
+            "none: actions run unconfined, as the worker's user",
+            Bubblewrap::describe,
+        )
+    }
+
     /// argv as started: the command itself, or bubblewrap wrapping it (started as `uid`).
     fn argv(&self, spec: &CommandSpec, uid: Option<u32>) -> Result<Vec<OsString>, WorkerError> {
         let command = spec.arguments.iter().map(OsStr::new);

@@ -271,6 +271,20 @@ impl Bubblewrap {
             .transpose()
     }
 
+    /// How actions are confined, for the worker's start-up log.
+    pub(crate) fn describe(&self) -> &'static str {
+        match (&self.own_uid, &self.warm) {
+            (Some(_), Some(_)) => "warm sandboxes, a host uid each (root on a host)",
+            (Some((OwnUid::Setpriv(..), _)), None) => {
+                "bwrap as root, setpriv to a host uid per action"
+            }
+            (Some((OwnUid::UserNamespace, _)), _) => {
+                "bwrap as a host uid per action, in a user namespace (root without CAP_SYS_ADMIN)"
+            }
+            (None, _) => "bwrap in a user namespace of the worker's uid (not root)",
+        }
+    }
+
     /// The warm sandboxes, where actions can use them.
     pub(crate) fn warm_pool(&self) -> Option<&WarmPool> {
         self.warm.as_ref()

@@ -54,6 +54,7 @@ pub async fn run_reporting(
         worker_id = %worker.worker_id,
         slots = worker.slots,
         bubblewrap = worker.sandboxed,
+        sandbox = worker.sandbox,
         coordinator = %config.coordinator,
         "worker starting"
     );
@@ -84,6 +85,8 @@ struct Worker {
     worker_id: String,
     slots: usize,
     sandboxed: bool,
+    /// How actions are confined, for the log.
+    sandbox: &'static str,
     join_token: String,
     platform: reapi::Platform,
     heartbeat_interval: Duration,
@@ -139,6 +142,7 @@ impl Worker {
             },
         )?;
         let sandboxed = process_runner.uses_bubblewrap();
+        let sandbox = process_runner.sandbox_description();
         let mut runner = ActionRunner::new(
             CasConnection::new(cas_channel, &config.join_token),
             Arc::new(cache),
@@ -165,6 +169,7 @@ impl Worker {
             worker_id,
             slots: config.effective_slots(),
             sandboxed,
+            sandbox,
             join_token: config.join_token.clone(),
             platform: reapi::Platform {
                 properties: offered_platform(&config.platform, sandboxed)
