@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # The sandbox in the two ways a container runs `kiln worker`, reproduced without a
-# container runtime, each worker a real `kiln worker` process:
+# container runtime, and on a host as root; each worker a real `kiln worker` process:
 #
 #   nonroot  as uid 65532, the Docker image's user: bwrap in a user namespace of that uid
 #   noadmin  as root without CAP_SYS_ADMIN (a container run as root, default
 #            capabilities): bwrap as a host uid per action, in a user namespace
+#   root     as root on a host: warm sandboxes, a host uid each
 #
 # Each offers a platform property of its own (`mode=…`), so `kiln run --platform`
 # reaches it. On each: the worker names its way in its log; an action cannot see the
 # worker's cache or data, the join token in any process it sees, nor write outside its
-# directory and /tmp; it has no network; and a rewritten input does not reach the next
-# action on the worker.
+# directory and /tmp; it has no network; and no way of rewriting an input reaches the
+# next action on the worker. A third worker, uid 65532 with `--sandbox none`, takes the
+# input rewrites too: inputs are copies, whoever runs the action.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 build_kiln
@@ -30,10 +32,11 @@ ADDR=$(listen_addr coordinator grpc)
 start_mode() {
     local name="$1"; shift
     mkdir -p "$WORK/$name"
-    [ "$name" = nonroot ] && chown 65532:65532 "$WORK/$name"
+    case "$name" in nonroot | unconfined) chown 65532:65532 "$WORK/$name" ;; esac
     KILN_LOG=info KILN_JOIN_TOKEN="$TOKEN" setpriv "$@" -- "$WORK/bin/kiln" worker \
         --coordinator "grpc://$ADDR" --metrics-addr 127.0.0.1:0 --slots 2 \
-        --work-dir "$WORK/$name/work" --platform "mode=$name" >"$WORK/$name.log" 2>&1 &
+        --work-dir "$WORK/$name/work" --platform "mode=$name" \
+        $([ "$name" = unconfined ] && echo --sandbox none) >"$WORK/$name.log" 2>&1 &
     LAST_PID=$!
     STARTED_PIDS+=("$!")
     wait_for_log "$name" 'registered with the coordinator' "$LAST_PID"
@@ -43,6 +46,9 @@ start_mode nonroot --reuid=65532 --regid=65532 --clear-groups
 grep -q 'in a user namespace of the worker' "$WORK/nonroot.log" \
     || fail "the non-root worker does not say it sandboxes in its own user namespace"
 start_mode noadmin --inh-caps=-sys_admin --bounding-set=-sys_admin
+start_mode root --reuid=0 --regid=0 --keep-groups
+grep -q 'warm sandboxes' "$WORK/root.log" || fail "the root worker does not say it uses warm sandboxes"
+start_mode unconfined --reuid=65532 --regid=65532 --clear-groups
 grep -q 'a host uid per action, in a user namespace' "$WORK/noadmin.log" \
     || fail "the root worker without CAP_SYS_ADMIN does not say it gives each action a uid in a user namespace"
 
@@ -56,7 +62,7 @@ run() {
         --coordinator "grpc://$ADDR" --no-cache --platform "mode=$mode" -- "$@")
 }
 
-for mode in nonroot noadmin; do
+for mode in nonroot noadmin root; do
     log "$mode: what an action can reach"
     probe="
         test -e '$WORK/$mode/work/cache' && echo cache-visible
@@ -81,15 +87,38 @@ for mode in nonroot noadmin; do
     [ -e "$WORK/$mode-probe" ] && fail "$mode: an action wrote into the host's $WORK"
     grep -qx tmp-writable <<<"$out" || fail "$mode: /tmp is not the action's to write"
     grep -qx own-dir-writable <<<"$out" || fail "$mode: the action cannot write its directory"
-    # A user namespace shows the action as nobody, whatever its host uid.
-    grep -qx uid=65534 <<<"$out" || fail "$mode: the action is not uid 65534 in its namespace"
+    # A user namespace shows the action as nobody, whatever its host uid; a warm sandbox
+    # shows the host uid of its own.
+    if [ "$mode" = root ]; then
+        grep -qx 'uid=16[0-9]\{8\}' <<<"$out" || fail "$mode: the action has no uid of its own"
+    else
+        grep -qx uid=65534 <<<"$out" || fail "$mode: the action is not uid 65534 in its namespace"
+    fi
 
-    log "$mode: a rewritten input does not reach the next action"
-    out=$(run "$mode" sh -c 'chmod u+w f.txt && echo evil > f.txt; cat f.txt') \
-        || fail "$mode: the rewriting action failed: $out"
-    [ "$out" = evil ] || fail "$mode: the rewriting action saw '$out'"
-    out=$(run "$mode" sh -c 'cat f.txt') || fail "$mode: the reading action failed: $out"
-    [ "$out" = good ] || fail "$mode: the input's digest says 'good' but the next action read '$out'"
 done
 
-echo "worker modes: a non-root worker and a root worker without CAP_SYS_ADMIN both sandbox their actions"
+# Ways to rewrite an input in place (the in-process suite, worker/tests/integration/
+# input_integrity.rs, adds a write through a shared mapping).
+REWRITES=(
+    'chmod u+w f.txt && echo evil > f.txt'
+    'chmod u+w f.txt && truncate -s 0 f.txt'
+    'chmod u+w f.txt && printf evil | dd of=f.txt conv=notrunc status=none'
+    'chmod u+w f.txt && echo evil >> f.txt'
+    'chmod 0777 f.txt'
+    'echo evil > new && mv -f new f.txt'
+    'rm -f f.txt && echo evil > f.txt'
+    'ln f.txt alias && chmod u+w alias && echo evil > alias'
+)
+for mode in nonroot noadmin root unconfined; do
+    log "$mode: no rewrite of an input reaches the next action"
+    for rewrite in "${REWRITES[@]}"; do
+        out=$(run "$mode" sh -c "$rewrite; cat f.txt; stat -c %a f.txt") \
+            || fail "$mode: '$rewrite' failed: $out"
+        [ "$out" = "$(printf 'good\n444')" ] && fail "$mode: '$rewrite' did not change the action's own view"
+        out=$(run "$mode" sh -c 'cat f.txt; stat -c %a f.txt') || fail "$mode: the reader failed: $out"
+        [ "$out" = "$(printf 'good\n444')" ] \
+            || fail "$mode: after '$rewrite', the next action read '$out' for an input whose digest says 'good', mode 0444"
+    done
+done
+
+echo "worker modes: non-root, root without CAP_SYS_ADMIN and root workers sandbox their actions; no input rewrite reaches the next action, sandboxed or not"
