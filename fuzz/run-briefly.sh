@@ -6,7 +6,7 @@
 #   fuzz/run-briefly.sh [seconds per target, default 20]
 #
 # One fuzz process at a time, niced: CI machines are small and shared. The per-input
-# timeout is generous: input_tree's largest trees (1M paths) take ~10 s under ASan.
+# timeout is generous: a slow input is a finding only past 60 s.
 set -euo pipefail
 
 seconds="${1:-20}"
