@@ -38,6 +38,33 @@ impl Default for TargetPlatform {
     }
 }
 
+impl TargetPlatform {
+    /// The platform of the machine this runs on, in OCI's words (GOARCH names: `amd64`,
+    /// `arm64` …), for picking an image's manifest out of an index; None where OCI has no
+    /// name for the architecture.
+    pub fn of_this_machine() -> Option<Self> {
+        Self::linux_on(std::env::consts::ARCH)
+    }
+
+    fn linux_on(rust_arch: &str) -> Option<Self> {
+        let architecture = match rust_arch {
+            "x86_64" => "amd64",
+            // Any variant: indexes list arm64 images as `v8` or with none.
+            "aarch64" => "arm64",
+            "x86" => "386",
+            "riscv64" => "riscv64",
+            "s390x" => "s390x",
+            "powerpc64" if cfg!(target_endian = "little") => "ppc64le",
+            _ => return None,
+        };
+        Some(TargetPlatform {
+            os: "linux".into(),
+            architecture: architecture.into(),
+            variant: None,
+        })
+    }
+}
+
 /// How the container runs: what `--entrypoint`, `--cmd`, `--env`, `--workdir`, `--user`
 /// and `--label` set.
 #[derive(Clone, Debug)]
@@ -319,6 +346,22 @@ mod tests {
         assert_eq!(labels[ANNOTATION_CREATED], "2023-11-14T22:13:20Z");
         assert_eq!(json["rootfs"]["diff_ids"][0], layer().diff_id.to_string());
         assert_eq!(json["history"][0]["created_by"], "kiln publish");
+    }
+
+    #[test]
+    fn this_machine_has_its_oci_name() {
+        let arm = TargetPlatform::linux_on("aarch64").unwrap();
+        assert_eq!(
+            (arm.architecture.as_str(), arm.variant.as_deref()),
+            ("arm64", None)
+        );
+        assert_eq!(
+            TargetPlatform::linux_on("x86_64").unwrap().architecture,
+            "amd64"
+        );
+        assert!(TargetPlatform::linux_on("mips").is_none());
+        // Where the tests run (x86_64 or aarch64), there is a name.
+        assert!(TargetPlatform::of_this_machine().is_some());
     }
 
     #[test]

@@ -163,7 +163,13 @@ impl ImageStore {
         let client = self
             .client(&reference)
             .map_err(|e| unavailable(e.to_string()))?;
-        let platform = TargetPlatform::default();
+        // The worker's own architecture: an index's entry for another would not run here.
+        let platform = TargetPlatform::of_this_machine().ok_or_else(|| {
+            unavailable(format!(
+                "this worker's architecture ({}) has no OCI platform name",
+                std::env::consts::ARCH
+            ))
+        })?;
         let resolving = kiln_publish::resolve_image(&client, &reference, text, &platform);
         let image = self
             .within_deadline("resolving it", resolving)
