@@ -36,6 +36,28 @@ mod zstd_codec;
 #[doc(hidden)]
 pub mod fuzzing {
     pub use crate::zstd_codec::{decompress, StreamingDecoder, DECODED_CHUNK};
+
+    /// GetTree's pages for `root`, from the one `page_token` names on, as the service
+    /// walks them (`coordinator.max_tree_directories`, `max_message_bytes`).
+    pub async fn get_tree_pages(
+        blobs: std::sync::Arc<dyn kiln_store::BlobStore>,
+        root: kiln_store::Digest,
+        max_directories: usize,
+        max_message_bytes: u64,
+        page_token: u64,
+        page_size: usize,
+    ) -> Result<Vec<kiln_proto::reapi::GetTreeResponse>, crate::CoordinatorError> {
+        use futures::TryStreamExt;
+        let limits = crate::tree::TreeLimits {
+            max_directories,
+            max_message_bytes,
+        };
+        let walk = crate::tree::TreeWalk::start(blobs, root, limits).await?;
+        crate::tree::TreePages::new(walk, page_token, page_size)
+            .into_stream()
+            .try_collect()
+            .await
+    }
 }
 
 pub use admin::{RegistryCatalog, RepositorySummary};
