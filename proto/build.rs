@@ -1,6 +1,7 @@
-//! Compiles kiln's own .proto files. REAPI, google.rpc and the protobuf well-known types
-//! are not generated here: `extern_path` points them at the `bazel-remote-apis` crate so
-//! that kiln's messages embed the very Rust types the REAPI services use.
+//! Compiles kiln's own .proto files, and google.bytestream with `Bytes` payloads. REAPI,
+//! google.rpc and the protobuf well-known types are not generated here: `extern_path`
+//! points them at the `bazel-remote-apis` crate so that kiln's messages embed the very
+//! Rust types the REAPI services use.
 
 use std::path::PathBuf;
 
@@ -37,5 +38,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .extern_path(".google.rpc", "::bazel_remote_apis::google::rpc")
         .extern_path(".google.protobuf", "::bazel_remote_apis::google::protobuf")
         .compile_protos(&protos, &includes)?;
+
+    // google.bytestream, with `bytes::Bytes` for its payloads (prost's default is Vec<u8>,
+    // a copy of every chunk on decode and on the way into a message).
+    println!("cargo:rerun-if-changed=google");
+    tonic_prost_build::configure()
+        .build_transport(false)
+        .bytes(".google.bytestream")
+        .compile_protos(
+            &[manifest_dir.join("google/bytestream/bytestream.proto")],
+            std::slice::from_ref(&manifest_dir),
+        )?;
     Ok(())
 }

@@ -164,7 +164,7 @@ impl RemoteCas {
             .map_err(|s| ClientError::rpc("ByteStream.Read", s))?
             .into_inner();
         Ok(stream
-            .map_ok(|response| Bytes::from(response.data))
+            .map_ok(|response| response.data)
             .map_err(|s| ClientError::rpc("ByteStream.Read", s)))
     }
 

@@ -197,12 +197,10 @@ impl ChunkReader {
     }
 
     /// Up to `want` bytes; fewer only at the end of the source.
-    async fn next_chunk(&mut self, want: usize) -> std::io::Result<Vec<u8>> {
+    async fn next_chunk(&mut self, want: usize) -> std::io::Result<bytes::Bytes> {
         match self {
-            ChunkReader::Bytes(bytes) => {
-                let piece = bytes.split_to(want.min(bytes.len()));
-                Ok(piece.to_vec())
-            }
+            // A slice of the blob: no copy.
+            ChunkReader::Bytes(bytes) => Ok(bytes.split_to(want.min(bytes.len()))),
             ChunkReader::File(file) => {
                 let mut buffer = vec![0u8; want];
                 let mut filled = 0;
@@ -213,13 +211,13 @@ impl ChunkReader {
                     }
                 }
                 buffer.truncate(filled);
-                Ok(buffer)
+                Ok(buffer.into())
             }
             ChunkReader::Open(reader) => {
                 let mut buffer = Vec::with_capacity(want);
                 let mut limited = std::io::Read::take(std::io::Read::by_ref(reader), want as u64);
                 std::io::Read::read_to_end(&mut limited, &mut buffer)?;
-                Ok(buffer)
+                Ok(buffer.into())
             }
         }
     }

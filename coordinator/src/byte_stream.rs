@@ -297,7 +297,7 @@ impl ByteStreamService {
             };
             match decoder.as_mut() {
                 None => {
-                    let piece = append(Bytes::from(message.data), &mut committed)?;
+                    let piece = append(message.data, &mut committed)?;
                     writer.write(piece).await.map_err(WriteError::from_store)?;
                 }
                 Some(decoder) => {
@@ -415,10 +415,8 @@ impl ByteStream for ByteStreamService {
         let chunks = self.start_read(request.into_inner()).await?;
         Ok(Response::new(
             chunks
-                .map_ok(|data| ReadResponse {
-                    // Zero-copy: the chunk's buffer is uniquely owned here.
-                    data: Vec::from(data),
-                })
+                // The chunk as it came from the store: no copy into the message.
+                .map_ok(|data| ReadResponse { data })
                 .map_err(Status::from)
                 .boxed(),
         ))

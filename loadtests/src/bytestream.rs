@@ -30,7 +30,7 @@ pub async fn write_blob_as(
                 resource_name: if i == 0 { name.clone() } else { String::new() },
                 write_offset: (i * CHUNK) as i64,
                 finish_write: end == data.len(),
-                data: data[(i * CHUNK).min(end)..end].to_vec(),
+                data: data.slice((i * CHUNK).min(end)..end),
             }
         })
         .collect();
@@ -80,8 +80,8 @@ pub async fn round_trip(
         uuid::Uuid::new_v4(),
         digest.reapi()
     );
-    let chunks: Vec<WriteRequest> = data
-        .chunks(chunk)
+    let chunks: Vec<WriteRequest> = (0..data.len().div_ceil(chunk))
+        .map(|i| data.slice(i * chunk..((i + 1) * chunk).min(data.len())))
         .enumerate()
         .map(|(i, piece)| WriteRequest {
             resource_name: if i == 0 {
@@ -91,7 +91,7 @@ pub async fn round_trip(
             },
             write_offset: (i * chunk) as i64,
             finish_write: (i + 1) * chunk >= data.len(),
-            data: piece.to_vec(),
+            data: piece,
         })
         .collect();
     let start = Instant::now();

@@ -118,7 +118,7 @@ fn write_request(name: &str, offset: u64, data: &[u8], finish: bool) -> WriteReq
         },
         write_offset: offset as i64,
         finish_write: finish,
-        data: data.to_vec(),
+        data: kiln_proto::prost::bytes::Bytes::copy_from_slice(data),
     }
 }
 

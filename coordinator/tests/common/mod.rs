@@ -256,7 +256,7 @@ pub fn write_requests(
                 resource_name: String::new(),
                 write_offset: *position as i64,
                 finish_write: false,
-                data: piece.to_vec(),
+                data: bytes::Bytes::copy_from_slice(piece),
             };
             *position += piece.len() as u64;
             Some(request)

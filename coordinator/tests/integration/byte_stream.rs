@@ -39,7 +39,7 @@ async fn read(
         .into_inner();
     let mut messages = Vec::new();
     while let Some(message) = stream.message().await? {
-        messages.push(message.data);
+        messages.push(message.data.to_vec());
     }
     Ok(messages)
 }

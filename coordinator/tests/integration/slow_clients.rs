@@ -89,7 +89,7 @@ async fn an_upload_that_stalls_is_cut_off_and_keeps_what_arrived() {
             resource_name: name.clone(),
             write_offset: 0,
             finish_write: false,
-            data: data[..100 << 10].to_vec(),
+            data: bytes::Bytes::copy_from_slice(&data[..100 << 10]),
         })
         .await
         .unwrap();
