@@ -17,8 +17,10 @@ set -euo pipefail
 runs=${1:-100}
 uid=1600000000
 dir=$(mktemp -d /tmp/kiln-sandbox-cost.XXXXXX)
-holder=""
-trap '[ -n "$holder" ] && kill "$holder"; rm -rf "$dir"' EXIT
+init=""
+# The held sandbox ends with its PID 1, which takes only SIGKILL from outside (a PID
+# namespace's init ignores signals it has no handler for); bwrap then exits by itself.
+trap '[ -n "$init" ] && kill -KILL "$init"; rm -rf "$dir"' EXIT
 chmod 711 "$dir"
 mkdir -p "$dir/actions/a"
 chown "$uid:$uid" "$dir/actions/a"
@@ -36,10 +38,10 @@ warm=("${common[@]}")
 for i in "${!warm[@]}"; do
     case "${warm[$i]}" in --new-session | --die-with-parent) unset 'warm[i]' ;; esac
 done
-bwrap "${warm[@]}" -- /bin/sleep infinity &
+bwrap "${warm[@]}" -- /bin/sleep infinity </dev/null >/dev/null 2>&1 &
 holder=$!
 for _ in $(seq 100); do
-    init=$(cat "/proc/$holder/task/$holder/children" 2>/dev/null | tr -d ' ')
+    init=$(tr -d ' ' <"/proc/$holder/task/$holder/children" 2>/dev/null || true)
     [ -n "$init" ] && break
     sleep 0.01
 done

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use arbitrary::Arbitrary;
 use kiln_coordinator::fuzzing::get_tree_pages;
-use kiln_fuzz::{block_on, directory_message, Entry};
+use kiln_fuzz::{block_on, directory_dag, Entry};
 use kiln_proto::prost::Message;
 use kiln_proto::reapi::Directory;
 use kiln_store::{BlobStore, Digest, DigestFunction, ExpectedDigest, MemoryBlobStore};
@@ -35,24 +35,7 @@ fuzz_target!(|input: Input| {
     if count == 0 || count > 4 * MAX_DIRECTORIES {
         return;
     }
-    let mut digests = vec![Digest::of_bytes(FUNCTION, b""); count];
-    let mut messages = vec![Directory::default(); count];
-    for index in (0..count).rev() {
-        let directory = directory_message(
-            &input.directories[index],
-            |name| Digest::of_bytes(FUNCTION, name.as_bytes()),
-            |child| {
-                let child = child as usize % count;
-                if child > index {
-                    digests[child]
-                } else {
-                    Digest::of_bytes(FUNCTION, &(child as u64).to_le_bytes())
-                }
-            },
-        );
-        digests[index] = Digest::of_bytes(FUNCTION, &directory.encode_to_vec());
-        messages[index] = directory;
-    }
+    let (messages, digests) = directory_dag(&input.directories);
     let unstored: HashSet<usize> = input.unstored.iter().map(|i| *i as usize % count).collect();
     let blobs = Arc::new(MemoryBlobStore::new());
     // The empty blob (an empty Directory's encoding) is in every CAS.

@@ -9,10 +9,9 @@ use std::collections::HashSet;
 
 use arbitrary::Arbitrary;
 use kiln_client::tree_layout::{plan, TreeLimits};
-use kiln_fuzz::{assert_planned_tree, directory_message, Entry};
-use kiln_proto::prost::Message;
-use kiln_proto::reapi::{Directory, Tree};
-use kiln_store::{Digest, DigestFunction};
+use kiln_fuzz::{assert_planned_tree, directory_dag, Entry};
+use kiln_proto::reapi::Tree;
+use kiln_store::DigestFunction;
 use libfuzzer_sys::fuzz_target;
 
 /// Small limits: the property does not depend on them (unit tests cover the real ones).
@@ -40,25 +39,7 @@ fuzz_target!(|input: Input| {
     if count == 0 {
         return;
     }
-    // Encoded from the last to the first, so each can name the digests of those after it.
-    let mut messages: Vec<Directory> = vec![Directory::default(); count];
-    let mut digests: Vec<Digest> = vec![Digest::of_bytes(FUNCTION, b""); count];
-    for index in (0..count).rev() {
-        let directory = directory_message(
-            &input.directories[index],
-            |name| Digest::of_bytes(FUNCTION, name.as_bytes()),
-            |child| {
-                let child = child as usize % count;
-                if child > index {
-                    digests[child]
-                } else {
-                    Digest::of_bytes(FUNCTION, &(child as u64).to_le_bytes())
-                }
-            },
-        );
-        digests[index] = Digest::of_bytes(FUNCTION, &directory.encode_to_vec());
-        messages[index] = directory;
-    }
+    let (messages, _) = directory_dag(&input.directories);
     let omitted: HashSet<usize> = input.omitted.iter().map(|i| *i as usize % count).collect();
     let mut messages = messages.into_iter();
     let tree = Tree {

@@ -138,3 +138,33 @@ pub fn directory_message(
     }
     directory
 }
+
+/// Directory messages named by the digests of their encodings, as a client stores them,
+/// from `directories` (SHA-256): a child entry names a later directory of the list, or,
+/// when its index points at or before its parent, a digest no message has. Encoded from
+/// the last to the first, so each can name the digests of those after it; only a DAG can
+/// be built. Returns the messages and their digests, in the list's order.
+pub fn directory_dag(directories: &[Vec<Entry>]) -> (Vec<Directory>, Vec<Digest>) {
+    use kiln_proto::prost::Message;
+    const FUNCTION: DigestFunction = DigestFunction::Sha256;
+    let count = directories.len();
+    let mut messages = vec![Directory::default(); count];
+    let mut digests = vec![Digest::of_bytes(FUNCTION, b""); count];
+    for index in (0..count).rev() {
+        let directory = directory_message(
+            &directories[index],
+            |name| Digest::of_bytes(FUNCTION, name.as_bytes()),
+            |child| {
+                let child = child as usize % count;
+                if child > index {
+                    digests[child]
+                } else {
+                    Digest::of_bytes(FUNCTION, &(child as u64).to_le_bytes())
+                }
+            },
+        );
+        digests[index] = Digest::of_bytes(FUNCTION, &directory.encode_to_vec());
+        messages[index] = directory;
+    }
+    (messages, digests)
+}

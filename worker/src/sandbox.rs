@@ -35,7 +35,6 @@ mod warm_pool;
 use image_root::HostSetpriv;
 pub(crate) use uid_pool::UidLease;
 use uid_pool::UidPool;
-use warm_pool::BwrapUse;
 pub(crate) use warm_pool::WarmPool;
 
 /// The host's system directories an action sees, read-only, where they exist. Nothing
@@ -106,12 +105,13 @@ impl Bubblewrap {
             })
             .into_iter()
             .chain([OwnUid::UserNamespace]);
+        let system_dirs = system_dir_args();
         for way in ways {
             let warm = matches!(way, OwnUid::Setpriv(..))
-                .then(|| WarmPool::new(path.clone(), system_dir_args(), UidPool::new(uid_base)));
+                .then(|| WarmPool::new(path.clone(), system_dirs.clone(), UidPool::new(uid_base)));
             let bubblewrap = Bubblewrap {
                 path: path.clone(),
-                system_dirs: system_dir_args(),
+                system_dirs: system_dirs.clone(),
                 own_uid: Some((way.clone(), UidPool::new(uid_base))),
                 warm,
             };
@@ -340,6 +340,16 @@ fn system_dir_args() -> Vec<OsString> {
         }
     }
     args
+}
+
+/// How a sandbox's bubblewrap command line is used.
+#[derive(Clone, Copy)]
+enum BwrapUse<'a> {
+    /// Around one action, with a fresh tmpfs at `/tmp`.
+    Action { network: bool, user_namespace: bool },
+    /// A warm sandbox, with this host directory at `/tmp`: no network, no user
+    /// namespace, and no tie to the thread that started it.
+    Warm(&'a Path),
 }
 
 /// The rest of the sandbox's arguments, after the root's and before `--` and the

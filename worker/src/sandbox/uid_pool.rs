@@ -42,11 +42,6 @@ impl UidPool {
         let claim_error = |e: std::io::Error| {
             WorkerError::SandboxSetup(format!("claiming a sandbox uid in {LOCK_DIR}: {e}"))
         };
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(LOCK_DIR)
-            .map_err(claim_error)?;
         // A list of flags holds no invariant a panicking holder could break.
         let mut in_use = UIDS_IN_USE.lock().unwrap_or_else(|e| e.into_inner());
         for index in 0..MAX_UIDS {
@@ -54,13 +49,7 @@ impl UidPool {
                 continue;
             }
             let uid = self.base.saturating_add(index as u32);
-            let lock = std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .mode(0o600)
-                .open(format!("{LOCK_DIR}/{uid}"))
-                .map_err(claim_error)?;
+            let lock = open_claim(uid).map_err(claim_error)?;
             // SAFETY: flock on a descriptor this function owns.
             if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
                 let error = std::io::Error::last_os_error();
@@ -83,6 +72,28 @@ impl UidPool {
             "all {MAX_UIDS} sandbox uids from {} are held",
             self.base
         )))
+    }
+}
+
+/// The claim file of `uid`, made (with its directory, on first use) if need be.
+fn open_claim(uid: u32) -> std::io::Result<File> {
+    let open = || {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(format!("{LOCK_DIR}/{uid}"))
+    };
+    match open() {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(LOCK_DIR)?;
+            open()
+        }
+        opened => opened,
     }
 }
 

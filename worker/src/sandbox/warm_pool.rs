@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::Mutex;
 
-use super::{bubblewrap_args, UidLease, UidPool};
+use super::{bubblewrap_args, BwrapUse, UidLease, UidPool};
 use crate::process_spawn::clone_suspended;
 use crate::WorkerError;
 
@@ -64,9 +64,11 @@ pub(crate) struct WarmSandbox {
     /// `/proc/<init>/task/<init>/children`, and what it holds with no action running.
     children_file: PathBuf,
     idle_children: String,
+    /// bwrap, outside the sandbox.
     holder: Child,
-    /// Closing it ends the holder.
-    _holder_stdin: ChildStdin,
+    /// The holder's stdin: closing it ends the holder, whose exit ends the sandbox's
+    /// init and with it every process inside.
+    holder_stdin: Option<ChildStdin>,
 }
 
 impl WarmPool {
@@ -92,19 +94,18 @@ impl WarmPool {
     }
 
     /// Takes a sandbox back after its action, swept (`WarmSandbox::sweep`) and with the
-    /// action's directory moved out: it is kept for the next, with `/tmp` emptied, or
-    /// dropped when `reusable` is false or that fails.
+    /// action's directory moved back out: it is kept for the next, with `/tmp` emptied,
+    /// or dropped when `reusable` is false or that fails.
     pub(crate) fn give_back(&self, sandbox: WarmSandbox, reusable: bool) {
         if !reusable {
             tracing::debug!("a warm sandbox held IPC objects after its action; dropped");
             return;
         }
         match sandbox.empty_tmp() {
-            Ok(()) if !sandbox.exec_root().exists() => {
+            Ok(()) => {
                 let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
                 idle.push(sandbox);
             }
-            Ok(()) => tracing::warn!("an action's directory stayed in a warm sandbox; dropped"),
             Err(error) => tracing::warn!(%error, "emptying a warm sandbox's /tmp; dropped"),
         }
     }
@@ -198,19 +199,9 @@ impl WarmPool {
             children_file,
             idle_children,
             holder,
-            _holder_stdin: holder_stdin,
+            holder_stdin: Some(holder_stdin),
         })
     }
-}
-
-/// How a sandbox's bubblewrap command line is used.
-#[derive(Clone, Copy)]
-pub(super) enum BwrapUse<'a> {
-    /// Around one action, with a fresh tmpfs at `/tmp`.
-    Action { network: bool, user_namespace: bool },
-    /// A warm sandbox, with this host directory at `/tmp`: no network, no user
-    /// namespace, and no tie to the thread that started it.
-    Warm(&'a Path),
 }
 
 impl WarmSandbox {
@@ -270,7 +261,8 @@ impl WarmSandbox {
 
 impl Drop for WarmSandbox {
     fn drop(&mut self) {
-        // The holder ends when its stdin closes; killing bwrap makes sure.
+        // What ends the sandbox; bwrap outside it is then only reaped.
+        drop(self.holder_stdin.take());
         let _ = self.holder.kill();
         let _ = self.holder.wait();
         let _ = std::fs::remove_dir_all(&self.slot);
