@@ -125,7 +125,7 @@ impl ActionCacheService {
                 Err(_) => return Err(not_cached()),
             }
         }
-        let present = self.blobs.has_many(&referenced).await?;
+        let present = kiln_store::confirm_presence(self.blobs.as_ref(), &referenced).await?;
         let missing = present.iter().filter(|p| !**p).count();
         if missing > 0 {
             return Err(CoordinatorError::NotFound(format!(
@@ -246,7 +246,7 @@ impl ActionCacheService {
         )
         .await?;
         referenced.extend_from_slice(&tree_files);
-        let present = self.blobs.has_many(&referenced).await?;
+        let present = kiln_store::confirm_presence(self.blobs.as_ref(), &referenced).await?;
         let missing: Vec<Digest> = referenced
             .into_iter()
             .zip(present)

@@ -14,7 +14,8 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::{self, caller_of, TokenStore};
 use crate::counters::Counters;
-use crate::execution::{proto_duration, ExecutionEngine};
+use crate::execution::proto_duration;
+use crate::farm::{Executor, Route};
 use crate::secret::same_secret;
 use crate::CoordinatorError;
 
@@ -44,7 +45,8 @@ pub trait RegistryCatalog: Send + Sync {
 const STATUS_REPOSITORIES: usize = 100;
 
 pub(crate) struct AdminService {
-    engine: ExecutionEngine,
+    executor: Executor,
+    join_token: Option<String>,
     counters: Arc<Counters>,
     blobs: Arc<dyn BlobStore>,
     registry: Option<Arc<dyn RegistryCatalog>>,
@@ -54,14 +56,16 @@ pub(crate) struct AdminService {
 
 impl AdminService {
     pub(crate) fn new(
-        engine: ExecutionEngine,
+        executor: Executor,
+        join_token: Option<String>,
         counters: Arc<Counters>,
         blobs: Arc<dyn BlobStore>,
         registry: Option<Arc<dyn RegistryCatalog>>,
         tokens: TokenStore,
     ) -> Self {
         AdminService {
-            engine,
+            executor,
+            join_token,
             counters,
             blobs,
             registry,
@@ -111,7 +115,7 @@ impl AdminService {
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        match (self.engine.join_token(), presented) {
+        match (self.join_token.as_deref(), presented) {
             (Some(expected), Some(presented)) if same_secret(expected, presented) => Ok(()),
             (None, _) => Err(Status::permission_denied(
                 "this coordinator has no join token, so no worker may be drained",
@@ -130,13 +134,18 @@ impl Admin for AdminService {
         request: Request<GetStatusRequest>,
     ) -> Result<Response<FarmStatus>, Status> {
         Self::require_admin(&request)?;
+        // The pool and the queue are the leader's: a follower's status is the leader's.
+        let engine = match self.executor.route(&request)? {
+            Route::Here(engine) => engine,
+            Route::Leader(leader) => return leader.get_status(request).await,
+        };
         let counters = self.counters.snapshot();
         let uptime = self.started.elapsed();
         Ok(Response::new(FarmStatus {
             version: env!("CARGO_PKG_VERSION").to_string(),
             uptime: Some(proto_duration(uptime)),
-            workers: self.engine.worker_statuses(),
-            queue: Some(self.engine.queue_status()),
+            workers: engine.worker_statuses(),
+            queue: Some(engine.queue_status()),
             cache: Some(CacheStatus {
                 action_cache_hits: counters.action_cache_hits,
                 action_cache_misses: counters.action_cache_misses,
@@ -165,7 +174,11 @@ impl Admin for AdminService {
             request.get_ref().worker_id.clone(),
         );
         self.authorize(&request)?;
-        let running = self.engine.drain_worker(&request.get_ref().worker_id)?;
+        let engine = match self.executor.route(&request)? {
+            Route::Here(engine) => engine,
+            Route::Leader(leader) => return leader.drain_worker(request).await,
+        };
+        let running = engine.drain_worker(&request.get_ref().worker_id)?;
         Ok(Response::new(DrainWorkerResponse {
             running: running as u32,
         }))

@@ -79,6 +79,33 @@ pub struct CoordinatorConfig {
     pub keepalive_timeout_secs: u64,
     /// The `[coordinator.auth]` table: who may call the REAPI and admin APIs.
     pub auth: AuthConfig,
+    /// The `[coordinator.farm]` table: many coordinators on one metadata store as one farm.
+    pub farm: FarmConfig,
+}
+
+/// Many coordinators sharing one metadata store (PostgreSQL) and one blob store as one
+/// farm: every replica serves the stores, one elected leader schedules, and the others
+/// send Execution, Operations and worker streams on to it (see `farm.rs`). Off by default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FarmConfig {
+    pub enabled: bool,
+    /// Where the other replicas reach this one (`http://10.0.0.7:9092`): its own gRPC
+    /// listener, as seen from them.
+    pub advertise_url: String,
+    /// The leader's lease term. A leader that dies is replaced within about 1.25 terms
+    /// (followers watch for a whole term without a renewal, in rounds of a quarter term).
+    pub lease_term_secs: u64,
+}
+
+impl Default for FarmConfig {
+    fn default() -> Self {
+        FarmConfig {
+            enabled: false,
+            advertise_url: String::new(),
+            lease_term_secs: 6,
+        }
+    }
 }
 
 /// Token authentication for the coordinator's APIs (see `auth.rs`). Off by default, so
@@ -130,6 +157,7 @@ impl Default for CoordinatorConfig {
             keepalive_interval_secs: 30,
             keepalive_timeout_secs: 20,
             auth: AuthConfig::default(),
+            farm: FarmConfig::default(),
         }
     }
 }

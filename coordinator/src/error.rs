@@ -51,6 +51,10 @@ pub enum CoordinatorError {
     /// A bound on what the server holds for clients was reached; retrying later may work.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// This replica cannot answer now but another, or this one shortly, can: a farm
+    /// without a leader yet, or a leader that just lost its lease. The client retries.
+    #[error("{0}")]
+    Unavailable(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     /// The client's request stream failed (a broken connection, a cancelled call).
@@ -148,6 +152,7 @@ impl From<CoordinatorError> for Status {
             CoordinatorError::Idle { .. } => Status::deadline_exceeded(message),
             CoordinatorError::RegistryBlob(_) => Status::permission_denied(message),
             CoordinatorError::ResourceExhausted(_) => Status::resource_exhausted(message),
+            CoordinatorError::Unavailable(_) => Status::unavailable(message),
             CoordinatorError::Store(store_error) => store_status(store_error, message),
             CoordinatorError::ClientStream(status) => status,
             CoordinatorError::Transport(_) | CoordinatorError::Internal(_) => {

@@ -36,6 +36,7 @@ use tonic::Status;
 
 use crate::action_cache::ActionCacheService;
 use crate::counters::Counters;
+use crate::farm::{Tenure, EPOCH_KEY, FARM};
 use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::{CoordinatorConfig, CoordinatorError};
 use action_trace::QueueWait;
@@ -67,6 +68,9 @@ struct Inner {
     /// Set once the server is shutting down: worker and operation streams end, so that
     /// graceful shutdown does not wait for clients and workers that never hang up.
     closing: watch::Sender<bool>,
+    /// In a farm, the leader's lease: nothing is assigned once it lapses, and operation
+    /// records are written only while the farm's epoch is still this one.
+    tenure: Option<Arc<Tenure>>,
 }
 
 /// What one client may make the engine hold (see [`CoordinatorConfig`]).
@@ -132,6 +136,7 @@ impl ExecutionEngine {
         metadata: Arc<dyn MetadataStore>,
         action_cache: Arc<ActionCacheService>,
         counters: Arc<Counters>,
+        tenure: Option<Arc<Tenure>>,
     ) -> Result<Self, CoordinatorError> {
         let scheduler = Scheduler::new(SchedulerConfig {
             max_attempts: config.max_attempts,
@@ -161,6 +166,7 @@ impl ExecutionEngine {
                         .then(|| Duration::from_secs(config.unmatched_platform_timeout_secs)),
                 },
                 closing: watch::channel(false).0,
+                tenure,
             }),
         };
         engine.reload().await?;
@@ -261,9 +267,42 @@ impl ExecutionEngine {
     pub(crate) async fn persist(&self) -> Result<(), CoordinatorError> {
         let batch = std::mem::take(&mut self.state().unpersisted);
         if !batch.is_empty() {
-            self.inner.metadata.apply(batch).await?;
+            self.apply_fenced(batch).await?;
         }
         Ok(())
+    }
+
+    /// Applies `batch`, in a farm only while the farm's epoch is still this leader's. A
+    /// leader that finds it changed has been deposed: it closes its engine (its streams
+    /// end, and clients and workers reconnect to the new leader) and writes nothing.
+    async fn apply_fenced(&self, mut batch: WriteBatch) -> Result<(), CoordinatorError> {
+        if let Some(tenure) = &self.inner.tenure {
+            batch.expect(FARM, EPOCH_KEY, Some(tenure.epoch_bytes()));
+        }
+        match self.inner.metadata.apply(batch).await {
+            Err(kiln_store::MetadataError::Conflict { .. }) if self.inner.tenure.is_some() => {
+                tracing::warn!("the farm has a newer leader; this engine stops");
+                self.close();
+                Err(CoordinatorError::Unavailable(
+                    "this replica is no longer the farm's leader; try again".into(),
+                ))
+            }
+            result => result.map_err(Into::into),
+        }
+    }
+
+    /// Whether this engine may hand out work now: always outside a farm; in one, while
+    /// the leader's lease holds.
+    fn may_assign(&self) -> bool {
+        self.inner
+            .tenure
+            .as_ref()
+            .is_none_or(|tenure| tenure.holds(Instant::now()))
+    }
+
+    /// The epoch Assigns carry (0 outside a farm).
+    fn epoch(&self) -> u64 {
+        self.inner.tenure.as_ref().map_or(0, |tenure| tenure.epoch)
     }
 
     fn wake_dispatcher(&self) {

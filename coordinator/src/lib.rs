@@ -21,6 +21,7 @@ mod config;
 mod counters;
 mod error;
 mod execution;
+mod farm;
 mod message_blob;
 mod reapi_digest;
 mod rpc_attributes;
@@ -62,7 +63,7 @@ pub mod fuzzing {
 
 pub use admin::{RegistryCatalog, RepositorySummary};
 pub use cache_references::action_cache_references;
-pub use config::{AuthConfig, CoordinatorConfig};
+pub use config::{AuthConfig, CoordinatorConfig, FarmConfig};
 pub use counters::{describe_metrics, names as metric_names, STAGE_BUCKETS};
 pub use error::CoordinatorError;
 pub use execution::InFlightInputs;

@@ -15,6 +15,7 @@ use kiln_proto::reapi::{
 use kiln_proto::worker::v1::workers_server::WorkersServer;
 use kiln_store::{BlobStore, MetadataStore};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tonic::transport::Server;
 
 use crate::action_cache::ActionCacheService;
@@ -27,6 +28,7 @@ use crate::counters::Counters;
 use crate::execution::{
     ExecutionEngine, ExecutionService, InFlightInputs, OperationsService, WorkerService,
 };
+use crate::farm::{Election, Executor, Member};
 use crate::{CoordinatorConfig, CoordinatorError};
 
 /// The services grpc.health.v1 reports on by name (besides the overall "").
@@ -45,8 +47,8 @@ const SERVICE_NAMES: &[&str] = &[
 /// hundred MB/s even on loopback; large windows let one ByteStream call run at disk and
 /// hash speed. Memory stays bounded because tonic reads a stream only as fast as the
 /// handler consumes it.
-const STREAM_WINDOW: u32 = 16 << 20;
-const CONNECTION_WINDOW: u32 = 64 << 20;
+pub(crate) const STREAM_WINDOW: u32 = 16 << 20;
+pub(crate) const CONNECTION_WINDOW: u32 = 64 << 20;
 /// Larger HTTP/2 frames mean fewer frame headers and wake-ups per megabyte received.
 const MAX_FRAME_SIZE: u32 = 1 << 20;
 /// Room in a gRPC message beyond the blobs it carries (digests, statuses, framing).
@@ -110,7 +112,7 @@ impl Coordinator {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), CoordinatorError> {
         let limit = self.message_limit();
-        let config = self.config;
+        let config = self.config.clone();
         let tokens = TokenStore::new(self.metadata.clone(), &config.auth.tokens)
             .map_err(|e| CoordinatorError::InvalidArgument(format!("coordinator.auth: {e}")))?;
         let authenticator = Authenticator::new(
@@ -138,20 +140,37 @@ impl Coordinator {
             config.clone(),
             counters.clone(),
         ));
-        let engine = ExecutionEngine::open(
-            &config,
-            self.blobs.clone(),
-            self.metadata.clone(),
-            action_cache_service.clone(),
-            counters.clone(),
-        )
-        .await?;
-        self.in_flight_inputs.attach(&engine);
-        let dispatcher = engine.spawn_dispatcher();
+        // Set when shutdown starts: the tasks below stop, and the engine closes.
+        let (stopping, stopped) = watch::channel(false);
+        let until_stopped = |mut stopped: watch::Receiver<bool>| async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        };
+        let (executor, engine_task) = if config.farm.enabled {
+            self.join_farm(
+                &config,
+                action_cache_service.clone(),
+                counters.clone(),
+                limit,
+                &stopped,
+            )?
+        } else {
+            let engine = ExecutionEngine::open(
+                &config,
+                self.blobs.clone(),
+                self.metadata.clone(),
+                action_cache_service.clone(),
+                counters.clone(),
+                None,
+            )
+            .await?;
+            self.in_flight_inputs.attach(&engine);
+            let dispatcher = engine.spawn_dispatcher();
+            (Executor::Alone(engine), dispatcher)
+        };
         let sweeper = crate::upload_sweeper::spawn(
             self.blobs.clone(),
             std::time::Duration::from_secs(config.upload_ttl_secs),
-            engine.closed(),
+            until_stopped(stopped.clone()),
         );
         crate::action_cache::trimming::trim_once(
             &action_cache_service.results(),
@@ -161,9 +180,9 @@ impl Coordinator {
         let trimmer = crate::action_cache::trimming::spawn(
             action_cache_service.results(),
             config.max_action_cache_entries,
-            engine.closed(),
+            until_stopped(stopped),
         );
-        let closing = engine.clone();
+        let closing = executor.clone();
         // grpc.health.v1: the overall service ("") is SERVING from here on, as are the
         // named services; all turn NOT_SERVING as soon as shutdown starts, so that load
         // balancers stop sending work while streams wind down.
@@ -182,10 +201,15 @@ impl Coordinator {
                     .set_service_status(*name, tonic_health::ServingStatus::NotServing)
                     .await;
             }
-            closing.close();
+            stopping.send_replace(true);
+            // A farm's engine is closed by its keeper, once the lease is given up.
+            if let Executor::Alone(engine) = closing {
+                engine.close();
+            }
         };
         let admin = AdminServer::new(AdminService::new(
-            engine.clone(),
+            executor.clone(),
+            config.join_token.clone(),
             counters.clone(),
             self.blobs.clone(),
             self.registry,
@@ -194,9 +218,9 @@ impl Coordinator {
         let action_cache = ActionCacheServer::from_arc(action_cache_service)
             .max_decoding_message_size(limit)
             .max_encoding_message_size(limit);
-        let execution = ExecutionServer::new(ExecutionService::new(engine.clone()));
-        let operations = OperationsServer::new(OperationsService::new(engine.clone()));
-        let workers = WorkersServer::new(WorkerService::new(engine))
+        let execution = ExecutionServer::new(ExecutionService::new(executor.clone()));
+        let operations = OperationsServer::new(OperationsService::new(executor.clone()));
+        let workers = WorkersServer::new(WorkerService::new(executor))
             .max_decoding_message_size(limit)
             .max_encoding_message_size(limit);
         let byte_stream = ByteStreamServer::new(ByteStreamService::new(
@@ -246,12 +270,78 @@ impl Coordinator {
                     .await?
             }
         }
-        // The dispatcher, the sweeper and the trimmer hold the stores; they are released
-        // once all have stopped.
-        let _ = dispatcher.await;
+        // The dispatcher (or the farm's keeper), the sweeper and the trimmer hold the
+        // stores; they are released once all have stopped.
+        let _ = engine_task.await;
         let _ = sweeper.await;
         let _ = trimmer.await;
         Ok(())
+    }
+
+    /// Joins the farm on the shared metadata store: an election task, and a keeper that
+    /// runs an engine while this replica leads. The returned task ends once shutdown has
+    /// given the lease up and closed the engine.
+    fn join_farm(
+        &self,
+        config: &CoordinatorConfig,
+        action_cache: Arc<ActionCacheService>,
+        counters: Arc<Counters>,
+        message_limit: usize,
+        stopped: &watch::Receiver<bool>,
+    ) -> Result<(Executor, tokio::task::JoinHandle<()>), CoordinatorError> {
+        let farm = &config.farm;
+        if farm.advertise_url.is_empty() {
+            return Err(CoordinatorError::InvalidArgument(
+                "coordinator.farm.advertise_url is needed: the other replicas forward to it".into(),
+            ));
+        }
+        let term = Duration::from_secs(farm.lease_term_secs.max(1));
+        let (election, role) =
+            Election::new(self.metadata.clone(), farm.advertise_url.clone(), term);
+        let member = Member::new(role, message_limit);
+        let (tenures, tenure) = watch::channel(None);
+        let mut election_stops = stopped.clone();
+        let election = tokio::spawn(election.run(
+            async move {
+                let _ = election_stops.wait_for(|stop| *stop).await;
+            },
+            tenures,
+        ));
+        let (config, blobs, metadata, inputs) = (
+            config.clone(),
+            self.blobs.clone(),
+            self.metadata.clone(),
+            self.in_flight_inputs.clone(),
+        );
+        let open = move |tenure| {
+            let (config, blobs, metadata, action_cache, counters, inputs) = (
+                config.clone(),
+                blobs.clone(),
+                metadata.clone(),
+                action_cache.clone(),
+                counters.clone(),
+                inputs.clone(),
+            );
+            Box::pin(async move {
+                let engine = ExecutionEngine::open(
+                    &config,
+                    blobs,
+                    metadata,
+                    action_cache,
+                    counters,
+                    Some(tenure),
+                )
+                .await?;
+                inputs.attach(&engine);
+                Ok(engine)
+            }) as futures::future::BoxFuture<'static, _>
+        };
+        let keeper = tokio::spawn(member.clone().keep_engine(tenure, open, stopped.clone()));
+        let task = tokio::spawn(async move {
+            let _ = election.await;
+            let _ = keeper.await;
+        });
+        Ok((Executor::Farm(member), task))
     }
 
     /// The largest gRPC message accepted or sent: a full batch or a fully inlined

@@ -99,7 +99,11 @@ pub trait BlobStore: Send + Sync + 'static {
     /// The size of a stored blob, or `None` when it is absent.
     async fn size_of(&self, hash: &ContentHash) -> Result<Option<u64>>;
 
-    /// For each digest, whether a blob with that hash and size is present.
+    /// For each digest, whether a blob with that hash and size is present. A store may
+    /// answer from a presence index that lags behind writes made elsewhere (another
+    /// replica on the same bucket): it may call a present blob missing, never the
+    /// reverse. That costs FindMissingBlobs a re-upload at most; where a false "missing"
+    /// would fail a request instead, use [`confirm_presence`].
     async fn has_many(&self, digests: &[Digest]) -> Result<Vec<bool>>;
 
     /// Streams `limit` bytes (or the rest) of a blob from `offset`.
@@ -217,4 +221,30 @@ pub(crate) async fn read_all_streamed<S: BlobStore + ?Sized>(
         return Err(StoreError::NotFound(digest.content_hash()));
     }
     Ok(data.freeze())
+}
+
+/// How many blobs [`confirm_presence`] asks about at once.
+const CONFIRMATIONS_IN_FLIGHT: usize = 16;
+
+/// Which of `digests` are present, asking [`BlobStore::size_of`] (which asks the backend
+/// itself) about each one [`BlobStore::has_many`] calls missing: for the checks where a
+/// false "missing" would fail a request or lose a cached result (Execute's inputs, an
+/// action result's outputs), not only cost an upload.
+pub async fn confirm_presence(store: &dyn BlobStore, digests: &[Digest]) -> Result<Vec<bool>> {
+    use futures::StreamExt;
+    let mut present = store.has_many(digests).await?;
+    let doubtful: Vec<usize> = (0..digests.len()).filter(|&i| !present[i]).collect();
+    let confirmed: Vec<(usize, bool)> = futures::stream::iter(doubtful)
+        .map(|i| async move {
+            let digest = &digests[i];
+            let size = store.size_of(&digest.content_hash()).await?;
+            Ok::<_, StoreError>((i, size == Some(digest.size)))
+        })
+        .buffer_unordered(CONFIRMATIONS_IN_FLIGHT)
+        .try_collect()
+        .await?;
+    for (i, found) in confirmed {
+        present[i] = found;
+    }
+    Ok(present)
 }

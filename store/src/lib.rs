@@ -28,7 +28,8 @@ mod tiered_blob_store;
 
 pub use action_cache::{ActionCache, TrimReport};
 pub use blob_store::{
-    check_upload_id, read_len, BlobInfo, BlobStore, BlobWriter, ChunkStream, ExpectedDigest,
+    check_upload_id, confirm_presence, read_len, BlobInfo, BlobStore, BlobWriter, ChunkStream,
+    ExpectedDigest,
 };
 pub use bounded_blob_store::{BoundedBlobStore, EvictionPolicy, EvictionReport, RetainedBlobs};
 pub use digest::{ContentHash, Digest, DigestFunction, Hasher};

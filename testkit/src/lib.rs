@@ -35,10 +35,13 @@ pub enum Stores {
     OnDisk(PathBuf),
     /// In memory, with the blob store behind this size limit and eviction policy.
     Bounded(EvictionPolicy),
+    /// Stores already open, shared with other servers: a farm's replicas.
+    Shared(OpenStores),
 }
 
 /// The stores a server runs on, and the blob store's concrete type where a test needs
 /// to reach its files.
+#[derive(Clone)]
 pub struct OpenStores {
     pub blobs: Arc<dyn BlobStore>,
     pub metadata: Arc<dyn MetadataStore>,
@@ -58,6 +61,7 @@ impl Stores {
                 bounded: None,
             },
             Stores::OnDisk(dir) => on_disk(dir)?,
+            Stores::Shared(stores) => stores.clone(),
             Stores::Bounded(policy) => {
                 let bounded = Arc::new(
                     BoundedBlobStore::new(Arc::new(MemoryBlobStore::new()), policy.clone()).await?,
@@ -145,6 +149,10 @@ impl ServedCoordinator {
         let stores = stores.open().await?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
+        let mut config = config;
+        if config.farm.enabled && config.farm.advertise_url.is_empty() {
+            config.farm.advertise_url = format!("http://{addr}");
+        }
         let mut coordinator =
             Coordinator::new(config, stores.blobs.clone(), stores.metadata.clone());
         if let Some(files) = tls {

@@ -8,16 +8,7 @@ build_kiln
 
 start_farm 2
 
-PROJECT="$WORK/project"
-mkdir -p "$PROJECT"
-seq 1 100 >"$PROJECT/numbers.txt"
-
-# kiln_run NAME ARGS... : `kiln run` in the project, output in $WORK/NAME.{out,err}.
-kiln_run() {
-    local name="$1"; shift
-    (cd "$PROJECT" && env -u INTEROP_KILN_LOG timeout 120 "$KILN" run --coordinator "grpc://$ADDR" "$@") \
-        >"$WORK/$name.out" 2>"$WORK/$name.err"
-}
+make_run_project
 
 # Each shard sums its slice of numbers.txt (lines where n % total == shard) and records
 # who it was in its own output.

@@ -111,6 +111,22 @@ start_farm() {
     done
 }
 
+# make_run_project : a project directory for `kiln run` ($PROJECT) holding numbers.txt
+# (1 to 100, a line each).
+make_run_project() {
+    PROJECT="$WORK/project"
+    mkdir -p "$PROJECT"
+    seq 1 100 >"$PROJECT/numbers.txt"
+}
+
+# kiln_run NAME ARGS... : `kiln run ARGS...` in $PROJECT against grpc://$ADDR, output in
+# $WORK/NAME.{out,err}; five minutes at most.
+kiln_run() {
+    local name="$1"; shift
+    (cd "$PROJECT" && env -u INTEROP_KILN_LOG timeout 300 "$KILN" run --coordinator "grpc://$ADDR" "$@") \
+        >"$WORK/$name.out" 2>"$WORK/$name.err"
+}
+
 # wait_for_log NAME PATTERN PID [SECONDS] : waits until $WORK/NAME.log matches PATTERN
 # (grep -E), failing if PID exits first or SECONDS (default 20) pass.
 wait_for_log() {

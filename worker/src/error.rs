@@ -44,6 +44,9 @@ pub enum WorkerError {
     Cancelled,
     #[error("no free slot for another action")]
     NoFreeSlot,
+    /// An Assign from a farm leader older than one this worker has heard from.
+    #[error("the Assign came from leader epoch {epoch}, but epoch {newest} has already assigned work here")]
+    StaleLeader { epoch: u64, newest: u64 },
     #[error("sandbox: {0}")]
     Sandbox(String),
     /// bubblewrap could not set an action's sandbox up: the worker's fault, not the
@@ -90,7 +93,7 @@ impl WorkerError {
             WorkerError::Timeout(_) => Code::DeadlineExceeded,
             WorkerError::SandboxSetup(_) => Code::Unavailable,
             WorkerError::Cancelled => Code::Cancelled,
-            WorkerError::NoFreeSlot => Code::ResourceExhausted,
+            WorkerError::NoFreeSlot | WorkerError::StaleLeader { .. } => Code::ResourceExhausted,
             // Bytes that do not match their digest: another try may get good ones.
             WorkerError::Cas(ClientError::CorruptBlob { .. }) => Code::Unavailable,
             WorkerError::Cas(error) => retry_code(error.status()),

@@ -101,6 +101,9 @@ struct Worker {
     shutdown_seen: bool,
     /// Set on each successful Register, so a worker that was connected retries quickly.
     registered_once: bool,
+    /// The highest leader epoch an Assign has carried: in a farm, an Assign from a lower
+    /// one comes from a deposed leader and is refused (the fencing token's check).
+    leader_epoch: u64,
 }
 
 impl Worker {
@@ -188,6 +191,7 @@ impl Worker {
             draining: false,
             shutdown_seen: false,
             registered_once: false,
+            leader_epoch: 0,
         })
     }
 
@@ -342,6 +346,17 @@ impl Worker {
             tracing::warn!(%lease_id, "ignoring a repeated Assign");
             return None;
         }
+        if assign.leader_epoch < self.leader_epoch {
+            tracing::warn!(%lease_id, epoch = assign.leader_epoch, newest = self.leader_epoch, "refusing an Assign from a deposed leader");
+            return Some(refusal(
+                lease_id,
+                WorkerError::StaleLeader {
+                    epoch: assign.leader_epoch,
+                    newest: self.leader_epoch,
+                },
+            ));
+        }
+        self.leader_epoch = assign.leader_epoch;
         if self.draining || self.running.len() >= self.slots {
             return Some(refusal(lease_id, WorkerError::NoFreeSlot));
         }

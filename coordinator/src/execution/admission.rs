@@ -11,7 +11,7 @@ use kiln_proto::reapi::{
     execution_stage, Action, Command, ExecuteRequest, ExecuteResponse, GetActionResultRequest,
     RequestMetadata,
 };
-use kiln_store::Digest;
+use kiln_store::{Digest, WriteBatch};
 use tokio::sync::watch;
 use tonic::{Request, Status};
 
@@ -137,7 +137,7 @@ impl ExecutionEngine {
             "action.command_digest".into()
         })?;
         let wanted = [command_digest, input_root];
-        let present = self.inner.blobs.has_many(&wanted).await?;
+        let present = kiln_store::confirm_presence(self.inner.blobs.as_ref(), &wanted).await?;
         let missing: Vec<Digest> = wanted
             .into_iter()
             .zip(present)
@@ -202,10 +202,9 @@ impl ExecutionEngine {
             return Ok(existing);
         }
         self.check_in_flight_bounds(&record.instance_name)?;
-        self.inner
-            .metadata
-            .insert(OPERATIONS, record.name.as_bytes(), &record.encode())
-            .await?;
+        let mut batch = WriteBatch::new();
+        batch.put(OPERATIONS, record.name.as_bytes(), record.encode());
+        self.apply_fenced(batch).await?;
         self.inner.metadata.flush().await?;
         let name = record.name.clone();
         let receiver = {

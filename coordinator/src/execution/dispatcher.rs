@@ -105,7 +105,7 @@ impl ExecutionEngine {
     /// Hands queued actions to free slots. Called by the dispatcher task and directly
     /// wherever an action queues or a slot frees.
     pub(super) fn dispatch_once(&self) {
-        if self.is_closing() {
+        if self.is_closing() || !self.may_assign() {
             return;
         }
         let mut state = self.state();
@@ -140,6 +140,7 @@ impl ExecutionEngine {
                     .inline
                     .as_ref()
                     .map_or_else(Vec::new, |m| m.command.to_vec()),
+                leader_epoch: self.epoch(),
             };
             let _ = live
                 .updates

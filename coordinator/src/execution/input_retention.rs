@@ -7,7 +7,7 @@
 //! run only above the high watermark, so Execute pays nothing for it.
 
 use std::collections::HashSet;
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, RwLock, Weak};
 
 use async_trait::async_trait;
 use kiln_proto::prost::Message;
@@ -30,13 +30,15 @@ pub(crate) const MAX_RETAINED_INPUTS: usize = 2_000_000;
 /// reloads the operations a previous run left), a pass is told it cannot know, and skips.
 #[derive(Default)]
 pub struct InFlightInputs {
-    engine: OnceLock<Weak<Inner>>,
+    /// The engine now running: in a farm, a replica runs one only while it leads, and a
+    /// pass on a replica without one skips (it cannot know the leader's queue).
+    engine: RwLock<Weak<Inner>>,
 }
 
 impl InFlightInputs {
     /// Weak, so that the store holding this does not keep the engine alive after shutdown.
     pub(crate) fn attach(&self, engine: &ExecutionEngine) {
-        let _ = self.engine.set(Arc::downgrade(&engine.inner));
+        *self.engine.write().unwrap_or_else(|p| p.into_inner()) = Arc::downgrade(&engine.inner);
     }
 }
 
@@ -45,10 +47,10 @@ impl RetainedBlobs for InFlightInputs {
     async fn retained(&self) -> Result<HashSet<ContentHash>, String> {
         let inner = self
             .engine
-            .get()
-            .ok_or("the coordinator has not reloaded its operations yet")?
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
             .upgrade()
-            .ok_or("the coordinator has stopped")?;
+            .ok_or("the coordinator runs no engine now (not open yet, stopped, or a follower)")?;
         let engine = ExecutionEngine { inner };
         engine
             .unfinished_inputs(MAX_RETAINED_INPUTS)

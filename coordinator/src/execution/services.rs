@@ -12,16 +12,17 @@ use tonic::{Request, Response, Status};
 use super::admission::OperationStream;
 use super::ExecutionEngine;
 use crate::auth::{authorize, caller_of, Caller, Scope};
+use crate::farm::{Executor, Route};
 use crate::CoordinatorError;
 
 /// The REAPI Execution service.
 pub(crate) struct ExecutionService {
-    engine: ExecutionEngine,
+    executor: Executor,
 }
 
 impl ExecutionService {
-    pub(crate) fn new(engine: ExecutionEngine) -> Self {
-        ExecutionService { engine }
+    pub(crate) fn new(executor: Executor) -> Self {
+        ExecutionService { executor }
     }
 }
 
@@ -35,28 +36,35 @@ impl Execution for ExecutionService {
         request: Request<ExecuteRequest>,
     ) -> Result<Response<Self::ExecuteStream>, Status> {
         authorize(&request, Scope::Execute, &request.get_ref().instance_name)?;
-        Ok(Response::new(self.engine.execute(request).await?))
+        match self.executor.route(&request)? {
+            Route::Here(engine) => Ok(Response::new(engine.execute(request).await?)),
+            Route::Leader(leader) => leader.execute(request).await,
+        }
     }
 
     async fn wait_execution(
         &self,
         request: Request<WaitExecutionRequest>,
     ) -> Result<Response<Self::WaitExecutionStream>, Status> {
+        let engine = match self.executor.route(&request)? {
+            Route::Here(engine) => engine,
+            Route::Leader(leader) => return leader.wait_execution(request).await,
+        };
         let caller = caller_of(&request);
         let name = request.into_inner().name;
-        self.engine.may_follow(&caller, &name)?;
-        Ok(Response::new(self.engine.subscribe(&name)?))
+        engine.may_follow(&caller, &name)?;
+        Ok(Response::new(engine.subscribe(&name)?))
     }
 }
 
 /// `google.longrunning.Operations`: look-up and cancellation of execution operations.
 pub(crate) struct OperationsService {
-    engine: ExecutionEngine,
+    executor: Executor,
 }
 
 impl OperationsService {
-    pub(crate) fn new(engine: ExecutionEngine) -> Self {
-        OperationsService { engine }
+    pub(crate) fn new(executor: Executor) -> Self {
+        OperationsService { executor }
     }
 }
 
@@ -66,8 +74,12 @@ impl Operations for OperationsService {
         &self,
         request: Request<ListOperationsRequest>,
     ) -> Result<Response<ListOperationsResponse>, Status> {
+        let engine = match self.executor.route(&request)? {
+            Route::Here(engine) => engine,
+            Route::Leader(leader) => return leader.list_operations(request).await,
+        };
         let caller = caller_of(&request);
-        let state = self.engine.state();
+        let state = engine.state();
         // Only the operations of instances the caller may execute on.
         let mut operations: Vec<Operation> = state
             .operations
@@ -86,10 +98,14 @@ impl Operations for OperationsService {
         &self,
         request: Request<GetOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
+        let engine = match self.executor.route(&request)? {
+            Route::Here(engine) => engine,
+            Route::Leader(leader) => return leader.get_operation(request).await,
+        };
         let caller = caller_of(&request);
         let name = request.into_inner().name;
-        self.engine.may_follow(&caller, &name)?;
-        let state = self.engine.state();
+        engine.may_follow(&caller, &name)?;
+        let state = engine.state();
         match state.operations.get(&name) {
             Some(live) => Ok(Response::new(live.updates.borrow().clone())),
             None => Err(CoordinatorError::NotFound(format!("no operation named {name:?}")).into()),
@@ -110,12 +126,16 @@ impl Operations for OperationsService {
         &self,
         request: Request<CancelOperationRequest>,
     ) -> Result<Response<Empty>, Status> {
+        let engine = match self.executor.route(&request)? {
+            Route::Here(engine) => engine,
+            Route::Leader(leader) => return leader.cancel_operation(request).await,
+        };
         let caller = caller_of(&request);
         let name = request.into_inner().name;
-        self.engine.may_follow(&caller, &name)?;
-        self.engine.cancel(&name)?;
+        engine.may_follow(&caller, &name)?;
+        engine.cancel(&name)?;
         // The cancelled operation's record; not flushed, like any finished operation's.
-        self.engine.persist().await?;
+        engine.persist().await?;
         Ok(Response::new(Empty {}))
     }
 

@@ -5,6 +5,7 @@
 //! heartbeats keep the worker's leases and results complete them. When the worker's side
 //! ends, the coordinator ends its side too and requeues whatever the worker held.
 
+use futures::stream::BoxStream;
 use futures::StreamExt;
 use kiln_proto::worker::v1::{
     coordinator_message, worker_message, workers_server::Workers, CoordinatorMessage, Register,
@@ -18,20 +19,21 @@ use std::time::Instant;
 
 use super::{proto_duration, ExecutionEngine, WorkerConnection, WorkerDetails};
 use crate::client_stream::next_within;
+use crate::farm::{Executor, Route};
 use crate::scheduler::Platform;
 use crate::secret::same_secret;
 
 pub(crate) struct WorkerService {
-    engine: ExecutionEngine,
+    executor: Executor,
 }
 
 impl WorkerService {
-    pub(crate) fn new(engine: ExecutionEngine) -> Self {
-        WorkerService { engine }
+    pub(crate) fn new(executor: Executor) -> Self {
+        WorkerService { executor }
     }
 }
 
-type CoordinatorStream = UnboundedReceiverStream<Result<CoordinatorMessage, Status>>;
+type CoordinatorStream = BoxStream<'static, Result<CoordinatorMessage, Status>>;
 
 fn message(message: coordinator_message::Message) -> Result<CoordinatorMessage, Status> {
     Ok(CoordinatorMessage {
@@ -48,11 +50,16 @@ impl Workers for WorkerService {
         &self,
         request: Request<Streaming<WorkerMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
+        let engine = match self.executor.route(&request)? {
+            Route::Here(engine) => engine,
+            Route::Leader(leader) => return leader.connect(request).await,
+        };
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::unbounded_channel();
+        let replied = |rx| Ok(Response::new(UnboundedReceiverStream::new(rx).boxed()));
         let first = next_within(
             &mut inbound,
-            self.engine.inner.register_timeout,
+            engine.inner.register_timeout,
             "Workers/Connect (waiting for Register)",
         )
         .await?;
@@ -64,15 +71,15 @@ impl Workers for WorkerService {
                 let _ = tx.send(message(coordinator_message::Message::Rejected(Rejected {
                     reason: "the first message on a worker stream must be Register".into(),
                 })));
-                return Ok(Response::new(UnboundedReceiverStream::new(rx)));
+                return replied(rx);
             }
         };
-        if let Some(reason) = self.refusal(&register) {
+        if let Some(reason) = refusal(&engine, &register) {
             tracing::warn!(worker = %register.worker_id, %reason, "refused a worker");
             let _ = tx.send(message(coordinator_message::Message::Rejected(Rejected {
                 reason,
             })));
-            return Ok(Response::new(UnboundedReceiverStream::new(rx)));
+            return replied(rx);
         }
 
         let worker = register.worker_id.clone();
@@ -81,7 +88,7 @@ impl Workers for WorkerService {
                 .iter()
                 .map(|p| (p.name.clone(), p.value.clone()))
         }));
-        let interval = self.engine.inner.heartbeat_interval;
+        let interval = engine.inner.heartbeat_interval;
         let _ = tx.send(message(coordinator_message::Message::RegisterAck(
             RegisterAck {
                 heartbeat_interval: Some(proto_duration(interval)),
@@ -94,10 +101,8 @@ impl Workers for WorkerService {
             cache_bytes: register.cache.as_ref().map_or(0, |c| c.bytes),
         };
         let connection =
-            self.engine
-                .connect_worker(&worker, platform, register.slots as usize, tx, details);
+            engine.connect_worker(&worker, platform, register.slots as usize, tx, details);
 
-        let engine = self.engine.clone();
         let closed = engine.closed();
         tokio::spawn(async move {
             let mut closed = std::pin::pin!(closed);
@@ -127,27 +132,23 @@ impl Workers for WorkerService {
             tracing::info!(%worker, "worker left");
             engine.disconnect_worker(&worker, connection);
         });
-        Ok(Response::new(UnboundedReceiverStream::new(rx)))
+        replied(rx)
     }
 }
 
-impl WorkerService {
-    fn refusal(&self, register: &Register) -> Option<String> {
-        if register.worker_id.is_empty() {
-            return Some("worker_id is empty".into());
+fn refusal(engine: &ExecutionEngine, register: &Register) -> Option<String> {
+    if register.worker_id.is_empty() {
+        return Some("worker_id is empty".into());
+    }
+    if register.slots == 0 {
+        return Some("slots must be at least 1".into());
+    }
+    match engine.join_token() {
+        Some(expected) if !same_secret(expected, &register.join_token) => {
+            Some("wrong join token".into())
         }
-        if register.slots == 0 {
-            return Some("slots must be at least 1".into());
-        }
-        match self.engine.join_token() {
-            Some(expected) if !same_secret(expected, &register.join_token) => {
-                Some("wrong join token".into())
-            }
-            None => {
-                Some("this coordinator accepts no workers (no join token is configured)".into())
-            }
-            _ => None,
-        }
+        None => Some("this coordinator accepts no workers (no join token is configured)".into()),
+        _ => None,
     }
 }
 

@@ -22,7 +22,7 @@ use kiln_proto::reapi::{
     content_addressable_storage_client::ContentAddressableStorageClient, BatchUpdateBlobsRequest,
 };
 use kiln_store::{Digest, DigestFunction, FsBlobStore};
-use kiln_testkit::{ServedCoordinator, Stores};
+use kiln_testkit::{OpenStores, ServedCoordinator, Stores};
 use tonic::transport::Channel;
 use tonic::Code;
 use tonic_types::StatusExt;
@@ -46,8 +46,19 @@ impl TestServer {
     /// Opens (or reopens) the stores under `data_dir` and serves them. On disk: restart
     /// tests reopen them, and some tests reach for the files.
     pub async fn start_with(data_dir: &Path, config: CoordinatorConfig) -> anyhow::Result<Self> {
-        let server =
-            ServedCoordinator::start(config, Stores::OnDisk(data_dir.to_path_buf())).await?;
+        Self::serve(config, Stores::OnDisk(data_dir.to_path_buf())).await
+    }
+
+    /// A server on stores other servers use too (opened on disk): a farm's replica.
+    pub async fn start_shared(
+        stores: &OpenStores,
+        config: CoordinatorConfig,
+    ) -> anyhow::Result<Self> {
+        Self::serve(config, Stores::Shared(stores.clone())).await
+    }
+
+    async fn serve(config: CoordinatorConfig, stores: Stores) -> anyhow::Result<Self> {
+        let server = ServedCoordinator::start(config, stores).await?;
         let channel = Channel::from_shared(server.http_url())?
             .connect()
             .await

@@ -119,14 +119,14 @@ async fn run_ok(server: &TestServer, action: &Digest) -> ExecuteResponse {
 // Workers
 
 /// A real `kiln_worker::run` in this process.
-struct RealWorker {
+pub(crate) struct RealWorker {
     task: JoinHandle<Result<(), WorkerError>>,
     shutdown: Option<oneshot::Sender<()>>,
     _work_dir: tempfile::TempDir,
 }
 
 impl RealWorker {
-    fn start(server: &TestServer, id: &str, slots: usize) -> Self {
+    pub(crate) fn start(server: &TestServer, id: &str, slots: usize) -> Self {
         Self::start_with_token(server, id, slots, TOKEN)
     }
 
@@ -152,7 +152,7 @@ impl RealWorker {
         }
     }
 
-    async fn stop(mut self) -> Result<(), WorkerError> {
+    pub(crate) async fn stop(mut self) -> Result<(), WorkerError> {
         if let Some(shutdown) = self.shutdown.take() {
             let _ = shutdown.send(());
         }

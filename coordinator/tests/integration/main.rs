@@ -13,6 +13,7 @@ mod bounded_store;
 mod byte_stream;
 mod cas;
 mod execution;
+mod farm;
 mod request_limits;
 mod restart;
 mod slow_clients;

@@ -91,3 +91,29 @@ async fn an_upload_in_too_many_pieces_is_refused() {
         Ok(_) => panic!("a resume over 1,000 pieces was accepted"),
     }
 }
+
+/// A blob one replica wrote is not yet in the other's presence index, so the other's
+/// FindMissingBlobs calls it missing (a re-upload at most); `confirm_presence`, which
+/// Execute and the action cache use, asks the bucket and finds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Garage (.ci/run installs it)"]
+async fn a_blob_written_through_one_replica_is_confirmed_present_on_the_other() {
+    let garage = Garage::start().expect("garage starts");
+    let (a, b) = (
+        open_store(&garage, "presence").await,
+        open_store(&garage, "presence").await,
+    );
+    let data = Bytes::from_static(b"written through replica a");
+    let digest = Digest::of_bytes(DigestFunction::Sha256, &data);
+    let absent = Digest::of_bytes(DigestFunction::Sha256, b"written nowhere");
+    a.put(ExpectedDigest::Exact(digest), data).await.unwrap();
+    assert_eq!(b.has_many(&[digest]).await.unwrap(), [false]);
+    assert_eq!(
+        kiln_store::confirm_presence(&b, &[digest, absent])
+            .await
+            .unwrap(),
+        [true, false]
+    );
+    // Asking taught b's index: its FindMissingBlobs now knows the blob too.
+    assert_eq!(b.has_many(&[digest]).await.unwrap(), [true]);
+}
