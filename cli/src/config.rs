@@ -260,6 +260,17 @@ pub struct CommonArgs {
     /// (`coordinator.auth.enabled`); `kiln token` makes them.
     #[arg(long, env = "KILN_COORDINATOR_AUTH", global = true)]
     pub coordinator_auth: bool,
+    /// Run this coordinator as a replica of a farm on shared metadata (PostgreSQL) and
+    /// blobs (a bucket), the URL being where the other replicas reach it, e.g.
+    /// `http://10.0.0.7:8980` (`coordinator.farm`: one elected leader schedules, the
+    /// others forward to it).
+    #[arg(
+        long,
+        env = "KILN_FARM_ADVERTISE_URL",
+        global = true,
+        value_name = "URL"
+    )]
+    pub farm_advertise_url: Option<String>,
     /// Serve unauthenticated APIs on addresses other than loopback. Without it, a
     /// coordinator without auth or a registry without auth refuses to bind anything but
     /// loopback.
@@ -359,6 +370,10 @@ impl KilnConfig {
         args.storage.apply_metadata(&mut config.metadata);
         config.allow_unauthenticated = args.allow_unauthenticated;
         config.coordinator.auth.enabled |= args.coordinator_auth;
+        if let Some(url) = &args.farm_advertise_url {
+            config.coordinator.farm.enabled = true;
+            config.coordinator.farm.advertise_url = url.clone();
+        }
         config.tls.metrics |= args.tls_metrics;
         for (flag, setting) in [
             (&args.tls_cert, &mut config.tls.cert),
@@ -420,6 +435,23 @@ mod tests {
         assert_eq!(config.data_dir, PathBuf::from("/from/file"));
         assert_eq!(config.grpc_addr.port(), 2);
         assert_eq!(config.registry_addr.port(), 5000);
+    }
+
+    #[test]
+    fn an_advertise_url_joins_a_farm() {
+        let config = KilnConfig::resolve(&CommonArgs::default(), &[]).unwrap();
+        assert!(!config.coordinator.farm.enabled);
+        let args = CommonArgs {
+            farm_advertise_url: Some("http://10.0.0.7:8980".into()),
+            ..Default::default()
+        };
+        let config = KilnConfig::resolve(&args, &[]).unwrap();
+        assert!(config.coordinator.farm.enabled);
+        assert_eq!(
+            config.coordinator.farm.advertise_url,
+            "http://10.0.0.7:8980"
+        );
+        assert_eq!(config.coordinator.farm.lease_term_secs, 6);
     }
 
     #[test]

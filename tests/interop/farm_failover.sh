@@ -20,10 +20,12 @@ TOKEN="farm-$RANDOM$RANDOM"
 # start_replica N : kiln coordinator N on its own free port, in the farm.
 PORTS=()
 PIDS=()
+METRICS_PORTS=()
 start_replica() {
     local n="$1" port
     port="${PORTS[$n]:-$(free_port)}"
     PORTS[$n]="$port"
+    METRICS_PORTS[$n]="${METRICS_PORTS[$n]:-$(free_port)}"
     cat >"$WORK/replica$n.toml" <<EOF
 [coordinator.farm]
 enabled = true
@@ -32,7 +34,7 @@ lease_term_secs = $TERM_SECS
 EOF
     INTEROP_KILN_LOG=info,kiln_coordinator=debug \
         start_kiln "replica$n" coordinator --config "$WORK/replica$n.toml" \
-        --grpc-addr "127.0.0.1:$port" --metrics-addr 127.0.0.1:0 \
+        --grpc-addr "127.0.0.1:$port" --metrics-addr "127.0.0.1:${METRICS_PORTS[$n]}" \
         --data-dir "$WORK/replica$n" --join-token "$TOKEN"
     PIDS[$n]="$LAST_PID"
 }
@@ -55,26 +57,33 @@ frontend grpc
     default_backend kiln
 backend kiln
     balance roundrobin
-    default-server proto h2 check inter 500ms fall 2 rise 2
-    server replica1 127.0.0.1:${PORTS[1]}
-    server replica2 127.0.0.1:${PORTS[2]}
-    server replica3 127.0.0.1:${PORTS[3]}
+    # Each replica's /readyz on its metrics listener: a replica that is paused or gone
+    # stops answering it and is out of the rotation within a second.
+    option httpchk GET /readyz
+    timeout check 500ms
+    default-server proto h2 check check-proto h1 inter 500ms fall 2 rise 2
+    server replica1 127.0.0.1:${PORTS[1]} port ${METRICS_PORTS[1]}
+    server replica2 127.0.0.1:${PORTS[2]} port ${METRICS_PORTS[2]}
+    server replica3 127.0.0.1:${PORTS[3]} port ${METRICS_PORTS[3]}
 EOF
 haproxy -f "$WORK/haproxy.cfg" -db >"$WORK/haproxy.log" 2>&1 &
 STARTED_PIDS+=("$!")
 LB="127.0.0.1:$LB_PORT"
 log "haproxy on $LB in front of replicas on ports ${PORTS[*]:1}"
 
-# leader : the number of the replica whose log last says it leads, among those alive.
+# leader : the number of the live replica that leads with the newest epoch, by the logs
+# (a replica that has since lost its lease or closed its engine does not count; a paused
+# one still does, by its log, until a newer epoch exists).
 leader() {
-    local n latest="" at best=0
+    local n line epoch best="" best_epoch=0
     for n in 1 2 3; do
         kill -0 "${PIDS[$n]}" 2>/dev/null || continue
-        at=$(grep -n 'this replica leads the farm' "$WORK/replica$n.log" | tail -n 1 | cut -d: -f1)
-        lost=$(grep -n 'lost the farm.s lease\|closing the farm.s engine' "$WORK/replica$n.log" | tail -n 1 | cut -d: -f1)
-        if [ -n "$at" ] && { [ -z "$lost" ] || [ "$lost" -lt "$at" ]; }; then latest="$n"; fi
+        line=$(grep -n 'this replica leads the farm\|lost the farm.s lease\|closing the farm.s engine' "$WORK/replica$n.log" | tail -n 1)
+        case "$line" in *'leads the farm'*) ;; *) continue ;; esac
+        epoch=$(sed -E 's/.*epoch=([0-9]+).*/\1/' <<<"$line")
+        if [ "$epoch" -gt "$best_epoch" ]; then best="$n"; best_epoch="$epoch"; fi
     done
-    echo "$latest"
+    echo "$best"
 }
 wait_for_leader() {
     local not="${1:-}" i n
@@ -142,6 +151,12 @@ kill -STOP "${PIDS[$PAUSED]}"
 LEADER=$(wait_for_leader "$PAUSED")
 log "replica $LEADER took over from the paused replica $PAUSED"
 BEFORE=$(grep -c 'assigned operation=' "$WORK/replica$PAUSED.log" || true)
+# While it is still paused: the workers, no longer hearing from it, rejoin through the
+# balancer, which no longer sends anything to it either.
+rm -f "$PROJECT"/sum-*.txt
+sharded 0 during-pause
+kiln_run during_pause "${SHARDED[@]}" || { cat "$WORK/during_pause.err" >&2; fail "the run while the old leader was paused failed"; }
+check_sums during_pause
 kill -CONT "${PIDS[$PAUSED]}"
 wait_for_log "replica$PAUSED" "lost the farm.s lease|closing the farm.s engine" "${PIDS[$PAUSED]}" 10
 rm -f "$PROJECT"/sum-*.txt
@@ -154,4 +169,4 @@ if grep -q 'refusing an Assign from a deposed leader' "$WORK"/worker*.log; then
     fail "a worker was sent an Assign from a deposed leader"
 fi
 
-echo "farm: 8/8 shards through haproxy; leader killed mid-run: ${GAP}s without a leader, run correct; paused leader assigned nothing after resuming"
+echo "farm: 8/8 shards through haproxy; leader killed mid-run: ${GAP}s without a leader, run correct; a run completed while the old leader was paused, which assigned nothing after resuming"

@@ -31,6 +31,12 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// How long a drained worker waits for the coordinator to close the stream.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long Register may wait for its answer: behind a load balancer, a coordinator that
+/// is paused still has its connections accepted, and would hold the worker forever.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(15);
+/// With heartbeat acknowledgements on, a stream silent for this many heartbeat intervals
+/// is taken for dead.
+const SILENT_INTERVALS: u32 = 3;
 
 /// Runs a worker until `shutdown` resolves (then drains: no new work, running actions
 /// finish and report) or the coordinator sends Drain. Returns an error only for faults
@@ -246,21 +252,30 @@ impl Worker {
             running_lease_ids: self.running.keys().cloned().collect(),
         }))
         .await?;
-        let mut inbound = WorkersClient::new(self.channel.clone())
-            .connect(tokio_stream::wrappers::ReceiverStream::new(receiver))
+        let register = async {
+            let mut inbound = WorkersClient::new(self.channel.clone())
+                .connect(tokio_stream::wrappers::ReceiverStream::new(receiver))
+                .await?
+                .into_inner();
+            let first = inbound.message().await?;
+            Ok::<_, tonic::Status>((inbound, first))
+        };
+        let (mut inbound, first) = tokio::time::timeout(REGISTER_TIMEOUT, register)
             .await
-            .map_err(WorkerError::rpc("Workers.Connect"))?
-            .into_inner();
+            .map_err(|_| {
+                WorkerError::Protocol(format!(
+                    "the coordinator did not answer Register within {REGISTER_TIMEOUT:?}"
+                ))
+            })?
+            .map_err(WorkerError::rpc("Workers.Connect"))?;
 
         let mut heartbeat_interval = self.heartbeat_interval;
-        match inbound
-            .message()
-            .await
-            .map_err(WorkerError::rpc("Workers.Connect"))?
-        {
+        let acks_heartbeats;
+        match first {
             Some(proto::CoordinatorMessage {
                 message: Some(Inbound::RegisterAck(ack)),
             }) => {
+                acks_heartbeats = ack.acks_heartbeats;
                 if let Some(interval) = ack.heartbeat_interval.and_then(|d| {
                     (d.seconds >= 0 && d.nanos >= 0)
                         .then(|| Duration::new(d.seconds as u64, d.nanos as u32))
@@ -283,6 +298,8 @@ impl Worker {
 
         let mut heartbeats = tokio::time::interval(heartbeat_interval);
         heartbeats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let silence_limit = heartbeat_interval * SILENT_INTERVALS;
+        let mut last_heard = tokio::time::Instant::now();
         loop {
             if self.done() {
                 send(self.heartbeat()).await?;
@@ -303,10 +320,16 @@ impl Worker {
                     self.start_draining();
                     send(self.heartbeat()).await?;
                 }
+                () = tokio::time::sleep_until(last_heard + silence_limit), if acks_heartbeats => {
+                    return Err(WorkerError::Protocol(format!(
+                        "nothing from the coordinator for {silence_limit:?}; reconnecting"
+                    )));
+                }
                 message = inbound.message() => {
                     let message = message
                         .map_err(WorkerError::rpc("Workers.Connect"))?
                         .ok_or_else(|| WorkerError::Protocol("the coordinator ended the stream".into()))?;
+                    last_heard = tokio::time::Instant::now();
                     match message.message {
                         Some(Inbound::Assign(assign)) => {
                             if let Some(refusal) = self.assign(assign) {
@@ -323,6 +346,7 @@ impl Worker {
                             self.start_draining();
                             send(self.heartbeat()).await?;
                         }
+                        Some(Inbound::HeartbeatAck(_)) => {}
                         Some(Inbound::RegisterAck(_) | Inbound::Rejected(_)) | None => {
                             tracing::warn!("ignoring an unexpected message from the coordinator");
                         }

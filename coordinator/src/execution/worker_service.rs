@@ -8,8 +8,8 @@
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use kiln_proto::worker::v1::{
-    coordinator_message, worker_message, workers_server::Workers, CoordinatorMessage, Register,
-    RegisterAck, Rejected, WorkerMessage,
+    coordinator_message, worker_message, workers_server::Workers, CoordinatorMessage, HeartbeatAck,
+    Register, RegisterAck, Rejected, WorkerMessage,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -92,6 +92,7 @@ impl Workers for WorkerService {
         let _ = tx.send(message(coordinator_message::Message::RegisterAck(
             RegisterAck {
                 heartbeat_interval: Some(proto_duration(interval)),
+                acks_heartbeats: true,
             },
         )));
         tracing::info!(%worker, %platform, slots = register.slots, version = %register.version, "worker joined");
@@ -100,6 +101,9 @@ impl Workers for WorkerService {
             connected_at: std::time::SystemTime::now(),
             cache_bytes: register.cache.as_ref().map_or(0, |c| c.bytes),
         };
+        // Weak: the engine's sender is what keeps the stream open, and a worker it drops
+        // (silent for too long) must see its stream end, not go on being acknowledged.
+        let acks = tx.downgrade();
         let connection =
             engine.connect_worker(&worker, platform, register.slots as usize, tx, details);
 
@@ -115,7 +119,12 @@ impl Workers for WorkerService {
                 let Some(Ok(incoming)) = incoming else { break };
                 match incoming.message {
                     Some(worker_message::Message::Heartbeat(beat)) => {
-                        engine.heartbeat(&worker, beat.draining, beat.cache.map(|c| c.bytes))
+                        engine.heartbeat(&worker, beat.draining, beat.cache.map(|c| c.bytes));
+                        if let Some(acks) = acks.upgrade() {
+                            let _ = acks.send(message(coordinator_message::Message::HeartbeatAck(
+                                HeartbeatAck {},
+                            )));
+                        }
                     }
                     Some(worker_message::Message::Result(result)) => {
                         engine.heartbeat(&worker, false, None);

@@ -231,6 +231,7 @@ impl Election {
                 Ok(())
             }
             Err(MetadataError::Conflict { .. }) => {
+                tracing::warn!("the farm's lease changed hands during a renewal; stepping down");
                 self.step_down();
                 Ok(())
             }
