@@ -30,6 +30,9 @@ type Outbox = mpsc::Sender<Result<proto::CoordinatorMessage, Status>>;
 
 struct Service {
     join_token: String,
+    /// Promise heartbeat acknowledgements in RegisterAck, and never send one: a
+    /// coordinator that has gone silent behind a connection that stays open.
+    silent: bool,
     events: mpsc::UnboundedSender<Event>,
     outbox: Arc<Mutex<Option<Outbox>>>,
 }
@@ -62,6 +65,7 @@ impl Workers for Service {
                     seconds: 0,
                     nanos: 200_000_000,
                 }),
+                acks_heartbeats: self.silent,
             })
         } else {
             ToWorker::Rejected(proto::Rejected {
@@ -118,27 +122,35 @@ impl TestCoordinator {
     pub async fn start(join_token: &str) -> Self {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
-        Self::serve_on(listener, join_token)
+        Self::serve_on(listener, join_token, false)
+    }
+
+    /// A coordinator that promises to acknowledge heartbeats and never does.
+    pub async fn start_silent(join_token: &str) -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        Self::serve_on(listener, join_token, true)
     }
 
     /// Drops the server and every connection, as a crashed coordinator would, with a new
     /// one already serving on the same listening socket: the worker's reconnection is
     /// refused by nothing and waits for nobody, and the port is never released.
     pub async fn restart(mut self, join_token: &str) -> Self {
-        let next = Self::serve_on(self.listener.try_clone().unwrap(), join_token);
+        let next = Self::serve_on(self.listener.try_clone().unwrap(), join_token, false);
         self.stop_server().await;
         next
     }
 
     /// Serves on `listener` on a runtime and thread of its own, so that stopping it drops
     /// every connection together, as the death of its process would.
-    fn serve_on(listener: std::net::TcpListener, join_token: &str) -> Self {
+    fn serve_on(listener: std::net::TcpListener, join_token: &str, silent: bool) -> Self {
         let addr = listener.local_addr().unwrap();
         let held = listener.try_clone().unwrap();
         let (events_tx, events) = mpsc::unbounded_channel();
         let outbox = Arc::new(Mutex::new(None));
         let service = Service {
             join_token: join_token.to_string(),
+            silent,
             events: events_tx,
             outbox: outbox.clone(),
         };

@@ -239,3 +239,62 @@ async fn a_restarted_coordinator_gets_its_worker_back_and_drain_ends_it() -> any
     worker.exit().await?;
     Ok(())
 }
+
+/// A coordinator that promised heartbeat acknowledgements and sends none is taken for
+/// dead after three heartbeat intervals (600 ms here): the worker reconnects on its own,
+/// as it must when a paused farm leader keeps its connection open.
+#[tokio::test]
+async fn a_silent_coordinator_is_left_and_joined_again() -> anyhow::Result<()> {
+    let cas = TestCas::start(DigestFunction::Sha256).await?;
+    let mut coordinator = TestCoordinator::start_silent(TOKEN).await;
+    let mut worker = RunningWorker::start(&coordinator, &cas, TOKEN);
+    coordinator.registered().await;
+    let left_at = tokio::time::Instant::now();
+    coordinator
+        .wait_for(|e| matches!(e, Event::Disconnected).then_some(()))
+        .await;
+    assert!(
+        left_at.elapsed() >= Duration::from_millis(500),
+        "{:?}",
+        left_at.elapsed()
+    );
+    coordinator.registered().await;
+    worker.shut_down();
+    worker.exit().await?;
+    Ok(())
+}
+
+/// An Assign from an older leader epoch than one the worker has already run is refused
+/// (RESOURCE_EXHAUSTED, which a coordinator requeues): a deposed farm leader cannot hand
+/// out work the new one may hand out too.
+#[tokio::test]
+async fn an_assign_from_a_deposed_leader_is_refused() -> anyhow::Result<()> {
+    let cas = TestCas::start(DigestFunction::Sha256).await?;
+    let mut coordinator = TestCoordinator::start(TOKEN).await;
+    let mut worker = RunningWorker::start(&coordinator, &cas, TOKEN);
+    coordinator.registered().await;
+    let action = put_action(&cas, &ActionSpec::shell("echo epoch")).await;
+    let with_epoch = |lease: &str, epoch: u64| match assign(lease, action, None) {
+        ToWorker::Assign(assign) => ToWorker::Assign(proto::Assign {
+            leader_epoch: epoch,
+            ..assign
+        }),
+        _ => unreachable!(),
+    };
+    coordinator.send(with_epoch("from-epoch-5", 5)).await;
+    assert_eq!(code(&coordinator.result().await), Code::Ok);
+    coordinator.send(with_epoch("from-epoch-4", 4)).await;
+    let refused = coordinator.result().await;
+    assert_eq!(refused.lease_id, "from-epoch-4");
+    assert_eq!(code(&refused), Code::ResourceExhausted);
+    assert!(
+        refused.status.unwrap().message.contains("leader epoch 4"),
+        "the refusal names the stale epoch"
+    );
+    // The current leader's next Assign still runs.
+    coordinator.send(with_epoch("from-epoch-5-again", 5)).await;
+    assert_eq!(code(&coordinator.result().await), Code::Ok);
+    worker.shut_down();
+    worker.exit().await?;
+    Ok(())
+}
