@@ -35,34 +35,13 @@ expect_summary() {
         || fail "$1: expected $GENRULES actions, all '$2': $line"
 }
 
-# check_outputs : the outputs are what the genrules compute, recomputed here.
-check_outputs() {
-    local bin="$WORKSPACE/bazel-bin" i n
-    for i in $(seq 0 15); do
-        diff <(for n in $(seq 1 $((100 + i))); do echo "leaf $i line $n"; done) "$bin/leaf_$i.txt" >/dev/null \
-            || fail "leaf_$i.txt is wrong"
-    done
-    for i in $(seq 0 7); do
-        diff <(cat "$bin/leaf_$((2 * i)).txt" "$bin/leaf_$((2 * i + 1)).txt" | sort) "$bin/pair_$i.txt" >/dev/null \
-            || fail "pair_$i.txt is wrong"
-    done
-    local big_sha
-    big_sha=$(awk 'BEGIN { for (i = 0; i < 200000; i++) print "kiln interop big blob line " i }' | sha256sum | cut -d' ' -f1)
-    [ "$(sha256sum <"$bin/big.bin" | cut -d' ' -f1)" = "$big_sha" ] || fail "big.bin is wrong"
-    [ "$(tail -n 1 "$bin/summary.txt")" = "$big_sha" ] || fail "summary.txt does not end with big.bin's digest"
-    [ "$(head -n 1 "$bin/summary.txt" | awk '{print $1}')" = $((100 + 101 + 114 + 115)) ] \
-        || fail "summary.txt's line count is wrong: $(head -n 1 "$bin/summary.txt")"
-    cmp -s "$bin/summary.txt" "$bin/tree/a.txt" || fail "tree/a.txt is wrong"
-    [ "$(cat "$bin/tree/sub/b.txt")" = nested ] || fail "tree/sub/b.txt is wrong"
-}
-
 log "cold build: every action runs on kiln's workers"
 bazel_build cold
 expect_summary cold remote
-check_outputs
+check_bazel_outputs
 
 log "the actions were spread over both workers"
-ASSIGNED=$(grep -o 'assigned operation=[^ ]* worker=[^ ]*' "$WORK/coordinator.log" | sed 's/.*worker=//' | sort | uniq -c)
+ASSIGNED=$(coordinator_logs | grep -o 'assigned operation=[^ ]* worker=[^ ]*' | sed 's/.*worker=//' | sort | uniq -c)
 echo "$ASSIGNED"
 [ "$(wc -l <<<"$ASSIGNED")" -eq 2 ] || fail "expected assignments to two workers, got: $ASSIGNED"
 while read -r count _; do
@@ -74,15 +53,15 @@ log "bazel clean, then a rebuild: every action is a remote cache hit"
 [ ! -e "$WORKSPACE/bazel-bin/summary.txt" ] || fail "bazel clean left outputs behind"
 bazel_build warm
 expect_summary warm 'remote cache hit'
-check_outputs
+check_bazel_outputs
 
 log "--noremote_accept_cached: every action runs remotely again"
-BEFORE=$(grep -c 'assigned operation=' "$WORK/coordinator.log")
+BEFORE=$(coordinator_logs | grep -c 'assigned operation=')
 (cd "$WORKSPACE" && "$BAZEL" --output_user_root="$WORK/bazel-root" --batch clean >/dev/null 2>&1)
 bazel_build forced --noremote_accept_cached
 expect_summary forced remote
-check_outputs
-AFTER=$(grep -c 'assigned operation=' "$WORK/coordinator.log")
+check_bazel_outputs
+AFTER=$(coordinator_logs | grep -c 'assigned operation=')
 [ $((AFTER - BEFORE)) -ge "$GENRULES" ] || fail "only $((AFTER - BEFORE)) actions reached the workers"
 
 echo "bazel remote execution: $GENRULES actions remote on 2 workers, then $GENRULES/$GENRULES remote cache hits, then $GENRULES remote again"

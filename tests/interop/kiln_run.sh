@@ -27,7 +27,7 @@ for shard in 0 1 2 3; do
 done
 [ "$TOTAL" -eq 5050 ] || fail "the shards' sums add up to $TOTAL, not 5050"
 [ "$(grep -c 'executed, exit code 0' "$WORK/first.err")" -eq 4 ] || fail "expected 4 executed shards"
-ASSIGNED=$(grep -c 'assigned operation=' "$WORK/coordinator.log" || true)
+ASSIGNED=$(coordinator_logs | grep -c 'assigned operation=' || true)
 [ "$ASSIGNED" -eq 4 ] || fail "expected exactly 4 assignments (one per shard), got $ASSIGNED"
 
 log "second run: every shard is a cache hit"
@@ -36,7 +36,7 @@ kiln_run second "${SHARDED[@]}" || { cat "$WORK/second.err" >&2; fail "the secon
 cat "$WORK/second.err"
 [ "$(grep -c 'cache hit, exit code 0' "$WORK/second.err")" -eq 4 ] || fail "expected 4 cache hits"
 grep -q 'executed' "$WORK/second.err" && fail "a shard executed again"
-[ "$(grep -c 'assigned operation=' "$WORK/coordinator.log")" -eq 4 ] || fail "the second run reached a worker"
+[ "$(coordinator_logs | grep -c 'assigned operation=')" -eq 4 ] || fail "the second run reached a worker"
 for shard in 0 1 2 3; do
     [ -s "$PROJECT/sum-$shard.txt" ] || fail "the cached run did not download sum-$shard.txt"
 done

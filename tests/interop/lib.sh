@@ -95,10 +95,15 @@ start_kiln_worker() {
 }
 
 # start_farm N : a `kiln coordinator` (log: $WORK/coordinator.log, with the scheduler's
-# "assigned" debug lines) and N `kiln worker` processes (worker1..N, 2 slots each) joined
-# with a fresh token. Sets ADDR (host:port) and TOKEN.
+# "assigned" debug lines; `coordinator_logs` prints it) and N `kiln worker` processes
+# (worker1..N, 2 slots each) joined with a fresh token. Sets ADDR (host:port) and TOKEN.
+# With INTEROP_REPLICAS=3, three coordinator replicas behind HAProxy (replicas.sh).
 start_farm() {
     local w
+    if [ "${INTEROP_REPLICAS:-1}" -gt 1 ]; then
+        start_replicated_farm "$1"
+        return
+    fi
     TOKEN="farm-$RANDOM$RANDOM"
     INTEROP_KILN_LOG=info,kiln_coordinator=debug \
         start_kiln coordinator coordinator --grpc-addr 127.0.0.1:0 --metrics-addr 127.0.0.1:0 \
@@ -246,6 +251,28 @@ prepare_bazel_workspace() {
     [ "$GENRULES" -ge "$1" ] || fail "the workspace should hold at least $1 genrules, found $GENRULES"
 }
 
+# check_bazel_outputs : the interop workspace's outputs (prepare_bazel_workspace) are
+# what its genrules compute, recomputed here.
+check_bazel_outputs() {
+    local bin="$WORKSPACE/bazel-bin" i n
+    for i in $(seq 0 15); do
+        diff <(for n in $(seq 1 $((100 + i))); do echo "leaf $i line $n"; done) "$bin/leaf_$i.txt" >/dev/null \
+            || fail "leaf_$i.txt is wrong"
+    done
+    for i in $(seq 0 7); do
+        diff <(cat "$bin/leaf_$((2 * i)).txt" "$bin/leaf_$((2 * i + 1)).txt" | sort) "$bin/pair_$i.txt" >/dev/null \
+            || fail "pair_$i.txt is wrong"
+    done
+    local big_sha
+    big_sha=$(awk 'BEGIN { for (i = 0; i < 200000; i++) print "kiln interop big blob line " i }' | sha256sum | cut -d' ' -f1)
+    [ "$(sha256sum <"$bin/big.bin" | cut -d' ' -f1)" = "$big_sha" ] || fail "big.bin is wrong"
+    [ "$(tail -n 1 "$bin/summary.txt")" = "$big_sha" ] || fail "summary.txt does not end with big.bin's digest"
+    [ "$(head -n 1 "$bin/summary.txt" | awk '{print $1}')" = $((100 + 101 + 114 + 115)) ] \
+        || fail "summary.txt's line count is wrong: $(head -n 1 "$bin/summary.txt")"
+    cmp -s "$bin/summary.txt" "$bin/tree/a.txt" || fail "tree/a.txt is wrong"
+    [ "$(cat "$bin/tree/sub/b.txt")" = nested ] || fail "tree/sub/b.txt is wrong"
+}
+
 free_port() {
     python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
@@ -338,4 +365,8 @@ fi
 # INTEROP_METADATA=postgres runs a script with every kiln's metadata in PostgreSQL.
 if [ "${INTEROP_METADATA:-sled}" = postgres ]; then
     start_postgres
+fi
+source "$INTEROP_DIR/replicas.sh"
+if [ "${INTEROP_REPLICAS:-1}" -gt 1 ] && [ "${INTEROP_METADATA:-sled}:${INTEROP_STORAGE:-fs}" != postgres:s3 ]; then
+    fail "INTEROP_REPLICAS needs shared stores: INTEROP_METADATA=postgres INTEROP_STORAGE=s3"
 fi

@@ -77,7 +77,7 @@ grep -q "hello from kiln interop" "$WORK/unpacked/rootfs/hello.txt" || fail "lay
 log "skopeo: registry-to-registry copies (cross-repository mount within one registry)"
 skopeo copy --src-tls-verify=false --dest-tls-verify=false \
     "docker://$R1/interop/app:v1.0.0" "docker://$R1/interop/copy:v1.0.0"
-grep -q 'blob mounted.*interop/copy' "$WORK/reg1.log" \
+registry_logs reg1 | contains 'blob mounted.*interop/copy' \
     || fail "skopeo did not mount blobs across repositories (no 201 mount in the log)"
 skopeo copy --src-tls-verify=false --dest-tls-verify=false \
     "docker://$R1/interop/app:v1.0.0" "docker://$R2/mirror/app:v1.0.0"

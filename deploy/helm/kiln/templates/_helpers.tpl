@@ -84,10 +84,15 @@ A floating `latest` is refused here so no values file can sneak it in.
 {{- default (printf "%s://%s-grpc.%s.svc:%d" $scheme (include "kiln.fullname" .) .Release.Namespace (int .Values.server.service.grpc.port)) .Values.worker.coordinator }}
 {{- end }}
 
-{{/* The server's TOML: `server.config`, then the auth tokens and anonymous scopes. */}}
+{{/* The server's TOML: `server.config`, the farm's lease term in HA mode, then the auth
+tokens and anonymous scopes. */}}
 {{- define "kiln.serverConfig" -}}
 {{- with .Values.server.config }}
 {{ . }}
+{{- end }}
+{{- if .Values.server.ha.enabled }}
+[coordinator.farm]
+lease_term_secs = {{ .Values.server.ha.leaseTermSecs }}
 {{- end }}
 {{- if .Values.auth.anonymousScopes }}
 [coordinator.auth]
