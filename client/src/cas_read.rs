@@ -13,6 +13,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::reapi_digest::from_reapi;
 use crate::remote_cas::{pack_batches, BATCH_ENTRY_OVERHEAD};
+use crate::retry::retrying;
 use crate::{ClientError, RemoteCas, Result};
 
 /// How to fetch a set of blobs: small ones in BatchReadBlobs calls within the server's
@@ -47,6 +48,10 @@ impl RemoteCas {
         if self.fits_in_batch(digest) {
             return self.read_one_batched(digest).await;
         }
+        retrying(move || self.read_streamed_blob(digest)).await
+    }
+
+    async fn read_streamed_blob(&self, digest: &Digest) -> Result<Bytes> {
         let mut buffer = BytesMut::with_capacity(digest.size.min(64 << 20) as usize);
         let mut stream = self.read_stream(digest).await?;
         while let Some(chunk) = stream.next().await {
@@ -63,17 +68,19 @@ impl RemoteCas {
         if digests.is_empty() {
             return Ok(Vec::new());
         }
-        let response = self
-            .cas()
-            .batch_read_blobs(self.request(reapi::BatchReadBlobsRequest {
-                instance_name: self.instance_name.clone(),
-                digests: digests.iter().map(Digest::to_reapi).collect(),
-                acceptable_compressors: vec![],
-                digest_function: self.function.reapi_value(),
-            }))
-            .await
-            .map_err(|s| ClientError::rpc("BatchReadBlobs", s))?
-            .into_inner();
+        let response = retrying(move || async move {
+            self.cas()
+                .batch_read_blobs(self.request(reapi::BatchReadBlobsRequest {
+                    instance_name: self.instance_name.clone(),
+                    digests: digests.iter().map(Digest::to_reapi).collect(),
+                    acceptable_compressors: vec![],
+                    digest_function: self.function.reapi_value(),
+                }))
+                .await
+                .map_err(|s| ClientError::rpc("BatchReadBlobs", s))
+        })
+        .await?
+        .into_inner();
         let mut blobs = Vec::with_capacity(response.responses.len());
         for entry in response.responses {
             let digest = from_reapi(self.function, entry.digest.as_ref(), "a batch entry")?;
@@ -113,6 +120,11 @@ impl RemoteCas {
     /// its digest before returning. The caller makes the write atomic. A blob the server
     /// lacks is an error whose [`ClientError::is_not_found`] is true.
     pub async fn read_blob_to_file(&self, digest: &Digest, path: &Path) -> Result<()> {
+        // A stream that breaks is read again from the start, into the file truncated.
+        retrying(move || self.read_blob_to_file_once(digest, path)).await
+    }
+
+    async fn read_blob_to_file_once(&self, digest: &Digest, path: &Path) -> Result<()> {
         let mut file = tokio::fs::File::create(path)
             .await
             .map_err(|e| ClientError::io(path, e))?;

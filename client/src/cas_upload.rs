@@ -14,6 +14,7 @@ use crate::outcomes::UploadStats;
 use crate::progress::Progress;
 use crate::reapi_digest::from_reapi;
 use crate::remote_cas::{pack_batches, BATCH_ENTRY_OVERHEAD, TRANSFER_CONCURRENCY};
+use crate::retry::retrying;
 use crate::{ClientError, RemoteCas, Result};
 
 /// ByteStream chunk size for uploads.
@@ -101,16 +102,19 @@ impl RemoteCas {
                 compressor: reapi::compressor::Value::Identity as i32,
             });
         }
-        let response = self
-            .cas()
-            .batch_update_blobs(self.request(reapi::BatchUpdateBlobsRequest {
-                instance_name: self.instance_name.clone(),
-                requests,
-                digest_function: self.function.reapi_value(),
-            }))
-            .await
-            .map_err(|s| ClientError::rpc("BatchUpdateBlobs", s))?
-            .into_inner();
+        let requests = &requests;
+        let response = retrying(move || async move {
+            self.cas()
+                .batch_update_blobs(self.request(reapi::BatchUpdateBlobsRequest {
+                    instance_name: self.instance_name.clone(),
+                    requests: requests.clone(),
+                    digest_function: self.function.reapi_value(),
+                }))
+                .await
+                .map_err(|s| ClientError::rpc("BatchUpdateBlobs", s))
+        })
+        .await?
+        .into_inner();
         for entry in response.responses {
             let status = entry.status.unwrap_or_default();
             if status.code == tonic::Code::Ok as i32 {
@@ -134,6 +138,17 @@ impl RemoteCas {
         source: BlobSource,
         progress: &dyn Progress,
     ) -> Result<()> {
+        // A write that breaks is made again as a new upload, from the start.
+        let source = &source;
+        retrying(move || self.upload_by_stream_once(digest, source, progress)).await
+    }
+
+    async fn upload_by_stream_once(
+        &self,
+        digest: Digest,
+        source: &BlobSource,
+        progress: &dyn Progress,
+    ) -> Result<()> {
         let resource_name = ResourceName::write(&self.instance_name, digest).to_string();
         // A producer task feeds the call through a small channel, which bounds memory to
         // a few chunks whatever the blob's size.
@@ -150,7 +165,7 @@ impl RemoteCas {
             .await;
         let sent = producer.await.unwrap_or(0);
         let response = response
-            .map_err(|s| upload_failure("ByteStream.Write", s, Some(&source)))?
+            .map_err(|s| upload_failure("ByteStream.Write", s, Some(source)))?
             .into_inner();
         if response.committed_size != digest.size as i64 {
             return Err(ClientError::InvalidResponse(format!(

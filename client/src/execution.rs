@@ -12,6 +12,7 @@ use prost::Message;
 use tonic::transport::Channel;
 
 use crate::request_metadata::{request_with, Credentials};
+use crate::retry::is_transient;
 use crate::{ClientError, Result};
 
 /// The updates of one operation, ending with the one that has `done` set.
@@ -112,18 +113,6 @@ impl Default for ResumePolicy {
             max_backoff: Duration::from_secs(5),
         }
     }
-}
-
-/// Statuses after which the same call may succeed: the server was restarting, was
-/// overloaded, or the connection broke mid-stream.
-fn is_transient(status: &tonic::Status) -> bool {
-    matches!(
-        status.code(),
-        tonic::Code::Unavailable
-            | tonic::Code::Unknown
-            | tonic::Code::Aborted
-            | tonic::Code::ResourceExhausted
-    )
 }
 
 /// How long to wait for the server to end an operation stream after its final update.

@@ -27,6 +27,7 @@ mod reapi_digest;
 mod remote_cas;
 pub mod remote_run;
 mod request_metadata;
+mod retry;
 mod run_manifest;
 pub mod tree_hasher;
 pub mod tree_layout;

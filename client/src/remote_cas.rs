@@ -18,6 +18,7 @@ use tonic::transport::Channel;
 use crate::endpoint::{endpoint_with_tls, ClientTls};
 use crate::reapi_digest::from_reapi;
 use crate::request_metadata::Invocation;
+use crate::retry::retrying;
 use crate::{ClientError, Result};
 
 /// The batch size used when the server sets no limit, and the most kiln puts in one
@@ -198,16 +199,18 @@ impl RemoteCas {
         wanted.dedup();
         let mut missing = Vec::new();
         for chunk in wanted.chunks(FIND_MISSING_CHUNK) {
-            let response = self
-                .cas()
-                .find_missing_blobs(self.request(reapi::FindMissingBlobsRequest {
-                    instance_name: self.instance_name.clone(),
-                    blob_digests: chunk.iter().map(Digest::to_reapi).collect(),
-                    digest_function: self.function.reapi_value(),
-                }))
-                .await
-                .map_err(|s| ClientError::rpc("FindMissingBlobs", s))?
-                .into_inner();
+            let response = retrying(move || async move {
+                self.cas()
+                    .find_missing_blobs(self.request(reapi::FindMissingBlobsRequest {
+                        instance_name: self.instance_name.clone(),
+                        blob_digests: chunk.iter().map(Digest::to_reapi).collect(),
+                        digest_function: self.function.reapi_value(),
+                    }))
+                    .await
+                    .map_err(|s| ClientError::rpc("FindMissingBlobs", s))
+            })
+            .await?
+            .into_inner();
             for digest in &response.missing_blob_digests {
                 missing.push(from_reapi(self.function, Some(digest), "a missing blob")?);
             }
@@ -217,22 +220,25 @@ impl RemoteCas {
 
     /// The cached result of `action`, or `None` on a cache miss.
     pub async fn get_action_result(&self, action: &Digest) -> Result<Option<reapi::ActionResult>> {
-        let result = self
-            .action_cache()
-            .get_action_result(self.request(reapi::GetActionResultRequest {
-                instance_name: self.instance_name.clone(),
-                action_digest: Some(action.to_reapi()),
-                inline_stdout: false,
-                inline_stderr: false,
-                inline_output_files: vec![],
-                digest_function: self.function.reapi_value(),
-            }))
-            .await;
-        match result {
-            Ok(response) => Ok(Some(response.into_inner())),
-            Err(status) if status.code() == tonic::Code::NotFound => Ok(None),
-            Err(status) => Err(ClientError::rpc("GetActionResult", status)),
-        }
+        retrying(move || async move {
+            let result = self
+                .action_cache()
+                .get_action_result(self.request(reapi::GetActionResultRequest {
+                    instance_name: self.instance_name.clone(),
+                    action_digest: Some(action.to_reapi()),
+                    inline_stdout: false,
+                    inline_stderr: false,
+                    inline_output_files: vec![],
+                    digest_function: self.function.reapi_value(),
+                }))
+                .await;
+            match result {
+                Ok(response) => Ok(Some(response.into_inner())),
+                Err(status) if status.code() == tonic::Code::NotFound => Ok(None),
+                Err(status) => Err(ClientError::rpc("GetActionResult", status)),
+            }
+        })
+        .await
     }
 
     /// Stores `result` as the result of `action`.
@@ -241,17 +247,21 @@ impl RemoteCas {
         action: &Digest,
         result: reapi::ActionResult,
     ) -> Result<reapi::ActionResult> {
-        self.action_cache()
-            .update_action_result(self.request(reapi::UpdateActionResultRequest {
-                instance_name: self.instance_name.clone(),
-                action_digest: Some(action.to_reapi()),
-                action_result: Some(result),
-                results_cache_policy: None,
-                digest_function: self.function.reapi_value(),
-            }))
-            .await
-            .map(tonic::Response::into_inner)
-            .map_err(|s| ClientError::rpc("UpdateActionResult", s))
+        let result = &result;
+        retrying(move || async move {
+            self.action_cache()
+                .update_action_result(self.request(reapi::UpdateActionResultRequest {
+                    instance_name: self.instance_name.clone(),
+                    action_digest: Some(action.to_reapi()),
+                    action_result: Some(result.clone()),
+                    results_cache_policy: None,
+                    digest_function: self.function.reapi_value(),
+                }))
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(|s| ClientError::rpc("UpdateActionResult", s))
+        })
+        .await
     }
 }
 

@@ -61,6 +61,13 @@ pub mod fuzzing {
     }
 }
 
+/// The scheduler's state machine, for the farm simulation in `loadtests/`; not an API.
+#[cfg(feature = "simulation")]
+#[doc(hidden)]
+pub mod simulation {
+    pub use crate::scheduler::{Platform, QueuedAction, Scheduler, SchedulerConfig};
+}
+
 pub use admin::{RegistryCatalog, RepositorySummary};
 pub use cache_references::action_cache_references;
 pub use config::{AuthConfig, CoordinatorConfig, FarmConfig};

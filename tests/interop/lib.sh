@@ -352,6 +352,8 @@ start_postgres() {
         -o "-p $port -c listen_addresses=127.0.0.1 -k $dir" start >>"$WORK/postgres.log" 2>&1 \
         || { cat "$WORK/postgres.log" "$dir/server.log" >&2; fail "pg_ctl start"; }
     POSTGRES_STOP=("${as[@]}" "$bin/pg_ctl" -D "$dir/data" -m immediate stop)
+    POSTGRES_START=("${as[@]}" "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w \
+        -o "-p $port -c listen_addresses=127.0.0.1 -k $dir" start)
     POSTGRES_URL="postgres://kiln@127.0.0.1:$port/postgres"
     export KILN_POSTGRES_URL="$POSTGRES_URL"
     log "postgres on 127.0.0.1:$port: kiln keeps its metadata there"

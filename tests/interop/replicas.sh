@@ -129,13 +129,15 @@ wait_for_farm_leader() {
 }
 
 # start_replicated_registry NAME VAR : three `kiln registry` processes behind a balancer
-# (logs $WORK/NAME-1.log …); sets VAR to the balancer's host:port.
+# (logs $WORK/NAME-1.log …, PIDs in REGISTRY_PIDS); sets VAR to the balancer's host:port.
+REGISTRY_PIDS=()
 start_replicated_registry() {
     local n servers=() metrics
     for n in 1 2 3; do
         metrics=$(free_port)
         start_kiln "$1-$n" registry --registry-addr 127.0.0.1:0 \
             --metrics-addr "127.0.0.1:$metrics" --data-dir "$WORK/$1-$n"
+        REGISTRY_PIDS[$n]="$LAST_PID"
         servers+=("$(listen_addr "$1-$n" http registry | cut -d: -f2):$metrics")
     done
     start_balancer "$1" http "$2" "${servers[@]}"

@@ -1,0 +1,98 @@
+//! Calls made again after a transient failure, as Bazel's `--remote_retries` does. Every
+//! CAS and action-cache call is idempotent (blobs are named by their content, and an
+//! action result stored twice is the same result), so a call that failed because a server
+//! restarted, a farm replica went away or a balancer reset the connection is simply made
+//! again.
+
+use std::future::Future;
+use std::time::Duration;
+
+use crate::{ClientError, Result};
+
+/// Tries after the first. With the doubling backoff below they span about 6 s: a replica
+/// taken out of a balancer's rotation, a restart, a failover's first seconds.
+const RETRIES: u32 = 6;
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Statuses after which the same call may succeed: the server was restarting, was
+/// overloaded, or the connection broke mid-call.
+pub(crate) fn is_transient(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::Aborted
+            | tonic::Code::ResourceExhausted
+    )
+}
+
+impl ClientError {
+    /// Whether the call that failed so may succeed if made again.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, ClientError::Rpc { status, .. } if is_transient(status))
+    }
+}
+
+/// `call`, made again with backoff while it fails transiently, [`RETRIES`] times at most.
+pub(crate) async fn retrying<T, F, Fut>(mut call: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let mut backoff = FIRST_BACKOFF;
+    let mut retries = 0;
+    loop {
+        match call().await {
+            Err(error) if error.is_transient() && retries < RETRIES => {
+                retries += 1;
+                tracing::warn!(%error, retry = retries, "a transient failure; trying again");
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+            }
+            result => return result,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    fn failing(code: tonic::Code) -> ClientError {
+        ClientError::rpc("Test", tonic::Status::new(code, "no"))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_transient_failure_is_tried_again_and_a_lasting_one_is_not() {
+        let calls = AtomicU32::new(0);
+        let answer = retrying(|| async {
+            match calls.fetch_add(1, Ordering::SeqCst) {
+                0 | 1 => Err(failing(tonic::Code::Unavailable)),
+                _ => Ok(7),
+            }
+        })
+        .await;
+        assert_eq!(answer.unwrap(), 7);
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+
+        let calls = AtomicU32::new(0);
+        let answer: Result<()> = retrying(|| async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err(failing(tonic::Code::InvalidArgument))
+        })
+        .await;
+        assert!(!answer.unwrap_err().is_transient());
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+        // A server that stays down: the first try and RETRIES more, then its error.
+        let calls = AtomicU32::new(0);
+        let answer: Result<()> = retrying(|| async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err(failing(tonic::Code::Unavailable))
+        })
+        .await;
+        assert!(answer.unwrap_err().is_transient());
+        assert_eq!(calls.load(Ordering::SeqCst), RETRIES + 1);
+    }
+}
