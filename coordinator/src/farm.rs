@@ -60,15 +60,22 @@ pub(crate) struct Member {
     /// The channel to the current leader, kept while the leader's address stays the same.
     link: Mutex<Option<(String, Channel)>>,
     message_limit: usize,
+    /// Set when this replica shuts down (see [`Leader::closing`]).
+    closing: watch::Receiver<bool>,
 }
 
 impl Member {
-    pub(crate) fn new(role: watch::Receiver<Role>, message_limit: usize) -> Arc<Self> {
+    pub(crate) fn new(
+        role: watch::Receiver<Role>,
+        message_limit: usize,
+        closing: watch::Receiver<bool>,
+    ) -> Arc<Self> {
         Arc::new(Member {
             engine: RwLock::new(None),
             role,
             link: Mutex::new(None),
             message_limit,
+            closing,
         })
     }
 
@@ -91,6 +98,7 @@ impl Member {
             Role::Follower { address, .. } => Ok(Route::Leader(Leader {
                 channel: self.channel_to(&address)?,
                 message_limit: self.message_limit,
+                closing: self.closing.clone(),
             })),
             Role::Leader { .. } => {
                 unavailable("this replica is taking over the farm's scheduling; try again")

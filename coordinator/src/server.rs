@@ -298,7 +298,7 @@ impl Coordinator {
         let term = Duration::from_secs(farm.lease_term_secs.max(1));
         let (election, role) =
             Election::new(self.metadata.clone(), farm.advertise_url.clone(), term);
-        let member = Member::new(role, message_limit);
+        let member = Member::new(role, message_limit, stopped.clone());
         let (tenures, tenure) = watch::channel(None);
         let mut election_stops = stopped.clone();
         let election = tokio::spawn(election.run(

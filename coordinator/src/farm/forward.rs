@@ -18,6 +18,7 @@ use kiln_proto::reapi::execution_client::ExecutionClient;
 use kiln_proto::reapi::{ExecuteRequest, WaitExecutionRequest};
 use kiln_proto::worker::v1::workers_client::WorkersClient;
 use kiln_proto::worker::v1::{CoordinatorMessage, WorkerMessage};
+use tokio::sync::watch;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 use tonic::{Extensions, Request, Response, Status, Streaming};
@@ -26,11 +27,15 @@ use tonic::{Extensions, Request, Response, Status, Streaming};
 /// such a call UNAVAILABLE instead of sending it on again, so calls never go round.
 pub(crate) const FORWARDED_HEADER: &str = "x-kiln-forwarded";
 
-/// The most a forwarded message may be, either way: the same as the server's own.
+/// The way to the farm's leader from this replica.
 #[derive(Clone)]
 pub(crate) struct Leader {
     pub(crate) channel: Channel,
+    /// The most a forwarded message may be, either way: the same as the server's own.
     pub(crate) message_limit: usize,
+    /// Set when this replica shuts down: its forwarded streams end then (UNAVAILABLE), so
+    /// that its graceful shutdown does not wait for workers and clients to hang up.
+    pub(crate) closing: watch::Receiver<bool>,
 }
 
 fn onward<T, U>(request: Request<T>, message: impl FnOnce(T) -> U) -> Request<U> {
@@ -45,11 +50,33 @@ pub(crate) fn was_forwarded<T>(request: &Request<T>) -> bool {
 
 type OperationStream = BoxStream<'static, Result<Operation, Status>>;
 
+/// The leader's answer stream, ended with UNAVAILABLE if this replica starts shutting down
+/// first: workers then reconnect, and clients resume with WaitExecution, through another
+/// replica.
 fn streamed<T: Send + 'static>(
     response: Response<Streaming<T>>,
+    mut closing: watch::Receiver<bool>,
 ) -> Response<BoxStream<'static, Result<T, Status>>> {
     let (metadata, stream, extensions) = response.into_parts();
-    Response::from_parts(metadata, stream.boxed(), extensions)
+    let closed = Box::pin(async move {
+        let _ = closing.wait_for(|closing| *closing).await;
+    });
+    let relayed = futures::stream::unfold(
+        (stream, closed, false),
+        |(mut stream, mut closed, ended)| async move {
+            if ended {
+                return None;
+            }
+            tokio::select! {
+                item = stream.next() => item.map(|item| (item, (stream, closed, false))),
+                () = &mut closed => Some((
+                    Err(Status::unavailable("this replica is shutting down; call another")),
+                    (stream, closed, true),
+                )),
+            }
+        },
+    );
+    Response::from_parts(metadata, relayed.boxed(), extensions)
 }
 
 impl Leader {
@@ -70,7 +97,7 @@ impl Leader {
         request: Request<ExecuteRequest>,
     ) -> Result<Response<OperationStream>, Status> {
         let response = self.execution().execute(onward(request, |m| m)).await?;
-        Ok(streamed(response))
+        Ok(streamed(response, self.closing.clone()))
     }
 
     pub(crate) async fn wait_execution(
@@ -81,7 +108,7 @@ impl Leader {
             .execution()
             .wait_execution(onward(request, |m| m))
             .await?;
-        Ok(streamed(response))
+        Ok(streamed(response, self.closing.clone()))
     }
 
     pub(crate) async fn list_operations(
@@ -128,7 +155,7 @@ impl Leader {
             .max_encoding_message_size(self.message_limit)
             .connect(request)
             .await?;
-        Ok(streamed(response))
+        Ok(streamed(response, self.closing.clone()))
     }
 
     pub(crate) async fn get_status(

@@ -205,3 +205,27 @@ async fn a_deposed_leader_records_nothing() -> anyhow::Result<()> {
     within(20, replica.stop()).await?;
     Ok(())
 }
+
+/// A follower relaying a worker's stream to the leader still stops promptly: the relayed
+/// stream ends with its shutdown (UNAVAILABLE: the worker joins again elsewhere), rather than the
+/// follower waiting for the worker to hang up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_relaying_a_worker_stream_still_stops_promptly() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let stores = Stores::OnDisk(dir.path().to_path_buf()).open().await?;
+    let first = TestServer::start_shared(&stores, farm_config()).await?;
+    let leader = leader_other_than(&stores, None).await;
+    assert_eq!(leader, url(&first));
+    let follower = TestServer::start_shared(&stores, farm_config()).await?;
+    let worker = RealWorker::start(&follower, "relayed-worker", 1);
+    let action = common::actions::shell_action(&first, "echo relayed > out", &["out"]).await;
+    let done = within(30, run(&first, &action)).await?;
+    assert_eq!(response(&done).result.expect("a result").exit_code, 0);
+
+    // The test kit gives a stop 10 s; a follower waiting on the worker's stream never
+    // stopped at all.
+    within(15, follower.stop()).await?;
+    worker.stop().await.ok();
+    within(20, first.stop()).await?;
+    Ok(())
+}
