@@ -14,8 +14,7 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::{self, caller_of, TokenStore};
 use crate::counters::Counters;
-use crate::execution::proto_duration;
-use crate::farm::{Executor, Route};
+use crate::execution::{proto_duration, Executor, Route};
 use crate::secret::same_secret;
 use crate::CoordinatorError;
 

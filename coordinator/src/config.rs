@@ -2,6 +2,13 @@
 
 use serde::Deserialize;
 
+/// HTTP/2 flow-control windows, of the server and of a follower's channel to its leader. The defaults (64 KiB) cap a single stream at a few
+/// hundred MB/s even on loopback; large windows let one ByteStream call run at disk and
+/// hash speed. Memory stays bounded because tonic reads a stream only as fast as the
+/// handler consumes it.
+pub(crate) const STREAM_WINDOW: u32 = 16 << 20;
+pub(crate) const CONNECTION_WINDOW: u32 = 64 << 20;
+
 /// Tunables for the REAPI services. Every field has a default, and unknown keys are an
 /// error so that a typo never silently falls back to a default.
 #[derive(Debug, Clone, Deserialize)]

@@ -19,6 +19,7 @@ mod dispatcher;
 mod input_retention;
 mod operation;
 mod pool_status;
+mod routing;
 mod services;
 mod worker_service;
 
@@ -44,6 +45,7 @@ pub use input_retention::InFlightInputs;
 pub(crate) use operation::proto_duration;
 use operation::{OperationRecord, OPERATIONS};
 pub(crate) use pool_status::WorkerDetails;
+pub(crate) use routing::{Executor, Member, Route};
 pub(crate) use services::{ExecutionService, OperationsService};
 pub(crate) use worker_service::WorkerService;
 

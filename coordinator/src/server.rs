@@ -24,11 +24,13 @@ use crate::auth::{Authenticator, RegistryBlobGuard, TokenStore};
 use crate::byte_stream::ByteStreamService;
 use crate::capabilities::CapabilitiesService;
 use crate::cas::CasService;
+use crate::config::{CONNECTION_WINDOW, STREAM_WINDOW};
 use crate::counters::Counters;
 use crate::execution::{
     ExecutionEngine, ExecutionService, InFlightInputs, OperationsService, WorkerService,
 };
-use crate::farm::{Election, Executor, Member};
+use crate::execution::{Executor, Member};
+use crate::farm::Election;
 use crate::{CoordinatorConfig, CoordinatorError};
 
 /// The services grpc.health.v1 reports on by name (besides the overall "").
@@ -43,12 +45,6 @@ const SERVICE_NAMES: &[&str] = &[
     "kiln.admin.v1.Admin",
 ];
 
-/// HTTP/2 flow-control windows. The defaults (64 KiB) cap a single stream at a few
-/// hundred MB/s even on loopback; large windows let one ByteStream call run at disk and
-/// hash speed. Memory stays bounded because tonic reads a stream only as fast as the
-/// handler consumes it.
-pub(crate) const STREAM_WINDOW: u32 = 16 << 20;
-pub(crate) const CONNECTION_WINDOW: u32 = 64 << 20;
 /// Larger HTTP/2 frames mean fewer frame headers and wake-ups per megabyte received.
 const MAX_FRAME_SIZE: u32 = 1 << 20;
 /// Room in a gRPC message beyond the blobs it carries (digests, statuses, framing).

@@ -11,8 +11,8 @@ use tonic::{Request, Response, Status};
 
 use super::admission::OperationStream;
 use super::ExecutionEngine;
+use super::{Executor, Route};
 use crate::auth::{authorize, caller_of, Caller, Scope};
-use crate::farm::{Executor, Route};
 use crate::CoordinatorError;
 
 /// The REAPI Execution service.

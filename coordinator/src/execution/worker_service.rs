@@ -18,8 +18,8 @@ use tonic::{Request, Response, Status, Streaming};
 use std::time::Instant;
 
 use super::{proto_duration, ExecutionEngine, WorkerConnection, WorkerDetails};
+use super::{Executor, Route};
 use crate::client_stream::next_within;
-use crate::farm::{Executor, Route};
 use crate::scheduler::Platform;
 use crate::secret::same_secret;
 
