@@ -7,6 +7,7 @@
 
 mod garage;
 mod postgres;
+pub mod resident;
 
 pub use garage::{garage_binary, Garage, GARAGE_BUCKET};
 pub use postgres::Postgres;
