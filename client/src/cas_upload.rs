@@ -91,23 +91,22 @@ impl RemoteCas {
         batch: Vec<(Digest, &BlobSource)>,
         progress: &dyn Progress,
     ) -> Result<()> {
-        let mut requests = Vec::with_capacity(batch.len());
-        let mut bytes = 0;
-        for (digest, source) in &batch {
-            let data = source.read_all().await?;
-            bytes += data.len() as u64;
-            requests.push(reapi::batch_update_blobs_request::Request {
-                digest: Some(digest.to_reapi()),
-                data,
-                compressor: reapi::compressor::Value::Identity as i32,
-            });
-        }
-        let requests = &requests;
+        let (requests, bytes) = batch_requests(&batch).await?;
+        // The first attempt sends what was read; only a retry (rare) reads the sources
+        // again, rather than every attempt copying up to a whole batch of bytes.
+        let first_attempt = std::sync::Mutex::new(Some(requests));
+        let batch = &batch;
+        let first_attempt = &first_attempt;
         let response = retrying(move || async move {
+            let unsent = first_attempt.lock().expect("never poisoned").take();
+            let requests = match unsent {
+                Some(requests) => requests,
+                None => batch_requests(batch).await?.0,
+            };
             self.cas()
                 .batch_update_blobs(self.request(reapi::BatchUpdateBlobsRequest {
                     instance_name: self.instance_name.clone(),
-                    requests: requests.clone(),
+                    requests,
                     digest_function: self.function.reapi_value(),
                 }))
                 .await
@@ -291,4 +290,22 @@ async fn send_chunks(
         }
     }
     sent
+}
+
+/// A batch's entries, read from their sources, and how many bytes they hold.
+async fn batch_requests(
+    batch: &[(Digest, &BlobSource)],
+) -> Result<(Vec<reapi::batch_update_blobs_request::Request>, u64)> {
+    let mut requests = Vec::with_capacity(batch.len());
+    let mut bytes = 0;
+    for (digest, source) in batch {
+        let data = source.read_all().await?;
+        bytes += data.len() as u64;
+        requests.push(reapi::batch_update_blobs_request::Request {
+            digest: Some(digest.to_reapi()),
+            data,
+            compressor: reapi::compressor::Value::Identity as i32,
+        });
+    }
+    Ok((requests, bytes))
 }

@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use futures::StreamExt;
 use kiln_proto::bytestream::{byte_stream_client::ByteStreamClient, ReadRequest, WriteRequest};
-use kiln_store::{Digest, DigestFunction, ResourceName};
+use kiln_store::{Compression, Digest, DigestFunction, ResourceName};
 use tonic::transport::Channel;
 
 const CHUNK: usize = 1 << 20;
@@ -71,36 +71,9 @@ pub async fn round_trip(
     digest: Digest,
     chunk: usize,
 ) -> anyhow::Result<(f64, f64)> {
-    let segment = match digest.function {
-        DigestFunction::Sha256 => String::new(),
-        DigestFunction::Blake3 => "blake3/".to_string(),
-    };
-    let upload = format!(
-        "uploads/{}/blobs/{segment}{}",
-        uuid::Uuid::new_v4(),
-        digest.reapi()
-    );
-    let chunks: Vec<WriteRequest> = (0..data.len().div_ceil(chunk))
-        .map(|i| data.slice(i * chunk..((i + 1) * chunk).min(data.len())))
-        .enumerate()
-        .map(|(i, piece)| WriteRequest {
-            resource_name: if i == 0 {
-                upload.clone()
-            } else {
-                String::new()
-            },
-            write_offset: (i * chunk) as i64,
-            finish_write: (i + 1) * chunk >= data.len(),
-            data: piece,
-        })
-        .collect();
+    let write_name = ResourceName::write("", digest);
     let start = Instant::now();
-    let committed = client
-        .clone()
-        .write(futures::stream::iter(chunks))
-        .await?
-        .into_inner()
-        .committed_size;
+    let committed = upload(client, &write_name, data, chunk).await?;
     let write = crate::mb_per_s(data.len() as u64, start.elapsed());
     anyhow::ensure!(
         committed == data.len() as i64,
@@ -109,31 +82,105 @@ pub async fn round_trip(
     );
 
     let start = Instant::now();
+    let pieces = download(client, &ResourceName::read("", digest)).await?;
+    let read = crate::mb_per_s(digest.size, start.elapsed());
+    // Checked after the clock stops: the benchmark measures the server, not our hashing.
+    check_content(digest, pieces.iter().map(|p| &p[..]))?;
+    Ok((write, read))
+}
+
+/// [`round_trip`] through `compressed-blobs/zstd/`: the blob goes up as one zstd frame
+/// of `compressed` (made before the clock starts) and comes back compressed by the
+/// server. Returns (write, read) in MB/s of the blob's own (uncompressed) bytes.
+pub async fn compressed_round_trip(
+    client: &ByteStreamClient<Channel>,
+    compressed: &bytes::Bytes,
+    digest: Digest,
+    chunk: usize,
+) -> anyhow::Result<(f64, f64)> {
+    let compress = |mut name: ResourceName| {
+        name.compression = Compression::Zstd;
+        name
+    };
+    let start = Instant::now();
+    let committed = upload(
+        client,
+        &compress(ResourceName::write("", digest)),
+        compressed,
+        chunk,
+    )
+    .await?;
+    let write = crate::mb_per_s(digest.size, start.elapsed());
+    anyhow::ensure!(
+        committed == compressed.len() as i64,
+        "committed {committed} of {} compressed bytes",
+        compressed.len()
+    );
+
+    let start = Instant::now();
+    let pieces = download(client, &compress(ResourceName::read("", digest))).await?;
+    let read = crate::mb_per_s(digest.size, start.elapsed());
+    let wire: Vec<u8> = pieces.concat();
+    let blob = zstd::decode_all(&wire[..])?;
+    check_content(digest, std::iter::once(&blob[..]))?;
+    Ok((write, read))
+}
+
+/// Sends `wire` in `chunk`-byte WriteRequests on one call; returns the committed size.
+async fn upload(
+    client: &ByteStreamClient<Channel>,
+    name: &ResourceName,
+    wire: &bytes::Bytes,
+    chunk: usize,
+) -> Result<i64, tonic::Status> {
+    let name = name.to_string();
+    let requests: Vec<WriteRequest> = (0..wire.len().div_ceil(chunk))
+        .map(|i| WriteRequest {
+            resource_name: if i == 0 { name.clone() } else { String::new() },
+            write_offset: (i * chunk) as i64,
+            finish_write: (i + 1) * chunk >= wire.len(),
+            data: wire.slice(i * chunk..((i + 1) * chunk).min(wire.len())),
+        })
+        .collect();
+    Ok(client
+        .clone()
+        .write(futures::stream::iter(requests))
+        .await?
+        .into_inner()
+        .committed_size)
+}
+
+/// Reads a resource whole, keeping the pieces as they arrived.
+async fn download(
+    client: &ByteStreamClient<Channel>,
+    name: &ResourceName,
+) -> Result<Vec<bytes::Bytes>, tonic::Status> {
     let mut stream = client
         .clone()
         .read(ReadRequest {
-            resource_name: format!("blobs/{segment}{}", digest.reapi()),
+            resource_name: name.to_string(),
             read_offset: 0,
             read_limit: 0,
         })
         .await?
         .into_inner();
-    let mut hasher = digest.function.hasher();
-    let mut received = 0u64;
     let mut pieces = Vec::new();
     while let Some(response) = stream.next().await {
-        let piece = response?.data;
-        received += piece.len() as u64;
-        pieces.push(piece);
+        pieces.push(response?.data);
     }
-    let read = crate::mb_per_s(received, start.elapsed());
-    // Checked after the clock stops: the benchmark measures the server, not our hashing.
-    for piece in &pieces {
+    Ok(pieces)
+}
+
+fn check_content<'a>(digest: Digest, pieces: impl Iterator<Item = &'a [u8]>) -> anyhow::Result<()> {
+    let mut hasher = digest.function.hasher();
+    let mut received = 0u64;
+    for piece in pieces {
         hasher.update(piece);
+        received += piece.len() as u64;
     }
     anyhow::ensure!(
         hasher.finalize() == digest.hash && received == digest.size,
         "read back different bytes"
     );
-    Ok((write, read))
+    Ok(())
 }

@@ -5,8 +5,11 @@
 //! same run (raw hash speed, loopback TCP), and the ratio is what counts.
 
 pub mod bytestream;
+pub mod in_process;
 pub mod load;
+pub mod pre_encoded;
 pub mod reference;
+pub mod registry_http;
 pub mod seed;
 pub mod span_export;
 

@@ -152,31 +152,35 @@ pub async fn get_action_results(
 
 /// FindMissingBlobs for `digests` (of which `present` are stored), called in sequence
 /// for `seconds` or 500 calls; a call that reports another number missing is an error.
+/// The request is encoded once and the response only counted ([`crate::pre_encoded`]),
+/// so that the latency is the server's and the transport's.
 pub async fn find_missing_blobs(
     channel: &tonic::transport::Channel,
     digests: Vec<kiln_proto::reapi::Digest>,
     present: usize,
     seconds: u64,
 ) -> LoadSummary {
-    use kiln_proto::reapi::{
-        content_addressable_storage_client::ContentAddressableStorageClient,
-        FindMissingBlobsRequest,
-    };
-    let cas = ContentAddressableStorageClient::new(channel.clone());
+    use kiln_proto::prost::Message;
+    use kiln_proto::reapi::FindMissingBlobsRequest;
+    const PATH: &str =
+        "/build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs";
+    /// `FindMissingBlobsResponse.missing_blob_digests`.
+    const MISSING_FIELD: u32 = 2;
     let wanted = digests.len() - present;
-    let request = FindMissingBlobsRequest {
-        blob_digests: digests,
-        ..Default::default()
-    };
+    let request = bytes::Bytes::from(
+        FindMissingBlobsRequest {
+            blob_digests: digests,
+            ..Default::default()
+        }
+        .encode_to_vec(),
+    );
+    let channel = channel.clone();
     closed_loop(1, Duration::from_secs(seconds), 500, move || {
-        let (mut cas, request) = (cas.clone(), request.clone());
+        let (channel, request) = (channel.clone(), request.clone());
         async move {
-            let missing = cas
-                .find_missing_blobs(request)
-                .await?
-                .into_inner()
-                .missing_blob_digests
-                .len();
+            let response = crate::pre_encoded::unary(&channel, PATH, request).await?;
+            let missing = crate::pre_encoded::count_field(response, MISSING_FIELD)
+                .map_err(|e| tonic::Status::internal(e.to_string()))?;
             if missing == wanted {
                 Ok(())
             } else {

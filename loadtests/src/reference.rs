@@ -1,6 +1,7 @@
 //! Reference figures measured in the same run as a benchmark: how fast this machine
 //! hashes in memory, and how fast it moves bytes over loopback TCP.
 
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -55,6 +56,23 @@ pub fn loopback_tcp_iperf3(seconds: u32) -> anyhow::Result<f64> {
         .as_f64()
         .context("iperf3 report has no end.sum_received.bits_per_second")?;
     Ok(bits / 8.0 / 1e6)
+}
+
+/// How fast the disk under `dir` takes a blob the way a store must before acknowledging
+/// an upload (write, then fsync), in MB/s, best of 3.
+pub fn disk_write_fsync_speed(dir: &Path, data: &[u8]) -> anyhow::Result<f64> {
+    use std::io::Write;
+    let mut best = 0f64;
+    for attempt in 0..3 {
+        let path = dir.join(format!("fsync-probe-{attempt}"));
+        let start = Instant::now();
+        let mut file = std::fs::File::create(&path)?;
+        file.write_all(data)?;
+        file.sync_all()?;
+        best = best.max(crate::mb_per_s(data.len() as u64, start.elapsed()));
+        std::fs::remove_file(&path)?;
+    }
+    Ok(best)
 }
 
 struct KillOnDrop(Child);

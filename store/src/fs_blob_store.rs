@@ -5,30 +5,28 @@
 //! blob visible. An in-memory index of present blobs answers existence checks without a
 //! syscall per digest (FindMissingBlobs asks about thousands at a time).
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::fs::{self, File};
+use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use dashmap::DashMap;
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 
 use crate::blob_store::{
     check_upload_id, read_all_streamed, read_len, BlobInfo, BlobStore, BlobWriter, ChunkStream,
-    ExpectedDigest,
 };
-use crate::{ContentHash, Digest, DigestFunction, Hasher, Result, StoreError};
+use crate::{ContentHash, Digest, DigestFunction, Result, StoreError};
 
 /// Reads and writes move through memory in pieces of this size: large enough that the
 /// per-piece cost of a blocking-pool hop vanishes, small enough to keep memory flat.
-const IO_CHUNK: usize = 1 << 20;
+pub(crate) const IO_CHUNK: usize = 1 << 20;
 /// Blobs up to this size are read without the blocking pool (see `read_all`).
 const SMALL_READ_BYTES: u64 = 64 << 10;
 
@@ -39,7 +37,9 @@ pub struct FsBlobStore {
 
 struct Inner {
     root: PathBuf,
-    index: DashMap<ContentHash, u64>,
+    /// Keyed by a randomly seeded fast hasher: FindMissingBlobs probes it 10,000 times a
+    /// call, and the seed keeps clients from choosing blobs that collide.
+    index: DashMap<ContentHash, u64, foldhash::fast::RandomState>,
     stored_bytes: AtomicU64,
     /// One writer at a time per resumable upload, including a dropped writer's last append.
     upload_locks: DashMap<String, Arc<tokio::sync::Mutex<()>>>,
@@ -58,7 +58,7 @@ impl FsBlobStore {
         }
         let inner = Inner {
             root,
-            index: DashMap::new(),
+            index: DashMap::default(),
             stored_bytes: AtomicU64::new(0),
             upload_locks: DashMap::new(),
         };
@@ -257,44 +257,7 @@ impl BlobStore for FsBlobStore {
                 None,
             ),
         };
-        let open_path = path.clone();
-        let state = tokio::task::spawn_blocking(move || -> Result<WriteState> {
-            let mut file = OpenOptions::new()
-                .read(true)
-                .append(true)
-                .create(true)
-                .open(&open_path)?;
-            let mut hasher = function.hasher();
-            // Resuming: the hash state is not persisted, so hash what is already on disk.
-            let mut written = 0u64;
-            let mut buf = vec![0u8; IO_CHUNK];
-            file.seek(SeekFrom::Start(0))?;
-            loop {
-                let n = file.read(&mut buf)?;
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&buf[..n]);
-                written += n as u64;
-            }
-            Ok(WriteState {
-                file,
-                hasher,
-                flushed: written,
-            })
-        })
-        .await
-        .map_err(io::Error::other)??;
-        let written = state.flushed;
-        Ok(Box::new(FsBlobWriter {
-            store: self.inner.clone(),
-            path,
-            upload,
-            state: Some(WriterSlot::Idle(Box::new(state))),
-            pending: BytesMut::new(),
-            written,
-            finished: false,
-        }))
+        writer::open(self.inner.clone(), path, upload, function).await
     }
 
     async fn delete(&self, hash: &ContentHash) -> Result<bool> {
@@ -431,202 +394,7 @@ impl BlobStore for FsBlobStore {
     }
 }
 
-struct WriteState {
-    file: File,
-    hasher: Hasher,
-    /// Bytes hashed and handed to the file.
-    flushed: u64,
-}
-
-impl WriteState {
-    fn append(&mut self, data: &[u8]) -> io::Result<()> {
-        self.hasher.update(data);
-        self.file.write_all(data)?;
-        start_writeback(&self.file, self.flushed, data.len() as u64);
-        self.flushed += data.len() as u64;
-        Ok(())
-    }
-}
-
-/// Asks the kernel to start writing a range back to disk without waiting for it, so that
-/// the fsync before a commit finds most of a large blob already on disk instead of
-/// writing it all at the end.
-#[cfg(target_os = "linux")]
-fn start_writeback(file: &File, offset: u64, len: u64) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: a plain syscall on a descriptor we own; it touches none of our memory.
-    unsafe {
-        libc::sync_file_range(
-            file.as_raw_fd(),
-            offset as libc::off64_t,
-            len as libc::off64_t,
-            libc::SYNC_FILE_RANGE_WRITE,
-        );
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn start_writeback(_file: &File, _offset: u64, _len: u64) {}
-
-enum WriterSlot {
-    Idle(Box<WriteState>),
-    /// Hashing and writing the previous buffer on the blocking pool while the caller
-    /// receives the next one.
-    Busy(JoinHandle<io::Result<Box<WriteState>>>),
-}
-
-struct FsBlobWriter {
-    store: Arc<Inner>,
-    path: PathBuf,
-    /// For a resumable upload: its id and the lock that keeps other writers out.
-    upload: Option<(String, tokio::sync::OwnedMutexGuard<()>)>,
-    state: Option<WriterSlot>,
-    pending: BytesMut,
-    written: u64,
-    finished: bool,
-}
-
-impl FsBlobWriter {
-    async fn settle(&mut self) -> Result<Box<WriteState>> {
-        match self.state.take() {
-            Some(WriterSlot::Idle(state)) => Ok(state),
-            Some(WriterSlot::Busy(handle)) => Ok(handle.await.map_err(io::Error::other)??),
-            None => Err(StoreError::Io(io::Error::other("writer failed earlier"))),
-        }
-    }
-
-    /// Hands the pending buffer to the blocking pool without waiting for it.
-    async fn flush_pending_in_background(&mut self) -> Result<()> {
-        let mut state = self.settle().await?;
-        let data = std::mem::take(&mut self.pending).freeze();
-        self.state = Some(WriterSlot::Busy(tokio::task::spawn_blocking(move || {
-            state.append(&data)?;
-            Ok(state)
-        })));
-        Ok(())
-    }
-
-    fn release_upload(&mut self) {
-        if let Some((id, _guard)) = self.upload.take() {
-            self.store.upload_locks.remove(&id);
-        }
-    }
-
-    async fn finish_writes(&mut self) -> Result<Box<WriteState>> {
-        if !self.pending.is_empty() {
-            self.flush_pending_in_background().await?;
-        }
-        self.settle().await
-    }
-}
-
-#[async_trait]
-impl BlobWriter for FsBlobWriter {
-    async fn write(&mut self, chunk: Bytes) -> Result<()> {
-        self.written += chunk.len() as u64;
-        if self.pending.is_empty() && chunk.len() >= IO_CHUNK {
-            self.pending = BytesMut::from(chunk);
-        } else {
-            self.pending.extend_from_slice(&chunk);
-        }
-        if self.pending.len() >= IO_CHUNK {
-            self.flush_pending_in_background().await?;
-        }
-        Ok(())
-    }
-
-    fn bytes_written(&self) -> u64 {
-        self.written
-    }
-
-    async fn commit(mut self: Box<Self>, expected: ExpectedDigest) -> Result<Digest> {
-        let state = self.finish_writes().await?;
-        self.finished = true;
-        self.release_upload();
-        let WriteState {
-            file,
-            hasher,
-            flushed,
-        } = *state;
-        let function = hasher.function();
-        let actual = Digest::new(function, hasher.finalize(), flushed);
-        let temp_path = self.path.clone();
-        if let Err(e) = expected.check(actual) {
-            drop(file);
-            let _ = tokio::fs::remove_file(&temp_path).await;
-            return Err(e);
-        }
-        let final_path = self.store.blob_path(&actual.content_hash());
-        let made_visible = tokio::task::spawn_blocking(move || -> io::Result<()> {
-            file.sync_all()?;
-            drop(file);
-            let dir = final_path.parent().expect("blob paths have a parent");
-            if !dir.exists() {
-                fs::create_dir_all(dir)?;
-                sync_dir(dir.parent().expect("prefix dirs have a parent"))?;
-            }
-            fs::rename(&temp_path, &final_path)?;
-            // The rename is durable only once its directory is.
-            sync_dir(dir)
-        })
-        .await
-        .map_err(io::Error::other)
-        .and_then(|outcome| outcome);
-        if let Err(e) = made_visible {
-            // fsync, mkdir or rename failed (ENOSPC, EIO): nothing was acknowledged, so
-            // nothing may stay behind, a named upload's file included.
-            let _ = tokio::fs::remove_file(&self.path).await;
-            return Err(e.into());
-        }
-        self.store.add_to_index(actual.content_hash(), actual.size);
-        Ok(actual)
-    }
-
-    async fn abort(mut self: Box<Self>) -> Result<()> {
-        let _ = self.settle().await;
-        self.finished = true;
-        self.release_upload();
-        match tokio::fs::remove_file(&self.path).await {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e.into()),
-            _ => Ok(()),
-        }
-    }
-}
-
-impl Drop for FsBlobWriter {
-    fn drop(&mut self) {
-        if self.finished {
-            return;
-        }
-        let Some((_, guard)) = self.upload.take() else {
-            // A background append may still hold the file open; unlinking is safe anyway.
-            let _ = fs::remove_file(&self.path);
-            return;
-        };
-        // Keep what the caller handed us so that a resumed upload continues after it. The
-        // upload's lock is held until the last byte is appended, so a resuming writer
-        // never hashes a file that is still growing.
-        let pending = std::mem::take(&mut self.pending);
-        let path = self.path.clone();
-        let write_rest = move || {
-            if !pending.is_empty() {
-                if let Ok(mut file) = OpenOptions::new().append(true).open(&path) {
-                    let _ = file.write_all(&pending);
-                }
-            }
-            drop(guard);
-        };
-        match (self.state.take(), tokio::runtime::Handle::try_current()) {
-            (Some(WriterSlot::Busy(handle)), Ok(rt)) => {
-                rt.spawn(async move {
-                    let _ = handle.await;
-                    let _ = tokio::task::spawn_blocking(write_rest).await;
-                });
-            }
-            _ => write_rest(),
-        }
-    }
-}
+mod writer;
 
 #[cfg(test)]
 mod tests;

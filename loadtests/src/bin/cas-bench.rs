@@ -5,7 +5,6 @@
 //! `cargo run --release -p kiln-loadtests --bin cas-bench`
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
@@ -16,7 +15,7 @@ use kiln_proto::reapi::{
     content_addressable_storage_client::ContentAddressableStorageClient, GetActionResultRequest,
     GetCapabilitiesRequest,
 };
-use kiln_store::{Digest, DigestFunction, FsBlobStore, SledMetadataStore};
+use kiln_store::{Digest, DigestFunction};
 use rand::RngCore;
 use tonic::transport::Endpoint;
 
@@ -64,7 +63,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let addr = match args.addr {
         Some(addr) => addr,
-        None => start_in_process(_server_dir.path()).await?,
+        None => kiln_loadtests::in_process::coordinator(_server_dir.path()).await?,
     };
     let channel = Endpoint::from_shared(format!("http://{addr}"))?
         .initial_stream_window_size(Some(16 << 20))
@@ -162,14 +161,4 @@ async fn main() -> anyhow::Result<()> {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
-}
-
-async fn start_in_process(dir: &std::path::Path) -> anyhow::Result<SocketAddr> {
-    let blobs = Arc::new(FsBlobStore::open(dir.join("cas"))?);
-    let metadata = Arc::new(SledMetadataStore::open(dir.join("metadata"))?);
-    let coordinator = kiln_coordinator::Coordinator::new(Default::default(), blobs, metadata);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(coordinator.serve(listener, futures::future::pending()));
-    Ok(addr)
 }

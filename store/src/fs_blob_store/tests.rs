@@ -1,6 +1,7 @@
 use futures::TryStreamExt;
 
 use super::*;
+use crate::blob_store::ExpectedDigest;
 
 fn store() -> (tempfile::TempDir, FsBlobStore) {
     let dir = tempfile::tempdir().unwrap();
@@ -181,4 +182,34 @@ async fn read_all_small_and_large_blobs() {
     ));
     let empty = DigestFunction::Sha256.empty_digest();
     assert!(store.read_all(&empty).await.unwrap().is_empty());
+}
+
+/// Large chunks are kept as they came and small ones gathered (writer.rs): interleaved,
+/// across several flushes and a resume, the file still holds every byte in order.
+#[tokio::test]
+async fn chunks_of_every_size_land_in_order() {
+    let (_dir, store) = store();
+    let sizes = [1, 3 << 20, 7, 65 << 10, (64 << 10) - 1, 1 << 20, 100, 2 << 20, 5];
+    let data = pattern(sizes.iter().sum());
+    let digest = Digest::of_bytes(DigestFunction::Blake3, &data);
+    let mut writer = store
+        .begin_write(DigestFunction::Blake3, Some("mixed"))
+        .await
+        .unwrap();
+    let mut offset = 0;
+    for (i, size) in sizes.iter().enumerate() {
+        writer.write(data.slice(offset..offset + size)).await.unwrap();
+        offset += size;
+        if i == sizes.len() / 2 {
+            // Dropped mid-upload: what was accepted is kept, and a new writer resumes.
+            drop(writer);
+            writer = store
+                .begin_write(DigestFunction::Blake3, Some("mixed"))
+                .await
+                .unwrap();
+            assert_eq!(writer.bytes_written(), offset as u64);
+        }
+    }
+    writer.commit(ExpectedDigest::Exact(digest)).await.unwrap();
+    assert_eq!(store.read_all(&digest).await.unwrap(), data);
 }

@@ -1,0 +1,259 @@
+//! The bulk data path (issue 17): ByteStream Write and Read (SHA-256 and BLAKE3, plain
+//! and zstd `compressed-blobs`), the registry's monolithic push and its pull, and
+//! FindMissingBlobs of 10,000 digests, on one `kiln up`-like process (coordinator and
+//! registry on one filesystem store) per data directory, next to the limits measured in
+//! the same run: raw hashing, loopback TCP, and a durable write into that directory.
+//!
+//! `cargo run --release -p kiln-loadtests --bin bulk-bench -- --data-dir /dev/shm --data-dir /var/tmp`
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context};
+use bytes::Bytes;
+use clap::Parser;
+use kiln_loadtests::registry_http::{http_client, RegistryTarget};
+use kiln_loadtests::{bytestream, in_process, load, mb_per_s, median, reference, seed};
+use kiln_proto::bytestream::byte_stream_client::ByteStreamClient;
+use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
+use kiln_store::{Digest, DigestFunction};
+use rand::RngCore;
+use tonic::transport::Endpoint;
+
+#[derive(Parser)]
+struct Args {
+    /// Size of each blob, in MiB.
+    #[arg(long, default_value_t = 256)]
+    blob_mib: usize,
+    /// Fresh blobs per path; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// ByteStream chunk size, in KiB (Bazel sends 16 KiB; kiln's own client 1 MiB).
+    #[arg(long, default_value_t = 1024)]
+    chunk_kib: usize,
+    /// Where the server keeps its data, one measured server per directory
+    /// [default: /dev/shm and $TMPDIR].
+    #[arg(long)]
+    data_dir: Vec<PathBuf>,
+    /// Seconds of iperf3 for the loopback reference.
+    #[arg(long, default_value_t = 5)]
+    iperf_seconds: u32,
+    /// Seconds of sequential FindMissingBlobs calls.
+    #[arg(long, default_value_t = 10)]
+    find_missing_seconds: u64,
+}
+
+/// What this machine does without kiln, in MB/s, measured in this run.
+struct Limits {
+    sha256: f64,
+    blake3: f64,
+    loopback: f64,
+}
+
+/// Medians over the runs, in MB/s (of the blob's own bytes, also when compressed).
+#[derive(Default)]
+struct Paths {
+    write: [Vec<f64>; 2],
+    read: [Vec<f64>; 2],
+    zstd_write: Vec<f64>,
+    zstd_read: Vec<f64>,
+    push: Vec<f64>,
+    pull: Vec<f64>,
+}
+
+const FUNCTIONS: [DigestFunction; 2] = [DigestFunction::Sha256, DigestFunction::Blake3];
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    ensure!(args.runs > 0, "--runs must be at least 1");
+    let dirs = if args.data_dir.is_empty() {
+        vec![PathBuf::from("/dev/shm"), std::env::temp_dir()]
+    } else {
+        args.data_dir.clone()
+    };
+    let mut base = vec![0u8; args.blob_mib << 20];
+    rand::rng().fill_bytes(&mut base);
+    let base = Bytes::from(base);
+    let limits = Limits {
+        sha256: reference::raw_hash_speed(DigestFunction::Sha256, &base),
+        blake3: reference::raw_hash_speed(DigestFunction::Blake3, &base),
+        loopback: reference::loopback_tcp_iperf3(args.iperf_seconds)?,
+    };
+    println!(
+        "## Limits (same run)\n\n| limit | MB/s |\n|---|---|\n\
+         | raw SHA-256 (sha2, 1 thread, best of 3) | {:.0} |\n\
+         | raw BLAKE3 (blake3, 1 thread, best of 3) | {:.0} |\n\
+         | loopback TCP (iperf3, 1 stream, {} s) | {:.0} |",
+        limits.sha256, limits.blake3, args.iperf_seconds, limits.loopback
+    );
+    let mut stamp = 0u64;
+    for dir in &dirs {
+        let disk = reference::disk_write_fsync_speed(dir, &base)
+            .with_context(|| format!("writing into {}", dir.display()))?;
+        let server_dir = tempfile::tempdir_in(dir)?;
+        let servers = in_process::coordinator_and_registry(server_dir.path()).await?;
+        let channel = Endpoint::from_shared(format!("http://{}", servers.grpc))?
+            .initial_stream_window_size(Some(16 << 20))
+            .initial_connection_window_size(Some(32 << 20))
+            .connect()
+            .await?;
+        let client = ByteStreamClient::new(channel.clone()).max_decoding_message_size(64 << 20);
+        let registry = RegistryTarget {
+            name: "kiln",
+            base: format!("http://{}", servers.registry),
+            client: http_client(1),
+        };
+        registry.wait_ready().await?;
+
+        let chunk = args.chunk_kib << 10;
+        let mut paths = Paths::default();
+        for _ in 0..args.runs {
+            for (i, function) in FUNCTIONS.into_iter().enumerate() {
+                stamp += 1;
+                let blob = fresh(&base, stamp);
+                let digest = Digest::of_bytes(function, &blob);
+                let (write, read) = bytestream::round_trip(&client, &blob, digest, chunk).await?;
+                paths.write[i].push(write);
+                paths.read[i].push(read);
+            }
+            stamp += 1;
+            let blob = compressible(&base, stamp);
+            let digest = Digest::of_bytes(DigestFunction::Sha256, &blob);
+            let compressed = Bytes::from(zstd::encode_all(&blob[..], 1)?);
+            let (write, read) =
+                bytestream::compressed_round_trip(&client, &compressed, digest, chunk).await?;
+            paths.zstd_write.push(write);
+            paths.zstd_read.push(read);
+
+            stamp += 1;
+            let blob = fresh(&base, stamp);
+            let digest = Digest::of_bytes(DigestFunction::Sha256, &blob);
+            let start = Instant::now();
+            registry.push_blob("bench/bulk", blob, &digest).await?;
+            paths.push.push(mb_per_s(digest.size, start.elapsed()));
+            let start = Instant::now();
+            let pieces = registry.pull_blob("bench/bulk", &digest).await?;
+            paths.pull.push(mb_per_s(digest.size, start.elapsed()));
+            let mut hasher = DigestFunction::Sha256.hasher();
+            pieces.iter().for_each(|p| hasher.update(p));
+            ensure!(hasher.finalize() == digest.hash, "pulled different bytes");
+        }
+
+        let cas = ContentAddressableStorageClient::new(channel.clone());
+        let digests = seed::find_missing_digests(&cas).await?;
+        let find_missing =
+            load::find_missing_blobs(&channel, digests, 5_000, args.find_missing_seconds).await;
+        ensure!(find_missing.errors == 0, "FindMissingBlobs failed");
+
+        report(&args, dir, disk, &limits, paths, &find_missing);
+    }
+    Ok(())
+}
+
+/// A copy of `base` with `stamp` in its first bytes: a blob no store has seen.
+fn fresh(base: &Bytes, stamp: u64) -> Bytes {
+    let mut blob = base.to_vec();
+    blob[..8].copy_from_slice(&stamp.to_le_bytes());
+    Bytes::from(blob)
+}
+
+/// A blob that zstd halves, as build outputs often are: each 4 KiB random, then zeros.
+fn compressible(base: &Bytes, stamp: u64) -> Bytes {
+    let mut blob = fresh(base, stamp).to_vec();
+    for block in blob.chunks_mut(8 << 10) {
+        let half = block.len() / 2;
+        block[half..].fill(0);
+    }
+    Bytes::from(blob)
+}
+
+fn report(
+    args: &Args,
+    dir: &std::path::Path,
+    disk: f64,
+    limits: &Limits,
+    mut paths: Paths,
+    find_missing: &load::LoadSummary,
+) {
+    let pull = median(&mut paths.pull);
+    let push = median(&mut paths.push);
+    println!(
+        "\n## {} (durable write + fsync of {} MiB: {disk:.0} MB/s), medians of {}\n",
+        dir.display(),
+        args.blob_mib,
+        args.runs
+    );
+    println!("| path | MB/s | limit | of the limit | goal |\n|---|---|---|---|---|");
+    let write_limit = |raw: f64, hash: &str| {
+        let (limit, name) = [
+            (raw, hash),
+            (limits.loopback, "loopback"),
+            (disk, "durable write"),
+        ]
+        .into_iter()
+        .min_by(|a, b| a.0.total_cmp(&b.0))
+        .expect("three limits");
+        (limit, format!("{limit:.0} ({name})"))
+    };
+    let verdict = |ratio: f64, goal: f64| {
+        let met = if ratio >= goal { "met" } else { "**missed**" };
+        format!("≥ {:.0}% ({met})", goal * 100.0)
+    };
+    for (i, (function, raw)) in FUNCTIONS
+        .into_iter()
+        .zip([limits.sha256, limits.blake3])
+        .enumerate()
+    {
+        let write = median(&mut paths.write[i]);
+        let (limit, named) = write_limit(raw, &format!("raw {function}"));
+        println!(
+            "| ByteStream Write, {function} | {write:.0} | {named} | {:.0}% | {} |",
+            100.0 * write / limit,
+            verdict(write / limit, 0.7)
+        );
+    }
+    let (limit, named) = write_limit(limits.sha256, "raw sha256");
+    println!(
+        "| registry push, monolithic, sha256 | {push:.0} | {named} | {:.0}% | {} |",
+        100.0 * push / limit,
+        verdict(push / limit, 0.7)
+    );
+    for (i, function) in FUNCTIONS.into_iter().enumerate() {
+        let read = median(&mut paths.read[i]);
+        println!(
+            "| ByteStream Read, {function} | {read:.0} | registry pull {pull:.0} / loopback {:.0} | {:.0}% / {:.0}% | {} / {} |",
+            limits.loopback,
+            100.0 * read / pull,
+            100.0 * read / limits.loopback,
+            verdict(read / pull, 0.8),
+            verdict(read / limits.loopback, 0.7)
+        );
+    }
+    println!(
+        "| registry pull | {pull:.0} | loopback {:.0} | {:.0}% | — |",
+        limits.loopback,
+        100.0 * pull / limits.loopback
+    );
+    let zstd_write = median(&mut paths.zstd_write);
+    let zstd_read = median(&mut paths.zstd_read);
+    println!(
+        "| ByteStream Write, zstd compressed-blobs (2:1 data) | {zstd_write:.0} | — | — | kept working |\n\
+         | ByteStream Read, zstd compressed-blobs (2:1 data) | {zstd_read:.0} | — | — | kept working |"
+    );
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "\nFindMissingBlobs, 10,000 digests (5,000 present), sequential, {} calls: \
+         p50 {:.2} ms, p99 {:.2} ms (goal p99 < 5 ms: {}); CPU per call (client and \
+         server) {:.2} ms",
+        find_missing.requests,
+        ms(find_missing.p50),
+        ms(find_missing.p99),
+        if ms(find_missing.p99) < 5.0 {
+            "met"
+        } else {
+            "**missed**"
+        },
+        find_missing.cpu_micros_per_request() / 1e3
+    );
+}
