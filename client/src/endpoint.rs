@@ -7,6 +7,17 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 use crate::error::{ClientError, Result};
 
+/// HTTP/2 flow-control windows of kiln's clients, the sizes the coordinator uses for its
+/// own: the defaults (64 KiB) cap one ByteStream call at a few hundred MB/s even on
+/// loopback.
+const STREAM_WINDOW: u32 = 16 << 20;
+const CONNECTION_WINDOW: u32 = 64 << 20;
+/// The largest HTTP/2 frame the client takes. With HTTP/2's default (16 KiB) the server
+/// sends a 1 MiB ByteStream chunk as 64 frames, each a system call and a trip through the
+/// HTTP/2 state machine on both sides: measured on loopback, reads ran at half the
+/// registry's pull speed with 16 KiB frames and at its speed with 1 MiB frames.
+const MAX_FRAME_SIZE: u32 = 1 << 20;
+
 /// TLS settings of a client. Empty: the system's roots, no client certificate.
 #[derive(Clone, Default)]
 pub struct ClientTls {
@@ -95,7 +106,12 @@ pub fn endpoint_with_tls(url: &str, tls: &ClientTls) -> Result<Endpoint> {
         ));
     };
     let endpoint = Endpoint::from_shared(format!("{scheme}://{rest}"))
-        .map(|e| e.tcp_nodelay(true))
+        .map(|e| {
+            e.tcp_nodelay(true)
+                .initial_stream_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONNECTION_WINDOW)
+                .max_frame_size(MAX_FRAME_SIZE)
+        })
         .map_err(|e| invalid(e.to_string()))?;
     if scheme == "https" {
         endpoint

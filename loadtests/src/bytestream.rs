@@ -64,29 +64,75 @@ pub async fn read_blob_as(
     Ok(read)
 }
 
-/// Writes `data` through ByteStream, reads it back, and returns (write, read) MB/s.
+/// How fast one transfer went, and what it cost this whole process (client and server
+/// when the server runs in it).
+#[derive(Clone, Copy, Debug)]
+pub struct Transfer {
+    pub mb_per_s: f64,
+    /// Process CPU time per MB moved, in milliseconds: on a shared machine, a sturdier
+    /// measure than throughput.
+    pub cpu_ms_per_mb: f64,
+}
+
+impl Transfer {
+    /// Times `bytes` moved from `start` (with the process CPU time then) until now.
+    pub fn since(start: Instant, cpu_at_start: std::time::Duration, bytes: u64) -> Self {
+        let cpu = crate::load::process_cpu_time().saturating_sub(cpu_at_start);
+        Transfer {
+            mb_per_s: crate::mb_per_s(bytes, start.elapsed()),
+            cpu_ms_per_mb: cpu.as_secs_f64() * 1e3 / (bytes as f64 / 1e6),
+        }
+    }
+}
+
+/// A blob written through ByteStream and read back.
+#[derive(Clone, Copy, Debug)]
+pub struct RoundTrip {
+    pub write: Transfer,
+    pub read: Transfer,
+}
+
+impl RoundTrip {
+    /// (write, read) in MB/s.
+    pub fn rates(&self) -> (f64, f64) {
+        (self.write.mb_per_s, self.read.mb_per_s)
+    }
+}
+
+/// Writes `data` through ByteStream and reads it back.
 pub async fn round_trip(
     client: &ByteStreamClient<Channel>,
     data: &bytes::Bytes,
     digest: Digest,
     chunk: usize,
-) -> anyhow::Result<(f64, f64)> {
+) -> anyhow::Result<RoundTrip> {
     let write_name = ResourceName::write("", digest);
-    let start = Instant::now();
+    let (start, cpu) = (Instant::now(), crate::load::process_cpu_time());
     let committed = upload(client, &write_name, data, chunk).await?;
-    let write = crate::mb_per_s(data.len() as u64, start.elapsed());
+    let write = Transfer::since(start, cpu, data.len() as u64);
     anyhow::ensure!(
         committed == data.len() as i64,
         "committed {committed} of {}",
         data.len()
     );
 
-    let start = Instant::now();
-    let pieces = download(client, &ResourceName::read("", digest)).await?;
-    let read = crate::mb_per_s(digest.size, start.elapsed());
-    // Checked after the clock stops: the benchmark measures the server, not our hashing.
-    check_content(digest, pieces.iter().map(|p| &p[..]))?;
-    Ok((write, read))
+    let (start, cpu) = (Instant::now(), crate::load::process_cpu_time());
+    let mut content = crate::SameBytes::new(data);
+    let mut stream = client
+        .clone()
+        .read(ReadRequest {
+            resource_name: ResourceName::read("", digest).to_string(),
+            read_offset: 0,
+            read_limit: 0,
+        })
+        .await?
+        .into_inner();
+    while let Some(response) = stream.next().await {
+        content.check(&response?.data)?;
+    }
+    let read = Transfer::since(start, cpu, digest.size);
+    content.finish()?;
+    Ok(RoundTrip { write, read })
 }
 
 /// [`round_trip`] through `compressed-blobs/zstd/`: the blob goes up as one zstd frame

@@ -55,3 +55,43 @@ pub fn median(values: &mut [f64]) -> f64 {
 pub fn mb_per_s(bytes: u64, elapsed: std::time::Duration) -> f64 {
     bytes as f64 / 1e6 / elapsed.as_secs_f64()
 }
+
+/// Checks a download piece by piece against the bytes that were uploaded, as they arrive:
+/// a comparison costs the client far less than keeping (or hashing) hundreds of MiB on
+/// the two cores it shares with the server.
+pub struct SameBytes<'a> {
+    expected: &'a [u8],
+    received: usize,
+}
+
+impl<'a> SameBytes<'a> {
+    pub fn new(expected: &'a [u8]) -> Self {
+        SameBytes {
+            expected,
+            received: 0,
+        }
+    }
+
+    pub fn check(&mut self, piece: &[u8]) -> anyhow::Result<()> {
+        let end = self.received + piece.len();
+        anyhow::ensure!(
+            self.expected.get(self.received..end) == Some(piece),
+            "bytes {}..{end} differ from what was uploaded",
+            self.received
+        );
+        self.received = end;
+        Ok(())
+    }
+
+    /// Fails unless every byte arrived.
+    pub fn finish(self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.received == self.expected.len(),
+            "{} of {} bytes arrived",
+            self.received,
+            self.expected.len()
+        );
+        Ok(())
+    }
+}
+

@@ -25,6 +25,13 @@ pub fn raw_hash_speed(function: DigestFunction, data: &[u8]) -> f64 {
 /// Loopback TCP throughput in MB/s, measured with `iperf3` (Debian package `iperf3`),
 /// single stream for `seconds`.
 pub fn loopback_tcp_iperf3(seconds: u32) -> anyhow::Result<f64> {
+    Ok(loopback_tcp_iperf3_costed(seconds)?.0)
+}
+
+/// [`loopback_tcp_iperf3`], and what moving the bytes cost the sender and the receiver
+/// together, in CPU milliseconds per MB (iperf3's own accounting): the floor under any
+/// server and client on this machine's loopback.
+pub fn loopback_tcp_iperf3_costed(seconds: u32) -> anyhow::Result<(f64, f64)> {
     let port = free_port()?;
     let mut server = KillOnDrop(
         Command::new("iperf3")
@@ -55,7 +62,12 @@ pub fn loopback_tcp_iperf3(seconds: u32) -> anyhow::Result<f64> {
     let bits = report["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .context("iperf3 report has no end.sum_received.bits_per_second")?;
-    Ok(bits / 8.0 / 1e6)
+    let mb_per_s = bits / 8.0 / 1e6;
+    let cpu = &report["end"]["cpu_utilization_percent"];
+    let busy_cores = (cpu["host_total"].as_f64().unwrap_or(f64::NAN)
+        + cpu["remote_total"].as_f64().unwrap_or(f64::NAN))
+        / 100.0;
+    Ok((mb_per_s, busy_cores * 1e3 / mb_per_s))
 }
 
 /// How fast the disk under `dir` takes a blob the way a store must before acknowledging

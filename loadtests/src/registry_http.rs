@@ -130,6 +130,22 @@ impl RegistryTarget {
 
     /// The blob's body as the client received it, piece by piece.
     pub async fn pull_blob(&self, repository: &str, digest: &Digest) -> anyhow::Result<Vec<Bytes>> {
+        let mut pieces = Vec::new();
+        self.pull_blob_with(repository, digest, |piece| {
+            pieces.push(piece);
+            Ok(())
+        })
+        .await?;
+        Ok(pieces)
+    }
+
+    /// Pulls a blob, handing each piece of the body to `receive` as it arrives.
+    pub async fn pull_blob_with(
+        &self,
+        repository: &str,
+        digest: &Digest,
+        mut receive: impl FnMut(Bytes) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
         let uri = format!("{}/v2/{repository}/blobs/{}", self.base, digest.oci());
         let request = Request::get(uri).body(Full::new(Bytes::new()))?;
         let response = self.client.request(request).await?;
@@ -139,13 +155,12 @@ impl RegistryTarget {
             response.status()
         );
         let mut body = response.into_body();
-        let mut pieces = Vec::new();
         while let Some(frame) = body.frame().await {
             if let Ok(data) = frame?.into_data() {
-                pieces.push(data);
+                receive(data)?;
             }
         }
-        Ok(pieces)
+        Ok(())
     }
 
     /// Pushes a one-layer image tagged `tag` and returns its manifest.

@@ -12,13 +12,15 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context};
 use bytes::Bytes;
 use clap::Parser;
+use kiln_loadtests::bytestream::Transfer;
 use kiln_loadtests::registry_http::{http_client, RegistryTarget};
-use kiln_loadtests::{bytestream, in_process, load, mb_per_s, median, reference, seed};
+use kiln_loadtests::{
+    bytestream, in_process, load, median, reference, seed, SameBytes,
+};
 use kiln_proto::bytestream::byte_stream_client::ByteStreamClient;
 use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
 use kiln_store::{Digest, DigestFunction};
 use rand::RngCore;
-use tonic::transport::Endpoint;
 
 #[derive(Parser)]
 struct Args {
@@ -38,6 +40,11 @@ struct Args {
     /// Seconds of iperf3 for the loopback reference.
     #[arg(long, default_value_t = 5)]
     iperf_seconds: u32,
+    /// The largest HTTP/2 frame the gRPC client accepts, in KiB [default: kiln's client's,
+    /// 1024]; 16 is HTTP/2's default, which clients that don't raise it (gRPC-Java's
+    /// Netty, so Bazel) get.
+    #[arg(long)]
+    client_max_frame_kib: Option<u32>,
     /// Seconds of sequential FindMissingBlobs calls.
     #[arg(long, default_value_t = 10)]
     find_missing_seconds: u64,
@@ -48,17 +55,26 @@ struct Limits {
     sha256: f64,
     blake3: f64,
     loopback: f64,
+    /// CPU ms per MB of loopback TCP alone (sender and receiver).
+    loopback_cpu: f64,
 }
 
-/// Medians over the runs, in MB/s (of the blob's own bytes, also when compressed).
+/// Every run of every path; MB/s are of the blob's own bytes, also when compressed.
 #[derive(Default)]
 struct Paths {
-    write: [Vec<f64>; 2],
-    read: [Vec<f64>; 2],
+    write: [Vec<Transfer>; 2],
+    read: [Vec<Transfer>; 2],
     zstd_write: Vec<f64>,
     zstd_read: Vec<f64>,
-    push: Vec<f64>,
-    pull: Vec<f64>,
+    push: Vec<Transfer>,
+    pull: Vec<Transfer>,
+}
+
+/// The median rate (MB/s) and the median CPU cost (ms per MB) of a path's runs.
+fn medians(runs: &[Transfer]) -> (f64, f64) {
+    let mut rates: Vec<f64> = runs.iter().map(|t| t.mb_per_s).collect();
+    let mut costs: Vec<f64> = runs.iter().map(|t| t.cpu_ms_per_mb).collect();
+    (median(&mut rates), median(&mut costs))
 }
 
 const FUNCTIONS: [DigestFunction; 2] = [DigestFunction::Sha256, DigestFunction::Blake3];
@@ -75,17 +91,19 @@ async fn main() -> anyhow::Result<()> {
     let mut base = vec![0u8; args.blob_mib << 20];
     rand::rng().fill_bytes(&mut base);
     let base = Bytes::from(base);
+    let (loopback, loopback_cpu) = reference::loopback_tcp_iperf3_costed(args.iperf_seconds)?;
     let limits = Limits {
         sha256: reference::raw_hash_speed(DigestFunction::Sha256, &base),
         blake3: reference::raw_hash_speed(DigestFunction::Blake3, &base),
-        loopback: reference::loopback_tcp_iperf3(args.iperf_seconds)?,
+        loopback,
+        loopback_cpu,
     };
     println!(
         "## Limits (same run)\n\n| limit | MB/s |\n|---|---|\n\
          | raw SHA-256 (sha2, 1 thread, best of 3) | {:.0} |\n\
          | raw BLAKE3 (blake3, 1 thread, best of 3) | {:.0} |\n\
-         | loopback TCP (iperf3, 1 stream, {} s) | {:.0} |",
-        limits.sha256, limits.blake3, args.iperf_seconds, limits.loopback
+         | loopback TCP (iperf3, 1 stream, {} s) | {:.0} ({:.2} CPU ms per MB, sender and receiver) |",
+        limits.sha256, limits.blake3, args.iperf_seconds, limits.loopback, limits.loopback_cpu
     );
     let mut stamp = 0u64;
     for dir in &dirs {
@@ -93,11 +111,12 @@ async fn main() -> anyhow::Result<()> {
             .with_context(|| format!("writing into {}", dir.display()))?;
         let server_dir = tempfile::tempdir_in(dir)?;
         let servers = in_process::coordinator_and_registry(server_dir.path()).await?;
-        let channel = Endpoint::from_shared(format!("http://{}", servers.grpc))?
-            .initial_stream_window_size(Some(16 << 20))
-            .initial_connection_window_size(Some(32 << 20))
-            .connect()
-            .await?;
+        // kiln's own client settings (the worker's and `kiln run`'s), frame size aside.
+        let mut endpoint = kiln_client::endpoint(&format!("grpc://{}", servers.grpc))?;
+        if let Some(kib) = args.client_max_frame_kib {
+            endpoint = endpoint.max_frame_size(kib << 10);
+        }
+        let channel = endpoint.connect().await?;
         let client = ByteStreamClient::new(channel.clone()).max_decoding_message_size(64 << 20);
         let registry = RegistryTarget {
             name: "kiln",
@@ -113,9 +132,9 @@ async fn main() -> anyhow::Result<()> {
                 stamp += 1;
                 let blob = fresh(&base, stamp);
                 let digest = Digest::of_bytes(function, &blob);
-                let (write, read) = bytestream::round_trip(&client, &blob, digest, chunk).await?;
-                paths.write[i].push(write);
-                paths.read[i].push(read);
+                let round_trip = bytestream::round_trip(&client, &blob, digest, chunk).await?;
+                paths.write[i].push(round_trip.write);
+                paths.read[i].push(round_trip.read);
             }
             stamp += 1;
             let blob = compressible(&base, stamp);
@@ -129,15 +148,16 @@ async fn main() -> anyhow::Result<()> {
             stamp += 1;
             let blob = fresh(&base, stamp);
             let digest = Digest::of_bytes(DigestFunction::Sha256, &blob);
-            let start = Instant::now();
-            registry.push_blob("bench/bulk", blob, &digest).await?;
-            paths.push.push(mb_per_s(digest.size, start.elapsed()));
-            let start = Instant::now();
-            let pieces = registry.pull_blob("bench/bulk", &digest).await?;
-            paths.pull.push(mb_per_s(digest.size, start.elapsed()));
-            let mut hasher = DigestFunction::Sha256.hasher();
-            pieces.iter().for_each(|p| hasher.update(p));
-            ensure!(hasher.finalize() == digest.hash, "pulled different bytes");
+            let (start, cpu) = (Instant::now(), load::process_cpu_time());
+            registry.push_blob("bench/bulk", blob.clone(), &digest).await?;
+            paths.push.push(Transfer::since(start, cpu, digest.size));
+            let (start, cpu) = (Instant::now(), load::process_cpu_time());
+            let mut content = SameBytes::new(&blob);
+            registry
+                .pull_blob_with("bench/bulk", &digest, |piece| content.check(&piece))
+                .await?;
+            paths.pull.push(Transfer::since(start, cpu, digest.size));
+            content.finish()?;
         }
 
         let cas = ContentAddressableStorageClient::new(channel.clone());
@@ -176,15 +196,18 @@ fn report(
     mut paths: Paths,
     find_missing: &load::LoadSummary,
 ) {
-    let pull = median(&mut paths.pull);
-    let push = median(&mut paths.push);
+    let (pull, pull_cpu) = medians(&paths.pull);
+    let (push, push_cpu) = medians(&paths.push);
     println!(
         "\n## {} (durable write + fsync of {} MiB: {disk:.0} MB/s), medians of {}\n",
         dir.display(),
         args.blob_mib,
         args.runs
     );
-    println!("| path | MB/s | limit | of the limit | goal |\n|---|---|---|---|---|");
+    println!(
+        "| path | MB/s | CPU ms per MB (client and server) | limit | of the limit | goal |\n\
+         |---|---|---|---|---|---|"
+    );
     let write_limit = |raw: f64, hash: &str| {
         let (limit, name) = [
             (raw, hash),
@@ -205,24 +228,24 @@ fn report(
         .zip([limits.sha256, limits.blake3])
         .enumerate()
     {
-        let write = median(&mut paths.write[i]);
+        let (write, cpu) = medians(&paths.write[i]);
         let (limit, named) = write_limit(raw, &format!("raw {function}"));
         println!(
-            "| ByteStream Write, {function} | {write:.0} | {named} | {:.0}% | {} |",
+            "| ByteStream Write, {function} | {write:.0} | {cpu:.2} | {named} | {:.0}% | {} |",
             100.0 * write / limit,
             verdict(write / limit, 0.7)
         );
     }
     let (limit, named) = write_limit(limits.sha256, "raw sha256");
     println!(
-        "| registry push, monolithic, sha256 | {push:.0} | {named} | {:.0}% | {} |",
+        "| registry push, monolithic, sha256 | {push:.0} | {push_cpu:.2} | {named} | {:.0}% | {} |",
         100.0 * push / limit,
         verdict(push / limit, 0.7)
     );
     for (i, function) in FUNCTIONS.into_iter().enumerate() {
-        let read = median(&mut paths.read[i]);
+        let (read, cpu) = medians(&paths.read[i]);
         println!(
-            "| ByteStream Read, {function} | {read:.0} | registry pull {pull:.0} / loopback {:.0} | {:.0}% / {:.0}% | {} / {} |",
+            "| ByteStream Read, {function} | {read:.0} | {cpu:.2} | registry pull {pull:.0} / loopback {:.0} | {:.0}% / {:.0}% | {} / {} |",
             limits.loopback,
             100.0 * read / pull,
             100.0 * read / limits.loopback,
@@ -231,15 +254,15 @@ fn report(
         );
     }
     println!(
-        "| registry pull | {pull:.0} | loopback {:.0} | {:.0}% | — |",
+        "| registry pull | {pull:.0} | {pull_cpu:.2} | loopback {:.0} | {:.0}% | — |",
         limits.loopback,
         100.0 * pull / limits.loopback
     );
     let zstd_write = median(&mut paths.zstd_write);
     let zstd_read = median(&mut paths.zstd_read);
     println!(
-        "| ByteStream Write, zstd compressed-blobs (2:1 data) | {zstd_write:.0} | — | — | kept working |\n\
-         | ByteStream Read, zstd compressed-blobs (2:1 data) | {zstd_read:.0} | — | — | kept working |"
+        "| ByteStream Write, zstd compressed-blobs (2:1 data) | {zstd_write:.0} | — | — | — | kept working |\n\
+         | ByteStream Read, zstd compressed-blobs (2:1 data) | {zstd_read:.0} | — | — | — | kept working |"
     );
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!(

@@ -89,7 +89,8 @@ async fn main() -> anyhow::Result<()> {
             digest,
             args.chunk_kib << 10,
         )
-        .await?;
+        .await?
+        .rates();
         println!(
             "| {function} | {write:.0} | {:.0}% | {:.0}% | {read:.0} | {:.0}% |",
             100.0 * write / raw,

@@ -228,7 +228,9 @@ async fn main() -> anyhow::Result<()> {
             let client = ByteStreamClient::new(channel.clone()).max_decoding_message_size(64 << 20);
             let span = CpuSpan::start(garage_pid);
             let (w, r) =
-                kiln_loadtests::bytestream::round_trip(&client, &data, digest, 1 << 20).await?;
+                kiln_loadtests::bytestream::round_trip(&client, &data, digest, 1 << 20)
+                    .await?
+                    .rates();
             if index == 0 {
                 cpu[1].push(span.stop());
             }
