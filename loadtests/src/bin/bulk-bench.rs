@@ -14,9 +14,7 @@ use bytes::Bytes;
 use clap::Parser;
 use kiln_loadtests::bytestream::Transfer;
 use kiln_loadtests::registry_http::{http_client, RegistryTarget};
-use kiln_loadtests::{
-    bytestream, in_process, load, median, reference, seed, SameBytes,
-};
+use kiln_loadtests::{bytestream, in_process, load, median, reference, seed, SameBytes};
 use kiln_proto::bytestream::byte_stream_client::ByteStreamClient;
 use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
 use kiln_store::{Digest, DigestFunction};
@@ -149,7 +147,9 @@ async fn main() -> anyhow::Result<()> {
             let blob = fresh(&base, stamp);
             let digest = Digest::of_bytes(DigestFunction::Sha256, &blob);
             let (start, cpu) = (Instant::now(), load::process_cpu_time());
-            registry.push_blob("bench/bulk", blob.clone(), &digest).await?;
+            registry
+                .push_blob("bench/bulk", blob.clone(), &digest)
+                .await?;
             paths.push.push(Transfer::since(start, cpu, digest.size));
             let (start, cpu) = (Instant::now(), load::process_cpu_time());
             let mut content = SameBytes::new(&blob);

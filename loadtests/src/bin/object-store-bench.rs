@@ -227,10 +227,9 @@ async fn main() -> anyhow::Result<()> {
         for (index, channel) in [&cold, &tiered, &files].into_iter().enumerate() {
             let client = ByteStreamClient::new(channel.clone()).max_decoding_message_size(64 << 20);
             let span = CpuSpan::start(garage_pid);
-            let (w, r) =
-                kiln_loadtests::bytestream::round_trip(&client, &data, digest, 1 << 20)
-                    .await?
-                    .rates();
+            let (w, r) = kiln_loadtests::bytestream::round_trip(&client, &data, digest, 1 << 20)
+                .await?
+                .rates();
             if index == 0 {
                 cpu[1].push(span.stop());
             }

@@ -189,7 +189,17 @@ async fn read_all_small_and_large_blobs() {
 #[tokio::test]
 async fn chunks_of_every_size_land_in_order() {
     let (_dir, store) = store();
-    let sizes = [1, 3 << 20, 7, 65 << 10, (64 << 10) - 1, 1 << 20, 100, 2 << 20, 5];
+    let sizes = [
+        1,
+        3 << 20,
+        7,
+        65 << 10,
+        (64 << 10) - 1,
+        1 << 20,
+        100,
+        2 << 20,
+        5,
+    ];
     let data = pattern(sizes.iter().sum());
     let digest = Digest::of_bytes(DigestFunction::Blake3, &data);
     let mut writer = store
@@ -198,7 +208,10 @@ async fn chunks_of_every_size_land_in_order() {
         .unwrap();
     let mut offset = 0;
     for (i, size) in sizes.iter().enumerate() {
-        writer.write(data.slice(offset..offset + size)).await.unwrap();
+        writer
+            .write(data.slice(offset..offset + size))
+            .await
+            .unwrap();
         offset += size;
         if i == sizes.len() / 2 {
             // Dropped mid-upload: what was accepted is kept, and a new writer resumes.
