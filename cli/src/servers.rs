@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use axum::http::StatusCode;
@@ -20,6 +21,14 @@ const STORE_BYTES: &str = "kiln_store_bytes";
 /// Open TLS connections per client address on `/metrics`: a scraper and the probes need
 /// a handful; the bound keeps handshakes from one address from piling up.
 const METRICS_CONNECTIONS_PER_ADDRESS: usize = 32;
+/// How long `kiln up`'s local workers may drain on shutdown unless `worker.drain_timeout_secs`
+/// says otherwise: nothing else bounds the shutdown of a process started by hand or by CI
+/// (a `kiln worker` has its orchestrator's grace period).
+const LOCAL_DRAIN_TIMEOUT_SECS: u64 = 30;
+/// Past their drain timeout, local workers still report their cancelled actions and wait
+/// for the coordinator to close their streams (5 s at most); this covers that, and an
+/// action that cancelling cannot stop at once (fetching its inputs, uploading outputs).
+const LOCAL_DRAIN_SLACK: Duration = Duration::from_secs(10);
 
 /// Installs the process-wide Prometheus recorder, with real histogram buckets for
 /// kiln's histograms (the exporter's default would render them as summaries, which
@@ -80,6 +89,12 @@ impl MetricsSources {
 pub struct Servers {
     tasks: JoinSet<anyhow::Result<()>>,
     shutdown: CancellationToken,
+    /// `kiln up`'s local workers. They stop first, on `drain`, while the coordinator still
+    /// runs to take their results; `shutdown` follows once they have, or after
+    /// `local_drain` (their drain timeout and some slack).
+    local_workers: JoinSet<anyhow::Result<()>>,
+    drain: CancellationToken,
+    local_drain: Duration,
     /// Each listener's bound address, by name, for `--ready-file`.
     addresses: std::collections::BTreeMap<&'static str, SocketAddr>,
     /// The process's one readiness, which every `/readyz` answers from: set once every
@@ -92,6 +107,9 @@ impl Servers {
         Servers {
             tasks: JoinSet::new(),
             shutdown: CancellationToken::new(),
+            local_workers: JoinSet::new(),
+            drain: CancellationToken::new(),
+            local_drain: Duration::ZERO,
             addresses: Default::default(),
             ready: watch::channel(false).0,
         }
@@ -305,7 +323,8 @@ impl Servers {
     }
 
     /// Starts `count` workers in this process, each with its own work directory, joining
-    /// with the configuration's join token.
+    /// with the configuration's join token. On shutdown they drain within
+    /// `worker.drain_timeout_secs` (30 s unless set) before the coordinator stops.
     pub fn start_local_workers(
         &mut self,
         config: &KilnConfig,
@@ -331,14 +350,17 @@ impl Servers {
             if worker.worker_id.is_empty() {
                 worker.worker_id = format!("local-{index}");
             }
-            let shutdown = self.shutdown.clone();
-            self.tasks.spawn(async move {
-                let stopping = shutdown.clone().cancelled_owned();
-                kiln_worker::run(worker, stopping)
+            let timeout = *worker
+                .drain_timeout_secs
+                .get_or_insert(LOCAL_DRAIN_TIMEOUT_SECS);
+            self.local_drain = Duration::from_secs(timeout) + LOCAL_DRAIN_SLACK;
+            let drain = self.drain.clone();
+            self.local_workers.spawn(async move {
+                kiln_worker::run(worker, drain.clone().cancelled_owned())
                     .await
                     .context("local worker")?;
                 // Drained on request: the farm goes on without it.
-                shutdown.cancelled().await;
+                drain.cancelled().await;
                 Ok(())
             });
         }
@@ -366,7 +388,8 @@ impl Servers {
         });
     }
 
-    /// Waits for Ctrl-C or SIGTERM, or for a server to stop on its own, then stops all.
+    /// Waits for Ctrl-C or SIGTERM, or for a server to stop on its own, then stops all:
+    /// local workers first (within their drain timeout), then the servers.
     pub async fn run_until_signalled(mut self) -> anyhow::Result<()> {
         let first = tokio::select! {
             _ = shutdown_signal() => {
@@ -374,11 +397,27 @@ impl Servers {
                 None
             }
             Some(result) = self.tasks.join_next() => Some(result),
+            // A local worker ends early only when it fails.
+            Some(result) = self.local_workers.join_next() => Some(result),
         };
         // Not ready from here on: load balancers stop sending work while streams end.
         self.ready.send_replace(false);
         // A task that finished its work on purpose (a drained worker) cancelled first.
         let stopped_on_purpose = self.shutdown.is_cancelled();
+        // Local workers take no new work and finish what runs while the coordinator can
+        // still take the results. One that is still at it past the bound loses its
+        // coordinator below, and then ends at once, cancelling what it runs.
+        self.drain.cancel();
+        let mut drained = Ok(());
+        if !self.local_workers.is_empty() {
+            let workers = join_all(&mut self.local_workers, &mut drained);
+            if tokio::time::timeout(self.local_drain, workers)
+                .await
+                .is_err()
+            {
+                tracing::warn!(bound = ?self.local_drain, "local workers still draining: stopping the coordinator under them");
+            }
+        }
         self.shutdown.cancel();
         let mut outcome = match first {
             Some(result) => flatten(result).and_then(|()| {
@@ -390,12 +429,21 @@ impl Servers {
             }),
             None => Ok(()),
         };
-        while let Some(result) = self.tasks.join_next().await {
-            if let Err(e) = flatten(result) {
-                outcome = outcome.and(Err(e));
+        outcome = outcome.and(drained);
+        join_all(&mut self.tasks, &mut outcome).await;
+        join_all(&mut self.local_workers, &mut outcome).await;
+        outcome
+    }
+}
+
+/// Waits for every task of `tasks`, adding their failures to `outcome`.
+async fn join_all(tasks: &mut JoinSet<anyhow::Result<()>>, outcome: &mut anyhow::Result<()>) {
+    while let Some(result) = tasks.join_next().await {
+        if let Err(e) = flatten(result) {
+            if outcome.is_ok() {
+                *outcome = Err(e);
             }
         }
-        outcome
     }
 }
 

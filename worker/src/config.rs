@@ -69,6 +69,10 @@ pub struct WorkerConfig {
     pub heartbeat_interval_secs: u64,
     /// Timeout for actions whose Assign and Action carry none, in seconds.
     pub default_timeout_secs: u64,
+    /// On shutdown, how long running actions may take to finish before they are cancelled
+    /// (and reported so), in seconds. Unset, `kiln worker` waits for them: its
+    /// orchestrator's grace period bounds it. `kiln up`'s local workers give them 30 s.
+    pub drain_timeout_secs: Option<u64>,
     /// RLIMIT_NOFILE for actions: the most open files per process.
     pub max_open_files: u64,
     /// RLIMIT_AS for actions, in bytes; 0 leaves it unlimited.
@@ -116,6 +120,7 @@ impl Default for WorkerConfig {
             worker_id: String::new(),
             heartbeat_interval_secs: 1,
             default_timeout_secs: 3600,
+            drain_timeout_secs: None,
             max_open_files: 8192,
             max_memory_bytes: 0,
             max_file_bytes: 0,
@@ -168,6 +173,10 @@ impl WorkerConfig {
 
     pub fn default_timeout(&self) -> Duration {
         Duration::from_secs(self.default_timeout_secs.max(1))
+    }
+
+    pub fn drain_timeout(&self) -> Option<Duration> {
+        self.drain_timeout_secs.map(Duration::from_secs)
     }
 }
 

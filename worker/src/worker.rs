@@ -39,8 +39,10 @@ const REGISTER_TIMEOUT: Duration = Duration::from_secs(15);
 const SILENT_INTERVALS: u32 = 3;
 
 /// Runs a worker until `shutdown` resolves (then drains: no new work, running actions
-/// finish and report) or the coordinator sends Drain. Returns an error only for faults
-/// reconnecting cannot fix: bad configuration, or the coordinator refusing the worker.
+/// finish and report, within `drain_timeout_secs` if set) or the coordinator sends Drain.
+/// Told to shut down while the coordinator is unreachable, it cancels what runs and ends.
+/// Returns an error only for faults reconnecting cannot fix: bad configuration, or the
+/// coordinator refusing the worker.
 pub async fn run(
     config: WorkerConfig,
     shutdown: impl Future<Output = ()>,
@@ -72,6 +74,10 @@ pub async fn run_reporting(
         match session {
             Ok(()) => return Ok(()),
             Err(error @ (WorkerError::Rejected(_) | WorkerError::Config(_))) => return Err(error),
+            Err(error) if worker.shutdown_seen => {
+                worker.abandon(&error);
+                return Ok(());
+            }
             Err(error) => {
                 if worker.registered_once {
                     backoff = MIN_BACKOFF;
@@ -79,6 +85,7 @@ pub async fn run_reporting(
                 }
                 tracing::warn!(%error, retry_in = ?backoff, "lost the coordinator");
                 if worker.wait_to_reconnect(backoff, &mut shutdown).await {
+                    worker.abandon(&error);
                     return Ok(());
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -105,6 +112,10 @@ struct Worker {
     results_rx: mpsc::UnboundedReceiver<proto::LeaseResult>,
     draining: bool,
     shutdown_seen: bool,
+    /// How long a drain on shutdown may last, and when the current one must end: past it,
+    /// running actions are cancelled, so that their results still reach the coordinator.
+    drain_timeout: Option<Duration>,
+    drain_deadline: Option<tokio::time::Instant>,
     /// Set on each successful Register, so a worker that was connected retries quickly.
     registered_once: bool,
     /// The highest leader epoch an Assign has carried: in a farm, an Assign from a lower
@@ -196,6 +207,8 @@ impl Worker {
             results_rx,
             draining: false,
             shutdown_seen: false,
+            drain_timeout: config.drain_timeout(),
+            drain_deadline: None,
             registered_once: false,
             leader_epoch: 0,
         })
@@ -231,6 +244,29 @@ impl Worker {
         if !self.draining {
             tracing::info!(running = self.running.len(), "draining");
             self.draining = true;
+        }
+    }
+
+    fn start_shutdown(&mut self) {
+        self.shutdown_seen = true;
+        self.drain_deadline = self
+            .drain_timeout
+            .map(|timeout| tokio::time::Instant::now() + timeout);
+        self.start_draining();
+    }
+
+    /// Ends the worker without its coordinator: what still runs is cancelled, and the
+    /// results nobody can receive are dropped (the coordinator requeues the leases of a
+    /// worker that does not come back).
+    fn abandon(&mut self, error: &WorkerError) {
+        let leases: Vec<&String> = self.running.keys().collect();
+        if leases.is_empty() {
+            tracing::info!(%error, "shutting down without the coordinator");
+        } else {
+            tracing::warn!(%error, ?leases, "shutting down without the coordinator: abandoning these leases");
+        }
+        for token in self.running.values() {
+            token.cancel();
         }
     }
 
@@ -316,9 +352,17 @@ impl Worker {
             }
             tokio::select! {
                 _ = shutdown.as_mut(), if !self.shutdown_seen => {
-                    self.shutdown_seen = true;
-                    self.start_draining();
+                    self.start_shutdown();
                     send(self.heartbeat()).await?;
+                }
+                () = sleep_until(self.drain_deadline) => {
+                    // Cancelled actions report at once, so the drain ends while the
+                    // coordinator is still there to hear it.
+                    tracing::warn!(running = self.running.len(), "the drain timeout passed: cancelling the actions still running");
+                    self.drain_deadline = None;
+                    for token in self.running.values() {
+                        token.cancel();
+                    }
                 }
                 () = tokio::time::sleep_until(last_heard + silence_limit), if acks_heartbeats => {
                     return Err(WorkerError::Protocol(format!(
@@ -422,34 +466,30 @@ impl Worker {
         None
     }
 
-    /// Waits out a reconnect backoff while still collecting results. Returns true when
-    /// the worker should stop (shutdown arrived and nothing is left to report).
+    /// Waits out a reconnect backoff. Returns true when shutdown arrives meanwhile: the
+    /// worker then stops rather than reconnect, since the coordinator may never come back
+    /// (`kiln up` stops its own) and finished leases leave `running` only once a stream
+    /// takes their results, so waiting for it to empty could last forever.
     async fn wait_to_reconnect<S: Future<Output = ()>>(
         &mut self,
         backoff: Duration,
         shutdown: &mut Pin<&mut S>,
     ) -> bool {
-        // Shutdown seen while the stream was up (draining) and nothing left to run: there
-        // is nothing to reconnect for. Without this the shutdown branch below stays
-        // disabled and a draining worker whose coordinator went away retried forever.
-        if self.shutdown_seen && self.running.is_empty() {
-            return true;
-        }
-        let sleep = tokio::time::sleep(backoff);
-        tokio::pin!(sleep);
-        loop {
-            tokio::select! {
-                _ = &mut sleep => return false,
-                _ = shutdown.as_mut(), if !self.shutdown_seen => {
-                    self.shutdown_seen = true;
-                    self.start_draining();
-                    if self.running.is_empty() {
-                        // Nothing runs; results of earlier leases cannot be delivered.
-                        return true;
-                    }
-                }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => false,
+            () = shutdown.as_mut() => {
+                self.start_shutdown();
+                true
             }
         }
+    }
+}
+
+/// Resolves at `deadline`, or never without one.
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -4,6 +4,7 @@
 mod object_storage;
 mod operator_view;
 mod registry_blobs;
+mod shutdown;
 mod support;
 mod tls_metrics;
 mod worker_sandbox;

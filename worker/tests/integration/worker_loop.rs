@@ -25,6 +25,15 @@ struct RunningWorker {
 
 impl RunningWorker {
     fn start(coordinator: &TestCoordinator, cas: &TestCas, join_token: &str) -> Self {
+        Self::start_with(coordinator, cas, join_token, None)
+    }
+
+    fn start_with(
+        coordinator: &TestCoordinator,
+        cas: &TestCas,
+        join_token: &str,
+        drain_timeout_secs: Option<u64>,
+    ) -> Self {
         let work_dir = tempfile::tempdir().unwrap();
         let config = WorkerConfig {
             coordinator: coordinator.url().replace("http://", "grpc://"),
@@ -35,6 +44,7 @@ impl RunningWorker {
             work_dir: work_dir.path().to_path_buf(),
             sandbox: SandboxMode::None,
             worker_id: "loop-worker".into(),
+            drain_timeout_secs,
             ..WorkerConfig::default()
         };
         let (shutdown, signal) = oneshot::channel::<()>();
@@ -297,4 +307,103 @@ async fn an_assign_from_a_deposed_leader_is_refused() -> anyhow::Result<()> {
     worker.shut_down();
     worker.exit().await?;
     Ok(())
+}
+
+/// A worker told to shut down whose coordinator is gone, in either order, ends within
+/// seconds and kills the action it was running: it does not wait for a coordinator that
+/// may never come back (`kiln up` stops its own right after its workers). It once
+/// retried every 10 s forever, the finished lease never leaving its running set.
+#[tokio::test]
+async fn a_worker_told_to_stop_without_its_coordinator_cancels_what_runs_and_ends(
+) -> anyhow::Result<()> {
+    let cas = TestCas::start(DigestFunction::Sha256).await?;
+    for coordinator_goes_first in [false, true] {
+        let mut coordinator = TestCoordinator::start(TOKEN).await;
+        let mut worker = RunningWorker::start(&coordinator, &cas, TOKEN);
+        coordinator.registered().await;
+        let dir = tempfile::tempdir()?;
+        let pid_file = dir.path().join("pid");
+        let script = format!("echo $$ > '{}'; exec sleep 60", pid_file.display());
+        let action = put_action(&cas, &ActionSpec::shell(&script)).await;
+        coordinator.send(assign("lease-1", action, None)).await;
+        let pid = wait_for_pid(&pid_file).await;
+
+        if coordinator_goes_first {
+            drop(coordinator);
+            // Shutdown finds the worker waiting to reconnect.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            worker.shut_down();
+        } else {
+            worker.shut_down();
+            coordinator
+                .wait_for(|e| match e {
+                    Event::Heartbeat(h) if h.draining => Some(()),
+                    _ => None,
+                })
+                .await;
+            drop(coordinator);
+        }
+        let stopping = tokio::time::Instant::now();
+        worker.exit().await?;
+        assert!(
+            stopping.elapsed() < Duration::from_secs(5),
+            "coordinator gone first: {coordinator_goes_first}; took {:?}",
+            stopping.elapsed()
+        );
+        // The action's process was killed (and reaped), not left running.
+        let proc = std::path::PathBuf::from(format!("/proc/{pid}"));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while proc.exists() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the action still runs"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    Ok(())
+}
+
+/// With `drain_timeout_secs`, a drain on shutdown lasts that long: then what still runs
+/// is cancelled, the coordinator hears so (CANCELLED), and the worker ends.
+#[tokio::test]
+async fn past_its_drain_timeout_a_worker_cancels_what_runs_and_reports_it() -> anyhow::Result<()> {
+    let cas = TestCas::start(DigestFunction::Sha256).await?;
+    let mut coordinator = TestCoordinator::start(TOKEN).await;
+    let mut worker = RunningWorker::start_with(&coordinator, &cas, TOKEN, Some(1));
+    coordinator.registered().await;
+    let gates = tempfile::tempdir()?;
+    let action = put_action(&cas, &gated(&gates.path().join("never"), "finished")).await;
+    coordinator.send(assign("lease-1", action, None)).await;
+    coordinator.running(&["lease-1"]).await;
+    worker.shut_down();
+    let stopping = tokio::time::Instant::now();
+    let result = coordinator.result().await;
+    assert_eq!(result.lease_id, "lease-1");
+    assert_eq!(code(&result), Code::Cancelled);
+    let waited = stopping.elapsed();
+    assert!(
+        (Duration::from_millis(900)..Duration::from_secs(10)).contains(&waited),
+        "cancelled after {waited:?}"
+    );
+    worker.exit().await?;
+    Ok(())
+}
+
+/// The pid an action wrote to `file`, once it has (within 20 s).
+async fn wait_for_pid(file: &std::path::Path) -> u32 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(pid) = std::fs::read_to_string(file)
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+        {
+            return pid;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the action did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
