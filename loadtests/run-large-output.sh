@@ -46,8 +46,8 @@ cleanup() {
   local status=$?
   if [ -n "$poller_pid" ]; then kill "$poller_pid" 2>/dev/null || true; wait "$poller_pid" 2>/dev/null || true; fi
   if [ -n "$up_pid" ]; then
-    # SIGTERM, then SIGKILL after 30 s: a `kiln up` stopped while a local worker holds an
-    # action does not exit by itself (its worker retries the coordinator it shut down).
+    # SIGTERM, then SIGKILL after 30 s should `kiln up` not exit (its local workers drain
+    # within worker.drain_timeout_secs, 30 s, before the coordinator stops).
     kill "$up_pid" 2>/dev/null || true
     for _ in $(seq 300); do kill -0 "$up_pid" 2>/dev/null || break; sleep 0.1; done
     if kill -0 "$up_pid" 2>/dev/null; then

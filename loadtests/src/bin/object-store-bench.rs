@@ -30,7 +30,7 @@ use kiln_testkit::{Garage, GARAGE_BUCKET};
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, WriteMultipart};
 use rand::RngCore;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 #[derive(Parser)]
 struct Args {
@@ -97,9 +97,8 @@ async fn serve_cas(blobs: Arc<dyn BlobStore>) -> anyhow::Result<Channel> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(coordinator.serve(listener, futures::future::pending()));
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
-        .initial_stream_window_size(Some(16 << 20))
-        .initial_connection_window_size(Some(32 << 20))
+    // kiln's own client settings: the workers' and `kiln run`'s windows and frame size.
+    Ok(kiln_client::endpoint(&format!("grpc://{addr}"))?
         .connect()
         .await?)
 }
