@@ -14,16 +14,23 @@ use crate::{ClientError, Result};
 const RETRIES: u32 = 6;
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 
+/// What tonic's decoder says when a response stream ends in the middle of a message: the
+/// connection (or a balancer's backend connection) was cut mid-call, not a server error.
+const CUT_MID_MESSAGE: &str = "Unexpected EOF decoding stream";
+
 /// Statuses after which the same call may succeed: the server was restarting, was
 /// overloaded, or the connection broke mid-call.
 pub(crate) fn is_transient(status: &tonic::Status) -> bool {
-    matches!(
-        status.code(),
+    match status.code() {
         tonic::Code::Unavailable
-            | tonic::Code::Unknown
-            | tonic::Code::Aborted
-            | tonic::Code::ResourceExhausted
-    )
+        | tonic::Code::Unknown
+        | tonic::Code::Aborted
+        | tonic::Code::ResourceExhausted => true,
+        // tonic reports a stream cut mid-message as INTERNAL; a replica killed behind
+        // HAProxy during a ByteStream read ends that way (farm_faults.sh).
+        tonic::Code::Internal => status.message().starts_with(CUT_MID_MESSAGE),
+        _ => false,
+    }
 }
 
 impl ClientError {
@@ -61,6 +68,16 @@ mod tests {
 
     fn failing(code: tonic::Code) -> ClientError {
         ClientError::rpc("Test", tonic::Status::new(code, "no"))
+    }
+
+    #[test]
+    fn a_stream_cut_mid_message_is_transient_and_other_internal_errors_are_not() {
+        let cut = tonic::Status::internal("Unexpected EOF decoding stream.");
+        assert!(is_transient(&cut));
+        assert!(!is_transient(&tonic::Status::internal("the server broke")));
+        assert!(!is_transient(&tonic::Status::invalid_argument(
+            "Unexpected EOF decoding stream."
+        )));
     }
 
     #[tokio::test(start_paused = true)]
