@@ -94,23 +94,24 @@ impl RemoteCas {
         let (requests, bytes) = batch_requests(&batch).await?;
         // The first attempt sends what was read; only a retry (rare) reads the sources
         // again, rather than every attempt copying up to a whole batch of bytes.
-        let first_attempt = std::sync::Mutex::new(Some(requests));
+        let mut unsent = Some(requests);
         let batch = &batch;
-        let first_attempt = &first_attempt;
-        let response = retrying(move || async move {
-            let unsent = first_attempt.lock().expect("never poisoned").take();
-            let requests = match unsent {
-                Some(requests) => requests,
-                None => batch_requests(batch).await?.0,
-            };
-            self.cas()
-                .batch_update_blobs(self.request(reapi::BatchUpdateBlobsRequest {
-                    instance_name: self.instance_name.clone(),
-                    requests,
-                    digest_function: self.function.reapi_value(),
-                }))
-                .await
-                .map_err(|s| ClientError::rpc("BatchUpdateBlobs", s))
+        let response = retrying(move || {
+            let first = unsent.take();
+            async move {
+                let requests = match first {
+                    Some(requests) => requests,
+                    None => batch_requests(batch).await?.0,
+                };
+                self.cas()
+                    .batch_update_blobs(self.request(reapi::BatchUpdateBlobsRequest {
+                        instance_name: self.instance_name.clone(),
+                        requests,
+                        digest_function: self.function.reapi_value(),
+                    }))
+                    .await
+                    .map_err(|s| ClientError::rpc("BatchUpdateBlobs", s))
+            }
         })
         .await?
         .into_inner();

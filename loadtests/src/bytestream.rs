@@ -118,18 +118,10 @@ pub async fn round_trip(
 
     let (start, cpu) = (Instant::now(), crate::load::process_cpu_time());
     let mut content = crate::SameBytes::new(data);
-    let mut stream = client
-        .clone()
-        .read(ReadRequest {
-            resource_name: ResourceName::read("", digest).to_string(),
-            read_offset: 0,
-            read_limit: 0,
-        })
-        .await?
-        .into_inner();
-    while let Some(response) = stream.next().await {
-        content.check(&response?.data)?;
-    }
+    download(client, &ResourceName::read("", digest), |piece| {
+        content.check(&piece)
+    })
+    .await?;
     let read = Transfer::since(start, cpu, digest.size);
     content.finish()?;
     Ok(RoundTrip { write, read })
@@ -164,11 +156,18 @@ pub async fn compressed_round_trip(
     );
 
     let start = Instant::now();
-    let pieces = download(client, &compress(ResourceName::read("", digest))).await?;
+    let mut wire = Vec::new();
+    download(client, &compress(ResourceName::read("", digest)), |piece| {
+        wire.extend_from_slice(&piece);
+        Ok(())
+    })
+    .await?;
     let read = crate::mb_per_s(digest.size, start.elapsed());
-    let wire: Vec<u8> = pieces.concat();
     let blob = zstd::decode_all(&wire[..])?;
-    check_content(digest, std::iter::once(&blob[..]))?;
+    anyhow::ensure!(
+        Digest::of_bytes(digest.function, &blob) == digest,
+        "read back different bytes"
+    );
     Ok((write, read))
 }
 
@@ -196,11 +195,12 @@ async fn upload(
         .committed_size)
 }
 
-/// Reads a resource whole, keeping the pieces as they arrived.
+/// Reads a resource whole, handing each piece to `receive` as it arrives.
 async fn download(
     client: &ByteStreamClient<Channel>,
     name: &ResourceName,
-) -> Result<Vec<bytes::Bytes>, tonic::Status> {
+    mut receive: impl FnMut(bytes::Bytes) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     let mut stream = client
         .clone()
         .read(ReadRequest {
@@ -210,23 +210,8 @@ async fn download(
         })
         .await?
         .into_inner();
-    let mut pieces = Vec::new();
     while let Some(response) = stream.next().await {
-        pieces.push(response?.data);
+        receive(response?.data)?;
     }
-    Ok(pieces)
-}
-
-fn check_content<'a>(digest: Digest, pieces: impl Iterator<Item = &'a [u8]>) -> anyhow::Result<()> {
-    let mut hasher = digest.function.hasher();
-    let mut received = 0u64;
-    for piece in pieces {
-        hasher.update(piece);
-        received += piece.len() as u64;
-    }
-    anyhow::ensure!(
-        hasher.finalize() == digest.hash && received == digest.size,
-        "read back different bytes"
-    );
     Ok(())
 }

@@ -265,6 +265,10 @@ impl Worker {
         } else {
             tracing::warn!(%error, ?leases, "shutting down without the coordinator: abandoning these leases");
         }
+        self.cancel_running();
+    }
+
+    fn cancel_running(&self) {
         for token in self.running.values() {
             token.cancel();
         }
@@ -360,9 +364,7 @@ impl Worker {
                     // coordinator is still there to hear it.
                     tracing::warn!(running = self.running.len(), "the drain timeout passed: cancelling the actions still running");
                     self.drain_deadline = None;
-                    for token in self.running.values() {
-                        token.cancel();
-                    }
+                    self.cancel_running();
                 }
                 () = tokio::time::sleep_until(last_heard + silence_limit), if acks_heartbeats => {
                     return Err(WorkerError::Protocol(format!(

@@ -92,7 +92,6 @@ impl WriteState {
 fn write_all_pieces(file: &mut File, pieces: &[Bytes]) -> io::Result<()> {
     let mut slices: Vec<io::IoSlice> = pieces.iter().map(|p| io::IoSlice::new(p)).collect();
     let mut slices = &mut slices[..];
-    io::IoSlice::advance_slices(&mut slices, 0);
     while !slices.is_empty() {
         match file.write_vectored(slices) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),

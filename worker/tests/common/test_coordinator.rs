@@ -257,6 +257,15 @@ impl TestCoordinator {
         .await
     }
 
+    /// Waits for a heartbeat saying the worker is draining.
+    pub async fn draining(&mut self) {
+        self.wait_for(|e| match e {
+            Event::Heartbeat(h) if h.draining => Some(()),
+            _ => None,
+        })
+        .await
+    }
+
     pub async fn registered(&mut self) -> proto::Register {
         self.wait_for(|e| match e {
             Event::Registered(r) => Some(r),

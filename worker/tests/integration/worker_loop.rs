@@ -185,12 +185,7 @@ async fn a_worker_registers_runs_assignments_and_drains_on_shutdown() -> anyhow:
     coordinator.send(assign("lease-4", finishing, None)).await;
     coordinator.running(&["lease-4"]).await;
     worker.shut_down();
-    coordinator
-        .wait_for(|e| match e {
-            Event::Heartbeat(h) if h.draining => Some(()),
-            _ => None,
-        })
-        .await;
+    coordinator.draining().await;
     coordinator.send(assign("lease-5", hello, None)).await;
     let refused = coordinator.result().await;
     assert_eq!(refused.lease_id, "lease-5");
@@ -335,12 +330,7 @@ async fn a_worker_told_to_stop_without_its_coordinator_cancels_what_runs_and_end
             worker.shut_down();
         } else {
             worker.shut_down();
-            coordinator
-                .wait_for(|e| match e {
-                    Event::Heartbeat(h) if h.draining => Some(()),
-                    _ => None,
-                })
-                .await;
+            coordinator.draining().await;
             drop(coordinator);
         }
         let stopping = tokio::time::Instant::now();
