@@ -6,9 +6,10 @@
 //! - compare-and-swap is one conditional statement (`INSERT … ON CONFLICT DO NOTHING`
 //!   for "absent", `UPDATE`/`DELETE … WHERE value = expected` otherwise), so two replicas
 //!   racing on one key never both win;
-//! - a [`WriteBatch`](kiln_store::WriteBatch) is one SERIALIZABLE transaction that checks
-//!   its expectations and writes, retried when PostgreSQL reports a serialization
-//!   failure, so an immutable tag stays immutable under concurrent pushes anywhere;
+//! - a [`WriteBatch`](kiln_store::WriteBatch) is one READ COMMITTED transaction that
+//!   locks exactly the keys it expects (`FOR UPDATE` a value, or claims an absent key by
+//!   inserting it), then writes, so an immutable tag stays immutable under concurrent
+//!   pushes anywhere;
 //! - a commit is durable when it returns (`synchronous_commit` is PostgreSQL's default),
 //!   so `flush` has nothing left to do.
 //!
