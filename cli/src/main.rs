@@ -5,6 +5,7 @@ mod client_args;
 mod config;
 mod join_token;
 mod key_value;
+mod probes;
 mod publish;
 mod publish_bars;
 mod ready_file;
@@ -19,7 +20,8 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use config::{CommonArgs, KilnConfig, MetricsRole};
-use servers::{MetricsSources, Servers};
+use probes::MetricsSources;
+use servers::Servers;
 use storage::Storage;
 
 #[derive(Debug, Parser)]
@@ -70,7 +72,7 @@ async fn open_server(config: &KilnConfig, role: MetricsRole) -> anyhow::Result<(
     .await?;
     let mut servers = Servers::new();
     servers
-        .start_metrics(config, role, MetricsSources::server(&storage, &servers))
+        .start_metrics(config, role, servers.metrics_sources(&storage))
         .await?;
     servers.start_eviction(&storage);
     Ok((storage, servers))
@@ -223,7 +225,7 @@ async fn run(
             }
             let mut servers = Servers::new();
             let (registered, ready) = tokio::sync::watch::channel(false);
-            let sources = MetricsSources { blobs: None, ready };
+            let sources = MetricsSources::worker(ready);
             servers
                 .start_metrics(&config, MetricsRole::Worker, sources)
                 .await?;

@@ -5,19 +5,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::http::StatusCode;
-use kiln_store::BlobStore;
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use kiln_coordinator::FarmStanding;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{KilnConfig, MetricsRole};
+use crate::probes::{install_metrics_recorder, MetricsSources};
 use crate::storage::Storage;
 
-/// Bytes the blob store holds (blobs and kept uploads), set at each scrape.
-const STORE_BYTES: &str = "kiln_store_bytes";
 /// Open TLS connections per client address on `/metrics`: a scraper and the probes need
 /// a handful; the bound keeps handshakes from one address from piling up.
 const METRICS_CONNECTIONS_PER_ADDRESS: usize = 32;
@@ -29,61 +26,6 @@ const LOCAL_DRAIN_TIMEOUT_SECS: u64 = 30;
 /// for the coordinator to close their streams (5 s at most); this covers that, and an
 /// action that cancelling cannot stop at once (fetching its inputs, uploading outputs).
 const LOCAL_DRAIN_SLACK: Duration = Duration::from_secs(10);
-
-/// Installs the process-wide Prometheus recorder, with real histogram buckets for
-/// kiln's histograms (the exporter's default would render them as summaries, which
-/// cannot be aggregated across processes).
-fn install_metrics_recorder() -> anyhow::Result<PrometheusHandle> {
-    let histograms = [
-        (
-            kiln_coordinator::metric_names::ACTION_STAGE_SECONDS,
-            kiln_coordinator::STAGE_BUCKETS,
-        ),
-        (
-            kiln_registry::metric_names::REQUEST_SECONDS,
-            kiln_registry::REQUEST_BUCKETS,
-        ),
-    ];
-    // Gauges are set again on every tick (or scrape); one that nothing sets for a minute
-    // belongs to a label that left its set (a platform no worker offers and nothing
-    // queues for) and is dropped, so label sets stay bounded over a long life.
-    let mut builder = PrometheusBuilder::new().idle_timeout(
-        metrics_util::MetricKindMask::GAUGE,
-        Some(std::time::Duration::from_secs(60)),
-    );
-    for (name, buckets) in histograms {
-        builder = builder.set_buckets_for_metric(Matcher::Full(name.to_string()), buckets)?;
-    }
-    let handle = builder.install_recorder()?;
-    kiln_coordinator::describe_metrics();
-    kiln_registry::describe_metrics();
-    metrics::describe_gauge!(
-        STORE_BYTES,
-        metrics::Unit::Bytes,
-        "Bytes the blob store holds: blobs of the CAS and the registry together, and kept uploads"
-    );
-    Ok(handle)
-}
-
-/// What `/metrics` and `/readyz` report on beyond the recorder.
-pub struct MetricsSources {
-    /// The blob store whose size `kiln_store_bytes` reports, if this process has one.
-    pub blobs: Option<Arc<dyn BlobStore>>,
-    /// Whether the process is ready to serve: servers once every listener is up and
-    /// until shutdown begins ([`Servers::readiness`]), a worker while it is registered
-    /// with its coordinator.
-    pub ready: watch::Receiver<bool>,
-}
-
-impl MetricsSources {
-    /// A server process, ready as `servers` says.
-    pub fn server(storage: &Storage, servers: &Servers) -> Self {
-        MetricsSources {
-            blobs: Some(storage.blobs.clone()),
-            ready: servers.readiness(),
-        }
-    }
-}
 
 /// The servers of one process. Each runs until `shutdown` is cancelled or one fails.
 pub struct Servers {
@@ -100,6 +42,8 @@ pub struct Servers {
     /// The process's one readiness, which every `/readyz` answers from: set once every
     /// listener is up (`announce`), cleared when shutdown begins.
     ready: watch::Sender<bool>,
+    /// A farm replica's standing, relayed from its coordinator for `/readyz`.
+    farm: watch::Sender<Option<FarmStanding>>,
 }
 
 impl Servers {
@@ -112,12 +56,22 @@ impl Servers {
             local_drain: Duration::ZERO,
             addresses: Default::default(),
             ready: watch::channel(false).0,
+            farm: watch::channel(None).0,
         }
     }
 
-    /// The process's readiness, for the probes.
-    pub fn readiness(&self) -> watch::Receiver<bool> {
-        self.ready.subscribe()
+    /// The process's one readiness, which every `/readyz` answers from.
+    fn readiness(&self) -> kiln_registry::ReadinessProbe {
+        crate::probes::readiness_probe(self.ready.subscribe(), self.farm.subscribe())
+    }
+
+    /// What a server process's probes report on: its readiness, its blob store's size
+    /// and (a farm replica, once its coordinator starts) its standing in the farm.
+    pub fn metrics_sources(&self, storage: &Storage) -> MetricsSources {
+        MetricsSources {
+            blobs: Some(storage.blobs.clone()),
+            ready: self.readiness(),
+        }
     }
 
     /// Every listener is up: the process is ready, and their addresses go to the ready
@@ -167,6 +121,18 @@ impl Servers {
         }
         if let Some(files) = &tls {
             coordinator = coordinator.with_tls(files)?;
+        }
+        if config.coordinator.farm.enabled {
+            // Relayed until the coordinator is gone; its first round comes at once.
+            let (mut standing, farm) = (coordinator.standing(), self.farm.clone());
+            tokio::spawn(async move {
+                loop {
+                    farm.send_replace(Some(standing.borrow_and_update().clone()));
+                    if standing.changed().await.is_err() {
+                        break;
+                    }
+                }
+            });
         }
         // Eviction never removes what a queued or running action still needs.
         let in_flight = coordinator.in_flight_inputs();
@@ -258,38 +224,7 @@ impl Servers {
         let metrics = install_metrics_recorder()?;
         let listener = bind_metrics(config, role).await?;
         let addr = listener.local_addr()?;
-        let MetricsSources { blobs, ready } = sources;
-        let render = move || {
-            let blobs = blobs.clone();
-            let metrics = metrics.clone();
-            async move {
-                if let Some(blobs) = &blobs {
-                    // A store that cannot say leaves the last value, and says why in the log.
-                    match blobs.stored_bytes().await {
-                        Ok(bytes) => metrics::gauge!(STORE_BYTES).set(bytes as f64),
-                        Err(e) => tracing::warn!(error = %e, "could not read the store's size"),
-                    }
-                }
-                metrics.render()
-            }
-        };
-        let readiness = move || {
-            std::future::ready(if *ready.borrow() {
-                (StatusCode::OK, "ready\n")
-            } else {
-                (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "not ready: starting, shutting down, or (a worker) not registered with its coordinator\n",
-                )
-            })
-        };
-        let app = axum::Router::new()
-            .route("/metrics", axum::routing::get(render))
-            .route(
-                "/healthz",
-                axum::routing::get(|| std::future::ready("ok\n")),
-            )
-            .route("/readyz", axum::routing::get(readiness));
+        let app = crate::probes::routes(metrics, sources);
         let scheme = match config.tls.metrics_files()? {
             Some(files) => {
                 let tls = kiln_tls::server_config(&files, &[b"http/1.1"])?;

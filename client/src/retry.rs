@@ -17,6 +17,10 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// What tonic's decoder says when a response stream ends in the middle of a message: the
 /// connection (or a balancer's backend connection) was cut mid-call, not a server error.
 const CUT_MID_MESSAGE: &str = "Unexpected EOF decoding stream";
+/// How tonic ends its message when an HTTP response that is not gRPC (a balancer's error
+/// page) fails to decode; the status follows. gRPC maps HTTP 502, 503 and 504 to
+/// UNAVAILABLE, but tonic reads the page's body first and reports INTERNAL.
+const NOT_GRPC_RESPONSE: &str = "while receiving response with status: ";
 
 /// Statuses after which the same call may succeed: the server was restarting, was
 /// overloaded, or the connection broke mid-call.
@@ -28,7 +32,16 @@ pub(crate) fn is_transient(status: &tonic::Status) -> bool {
         | tonic::Code::ResourceExhausted => true,
         // tonic reports a stream cut mid-message as INTERNAL; a replica killed behind
         // HAProxy during a ByteStream read ends that way (farm_faults.sh).
-        tonic::Code::Internal => status.message().starts_with(CUT_MID_MESSAGE),
+        // A balancer with no backend up (HAProxy while every replica restarts) answers 503.
+        tonic::Code::Internal => {
+            let message = status.message();
+            message.starts_with(CUT_MID_MESSAGE)
+                || message
+                    .split_once(NOT_GRPC_RESPONSE)
+                    .is_some_and(|(_, http)| {
+                        ["502", "503", "504"].iter().any(|s| http.starts_with(s))
+                    })
+        }
         _ => false,
     }
 }
@@ -78,6 +91,30 @@ mod tests {
         assert!(!is_transient(&tonic::Status::invalid_argument(
             "Unexpected EOF decoding stream."
         )));
+    }
+
+    #[test]
+    fn a_balancers_gateway_error_page_is_transient_and_other_http_errors_are_not() {
+        // As tonic words it when HAProxy answers 503 with its HTML page.
+        let page = |status: &str| {
+            tonic::Status::internal(format!(
+                "protocol error: received message with invalid compression flag: 60 (valid flags are 0 and 1) while receiving response with status: {status}"
+            ))
+        };
+        for status in [
+            "502 Bad Gateway",
+            "503 Service Unavailable",
+            "504 Gateway Timeout",
+        ] {
+            assert!(is_transient(&page(status)), "{status}");
+        }
+        for status in [
+            "500 Internal Server Error",
+            "404 Not Found",
+            "403 Forbidden",
+        ] {
+            assert!(!is_transient(&page(status)), "{status}");
+        }
     }
 
     #[tokio::test(start_paused = true)]

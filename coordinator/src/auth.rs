@@ -20,6 +20,8 @@ mod tokens;
 
 pub use caller::{authorize, caller_of, Caller};
 pub use certificates::CertificateGrant;
+pub(crate) use certificates::{common_name_in_pem, CERTIFICATE_ID_PREFIX};
+pub(crate) use layer::FORWARDED_CERTIFICATE_HEADER;
 pub use layer::{Authenticated, Authenticator};
 pub(crate) use registry_blobs::RegistryBlobGuard;
 pub use scope::{parse_scopes, Grant, Scope};

@@ -7,6 +7,9 @@ use serde::Deserialize;
 /// hash speed. Memory stays bounded because tonic reads a stream only as fast as the
 /// handler consumes it.
 pub(crate) const STREAM_WINDOW: u32 = 16 << 20;
+/// Memory for the action-cache entries [`CoordinatorConfig::action_cache_recent_ms`]
+/// keeps: tens of thousands of typical results.
+pub const ACTION_CACHE_RECENT_BYTES: usize = 32 << 20;
 pub(crate) const CONNECTION_WINDOW: u32 = 64 << 20;
 
 /// Tunables for the REAPI services. Every field has a default, and unknown keys are an
@@ -69,6 +72,11 @@ pub struct CoordinatorConfig {
     /// The most action-cache entries kept; past it the least recently used go (down to
     /// 90 % of it), checked at start-up and every minute.
     pub max_action_cache_entries: u64,
+    /// An action-cache entry read or stored this recently is answered from memory (at
+    /// most 32 MiB of them) without asking the metadata store again:
+    /// on PostgreSQL, a round trip saved per hit. A result another replica replaces or
+    /// removes may be served this long after; 0 asks the store every time.
+    pub action_cache_recent_ms: u64,
     /// A client stream (a ByteStream upload, a worker's connection before it registers)
     /// that sends nothing for this long is closed with DEADLINE_EXCEEDED.
     pub stream_idle_timeout_secs: u64,
@@ -103,6 +111,14 @@ pub struct FarmConfig {
     /// The leader's lease term. A leader that dies is replaced within about 1.25 terms
     /// (followers watch for a whole term without a renewal, in rounds of a quarter term).
     pub lease_term_secs: u64,
+    /// With `https://` advertise URLs: the PEM CA certificates a leader's certificate
+    /// must chain to (unset: the system's). A follower presents the server's own
+    /// certificate (`tls.cert`) to the leader, so with `tls.client_ca` that certificate
+    /// must chain to the client CA too.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// With `https://` advertise URLs that name addresses (a pod's IP): the name the
+    /// leader's certificate carries instead.
+    pub server_name: Option<String>,
 }
 
 impl Default for FarmConfig {
@@ -111,6 +127,8 @@ impl Default for FarmConfig {
             enabled: false,
             advertise_url: String::new(),
             lease_term_secs: 6,
+            ca_file: None,
+            server_name: None,
         }
     }
 }
@@ -157,6 +175,7 @@ impl Default for CoordinatorConfig {
             unmatched_platform_timeout_secs: 600,
             upload_ttl_secs: 24 * 60 * 60,
             max_action_cache_entries: 1_000_000,
+            action_cache_recent_ms: 2000,
             stream_idle_timeout_secs: 60,
             register_timeout_secs: 10,
             max_concurrent_streams: 1024,

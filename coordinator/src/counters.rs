@@ -32,6 +32,10 @@ pub mod names {
     pub const WORKERS_CONNECTED: &str = "kiln_workers_connected";
     /// Worker slots by `state`: `busy` (running an action) or `idle`.
     pub const WORKER_SLOTS: &str = "kiln_worker_slots";
+    /// A farm replica: 1 while it leads the farm's scheduling, 0 otherwise.
+    pub const FARM_LEADER: &str = "kiln_farm_leader";
+    /// A farm replica: the newest leader epoch (fencing token) it has seen.
+    pub const FARM_EPOCH: &str = "kiln_farm_epoch";
 }
 
 /// Registers help text for every coordinator metric with the installed recorder, so
@@ -68,6 +72,14 @@ pub fn describe_metrics() {
     describe_gauge!(names::ACTIONS_QUEUED, "Actions waiting for a worker");
     describe_gauge!(names::WORKERS_CONNECTED, "Workers connected to the pool");
     describe_gauge!(names::WORKER_SLOTS, "Worker slots by state (busy, idle)");
+    describe_gauge!(
+        names::FARM_LEADER,
+        "A farm replica: 1 while it leads the farm's scheduling, 0 otherwise"
+    );
+    describe_gauge!(
+        names::FARM_EPOCH,
+        "A farm replica: the newest leader epoch (fencing token) it has seen"
+    );
 }
 
 /// Buckets for [`names::ACTION_STAGE_SECONDS`]: 1 ms to about 17 minutes.

@@ -9,6 +9,9 @@
 
 mod election;
 mod forward;
+mod link;
 
-pub(crate) use election::{Election, Role, Tenure, EPOCH_KEY, FARM};
+pub(crate) use election::{Election, Tenure, EPOCH_KEY, FARM};
+pub use election::{Role, Standing};
 pub(crate) use forward::{was_forwarded, Leader};
+pub(crate) use link::{LeaderLink, LinkTls};

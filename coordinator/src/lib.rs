@@ -74,4 +74,5 @@ pub use config::{AuthConfig, CoordinatorConfig, FarmConfig};
 pub use counters::{describe_metrics, names as metric_names, STAGE_BUCKETS};
 pub use error::CoordinatorError;
 pub use execution::InFlightInputs;
+pub use farm::{Role as FarmRole, Standing as FarmStanding};
 pub use server::Coordinator;

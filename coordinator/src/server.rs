@@ -24,13 +24,13 @@ use crate::auth::{Authenticator, RegistryBlobGuard, TokenStore};
 use crate::byte_stream::ByteStreamService;
 use crate::capabilities::CapabilitiesService;
 use crate::cas::CasService;
-use crate::config::{CONNECTION_WINDOW, STREAM_WINDOW};
+use crate::config::{ACTION_CACHE_RECENT_BYTES, CONNECTION_WINDOW, STREAM_WINDOW};
 use crate::counters::Counters;
 use crate::execution::{
     ExecutionEngine, ExecutionService, InFlightInputs, OperationsService, WorkerService,
 };
 use crate::execution::{Executor, Member};
-use crate::farm::Election;
+use crate::farm::{Election, LeaderLink, LinkTls, Standing as FarmStanding};
 use crate::{CoordinatorConfig, CoordinatorError};
 
 /// The services grpc.health.v1 reports on by name (besides the overall "").
@@ -63,6 +63,10 @@ pub struct Coordinator {
     in_flight_inputs: Arc<InFlightInputs>,
     /// Set: gRPC over TLS (`grpcs://`).
     tls: Option<Arc<kiln_tls::rustls::ServerConfig>>,
+    /// The files behind `tls`: a farm replica presents the same certificate to its leader.
+    tls_files: Option<kiln_tls::TlsFiles>,
+    /// A farm replica's standing, published for `/readyz` (see [`Self::standing`]).
+    standing: watch::Sender<FarmStanding>,
 }
 
 impl Coordinator {
@@ -78,7 +82,15 @@ impl Coordinator {
             registry: None,
             in_flight_inputs: Arc::default(),
             tls: None,
+            tls_files: None,
+            standing: watch::channel(FarmStanding::default()).0,
         }
+    }
+
+    /// A farm replica's role and whether it reaches the metadata store, after each
+    /// election round. Only a farm replica (`coordinator.farm.enabled`) publishes it.
+    pub fn standing(&self) -> watch::Receiver<FarmStanding> {
+        self.standing.subscribe()
     }
 
     /// Lets the admin API list a registry that runs in the same process.
@@ -93,6 +105,7 @@ impl Coordinator {
         let config = kiln_tls::server_config(files, &[b"h2"])
             .map_err(|e| CoordinatorError::InvalidArgument(e.to_string()))?;
         self.tls = Some(config);
+        self.tls_files = Some(files.clone());
         Ok(self)
     }
 
@@ -118,7 +131,8 @@ impl Coordinator {
             &config.auth.client_certificates,
             &config.auth.anonymous_scopes,
         )
-        .map_err(|e| CoordinatorError::InvalidArgument(format!("coordinator.auth: {e}")))?;
+        .map_err(|e| CoordinatorError::InvalidArgument(format!("coordinator.auth: {e}")))?
+        .trusting_replicas_named(self.replica_name(&config));
         let counters = Arc::new(Counters::default());
         let capabilities = CapabilitiesServer::new(CapabilitiesService::new(&config));
         let registry_blobs = RegistryBlobGuard::new(self.registry.clone());
@@ -132,7 +146,10 @@ impl Coordinator {
         .max_encoding_message_size(limit);
         let action_cache_service = Arc::new(ActionCacheService::new(
             self.blobs.clone(),
-            kiln_store::ActionCache::new(self.metadata.clone()),
+            kiln_store::ActionCache::new(self.metadata.clone()).keeping_recent(
+                Duration::from_millis(config.action_cache_recent_ms),
+                ACTION_CACHE_RECENT_BYTES,
+            ),
             config.clone(),
             counters.clone(),
         ));
@@ -294,7 +311,15 @@ impl Coordinator {
         let term = Duration::from_secs(farm.lease_term_secs.max(1));
         let (election, role) =
             Election::new(self.metadata.clone(), farm.advertise_url.clone(), term);
-        let member = Member::new(role, message_limit, stopped.clone());
+        let link = LeaderLink::new(LinkTls {
+            ca_file: farm.ca_file.clone(),
+            server_name: farm.server_name.clone(),
+            identity: self
+                .tls_files
+                .as_ref()
+                .map(|files| (files.cert.clone(), files.key.clone())),
+        });
+        let member = Member::new(role, link, message_limit, stopped.clone());
         let (tenures, tenure) = watch::channel(None);
         let mut election_stops = stopped.clone();
         let election = tokio::spawn(election.run(
@@ -302,6 +327,7 @@ impl Coordinator {
                 let _ = election_stops.wait_for(|stop| *stop).await;
             },
             tenures,
+            self.standing.clone(),
         ));
         let (config, blobs, metadata, inputs) = (
             config.clone(),
@@ -338,6 +364,14 @@ impl Coordinator {
             let _ = keeper.await;
         });
         Ok((Executor::Farm(member), task))
+    }
+
+    /// A farm replica's own certificate CN, which the other replicas present when they
+    /// forward a call (see `Authenticator::trusting_replicas_named`).
+    fn replica_name(&self, config: &CoordinatorConfig) -> Option<String> {
+        let files = self.tls_files.as_ref().filter(|_| config.farm.enabled)?;
+        let pem = std::fs::read(&files.cert).ok()?;
+        crate::auth::common_name_in_pem(&pem)
     }
 
     /// The largest gRPC message accepted or sent: a full batch or a fully inlined

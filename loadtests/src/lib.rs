@@ -4,9 +4,11 @@
 //! are shared and noisy, every figure is reported next to a reference measured in the
 //! same run (raw hash speed, loopback TCP), and the ratio is what counts.
 
+pub mod balancer;
 pub mod bytestream;
 pub mod in_process;
 pub mod load;
+pub mod noop_actions;
 pub mod pre_encoded;
 pub mod reference;
 pub mod registry_http;

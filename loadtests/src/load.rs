@@ -61,6 +61,20 @@ pub fn process_cpu_time() -> Duration {
     time(usage.ru_utime) + time(usage.ru_stime)
 }
 
+/// User plus system CPU time of another process so far (Garage, HAProxy), from /proc.
+pub fn process_cpu_time_of(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command's closing parenthesis; utime and stime are the 12th and
+    // 13th of those, in clock ticks (100 a second on Linux).
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<u64> = after
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    let ticks = fields.get(11).unwrap_or(&0) + fields.get(12).unwrap_or(&0);
+    Duration::from_millis(ticks * 10)
+}
+
 /// Runs `call` from `concurrency` tasks for `duration` (and at most `max_requests` in
 /// all), after a short warm-up. Every request is bounded by the run's deadline.
 pub async fn closed_loop<F, Fut, E>(

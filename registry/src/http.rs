@@ -35,21 +35,18 @@ pub fn router(state: Arc<RegistryState>) -> Router {
 }
 
 async fn readiness(State(state): State<Arc<RegistryState>>) -> Response {
-    let ready = state
+    let probe = state
         .readiness
         .read()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .as_ref()
-        .is_none_or(|ready| *ready.borrow());
-    if ready {
-        (StatusCode::OK, "ready\n").into_response()
+        .clone();
+    let (ready, why) = probe.map_or_else(|| (true, "ready\n".to_string()), |probe| probe());
+    let status = if ready {
+        StatusCode::OK
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: starting or shutting down\n",
-        )
-            .into_response()
-    }
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, why).into_response()
 }
 
 async fn add_api_version(mut response: Response) -> Response {

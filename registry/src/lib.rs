@@ -71,10 +71,14 @@ pub(crate) struct RegistryState {
     pub gc_fence: tokio::sync::RwLock<()>,
     pub gc_roots: std::sync::RwLock<Option<Arc<dyn GcRoots>>>,
     /// What `/readyz` answers from; unset, serving means ready.
-    pub readiness: std::sync::RwLock<Option<tokio::sync::watch::Receiver<bool>>>,
+    pub readiness: std::sync::RwLock<Option<ReadinessProbe>>,
     /// Where record timestamps and GC/retention cut-offs come from.
     pub clock: Arc<dyn Clock>,
 }
+
+/// Answers `/readyz`: whether the process is ready to serve, and one line saying so or
+/// why not.
+pub type ReadinessProbe = Arc<dyn Fn() -> (bool, String) + Send + Sync>;
 
 /// A repository and how much it holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -157,14 +161,15 @@ impl Registry {
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(roots);
     }
 
-    /// Makes `/readyz` answer from `ready`, the process's one readiness (so that every
-    /// port's probe says the same: not ready while starting or shutting down).
-    pub fn set_readiness(&self, ready: tokio::sync::watch::Receiver<bool>) {
+    /// Makes `/readyz` answer from `probe`, the process's one readiness (so that every
+    /// port's probe says the same: not ready while starting or shutting down, or
+    /// whatever else the process knows that the registry does not).
+    pub fn set_readiness(&self, probe: ReadinessProbe) {
         *self
             .state
             .readiness
             .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(ready);
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(probe);
     }
 
     /// The HTTP API as an axum router (for embedding next to other services).

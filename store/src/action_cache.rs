@@ -6,12 +6,15 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 
 use crate::{scan_stream, Digest, DigestFunction, Keyspace, MetadataStore, Result, WriteBatch};
+
+mod recent;
+use recent::RecentEntries;
 
 const ACTION_CACHE: Keyspace = Keyspace("action_cache");
 /// Entry key → its last-use stamp (8 bytes, big-endian).
@@ -25,6 +28,8 @@ pub struct ActionCache {
     /// The last stamp handed out: stamps are microseconds since the epoch, made strictly
     /// increasing so that no two uses tie.
     last_stamp: Arc<AtomicU64>,
+    /// Entries read a moment ago, shared by every clone ([`ActionCache::keeping_recent`]).
+    recent: Option<Arc<RecentEntries>>,
 }
 
 /// What one [`ActionCache::trim`] found and removed.
@@ -39,7 +44,18 @@ impl ActionCache {
         ActionCache {
             metadata,
             last_stamp: Arc::new(AtomicU64::new(0)),
+            recent: None,
         }
+    }
+
+    /// Serves an entry read or stored within `fresh_for` from memory (at most `max_bytes`
+    /// of them), without asking the metadata store again. See `recent.rs` for what another
+    /// replica's writes look like meanwhile.
+    pub fn keeping_recent(mut self, fresh_for: Duration, max_bytes: usize) -> Self {
+        if !fresh_for.is_zero() && max_bytes > 0 {
+            self.recent = Some(Arc::new(RecentEntries::new(fresh_for, max_bytes)));
+        }
+        self
     }
 
     fn next_stamp(&self) -> u64 {
@@ -78,10 +94,15 @@ impl ActionCache {
     }
 
     pub async fn get(&self, instance_name: &str, action: &Digest) -> Result<Option<Vec<u8>>> {
-        Ok(self
-            .metadata
-            .get(ACTION_CACHE, &Self::key(instance_name, action))
-            .await?)
+        let key = Self::key(instance_name, action);
+        if let Some(value) = self.recent.as_ref().and_then(|recent| recent.get(&key)) {
+            return Ok(Some(value));
+        }
+        let stored = self.metadata.get(ACTION_CACHE, &key).await?;
+        if let (Some(recent), Some(value)) = (&self.recent, &stored) {
+            recent.keep(&key, value);
+        }
+        Ok(stored)
     }
 
     /// Stores an encoded result, used now, and makes it durable before returning.
@@ -95,8 +116,19 @@ impl ActionCache {
         let mut batch = WriteBatch::new();
         batch.put(ACTION_CACHE, key.clone(), encoded_result.to_vec());
         self.stamp(&mut batch, &key).await?;
+        self.forget_recent(&key);
         self.metadata.apply(batch).await?;
-        Ok(self.metadata.flush().await?)
+        self.metadata.flush().await?;
+        if let Some(recent) = &self.recent {
+            recent.keep(&key, encoded_result);
+        }
+        Ok(())
+    }
+
+    fn forget_recent(&self, key: &[u8]) {
+        if let Some(recent) = &self.recent {
+            recent.forget(key);
+        }
     }
 
     /// Records a hit, so that trimming keeps the entry longer. Not flushed: losing a stamp
@@ -134,13 +166,15 @@ impl ActionCache {
             let mut batch = WriteBatch::new();
             batch.delete(BY_USE, index_key.clone());
             // A stamp replaced meanwhile (a hit after the scan began) keeps the entry.
-            if self.metadata.get(LAST_USE, key).await?.as_deref() == Some(stamp) {
+            let removing = self.metadata.get(LAST_USE, key).await?.as_deref() == Some(stamp);
+            if removing {
                 batch.expect(LAST_USE, key.to_vec(), Some(stamp.to_vec()));
                 batch.delete(LAST_USE, key.to_vec());
                 batch.delete(ACTION_CACHE, key.to_vec());
                 report.removed += 1;
             }
             match self.metadata.apply(batch).await {
+                Ok(()) if removing => self.forget_recent(key),
                 Ok(()) => {}
                 // A hit in between fails the expectation: the entry stays, with its new
                 // stamp.
@@ -180,7 +214,10 @@ impl ActionCache {
             batch.delete(LAST_USE, key.clone());
             batch.delete(BY_USE, [stamp.as_slice(), &key].concat());
         }
-        Ok(self.metadata.apply(batch).await?)
+        self.metadata.apply(batch).await?;
+        // After the delete: a lookup racing it may have kept the old entry again.
+        self.forget_recent(&key);
+        Ok(())
     }
 }
 

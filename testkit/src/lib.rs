@@ -152,7 +152,11 @@ impl ServedCoordinator {
         let addr = listener.local_addr()?;
         let mut config = config;
         if config.farm.enabled && config.farm.advertise_url.is_empty() {
-            config.farm.advertise_url = format!("http://{addr}");
+            // Over TLS by the name test certificates carry.
+            config.farm.advertise_url = match tls {
+                Some(_) => format!("https://localhost:{}", addr.port()),
+                None => format!("http://{addr}"),
+            };
         }
         let mut coordinator =
             Coordinator::new(config, stores.blobs.clone(), stores.metadata.clone());

@@ -69,8 +69,31 @@ pushes pg_pushes 12 2
 sleep 1
 "${POSTGRES_STOP[@]}" >/dev/null
 sleep $((FARM_TERM_SECS + 2))
+# Readiness: an outage of the shared metadata store is reported by every replica's
+# /readyz, which stays 200 (failing it would take every replica out of the balancer at
+# once, blobs and all); the report is gone once PostgreSQL answers again.
+for n in 1 2 3; do
+    answer=$(curl -sS -m 5 -w ' %{http_code}' "http://127.0.0.1:${REPLICA_METRICS_PORTS[$n]}/readyz")
+    case "$answer" in
+        'ready: '*'metadata store has not answered'*' 200') ;;
+        *) fail "replica $n during the outage: /readyz said: $answer" ;;
+    esac
+done
+log "every replica's /readyz reports the metadata store's outage (and stays 200)"
 "${POSTGRES_START[@]}" >>"$WORK/postgres.log" 2>&1 || fail "PostgreSQL did not start again"
 log "PostgreSQL is back"
+for n in 1 2 3; do
+    for i in $(seq 1 100); do
+        answer=$(curl -sS -m 5 -w ' %{http_code}' "http://127.0.0.1:${REPLICA_METRICS_PORTS[$n]}/readyz")
+        case "$answer" in *'metadata store'*) ;; 'ready: '*' 200') break ;; esac
+        sleep 0.1
+    done
+    case "$answer" in
+        *'metadata store'*) fail "replica $n still reports an outage 10 s after PostgreSQL came back: $answer" ;;
+        'ready: '*' 200') log "replica $n: ${answer//$'\n'/}" ;;
+        *) fail "replica $n not ready 10 s after PostgreSQL came back: $answer" ;;
+    esac
+done
 check_sums pg
 echo "retries seen by kiln run: $(grep -c 'resuming\|trying again' "$WORK/pg.err" || true)"
 check_pushes pg_pushes

@@ -12,6 +12,9 @@ use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use super::scope::parse_scopes;
 use super::tokens::TokenRecord;
 
+/// How a certificate's grant names itself (`cert:<CN>`), as a token's id would.
+pub(crate) const CERTIFICATE_ID_PREFIX: &str = "cert:";
+
 /// Scopes for the certificates whose subject CN is `common_name`.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -33,7 +36,7 @@ impl CertificateGrants {
             let scopes = parse_scopes(&grant.scopes.join(","))
                 .map_err(|e| format!("client certificate {:?}: {e}", grant.common_name))?;
             let record = TokenRecord {
-                id: format!("cert:{}", grant.common_name),
+                id: format!("{CERTIFICATE_ID_PREFIX}{}", grant.common_name),
                 name: format!("client certificate CN={}", grant.common_name),
                 scopes,
                 instance: grant.instance.clone(),
@@ -46,16 +49,34 @@ impl CertificateGrants {
         Ok(CertificateGrants(Arc::new(by_name)))
     }
 
-    /// The grant of the certificate the connection presented, if any applies.
-    pub(crate) fn of_connection(&self, extensions: &http::Extensions) -> Option<Arc<TokenRecord>> {
-        if self.0.is_empty() {
-            return None;
-        }
-        let certs = extensions
-            .get::<TlsConnectInfo<TcpConnectInfo>>()?
-            .peer_certs()?;
-        let (_, cert) = x509_parser::parse_x509_certificate(certs.first()?).ok()?;
-        let common_name = cert.subject().iter_common_name().next()?.as_str().ok()?;
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The grant of certificates whose subject CN is `common_name`, if any.
+    pub(crate) fn named(&self, common_name: &str) -> Option<Arc<TokenRecord>> {
         self.0.get(common_name).cloned()
     }
+}
+
+/// The subject CN of the client certificate the connection presented (the TLS layer has
+/// verified it against `tls.client_ca`).
+pub(crate) fn peer_common_name(extensions: &http::Extensions) -> Option<String> {
+    let certs = extensions
+        .get::<TlsConnectInfo<TcpConnectInfo>>()?
+        .peer_certs()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(certs.first()?).ok()?;
+    common_name_of(&cert)
+}
+
+fn common_name_of(cert: &x509_parser::certificate::X509Certificate<'_>) -> Option<String> {
+    let name = cert.subject().iter_common_name().next()?.as_str().ok()?;
+    Some(name.to_string())
+}
+
+/// The subject CN of the first certificate in a PEM file (a server's own certificate).
+pub(crate) fn common_name_in_pem(pem: &[u8]) -> Option<String> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem).ok()?;
+    let cert = pem.parse_x509().ok()?;
+    common_name_of(&cert)
 }

@@ -10,7 +10,7 @@ use futures::future::BoxFuture;
 use tower_service::Service;
 
 use super::caller::Caller;
-use super::certificates::{CertificateGrant, CertificateGrants};
+use super::certificates::{peer_common_name, CertificateGrant, CertificateGrants};
 use super::scope::{parse_scopes, Scope};
 use super::tokens::{hash_token, now_unix, TokenRecord, TokenStore};
 use crate::secret::same_secret;
@@ -26,6 +26,12 @@ const OPEN_PREFIXES: &[&str] = &[
     "/kiln.admin.v1.Admin/DrainWorker",
 ];
 
+/// Set by a farm replica that forwards a call whose caller it knew only by a client
+/// certificate: that certificate's subject CN. The leader believes it only from another
+/// replica (see [`Authenticator::replica_name`]), and a replica never passes on a value a
+/// client sent.
+pub(crate) const FORWARDED_CERTIFICATE_HEADER: &str = "x-kiln-forwarded-certificate";
+
 /// Who may call: everyone (auth off: `kiln up` on loopback), or the holders of tokens.
 #[derive(Clone)]
 pub struct Authenticator {
@@ -37,6 +43,10 @@ pub struct Authenticator {
     certificates: CertificateGrants,
     /// What a call without credentials may do; none when unset.
     anonymous: Option<Arc<TokenRecord>>,
+    /// A farm replica's own certificate CN: a peer presenting a client certificate with
+    /// it is another replica (they share the server certificate, or the operator gave
+    /// theirs the same name), trusted to say which certificate its caller presented.
+    replica_name: Option<String>,
 }
 
 impl Authenticator {
@@ -87,7 +97,15 @@ impl Authenticator {
             workers,
             certificates: CertificateGrants::new(certificates)?,
             anonymous,
+            replica_name: None,
         })
+    }
+
+    /// Trusts peers whose certificate CN is `name` (this replica's own) to forward their
+    /// callers' certificate identities.
+    pub fn trusting_replicas_named(mut self, name: Option<String>) -> Self {
+        self.replica_name = name;
+        self
     }
 
     pub fn tokens(&self) -> &TokenStore {
@@ -97,14 +115,15 @@ impl Authenticator {
     /// The caller behind `authorization: Bearer <token>`, or why there is none.
     pub async fn caller(
         &self,
-        authorization: Option<&http::HeaderValue>,
+        headers: &http::HeaderMap,
         extensions: &http::Extensions,
     ) -> Result<Caller, CoordinatorError> {
         if !self.enabled {
             return Ok(Caller::Open);
         }
+        let authorization = headers.get(http::header::AUTHORIZATION);
         if authorization.is_none() {
-            if let Some(grant) = self.certificates.of_connection(extensions) {
+            if let Some(grant) = self.certificate_grant(headers, extensions) {
                 return Ok(Caller::Token(grant));
             }
             if let Some(anonymous) = &self.anonymous {
@@ -143,6 +162,25 @@ impl Authenticator {
             )));
         }
         Ok(Caller::Token(Arc::new(record)))
+    }
+
+    /// The grant of the caller's client certificate: the connection's own, or, on a
+    /// connection from another replica, the one it says its caller presented. A
+    /// replica's own certificate never stands for a caller.
+    fn certificate_grant(
+        &self,
+        headers: &http::HeaderMap,
+        extensions: &http::Extensions,
+    ) -> Option<Arc<TokenRecord>> {
+        if self.certificates.is_empty() {
+            return None;
+        }
+        let peer = peer_common_name(extensions)?;
+        if self.replica_name.as_deref() == Some(peer.as_str()) {
+            let forwarded = headers.get(FORWARDED_CERTIFICATE_HEADER)?.to_str().ok()?;
+            return self.certificates.named(forwarded);
+        }
+        self.certificates.named(&peer)
     }
 }
 
@@ -192,10 +230,7 @@ where
                 Ok(Caller::Unchecked)
             } else {
                 authenticator
-                    .caller(
-                        request.headers().get(http::header::AUTHORIZATION),
-                        request.extensions(),
-                    )
+                    .caller(request.headers(), request.extensions())
                     .await
             };
             match caller {

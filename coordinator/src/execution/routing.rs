@@ -2,17 +2,15 @@
 //! engine, or, in a farm, the leader's through a forward (see `crate::farm`). A replica
 //! runs an engine only while it leads.
 
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint};
 use tonic::Request;
 
 use super::ExecutionEngine;
-use crate::config::{CONNECTION_WINDOW, STREAM_WINDOW};
-use crate::farm::{was_forwarded, Leader, Role, Tenure};
+use crate::farm::{was_forwarded, Leader, LeaderLink, Role, Tenure};
 use crate::CoordinatorError;
 
 /// How often the keeper checks that the leader's tenure still holds, so that a leader
@@ -48,8 +46,8 @@ impl Executor {
 pub(crate) struct Member {
     engine: RwLock<Option<ExecutionEngine>>,
     role: watch::Receiver<Role>,
-    /// The channel to the current leader, kept while the leader's address stays the same.
-    link: Mutex<Option<(String, Channel)>>,
+    /// The way to the current leader.
+    link: LeaderLink,
     message_limit: usize,
     /// Set when this replica shuts down (see [`Leader::closing`]).
     closing: watch::Receiver<bool>,
@@ -58,13 +56,14 @@ pub(crate) struct Member {
 impl Member {
     pub(crate) fn new(
         role: watch::Receiver<Role>,
+        link: LeaderLink,
         message_limit: usize,
         closing: watch::Receiver<bool>,
     ) -> Arc<Self> {
         Arc::new(Member {
             engine: RwLock::new(None),
             role,
-            link: Mutex::new(None),
+            link,
             message_limit,
             closing,
         })
@@ -87,7 +86,7 @@ impl Member {
                 unavailable("this replica is not the farm's leader (any more); try again")
             }
             Role::Follower { address, .. } => Ok(Route::Leader(Leader {
-                channel: self.channel_to(&address)?,
+                channel: self.link.channel_to(&address)?,
                 message_limit: self.message_limit,
                 closing: self.closing.clone(),
             })),
@@ -96,28 +95,6 @@ impl Member {
             }
             Role::Unknown => unavailable("the farm has no leader at the moment; try again"),
         }
-    }
-
-    fn channel_to(&self, address: &str) -> Result<Channel, CoordinatorError> {
-        let mut link = self.link.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((known, channel)) = link.as_ref() {
-            if known == address {
-                return Ok(channel.clone());
-            }
-        }
-        let channel = Endpoint::from_shared(address.to_string())
-            .map_err(|e| {
-                CoordinatorError::Internal(format!("the farm leader's address {address:?}: {e}"))
-            })?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .initial_stream_window_size(Some(STREAM_WINDOW))
-            .initial_connection_window_size(Some(CONNECTION_WINDOW))
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .connect_lazy();
-        *link = Some((address.to_string(), channel.clone()));
-        Ok(channel)
     }
 
     /// Runs an engine while this replica holds a tenure: `open` makes one (reloading the

@@ -21,6 +21,8 @@ use kiln_store::{Keyspace, MetadataError, MetadataStore, WriteBatch};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::counters::names;
+
 /// The farm's shared records: the lease and the fencing epoch.
 pub(crate) const FARM: Keyspace = Keyspace("farm");
 const LEASE_KEY: &[u8] = b"leader";
@@ -38,9 +40,10 @@ struct LeaseRecord {
 }
 
 /// What this replica is in the farm right now.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum Role {
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Role {
     /// No lease read yet, or this replica lost its lease and has not read the new one.
+    #[default]
     Unknown,
     Leader {
         epoch: u64,
@@ -49,6 +52,30 @@ pub(crate) enum Role {
         epoch: u64,
         address: String,
     },
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Role::Unknown => f.write_str("no leader known (an election is under way)"),
+            Role::Leader { epoch } => write!(f, "the farm's leader (epoch {epoch})"),
+            Role::Follower { epoch, address } => {
+                write!(f, "a follower of the leader at {address} (epoch {epoch})")
+            }
+        }
+    }
+}
+
+/// A replica's standing in the farm, as its `/readyz` reports it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Standing {
+    pub role: Role,
+    /// Whether an election round has reached the metadata store since this replica
+    /// started. Until one has, it knows neither its role nor where the leader is.
+    pub joined: bool,
+    /// Whether a whole lease term has passed without a round reaching the metadata store.
+    /// Every replica shares that store, so an outage of it is everyone's at once.
+    pub store_unreachable: bool,
 }
 
 /// The leader's hold on its lease, shared with its execution engine, which checks it
@@ -122,16 +149,24 @@ impl Election {
 
     /// Rounds every quarter term until `closing` resolves; then gives the lease up, so
     /// that a replica stopping on purpose hands over at once rather than after a term.
+    /// After each round, `standing` says where this replica stands.
     pub(crate) async fn run(
         mut self,
         closing: impl std::future::Future<Output = ()>,
         tenures: watch::Sender<Option<Arc<Tenure>>>,
+        standing: watch::Sender<Standing>,
     ) {
         tokio::pin!(closing);
+        let mut last_contact: Option<Instant> = None;
         loop {
-            if let Err(error) = self.step(Instant::now()).await {
-                tracing::warn!(%error, "farm election round failed");
+            let started = Instant::now();
+            match self.step(started).await {
+                Ok(()) => last_contact = Some(started),
+                Err(error) => tracing::warn!(%error, "farm election round failed"),
             }
+            // One failed round is a blip; a whole term without one is an outage.
+            let unreachable = last_contact.is_none_or(|at| at.elapsed() >= self.term);
+            self.report(&standing, last_contact.is_some(), unreachable);
             tenures.send_if_modified(|current| {
                 let changed = match (current.as_ref(), self.tenure.as_ref()) {
                     (Some(a), Some(b)) => !Arc::ptr_eq(a, b),
@@ -300,8 +335,36 @@ impl Election {
         }
     }
 
+    /// Publishes this replica's standing, and the role gauges `/metrics` shows.
+    fn report(&self, standing: &watch::Sender<Standing>, joined: bool, store_unreachable: bool) {
+        let role = self.role.borrow().clone();
+        let (leading, epoch) = match &role {
+            Role::Leader { epoch } => (1.0, *epoch),
+            Role::Follower { epoch, .. } => (0.0, *epoch),
+            Role::Unknown => (0.0, 0),
+        };
+        metrics::gauge!(names::FARM_LEADER).set(leading);
+        if epoch > 0 {
+            metrics::gauge!(names::FARM_EPOCH).set(epoch as f64);
+        }
+        standing.send_if_modified(|current| {
+            let now = Standing {
+                role,
+                joined,
+                store_unreachable,
+            };
+            let changed = *current != now;
+            *current = now;
+            changed
+        });
+    }
+
     async fn last_epoch(&self) -> Result<u64, MetadataError> {
-        let stored = self.metadata.get(FARM, EPOCH_KEY).await?;
+        // Bounded like every other read of a round.
+        let read = tokio::time::timeout(self.term / 4, self.metadata.get(FARM, EPOCH_KEY));
+        let stored = read.await.map_err(|_| {
+            MetadataError::Unavailable("reading the farm's epoch timed out".into())
+        })??;
         Ok(stored
             .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
             .map_or(0, u64::from_be_bytes))

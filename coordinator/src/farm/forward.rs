@@ -20,6 +20,8 @@ use kiln_proto::worker::v1::workers_client::WorkersClient;
 use kiln_proto::worker::v1::{CoordinatorMessage, WorkerMessage};
 use tokio::sync::watch;
 use tonic::metadata::MetadataValue;
+
+use crate::auth::{Caller, CERTIFICATE_ID_PREFIX, FORWARDED_CERTIFICATE_HEADER};
 use tonic::transport::Channel;
 use tonic::{Extensions, Request, Response, Status, Streaming};
 
@@ -39,8 +41,17 @@ pub(crate) struct Leader {
 }
 
 fn onward<T, U>(request: Request<T>, message: impl FnOnce(T) -> U) -> Request<U> {
-    let (mut metadata, _, inner) = request.into_parts();
+    let (mut metadata, extensions, inner) = request.into_parts();
     metadata.insert(FORWARDED_HEADER, MetadataValue::from_static("1"));
+    // The leader sees this replica's certificate, not the caller's: name the caller's,
+    // when that is how it was known here. Never what a client sent under that name.
+    metadata.remove(FORWARDED_CERTIFICATE_HEADER);
+    if let Some(Caller::Token(record)) = extensions.get::<Caller>() {
+        let name = record.id.strip_prefix(CERTIFICATE_ID_PREFIX);
+        if let Some(value) = name.and_then(|n| MetadataValue::try_from(n).ok()) {
+            metadata.insert(FORWARDED_CERTIFICATE_HEADER, value);
+        }
+    }
     Request::from_parts(metadata, Extensions::default(), message(inner))
 }
 

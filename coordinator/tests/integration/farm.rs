@@ -28,6 +28,7 @@ fn farm_config() -> CoordinatorConfig {
             lease_term_secs: TERM.as_secs(),
             // Each replica's own address, filled in by the test kit once it has bound.
             advertise_url: String::new(),
+            ..FarmConfig::default()
         },
         ..CoordinatorConfig::default()
     }
@@ -227,5 +228,218 @@ async fn a_follower_relaying_a_worker_stream_still_stops_promptly() -> anyhow::R
     within(15, follower.stop()).await?;
     worker.stop().await.ok();
     within(20, first.stop()).await?;
+    Ok(())
+}
+
+/// An action (`true`, no inputs) put straight into the farm's shared blob store.
+async fn stored_action(stores: &OpenStores) -> Digest {
+    use kiln_proto::reapi::{Action, Command, Directory};
+    use kiln_store::ExpectedDigest;
+    let put = |bytes: Vec<u8>| {
+        let blobs = stores.blobs.clone();
+        async move {
+            let digest = Digest::of_bytes(DigestFunction::Sha256, &bytes);
+            blobs
+                .put(ExpectedDigest::Exact(digest), bytes.into())
+                .await
+                .unwrap()
+        }
+    };
+    let command = put(Command {
+        arguments: vec!["true".into()],
+        ..Default::default()
+    }
+    .encode_to_vec())
+    .await;
+    let root = put(Directory::default().encode_to_vec()).await;
+    put(Action {
+        command_digest: Some(common::wire(&command)),
+        input_root_digest: Some(common::wire(&root)),
+        ..Default::default()
+    }
+    .encode_to_vec())
+    .await
+}
+
+/// Three replicas serving mutual TLS with one CA for servers and clients alike, their
+/// shared stores, and which one leads.
+struct TlsFarm {
+    ca: kiln_tls::test_certs::TestCa,
+    files: kiln_tls::TlsFiles,
+    stores: OpenStores,
+    replicas: Vec<kiln_testkit::ServedCoordinator>,
+    leader: usize,
+    _dir: tempfile::TempDir,
+}
+
+impl TlsFarm {
+    async fn start(config: CoordinatorConfig) -> anyhow::Result<Self> {
+        use kiln_testkit::ServedCoordinator;
+        let dir = tempfile::tempdir()?;
+        let ca = kiln_tls::test_certs::TestCa::new("farm CA");
+        let ca_file = ca.write(dir.path());
+        let files = kiln_tls::TlsFiles {
+            client_ca: Some(ca_file.clone()),
+            ..ca.issue("kiln replica", &["localhost"])
+                .server_files(dir.path())
+        };
+        let stores = Stores::OnDisk(dir.path().join("stores")).open().await?;
+        let mut config = config;
+        config.farm.ca_file = Some(ca_file);
+        let mut replicas = Vec::new();
+        for _ in 0..3 {
+            let shared = Stores::Shared(stores.clone());
+            let replica = ServedCoordinator::start_with_tls(config.clone(), shared, Some(&files));
+            replicas.push(replica.await?);
+        }
+        let leader = leader_other_than(&stores, None).await;
+        let leader = replicas
+            .iter()
+            .position(|r| format!("https://localhost:{}", r.addr.port()) == leader)
+            .expect("a replica leads");
+        Ok(TlsFarm {
+            ca,
+            files,
+            stores,
+            replicas,
+            leader,
+            _dir: dir,
+        })
+    }
+
+    fn follower(&self) -> &kiln_testkit::ServedCoordinator {
+        &self.replicas[(self.leader + 1) % 3]
+    }
+
+    /// A TLS channel to `server` with a client certificate named `client`.
+    async fn channel(
+        &self,
+        server: &kiln_testkit::ServedCoordinator,
+        client: &str,
+    ) -> anyhow::Result<tonic::transport::Channel> {
+        use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+        let issued = self.ca.issue(client, &[]);
+        let tls = ClientTlsConfig::new()
+            .domain_name("localhost")
+            .ca_certificate(Certificate::from_pem(self.ca.pem()))
+            .identity(Identity::from_pem(&issued.cert_pem, &issued.key_pem));
+        let url = format!("https://127.0.0.1:{}", server.addr.port());
+        Ok(Endpoint::from_shared(url)?
+            .tls_config(tls)?
+            .connect()
+            .await?)
+    }
+}
+
+async fn queue_an_action(
+    channel: tonic::transport::Channel,
+    stores: &OpenStores,
+) -> Result<Operation, tonic::Status> {
+    let action = stored_action(stores).await;
+    let mut stream = ExecutionClient::new(channel)
+        .execute(ExecuteRequest {
+            action_digest: Some(common::wire(&action)),
+            digest_function: DigestFunction::Sha256.reapi_value(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    Ok(within(10, stream.message()).await?.expect("an operation"))
+}
+
+async fn status(
+    channel: tonic::transport::Channel,
+    pretending: Option<&str>,
+) -> Result<kiln_proto::admin::v1::FarmStatus, tonic::Status> {
+    use kiln_proto::admin::v1::{admin_client::AdminClient, GetStatusRequest};
+    let mut request = tonic::Request::new(GetStatusRequest {});
+    if let Some(name) = pretending {
+        request
+            .metadata_mut()
+            .insert("x-kiln-forwarded-certificate", name.parse().unwrap());
+    }
+    Ok(AdminClient::new(channel)
+        .get_status(request)
+        .await?
+        .into_inner())
+}
+
+/// Replicas serving mutual TLS forward to the leader over TLS too: each checks the
+/// leader's certificate against `farm.ca_file` and presents its own, which the leader's
+/// client CA accepts. A client's Execute and GetStatus through a follower reach the
+/// leader's engine; a follower that does not trust the leader's CA cannot forward.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_forward_to_the_leader_over_mutual_tls() -> anyhow::Result<()> {
+    let farm = TlsFarm::start(farm_config()).await?;
+    let channel = farm.channel(farm.follower(), "a client").await?;
+    // Execute through the follower: queued by the leader's engine (no worker yet).
+    let first = queue_an_action(channel.clone(), &farm.stores).await?;
+    assert!(!first.done, "{first:?}");
+    // The leader's status, through the follower: the action waits in its queue.
+    let queued = status(channel, None).await?.queue.map(|q| q.queued);
+    assert_eq!(queued, Some(1));
+
+    // A replica that does not trust the leader's CA (the system's roots) cannot forward.
+    let mut untrusting = farm_config();
+    untrusting.farm.ca_file = None;
+    let shared = Stores::Shared(farm.stores.clone());
+    let stranger =
+        kiln_testkit::ServedCoordinator::start_with_tls(untrusting, shared, Some(&farm.files))
+            .await?;
+    let channel = farm.channel(&stranger, "a client").await?;
+    // It may take a round to learn who leads.
+    let deadline = Instant::now() + TERM * 2;
+    let refused = loop {
+        match status(channel.clone(), None).await {
+            Err(status) if status.message().contains("no leader") && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => break other,
+        }
+    };
+    let refused = refused.expect_err("forwarded to a leader it cannot verify");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(!refused.message().contains("no leader"), "{refused:?}");
+    Ok(())
+}
+
+/// With auth on and callers known by their client certificates, a follower tells the
+/// leader which certificate its caller presented (the leader sees the follower's own):
+/// the caller keeps its grants through any replica. The leader believes that only from
+/// a replica; a client claiming another certificate's name gets nothing by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_caller_keeps_its_grants_through_a_follower() -> anyhow::Result<()> {
+    let mut config = farm_config();
+    config.auth.enabled = true;
+    let grant = |name: &str, scopes: &[&str]| kiln_coordinator::auth::CertificateGrant {
+        common_name: name.into(),
+        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        instance: None,
+    };
+    config.auth.client_certificates = vec![
+        grant("operator", &["admin"]),
+        grant("builder", &["execute", "cas:read", "cas:write"]),
+    ];
+    let farm = TlsFarm::start(config).await?;
+
+    let operator = farm.channel(farm.follower(), "operator").await?;
+    let builder = farm.channel(farm.follower(), "builder").await?;
+    // Both reach the leader as themselves: it queues the builder's action and answers
+    // the operator's status, which needs admin.
+    queue_an_action(builder.clone(), &farm.stores).await?;
+    let queued = status(operator, None).await?.queue.map(|q| q.queued);
+    assert_eq!(queued, Some(1));
+    let denied = status(builder, None)
+        .await
+        .expect_err("the builder is no admin");
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+
+    // Straight to the leader, the builder cannot pass for the operator.
+    let leader = &farm.replicas[farm.leader];
+    let builder_at_leader = farm.channel(leader, "builder").await?;
+    let denied = status(builder_at_leader, Some("operator"))
+        .await
+        .expect_err("a client's claim is not believed");
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
     Ok(())
 }

@@ -14,12 +14,11 @@ use std::time::{Duration, Instant, SystemTime};
 use clap::Parser;
 use futures::StreamExt;
 use hdrhistogram::Histogram;
+use kiln_loadtests::noop_actions::{action, execute, upload, Workers};
 use kiln_proto::prost::Message;
 use kiln_proto::reapi::{
-    batch_update_blobs_request,
     content_addressable_storage_client::ContentAddressableStorageClient,
-    execution_client::ExecutionClient, Action, BatchUpdateBlobsRequest, Command, Directory,
-    ExecuteRequest, ExecuteResponse,
+    execution_client::ExecutionClient, Directory, ExecuteResponse,
 };
 use kiln_store::{Digest, DigestFunction, FsBlobStore, SledMetadataStore};
 use tonic::transport::{Channel, Endpoint};
@@ -44,88 +43,6 @@ struct Args {
     /// Export every span over OTLP/gRPC to a receiver in this process.
     #[arg(long)]
     otlp: bool,
-}
-
-/// An action running `argv`, with its blobs, made unique by `nonce` so that no two
-/// actions share a cache entry.
-fn action(argv: &[&str], nonce: usize, input_root: &Digest) -> (Digest, Vec<(Digest, Vec<u8>)>) {
-    let command = Command {
-        arguments: argv.iter().map(|s| s.to_string()).collect(),
-        environment_variables: vec![kiln_proto::reapi::command::EnvironmentVariable {
-            name: "KILN_BENCH_NONCE".into(),
-            value: nonce.to_string(),
-        }],
-        ..Default::default()
-    }
-    .encode_to_vec();
-    let command_digest = Digest::of_bytes(DigestFunction::Sha256, &command);
-    let action = Action {
-        command_digest: Some(command_digest.to_reapi()),
-        input_root_digest: Some(input_root.to_reapi()),
-        ..Default::default()
-    }
-    .encode_to_vec();
-    let action_digest = Digest::of_bytes(DigestFunction::Sha256, &action);
-    (
-        action_digest,
-        vec![(command_digest, command), (action_digest, action)],
-    )
-}
-
-async fn upload(
-    cas: &ContentAddressableStorageClient<Channel>,
-    blobs: Vec<(Digest, Vec<u8>)>,
-) -> anyhow::Result<()> {
-    for chunk in blobs.chunks(500) {
-        let requests = chunk
-            .iter()
-            .map(|(d, data)| batch_update_blobs_request::Request {
-                digest: Some(d.to_reapi()),
-                data: data.clone(),
-                ..Default::default()
-            })
-            .collect();
-        cas.clone()
-            .batch_update_blobs(BatchUpdateBlobsRequest {
-                requests,
-                ..Default::default()
-            })
-            .await?;
-    }
-    Ok(())
-}
-
-/// Executes one action to completion and returns its response and when it was sent.
-async fn execute(
-    client: &ExecutionClient<Channel>,
-    action: &Digest,
-) -> anyhow::Result<(ExecuteResponse, SystemTime)> {
-    let sent = SystemTime::now();
-    let mut stream = client
-        .clone()
-        .execute(ExecuteRequest {
-            action_digest: Some(action.to_reapi()),
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    while let Some(operation) = stream.next().await {
-        let operation = operation?;
-        if let Some(kiln_proto::longrunning::operation::Result::Response(any)) = operation.result {
-            let response = ExecuteResponse::decode(any.value.as_slice())?;
-            anyhow::ensure!(
-                response.status.as_ref().is_none_or(|s| s.code == 0),
-                "action failed: {:?}",
-                response.status
-            );
-            // Read to the end (the trailers): dropping a stream early makes the client's
-            // HTTP/2 library reset it, and after 1024 such resets it closes the connection
-            // (h2's "too_many_internal_resets").
-            while stream.next().await.is_some() {}
-            return Ok((response, sent));
-        }
-    }
-    anyhow::bail!("the operation stream ended without a result")
 }
 
 fn micros_between(
@@ -247,37 +164,25 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(coordinator.serve(listener, futures::future::pending()));
-    let mut registrations = Vec::new();
-    for index in 0..2 {
-        let worker = kiln_worker::WorkerConfig {
-            coordinator: format!("http://{addr}"),
-            slots: args.slots,
-            join_token: "bench".into(),
-            work_dir: dir.path().join(format!("worker-{index}")),
-            sandbox: if args.sandbox {
-                kiln_worker::SandboxMode::Bubblewrap
-            } else {
-                kiln_worker::SandboxMode::None
-            },
-            worker_id: format!("bench-{index}"),
-            ..Default::default()
-        };
-        let (registered, registration) = tokio::sync::watch::channel(false);
-        registrations.push(registration);
-        tokio::spawn(kiln_worker::run_reporting(
-            worker,
-            futures::future::pending::<()>(),
-            registered,
-        ));
+    Workers {
+        coordinator: format!("http://{addr}"),
+        count: 2,
+        slots: args.slots,
+        join_token: "bench".into(),
+        sandbox: if args.sandbox {
+            kiln_worker::SandboxMode::Bubblewrap
+        } else {
+            kiln_worker::SandboxMode::None
+        },
+        dir: dir.path().to_path_buf(),
     }
+    .start()
+    .await?;
     let channel = Endpoint::from_shared(format!("http://{addr}"))?
         .connect()
         .await?;
     let cas = ContentAddressableStorageClient::new(channel.clone());
     let execution = ExecutionClient::new(channel);
-    for mut registration in registrations {
-        registration.wait_for(|registered| *registered).await?;
-    }
 
     let empty_root = Directory::default().encode_to_vec();
     let root = Digest::of_bytes(DigestFunction::Sha256, &empty_root);

@@ -147,20 +147,6 @@ async fn registry_round_trip(registry: SocketAddr, data: &Bytes) -> anyhow::Resu
     Ok((push, pull))
 }
 
-/// User plus system CPU time of another process so far, from /proc.
-fn cpu_of(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command's closing parenthesis; utime and stime are the 12th and
-    // 13th of those, in clock ticks (100 a second on Linux).
-    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<u64> = after
-        .split_whitespace()
-        .map(|f| f.parse().unwrap_or(0))
-        .collect();
-    let ticks = fields.get(11).unwrap_or(&0) + fields.get(12).unwrap_or(&0);
-    Duration::from_millis(ticks * 10)
-}
-
 /// CPU used by this process (kiln in process, and the client) and by Garage over a span.
 struct CpuSpan {
     started: Instant,
@@ -174,7 +160,7 @@ impl CpuSpan {
         CpuSpan {
             started: Instant::now(),
             here: load::process_cpu_time(),
-            garage: cpu_of(garage_pid),
+            garage: kiln_loadtests::load::process_cpu_time_of(garage_pid),
             garage_pid,
         }
     }
@@ -184,7 +170,8 @@ impl CpuSpan {
         (
             self.started.elapsed().as_secs_f64(),
             (load::process_cpu_time() - self.here).as_secs_f64(),
-            (cpu_of(self.garage_pid) - self.garage).as_secs_f64(),
+            (kiln_loadtests::load::process_cpu_time_of(self.garage_pid) - self.garage)
+                .as_secs_f64(),
         )
     }
 }

@@ -23,7 +23,10 @@ async fn health_probes_answer_even_with_auth_on() {
 async fn readiness_follows_the_process() {
     let (_dir, reg) = TestRegistry::start(permissive_config()).await;
     let (ready, readiness) = tokio::sync::watch::channel(false);
-    reg.registry.set_readiness(readiness);
+    reg.registry.set_readiness(std::sync::Arc::new(move || {
+        let ready = *readiness.borrow();
+        (ready, format!("ready: {ready}\n"))
+    }));
     reg.get("/readyz")
         .await
         .expect(StatusCode::SERVICE_UNAVAILABLE);
