@@ -6,7 +6,8 @@
 # running it on tests/deploy/fixtures/bad, which must fail with every expected message.
 #
 # Installs what it needs idempotently (a Python venv, CRD schema packages from npm,
-# docker-compose from apt); a tool that cannot be installed is a failure, never a skip.
+# docker-compose and HAProxy from apt); a tool that cannot be installed is a failure,
+# never a skip.
 # Exits non-zero on any violation.
 set -euo pipefail
 
@@ -23,6 +24,8 @@ install_system_packages() {
     local missing=()
     python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
     command -v docker-compose >/dev/null || missing+=(docker-compose)
+    # `haproxy -c` checks the HAProxy configurations (deploy/compose-ha/haproxy.cfg).
+    command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
     command -v node >/dev/null || missing+=(nodejs)
     command -v npm >/dev/null || missing+=(npm)
     if [ ${#missing[@]} -gt 0 ]; then
@@ -33,6 +36,7 @@ install_system_packages() {
             || fail "could not install ${missing[*]}"
     fi
     command -v docker-compose >/dev/null || fail "docker-compose is missing after install"
+    command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || fail "haproxy is missing after install"
 }
 
 install_python_packages() {

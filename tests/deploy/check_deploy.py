@@ -11,7 +11,9 @@
   checked like any other manifest. Argo CD Applications are rendered with their own
   values too. Renders listed in --must-fail must be refused with the given message.
 - Compose files are resolved and schema-checked by docker-compose (`config`), then
-  checked service by service.
+  checked service by service. Several kiln servers in one file must form a farm, and an
+  HAProxy configuration a service mounts must balance exactly the file's kiln servers.
+- HAProxy configurations (`haproxy.cfg`) must pass `haproxy -c`; TOML files must parse.
 - Dockerfiles are parsed with BuildKit's parser (the `dockerfile` package).
 
 Every violation is printed; the exit code is 1 if there was any. A file or kind the
@@ -24,8 +26,10 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +89,10 @@ class Checker:
             name = path.name
             if name.endswith((".yaml", ".yml")):
                 self.check_yaml_file(path, charts)
+            elif name == "haproxy.cfg" or name.endswith(".haproxy.cfg"):
+                self.check_haproxy_config(path)
+            elif name.endswith(".toml"):
+                self.check_toml(path)
             elif (
                 name == "Dockerfile"
                 or name.endswith(".Dockerfile")
@@ -153,7 +161,22 @@ class Checker:
         )
         if result.returncode != 0:
             return [f"docker-compose config rejects it: {result.stderr.strip()}"]
-        return rules.compose_violations(yaml.safe_load(result.stdout))
+        config = yaml.safe_load(result.stdout)
+        problems = rules.compose_violations(config)
+        mounted = mounted_files(config)
+        kiln_configs: dict[str, dict | None] = {}
+        for name, service in rules.kiln_servers(config).items():
+            target = rules.compose_environment(service).get("KILN_CONFIG")
+            target = rules.kiln_setting(service, "--config", "KILN_CONFIG") or target
+            if target:
+                source = mounted.get(name, {}).get(target)
+                kiln_configs[name] = parse_toml(source) if source else None
+        problems += rules.farm_violations(config, kiln_configs)
+        for name, files in mounted.items():
+            for target, source in files.items():
+                if target == HAPROXY_CONFIG or source.name.endswith("haproxy.cfg"):
+                    problems += rules.balancer_violations(config, name, source.read_text())
+        return problems
 
     # ------------------------------------------------------------ Kubernetes objects
 
@@ -347,6 +370,44 @@ class Checker:
                 continue
             self.report.case(name, ["rendered, but must be refused"])
 
+    # ------------------------------------------------------------ HAProxy, TOML
+
+    def check_haproxy_config(self, path: Path) -> None:
+        """`haproxy -c`: HAProxy parses the file and resolves its references. Service
+        names that resolve only inside a compose network (`init-addr …,none`) warn
+        "could not resolve address"; any other warning fails like an error."""
+        name = self.relative(path)
+        haproxy = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin")
+        if haproxy is None:
+            self.report.case(name, ["haproxy is not installed (check.sh installs it)"])
+            return
+        result = subprocess.run([haproxy, "-c", "-f", str(path)], capture_output=True, text=True)
+        output = (result.stdout + result.stderr).replace(str(path), name).strip()
+        # "[ALERT]    (1234) : config : message" -> ("ALERT", "message")
+        lines = [
+            (level, re.sub(r"^\[\w+\]\s+\(\d+\) : (config : )?", "", line))
+            for line in output.splitlines()
+            for level in re.findall(r"^\[(\w+)\]", line)
+        ]
+        problems = []
+        if result.returncode != 0:
+            alerts = [text for level, text in lines if level == "ALERT"]
+            problems.append("haproxy -c rejects it: " + (" | ".join(alerts) or output))
+        problems += [
+            f"haproxy -c warns: {text}"
+            for level, text in lines
+            if level == "WARNING" and "could not resolve address" not in text
+        ]
+        self.report.case(name, problems)
+
+    def check_toml(self, path: Path) -> None:
+        try:
+            tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            self.report.case(self.relative(path), [f"does not parse as TOML: {e}"])
+            return
+        self.report.case(self.relative(path), [])
+
     # ------------------------------------------------------------ Dockerfiles
 
     def check_dockerfile(self, path: Path) -> None:
@@ -356,6 +417,35 @@ class Checker:
             self.report.case(self.relative(path), [f"does not parse: {e}"])
             return
         self.report.case(self.relative(path), rules.dockerfile_violations(list(commands)))
+
+
+# Where the HAProxy image reads its configuration.
+HAPROXY_CONFIG = "/usr/local/etc/haproxy/haproxy.cfg"
+
+
+def mounted_files(config: dict) -> dict[str, dict[str, Path]]:
+    """Per service, the files it bind-mounts from the host that exist here: target -> source
+    (docker-compose config has made the sources absolute)."""
+    mounted: dict[str, dict[str, Path]] = {}
+    for name, service in (config.get("services") or {}).items():
+        for volume in service.get("volumes") or []:
+            if isinstance(volume, dict):
+                if volume.get("type") != "bind":
+                    continue
+                source, target = volume.get("source", ""), volume.get("target", "")
+            else:
+                source, _, rest = str(volume).partition(":")
+                target = rest.split(":")[0]
+            if source.startswith("/") and Path(source).is_file():
+                mounted.setdefault(name, {})[target] = Path(source)
+    return mounted
+
+
+def parse_toml(path: Path) -> dict:
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError:
+        return {}  # reported as that file's own case
 
 
 def has_kubernetes_schema(obj: dict) -> bool:

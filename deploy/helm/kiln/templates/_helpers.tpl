@@ -93,12 +93,21 @@ tokens and anonymous scopes. */}}
 {{- if .Values.server.ha.enabled }}
 [coordinator.farm]
 lease_term_secs = {{ .Values.server.ha.leaseTermSecs }}
+{{- if .Values.tls.existingSecret }}
+# Replicas forward to the leader over TLS: its certificate (the Secret's, shared by every
+# replica) names the gRPC Service, and chains to the Secret's CA.
+ca_file = "/etc/kiln-tls/ca.crt"
+server_name = "{{ include "kiln.fullname" . }}-grpc.{{ .Release.Namespace }}.svc"
+{{- end }}
 {{- end }}
 {{- if .Values.auth.anonymousScopes }}
 [coordinator.auth]
 anonymous_scopes = {{ toJson .Values.auth.anonymousScopes }}
 {{- end }}
 {{- range .Values.auth.tokens }}
+{{- if not (regexMatch "^[0-9a-f]{64}$" (toString .hash)) }}
+{{- fail (printf "auth.tokens: the hash of %q must be a quoted string of 64 hex digits (YAML reads unquoted digits as a number)" .name) }}
+{{- end }}
 [[coordinator.auth.tokens]]
 name = {{ .name | quote }}
 hash = {{ .hash | quote }}
