@@ -38,6 +38,7 @@ import helm_python
 import kubernetes_validate
 import yaml
 
+import compose_rules
 import deploy_rules as rules
 
 # The chart's kubeVersion floor and the newest schema set kubernetes-validate ships.
@@ -162,20 +163,20 @@ class Checker:
         if result.returncode != 0:
             return [f"docker-compose config rejects it: {result.stderr.strip()}"]
         config = yaml.safe_load(result.stdout)
-        problems = rules.compose_violations(config)
+        problems = compose_rules.compose_violations(config)
         mounted = mounted_files(config)
         kiln_configs: dict[str, dict | None] = {}
-        for name, service in rules.kiln_servers(config).items():
-            target = rules.compose_environment(service).get("KILN_CONFIG")
-            target = rules.kiln_setting(service, "--config", "KILN_CONFIG") or target
+        for name, service in compose_rules.kiln_servers(config).items():
+            target = compose_rules.compose_environment(service).get("KILN_CONFIG")
+            target = compose_rules.kiln_setting(service, "--config", "KILN_CONFIG") or target
             if target:
                 source = mounted.get(name, {}).get(target)
                 kiln_configs[name] = parse_toml(source) if source else None
-        problems += rules.farm_violations(config, kiln_configs)
+        problems += compose_rules.farm_violations(config, kiln_configs)
         for name, files in mounted.items():
             for target, source in files.items():
                 if target == HAPROXY_CONFIG or source.name.endswith("haproxy.cfg"):
-                    problems += rules.balancer_violations(config, name, source.read_text())
+                    problems += compose_rules.balancer_violations(config, name, source.read_text())
         return problems
 
     # ------------------------------------------------------------ Kubernetes objects
