@@ -75,7 +75,7 @@ impl fmt::Display for DigestFunction {
     }
 }
 
-/// An incremental hasher for either function that also counts the bytes it has seen.
+/// An incremental hasher for either function.
 #[derive(Clone)]
 pub enum Hasher {
     Sha256(sha2::Sha256),

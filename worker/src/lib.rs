@@ -36,6 +36,7 @@ pub mod fuzzing {
     }
 }
 mod input_tree;
+mod lease_messages;
 mod local_cache;
 mod log_capture;
 mod output_collector;
@@ -52,6 +53,7 @@ pub use config::{SandboxMode, WorkerConfig, DEFAULT_SANDBOX_UID_BASE};
 pub use container_image::{ImageRoot, ImageSettings, ImageStore, CONTAINER_IMAGE_PROPERTY};
 pub use error::WorkerError;
 pub use input_tree::materialise;
+pub use lease_messages::lease_result;
 pub use local_cache::{CacheKey, CachePin, CacheSummary, FetchStats, LocalCache};
 pub use output_collector::{collect as collect_outputs, CollectedOutputs};
-pub use worker::{lease_result, run, run_reporting};
+pub use worker::{run, run_reporting};
