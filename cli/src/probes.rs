@@ -13,6 +13,7 @@ use tokio::sync::watch;
 
 /// Bytes the blob store holds (blobs and kept uploads), set at each scrape.
 const STORE_BYTES: &str = "kiln_store_bytes";
+
 /// Installs the process-wide Prometheus recorder, with real histogram buckets for
 /// kiln's histograms (the exporter's default would render them as summaries, which
 /// cannot be aggregated across processes).
