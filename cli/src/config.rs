@@ -455,6 +455,22 @@ mod tests {
     }
 
     #[test]
+    fn a_farm_over_tls_is_configured_in_its_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.toml");
+        let table = "[coordinator.farm]\nenabled = true\nadvertise_url = \"https://10.0.0.7:8980\"\nca_file = \"/etc/kiln-tls/ca.crt\"\nserver_name = \"kiln-grpc.build.svc\"\n";
+        std::fs::write(&path, table).unwrap();
+        let farm = KilnConfig::from_file(&path).unwrap().coordinator.farm;
+        assert!(farm.enabled);
+        assert_eq!(farm.advertise_url, "https://10.0.0.7:8980");
+        assert_eq!(
+            farm.ca_file.as_deref(),
+            Some(Path::new("/etc/kiln-tls/ca.crt"))
+        );
+        assert_eq!(farm.server_name.as_deref(), Some("kiln-grpc.build.svc"));
+    }
+
+    #[test]
     fn unknown_keys_are_errors() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kiln.toml");
