@@ -27,8 +27,9 @@ use std::time::Duration;
 
 use clap::Parser;
 use futures::StreamExt;
-use kiln_coordinator::{Coordinator, CoordinatorConfig, FarmConfig};
+use kiln_coordinator::{CoordinatorConfig, FarmConfig};
 use kiln_loadtests::balancer::{Balancer, Protocol};
+use kiln_loadtests::in_process::{serve_coordinator, serve_registry};
 use kiln_loadtests::load::{self, LoadSummary};
 use kiln_loadtests::noop_actions::{action, execute, upload, Workers};
 use kiln_loadtests::registry_http::{get, http_client, RegistryTarget, OCI_MANIFEST};
@@ -37,7 +38,7 @@ use kiln_proto::prost::Message;
 use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
 use kiln_proto::reapi::execution_client::ExecutionClient;
 use kiln_proto::reapi::Directory;
-use kiln_registry::{Registry, RegistryConfig};
+use kiln_registry::RegistryConfig;
 use kiln_store::{
     BlobStore, Digest, DigestFunction, MemoryBlobStore, MetadataStore, SledMetadataStore,
 };
@@ -68,41 +69,10 @@ struct Args {
     executes: usize,
 }
 
-async fn serve(
-    config: CoordinatorConfig,
-    blobs: Arc<dyn BlobStore>,
-    metadata: Arc<dyn MetadataStore>,
-) -> anyhow::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let mut config = config;
-    if config.farm.enabled {
-        config.farm.advertise_url = format!("http://{addr}");
-    }
-    let coordinator = Coordinator::new(config, blobs, metadata);
-    tokio::spawn(coordinator.serve(listener, futures::future::pending()));
-    Ok(addr)
-}
-
 async fn channel(addr: SocketAddr) -> anyhow::Result<Channel> {
     Ok(Endpoint::from_shared(format!("http://{addr}"))?
         .connect()
         .await?)
-}
-
-async fn serve_registry(
-    blobs: Arc<dyn BlobStore>,
-    metadata: Arc<dyn MetadataStore>,
-) -> anyhow::Result<SocketAddr> {
-    let config = RegistryConfig {
-        shared_upload_sessions: true,
-        ..RegistryConfig::default()
-    };
-    let registry = Registry::open(config, blobs, metadata)?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(registry.serve(listener, futures::future::pending()));
-    Ok(addr)
 }
 
 /// A server (or balancer) to load, and the balancer's process when it is one.
@@ -252,13 +222,13 @@ async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
 
     let alone = CoordinatorConfig::default();
-    let sled = serve(
+    let sled = serve_coordinator(
         alone.clone(),
         Arc::new(MemoryBlobStore::new()),
         Arc::new(SledMetadataStore::open(dir.path().join("sled"))?),
     )
     .await?;
-    let pg = serve(
+    let pg = serve_coordinator(
         alone.clone(),
         Arc::new(MemoryBlobStore::new()),
         connect(settings.clone()).await?,
@@ -270,7 +240,7 @@ async fn main() -> anyhow::Result<()> {
         action_cache_recent_ms: 0,
         ..alone
     };
-    let pg_uncached = serve(
+    let pg_uncached = serve_coordinator(
         uncached,
         Arc::new(MemoryBlobStore::new()),
         connect(settings.clone()).await?,
@@ -290,8 +260,15 @@ async fn main() -> anyhow::Result<()> {
     let mut registries = Vec::new();
     for _ in 0..3 {
         let metadata = connect(settings.clone()).await?;
-        replicas.push(serve(farm_config.clone(), shared_blobs.clone(), metadata.clone()).await?);
-        registries.push(serve_registry(shared_blobs.clone(), metadata).await?);
+        replicas.push(
+            serve_coordinator(farm_config.clone(), shared_blobs.clone(), metadata.clone()).await?,
+        );
+        // Shared metadata: a chunked upload may continue on another replica.
+        let config = RegistryConfig {
+            shared_upload_sessions: true,
+            ..RegistryConfig::default()
+        };
+        registries.push(serve_registry(config, shared_blobs.clone(), metadata).await?);
     }
     let balancer = Balancer::start(&replicas, Protocol::Grpc)?;
     // The balancer's hop alone: one replica behind it.
@@ -300,7 +277,8 @@ async fn main() -> anyhow::Result<()> {
     // A farm of one on a database of its own (a farm is one per database).
     let solo_postgres = kiln_testkit::Postgres::start()?;
     let solo_metadata = connect(kiln_postgres::PostgresSettings::new(solo_postgres.url())).await?;
-    let solo = serve(farm_config, Arc::new(MemoryBlobStore::new()), solo_metadata).await?;
+    let solo =
+        serve_coordinator(farm_config, Arc::new(MemoryBlobStore::new()), solo_metadata).await?;
     let workers = |addr, name: &str| Workers {
         coordinator: format!("http://{addr}"),
         count: 2,
