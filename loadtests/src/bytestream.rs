@@ -106,16 +106,35 @@ pub async fn round_trip(
     digest: Digest,
     chunk: usize,
 ) -> anyhow::Result<RoundTrip> {
-    let write_name = ResourceName::write("", digest);
+    let write = write_timed(client, data, digest, chunk).await?;
+    let read = read_checked(client, data, digest).await?;
+    Ok(RoundTrip { write, read })
+}
+
+/// Writes `data` (whose digest is `digest`) through ByteStream in `chunk`-byte messages.
+pub async fn write_timed(
+    client: &ByteStreamClient<Channel>,
+    data: &bytes::Bytes,
+    digest: Digest,
+    chunk: usize,
+) -> anyhow::Result<Transfer> {
     let (start, cpu) = (Instant::now(), crate::load::process_cpu_time());
-    let committed = upload(client, &write_name, data, chunk).await?;
+    let committed = upload(client, &ResourceName::write("", digest), data, chunk).await?;
     let write = Transfer::since(start, cpu, data.len() as u64);
     anyhow::ensure!(
         committed == data.len() as i64,
         "committed {committed} of {}",
         data.len()
     );
+    Ok(write)
+}
 
+/// Reads the blob `digest` through ByteStream, comparing it with `data` as it arrives.
+pub async fn read_checked(
+    client: &ByteStreamClient<Channel>,
+    data: &bytes::Bytes,
+    digest: Digest,
+) -> anyhow::Result<Transfer> {
     let (start, cpu) = (Instant::now(), crate::load::process_cpu_time());
     let mut content = crate::SameBytes::new(data);
     download(client, &ResourceName::read("", digest), |piece| {
@@ -124,7 +143,7 @@ pub async fn round_trip(
     .await?;
     let read = Transfer::since(start, cpu, digest.size);
     content.finish()?;
-    Ok(RoundTrip { write, read })
+    Ok(read)
 }
 
 /// [`round_trip`] through `compressed-blobs/zstd/`: the blob goes up as one zstd frame

@@ -5,7 +5,6 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use kiln_store::{
@@ -21,9 +20,6 @@ use crate::access_marks::AccessMarks;
 use crate::layout::Layout;
 use crate::presence::PresenceIndex;
 use crate::writer::ObjectBlobWriter;
-
-/// Reads are handed on in pieces of about this size, as the filesystem store's are.
-const READ_PIECE_BYTES: usize = 1 << 20;
 
 /// How the store trades freshness for requests.
 #[derive(Clone, Debug)]
@@ -167,34 +163,6 @@ async fn keep_presence_fresh(inner: Weak<Inner>, every: Duration) {
     }
 }
 
-/// `chunks` regrouped into pieces of about `size` bytes. An HTTP body arrives in frames
-/// of a few KiB; each would otherwise become a ByteStream message of its own, and the
-/// per-message cost then dominates a large read.
-fn in_pieces_of(
-    chunks: impl futures::Stream<Item = Result<Bytes>> + Send + 'static,
-    size: usize,
-) -> ChunkStream {
-    let state = (Box::pin(chunks), BytesMut::new(), false);
-    futures::stream::unfold(
-        state,
-        move |(mut chunks, mut piece, mut ended)| async move {
-            while !ended && piece.len() < size {
-                match chunks.next().await {
-                    Some(Ok(chunk)) => piece.extend_from_slice(&chunk),
-                    Some(Err(error)) => return Some((Err(error), (chunks, piece, true))),
-                    None => ended = true,
-                }
-            }
-            if piece.is_empty() {
-                return None;
-            }
-            let full = piece.split().freeze();
-            Some((Ok(full), (chunks, piece, ended)))
-        },
-    )
-    .boxed()
-}
-
 fn empty_stream() -> ChunkStream {
     futures::stream::empty().boxed()
 }
@@ -247,11 +215,14 @@ impl BlobStore for ObjectBlobStore {
                 return Err(store_error("reading a blob", Some(hash), e));
             }
         };
+        // The HTTP body's frames are handed on as they come (mostly 64 KiB here): no copy.
+        // Regrouping them into 1 MiB pieces cost a copy of every byte and measured no gain
+        // (BENCHMARKS.md, "Object storage on Garage").
         let hash = *hash;
-        let chunks = got
+        Ok(got
             .into_stream()
-            .map_err(move |e| store_error("reading a blob", Some(&hash), e));
-        Ok(in_pieces_of(chunks, READ_PIECE_BYTES))
+            .map_err(move |e| store_error("reading a blob", Some(&hash), e))
+            .boxed())
     }
 
     async fn begin_write(

@@ -62,7 +62,24 @@ impl Garage {
 
     /// `nodes` nodes in one zone each, every object stored on every node
     /// (`replication_factor` = `nodes`), so any one node can die without losing data.
+    ///
+    /// A start that fails (a port taken between choosing and binding it, a node slow to
+    /// take the layout) is tried again on new ports, up to three times in all.
     pub fn start_cluster(nodes: usize) -> anyhow::Result<Garage> {
+        let mut attempt = 1;
+        loop {
+            match Garage::try_start_cluster(nodes) {
+                Ok(garage) => return Ok(garage),
+                Err(error) if attempt < 3 => {
+                    eprintln!("garage did not start ({error:#}); trying again on new ports");
+                    attempt += 1;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    fn try_start_cluster(nodes: usize) -> anyhow::Result<Garage> {
         let binary = garage_binary()?;
         let dir = tempfile::tempdir()?;
         let rpc_secret: String = (0..32).map(|i| format!("{:02x}", 0x40 + i)).collect();

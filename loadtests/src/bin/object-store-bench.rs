@@ -7,9 +7,15 @@
 //! - a 64 MiB registry push and pull on the bucket, next to the bucket direct;
 //! - FindMissingBlobs for 10,000 digests (half present) on the bucket: p50 and p99.
 //!
+//! The bucket's and kiln's figures are measured twice: with Garage, kiln and the client
+//! sharing every core, and with Garage on core 0 and kiln with the client on core 1 (as if
+//! Garage had a machine of its own, as it does wherever kiln runs on object storage). On
+//! two cores, a read through kiln otherwise takes its extra hop's CPU from Garage.
+//!
 //! `cargo run --release -p kiln-loadtests --bin object-store-bench` (needs Garage: `cargo
 //! install garage --version 2.5.0 --locked`).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,7 +23,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use clap::Parser;
 use futures::TryStreamExt;
-use kiln_loadtests::{load, mb_per_s, median, seed};
+use kiln_loadtests::{bytestream, load, mb_per_s, median, seed};
 use kiln_object_store::{
     connect_s3, ObjectBlobStore, ObjectStoreOptions, S3Settings, SecretString,
 };
@@ -63,29 +69,37 @@ async fn bucket_store(garage: &Garage, prefix: &str) -> anyhow::Result<ObjectBlo
     Ok(ObjectBlobStore::open(connect_s3(&settings(garage, prefix))?, options).await?)
 }
 
-/// The bucket direct: write as kiln does (8 MiB parts, 4 in flight), then read.
-async fn direct(store: &dyn ObjectStore, key: &str, data: &Bytes) -> anyhow::Result<(f64, f64)> {
-    let path = ObjectPath::from(key);
+/// The bucket direct: write as kiln does (8 MiB parts, 4 in flight); MB/s.
+async fn direct_write(
+    store: &dyn ObjectStore,
+    path: &ObjectPath,
+    data: &Bytes,
+) -> anyhow::Result<f64> {
     let started = Instant::now();
-    let mut upload =
-        WriteMultipart::new_with_chunk_size(store.put_multipart(&path).await?, 8 << 20);
+    let mut upload = WriteMultipart::new_with_chunk_size(store.put_multipart(path).await?, 8 << 20);
     for piece in data.chunks(1 << 20) {
         upload.wait_for_capacity(4).await?;
         upload.put(Bytes::copy_from_slice(piece));
     }
     upload.finish().await?;
-    let write = mb_per_s(data.len() as u64, started.elapsed());
+    Ok(mb_per_s(data.len() as u64, started.elapsed()))
+}
+
+/// The bucket direct: a read, compared as it arrives as kiln's reads are; MB/s.
+async fn direct_read(
+    store: &dyn ObjectStore,
+    path: &ObjectPath,
+    data: &Bytes,
+) -> anyhow::Result<f64> {
     let started = Instant::now();
-    let read_bytes = store
-        .get(&path)
-        .await?
-        .into_stream()
-        .try_fold(0u64, |n, chunk| async move { Ok(n + chunk.len() as u64) })
-        .await?;
-    let read = mb_per_s(read_bytes, started.elapsed());
-    anyhow::ensure!(read_bytes == data.len() as u64);
-    store.delete(&path).await?;
-    Ok((write, read))
+    let mut content = kiln_loadtests::SameBytes::new(data);
+    let mut body = store.get(path).await?.into_stream();
+    while let Some(piece) = body.try_next().await? {
+        content.check(&piece)?;
+    }
+    let read = mb_per_s(data.len() as u64, started.elapsed());
+    content.finish()?;
+    Ok(read)
 }
 
 async fn serve_cas(blobs: Arc<dyn BlobStore>) -> anyhow::Result<Channel> {
@@ -115,12 +129,11 @@ async fn serve_registry(blobs: Arc<dyn BlobStore>) -> anyhow::Result<SocketAddr>
     Ok(addr)
 }
 
-/// A monolithic push (POST with the digest) and a pull of `data`; (push, pull) MB/s.
-async fn registry_round_trip(registry: SocketAddr, data: &Bytes) -> anyhow::Result<(f64, f64)> {
-    let http = reqwest::Client::new();
+/// A monolithic push (POST with the digest) of `data`; MB/s.
+async fn registry_push(registry: SocketAddr, data: &Bytes) -> anyhow::Result<f64> {
     let digest = Digest::of_bytes(DigestFunction::Sha256, data);
     let started = Instant::now();
-    let pushed = http
+    let pushed = reqwest::Client::new()
         .post(format!(
             "http://{registry}/v2/bench/blobs/uploads/?digest={}",
             digest.oci()
@@ -130,21 +143,25 @@ async fn registry_round_trip(registry: SocketAddr, data: &Bytes) -> anyhow::Resu
         .send()
         .await?;
     anyhow::ensure!(pushed.status() == 201, "push: {}", pushed.status());
-    let push = mb_per_s(data.len() as u64, started.elapsed());
+    Ok(mb_per_s(data.len() as u64, started.elapsed()))
+}
+
+/// A pull of the blob `data`, compared as it arrives, like the direct read; MB/s.
+async fn registry_pull(registry: SocketAddr, data: &Bytes) -> anyhow::Result<f64> {
+    let digest = Digest::of_bytes(DigestFunction::Sha256, data);
     let started = Instant::now();
-    let mut pulled = http
+    let mut pulled = reqwest::Client::new()
         .get(format!("http://{registry}/v2/bench/blobs/{}", digest.oci()))
         .send()
         .await?;
     anyhow::ensure!(pulled.status() == 200, "pull: {}", pulled.status());
-    // Compared as it arrives, like the direct read, which keeps nothing either.
     let mut content = kiln_loadtests::SameBytes::new(data);
     while let Some(piece) = pulled.chunk().await? {
         content.check(&piece)?;
     }
     let pull = mb_per_s(data.len() as u64, started.elapsed());
     content.finish()?;
-    Ok((push, pull))
+    Ok(pull)
 }
 
 /// CPU used by this process (kiln in process, and the client) and by Garage over a span.
@@ -160,19 +177,80 @@ impl CpuSpan {
         CpuSpan {
             started: Instant::now(),
             here: load::process_cpu_time(),
-            garage: kiln_loadtests::load::process_cpu_time_of(garage_pid),
+            garage: load::process_cpu_time_of(garage_pid),
             garage_pid,
         }
     }
 
-    /// (wall, CPU here, CPU in Garage), in seconds.
-    fn stop(&self) -> (f64, f64, f64) {
-        (
-            self.started.elapsed().as_secs_f64(),
-            (load::process_cpu_time() - self.here).as_secs_f64(),
-            (kiln_loadtests::load::process_cpu_time_of(self.garage_pid) - self.garage)
-                .as_secs_f64(),
-        )
+    fn stop(&self) -> CpuUse {
+        CpuUse {
+            wall: self.started.elapsed().as_secs_f64(),
+            here: (load::process_cpu_time() - self.here).as_secs_f64(),
+            garage: (load::process_cpu_time_of(self.garage_pid) - self.garage).as_secs_f64(),
+        }
+    }
+}
+
+/// Seconds of wall time, and of CPU here and in Garage, of one transfer.
+#[derive(Clone, Copy)]
+struct CpuUse {
+    wall: f64,
+    here: f64,
+    garage: f64,
+}
+
+/// Which cores the processes may run on.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Placement {
+    /// Garage, kiln and the client on every core.
+    Shared,
+    /// Garage on core 0; kiln and the client on core 1.
+    Apart,
+}
+
+impl Placement {
+    fn name(self) -> &'static str {
+        match self {
+            Placement::Shared => "cores shared",
+            Placement::Apart => "Garage on a core of its own",
+        }
+    }
+
+    /// Moves every thread of Garage and of this process onto this placement's cores, of
+    /// the machine's `cores` (counted before any placement: a process's own count shrinks
+    /// with its affinity).
+    fn apply(self, garage_pid: u32, cores: usize) -> anyhow::Result<()> {
+        let every_core = format!("0-{}", cores - 1);
+        let (garage_cores, own_cores) = match self {
+            Placement::Shared => (every_core.as_str(), every_core.as_str()),
+            Placement::Apart => ("0", "1"),
+        };
+        for (cores, pid) in [(garage_cores, garage_pid), (own_cores, std::process::id())] {
+            let status = std::process::Command::new("taskset")
+                .args(["-a", "-p", "-c", cores, &pid.to_string()])
+                .stdout(std::process::Stdio::null())
+                .status()?;
+            anyhow::ensure!(status.success(), "taskset -c {cores} on {pid}: {status}");
+        }
+        Ok(())
+    }
+}
+
+/// Every measurement's samples, by placement and name.
+#[derive(Default)]
+struct Samples {
+    rates: BTreeMap<(Placement, String), Vec<f64>>,
+    cpu: BTreeMap<(Placement, &'static str), Vec<CpuUse>>,
+}
+
+impl Samples {
+    fn rate(&mut self, placement: Placement, name: &str, mb_per_s: f64) {
+        let samples = self.rates.entry((placement, name.to_string()));
+        samples.or_default().push(mb_per_s);
+    }
+
+    fn median(&self, placement: Placement, name: &str) -> f64 {
+        median(&mut self.rates[&(placement, name.to_string())].clone())
     }
 }
 
@@ -187,113 +265,150 @@ fn ratio(kiln: f64, reference: f64) -> String {
     format!("{:.0}%", 100.0 * kiln / reference)
 }
 
+struct Servers {
+    raw: Arc<dyn ObjectStore>,
+    cold: Channel,
+    tiered: Channel,
+    files: Channel,
+    registry: SocketAddr,
+    garage_pid: u32,
+}
+
+/// The ByteStream servers a round goes through, by name.
+fn byte_stream_paths(servers: &Servers, placement: Placement) -> Vec<(&'static str, &Channel)> {
+    let mut paths = vec![("cold", &servers.cold)];
+    // The tier and the filesystem store read nothing from Garage.
+    if placement == Placement::Shared {
+        paths.extend([("tier", &servers.tiered), ("fs", &servers.files)]);
+    }
+    paths
+}
+
+/// One round of every measurement. Every write of the round comes before its reads, and
+/// the reads take turns going first: a read just after kiln's write would otherwise meet
+/// Garage still busy with it (kiln's copy out of staging, the staging object's deletion),
+/// which a direct read just after a direct write never does.
+async fn round(
+    servers: &Servers,
+    args: &Args,
+    placement: Placement,
+    round: usize,
+    samples: &mut Samples,
+) -> anyhow::Result<()> {
+    let raw = servers.raw.as_ref();
+    let data = random(args.blob_mib, round);
+    let digest = Digest::of_bytes(DigestFunction::Sha256, &data);
+    let path = ObjectPath::from(format!("direct/{round}"));
+    let clients: Vec<_> = byte_stream_paths(servers, placement)
+        .into_iter()
+        .map(|(name, channel)| {
+            let client = ByteStreamClient::new(channel.clone()).max_decoding_message_size(64 << 20);
+            (name, client)
+        })
+        .collect();
+    samples.rate(
+        placement,
+        "direct write",
+        direct_write(raw, &path, &data).await?,
+    );
+    for (name, client) in &clients {
+        let write = bytestream::write_timed(client, &data, digest, 1 << 20).await?;
+        samples.rate(placement, &format!("{name} write"), write.mb_per_s);
+    }
+    for turn in 0..2 {
+        if (turn + round).is_multiple_of(2) {
+            let span = CpuSpan::start(servers.garage_pid);
+            let read = direct_read(raw, &path, &data).await?;
+            samples
+                .cpu
+                .entry((placement, "direct"))
+                .or_default()
+                .push(span.stop());
+            samples.rate(placement, "direct read", read);
+        } else {
+            let span = CpuSpan::start(servers.garage_pid);
+            let read = bytestream::read_checked(&clients[0].1, &data, digest).await?;
+            samples
+                .cpu
+                .entry((placement, "kiln"))
+                .or_default()
+                .push(span.stop());
+            samples.rate(placement, "cold read", read.mb_per_s);
+        }
+    }
+    for (name, client) in &clients[1..] {
+        let read = bytestream::read_checked(client, &data, digest).await?;
+        samples.rate(placement, &format!("{name} read"), read.mb_per_s);
+    }
+    raw.delete(&path).await?;
+
+    let small = random(args.registry_mib, round);
+    let path = ObjectPath::from(format!("direct-small/{round}"));
+    samples.rate(
+        placement,
+        "direct small write",
+        direct_write(raw, &path, &small).await?,
+    );
+    samples.rate(
+        placement,
+        "registry push",
+        registry_push(servers.registry, &small).await?,
+    );
+    for turn in 0..2 {
+        if (turn + round).is_multiple_of(2) {
+            samples.rate(
+                placement,
+                "direct small read",
+                direct_read(raw, &path, &small).await?,
+            );
+        } else {
+            let pull = registry_pull(servers.registry, &small).await?;
+            samples.rate(placement, "registry pull", pull);
+        }
+    }
+    raw.delete(&path).await?;
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let garage = Garage::start()?;
-    let raw = connect_s3(&settings(&garage, ""))?;
-    let cold = serve_cas(Arc::new(bucket_store(&garage, "cold").await?)).await?;
     let tier_dir = tempfile::tempdir()?;
     let tiered = TieredBlobStore::new(
         Arc::new(FsBlobStore::open(tier_dir.path().join("tier"))?),
         Arc::new(bucket_store(&garage, "tiered").await?),
     );
-    let tiered = serve_cas(Arc::new(tiered)).await?;
-    let files = serve_cas(Arc::new(FsBlobStore::open(tier_dir.path().join("fs"))?)).await?;
-    let registry = serve_registry(Arc::new(bucket_store(&garage, "registry").await?)).await?;
+    let servers = Servers {
+        raw: connect_s3(&settings(&garage, ""))?,
+        cold: serve_cas(Arc::new(bucket_store(&garage, "cold").await?)).await?,
+        tiered: serve_cas(Arc::new(tiered)).await?,
+        files: serve_cas(Arc::new(FsBlobStore::open(tier_dir.path().join("fs"))?)).await?,
+        registry: serve_registry(Arc::new(bucket_store(&garage, "registry").await?)).await?,
+        garage_pid: garage.pid(0).expect("garage runs"),
+    };
 
-    let mut figures: [Vec<f64>; 12] = Default::default();
-    let garage_pid = garage.pid(0).expect("garage runs");
-    // (wall, CPU here, CPU in Garage) of each round's direct and cold round trips.
-    let mut cpu: [Vec<(f64, f64, f64)>; 2] = Default::default();
-    for round in 0..args.rounds {
-        let data = random(args.blob_mib, round);
-        let digest = Digest::of_bytes(DigestFunction::Sha256, &data);
-        let span = CpuSpan::start(garage_pid);
-        let (w, r) = direct(raw.as_ref(), &format!("direct/{round}"), &data).await?;
-        cpu[0].push(span.stop());
-        figures[0].push(w);
-        figures[1].push(r);
-        for (index, channel) in [&cold, &tiered, &files].into_iter().enumerate() {
-            let client = ByteStreamClient::new(channel.clone()).max_decoding_message_size(64 << 20);
-            let span = CpuSpan::start(garage_pid);
-            let (w, r) = kiln_loadtests::bytestream::round_trip(&client, &data, digest, 1 << 20)
-                .await?
-                .rates();
-            if index == 0 {
-                cpu[1].push(span.stop());
-            }
-            figures[2 + 2 * index].push(w);
-            figures[3 + 2 * index].push(r);
-        }
-        let small = random(args.registry_mib, round);
-        let (w, r) = direct(raw.as_ref(), &format!("direct-small/{round}"), &small).await?;
-        figures[8].push(w);
-        figures[9].push(r);
-        let (w, r) = registry_round_trip(registry, &small).await?;
-        figures[10].push(w);
-        figures[11].push(r);
-    }
-    let [direct_w, direct_r, cold_w, cold_r, tier_w, tier_r, fs_w, fs_r, small_w, small_r, reg_w, reg_r] =
-        figures.map(|mut values| median(&mut values));
-
-    println!(
-        "## Object storage on Garage 2.5 (1 node, loopback), median of {} rounds\n",
-        args.rounds
-    );
-    println!("| path | write MB/s | read MB/s | write vs direct | read vs direct |");
-    println!("|---|---|---|---|---|");
-    println!(
-        "| object_store direct, {} MiB | {direct_w:.0} | {direct_r:.0} | 100% | 100% |",
-        args.blob_mib
-    );
-    println!(
-        "| kiln ByteStream, bucket only (cold) | {cold_w:.0} | {cold_r:.0} | {} | {} |",
-        ratio(cold_w, direct_w),
-        ratio(cold_r, direct_r)
-    );
-    println!(
-        "| kiln ByteStream, local tier + bucket | {tier_w:.0} | {tier_r:.0} | {} | {} (tier hit) |",
-        ratio(tier_w, direct_w),
-        ratio(tier_r, direct_r)
-    );
-    println!(
-        "| kiln ByteStream, filesystem only | {fs_w:.0} | {fs_r:.0} | | tier hit / fs: {} |",
-        ratio(tier_r, fs_r)
-    );
-    println!(
-        "| object_store direct, {} MiB | {small_w:.0} | {small_r:.0} | 100% | 100% |",
-        args.registry_mib
-    );
-    println!(
-        "| kiln registry push / pull, bucket only | {reg_w:.0} | {reg_r:.0} | {} | {} |",
-        ratio(reg_w, small_w),
-        ratio(reg_r, small_r)
-    );
-
-    println!(
-        "\n## Where the CPU went: one write and one read of {} MiB, each round\n",
-        args.blob_mib
-    );
-    println!("| path | wall s | CPU s, kiln + client | CPU s, Garage | cores busy (of 2) | CPU s per GB moved |");
-    println!("|---|---|---|---|---|---|");
-    let moved_gb = 2.0 * (args.blob_mib << 20) as f64 / 1e9;
-    for (name, spans) in [
-        ("object_store direct", &cpu[0]),
-        ("kiln ByteStream, bucket only", &cpu[1]),
-    ] {
-        for (wall, here, garage_cpu) in spans {
-            println!(
-                "| {name} | {wall:.2} | {here:.2} | {garage_cpu:.2} | {:.2} | {:.2} |",
-                (here + garage_cpu) / wall,
-                (here + garage_cpu) / moved_gb
-            );
+    let mut samples = Samples::default();
+    let cores = std::thread::available_parallelism()?.get();
+    let placements = if cores >= 2 {
+        vec![Placement::Shared, Placement::Apart]
+    } else {
+        vec![Placement::Shared]
+    };
+    // Rounds alternate between the placements, so that the machine's swings fall on both.
+    for index in 0..args.rounds {
+        for &placement in &placements {
+            placement.apply(servers.garage_pid, cores)?;
+            round(&servers, &args, placement, index, &mut samples).await?;
         }
     }
+    Placement::Shared.apply(servers.garage_pid, cores)?;
+    print_rates(&args, &placements, &samples);
+    print_cpu(&args, &placements, &samples);
 
-    let cas = ContentAddressableStorageClient::new(cold.clone());
+    let cas = ContentAddressableStorageClient::new(servers.cold.clone());
     let digests = seed::find_missing_digests(&cas).await?;
-    let summary = load::find_missing_blobs(&cold, digests, 5_000, 10).await;
+    let summary = load::find_missing_blobs(&servers.cold, digests, 5_000, 10).await;
     println!("\n## FindMissingBlobs on the bucket, 10,000 digests (half present), sequential\n");
     println!("| calls | errors | p50 | p99 | goal p99 < 10 ms |");
     println!("|---|---|---|---|---|");
@@ -306,4 +421,79 @@ async fn main() -> anyhow::Result<()> {
         if p99 < 10.0 { "met" } else { "missed" }
     );
     Ok(())
+}
+
+fn print_rates(args: &Args, placements: &[Placement], samples: &Samples) {
+    println!(
+        "## Object storage on Garage 2.5 (1 node, loopback), median of {} rounds\n",
+        args.rounds
+    );
+    println!("| cores | path | write MB/s | read MB/s | write vs direct | read vs direct |");
+    println!("|---|---|---|---|---|---|");
+    for &placement in placements {
+        let m = |name| samples.median(placement, name);
+        let cores = placement.name();
+        let (direct_w, direct_r) = (m("direct write"), m("direct read"));
+        println!(
+            "| {cores} | object_store direct, {} MiB | {direct_w:.0} | {direct_r:.0} | 100% | 100% |",
+            args.blob_mib
+        );
+        let (cold_w, cold_r) = (m("cold write"), m("cold read"));
+        println!(
+            "| {cores} | kiln ByteStream, bucket only (cold) | {cold_w:.0} | {cold_r:.0} | {} | {} |",
+            ratio(cold_w, direct_w),
+            ratio(cold_r, direct_r)
+        );
+        if placement == Placement::Shared {
+            let (tier_w, tier_r) = (m("tier write"), m("tier read"));
+            println!(
+                "| {cores} | kiln ByteStream, local tier + bucket | {tier_w:.0} | {tier_r:.0} | {} | {} (tier hit) |",
+                ratio(tier_w, direct_w),
+                ratio(tier_r, direct_r)
+            );
+            let (fs_w, fs_r) = (m("fs write"), m("fs read"));
+            println!(
+                "| {cores} | kiln ByteStream, filesystem only | {fs_w:.0} | {fs_r:.0} | | tier hit / fs: {} |",
+                ratio(tier_r, fs_r)
+            );
+        }
+        let (small_w, small_r) = (m("direct small write"), m("direct small read"));
+        println!(
+            "| {cores} | object_store direct, {} MiB | {small_w:.0} | {small_r:.0} | 100% | 100% |",
+            args.registry_mib
+        );
+        let (push, pull) = (m("registry push"), m("registry pull"));
+        println!(
+            "| {cores} | kiln registry push / pull, bucket only | {push:.0} | {pull:.0} | {} | {} |",
+            ratio(push, small_w),
+            ratio(pull, small_r)
+        );
+    }
+}
+
+/// Where the CPU of the 256 MiB reads went: medians over the rounds.
+fn print_cpu(args: &Args, placements: &[Placement], samples: &Samples) {
+    println!(
+        "\n## Where the CPU went: reads of {} MiB, medians of the rounds\n",
+        args.blob_mib
+    );
+    println!("| cores | read | wall s | CPU s, kiln + client | CPU s, Garage | Garage busy (cores) | all busy (cores) |");
+    println!("|---|---|---|---|---|---|---|");
+    for &placement in placements {
+        for (name, label) in [
+            ("direct", "object_store direct"),
+            ("kiln", "kiln ByteStream, cold"),
+        ] {
+            let spans = &samples.cpu[&(placement, name)];
+            let of =
+                |part: fn(&CpuUse) -> f64| median(&mut spans.iter().map(part).collect::<Vec<_>>());
+            let (wall, here, garage) = (of(|u| u.wall), of(|u| u.here), of(|u| u.garage));
+            println!(
+                "| {} | {label} | {wall:.2} | {here:.2} | {garage:.2} | {:.2} | {:.2} |",
+                placement.name(),
+                garage / wall,
+                (here + garage) / wall
+            );
+        }
+    }
 }
