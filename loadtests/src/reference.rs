@@ -87,6 +87,21 @@ pub fn disk_write_fsync_speed(dir: &Path, data: &[u8]) -> anyhow::Result<f64> {
     Ok(best)
 }
 
+/// Writes `bytes` of zeros into a new file in `dir`, then deletes it: the pages its page
+/// cache took are free again, and the next writes reuse them.
+pub fn write_and_delete_scratch(dir: &Path, bytes: usize) -> anyhow::Result<()> {
+    use std::io::Write;
+    let path = dir.join("scratch-before-a-write");
+    let zeros = vec![0u8; 1 << 20];
+    let mut file = std::fs::File::create(&path)?;
+    for _ in 0..bytes.div_ceil(zeros.len()) {
+        file.write_all(&zeros)?;
+    }
+    drop(file);
+    std::fs::remove_file(&path)?;
+    Ok(())
+}
+
 struct KillOnDrop(Child);
 
 impl Drop for KillOnDrop {
