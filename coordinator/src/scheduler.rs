@@ -488,9 +488,10 @@ fn rendezvous_score(worker_key: u64, affinity: &[u8; 32]) -> u64 {
 }
 
 /// Whether each distinct offered platform satisfies one action's, worked out once each.
+/// Workers registered alike share one `Arc<Platform>`, so identity is the key.
 struct PlatformMatches<'a> {
     required: &'a Platform,
-    known: Vec<(*const Platform, bool)>,
+    known: Vec<(&'a Arc<Platform>, bool)>,
 }
 
 impl<'a> PlatformMatches<'a> {
@@ -501,13 +502,12 @@ impl<'a> PlatformMatches<'a> {
         }
     }
 
-    fn satisfied_by(&mut self, offered: &Arc<Platform>) -> bool {
-        let key = Arc::as_ptr(offered);
-        if let Some((_, ok)) = self.known.iter().find(|(p, _)| *p == key) {
+    fn satisfied_by(&mut self, offered: &'a Arc<Platform>) -> bool {
+        if let Some((_, ok)) = self.known.iter().find(|(p, _)| Arc::ptr_eq(p, offered)) {
             return *ok;
         }
         let ok = offered.satisfies(self.required);
-        self.known.push((key, ok));
+        self.known.push((offered, ok));
         ok
     }
 }
