@@ -116,7 +116,7 @@ impl Bubblewrap {
                 warm,
             };
             match bubblewrap.try_once() {
-                Ok(()) => return Ok(bubblewrap),
+                Ok(()) => return Ok(bubblewrap.without_warm_pool_unless_it_works()),
                 Err(reason) => failures.push(format!("{way:?}: {reason}")),
             }
         }
@@ -125,6 +125,19 @@ impl Bubblewrap {
              CAP_SYS_ADMIN with setpriv (util-linux) installed, or user namespaces",
             failures.join("; ")
         ))
+    }
+
+    /// Keeps the warm pool only if a trial sandbox can be built from it; otherwise each
+    /// action gets a sandbox of its own, which `try_once` has just shown to work.
+    fn without_warm_pool_unless_it_works(mut self) -> Self {
+        if let Some(error) = self.warm.as_ref().and_then(|warm| warm.trial().err()) {
+            tracing::warn!(
+                %error,
+                "warm sandboxes cannot be built here; each action gets a sandbox of its own"
+            );
+            self.warm = None;
+        }
+        self
     }
 
     /// Runs `touch` in a sandbox around a fresh temporary directory, as an action would.

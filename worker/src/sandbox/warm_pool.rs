@@ -110,6 +110,14 @@ impl WarmPool {
         }
     }
 
+    /// Builds one sandbox in a temporary directory and ends it: the worker's start-up
+    /// check that warm sandboxes can be made here at all.
+    pub(super) fn trial(&self) -> Result<(), WorkerError> {
+        let dir = tempfile::tempdir().map_err(WorkerError::io("making the trial's directory"))?;
+        drop(self.build(dir.path())?);
+        Ok(())
+    }
+
     fn build(&self, dir: &Path) -> Result<WarmSandbox, WorkerError> {
         let uid = self.uids.lease()?;
         let slot = dir.join(format!(".sandbox-{}", uid.uid()));
@@ -175,7 +183,9 @@ impl WarmPool {
         let init = unsafe { OwnedFd::from_raw_fd(init as libc::c_int) };
         let holder_stdin = holder.stdin.take().expect("stdin was piped");
         let children_file = PathBuf::from(format!("/proc/{init_pid}/task/{init_pid}/children"));
-        // The holder is the init's only child; it starts at once, but wait for it.
+        // The holder is the init's only child; it starts at once, but wait for it. A
+        // sandbox without it would have an empty idle listing, and every sweep after an
+        // action would then wait out its deadline: refuse it instead.
         let mut idle_children = String::new();
         for _ in 0..1000 {
             idle_children = std::fs::read_to_string(&children_file)
@@ -184,6 +194,14 @@ impl WarmPool {
                 break;
             }
             std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        if idle_children.trim().is_empty() {
+            drop(holder_stdin);
+            let _ = holder.kill();
+            let _ = holder.wait();
+            return Err(WorkerError::SandboxSetup(
+                "a warm sandbox's holder process did not start within 1 s".into(),
+            ));
         }
         let way_to_slot = slot
             .strip_prefix("/tmp")
