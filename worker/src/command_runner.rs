@@ -287,14 +287,24 @@ impl ProcessRunner {
     /// and back once nothing of the action is left running.
     async fn run_warm(
         &self,
-        pool: &WarmPool,
+        pool: &Arc<WarmPool>,
         spec: &CommandSpec,
         cancel: &CancellationToken,
     ) -> Result<CommandExit, WorkerError> {
         let parent = spec.exec_root.parent().ok_or_else(|| {
             WorkerError::SandboxSetup("the action's directory has no parent".into())
         })?;
-        let sandbox = pool.take(parent)?;
+        let sandbox = match pool.take_idle(parent) {
+            Some(sandbox) => sandbox,
+            None => {
+                let (pool, parent) = (Arc::clone(pool), parent.to_path_buf());
+                tokio::task::spawn_blocking(move || pool.build(&parent))
+                    .await
+                    .map_err(|e| {
+                        WorkerError::SandboxSetup(format!("building a warm sandbox: {e}"))
+                    })??
+            }
+        };
         let inside = sandbox.exec_root();
         std::fs::rename(&spec.exec_root, &inside).map_err(WorkerError::io(
             "moving the action's directory into its sandbox",

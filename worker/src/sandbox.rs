@@ -25,6 +25,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use crate::WorkerError;
 
@@ -55,7 +56,7 @@ pub(crate) struct Bubblewrap {
     /// How, and from which pool of host uids, for a worker running as root.
     own_uid: Option<(OwnUid, UidPool)>,
     /// Warm sandboxes, where bwrap runs as root (`OwnUid::Setpriv`).
-    warm: Option<WarmPool>,
+    warm: Option<Arc<WarmPool>>,
 }
 
 /// How a root worker starts an action as a host uid of its own.
@@ -108,7 +109,8 @@ impl Bubblewrap {
         let system_dirs = system_dir_args();
         for way in ways {
             let warm = matches!(way, OwnUid::Setpriv(..))
-                .then(|| WarmPool::new(path.clone(), system_dirs.clone(), UidPool::new(uid_base)));
+                .then(|| WarmPool::new(path.clone(), system_dirs.clone(), UidPool::new(uid_base)))
+                .map(Arc::new);
             let bubblewrap = Bubblewrap {
                 path: path.clone(),
                 system_dirs: system_dirs.clone(),
@@ -299,7 +301,7 @@ impl Bubblewrap {
     }
 
     /// The warm sandboxes, where actions can use them.
-    pub(crate) fn warm_pool(&self) -> Option<&WarmPool> {
+    pub(crate) fn warm_pool(&self) -> Option<&Arc<WarmPool>> {
         self.warm.as_ref()
     }
 }

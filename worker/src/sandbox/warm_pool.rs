@@ -81,16 +81,12 @@ impl WarmPool {
         }
     }
 
-    /// An idle sandbox whose slot lies in `dir`, or a new one there.
-    pub(crate) fn take(&self, dir: &Path) -> Result<WarmSandbox, WorkerError> {
-        {
-            // A list of sandboxes holds no invariant a panicking holder could break.
-            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(at) = idle.iter().position(|s| s.slot.parent() == Some(dir)) {
-                return Ok(idle.swap_remove(at));
-            }
-        }
-        self.build(dir)
+    /// An idle sandbox whose slot lies in `dir`, if there is one.
+    pub(crate) fn take_idle(&self, dir: &Path) -> Option<WarmSandbox> {
+        // A list of sandboxes holds no invariant a panicking holder could break.
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let at = idle.iter().position(|s| s.slot.parent() == Some(dir))?;
+        Some(idle.swap_remove(at))
     }
 
     /// Takes a sandbox back after its action, swept (`WarmSandbox::sweep`) and with the
@@ -118,7 +114,9 @@ impl WarmPool {
         Ok(())
     }
 
-    fn build(&self, dir: &Path) -> Result<WarmSandbox, WorkerError> {
+    /// A new sandbox whose slot lies in `dir`. It starts bwrap and waits for it (up to
+    /// about 1 s): call it off the async runtime's threads.
+    pub(crate) fn build(&self, dir: &Path) -> Result<WarmSandbox, WorkerError> {
         let uid = self.uids.lease()?;
         let slot = dir.join(format!(".sandbox-{}", uid.uid()));
         let tmp = dir.join(format!(".sandbox-{}.tmp", uid.uid()));
