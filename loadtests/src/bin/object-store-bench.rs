@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use clap::Parser;
 use futures::TryStreamExt;
-use kiln_loadtests::{bytestream, load, mb_per_s, median, seed};
+use kiln_loadtests::{bytestream, in_process, load, mb_per_s, median, seed};
 use kiln_object_store::{
     connect_s3, ObjectBlobStore, ObjectStoreOptions, S3Settings, SecretString,
 };
@@ -102,31 +102,19 @@ async fn direct_read(
     Ok(read)
 }
 
+/// A coordinator on `blobs`, reached with kiln's own client settings (the workers' and
+/// `kiln run`'s windows and frame size).
 async fn serve_cas(blobs: Arc<dyn BlobStore>) -> anyhow::Result<Channel> {
-    let coordinator = kiln_coordinator::Coordinator::new(
-        Default::default(),
-        blobs,
-        Arc::new(MemoryMetadataStore::new()),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(coordinator.serve(listener, futures::future::pending()));
-    // kiln's own client settings: the workers' and `kiln run`'s windows and frame size.
+    let metadata = Arc::new(MemoryMetadataStore::new());
+    let addr = in_process::serve_coordinator(Default::default(), blobs, metadata).await?;
     Ok(kiln_client::endpoint(&format!("grpc://{addr}"))?
         .connect()
         .await?)
 }
 
 async fn serve_registry(blobs: Arc<dyn BlobStore>) -> anyhow::Result<SocketAddr> {
-    let registry = kiln_registry::Registry::open(
-        Default::default(),
-        blobs,
-        Arc::new(MemoryMetadataStore::new()),
-    )?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move { registry.serve(listener, futures::future::pending()).await });
-    Ok(addr)
+    let metadata = Arc::new(MemoryMetadataStore::new());
+    in_process::serve_registry(Default::default(), blobs, metadata).await
 }
 
 /// A monolithic push (POST with the digest) of `data`; MB/s.
@@ -315,26 +303,20 @@ async fn round(
         let write = bytestream::write_timed(client, &data, digest, 1 << 20).await?;
         samples.rate(placement, &format!("{name} write"), write.mb_per_s);
     }
-    for turn in 0..2 {
-        if (turn + round).is_multiple_of(2) {
-            let span = CpuSpan::start(servers.garage_pid);
-            let read = direct_read(raw, &path, &data).await?;
-            samples
-                .cpu
-                .entry((placement, "direct"))
-                .or_default()
-                .push(span.stop());
-            samples.rate(placement, "direct read", read);
+    for direct in direct_first_on_even(round) {
+        let span = CpuSpan::start(servers.garage_pid);
+        let (name, read) = if direct {
+            ("direct", direct_read(raw, &path, &data).await?)
         } else {
-            let span = CpuSpan::start(servers.garage_pid);
             let read = bytestream::read_checked(&clients[0].1, &data, digest).await?;
-            samples
-                .cpu
-                .entry((placement, "kiln"))
-                .or_default()
-                .push(span.stop());
-            samples.rate(placement, "cold read", read.mb_per_s);
-        }
+            ("cold", read.mb_per_s)
+        };
+        samples
+            .cpu
+            .entry((placement, name))
+            .or_default()
+            .push(span.stop());
+        samples.rate(placement, &format!("{name} read"), read);
     }
     for (name, client) in &clients[1..] {
         let read = bytestream::read_checked(client, &data, digest).await?;
@@ -354,20 +336,26 @@ async fn round(
         "registry push",
         registry_push(servers.registry, &small).await?,
     );
-    for turn in 0..2 {
-        if (turn + round).is_multiple_of(2) {
-            samples.rate(
-                placement,
-                "direct small read",
-                direct_read(raw, &path, &small).await?,
-            );
+    for direct in direct_first_on_even(round) {
+        let (name, read) = if direct {
+            ("direct small read", direct_read(raw, &path, &small).await?)
         } else {
-            let pull = registry_pull(servers.registry, &small).await?;
-            samples.rate(placement, "registry pull", pull);
-        }
+            (
+                "registry pull",
+                registry_pull(servers.registry, &small).await?,
+            )
+        };
+        samples.rate(placement, name, read);
     }
     raw.delete(&path).await?;
     Ok(())
+}
+
+/// Whether each of a round's two reads is the direct one: the direct read goes first in
+/// even rounds, kiln's in odd ones.
+fn direct_first_on_even(round: usize) -> [bool; 2] {
+    let direct_first = round.is_multiple_of(2);
+    [direct_first, !direct_first]
 }
 
 #[tokio::main]
@@ -482,7 +470,7 @@ fn print_cpu(args: &Args, placements: &[Placement], samples: &Samples) {
     for &placement in placements {
         for (name, label) in [
             ("direct", "object_store direct"),
-            ("kiln", "kiln ByteStream, cold"),
+            ("cold", "kiln ByteStream, cold"),
         ] {
             let spans = &samples.cpu[&(placement, name)];
             let of =
